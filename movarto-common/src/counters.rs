@@ -1,0 +1,106 @@
+//! The datapath's per-CPU counters: one slot per verdict and per drop reason.
+//!
+//! Every packet a program sees increments [`Counter::Packets`], exactly one
+//! verdict counter (`Pass*` or `Drop*`), and for IP packets one L4 class
+//! counter. Userspace sums the per-CPU slots.
+
+/// Index into the `COUNTERS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// Every packet seen by any movarto program.
+    Packets = 0,
+    /// Verdict: passed, not IPv4 or IPv6 (ARP, LLDP, ...).
+    PassNonIp,
+    /// Verdict: passed, well-formed IPv4.
+    PassIpv4,
+    /// Verdict: passed, well-formed IPv6.
+    PassIpv6,
+    /// Class: TCP with a complete header.
+    L4Tcp,
+    /// Class: UDP with a complete header.
+    L4Udp,
+    /// Class: ICMP or ICMPv6 with a complete header.
+    L4Icmp,
+    /// Class: another transport protocol (no ports to read).
+    L4Other,
+    /// Class: a non-first IP fragment, which carries no transport header.
+    L4Fragment,
+    /// Drop: a header runs past the end of the frame or past the IP length.
+    DropTruncated,
+    /// Drop: an IP header that is wrong in itself (version, IHL, total length).
+    DropBadIpHeader,
+    /// Drop: a transport header that is wrong in itself (TCP data offset).
+    DropBadL4Header,
+    /// Drop: more IPv6 extension headers than the parser walks.
+    DropIpv6ExtChain,
+}
+
+/// Number of slots in the counter array.
+pub const COUNTER_COUNT: u32 = Counter::DropIpv6ExtChain as u32 + 1;
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::Packets,
+        Counter::PassNonIp,
+        Counter::PassIpv4,
+        Counter::PassIpv6,
+        Counter::L4Tcp,
+        Counter::L4Udp,
+        Counter::L4Icmp,
+        Counter::L4Other,
+        Counter::L4Fragment,
+        Counter::DropTruncated,
+        Counter::DropBadIpHeader,
+        Counter::DropBadL4Header,
+        Counter::DropIpv6ExtChain,
+    ];
+
+    /// Stable snake_case name, used in `status` output and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Packets => "packets",
+            Counter::PassNonIp => "pass_non_ip",
+            Counter::PassIpv4 => "pass_ipv4",
+            Counter::PassIpv6 => "pass_ipv6",
+            Counter::L4Tcp => "l4_tcp",
+            Counter::L4Udp => "l4_udp",
+            Counter::L4Icmp => "l4_icmp",
+            Counter::L4Other => "l4_other",
+            Counter::L4Fragment => "l4_fragment",
+            Counter::DropTruncated => "drop_truncated",
+            Counter::DropBadIpHeader => "drop_bad_ip_header",
+            Counter::DropBadL4Header => "drop_bad_l4_header",
+            Counter::DropIpv6ExtChain => "drop_ipv6_ext_chain",
+        }
+    }
+
+    /// Whether this counter is a drop reason.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Counter::DropTruncated
+                | Counter::DropBadIpHeader
+                | Counter::DropBadL4Header
+                | Counter::DropIpv6ExtChain
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order_and_names_are_unique() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?} out of order");
+        }
+        for a in Counter::ALL {
+            let same = Counter::ALL.iter().filter(|b| b.name() == a.name()).count();
+            assert_eq!(same, 1, "duplicate name {}", a.name());
+        }
+        assert_eq!(Counter::ALL.iter().filter(|c| c.is_drop()).count(), 4);
+    }
+}

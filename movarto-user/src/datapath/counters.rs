@@ -1,0 +1,51 @@
+//! Reading the per-CPU counter array.
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Map, PerCpuArray};
+use movarto_common::counters::{COUNTER_COUNT, Counter};
+use serde::{Serialize, Serializer, ser::SerializeMap as _};
+
+/// The counters summed over all CPUs, at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    values: [u64; COUNTER_COUNT as usize],
+}
+
+impl CounterSnapshot {
+    pub(super) fn read(map: &Map) -> Result<Self> {
+        let array = PerCpuArray::<_, u64>::try_from(map).context("COUNTERS is not a per-CPU array")?;
+        let mut values = [0u64; COUNTER_COUNT as usize];
+        for counter in Counter::ALL {
+            let per_cpu = array
+                .get(&(counter as u32), 0)
+                .with_context(|| format!("reading counter {}", counter.name()))?;
+            values[counter as usize] = per_cpu.iter().sum();
+        }
+        Ok(Self { values })
+    }
+
+    /// The value of one counter.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values[counter as usize]
+    }
+
+    /// Every counter with its value, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = (Counter, u64)> + '_ {
+        Counter::ALL.into_iter().map(|c| (c, self.get(c)))
+    }
+
+    /// The counters that are not zero.
+    pub fn nonzero(&self) -> Vec<(Counter, u64)> {
+        self.iter().filter(|(_, v)| *v != 0).collect()
+    }
+}
+
+impl Serialize for CounterSnapshot {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(Counter::ALL.len()))?;
+        for (counter, value) in self.iter() {
+            map.serialize_entry(counter.name(), &value)?;
+        }
+        map.end()
+    }
+}

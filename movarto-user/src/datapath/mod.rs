@@ -1,0 +1,117 @@
+//! Loading movarto's eBPF object and reading its state.
+
+mod counters;
+
+use std::path::Path;
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{ProgramInfo, SchedClassifier, Xdp},
+};
+
+pub use counters::CounterSnapshot;
+
+/// The eBPF object movarto-user's build.rs compiled from movarto-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/movarto"));
+
+/// XDP program on the uplink's ingress.
+pub const UPLINK_INGRESS: &str = "uplink_ingress";
+/// TC program on the VM-facing interface's ingress.
+pub const VM_INGRESS: &str = "vm_ingress";
+/// Per-CPU counter array.
+pub const COUNTERS_MAP: &str = "COUNTERS";
+
+/// The datapath loaded into the kernel (verified), not yet attached anywhere.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Loads the object and every program in it through the verifier.
+    pub fn load() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .context("loading the movarto eBPF object (are you root, with BTF-enabled kernel?)")?;
+        let xdp: &mut Xdp = program_mut(&mut ebpf, UPLINK_INGRESS)?;
+        xdp.load()
+            .with_context(|| format!("the verifier rejected {UPLINK_INGRESS}"))?;
+        let tc: &mut SchedClassifier = program_mut(&mut ebpf, VM_INGRESS)?;
+        tc.load()
+            .with_context(|| format!("the verifier rejected {VM_INGRESS}"))?;
+        Ok(Self { ebpf })
+    }
+
+    /// The uplink XDP program.
+    pub fn uplink_ingress(&self) -> Result<&Xdp> {
+        program(&self.ebpf, UPLINK_INGRESS)
+    }
+
+    /// The VM-facing TC program.
+    pub fn vm_ingress(&self) -> Result<&SchedClassifier> {
+        program(&self.ebpf, VM_INGRESS)
+    }
+
+    /// Kernel information about every loaded program, by name.
+    pub fn program_infos(&self) -> Result<Vec<(String, ProgramInfo)>> {
+        let mut infos = self
+            .ebpf
+            .programs()
+            .map(|(name, prog)| {
+                let info = prog
+                    .info()
+                    .with_context(|| format!("reading program info of {name}"))?;
+                Ok((name.to_owned(), info))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        infos.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(infos)
+    }
+
+    /// Sums the per-CPU counters.
+    pub fn counters(&self) -> Result<CounterSnapshot> {
+        let map = self
+            .ebpf
+            .map(COUNTERS_MAP)
+            .ok_or_else(|| anyhow!("map {COUNTERS_MAP} missing from the eBPF object"))?;
+        CounterSnapshot::read(map)
+    }
+
+    /// Pins every map and program under `dir` (which must be on a bpffs).
+    pub fn pin(&mut self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for (name, map) in self.ebpf.maps() {
+            let path = dir.join(name);
+            map.pin(&path)
+                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+        }
+        for (name, prog) in self.ebpf.programs_mut() {
+            let path = dir.join(name);
+            prog.pin(&path)
+                .with_context(|| format!("pinning program {name} at {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a Ebpf, name: &str) -> Result<&'a T>
+where
+    &'a T: TryFrom<&'a aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    prog.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    prog.try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
+}

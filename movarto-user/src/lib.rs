@@ -1,0 +1,2 @@
+//! movarto's manager. Split by concern; this foundation has the datapath loader.
+pub mod datapath;

@@ -1,0 +1,88 @@
+//! `movarto-user`: the movarto command line.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use movarto_user::datapath::Datapath;
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(name = "movarto-user", version, about = "Live-migrate a server across a WAN without breaking its TCP connections")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the datapath through the kernel's verifier and report what was loaded.
+    /// Nothing is attached; everything is unloaded on exit.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Serialize)]
+struct CheckReport {
+    programs: Vec<ProgramReport>,
+}
+
+#[derive(Serialize)]
+struct ProgramReport {
+    name: String,
+    id: u32,
+    btf_id: Option<u32>,
+    verified_instructions: Option<u32>,
+}
+
+fn check(json: bool) -> Result<()> {
+    let datapath = Datapath::load()?;
+    let programs = datapath
+        .program_infos()?
+        .into_iter()
+        .map(|(name, info)| ProgramReport {
+            name,
+            id: info.id(),
+            btf_id: info.btf_id(),
+            verified_instructions: info.verified_instruction_count(),
+        })
+        .collect();
+    let report = CheckReport { programs };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("datapath loaded and verified:");
+    for p in &report.programs {
+        let btf = p.btf_id.map_or_else(|| "none".to_owned(), |id| id.to_string());
+        let insns = p
+            .verified_instructions
+            .map_or_else(|| "?".to_owned(), |n| n.to_string());
+        println!("  {:<16} id {:<6} btf {:<6} {insns} instructions verified", p.name, p.id, btf);
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { json } => check(json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("movarto-user: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
