@@ -37,13 +37,11 @@ mod user {
     impl FlowKey {
         /// Builds a key from the service's and the peer's socket addresses.
         /// Returns `None` when the two are of different families.
-        pub fn new(
-            service: (IpAddr, u16),
-            peer: (IpAddr, u16),
-            protocol: u8,
-        ) -> Option<FlowKey> {
+        pub fn new(service: (IpAddr, u16), peer: (IpAddr, u16), protocol: u8) -> Option<FlowKey> {
             let (service_addr, peer_addr, fam) = match (service.0, peer.0) {
-                (IpAddr::V4(s), IpAddr::V4(p)) => (pad_v4(s.octets()), pad_v4(p.octets()), family::IPV4),
+                (IpAddr::V4(s), IpAddr::V4(p)) => {
+                    (pad_v4(s.octets()), pad_v4(p.octets()), family::IPV4)
+                }
                 (IpAddr::V6(s), IpAddr::V6(p)) => (s.octets(), p.octets(), family::IPV6),
                 _ => return None,
             };
@@ -84,8 +82,12 @@ mod tests {
         let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
         let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
         assert!(FlowKey::new((v4, 80), (v6, 1), 6).is_none());
-        let key = FlowKey::new((v4, 80), (IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 40000), 6)
-            .expect("same family");
+        let key = FlowKey::new(
+            (v4, 80),
+            (IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 40000),
+            6,
+        )
+        .expect("same family");
         assert_eq!(&key.service_addr[..4], &[192, 0, 2, 10]);
         assert!(key.service_addr[4..].iter().all(|b| *b == 0));
         assert_eq!(key.service_port.to_ne_bytes(), 80u16.to_be_bytes());

@@ -9,8 +9,8 @@
 use movarto_common::{
     counters::Counter,
     net::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN,
-        IPV6_MAX_EXT_HEADERS, TCP_MIN_HLEN, UDP_HLEN, proto,
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, IPV6_MAX_EXT_HEADERS,
+        TCP_MIN_HLEN, UDP_HLEN, proto,
     },
 };
 
@@ -73,7 +73,11 @@ impl ParseError {
 
 /// `N` bytes of the frame at `offset`, or `Truncated` if the frame is shorter.
 #[inline(always)]
-fn bytes<const N: usize>(data: usize, data_end: usize, offset: usize) -> Result<&'static [u8; N], ParseError> {
+fn bytes<const N: usize>(
+    data: usize,
+    data_end: usize,
+    offset: usize,
+) -> Result<&'static [u8; N], ParseError> {
     let start = data + offset;
     if start + N > data_end {
         return Err(ParseError::Truncated);
@@ -117,7 +121,14 @@ fn parse_ipv4(data: usize, data_end: usize) -> Result<L4, ParseError> {
     if fragment_offset != 0 {
         return Ok(L4::Fragment);
     }
-    parse_l4(data, data_end, ETH_HLEN + header_len, l3_end, ip[9], proto::ICMP)
+    parse_l4(
+        data,
+        data_end,
+        ETH_HLEN + header_len,
+        l3_end,
+        ip[9],
+        proto::ICMP,
+    )
 }
 
 #[inline(always)]
@@ -153,7 +164,10 @@ fn parse_ipv6(data: usize, data_end: usize) -> Result<L4, ParseError> {
             return Err(ParseError::Truncated);
         }
     }
-    if matches!(next, proto::HOPOPTS | proto::ROUTING | proto::DSTOPTS | proto::FRAGMENT) {
+    if matches!(
+        next,
+        proto::HOPOPTS | proto::ROUTING | proto::DSTOPTS | proto::FRAGMENT
+    ) {
         return Err(ParseError::Ipv6ExtChain);
     }
     parse_l4(data, data_end, offset, l3_end, next, proto::ICMPV6)

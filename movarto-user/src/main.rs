@@ -8,7 +8,11 @@ use movarto_user::datapath::Datapath;
 use serde::Serialize;
 
 #[derive(Parser)]
-#[command(name = "movarto-user", version, about = "Live-migrate a server across a WAN without breaking its TCP connections")]
+#[command(
+    name = "movarto-user",
+    version,
+    about = "Live-migrate a server across a WAN without breaking its TCP connections"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,11 +61,16 @@ fn check(json: bool) -> Result<()> {
     }
     println!("datapath loaded and verified:");
     for p in &report.programs {
-        let btf = p.btf_id.map_or_else(|| "none".to_owned(), |id| id.to_string());
+        let btf = p
+            .btf_id
+            .map_or_else(|| "none".to_owned(), |id| id.to_string());
         let insns = p
             .verified_instructions
             .map_or_else(|| "?".to_owned(), |n| n.to_string());
-        println!("  {:<16} id {:<6} btf {:<6} {insns} instructions verified", p.name, p.id, btf);
+        println!(
+            "  {:<16} id {:<6} btf {:<6} {insns} instructions verified",
+            p.name, p.id, btf
+        );
     }
     Ok(())
 }

@@ -18,7 +18,8 @@ pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        euid, 0,
+        euid,
+        0,
         "this test loads eBPF programs and needs root; run `sudo cargo xtask test` (never skipped, CI={})",
         std::env::var("CI").unwrap_or_default()
     );
@@ -35,7 +36,10 @@ impl BpffsDir {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let root = Path::new("/sys/fs/bpf");
         let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-        if !mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+        if !mounts.lines().any(|l| {
+            l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+                && l.split_whitespace().nth(2) == Some("bpf")
+        }) {
             bail!("bpffs is not mounted at /sys/fs/bpf; run `cargo xtask setup`");
         }
         let path = root.join(format!(
@@ -86,12 +90,21 @@ pub fn run_frame_repeat(datapath: &Datapath, hook: Hook, frame: &[u8], repeat: u
         Hook::Uplink => datapath.uplink_ingress()?.test_run(opts),
         Hook::VmFacing => datapath.vm_ingress()?.test_run(opts),
     }
-    .with_context(|| format!("BPF_PROG_TEST_RUN on {hook:?} with a {}-byte frame", frame.len()))?;
+    .with_context(|| {
+        format!(
+            "BPF_PROG_TEST_RUN on {hook:?} with a {}-byte frame",
+            frame.len()
+        )
+    })?;
     Ok(result.return_value)
 }
 
 /// Asserts that `after - before` is exactly `expected`, every other counter unchanged.
-pub fn assert_counter_delta(before: &CounterSnapshot, after: &CounterSnapshot, expected: &[(Counter, u64)]) {
+pub fn assert_counter_delta(
+    before: &CounterSnapshot,
+    after: &CounterSnapshot,
+    expected: &[(Counter, u64)],
+) {
     for counter in Counter::ALL {
         let want = expected
             .iter()
@@ -99,7 +112,8 @@ pub fn assert_counter_delta(before: &CounterSnapshot, after: &CounterSnapshot, e
             .map_or(0, |(_, n)| *n);
         let got = after.get(counter) - before.get(counter);
         assert_eq!(
-            got, want,
+            got,
+            want,
             "counter {} changed by {got}, expected {want}; all changes: {:?}",
             counter.name(),
             Counter::ALL

@@ -16,7 +16,10 @@ fn bpftool_json(args: &[&str]) -> Result<Value> {
         .output()
         .context("running bpftool (installed by `cargo xtask setup`)")?;
     if !out.status.success() {
-        bail!("bpftool {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "bpftool {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     serde_json::from_slice(&out.stdout).with_context(|| format!("parsing bpftool {args:?} output"))
 }
@@ -29,10 +32,14 @@ fn bpftool_shows_programs_with_btf() {
     datapath.pin(pins.path()).expect("pin");
     for (name, kind) in [(UPLINK_INGRESS, "xdp"), (VM_INGRESS, "sched_cls")] {
         let path = pins.path().join(name);
-        let info = bpftool_json(&["prog", "show", "pinned", path.to_str().expect("utf-8")]).expect("prog show");
+        let info = bpftool_json(&["prog", "show", "pinned", path.to_str().expect("utf-8")])
+            .expect("prog show");
         assert_eq!(info["name"], name, "{info}");
         assert_eq!(info["type"], kind, "{info}");
-        assert!(info["btf_id"].as_u64().is_some_and(|id| id > 0), "no BTF on {name}: {info}");
+        assert!(
+            info["btf_id"].as_u64().is_some_and(|id| id > 0),
+            "no BTF on {name}: {info}"
+        );
     }
 }
 
@@ -47,13 +54,17 @@ fn bpftool_dumps_counters_formatted() {
     let pins = BpffsDir::new("btf-map").expect("bpffs dir");
     datapath.pin(pins.path()).expect("pin");
     let path = pins.path().join(COUNTERS_MAP);
-    let dump = bpftool_json(&["map", "dump", "pinned", path.to_str().expect("utf-8")]).expect("map dump");
+    let dump =
+        bpftool_json(&["map", "dump", "pinned", path.to_str().expect("utf-8")]).expect("map dump");
     let entries = dump.as_array().expect("array of entries");
     assert_eq!(entries.len(), Counter::ALL.len());
     for counter in Counter::ALL {
         // With BTF, bpftool decodes key and per-CPU values as integers under "formatted".
         let formatted = &entries[counter as usize]["formatted"];
-        assert_eq!(formatted["key"], counter as u64, "entry not decoded with BTF: {formatted}");
+        assert_eq!(
+            formatted["key"], counter as u64,
+            "entry not decoded with BTF: {formatted}"
+        );
         let total: u64 = formatted["values"]
             .as_array()
             .expect("per-CPU values")

@@ -34,7 +34,12 @@ fn check(frame: &[u8], expect: Expect, counters: &[(Counter, u64)]) {
 /// refuses to build such an skb (EINVAL), so only XDP can be driven with them.
 /// The TC refusal is asserted so a kernel that starts accepting them is noticed.
 fn check_l3_truncated(frame: &[u8]) {
-    check_on(&[Hook::Uplink], frame, Expect::Drop, &[(Counter::DropTruncated, 1)]);
+    check_on(
+        &[Hook::Uplink],
+        frame,
+        Expect::Drop,
+        &[(Counter::DropTruncated, 1)],
+    );
     let datapath = Datapath::load().expect("load datapath");
     let err = run_frame(&datapath, Hook::VmFacing, frame).expect_err("kernel refuses a short skb");
     assert!(format!("{err:#}").contains("os error 22"), "{err:#}");
@@ -53,7 +58,10 @@ fn check_on(hooks: &[Hook], frame: &[u8], expect: Expect, counters: &[(Counter, 
             (Hook::VmFacing, Expect::Pass) => TC_ACT_OK,
             (Hook::VmFacing, Expect::Drop) => TC_ACT_SHOT,
         };
-        assert_eq!(ret, want, "{hook:?} returned {ret}, expected {expect:?} ({want})");
+        assert_eq!(
+            ret, want,
+            "{hook:?} returned {ret}, expected {expect:?} ({want})"
+        );
         let mut all = vec![(Counter::Packets, 1)];
         all.extend_from_slice(counters);
         assert_counter_delta(&before, &after, &all);
@@ -91,7 +99,12 @@ macro_rules! impl_writes {
         }
     )*};
 }
-impl_writes!(etherparse::TcpHeader, etherparse::UdpHeader, etherparse::Icmpv4Header, etherparse::Icmpv6Header);
+impl_writes!(
+    etherparse::TcpHeader,
+    etherparse::UdpHeader,
+    etherparse::Icmpv4Header,
+    etherparse::Icmpv6Header
+);
 
 fn tcp4(payload: &[u8]) -> Vec<u8> {
     build(v4().tcp(40000, 80, 1, 64240).syn(), payload)
@@ -140,35 +153,59 @@ fn with_ipv6_ext(frame: &[u8], kinds: &[u8], fragment_offset: u16) -> Vec<u8> {
 
 #[test]
 fn ipv4_tcp_passes() {
-    check(&tcp4(b"hello"), Expect::Pass, &[(Counter::PassIpv4, 1), (Counter::L4Tcp, 1)]);
+    check(
+        &tcp4(b"hello"),
+        Expect::Pass,
+        &[(Counter::PassIpv4, 1), (Counter::L4Tcp, 1)],
+    );
 }
 
 #[test]
 fn ipv4_udp_passes() {
     let frame = build(v4().udp(5353, 53), b"query");
-    check(&frame, Expect::Pass, &[(Counter::PassIpv4, 1), (Counter::L4Udp, 1)]);
+    check(
+        &frame,
+        Expect::Pass,
+        &[(Counter::PassIpv4, 1), (Counter::L4Udp, 1)],
+    );
 }
 
 #[test]
 fn ipv4_icmp_passes() {
     let frame = build(v4().icmpv4_echo_request(1, 1), b"ping");
-    check(&frame, Expect::Pass, &[(Counter::PassIpv4, 1), (Counter::L4Icmp, 1)]);
+    check(
+        &frame,
+        Expect::Pass,
+        &[(Counter::PassIpv4, 1), (Counter::L4Icmp, 1)],
+    );
 }
 
 #[test]
 fn ipv6_tcp_passes() {
-    check(&tcp6(b"hello"), Expect::Pass, &[(Counter::PassIpv6, 1), (Counter::L4Tcp, 1)]);
+    check(
+        &tcp6(b"hello"),
+        Expect::Pass,
+        &[(Counter::PassIpv6, 1), (Counter::L4Tcp, 1)],
+    );
 }
 
 #[test]
 fn ipv6_udp_passes() {
-    check(&udp6(b"q"), Expect::Pass, &[(Counter::PassIpv6, 1), (Counter::L4Udp, 1)]);
+    check(
+        &udp6(b"q"),
+        Expect::Pass,
+        &[(Counter::PassIpv6, 1), (Counter::L4Udp, 1)],
+    );
 }
 
 #[test]
 fn ipv6_icmp_passes() {
     let frame = build(v6().icmpv6_echo_request(1, 1), b"ping");
-    check(&frame, Expect::Pass, &[(Counter::PassIpv6, 1), (Counter::L4Icmp, 1)]);
+    check(
+        &frame,
+        Expect::Pass,
+        &[(Counter::PassIpv6, 1), (Counter::L4Icmp, 1)],
+    );
 }
 
 #[test]
@@ -196,14 +233,22 @@ fn ipv4_with_options_is_parsed_past_them() {
     frame[IP4] = 0x46;
     let total = frame.len() - IP4;
     set_be16(&mut frame, IP4 + 2, total);
-    check(&frame, Expect::Pass, &[(Counter::PassIpv4, 1), (Counter::L4Tcp, 1)]);
+    check(
+        &frame,
+        Expect::Pass,
+        &[(Counter::PassIpv4, 1), (Counter::L4Tcp, 1)],
+    );
 }
 
 #[test]
 fn ethernet_padding_after_ip_packet_is_fine() {
     let mut frame = build(v4().udp(5353, 53), b"");
     frame.resize(60, 0);
-    check(&frame, Expect::Pass, &[(Counter::PassIpv4, 1), (Counter::L4Udp, 1)]);
+    check(
+        &frame,
+        Expect::Pass,
+        &[(Counter::PassIpv4, 1), (Counter::L4Udp, 1)],
+    );
 }
 
 #[test]
@@ -211,35 +256,63 @@ fn ipv4_later_fragment_passes_without_l4() {
     let mut frame = tcp4(b"payload");
     // Fragment offset 185 (1480 bytes): what follows the IP header is not a TCP header.
     set_be16(&mut frame, IP4 + 6, 185);
-    check(&frame, Expect::Pass, &[(Counter::PassIpv4, 1), (Counter::L4Fragment, 1)]);
+    check(
+        &frame,
+        Expect::Pass,
+        &[(Counter::PassIpv4, 1), (Counter::L4Fragment, 1)],
+    );
 }
 
 #[test]
 fn ipv4_first_fragment_is_parsed_as_tcp() {
     let mut frame = tcp4(b"payload");
     set_be16(&mut frame, IP4 + 6, 0x2000); // MF, offset 0
-    check(&frame, Expect::Pass, &[(Counter::PassIpv4, 1), (Counter::L4Tcp, 1)]);
+    check(
+        &frame,
+        Expect::Pass,
+        &[(Counter::PassIpv4, 1), (Counter::L4Tcp, 1)],
+    );
 }
 
 #[test]
 fn ipv6_extension_headers_are_walked() {
-    let frame = with_ipv6_ext(&tcp6(b"x"), &[proto::HOPOPTS, proto::DSTOPTS, proto::ROUTING], 0);
-    check(&frame, Expect::Pass, &[(Counter::PassIpv6, 1), (Counter::L4Tcp, 1)]);
+    let frame = with_ipv6_ext(
+        &tcp6(b"x"),
+        &[proto::HOPOPTS, proto::DSTOPTS, proto::ROUTING],
+        0,
+    );
+    check(
+        &frame,
+        Expect::Pass,
+        &[(Counter::PassIpv6, 1), (Counter::L4Tcp, 1)],
+    );
 }
 
 #[test]
 fn ipv6_first_fragment_is_parsed_later_one_is_not() {
     let first = with_ipv6_ext(&udp6(b"abc"), &[proto::FRAGMENT], 0);
-    check(&first, Expect::Pass, &[(Counter::PassIpv6, 1), (Counter::L4Udp, 1)]);
+    check(
+        &first,
+        Expect::Pass,
+        &[(Counter::PassIpv6, 1), (Counter::L4Udp, 1)],
+    );
     let later = with_ipv6_ext(&udp6(b"abc"), &[proto::FRAGMENT], 100);
-    check(&later, Expect::Pass, &[(Counter::PassIpv6, 1), (Counter::L4Fragment, 1)]);
+    check(
+        &later,
+        Expect::Pass,
+        &[(Counter::PassIpv6, 1), (Counter::L4Fragment, 1)],
+    );
 }
 
 #[test]
 fn ipv6_other_transport_passes() {
     let mut frame = udp6(b"data");
     frame[IP6 + 6] = 132; // SCTP: no header the datapath reads
-    check(&frame, Expect::Pass, &[(Counter::PassIpv6, 1), (Counter::L4Other, 1)]);
+    check(
+        &frame,
+        Expect::Pass,
+        &[(Counter::PassIpv6, 1), (Counter::L4Other, 1)],
+    );
 }
 
 // ---- truncated and malformed frames are dropped and counted ----
@@ -364,7 +437,13 @@ fn ipv6_extension_header_past_payload_is_truncated() {
 
 #[test]
 fn ipv6_too_many_extension_headers_is_counted() {
-    let kinds = [proto::HOPOPTS, proto::DSTOPTS, proto::ROUTING, proto::DSTOPTS, proto::DSTOPTS];
+    let kinds = [
+        proto::HOPOPTS,
+        proto::DSTOPTS,
+        proto::ROUTING,
+        proto::DSTOPTS,
+        proto::DSTOPTS,
+    ];
     let frame = with_ipv6_ext(&tcp6(b"x"), &kinds, 0);
     check(&frame, Expect::Drop, &[(Counter::DropIpv6ExtChain, 1)]);
 }

@@ -1,1 +1,44 @@
-fn main() {}
+//! `cargo xtask <task>`: the project's setup and test entry points.
+
+mod run;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "movarto project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install and prepare everything the build, the tests and the lab need (root; idempotent).
+    Setup {
+        /// Only report what is missing; change nothing. Exits non-zero if anything is.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run setup, formatting and lint checks, unit tests and the root-only integration tests.
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup { check: false } => setup::run().map(|_| ()),
+        Task::Setup { check: true } => setup::check(),
+        Task::Test => test::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

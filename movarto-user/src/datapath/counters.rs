@@ -13,7 +13,8 @@ pub struct CounterSnapshot {
 
 impl CounterSnapshot {
     pub(super) fn read(map: &Map) -> Result<Self> {
-        let array = PerCpuArray::<_, u64>::try_from(map).context("COUNTERS is not a per-CPU array")?;
+        let array =
+            PerCpuArray::<_, u64>::try_from(map).context("COUNTERS is not a per-CPU array")?;
         let mut values = [0u64; COUNTER_COUNT as usize];
         for counter in Counter::ALL {
             let per_cpu = array

@@ -1,0 +1,271 @@
+//! `cargo xtask setup`: an idempotent bootstrap of a fresh machine, run as root.
+//!
+//! Each step first checks whether it is already satisfied and skips if so, so
+//! a second run changes nothing and takes about a second.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::run::{self, output, status};
+
+/// Debian packages: LLVM 22 dev files for bpf-linker, then the tools the tests and the lab use.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "qemu-system-x86",
+    "busybox-static",
+    "bind9",
+    "bind9-utils",
+    "iperf3",
+    "openvpn",
+    "curl",
+    "socat",
+    "iproute2",
+    "ethtool",
+    "bpftool",
+    "tcpdump",
+];
+
+/// build-std for the BPF target needs rust-src; `cargo xtask test` lints the eBPF crate with clippy.
+const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+struct Step {
+    name: &'static str,
+    /// `None` when satisfied, otherwise what is missing.
+    missing: fn() -> Result<Option<String>>,
+    apply: fn() -> Result<()>,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        name: "bpffs mounted at /sys/fs/bpf",
+        missing: bpffs_missing,
+        apply: bpffs_mount,
+    },
+    Step {
+        name: "rust-src and clippy for the nightly toolchain",
+        missing: rust_src_missing,
+        apply: rust_src_add,
+    },
+    Step {
+        name: "Debian packages",
+        missing: packages_missing,
+        apply: packages_install,
+    },
+    Step {
+        name: "bpf-linker 0.13.0 built against LLVM 22",
+        missing: bpf_linker_missing,
+        apply: bpf_linker_install,
+    },
+];
+
+/// Runs every step that is not yet satisfied. Returns how many steps changed something.
+pub fn run() -> Result<usize> {
+    require_root()?;
+    let total = STEPS.len();
+    let mut changed = 0;
+    for (i, step) in STEPS.iter().enumerate() {
+        let started = Instant::now();
+        match (step.missing)().with_context(|| format!("checking: {}", step.name))? {
+            None => println!(
+                "setup: [{}/{total}] {}: already satisfied",
+                i + 1,
+                step.name
+            ),
+            Some(missing) => {
+                println!(
+                    "setup: [{}/{total}] {}: missing {missing}; installing",
+                    i + 1,
+                    step.name
+                );
+                (step.apply)().with_context(|| format!("setup step failed: {}", step.name))?;
+                if let Some(still) = (step.missing)()? {
+                    bail!(
+                        "setup step `{}` ran but {still} is still missing",
+                        step.name
+                    );
+                }
+                changed += 1;
+                println!(
+                    "setup: [{}/{total}] {}: done in {}",
+                    i + 1,
+                    step.name,
+                    secs(started.elapsed())
+                );
+            }
+        }
+    }
+    println!("setup: complete ({changed} of {total} steps changed something)");
+    Ok(changed)
+}
+
+/// Reports what is missing without changing anything; fails if anything is.
+pub fn check() -> Result<()> {
+    let started = Instant::now();
+    let mut missing = Vec::new();
+    for step in STEPS {
+        if let Some(what) = (step.missing)().with_context(|| format!("checking: {}", step.name))? {
+            println!("setup --check: {}: missing {what}", step.name);
+            missing.push(step.name);
+        } else {
+            println!("setup --check: {}: ok", step.name);
+        }
+    }
+    if !missing.is_empty() {
+        bail!(
+            "not set up: {}; run `cargo xtask setup` as root",
+            missing.join(", ")
+        );
+    }
+    println!(
+        "setup --check: all {} steps satisfied in {}",
+        STEPS.len(),
+        secs(started.elapsed())
+    );
+    Ok(())
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "`cargo xtask setup` must run as root: it mounts bpffs and installs Debian packages \
+             (try `sudo -E cargo xtask setup`)"
+        );
+    }
+    Ok(())
+}
+
+fn bpffs_missing() -> Result<Option<String>> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
+    });
+    Ok((!mounted).then(|| "the bpf filesystem".to_owned()))
+}
+
+fn bpffs_mount() -> Result<()> {
+    status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn rust_src_missing() -> Result<Option<String>> {
+    let out = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?
+    .context("rustup not found; movarto builds with rustup's stable and nightly toolchains")?;
+    if !out.status.success() {
+        bail!(
+            "the `nightly` toolchain is not installed ({}); the eBPF crate needs it",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let installed = String::from_utf8_lossy(&out.stdout);
+    let missing: Vec<&str> = NIGHTLY_COMPONENTS
+        .iter()
+        .copied()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
+        .collect();
+    Ok((!missing.is_empty()).then(|| missing.join(" ")))
+}
+
+fn rust_src_add() -> Result<()> {
+    status(
+        Command::new("rustup")
+            .args(["component", "add", "--toolchain", "nightly"])
+            .args(NIGHTLY_COMPONENTS),
+    )
+}
+
+fn missing_packages() -> Result<Vec<&'static str>> {
+    let out = output(
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Package} ${db:Status-Status}\\n"])
+            .args(PACKAGES),
+    )?
+    .context("dpkg-query not found: `cargo xtask setup` supports Debian and its derivatives")?;
+    // dpkg-query exits 1 when some package is unknown; the listing still says which are installed.
+    let listing = String::from_utf8_lossy(&out.stdout);
+    Ok(PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !listing.lines().any(|l| l == format!("{pkg} installed")))
+        .collect())
+}
+
+fn packages_missing() -> Result<Option<String>> {
+    let missing = missing_packages()?;
+    Ok((!missing.is_empty()).then(|| missing.join(" ")))
+}
+
+fn packages_install() -> Result<()> {
+    let missing = missing_packages()?;
+    status(
+        Command::new("apt-get")
+            .args(["-q", "-o", "Dpkg::Use-Pty=0", "update"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    status(
+        Command::new("apt-get")
+            .args(["-q", "-y", "-o", "Dpkg::Use-Pty=0", "install"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn bpf_linker_missing() -> Result<Option<String>> {
+    let Some(out) = output(Command::new("bpf-linker").arg("--version"))? else {
+        return Ok(Some("bpf-linker".to_owned()));
+    };
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if version != format!("bpf-linker {BPF_LINKER_VERSION}") {
+        return Ok(Some(format!(
+            "bpf-linker {BPF_LINKER_VERSION} (found `{version}`)"
+        )));
+    }
+    // Built against LLVM 14 it fails at link time with "unable to find library -lLLVM".
+    let path = output(Command::new("sh").args(["-c", "command -v bpf-linker"]))?
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let ldd = output(Command::new("ldd").arg(&path))?
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !ldd.contains("libLLVM.so.22") {
+        return Ok(Some(format!(
+            "bpf-linker linked against LLVM 22 ({path} is not)"
+        )));
+    }
+    Ok(None)
+}
+
+fn bpf_linker_install() -> Result<()> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    status(
+        run::cargo()
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", format!("{LLVM_PREFIX}/bin:{path}"))
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}

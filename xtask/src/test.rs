@@ -1,0 +1,84 @@
+//! `cargo xtask test`: setup, then every check CI runs, in order, stopping at the first failure.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    run::{cargo, describe, nightly_cargo, status},
+    setup,
+};
+
+/// Packages whose unit tests need no privileges.
+const UNIT_TEST_PACKAGES: &[&str] = &["movarto-common", "movarto-user", "xtask"];
+/// The integration-test crate; its tests need root and never skip.
+const ROOT_TEST_PACKAGE: &str = "movarto-tests";
+
+pub fn run() -> Result<()> {
+    let mut timeline: Vec<(String, Duration)> = Vec::new();
+
+    let started = Instant::now();
+    setup::run()?;
+    timeline.push(("setup".into(), started.elapsed()));
+
+    // A second setup must find nothing to do; proves idempotence on every run.
+    let started = Instant::now();
+    setup::check().context("setup is not idempotent: a second run would change something")?;
+    timeline.push(("setup --check (second run)".into(), started.elapsed()));
+
+    let mut unit = cargo();
+    unit.args(["test", "--no-fail-fast"]);
+    for p in UNIT_TEST_PACKAGES {
+        unit.args(["-p", p]);
+    }
+    let mut root_tests = cargo();
+    root_tests.args(["test", "--no-fail-fast", "-p", ROOT_TEST_PACKAGE]);
+
+    let stages: Vec<(&str, Command)> = vec![
+        ("rustfmt", {
+            let mut c = cargo();
+            c.args(["fmt", "--all", "--check"]);
+            c
+        }),
+        ("clippy (userspace)", {
+            let mut c = cargo();
+            c.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+            c
+        }),
+        ("clippy (eBPF)", {
+            let mut c = nightly_cargo();
+            c.args([
+                "clippy",
+                "-p",
+                "movarto-ebpf",
+                "--bins",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]);
+            c
+        }),
+        ("unit tests", unit),
+        ("root-only integration tests", root_tests),
+    ];
+
+    for (name, mut cmd) in stages {
+        println!("\n==> {name}: {}", describe(&cmd));
+        let started = Instant::now();
+        status(&mut cmd).with_context(|| format!("stage `{name}` failed"))?;
+        timeline.push((name.to_owned(), started.elapsed()));
+    }
+
+    println!("\nxtask test: all stages passed");
+    for (name, took) in &timeline {
+        println!("  {name:<30} {:>7.1} s", took.as_secs_f64());
+    }
+    Ok(())
+}
