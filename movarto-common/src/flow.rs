@@ -28,6 +28,120 @@ pub struct FlowKey {
 // SAFETY: repr(C), only integer arrays and integers, explicit zeroed padding.
 unsafe impl aya::Pod for FlowKey {}
 
+/// TCP state bits of a flow, after Cilium's conntrack. Set, never cleared.
+pub mod state {
+    /// A SYN from the peer was seen (the connection opened while tracking).
+    pub const SYN_SEEN: u32 = 1 << 0;
+    /// A packet without SYN was seen in both directions, or an ACK completed the handshake.
+    pub const ESTABLISHED: u32 = 1 << 1;
+    /// The peer sent FIN.
+    pub const FIN_PEER: u32 = 1 << 2;
+    /// The service sent FIN.
+    pub const FIN_SERVICE: u32 = 1 << 3;
+    /// Either side sent RST.
+    pub const RST: u32 = 1 << 4;
+    /// A packet from the peer was seen.
+    pub const SEEN_FROM_PEER: u32 = 1 << 5;
+    /// A packet from the service was seen.
+    pub const SEEN_FROM_SERVICE: u32 = 1 << 6;
+
+    /// Both FINs or an RST: the flow is closing.
+    pub const fn is_closing(bits: u32) -> bool {
+        bits & RST != 0 || bits & (FIN_PEER | FIN_SERVICE) == (FIN_PEER | FIN_SERVICE)
+    }
+}
+
+/// How a flow entered the map.
+pub mod origin {
+    /// Recorded at site A in `track` mode: a pre-move flow.
+    pub const TRACKED: u8 = 1;
+    /// Learned at site B from the tunnel.
+    pub const TUNNELLED: u8 = 2;
+    /// A NAT flow at site B (`N` <-> `H`).
+    pub const NAT: u8 = 3;
+}
+
+/// Timeouts userspace applies when it sweeps the flow map (Cilium's values
+/// for SYN-only and closing; established-idle is configurable).
+pub mod timeout {
+    /// A flow that has only seen a SYN.
+    pub const SYN_ONLY_NS: u64 = 60 * 1_000_000_000;
+    /// A flow with both FINs or an RST.
+    pub const CLOSING_NS: u64 = 10 * 1_000_000_000;
+    /// Default for an established flow that is idle (Cilium's TCP default, 6 h).
+    pub const ESTABLISHED_IDLE_DEFAULT_NS: u64 = 21_600 * 1_000_000_000;
+    /// Non-TCP flows (UDP, ICMP) idle this long are expired.
+    pub const NON_TCP_IDLE_NS: u64 = 60 * 1_000_000_000;
+}
+
+/// Value of the flow map. Times are `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets_from_peer: u64,
+    pub bytes_from_peer: u64,
+    pub packets_to_peer: u64,
+    pub bytes_to_peer: u64,
+    /// [`state`] bits.
+    pub state: u32,
+    /// [`origin`] of the entry.
+    pub origin: u8,
+    pub _pad: [u8; 3],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers only, explicit padding.
+unsafe impl aya::Pod for FlowValue {}
+
+impl FlowValue {
+    /// Whether userspace's sweep at `now_ns` considers the flow expired.
+    pub const fn is_expired(&self, protocol: u8, now_ns: u64, established_idle_ns: u64) -> bool {
+        let idle = now_ns.saturating_sub(self.last_seen_ns);
+        if protocol != crate::net::proto::TCP {
+            return idle > timeout::NON_TCP_IDLE_NS;
+        }
+        let limit = if state::is_closing(self.state) {
+            timeout::CLOSING_NS
+        } else if self.state & state::ESTABLISHED == 0 {
+            timeout::SYN_ONLY_NS
+        } else {
+            established_idle_ns
+        };
+        idle > limit
+    }
+}
+
+/// A 32-bit hash of the flow, the same in eBPF and userspace: it picks the
+/// outer UDP source port so receivers with RSS spread tunnelled flows.
+/// FNV-1a over the 5-tuple plus a finaliser; cheap and verifier-friendly (fixed length).
+#[inline(always)]
+pub fn flow_hash(key: &FlowKey) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < 16 {
+        h = (h ^ u32::from(key.service_addr[i])).wrapping_mul(0x0100_0193);
+        h = (h ^ u32::from(key.peer_addr[i])).wrapping_mul(0x0100_0193);
+        i += 1;
+    }
+    h = (h ^ u32::from(key.service_port)).wrapping_mul(0x0100_0193);
+    h = (h ^ u32::from(key.peer_port)).wrapping_mul(0x0100_0193);
+    h = (h ^ u32::from(key.protocol)).wrapping_mul(0x0100_0193);
+    // murmur3's finaliser: FNV alone leaves the low bits poorly mixed.
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The outer UDP source port for a flow: in the dynamic range 49152-65535.
+#[inline(always)]
+pub fn gue_source_port(key: &FlowKey) -> u16 {
+    49152 | (flow_hash(key) & 0x3fff) as u16
+}
+
 #[cfg(feature = "user")]
 mod user {
     use super::FlowKey;
@@ -73,6 +187,53 @@ mod tests {
         // The eBPF side and userspace must agree on this exactly.
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::align_of::<FlowKey>(), 2);
+        assert_eq!(core::mem::size_of::<FlowValue>(), 56);
+    }
+
+    #[test]
+    fn expiry_follows_state() {
+        let s = 1_000_000_000u64;
+        let est = 3600 * s;
+        let mut v = FlowValue {
+            last_seen_ns: 0,
+            state: state::SYN_SEEN,
+            ..Default::default()
+        };
+        assert!(!v.is_expired(6, 59 * s, est));
+        assert!(v.is_expired(6, 61 * s, est));
+        v.state |= state::ESTABLISHED;
+        assert!(!v.is_expired(6, 61 * s, est));
+        assert!(v.is_expired(6, 3601 * s, est));
+        v.state |= state::FIN_PEER;
+        assert!(!v.is_expired(6, 11 * s, est), "one FIN is not closing");
+        v.state |= state::FIN_SERVICE;
+        assert!(v.is_expired(6, 11 * s, est));
+        let rst = FlowValue {
+            state: state::ESTABLISHED | state::RST,
+            ..Default::default()
+        };
+        assert!(rst.is_expired(6, 11 * s, est));
+        let udp = FlowValue::default();
+        assert!(!udp.is_expired(17, 59 * s, est));
+        assert!(udp.is_expired(17, 61 * s, est));
+    }
+
+    #[test]
+    fn source_port_is_stable_and_in_dynamic_range() {
+        let mut key = FlowKey {
+            protocol: 6,
+            family: 4,
+            ..Default::default()
+        };
+        let mut seen = [false; 4];
+        for port in 0..256u16 {
+            key.peer_port = port.to_be();
+            let p = gue_source_port(&key);
+            assert!(p >= 49152);
+            assert_eq!(p, gue_source_port(&key));
+            seen[usize::from(p & 3)] = true;
+        }
+        assert!(seen.iter().all(|s| *s), "ports spread");
     }
 
     #[cfg(feature = "user")]

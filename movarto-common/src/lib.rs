@@ -7,6 +7,8 @@
 #[cfg(feature = "user")]
 extern crate std;
 
+pub mod config;
 pub mod counters;
 pub mod flow;
+pub mod gue;
 pub mod net;

@@ -1,0 +1,119 @@
+//! The datapath's configuration: one map entry per attached site. Changing the
+//! mode is one write of this struct; no program is reloaded.
+
+/// What the datapath does; see the table in DESIGN.md "The datapath".
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Attached, doing nothing but counting (the initial state).
+    Idle = 0,
+    /// Site A before the move: record flows to/from `H`, clamp MSS.
+    Track = 1,
+    /// Site A from switchover: tunnel everything for `H` to `TB`.
+    Forward = 2,
+    /// Site B before and during the drain: unwrap the tunnel, NAT `N` <-> `H`.
+    Receive = 3,
+    /// Site B after teardown: NAT only.
+    Nat = 4,
+}
+
+impl Mode {
+    pub const fn from_u8(v: u8) -> Option<Mode> {
+        match v {
+            0 => Some(Mode::Idle),
+            1 => Some(Mode::Track),
+            2 => Some(Mode::Forward),
+            3 => Some(Mode::Receive),
+            4 => Some(Mode::Nat),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mode::Idle => "idle",
+            Mode::Track => "track",
+            Mode::Forward => "forward",
+            Mode::Receive => "receive",
+            Mode::Nat => "nat",
+        }
+    }
+}
+
+/// Key of the single entry in the `CONFIG` array.
+pub const CONFIG_KEY: u32 = 0;
+
+/// Default GUE UDP destination port.
+pub const GUE_DEFAULT_PORT: u16 = 6080;
+
+/// The per-site configuration. Addresses use the 16-byte layout of
+/// [`crate::flow::FlowKey`]: IPv4 in the first 4 bytes, the rest zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// [`Mode`] as a byte.
+    pub mode: u8,
+    /// Family of `H` and `N` ([`crate::net::family`]).
+    pub service_family: u8,
+    /// Family of the tunnel endpoints; only IPv4 outer headers for now.
+    pub tunnel_family: u8,
+    pub _pad0: u8,
+    /// GUE destination port, network byte order.
+    pub gue_port: u16,
+    /// Largest outer packet the tunnel path carries (IP header and up).
+    pub tunnel_mtu: u16,
+    /// Home address `H`.
+    pub home_addr: [u8; 16],
+    /// New address `N` (site B, `nat` address mode).
+    pub new_addr: [u8; 16],
+    /// This site's own tunnel endpoint (`TA` at A, `TB` at B).
+    pub local_tunnel_addr: [u8; 16],
+    /// The other site's tunnel endpoint.
+    pub peer_tunnel_addr: [u8; 16],
+    /// The per-migration session token carried in GUE private data.
+    pub token: u64,
+    /// ifindex of the uplink.
+    pub uplink_ifindex: u32,
+    /// ifindex of the VM-facing interface (tap or veth).
+    pub vm_ifindex: u32,
+    /// The VM's MAC, for frames delivered to it.
+    pub vm_mac: [u8; 6],
+    /// The VM-facing interface's (anycast gateway) MAC.
+    pub gateway_mac: [u8; 6],
+    pub _pad1: [u8; 4],
+}
+
+impl Config {
+    pub const fn mode(&self) -> Option<Mode> {
+        Mode::from_u8(self.mode)
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), integers and byte arrays only, padding explicit.
+unsafe impl aya::Pod for Config {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_fixed() {
+        assert_eq!(core::mem::size_of::<Config>(), 104);
+        assert_eq!(core::mem::align_of::<Config>(), 8);
+    }
+
+    #[test]
+    fn modes_round_trip() {
+        for m in [
+            Mode::Idle,
+            Mode::Track,
+            Mode::Forward,
+            Mode::Receive,
+            Mode::Nat,
+        ] {
+            assert_eq!(Mode::from_u8(m as u8), Some(m));
+        }
+        assert_eq!(Mode::from_u8(5), None);
+    }
+}
