@@ -2,7 +2,8 @@
 //!
 //! Every packet a program sees increments [`Counter::Packets`], exactly one
 //! verdict counter (`Pass*` or `Drop*`), and for IP packets one L4 class
-//! counter. Userspace sums the per-CPU slots.
+//! counter; event counters (`Flow*`, `MssClamped`) count what was done to it.
+//! Userspace sums the per-CPU slots.
 
 /// Index into the `COUNTERS` per-CPU array.
 #[repr(u32)]
@@ -34,10 +35,16 @@ pub enum Counter {
     DropBadL4Header,
     /// Drop: more IPv6 extension headers than the parser walks.
     DropIpv6ExtChain,
+    /// Flow map: a new flow was recorded.
+    FlowCreated,
+    /// Flow map: an insert failed (another CPU raced us, or the map refused).
+    FlowInsertFailed,
+    /// The MSS option of a SYN or SYN-ACK was lowered to fit the tunnel.
+    MssClamped,
 }
 
 /// Number of slots in the counter array.
-pub const COUNTER_COUNT: u32 = Counter::DropIpv6ExtChain as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::MssClamped as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -55,6 +62,9 @@ impl Counter {
         Counter::DropBadIpHeader,
         Counter::DropBadL4Header,
         Counter::DropIpv6ExtChain,
+        Counter::FlowCreated,
+        Counter::FlowInsertFailed,
+        Counter::MssClamped,
     ];
 
     /// Stable snake_case name, used in `status` output and JSON.
@@ -73,6 +83,9 @@ impl Counter {
             Counter::DropBadIpHeader => "drop_bad_ip_header",
             Counter::DropBadL4Header => "drop_bad_l4_header",
             Counter::DropIpv6ExtChain => "drop_ipv6_ext_chain",
+            Counter::FlowCreated => "flow_created",
+            Counter::FlowInsertFailed => "flow_insert_failed",
+            Counter::MssClamped => "mss_clamped",
         }
     }
 

@@ -24,26 +24,6 @@ pub const GUE_OVERHEAD_IPV6: usize = 40 + 8 + GUE_BASE_LEN + GUE_PRIVATE_LEN;
 /// Outer TTL.
 pub const OUTER_TTL: u8 = 64;
 
-/// Folds a 32-bit one's-complement sum to 16 bits.
-#[inline(always)]
-pub const fn csum_fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-/// The IPv4 header checksum of a 20-byte header whose checksum field is zero.
-#[inline(always)]
-pub fn ipv4_header_checksum(header: &[u8; 20]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([header[i], header[i + 1]]));
-        i += 2;
-    }
-    csum_fold(sum)
-}
-
 /// The largest TCP MSS that fits an inner packet of `family` through a tunnel of `tunnel_mtu`.
 pub const fn clamped_mss(tunnel_mtu: u16, inner_is_ipv6: bool) -> u16 {
     let inner_ip_tcp = if inner_is_ipv6 { 40 + 20 } else { 20 + 20 };
@@ -112,7 +92,7 @@ mod reference {
         ip[9] = 17;
         ip[12..16].copy_from_slice(&outer.src.octets());
         ip[16..20].copy_from_slice(&outer.dst.octets());
-        let check = ipv4_header_checksum(&ip);
+        let check = crate::checksum::ipv4_header(&ip);
         ip[10..12].copy_from_slice(&check.to_be_bytes());
 
         let mut out = Vec::with_capacity(total);
@@ -213,7 +193,7 @@ mod tests {
         for i in (0..20).step_by(2) {
             sum += u32::from(u16::from_be_bytes([hdr[i], hdr[i + 1]]));
         }
-        assert_eq!(csum_fold(sum), 0);
+        assert_eq!(crate::checksum::fold(sum), 0);
         assert_eq!(&packet[28..32], &[0x02, 4, 0, 0]);
         let d = decapsulate_v4(&packet).expect("decap");
         assert_eq!(d.outer, outer());

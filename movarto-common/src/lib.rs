@@ -7,6 +7,7 @@
 #[cfg(feature = "user")]
 extern crate std;
 
+pub mod checksum;
 pub mod config;
 pub mod counters;
 pub mod flow;

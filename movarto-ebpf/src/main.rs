@@ -1,65 +1,100 @@
-//! movarto's eBPF programs. Each entry point is a short dispatch; the work is
-//! in one file per topic (parse, counters, maps).
+//! movarto's eBPF programs. Each entry point is a short dispatch on the mode;
+//! the work is in one file per topic (parse, flows, mss, track, counters, maps).
 #![no_std]
 #![no_main]
 
 mod counters;
+mod flows;
 mod maps;
+mod mss;
 mod parse;
+mod track;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use movarto_common::{
+    config::{CONFIG_KEY, Config, Mode},
+    counters::Counter,
+    net::family,
+};
 
-use movarto_common::counters::Counter;
-
-use crate::parse::{Frame, Verdict};
-
-/// Parses the frame and counts the outcome. Packets this datapath has nothing
-/// to do with yet are passed; malformed ones are dropped.
-#[inline(always)]
-fn classify(data: usize, data_end: usize) -> Verdict {
-    counters::bump(Counter::Packets);
-    match parse::parse_frame(data, data_end) {
-        Ok(Frame::NonIp) => {
-            counters::bump(Counter::PassNonIp);
-            Verdict::Pass
-        }
-        Ok(Frame::Ipv4(l4)) => {
-            counters::bump(l4.counter());
-            counters::bump(Counter::PassIpv4);
-            Verdict::Pass
-        }
-        Ok(Frame::Ipv6(l4)) => {
-            counters::bump(l4.counter());
-            counters::bump(Counter::PassIpv6);
-            Verdict::Pass
-        }
-        Err(reason) => {
-            counters::bump(reason.counter());
-            Verdict::Drop
-        }
-    }
-}
+use crate::{
+    maps::CONFIG,
+    parse::{Frame, Packet},
+};
 
 /// Uplink ingress (XDP): every packet arriving from the network.
 #[xdp]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
-    match classify(ctx.data(), ctx.data_end()) {
-        Verdict::Pass => xdp_action::XDP_PASS,
-        Verdict::Drop => xdp_action::XDP_DROP,
+    let pkt = match parse_counted(ctx.data(), ctx.data_end()) {
+        Parsed::Ip(pkt) => pkt,
+        Parsed::NonIp => return xdp_action::XDP_PASS,
+        Parsed::Malformed => return xdp_action::XDP_DROP,
+    };
+    let Some(cfg) = CONFIG.get(CONFIG_KEY) else {
+        return pass(&pkt, xdp_action::XDP_PASS);
+    };
+    if let Some(Mode::Track) = cfg.mode() {
+        track::from_uplink(&ctx, cfg, &pkt);
     }
+    pass(&pkt, xdp_action::XDP_PASS)
 }
 
 /// VM-facing ingress (TC): every packet the VM sends.
 #[classifier]
 pub fn vm_ingress(ctx: TcContext) -> i32 {
-    match classify(ctx.data(), ctx.data_end()) {
-        Verdict::Pass => TC_ACT_OK,
-        Verdict::Drop => TC_ACT_SHOT,
+    let pkt = match parse_counted(ctx.data(), ctx.data_end()) {
+        Parsed::Ip(pkt) => pkt,
+        Parsed::NonIp => return TC_ACT_OK,
+        Parsed::Malformed => return TC_ACT_SHOT,
+    };
+    let Some(cfg): Option<&Config> = CONFIG.get(CONFIG_KEY) else {
+        return pass(&pkt, TC_ACT_OK);
+    };
+    if let Some(Mode::Track) = cfg.mode() {
+        track::from_vm(&ctx, cfg, &pkt);
     }
+    pass(&pkt, TC_ACT_OK)
+}
+
+enum Parsed {
+    Ip(Packet),
+    NonIp,
+    Malformed,
+}
+
+/// Parses the frame and counts it: non-IP frames are passed, malformed ones dropped.
+#[inline(always)]
+fn parse_counted(data: usize, data_end: usize) -> Parsed {
+    counters::bump(Counter::Packets);
+    match parse::parse_frame(data, data_end) {
+        Ok(Frame::Ip(pkt)) => {
+            counters::bump(pkt.l4.counter());
+            Parsed::Ip(pkt)
+        }
+        Ok(Frame::NonIp) => {
+            counters::bump(Counter::PassNonIp);
+            Parsed::NonIp
+        }
+        Err(reason) => {
+            counters::bump(reason.counter());
+            Parsed::Malformed
+        }
+    }
+}
+
+/// Counts the pass verdict of an IP packet and returns `action`.
+#[inline(always)]
+fn pass<T>(pkt: &Packet, action: T) -> T {
+    counters::bump(if pkt.family == family::IPV6 {
+        Counter::PassIpv6
+    } else {
+        Counter::PassIpv4
+    });
+    action
 }
 
 #[cfg(not(test))]

@@ -10,22 +10,45 @@ use movarto_common::{
     counters::Counter,
     net::{
         ETH_HLEN, ETH_P_IP, ETH_P_IPV6, ICMP_HLEN, IPV4_MIN_HLEN, IPV6_HLEN, IPV6_MAX_EXT_HEADERS,
-        TCP_MIN_HLEN, UDP_HLEN, proto,
+        TCP_MIN_HLEN, UDP_HLEN, family, proto,
     },
 };
-
-/// What the program does with the frame.
-pub enum Verdict {
-    Pass,
-    Drop,
-}
 
 /// A frame the parser accepted.
 pub enum Frame {
     /// Not IP: ARP, LLDP and the like. Left to the kernel.
     NonIp,
-    Ipv4(L4),
-    Ipv6(L4),
+    Ip(Packet),
+}
+
+/// An IP packet with everything the datapath decides on.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    /// [`movarto_common::net::family`].
+    pub family: u8,
+    /// The transport protocol after any IPv6 extension headers.
+    pub protocol: u8,
+    pub l4: L4,
+    /// Offset of the transport header from the start of the frame.
+    pub l4_offset: usize,
+    /// Addresses in the 16-byte flow-key layout.
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// Ports as on the wire (network byte order); zero without ports.
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); zero otherwise.
+    pub tcp_flags: u8,
+    /// Bytes from the IP header to the end of the IP packet.
+    pub ip_len: usize,
+}
+
+/// TCP flag bits in [`Packet::tcp_flags`].
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
 }
 
 /// The transport layer of an accepted IP packet.
@@ -73,7 +96,7 @@ impl ParseError {
 
 /// `N` bytes of the frame at `offset`, or `Truncated` if the frame is shorter.
 #[inline(always)]
-fn bytes<const N: usize>(
+pub fn bytes<const N: usize>(
     data: usize,
     data_end: usize,
     offset: usize,
@@ -86,6 +109,21 @@ fn bytes<const N: usize>(
     Ok(unsafe { &*(start as *const [u8; N]) })
 }
 
+/// Mutable `N` bytes of the frame at `offset` (XDP and TC allow direct writes).
+#[inline(always)]
+pub fn bytes_mut<const N: usize>(
+    data: usize,
+    data_end: usize,
+    offset: usize,
+) -> Result<&'static mut [u8; N], ParseError> {
+    let start = data + offset;
+    if start + N > data_end {
+        return Err(ParseError::Truncated);
+    }
+    // SAFETY: [start, start + N) lies inside the packet, as just checked.
+    Ok(unsafe { &mut *(start as *mut [u8; N]) })
+}
+
 #[inline(always)]
 fn be16(b0: u8, b1: u8) -> u16 {
     u16::from_be_bytes([b0, b1])
@@ -96,14 +134,14 @@ fn be16(b0: u8, b1: u8) -> u16 {
 pub fn parse_frame(data: usize, data_end: usize) -> Result<Frame, ParseError> {
     let eth = bytes::<ETH_HLEN>(data, data_end, 0)?;
     match be16(eth[12], eth[13]) {
-        ETH_P_IP => parse_ipv4(data, data_end).map(Frame::Ipv4),
-        ETH_P_IPV6 => parse_ipv6(data, data_end).map(Frame::Ipv6),
+        ETH_P_IP => parse_ipv4(data, data_end).map(Frame::Ip),
+        ETH_P_IPV6 => parse_ipv6(data, data_end).map(Frame::Ip),
         _ => Ok(Frame::NonIp),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(data: usize, data_end: usize) -> Result<L4, ParseError> {
+fn parse_ipv4(data: usize, data_end: usize) -> Result<Packet, ParseError> {
     let ip = bytes::<IPV4_MIN_HLEN>(data, data_end, ETH_HLEN)?;
     if ip[0] >> 4 != 4 {
         return Err(ParseError::BadIpHeader);
@@ -117,30 +155,52 @@ fn parse_ipv4(data: usize, data_end: usize) -> Result<L4, ParseError> {
     if data + l3_end > data_end {
         return Err(ParseError::Truncated);
     }
+    let mut pkt = Packet {
+        family: family::IPV4,
+        protocol: ip[9],
+        l4: L4::Fragment,
+        l4_offset: ETH_HLEN + header_len,
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        ip_len: total_len,
+    };
+    pkt.src_addr[..4].copy_from_slice(&ip[12..16]);
+    pkt.dst_addr[..4].copy_from_slice(&ip[16..20]);
     let fragment_offset = be16(ip[6], ip[7]) & 0x1fff;
     if fragment_offset != 0 {
-        return Ok(L4::Fragment);
+        return Ok(pkt);
     }
-    parse_l4(
-        data,
-        data_end,
-        ETH_HLEN + header_len,
-        l3_end,
-        ip[9],
-        proto::ICMP,
-    )
+    parse_l4(data, data_end, l3_end, proto::ICMP, pkt)
 }
 
 #[inline(always)]
-fn parse_ipv6(data: usize, data_end: usize) -> Result<L4, ParseError> {
+fn parse_ipv6(data: usize, data_end: usize) -> Result<Packet, ParseError> {
     let ip = bytes::<IPV6_HLEN>(data, data_end, ETH_HLEN)?;
     if ip[0] >> 4 != 6 {
         return Err(ParseError::BadIpHeader);
     }
-    let l3_end = ETH_HLEN + IPV6_HLEN + usize::from(be16(ip[4], ip[5]));
+    let ip_len = IPV6_HLEN + usize::from(be16(ip[4], ip[5]));
+    let l3_end = ETH_HLEN + ip_len;
     if data + l3_end > data_end {
         return Err(ParseError::Truncated);
     }
+    let mut pkt = Packet {
+        family: family::IPV6,
+        protocol: 0,
+        l4: L4::Fragment,
+        l4_offset: 0,
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        ip_len,
+    };
+    pkt.src_addr.copy_from_slice(&ip[8..24]);
+    pkt.dst_addr.copy_from_slice(&ip[24..40]);
     let mut next = ip[6];
     let mut offset = ETH_HLEN + IPV6_HLEN;
     for _ in 0..IPV6_MAX_EXT_HEADERS {
@@ -155,7 +215,9 @@ fn parse_ipv6(data: usize, data_end: usize) -> Result<L4, ParseError> {
                 next = ext[0];
                 offset += 8;
                 if be16(ext[2], ext[3]) >> 3 != 0 {
-                    return Ok(L4::Fragment);
+                    pkt.protocol = next;
+                    pkt.l4_offset = offset;
+                    return Ok(pkt);
                 }
             }
             _ => break,
@@ -170,41 +232,55 @@ fn parse_ipv6(data: usize, data_end: usize) -> Result<L4, ParseError> {
     ) {
         return Err(ParseError::Ipv6ExtChain);
     }
-    parse_l4(data, data_end, offset, l3_end, next, proto::ICMPV6)
+    pkt.protocol = next;
+    pkt.l4_offset = offset;
+    parse_l4(data, data_end, l3_end, proto::ICMPV6, pkt)
 }
 
-/// Checks the transport header at `l4_offset`; it must end inside both the
-/// frame and the IP packet (`l3_end`). `icmp` is the family's ICMP number.
+/// Checks the transport header at `pkt.l4_offset` and reads ports and flags;
+/// the header must end inside both the frame and the IP packet (`l3_end`).
+/// `icmp` is the family's ICMP protocol number.
 #[inline(always)]
 fn parse_l4(
     data: usize,
     data_end: usize,
-    l4_offset: usize,
     l3_end: usize,
-    protocol: u8,
     icmp: u8,
-) -> Result<L4, ParseError> {
-    let (l4, header_len) = match protocol {
+    mut pkt: Packet,
+) -> Result<Packet, ParseError> {
+    let l4_offset = pkt.l4_offset;
+    let header_len = match pkt.protocol {
         proto::TCP => {
             let tcp = bytes::<TCP_MIN_HLEN>(data, data_end, l4_offset)?;
             let data_offset = usize::from(tcp[12] >> 4) * 4;
             if data_offset < TCP_MIN_HLEN {
                 return Err(ParseError::BadL4Header);
             }
-            (L4::Tcp, data_offset)
+            pkt.l4 = L4::Tcp;
+            pkt.src_port = u16::from_ne_bytes([tcp[0], tcp[1]]);
+            pkt.dst_port = u16::from_ne_bytes([tcp[2], tcp[3]]);
+            pkt.tcp_flags = tcp[13];
+            data_offset
         }
         proto::UDP => {
-            bytes::<UDP_HLEN>(data, data_end, l4_offset)?;
-            (L4::Udp, UDP_HLEN)
+            let udp = bytes::<UDP_HLEN>(data, data_end, l4_offset)?;
+            pkt.l4 = L4::Udp;
+            pkt.src_port = u16::from_ne_bytes([udp[0], udp[1]]);
+            pkt.dst_port = u16::from_ne_bytes([udp[2], udp[3]]);
+            UDP_HLEN
         }
         p if p == icmp => {
             bytes::<ICMP_HLEN>(data, data_end, l4_offset)?;
-            (L4::Icmp, ICMP_HLEN)
+            pkt.l4 = L4::Icmp;
+            ICMP_HLEN
         }
-        _ => return Ok(L4::Other),
+        _ => {
+            pkt.l4 = L4::Other;
+            return Ok(pkt);
+        }
     };
     if l4_offset + header_len > l3_end {
         return Err(ParseError::Truncated);
     }
-    Ok(l4)
+    Ok(pkt)
 }

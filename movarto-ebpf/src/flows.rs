@@ -1,0 +1,121 @@
+//! Recording flows in the flow map: counts, times and TCP state bits.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use movarto_common::{
+    counters::Counter,
+    flow::{FlowKey, FlowValue, state},
+};
+
+use crate::{
+    counters::bump,
+    maps::FLOWS,
+    parse::{L4, Packet, tcp_flag},
+};
+
+/// Which way a packet travels relative to the service.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Peer -> service (arriving on the uplink at A).
+    FromPeer,
+    /// Service -> peer (sent by the VM).
+    ToPeer,
+}
+
+/// The flow key of `pkt` seen from the service's side; `None` without ports.
+#[inline(always)]
+pub fn key_of(pkt: &Packet, dir: Direction) -> Option<FlowKey> {
+    if !matches!(pkt.l4, L4::Tcp | L4::Udp) {
+        return None;
+    }
+    let (service_addr, peer_addr, service_port, peer_port) = match dir {
+        Direction::FromPeer => (pkt.dst_addr, pkt.src_addr, pkt.dst_port, pkt.src_port),
+        Direction::ToPeer => (pkt.src_addr, pkt.dst_addr, pkt.src_port, pkt.dst_port),
+    };
+    Some(FlowKey {
+        service_addr,
+        peer_addr,
+        service_port,
+        peer_port,
+        protocol: pkt.protocol,
+        family: pkt.family,
+        _pad: [0; 2],
+    })
+}
+
+/// Records `pkt` in the flow map, creating the entry with `origin` if needed.
+#[inline(always)]
+pub fn record(pkt: &Packet, dir: Direction, origin: u8) {
+    let Some(key) = key_of(pkt, dir) else {
+        return;
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(value) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a live map value. Updates are plain read-modify-writes: RSS
+        // keeps a flow's packets on one CPU per direction, and a rare race
+        // between the two directions loses at most one count or a state bit
+        // that the next packet sets again.
+        update(unsafe { &mut *value }, pkt, dir, now);
+        return;
+    }
+    let mut value = FlowValue {
+        first_seen_ns: now,
+        origin,
+        ..FlowValue::default()
+    };
+    update(&mut value, pkt, dir, now);
+    match FLOWS.insert(&key, &value, u64::from(BPF_NOEXIST)) {
+        Ok(()) => bump(Counter::FlowCreated),
+        Err(_) => {
+            // Another CPU created it first: add this packet to theirs.
+            bump(Counter::FlowInsertFailed);
+            if let Some(existing) = FLOWS.get_ptr_mut(&key) {
+                // SAFETY: as above.
+                update(unsafe { &mut *existing }, pkt, dir, now);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn update(value: &mut FlowValue, pkt: &Packet, dir: Direction, now: u64) {
+    let bytes = pkt.ip_len as u64;
+    let mut bits = value.state;
+    match dir {
+        Direction::FromPeer => {
+            value.packets_from_peer += 1;
+            value.bytes_from_peer += bytes;
+            bits |= state::SEEN_FROM_PEER;
+        }
+        Direction::ToPeer => {
+            value.packets_to_peer += 1;
+            value.bytes_to_peer += bytes;
+            bits |= state::SEEN_FROM_SERVICE;
+        }
+    }
+    let both = state::SEEN_FROM_PEER | state::SEEN_FROM_SERVICE;
+    if matches!(pkt.l4, L4::Tcp) {
+        let flags = pkt.tcp_flags;
+        if flags & tcp_flag::RST != 0 {
+            bits |= state::RST;
+        }
+        if flags & tcp_flag::FIN != 0 {
+            bits |= match dir {
+                Direction::FromPeer => state::FIN_PEER,
+                Direction::ToPeer => state::FIN_SERVICE,
+            };
+        }
+        if flags & tcp_flag::SYN != 0 {
+            if dir == Direction::FromPeer && flags & tcp_flag::ACK == 0 {
+                bits |= state::SYN_SEEN;
+            }
+        } else if bits & both == both {
+            // Mid-stream packets both ways: also how flows that predate tracking become established.
+            bits |= state::ESTABLISHED;
+        }
+    } else if bits & both == both {
+        bits |= state::ESTABLISHED;
+    }
+    value.state = bits;
+    value.last_seen_ns = now;
+}
