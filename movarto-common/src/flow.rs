@@ -144,37 +144,43 @@ pub fn gue_source_port(key: &FlowKey) -> u16 {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::FlowKey;
-    use crate::net::family;
     use core::net::IpAddr;
+
+    use super::FlowKey;
+    use crate::net::addr;
 
     impl FlowKey {
         /// Builds a key from the service's and the peer's socket addresses.
         /// Returns `None` when the two are of different families.
         pub fn new(service: (IpAddr, u16), peer: (IpAddr, u16), protocol: u8) -> Option<FlowKey> {
-            let (service_addr, peer_addr, fam) = match (service.0, peer.0) {
-                (IpAddr::V4(s), IpAddr::V4(p)) => {
-                    (pad_v4(s.octets()), pad_v4(p.octets()), family::IPV4)
-                }
-                (IpAddr::V6(s), IpAddr::V6(p)) => (s.octets(), p.octets(), family::IPV6),
-                _ => return None,
-            };
-            Some(FlowKey {
+            let (service_addr, service_family) = addr::to_map(service.0);
+            let (peer_addr, peer_family) = addr::to_map(peer.0);
+            (service_family == peer_family).then_some(FlowKey {
                 service_addr,
                 peer_addr,
                 service_port: service.1.to_be(),
                 peer_port: peer.1.to_be(),
                 protocol,
-                family: fam,
+                family: service_family,
                 _pad: [0; 2],
             })
         }
-    }
 
-    fn pad_v4(octets: [u8; 4]) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        out[..4].copy_from_slice(&octets);
-        out
+        /// The service's address and port.
+        pub fn service(&self) -> Option<(IpAddr, u16)> {
+            Some((
+                addr::from_map(self.service_addr, self.family)?,
+                u16::from_be(self.service_port),
+            ))
+        }
+
+        /// The peer's address and port.
+        pub fn peer(&self) -> Option<(IpAddr, u16)> {
+            Some((
+                addr::from_map(self.peer_addr, self.family)?,
+                u16::from_be(self.peer_port),
+            ))
+        }
     }
 }
 

@@ -39,3 +39,34 @@ pub mod family {
 /// How many IPv6 extension headers the parser walks before giving up.
 /// Bounded so the verifier can prove the loop terminates.
 pub const IPV6_MAX_EXT_HEADERS: usize = 4;
+
+/// Conversions between `IpAddr` and the 16-byte address layout of the maps.
+#[cfg(feature = "user")]
+pub mod addr {
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use super::family;
+
+    /// The 16-byte map layout of `addr` and its family.
+    pub fn to_map(addr: IpAddr) -> ([u8; 16], u8) {
+        match addr {
+            IpAddr::V4(v4) => {
+                let mut out = [0u8; 16];
+                out[..4].copy_from_slice(&v4.octets());
+                (out, family::IPV4)
+            }
+            IpAddr::V6(v6) => (v6.octets(), family::IPV6),
+        }
+    }
+
+    /// The address stored as `bytes` for `fam`; `None` for an unknown family.
+    pub fn from_map(bytes: [u8; 16], fam: u8) -> Option<IpAddr> {
+        match fam {
+            family::IPV4 => Some(IpAddr::V4(Ipv4Addr::new(
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ))),
+            family::IPV6 => Some(IpAddr::V6(Ipv6Addr::from(bytes))),
+            _ => None,
+        }
+    }
+}

@@ -50,7 +50,7 @@ pub fn record(pkt: &Packet, dir: Direction, origin: u8) {
     };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(value) = FLOWS.get_ptr_mut(&key) {
+    if let Some(value) = FLOWS.get_ptr_mut(key) {
         // SAFETY: a live map value. Updates are plain read-modify-writes: RSS
         // keeps a flow's packets on one CPU per direction, and a rare race
         // between the two directions loses at most one count or a state bit
@@ -64,12 +64,12 @@ pub fn record(pkt: &Packet, dir: Direction, origin: u8) {
         ..FlowValue::default()
     };
     update(&mut value, pkt, dir, now);
-    match FLOWS.insert(&key, &value, u64::from(BPF_NOEXIST)) {
+    match FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
         Ok(()) => bump(Counter::FlowCreated),
         Err(_) => {
             // Another CPU created it first: add this packet to theirs.
             bump(Counter::FlowInsertFailed);
-            if let Some(existing) = FLOWS.get_ptr_mut(&key) {
+            if let Some(existing) = FLOWS.get_ptr_mut(key) {
                 // SAFETY: as above.
                 update(unsafe { &mut *existing }, pkt, dir, now);
             }

@@ -101,6 +101,29 @@ pub fn run_frame_repeat(datapath: &Datapath, hook: Hook, frame: &[u8], repeat: u
     Ok(result.return_value)
 }
 
+/// Runs `frame` once through `hook`; returns the return value and the frame
+/// as the program left it.
+pub fn run_frame_out(datapath: &Datapath, hook: Hook, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..Default::default()
+    };
+    let result = match hook {
+        Hook::Uplink => datapath.uplink_ingress()?.test_run(opts),
+        Hook::VmFacing => datapath.vm_ingress()?.test_run(opts),
+    }
+    .with_context(|| {
+        format!(
+            "BPF_PROG_TEST_RUN on {hook:?} with a {}-byte frame",
+            frame.len()
+        )
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
 /// Asserts that `after - before` is exactly `expected`, every other counter unchanged.
 pub fn assert_counter_delta(
     before: &CounterSnapshot,

@@ -1,5 +1,6 @@
 //! Loading movarto's eBPF object and reading its state.
 
+mod config;
 mod counters;
 
 use std::path::Path;
@@ -7,10 +8,16 @@ use std::path::Path;
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData},
     programs::{ProgramInfo, SchedClassifier, Xdp},
 };
 
+pub use config::SiteConfig;
 pub use counters::CounterSnapshot;
+use movarto_common::{
+    config::{CONFIG_KEY, Config},
+    flow::{FlowKey, FlowValue},
+};
 
 /// The eBPF object movarto-user's build.rs compiled from movarto-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/movarto"));
@@ -21,6 +28,10 @@ pub const UPLINK_INGRESS: &str = "uplink_ingress";
 pub const VM_INGRESS: &str = "vm_ingress";
 /// Per-CPU counter array.
 pub const COUNTERS_MAP: &str = "COUNTERS";
+/// The site configuration (one entry).
+pub const CONFIG_MAP: &str = "CONFIG";
+/// The flow map.
+pub const FLOWS_MAP: &str = "FLOWS";
 
 /// The datapath loaded into the kernel (verified), not yet attached anywhere.
 pub struct Datapath {
@@ -75,6 +86,46 @@ impl Datapath {
             .map(COUNTERS_MAP)
             .ok_or_else(|| anyhow!("map {COUNTERS_MAP} missing from the eBPF object"))?;
         CounterSnapshot::read(map)
+    }
+
+    /// Writes the site configuration; the programs use it from their next packet.
+    pub fn set_config(&mut self, site: &SiteConfig) -> Result<()> {
+        let config = site.to_map()?;
+        let mut array: Array<&mut MapData, Config> = Array::try_from(
+            self.ebpf
+                .map_mut(CONFIG_MAP)
+                .ok_or_else(|| anyhow!("map {CONFIG_MAP} missing from the eBPF object"))?,
+        )
+        .context("CONFIG is not an array")?;
+        array
+            .set(CONFIG_KEY, config, 0)
+            .context("writing the site configuration")
+    }
+
+    /// The configuration the programs currently use.
+    pub fn config(&self) -> Result<Config> {
+        let array: Array<&MapData, Config> = Array::try_from(
+            self.ebpf
+                .map(CONFIG_MAP)
+                .ok_or_else(|| anyhow!("map {CONFIG_MAP} missing from the eBPF object"))?,
+        )
+        .context("CONFIG is not an array")?;
+        array
+            .get(&CONFIG_KEY, 0)
+            .context("reading the site configuration")
+    }
+
+    /// Every flow in the flow map.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        let map: HashMap<&MapData, FlowKey, FlowValue> = HashMap::try_from(
+            self.ebpf
+                .map(FLOWS_MAP)
+                .ok_or_else(|| anyhow!("map {FLOWS_MAP} missing from the eBPF object"))?,
+        )
+        .context("FLOWS is not a hash map")?;
+        map.iter()
+            .map(|entry| entry.context("reading the flow map"))
+            .collect()
     }
 
     /// Pins every map and program under `dir` (which must be on a bpffs).
