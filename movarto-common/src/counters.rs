@@ -1,7 +1,7 @@
 //! The datapath's per-CPU counters: one slot per verdict and per drop reason.
 //!
 //! Every packet a program sees increments [`Counter::Packets`], exactly one
-//! verdict counter (`Pass*` or `Drop*`), and for IP packets one L4 class
+//! verdict counter (`Pass*`, `Tunnel*` or `Drop*`), and for IP packets one L4 class
 //! counter; event counters (`Flow*`, `MssClamped`) count what was done to it.
 //! Userspace sums the per-CPU slots.
 
@@ -41,10 +41,27 @@ pub enum Counter {
     FlowInsertFailed,
     /// The MSS option of a SYN or SYN-ACK was lowered to fit the tunnel.
     MssClamped,
+    /// Verdict: encapsulated in GUE and sent to the peer site.
+    TunnelOut,
+    /// Verdict: GUE from the peer site, decapsulated and sent on.
+    TunnelIn,
+    /// Drop: GUE to our port from an address that is not the peer site.
+    DropGueForeignSource,
+    /// Drop: GUE from the peer site without this migration's token.
+    DropGueBadToken,
+    /// Drop: GUE that is not movarto's format (version, hlen, flags, proto,
+    /// outer IPv4 options or fragments, or an inner packet that fails to parse).
+    DropGueMalformed,
+    /// Drop: the encapsulated packet would exceed the tunnel MTU.
+    DropTooBig,
+    /// Drop: no route, or the route's neighbour is not resolved yet.
+    DropNoRoute,
+    /// Drop: growing or shrinking the packet failed.
+    DropResizeFailed,
 }
 
 /// Number of slots in the counter array.
-pub const COUNTER_COUNT: u32 = Counter::MssClamped as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::DropResizeFailed as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -65,6 +82,14 @@ impl Counter {
         Counter::FlowCreated,
         Counter::FlowInsertFailed,
         Counter::MssClamped,
+        Counter::TunnelOut,
+        Counter::TunnelIn,
+        Counter::DropGueForeignSource,
+        Counter::DropGueBadToken,
+        Counter::DropGueMalformed,
+        Counter::DropTooBig,
+        Counter::DropNoRoute,
+        Counter::DropResizeFailed,
     ];
 
     /// Stable snake_case name, used in `status` output and JSON.
@@ -86,6 +111,14 @@ impl Counter {
             Counter::FlowCreated => "flow_created",
             Counter::FlowInsertFailed => "flow_insert_failed",
             Counter::MssClamped => "mss_clamped",
+            Counter::TunnelOut => "tunnel_out",
+            Counter::TunnelIn => "tunnel_in",
+            Counter::DropGueForeignSource => "drop_gue_foreign_source",
+            Counter::DropGueBadToken => "drop_gue_bad_token",
+            Counter::DropGueMalformed => "drop_gue_malformed",
+            Counter::DropTooBig => "drop_too_big",
+            Counter::DropNoRoute => "drop_no_route",
+            Counter::DropResizeFailed => "drop_resize_failed",
         }
     }
 
@@ -97,6 +130,12 @@ impl Counter {
                 | Counter::DropBadIpHeader
                 | Counter::DropBadL4Header
                 | Counter::DropIpv6ExtChain
+                | Counter::DropGueForeignSource
+                | Counter::DropGueBadToken
+                | Counter::DropGueMalformed
+                | Counter::DropTooBig
+                | Counter::DropNoRoute
+                | Counter::DropResizeFailed
         )
     }
 }
@@ -114,6 +153,6 @@ mod tests {
             let same = Counter::ALL.iter().filter(|b| b.name() == a.name()).count();
             assert_eq!(same, 1, "duplicate name {}", a.name());
         }
-        assert_eq!(Counter::ALL.iter().filter(|c| c.is_drop()).count(), 4);
+        assert_eq!(Counter::ALL.iter().filter(|c| c.is_drop()).count(), 10);
     }
 }

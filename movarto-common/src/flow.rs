@@ -59,6 +59,8 @@ pub mod origin {
     pub const TUNNELLED: u8 = 2;
     /// A NAT flow at site B (`N` <-> `H`).
     pub const NAT: u8 = 3;
+    /// First seen at site A after switchover: a client with a stale DNS answer.
+    pub const STALE_DNS: u8 = 4;
 }
 
 /// Timeouts userspace applies when it sweeps the flow map (Cilium's values

@@ -5,10 +5,15 @@
 
 mod counters;
 mod flows;
+mod forward;
 mod maps;
 mod mss;
+mod outcome;
 mod parse;
+mod receive;
+mod route;
 mod track;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
@@ -23,6 +28,7 @@ use movarto_common::{
 
 use crate::{
     maps::CONFIG,
+    outcome::Outcome,
     parse::{Frame, Packet},
 };
 
@@ -37,10 +43,26 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(CONFIG_KEY) else {
         return pass(&pkt, xdp_action::XDP_PASS);
     };
-    if let Some(Mode::Track) = cfg.mode() {
-        track::from_uplink(&ctx, cfg, &pkt);
+    let outcome = match cfg.mode() {
+        Some(Mode::Track) => {
+            track::from_uplink(&ctx, cfg, &pkt);
+            Outcome::Pass
+        }
+        Some(Mode::Forward) => forward::from_uplink(&ctx, cfg, &pkt).into(),
+        Some(Mode::Receive) => receive::from_uplink(&ctx, cfg, &pkt).into(),
+        _ => Outcome::Pass,
+    };
+    match outcome {
+        Outcome::Pass => pass(&pkt, xdp_action::XDP_PASS),
+        Outcome::Sent(action, verdict) => {
+            counters::bump(verdict);
+            action
+        }
+        Outcome::Drop(reason) => {
+            counters::bump(reason);
+            xdp_action::XDP_DROP
+        }
     }
-    pass(&pkt, xdp_action::XDP_PASS)
 }
 
 /// VM-facing ingress (TC): every packet the VM sends.

@@ -41,6 +41,8 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// Bytes from the IP header to the end of the IP packet.
     pub ip_len: usize,
+    /// Part of a fragmented packet (IPv4 MF or offset, IPv6 fragment header).
+    pub fragment: bool,
 }
 
 /// TCP flag bits in [`Packet::tcp_flags`].
@@ -166,6 +168,7 @@ fn parse_ipv4(data: usize, data_end: usize) -> Result<Packet, ParseError> {
         dst_port: 0,
         tcp_flags: 0,
         ip_len: total_len,
+        fragment: be16(ip[6], ip[7]) & 0x3fff != 0,
     };
     pkt.src_addr[..4].copy_from_slice(&ip[12..16]);
     pkt.dst_addr[..4].copy_from_slice(&ip[16..20]);
@@ -198,6 +201,7 @@ fn parse_ipv6(data: usize, data_end: usize) -> Result<Packet, ParseError> {
         dst_port: 0,
         tcp_flags: 0,
         ip_len,
+        fragment: false,
     };
     pkt.src_addr.copy_from_slice(&ip[8..24]);
     pkt.dst_addr.copy_from_slice(&ip[24..40]);
@@ -214,6 +218,7 @@ fn parse_ipv6(data: usize, data_end: usize) -> Result<Packet, ParseError> {
                 let ext = bytes::<8>(data, data_end, offset)?;
                 next = ext[0];
                 offset += 8;
+                pkt.fragment = true;
                 if be16(ext[2], ext[3]) >> 3 != 0 {
                     pkt.protocol = next;
                     pkt.l4_offset = offset;

@@ -6,6 +6,8 @@
 //! here touches the host's own interfaces, routes or firewall.
 
 use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
@@ -66,6 +68,25 @@ impl Netns {
         Ok(ChildGuard(child))
     }
 
+    /// Moves the calling thread into the namespace until the guard drops.
+    /// BPF_PROG_TEST_RUN runs in the caller's namespace, so fib lookups in
+    /// the programs then see this namespace's routes and neighbours.
+    pub fn enter(&self) -> Result<Entered> {
+        let original =
+            File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
+        let target = File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("opening namespace {}", self.name))?;
+        // SAFETY: setns on an fd we hold open; affects only this thread.
+        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "setns into {}: {}",
+                self.name,
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Entered { original })
+    }
+
     /// PIDs of the processes inside the namespace.
     fn pids(&self) -> Vec<i32> {
         Command::new("ip")
@@ -94,6 +115,23 @@ impl Drop for Netns {
         }
         if let Err(err) = checked(Command::new("ip").args(["netns", "del", &self.name])) {
             eprintln!("warning: could not delete namespace {}: {err:#}", self.name);
+        }
+    }
+}
+
+/// The calling thread is inside a namespace; dropping this returns it.
+pub struct Entered {
+    original: File,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        // SAFETY: setns back to the namespace fd saved on entry.
+        if unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "warning: could not return to the original namespace: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

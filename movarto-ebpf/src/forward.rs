@@ -1,0 +1,83 @@
+//! Mode `forward` at site A (from switchover): everything for `H` goes to
+//! `TB` in GUE; GUE from `TB` is unwrapped and routed out from `H`.
+
+use core::ffi::c_void;
+
+use aya_ebpf::programs::XdpContext;
+use movarto_common::{
+    config::Config, counters::Counter, flow::origin, gue::GUE_OVERHEAD_IPV4, net::family,
+};
+
+use crate::{
+    flows::{self, Direction},
+    outcome::Outcome,
+    parse::{self, Frame},
+    route, tunnel,
+};
+
+/// Uplink ingress.
+#[inline(always)]
+pub fn from_uplink(
+    ctx: &XdpContext,
+    cfg: &Config,
+    pkt: &parse::Packet,
+) -> Result<Outcome, Counter> {
+    if tunnel::is_ours(cfg, pkt) {
+        return from_tunnel(ctx, cfg, pkt);
+    }
+    if pkt.family != cfg.service_family || pkt.dst_addr != cfg.home_addr {
+        return Ok(Outcome::Pass);
+    }
+    // Pre-move flows and stale-DNS newcomers alike.
+    flows::record(pkt, Direction::FromPeer, origin::STALE_DNS);
+    tunnel::encapsulate(ctx, cfg, pkt, true)?;
+    let hop = route::lookup(
+        ctx.ctx as *mut c_void,
+        family::IPV4,
+        &cfg.local_tunnel_addr,
+        &cfg.peer_tunnel_addr,
+        uplink(ctx, cfg),
+        (GUE_OVERHEAD_IPV4 + pkt.ip_len) as u16,
+        route::Lookup::Output,
+    )?;
+    Ok(Outcome::Sent(
+        route::transmit_xdp(ctx, &hop)?,
+        Counter::TunnelOut,
+    ))
+}
+
+/// GUE from `TB`: the VM's replies, to be sent from `H` as before the move.
+#[inline(always)]
+fn from_tunnel(ctx: &XdpContext, cfg: &Config, outer: &parse::Packet) -> Result<Outcome, Counter> {
+    tunnel::decapsulate(ctx, cfg, outer)?;
+    let Ok(Frame::Ip(inner)) = parse::parse_frame(ctx.data(), ctx.data_end()) else {
+        return Err(Counter::DropGueMalformed);
+    };
+    if inner.family != cfg.service_family || inner.src_addr != cfg.home_addr {
+        return Err(Counter::DropGueMalformed);
+    }
+    flows::record(&inner, Direction::ToPeer, origin::STALE_DNS);
+    let hop = route::lookup(
+        ctx.ctx as *mut c_void,
+        inner.family,
+        &inner.src_addr,
+        &inner.dst_addr,
+        ctx.ingress_ifindex() as u32,
+        inner.ip_len as u16,
+        route::Lookup::Forward,
+    )?;
+    Ok(Outcome::Sent(
+        route::transmit_xdp(ctx, &hop)?,
+        Counter::TunnelIn,
+    ))
+}
+
+/// The uplink's ifindex: configured, or else the interface the packet came in on.
+#[inline(always)]
+fn uplink(ctx: &XdpContext, cfg: &Config) -> u32 {
+    if cfg.uplink_ifindex != 0 {
+        cfg.uplink_ifindex
+    } else {
+        ctx.ingress_ifindex() as u32
+    }
+}

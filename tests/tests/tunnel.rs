@@ -1,0 +1,573 @@
+//! Modes `forward` (site A) and `receive` (site B) under BPF_PROG_TEST_RUN.
+//! Every encapsulated output is compared byte for byte with movarto-common's
+//! reference encoder, every decapsulated output with the original inner
+//! packet. Routing uses the kernel FIB of a namespace the test builds.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use etherparse::PacketBuilder;
+use movarto_common::{
+    config::Mode,
+    counters::Counter,
+    flow::{FlowKey, gue_source_port, origin},
+    gue::{OuterV4, encapsulate_v4},
+    net::proto,
+};
+use movarto_tests::{
+    Hook, assert_counter_delta,
+    netns::{Netns, veth},
+    require_root, run_frame_out,
+};
+use movarto_user::datapath::{Datapath, SiteConfig};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const TA: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const TB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+const WAN_GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);
+const HOME4: [u8; 4] = [192, 0, 2, 10];
+const PEER4: [u8; 4] = [198, 51, 100, 7];
+const HOME6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+const PEER6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x07,
+];
+const TOKEN: u64 = 0x6d6f_7661_7274_6f21;
+
+const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa1];
+const TB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
+const ANYCAST_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const ANY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// A site's uplink: `up0` with address `local`, a permanent neighbour for the
+/// other tunnel endpoint and a gateway toward the clients' network.
+struct Site {
+    _wan: Netns,
+    ns: Netns,
+    uplink_ifindex: u32,
+}
+
+fn site(local: Ipv4Addr, remote: Ipv4Addr, remote_mac: [u8; 6]) -> Site {
+    let ns = Netns::new("site").expect("netns");
+    let wan = Netns::new("wan").expect("netns");
+    // A site forwards (decapsulated replies leave toward the clients).
+    for key in [
+        "net.ipv4.conf.all.forwarding=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ] {
+        ns.run("sysctl", &["-qw", key])
+            .expect("sysctl in the site namespace");
+    }
+    veth(&ns, "up0", &wan, "eth0").expect("veth");
+    ns.ip(&["link", "set", "up0", "address", &mac(UPLINK_MAC)])
+        .expect("mac");
+    ns.ip(&["addr", "add", &format!("{local}/24"), "dev", "up0"])
+        .expect("addr");
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:ff::1/64",
+        "dev",
+        "up0",
+        "nodad",
+    ])
+    .expect("addr6");
+    let remote = remote.to_string();
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &remote,
+        "lladdr",
+        &mac(remote_mac),
+        "dev",
+        "up0",
+        "nud",
+        "permanent",
+    ])
+    .expect("neigh");
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &WAN_GW.to_string(),
+        "lladdr",
+        &mac(GW_MAC),
+        "dev",
+        "up0",
+        "nud",
+        "permanent",
+    ])
+    .expect("neigh gw");
+    ns.ip(&[
+        "route",
+        "add",
+        "198.51.100.0/24",
+        "via",
+        &WAN_GW.to_string(),
+    ])
+    .expect("route");
+    ns.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        "2001:db8:ff::fe",
+        "lladdr",
+        &mac(GW_MAC),
+        "dev",
+        "up0",
+        "nud",
+        "permanent",
+    ])
+    .expect("neigh6");
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8:1::/64",
+        "via",
+        "2001:db8:ff::fe",
+    ])
+    .expect("route6");
+    let link = ns.run("ip", &["-o", "link", "show", "up0"]).expect("link");
+    let uplink_ifindex = link
+        .split(':')
+        .next()
+        .and_then(|i| i.trim().parse().ok())
+        .expect("ifindex");
+    Site {
+        _wan: wan,
+        ns,
+        uplink_ifindex,
+    }
+}
+
+fn site_a_config(s: &Site, mode: Mode, home: IpAddr) -> SiteConfig {
+    let mut cfg = SiteConfig::new(mode, home);
+    cfg.uplink_ifindex = s.uplink_ifindex;
+    cfg.local_tunnel_addr = TA;
+    cfg.peer_tunnel_addr = TB;
+    cfg.token = TOKEN;
+    cfg.tunnel_mtu = 1500;
+    cfg
+}
+
+fn site_b_config(home: IpAddr) -> SiteConfig {
+    let mut cfg = SiteConfig::new(Mode::Receive, home);
+    cfg.local_tunnel_addr = TB;
+    cfg.peer_tunnel_addr = TA;
+    cfg.token = TOKEN;
+    cfg.vm_ifindex = 7;
+    cfg.vm_mac = VM_MAC;
+    cfg.gateway_mac = ANYCAST_GW_MAC;
+    cfg
+}
+
+fn load(cfg: &SiteConfig) -> Datapath {
+    let mut dp = Datapath::load().expect("load datapath");
+    dp.set_config(cfg).expect("config");
+    dp
+}
+
+/// Client -> H, TCP with `payload`.
+fn client_to_home4(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(ANY_MAC, UPLINK_MAC)
+        .ipv4(PEER4, HOME4, 64)
+        .tcp(40000, 80, 1, 64240)
+        .ack(1)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+/// H -> client, TCP with `payload` (the VM's reply), as an IP packet.
+fn home_to_client4_ip(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(HOME4, PEER4, 64)
+        .tcp(80, 40000, 1, 64240)
+        .ack(1)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn key4() -> FlowKey {
+    FlowKey::new(
+        (IpAddr::from(HOME4), 80),
+        (IpAddr::from(PEER4), 40000),
+        proto::TCP,
+    )
+    .expect("key")
+}
+
+/// What site `src` sends to site `dst` for `inner`, per the reference encoder.
+fn reference_gue(src: Ipv4Addr, dst: Ipv4Addr, key: &FlowKey, token: u64, inner: &[u8]) -> Vec<u8> {
+    let outer = OuterV4 {
+        src,
+        dst,
+        src_port: gue_source_port(key),
+        dst_port: 6080,
+    };
+    encapsulate_v4(&outer, token, inner)
+}
+
+fn run(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
+    run_frame_out(dp, Hook::Uplink, frame).expect("test run")
+}
+
+// ---- site A, forward ----
+
+#[test]
+fn forward_encapsulates_traffic_for_home_exactly_like_the_reference() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    let frame = client_to_home4(&[0x5a; 200]);
+    let before = dp.counters().expect("counters");
+    let (ret, out) = run(&dp, &frame);
+    assert_eq!(ret, XDP_REDIRECT, "leaves by the uplink found in the FIB");
+    let want = ethernet(
+        TB_MAC,
+        UPLINK_MAC,
+        0x0800,
+        &reference_gue(TA, TB, &key4(), TOKEN, &frame[14..]),
+    );
+    assert_eq!(out, want);
+    let after = dp.counters().expect("counters");
+    assert_counter_delta(
+        &before,
+        &after,
+        &[
+            (Counter::Packets, 1),
+            (Counter::L4Tcp, 1),
+            (Counter::TunnelOut, 1),
+            (Counter::FlowCreated, 1),
+        ],
+    );
+    let flows = dp.flows().expect("flows");
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].0, key4());
+    assert_eq!(
+        flows[0].1.origin,
+        origin::STALE_DNS,
+        "first seen after switchover"
+    );
+}
+
+#[test]
+fn a_tracked_flow_keeps_its_origin_when_the_mode_flips_to_forward() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let mut dp = load(&site_a_config(&s, Mode::Track, IpAddr::from(HOME4)));
+    let frame = client_to_home4(b"before");
+    assert_eq!(run(&dp, &frame).0, XDP_PASS);
+    dp.set_config(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)))
+        .expect("flip");
+    assert_eq!(run(&dp, &client_to_home4(b"after")).0, XDP_REDIRECT);
+    let flows = dp.flows().expect("flows");
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].1.origin, origin::TRACKED);
+    assert_eq!(flows[0].1.packets_from_peer, 2);
+}
+
+#[test]
+fn forward_encapsulates_ipv6_inner_with_proto_41() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME6)));
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(ANY_MAC, UPLINK_MAC)
+        .ipv6(PEER6, HOME6, 64)
+        .udp(5353, 53)
+        .write(&mut frame, b"query")
+        .expect("build");
+    frame[14] = 0x6b; // traffic class 0xb8 (EF) spans the first two bytes
+    frame[15] = 0x80;
+    let (ret, out) = run(&dp, &frame);
+    assert_eq!(ret, XDP_REDIRECT);
+    let key = FlowKey::new(
+        (IpAddr::from(HOME6), 53),
+        (IpAddr::from(PEER6), 5353),
+        proto::UDP,
+    )
+    .expect("key");
+    let want = ethernet(
+        TB_MAC,
+        UPLINK_MAC,
+        0x0800,
+        &reference_gue(TA, TB, &key, TOKEN, &frame[14..]),
+    );
+    assert_eq!(out, want);
+    assert_eq!(out[14 + 1], 0xb8, "outer TOS copied from the traffic class");
+    assert_eq!(out[14 + 29], 41);
+}
+
+#[test]
+fn forward_leaves_other_traffic_alone() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    let mut frame = client_to_home4(b"x");
+    frame[14 + 19] = 11; // to 192.0.2.11, not H
+    let (ret, out) = run(&dp, &frame);
+    assert_eq!((ret, out), (XDP_PASS, frame));
+}
+
+#[test]
+fn forward_drops_what_would_exceed_the_tunnel_mtu() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    let fits = client_to_home4(&vec![1; 1500 - 40 - 40]);
+    assert_eq!(run(&dp, &fits).0, XDP_REDIRECT);
+    let big = client_to_home4(&vec![1; 1500 - 40 - 40 + 1]);
+    let before = dp.counters().expect("counters");
+    assert_eq!(run(&dp, &big).0, XDP_DROP);
+    let after = dp.counters().expect("counters");
+    assert_eq!(
+        after.get(Counter::DropTooBig) - before.get(Counter::DropTooBig),
+        1
+    );
+}
+
+/// bpf_fib_lookup refuses (FWD_DISABLED) on a device that doesn't forward,
+/// even for output lookups: a site must forward, and if it doesn't, nothing
+/// leaves half-routed; both directions drop and say why.
+#[test]
+fn a_site_that_does_not_forward_fails_closed() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    for key in [
+        "net.ipv4.conf.all.forwarding=0",
+        "net.ipv4.conf.up0.forwarding=0",
+        "net.ipv4.conf.lo.forwarding=0",
+    ] {
+        s.ns.run("sysctl", &["-qw", key]).expect("sysctl");
+    }
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    assert_eq!(run(&dp, &client_to_home4(b"x")).0, XDP_DROP);
+    let frame = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TB, TA, &key4(), TOKEN, &home_to_client4_ip(b"r")),
+    );
+    assert_eq!(run(&dp, &frame).0, XDP_DROP);
+    assert_eq!(
+        dp.counters().expect("counters").get(Counter::DropNoRoute),
+        2
+    );
+}
+
+#[test]
+fn forward_fails_closed_without_a_route_to_the_peer_site() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    s.ns.ip(&["neigh", "del", &TB.to_string(), "dev", "up0"])
+        .expect("forget TB");
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    assert_eq!(run(&dp, &client_to_home4(b"x")).0, XDP_DROP);
+    assert_eq!(
+        dp.counters().expect("counters").get(Counter::DropNoRoute),
+        1
+    );
+}
+
+#[test]
+fn replies_from_site_b_are_unwrapped_and_routed_to_the_client() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    let inner = home_to_client4_ip(&[0x42; 300]);
+    let frame = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TB, TA, &key4(), TOKEN, &inner),
+    );
+    let (ret, out) = run(&dp, &frame);
+    assert_eq!(ret, XDP_REDIRECT);
+    assert_eq!(
+        out,
+        ethernet(GW_MAC, UPLINK_MAC, 0x0800, &inner),
+        "the inner packet, addressed to the gateway"
+    );
+    assert_eq!(dp.counters().expect("counters").get(Counter::TunnelIn), 1);
+    let flows = dp.flows().expect("flows");
+    assert_eq!(flows[0].1.packets_to_peer, 1);
+}
+
+/// A GUE frame from `src` to TA carrying a reply from H, mangled by `mangle`.
+fn gue_frame(src: Ipv4Addr, token: u64, mangle: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    let inner = home_to_client4_ip(b"reply");
+    let mut frame = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(src, TA, &key4(), token, &inner),
+    );
+    mangle(&mut frame);
+    frame
+}
+
+fn assert_dropped(dp: &Datapath, frame: &[u8], reason: Counter) {
+    let before = dp.counters().expect("counters");
+    let (ret, _) = run(dp, frame);
+    let after = dp.counters().expect("counters");
+    assert_eq!(ret, XDP_DROP, "{}", reason.name());
+    assert_eq!(
+        after.get(reason) - before.get(reason),
+        1,
+        "{}",
+        reason.name()
+    );
+    assert_eq!(after.get(Counter::TunnelIn), before.get(Counter::TunnelIn));
+}
+
+#[test]
+fn gue_that_is_not_from_the_peer_or_lacks_the_token_is_dropped_and_counted() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    let intruder = Ipv4Addr::new(203, 0, 113, 66);
+    assert_dropped(
+        &dp,
+        &gue_frame(intruder, TOKEN, |_| {}),
+        Counter::DropGueForeignSource,
+    );
+    assert_dropped(
+        &dp,
+        &gue_frame(TB, TOKEN ^ 1, |_| {}),
+        Counter::DropGueBadToken,
+    );
+    assert!(dp.flows().expect("flows").is_empty());
+}
+
+#[test]
+fn malformed_gue_is_dropped_and_counted() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    let gue = 14 + 28;
+    // Version 1, control bit, hlen beyond our format, flags, unknown proto.
+    for (at, value) in [
+        (gue, 0x42),
+        (gue, 0x22),
+        (gue, 0x1f),
+        (gue + 2, 0x80),
+        (gue + 1, 17),
+    ] {
+        assert_dropped(
+            &dp,
+            &gue_frame(TB, TOKEN, |f| f[at] = value),
+            Counter::DropGueMalformed,
+        );
+    }
+    // Outer fragment (MF set).
+    assert_dropped(
+        &dp,
+        &gue_frame(TB, TOKEN, |f| f[14 + 6] = 0x20),
+        Counter::DropGueMalformed,
+    );
+    // Inner packet claims more bytes than were sent.
+    assert_dropped(
+        &dp,
+        &gue_frame(TB, TOKEN, |f| f[14 + 40 + 3] = 0xff),
+        Counter::DropGueMalformed,
+    );
+    // The inner source is not H: B may only send the service's packets.
+    assert_dropped(
+        &dp,
+        &gue_frame(TB, TOKEN, |f| f[14 + 40 + 15] = 11),
+        Counter::DropGueMalformed,
+    );
+    // A GUE hlen that runs past the packet: truncated frame.
+    let short = gue_frame(TB, TOKEN, |_| {});
+    assert_eq!(run(&dp, &short[..14 + 28 + 6]).0, XDP_DROP);
+}
+
+// ---- site B, receive ----
+
+#[test]
+fn receive_unwraps_tunnel_traffic_and_delivers_it_to_the_vm() {
+    require_root();
+    let s = site(TB, TA, UPLINK_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_b_config(IpAddr::from(HOME4)));
+    let original = client_to_home4(&[9; 500]);
+    let inner = &original[14..];
+    let frame = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TA, TB, &key4(), TOKEN, inner),
+    );
+    let (ret, out) = run(&dp, &frame);
+    assert_eq!(ret, XDP_REDIRECT, "redirected to the VM-facing interface");
+    assert_eq!(out, ethernet(VM_MAC, ANYCAST_GW_MAC, 0x0800, inner));
+    let flows = dp.flows().expect("flows");
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].0, key4());
+    assert_eq!(flows[0].1.origin, origin::TUNNELLED);
+    assert_eq!(dp.counters().expect("counters").get(Counter::TunnelIn), 1);
+}
+
+#[test]
+fn receive_refuses_gue_without_the_token_and_passes_other_traffic() {
+    require_root();
+    let s = site(TB, TA, UPLINK_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_b_config(IpAddr::from(HOME4)));
+    let inner = client_to_home4(b"x");
+    let forged = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TA, TB, &key4(), 0, &inner[14..]),
+    );
+    assert_dropped(&dp, &forged, Counter::DropGueBadToken);
+    // Inner destination other than H.
+    let mut stray = inner.clone();
+    stray[14 + 19] = 11;
+    let stray = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TA, TB, &key4(), TOKEN, &stray[14..]),
+    );
+    assert_dropped(&dp, &stray, Counter::DropGueMalformed);
+    // Plain traffic is the kernel's.
+    let (ret, out) = run(&dp, &inner);
+    assert_eq!((ret, out), (XDP_PASS, inner));
+}
