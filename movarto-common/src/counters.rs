@@ -2,7 +2,7 @@
 //!
 //! Every packet a program sees increments [`Counter::Packets`], exactly one
 //! verdict counter (`Pass*`, `Tunnel*` or `Drop*`), and for IP packets one L4 class
-//! counter; event counters (`Flow*`, `MssClamped`) count what was done to it.
+//! counter; event counters (`Flow*`, `MssClamped`, `NatOut`) count what was done to it.
 //! Userspace sums the per-CPU slots.
 
 /// Index into the `COUNTERS` per-CPU array.
@@ -58,10 +58,14 @@ pub enum Counter {
     DropNoRoute,
     /// Drop: growing or shrinking the packet failed.
     DropResizeFailed,
+    /// Verdict: to `N`, rewritten to `H` and delivered to the VM (site B).
+    NatIn,
+    /// From `H` on a NAT flow, source rewritten to `N` (site B); then passed.
+    NatOut,
 }
 
 /// Number of slots in the counter array.
-pub const COUNTER_COUNT: u32 = Counter::DropResizeFailed as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::NatOut as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -90,6 +94,8 @@ impl Counter {
         Counter::DropTooBig,
         Counter::DropNoRoute,
         Counter::DropResizeFailed,
+        Counter::NatIn,
+        Counter::NatOut,
     ];
 
     /// Stable snake_case name, used in `status` output and JSON.
@@ -119,6 +125,8 @@ impl Counter {
             Counter::DropTooBig => "drop_too_big",
             Counter::DropNoRoute => "drop_no_route",
             Counter::DropResizeFailed => "drop_resize_failed",
+            Counter::NatIn => "nat_in",
+            Counter::NatOut => "nat_out",
         }
     }
 

@@ -42,12 +42,26 @@ pub fn key_of(pkt: &Packet, dir: Direction) -> Option<FlowKey> {
     })
 }
 
+/// The origin of the flow `key`, if the map has it.
+#[inline(always)]
+pub fn origin_of(key: &FlowKey) -> Option<u8> {
+    // SAFETY: the value is only read, and only its origin, which is set once at creation.
+    FLOWS.get_ptr(key).map(|v| unsafe { (*v).origin })
+}
+
 /// Records `pkt` in the flow map, creating the entry with `origin` if needed.
 #[inline(always)]
 pub fn record(pkt: &Packet, dir: Direction, origin: u8) {
-    let Some(key) = key_of(pkt, dir) else {
-        return;
-    };
+    if let Some(key) = key_of(pkt, dir) {
+        record_key(&key, pkt, dir, origin);
+    }
+}
+
+/// Records `pkt` under `key` (for when the key differs from the packet's own
+/// addresses, as after a NAT rewrite). A separate BPF function: the new
+/// entry it builds would otherwise sit in every caller's stack frame.
+#[inline(always)]
+pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8) {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(value) = FLOWS.get_ptr_mut(key) {

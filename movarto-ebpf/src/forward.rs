@@ -11,20 +11,12 @@ use movarto_common::{
 use crate::{
     flows::{self, Direction},
     outcome::Outcome,
-    parse::{self, Frame},
-    route, tunnel,
+    parse, route, tunnel,
 };
 
-/// Uplink ingress.
+/// Uplink ingress, anything but our GUE: traffic for `H` goes into the tunnel.
 #[inline(always)]
-pub fn from_uplink(
-    ctx: &XdpContext,
-    cfg: &Config,
-    pkt: &parse::Packet,
-) -> Result<Outcome, Counter> {
-    if tunnel::is_ours(cfg, pkt) {
-        return from_tunnel(ctx, cfg, pkt);
-    }
+pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<Outcome, Counter> {
     if pkt.family != cfg.service_family || pkt.dst_addr != cfg.home_addr {
         return Ok(Outcome::Pass);
     }
@@ -46,13 +38,19 @@ pub fn from_uplink(
     ))
 }
 
-/// GUE from `TB`: the VM's replies, to be sent from `H` as before the move.
+/// Uplink ingress, GUE to our endpoint: the VM's replies from `TB`, to be
+/// sent from `H` as before the move.
 #[inline(always)]
-fn from_tunnel(ctx: &XdpContext, cfg: &Config, outer: &parse::Packet) -> Result<Outcome, Counter> {
+pub fn from_tunnel(
+    ctx: &XdpContext,
+    cfg: &Config,
+    outer: &parse::Packet,
+) -> Result<Outcome, Counter> {
     tunnel::decapsulate(ctx, cfg, outer)?;
-    let Ok(Frame::Ip(inner)) = parse::parse_frame(ctx.data(), ctx.data_end()) else {
+    let mut inner = parse::Packet::EMPTY;
+    if parse::parse_frame(ctx.data(), ctx.data_end(), &mut inner) != Ok(true) {
         return Err(Counter::DropGueMalformed);
-    };
+    }
     if inner.family != cfg.service_family || inner.src_addr != cfg.home_addr {
         return Err(Counter::DropGueMalformed);
     }

@@ -8,6 +8,7 @@ mod flows;
 mod forward;
 mod maps;
 mod mss;
+mod nat;
 mod outcome;
 mod parse;
 mod receive;
@@ -28,76 +29,119 @@ use movarto_common::{
 
 use crate::{
     maps::CONFIG,
-    outcome::Outcome,
-    parse::{Frame, Packet},
+    outcome::{Decoded, Encoded},
+    parse::Packet,
 };
 
 /// Uplink ingress (XDP): every packet arriving from the network.
 #[xdp]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
-    let pkt = match parse_counted(ctx.data(), ctx.data_end()) {
-        Parsed::Ip(pkt) => pkt,
+    let mut pkt = Packet::EMPTY;
+    match parse_counted(ctx.data(), ctx.data_end(), &mut pkt) {
+        Parsed::Ip => {}
         Parsed::NonIp => return xdp_action::XDP_PASS,
         Parsed::Malformed => return xdp_action::XDP_DROP,
-    };
+    }
     let Some(cfg) = CONFIG.get(CONFIG_KEY) else {
         return pass(&pkt, xdp_action::XDP_PASS);
     };
     let outcome = match cfg.mode() {
         Some(Mode::Track) => {
             track::from_uplink(&ctx, cfg, &pkt);
-            Outcome::Pass
+            Decoded::Pass
         }
-        Some(Mode::Forward) => forward::from_uplink(&ctx, cfg, &pkt).into(),
-        Some(Mode::Receive) => receive::from_uplink(&ctx, cfg, &pkt).into(),
-        _ => Outcome::Pass,
+        Some(Mode::Forward) if tunnel::is_ours(cfg, &pkt) => {
+            forward_from_tunnel(&ctx, cfg, &pkt).decode()
+        }
+        Some(Mode::Forward) => forward_to_tunnel(&ctx, cfg, &pkt).decode(),
+        Some(Mode::Receive) if tunnel::is_ours(cfg, &pkt) => {
+            receive_from_tunnel(&ctx, cfg, &pkt).decode()
+        }
+        Some(Mode::Receive | Mode::Nat) => receive_to_new_addr(&ctx, cfg, &pkt).decode(),
+        _ => Decoded::Pass,
     };
     match outcome {
-        Outcome::Pass => pass(&pkt, xdp_action::XDP_PASS),
-        Outcome::Sent(action, verdict) => {
-            counters::bump(verdict);
+        Decoded::Pass => pass(&pkt, xdp_action::XDP_PASS),
+        Decoded::Sent(action, verdict) => {
+            counters::bump_index(verdict);
             action
         }
-        Outcome::Drop(reason) => {
-            counters::bump(reason);
+        Decoded::Drop(reason) => {
+            counters::bump_index(reason);
             xdp_action::XDP_DROP
         }
     }
 }
 
+// Each path is its own BPF function: they never run together, and separate
+// frames keep every call chain within the 512-byte stack.
+
+#[inline(never)]
+fn forward_to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Encoded {
+    forward::to_tunnel(ctx, cfg, pkt).into()
+}
+
+#[inline(never)]
+fn forward_from_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Encoded {
+    forward::from_tunnel(ctx, cfg, pkt).into()
+}
+
+#[inline(never)]
+fn receive_from_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Encoded {
+    receive::from_tunnel(ctx, cfg, pkt).into()
+}
+
+#[inline(never)]
+fn receive_to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Encoded {
+    receive::to_new_addr(ctx, cfg, pkt).into()
+}
+
 /// VM-facing ingress (TC): every packet the VM sends.
 #[classifier]
 pub fn vm_ingress(ctx: TcContext) -> i32 {
-    let pkt = match parse_counted(ctx.data(), ctx.data_end()) {
-        Parsed::Ip(pkt) => pkt,
+    let mut pkt = Packet::EMPTY;
+    match parse_counted(ctx.data(), ctx.data_end(), &mut pkt) {
+        Parsed::Ip => {}
         Parsed::NonIp => return TC_ACT_OK,
         Parsed::Malformed => return TC_ACT_SHOT,
-    };
+    }
     let Some(cfg): Option<&Config> = CONFIG.get(CONFIG_KEY) else {
         return pass(&pkt, TC_ACT_OK);
     };
-    if let Some(Mode::Track) = cfg.mode() {
-        track::from_vm(&ctx, cfg, &pkt);
+    let done = match cfg.mode() {
+        Some(Mode::Track) => {
+            track::from_vm(&ctx, cfg, &pkt);
+            Ok(())
+        }
+        Some(Mode::Receive) => receive::from_vm(&ctx, cfg, &pkt, false),
+        Some(Mode::Nat) => receive::from_vm(&ctx, cfg, &pkt, true),
+        _ => Ok(()),
+    };
+    match done {
+        Ok(()) => pass(&pkt, TC_ACT_OK),
+        Err(reason) => {
+            counters::bump(reason);
+            TC_ACT_SHOT
+        }
     }
-    pass(&pkt, TC_ACT_OK)
 }
 
 enum Parsed {
-    Ip(Packet),
+    Ip,
     NonIp,
     Malformed,
 }
 
-/// Parses the frame and counts it: non-IP frames are passed, malformed ones dropped.
+/// Parses the frame into `pkt` and counts it: non-IP frames are passed, malformed ones dropped.
 #[inline(always)]
-fn parse_counted(data: usize, data_end: usize) -> Parsed {
+fn parse_counted(data: usize, data_end: usize, pkt: &mut Packet) -> Parsed {
     counters::bump(Counter::Packets);
-    match parse::parse_frame(data, data_end) {
-        Ok(Frame::Ip(pkt)) => {
+    match parse::parse_frame(data, data_end, pkt) {
+        Ok(true) => {
             counters::bump(pkt.l4.counter());
-            Parsed::Ip(pkt)
+            Parsed::Ip
         }
-        Ok(Frame::NonIp) => {
+        Ok(false) => {
             counters::bump(Counter::PassNonIp);
             Parsed::NonIp
         }

@@ -1,4 +1,8 @@
 //! What a mode handler decided, counted and turned into a return code by the entry point.
+//!
+//! Mode handlers are separate BPF functions (`#[inline(never)]`) so each gets
+//! its own stack frame instead of sharing the entry point's 512 bytes; a BPF
+//! call returns one register, hence [`Encoded`].
 
 use movarto_common::counters::Counter;
 
@@ -11,8 +15,43 @@ pub enum Outcome {
     Drop(Counter),
 }
 
-impl From<Result<Outcome, Counter>> for Outcome {
+/// An [`Outcome`] in one u64: kind in bits 48.., action in 16..48, counter in 0..16.
+#[repr(transparent)]
+pub struct Encoded(u64);
+
+const PASS: u64 = 0;
+const SENT: u64 = 1;
+const DROP: u64 = 2;
+
+impl From<Result<Outcome, Counter>> for Encoded {
+    #[inline(always)]
     fn from(r: Result<Outcome, Counter>) -> Self {
-        r.unwrap_or_else(Outcome::Drop)
+        Encoded(match r.unwrap_or_else(Outcome::Drop) {
+            Outcome::Pass => PASS << 48,
+            Outcome::Sent(action, counter) => {
+                (SENT << 48) | (u64::from(action) << 16) | counter as u64
+            }
+            Outcome::Drop(counter) => (DROP << 48) | counter as u64,
+        })
+    }
+}
+
+/// A decoded [`Encoded`]: counters travel as raw indexes (a lookup table
+/// would add a `.rodata` map to the object).
+pub enum Decoded {
+    Pass,
+    Sent(u32, u32),
+    Drop(u32),
+}
+
+impl Encoded {
+    #[inline(always)]
+    pub fn decode(self) -> Decoded {
+        let counter = (self.0 & 0xffff) as u32;
+        match self.0 >> 48 {
+            SENT => Decoded::Sent(((self.0 >> 16) & 0xffff_ffff) as u32, counter),
+            DROP => Decoded::Drop(counter),
+            _ => Decoded::Pass,
+        }
     }
 }

@@ -45,6 +45,22 @@ pub struct Packet {
     pub fragment: bool,
 }
 
+impl Packet {
+    pub const EMPTY: Packet = Packet {
+        family: 0,
+        protocol: 0,
+        l4: L4::Other,
+        l4_offset: 0,
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        ip_len: 0,
+        fragment: false,
+    };
+}
+
 /// TCP flag bits in [`Packet::tcp_flags`].
 pub mod tcp_flag {
     pub const FIN: u8 = 0x01;
@@ -77,15 +93,26 @@ impl L4 {
 }
 
 /// Why a frame was rejected; each reason has its own drop counter.
-#[derive(Clone, Copy)]
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum ParseError {
-    Truncated,
-    BadIpHeader,
-    BadL4Header,
-    Ipv6ExtChain,
+    Truncated = 0,
+    BadIpHeader = 1,
+    BadL4Header = 2,
+    Ipv6ExtChain = 3,
 }
 
 impl ParseError {
+    #[inline(always)]
+    const fn from_status(status: u32) -> ParseError {
+        match status - STATUS_ERROR {
+            1 => ParseError::BadIpHeader,
+            2 => ParseError::BadL4Header,
+            3 => ParseError::Ipv6ExtChain,
+            _ => ParseError::Truncated,
+        }
+    }
+
     pub const fn counter(self) -> Counter {
         match self {
             ParseError::Truncated => Counter::DropTruncated,
@@ -103,6 +130,11 @@ pub fn bytes<const N: usize>(
     data_end: usize,
     offset: usize,
 ) -> Result<&'static [u8; N], ParseError> {
+    // Offsets can come back through memory (a parsed Packet), where the
+    // verifier no longer knows their range; bound them explicitly.
+    if offset > MAX_HEADER_OFFSET {
+        return Err(ParseError::Truncated);
+    }
     let start = data + offset;
     if start + N > data_end {
         return Err(ParseError::Truncated);
@@ -111,6 +143,10 @@ pub fn bytes<const N: usize>(
     Ok(unsafe { &*(start as *const [u8; N]) })
 }
 
+/// No header the datapath reads starts further into a frame than this
+/// (Ethernet + IPv6 + the extension headers the parser walks + GUE).
+const MAX_HEADER_OFFSET: usize = 0x2fff;
+
 /// Mutable `N` bytes of the frame at `offset` (XDP and TC allow direct writes).
 #[inline(always)]
 pub fn bytes_mut<const N: usize>(
@@ -118,6 +154,9 @@ pub fn bytes_mut<const N: usize>(
     data_end: usize,
     offset: usize,
 ) -> Result<&'static mut [u8; N], ParseError> {
+    if offset > MAX_HEADER_OFFSET {
+        return Err(ParseError::Truncated);
+    }
     let start = data + offset;
     if start + N > data_end {
         return Err(ParseError::Truncated);
@@ -131,9 +170,40 @@ fn be16(b0: u8, b1: u8) -> u16 {
     u16::from_be_bytes([b0, b1])
 }
 
-/// Parses the frame in `[data, data_end)`.
+/// Parses the frame in `[data, data_end)` into `pkt`: `Ok(true)` for an IP
+/// packet (then `pkt` is filled), `Ok(false)` for a frame that is not IP.
+/// Filling the caller's `Packet` keeps a single copy on the stack.
 #[inline(always)]
-pub fn parse_frame(data: usize, data_end: usize) -> Result<Frame, ParseError> {
+pub fn parse_frame(data: usize, data_end: usize, pkt: &mut Packet) -> Result<bool, ParseError> {
+    match parse_into(data, data_end, pkt) {
+        STATUS_IP => Ok(true),
+        STATUS_NON_IP => Ok(false),
+        code => Err(ParseError::from_status(code)),
+    }
+}
+
+const STATUS_IP: u32 = 0;
+const STATUS_NON_IP: u32 = 1;
+const STATUS_ERROR: u32 = 2;
+
+/// The parser as a separate BPF function: it runs for outer and inner packets
+/// and its locals need their own stack frame. It returns a scalar status and
+/// fills `out`, since a BPF call returns one register.
+#[inline(never)]
+fn parse_into(data: usize, data_end: usize, out: *mut Packet) -> u32 {
+    match parse_any(data, data_end) {
+        Ok(Frame::Ip(pkt)) => {
+            // SAFETY: `out` points at the caller's Packet.
+            unsafe { out.write(pkt) };
+            STATUS_IP
+        }
+        Ok(Frame::NonIp) => STATUS_NON_IP,
+        Err(e) => STATUS_ERROR + e as u32,
+    }
+}
+
+#[inline(always)]
+fn parse_any(data: usize, data_end: usize) -> Result<Frame, ParseError> {
     let eth = bytes::<ETH_HLEN>(data, data_end, 0)?;
     match be16(eth[12], eth[13]) {
         ETH_P_IP => parse_ipv4(data, data_end).map(Frame::Ip),

@@ -1,29 +1,49 @@
-//! Mode `receive` at site B: GUE from `TA` is unwrapped and delivered to the VM.
+//! Site B. Mode `receive` (before switchover and during the drain): GUE from
+//! `TA` is unwrapped and delivered to the VM, traffic to `N` is DNATed to `H`,
+//! and the VM's packets on NAT flows are SNATed back to `N`. Mode `nat` (after
+//! teardown): the same without the tunnel, and every flow from `H` is a NAT flow.
 
-use aya_ebpf::{helpers::bpf_redirect, programs::XdpContext};
+use aya_ebpf::{
+    helpers::bpf_redirect,
+    programs::{TcContext, XdpContext},
+};
 use movarto_common::{config::Config, counters::Counter, flow::origin, net::ETH_HLEN};
 
 use crate::{
+    counters::bump,
     flows::{self, Direction},
+    nat,
     outcome::Outcome,
-    parse::{self, Frame, bytes_mut},
+    parse::{self, Packet, bytes_mut, tcp_flag},
     tunnel,
 };
 
-/// Uplink ingress.
+const NO_ADDR: [u8; 16] = [0; 16];
+
+/// Uplink ingress, anything but our GUE: traffic to `N` is DNATed to `H`
+/// and delivered to the VM.
 #[inline(always)]
-pub fn from_uplink(
-    ctx: &XdpContext,
-    cfg: &Config,
-    pkt: &parse::Packet,
-) -> Result<Outcome, Counter> {
-    if !tunnel::is_ours(cfg, pkt) {
+pub fn to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
+    if cfg.new_addr == NO_ADDR || pkt.family != cfg.service_family || pkt.dst_addr != cfg.new_addr {
         return Ok(Outcome::Pass);
     }
+    nat::dnat_xdp(ctx, pkt, &cfg.home_addr)?;
+    if let Some(mut key) = flows::key_of(pkt, Direction::FromPeer) {
+        key.service_addr = cfg.home_addr;
+        flows::record_key(&key, pkt, Direction::FromPeer, origin::NAT);
+    }
+    Ok(Outcome::Sent(deliver_to_vm(ctx, cfg)?, Counter::NatIn))
+}
+
+/// Uplink ingress, GUE to our endpoint (mode `receive`): a pre-move flow's
+/// (or a stale-DNS client's) packet for `H`.
+#[inline(always)]
+pub fn from_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
     tunnel::decapsulate(ctx, cfg, pkt)?;
-    let Ok(Frame::Ip(inner)) = parse::parse_frame(ctx.data(), ctx.data_end()) else {
+    let mut inner = parse::Packet::EMPTY;
+    if parse::parse_frame(ctx.data(), ctx.data_end(), &mut inner) != Ok(true) {
         return Err(Counter::DropGueMalformed);
-    };
+    }
     // The tunnel carries traffic for the service only.
     if inner.family != cfg.service_family || inner.dst_addr != cfg.home_addr {
         return Err(Counter::DropGueMalformed);
@@ -42,4 +62,27 @@ fn deliver_to_vm(ctx: &XdpContext, cfg: &Config) -> Result<u32, Counter> {
     eth[6..12].copy_from_slice(&cfg.gateway_mac);
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(cfg.vm_ifindex, 0) } as u32)
+}
+
+/// VM-facing ingress: what the VM sends from `H`. NAT flows (and, in mode
+/// `nat`, every flow) leave as `N`; the packet then goes on through the
+/// kernel's routing. `nat_only` is true in mode `nat`.
+#[inline(always)]
+pub fn from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet, nat_only: bool) -> Result<(), Counter> {
+    if cfg.new_addr == NO_ADDR || pkt.family != cfg.service_family || pkt.src_addr != cfg.home_addr
+    {
+        return Ok(());
+    }
+    let Some(key) = flows::key_of(pkt, Direction::ToPeer) else {
+        return Ok(());
+    };
+    let opens_connection = pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
+    let is_nat = nat_only || opens_connection || flows::origin_of(&key) == Some(origin::NAT);
+    if !is_nat {
+        return Ok(());
+    }
+    flows::record(pkt, Direction::ToPeer, origin::NAT);
+    nat::snat_tc(ctx, pkt, &cfg.new_addr)?;
+    bump(Counter::NatOut);
+    Ok(())
 }

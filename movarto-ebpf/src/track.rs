@@ -9,8 +9,8 @@ use crate::{
     parse::{L4, Packet},
 };
 
-/// Uplink ingress: peer -> `H`.
-#[inline(always)]
+/// Uplink ingress: peer -> `H`. Separate BPF functions keep the entry point's frame small.
+#[inline(never)]
 pub fn from_uplink(ctx: &XdpContext, cfg: &Config, pkt: &Packet) {
     if pkt.family != cfg.service_family || pkt.dst_addr != cfg.home_addr {
         return;
@@ -22,7 +22,7 @@ pub fn from_uplink(ctx: &XdpContext, cfg: &Config, pkt: &Packet) {
 }
 
 /// VM-facing ingress: `H` -> peer.
-#[inline(always)]
+#[inline(never)]
 pub fn from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet) {
     if pkt.family != cfg.service_family || pkt.src_addr != cfg.home_addr {
         return;

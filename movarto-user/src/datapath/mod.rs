@@ -131,7 +131,8 @@ impl Datapath {
     /// Pins every map and program under `dir` (which must be on a bpffs).
     pub fn pin(&mut self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        for (name, map) in self.ebpf.maps() {
+        // Internal data sections (.rodata, .bss) are not pinned; bpffs refuses dot-names.
+        for (name, map) in self.ebpf.maps().filter(|(name, _)| !name.starts_with('.')) {
             let path = dir.join(name);
             map.pin(&path)
                 .with_context(|| format!("pinning map {name} at {}", path.display()))?;
