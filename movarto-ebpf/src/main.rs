@@ -70,6 +70,7 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
             counters::bump_index(reason);
             xdp_action::XDP_DROP
         }
+        Decoded::Tunnel => pass(&pkt, xdp_action::XDP_PASS),
     }
 }
 
@@ -108,22 +109,46 @@ pub fn vm_ingress(ctx: TcContext) -> i32 {
     let Some(cfg): Option<&Config> = CONFIG.get(CONFIG_KEY) else {
         return pass(&pkt, TC_ACT_OK);
     };
-    let done = match cfg.mode() {
+    let outcome = match cfg.mode() {
         Some(Mode::Track) => {
             track::from_vm(&ctx, cfg, &pkt);
-            Ok(())
+            Decoded::Pass
         }
-        Some(Mode::Receive) => receive::from_vm(&ctx, cfg, &pkt, false),
-        Some(Mode::Nat) => receive::from_vm(&ctx, cfg, &pkt, true),
-        _ => Ok(()),
+        Some(Mode::Receive) => match receive_from_vm(&ctx, cfg, &pkt).decode() {
+            Decoded::Tunnel => vm_to_tunnel(&ctx, cfg, &pkt).decode(),
+            other => other,
+        },
+        Some(Mode::Nat) => nat_from_vm(&ctx, cfg, &pkt).decode(),
+        _ => Decoded::Pass,
     };
-    match done {
-        Ok(()) => pass(&pkt, TC_ACT_OK),
-        Err(reason) => {
-            counters::bump(reason);
+    match outcome {
+        Decoded::Pass => pass(&pkt, TC_ACT_OK),
+        Decoded::Sent(action, verdict) => {
+            counters::bump_index(verdict);
+            action as i32
+        }
+        Decoded::Drop(reason) => {
+            counters::bump_index(reason);
             TC_ACT_SHOT
         }
+        // Only the TC decision step asks for the tunnel; it is resolved above.
+        Decoded::Tunnel => pass(&pkt, TC_ACT_OK),
     }
+}
+
+#[inline(never)]
+fn vm_to_tunnel(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Encoded {
+    receive::vm_to_tunnel(ctx, cfg, pkt).into()
+}
+
+#[inline(never)]
+fn receive_from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Encoded {
+    receive::from_vm(ctx, cfg, pkt, false).into()
+}
+
+#[inline(never)]
+fn nat_from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Encoded {
+    receive::from_vm(ctx, cfg, pkt, true).into()
 }
 
 enum Parsed {

@@ -13,6 +13,8 @@ pub enum Outcome {
     Sent(u32, Counter),
     /// Dropped for the counted reason.
     Drop(Counter),
+    /// To be encapsulated by the tunnel path, a separate BPF function.
+    Tunnel,
 }
 
 /// An [`Outcome`] in one u64: kind in bits 48.., action in 16..48, counter in 0..16.
@@ -22,6 +24,7 @@ pub struct Encoded(u64);
 const PASS: u64 = 0;
 const SENT: u64 = 1;
 const DROP: u64 = 2;
+const TUNNEL: u64 = 3;
 
 impl From<Result<Outcome, Counter>> for Encoded {
     #[inline(always)]
@@ -32,6 +35,7 @@ impl From<Result<Outcome, Counter>> for Encoded {
                 (SENT << 48) | (u64::from(action) << 16) | counter as u64
             }
             Outcome::Drop(counter) => (DROP << 48) | counter as u64,
+            Outcome::Tunnel => TUNNEL << 48,
         })
     }
 }
@@ -42,6 +46,7 @@ pub enum Decoded {
     Pass,
     Sent(u32, u32),
     Drop(u32),
+    Tunnel,
 }
 
 impl Encoded {
@@ -51,6 +56,7 @@ impl Encoded {
         match self.0 >> 48 {
             SENT => Decoded::Sent(((self.0 >> 16) & 0xffff_ffff) as u32, counter),
             DROP => Decoded::Drop(counter),
+            TUNNEL => Decoded::Tunnel,
             _ => Decoded::Pass,
         }
     }

@@ -3,11 +3,19 @@
 //! and the VM's packets on NAT flows are SNATed back to `N`. Mode `nat` (after
 //! teardown): the same without the tunnel, and every flow from `H` is a NAT flow.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     helpers::bpf_redirect,
     programs::{TcContext, XdpContext},
 };
-use movarto_common::{config::Config, counters::Counter, flow::origin, net::ETH_HLEN};
+use movarto_common::{
+    config::Config,
+    counters::Counter,
+    flow::origin,
+    gue::GUE_OVERHEAD_IPV4,
+    net::{ETH_HLEN, family},
+};
 
 use crate::{
     counters::bump,
@@ -15,7 +23,7 @@ use crate::{
     nat,
     outcome::Outcome,
     parse::{self, Packet, bytes_mut, tcp_flag},
-    tunnel,
+    route, tunnel,
 };
 
 const NO_ADDR: [u8; 16] = [0; 16];
@@ -65,24 +73,54 @@ fn deliver_to_vm(ctx: &XdpContext, cfg: &Config) -> Result<u32, Counter> {
 }
 
 /// VM-facing ingress: what the VM sends from `H`. NAT flows (and, in mode
-/// `nat`, every flow) leave as `N`; the packet then goes on through the
-/// kernel's routing. `nat_only` is true in mode `nat`.
+/// `nat`, every flow) leave as `N` through the kernel's routing. In mode
+/// `receive` everything else goes into the tunnel to `TA`, also flows the map
+/// never saw, so pre-move flows work whatever the map knows.
 #[inline(always)]
-pub fn from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet, nat_only: bool) -> Result<(), Counter> {
-    if cfg.new_addr == NO_ADDR || pkt.family != cfg.service_family || pkt.src_addr != cfg.home_addr
-    {
-        return Ok(());
+pub fn from_vm(
+    ctx: &TcContext,
+    cfg: &Config,
+    pkt: &Packet,
+    nat_only: bool,
+) -> Result<Outcome, Counter> {
+    if pkt.family != cfg.service_family || pkt.src_addr != cfg.home_addr {
+        return Ok(Outcome::Pass);
     }
-    let Some(key) = flows::key_of(pkt, Direction::ToPeer) else {
-        return Ok(());
-    };
+    let key = flows::key_of(pkt, Direction::ToPeer);
     let opens_connection = pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
-    let is_nat = nat_only || opens_connection || flows::origin_of(&key) == Some(origin::NAT);
-    if !is_nat {
-        return Ok(());
+    let is_nat = cfg.new_addr != NO_ADDR
+        && key.is_some()
+        && (nat_only
+            || opens_connection
+            || key.as_ref().and_then(flows::origin_of) == Some(origin::NAT));
+    if is_nat {
+        flows::record(pkt, Direction::ToPeer, origin::NAT);
+        nat::snat_tc(ctx, pkt, &cfg.new_addr)?;
+        bump(Counter::NatOut);
+        return Ok(Outcome::Pass);
     }
-    flows::record(pkt, Direction::ToPeer, origin::NAT);
-    nat::snat_tc(ctx, pkt, &cfg.new_addr)?;
-    bump(Counter::NatOut);
-    Ok(())
+    if nat_only {
+        return Ok(Outcome::Pass);
+    }
+    flows::record(pkt, Direction::ToPeer, origin::TUNNELLED);
+    Ok(Outcome::Tunnel)
+}
+
+/// The VM's packet for a non-NAT flow: GUE to `TA`, out of the uplink.
+#[inline(always)]
+pub fn vm_to_tunnel(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
+    tunnel::encapsulate_tc(ctx, cfg, pkt)?;
+    let hop = route::lookup(
+        ctx.skb.skb as *mut c_void,
+        family::IPV4,
+        &cfg.local_tunnel_addr,
+        &cfg.peer_tunnel_addr,
+        cfg.uplink_ifindex,
+        (GUE_OVERHEAD_IPV4 + pkt.ip_len) as u16,
+        route::Lookup::Output,
+    )?;
+    Ok(Outcome::Sent(
+        route::transmit_tc(ctx, &hop)?,
+        Counter::TunnelOut,
+    ))
 }

@@ -5,7 +5,7 @@ use core::{ffi::c_void, mem};
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup, xdp_action},
     helpers::{bpf_redirect, generated},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use movarto_common::{counters::Counter, net::family};
 
@@ -98,6 +98,18 @@ pub fn transmit_xdp(ctx: &XdpContext, hop: &NextHop) -> Result<u32, Counter> {
     if hop.ifindex == ctx.ingress_ifindex() as u32 {
         return Ok(xdp_action::XDP_TX);
     }
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
+}
+
+/// TC: the same for an skb; always a redirect (TC ingress can't "send back").
+#[inline(always)]
+pub fn transmit_tc(ctx: &TcContext, hop: &NextHop) -> Result<u32, Counter> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&hop.dmac);
+    macs[6..].copy_from_slice(&hop.smac);
+    ctx.store(0, &macs, 0)
+        .map_err(|_| Counter::DropResizeFailed)?;
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
 }

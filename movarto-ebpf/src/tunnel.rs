@@ -1,7 +1,11 @@
 //! GUE encapsulation and decapsulation in XDP. The bytes written here must
 //! equal `movarto_common::gue::encapsulate_v4`; the tests compare them.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, bpf_adj_room_mode},
+    helpers::bpf_xdp_adjust_head,
+    programs::{TcContext, XdpContext},
+};
 use movarto_common::{
     checksum,
     config::Config,
@@ -48,8 +52,78 @@ fn hash_key(pkt: &Packet, service_is_dst: bool) -> FlowKey {
     }
 }
 
-/// Wraps the IP packet of the frame in outer IPv4/UDP/GUE from this site's
-/// endpoint to the peer's. The Ethernet header's MACs are left for routing.
+/// What the outer headers of one packet depend on, read before the packet grows.
+struct Inner {
+    gue_proto: u8,
+    tos: u8,
+    src_port: u16,
+}
+
+/// Reads the inner packet's TOS/traffic class and picks the outer source port.
+#[inline(always)]
+fn inner_of(
+    data: usize,
+    data_end: usize,
+    pkt: &Packet,
+    service_is_dst: bool,
+) -> Result<Inner, Counter> {
+    let first = bytes::<2>(data, data_end, ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
+    let (gue_proto, tos) = if pkt.family == family::IPV6 {
+        (GUE_PROTO_IPV6, (first[0] << 4) | (first[1] >> 4))
+    } else {
+        (GUE_PROTO_IPV4, first[1])
+    };
+    Ok(Inner {
+        gue_proto,
+        tos,
+        src_port: gue_source_port(&hash_key(pkt, service_is_dst)),
+    })
+}
+
+/// Writes outer IPv4 + UDP + GUE + token for an inner packet of `ip_len`
+/// bytes into `h`: DF, TOS copied, IP ID 0, TTL 64, UDP checksum 0 (RFC 6935
+/// allows it for IPv4). `h` is packet memory in XDP, a stack buffer in TC.
+#[inline(always)]
+fn write_outer(h: &mut [u8; GUE_OVERHEAD_IPV4], cfg: &Config, inner: &Inner, ip_len: usize) {
+    let outer_len = (GUE_OVERHEAD_IPV4 + ip_len) as u16;
+    h[0] = 0x45;
+    h[1] = inner.tos;
+    h[2..4].copy_from_slice(&outer_len.to_be_bytes());
+    h[4..6].copy_from_slice(&[0, 0]);
+    h[6..8].copy_from_slice(&[0x40, 0]); // DF
+    h[8] = OUTER_TTL;
+    h[9] = proto::UDP;
+    h[10..12].copy_from_slice(&[0, 0]);
+    h[12..16].copy_from_slice(&cfg.local_tunnel_addr[..4]);
+    h[16..20].copy_from_slice(&cfg.peer_tunnel_addr[..4]);
+    let mut ip_header = [0u8; 20];
+    ip_header.copy_from_slice(&h[..20]);
+    let check = checksum::ipv4_header(&ip_header);
+    h[10..12].copy_from_slice(&check.to_be_bytes());
+    h[20..22].copy_from_slice(&inner.src_port.to_be_bytes());
+    h[22..24].copy_from_slice(&cfg.gue_port.to_ne_bytes());
+    h[24..26].copy_from_slice(&(outer_len - 20).to_be_bytes());
+    h[26..28].copy_from_slice(&[0, 0]);
+    h[28..32].copy_from_slice(&[GUE_FIRST_BYTE, inner.gue_proto, 0, 0]);
+    h[32..40].copy_from_slice(&cfg.token.to_be_bytes());
+}
+
+/// Whether an inner packet of `ip_len` bytes fits the tunnel. For a GSO
+/// super-packet (from the VM, with offloads on) each segment must fit:
+/// `gso_size` payload plus the inner headers.
+#[inline(always)]
+fn fits(cfg: &Config, pkt: &Packet, gso_size: u32) -> bool {
+    let inner = if gso_size == 0 {
+        pkt.ip_len
+    } else {
+        // Inner IP + TCP headers, with room for TCP options.
+        (pkt.l4_offset - ETH_HLEN) + 60 + gso_size as usize
+    };
+    GUE_OVERHEAD_IPV4 + inner <= usize::from(cfg.tunnel_mtu)
+}
+
+/// XDP: wraps the IP packet of the frame in outer IPv4/UDP/GUE from this
+/// site's endpoint to the peer's. The Ethernet MACs are left for routing.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
@@ -57,47 +131,49 @@ pub fn encapsulate(
     pkt: &Packet,
     service_is_dst: bool,
 ) -> Result<(), Counter> {
-    let outer_len = GUE_OVERHEAD_IPV4 + pkt.ip_len;
-    if outer_len > usize::from(cfg.tunnel_mtu) {
+    if !fits(cfg, pkt, 0) {
         return Err(Counter::DropTooBig);
     }
-    let first =
-        bytes::<2>(ctx.data(), ctx.data_end(), ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
-    let (gue_proto, tos) = if pkt.family == family::IPV6 {
-        (GUE_PROTO_IPV6, (first[0] << 4) | (first[1] >> 4))
-    } else {
-        (GUE_PROTO_IPV4, first[1])
-    };
-    let src_port = gue_source_port(&hash_key(pkt, service_is_dst));
-
+    let inner = inner_of(ctx.data(), ctx.data_end(), pkt, service_is_dst)?;
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GUE_OVERHEAD_IPV4 as i32)) } != 0 {
         return Err(Counter::DropResizeFailed);
     }
+    // Written in place: a stack copy would cost 40 bytes of the 512.
     let hdr = bytes_mut::<ENCAP_HEADERS>(ctx.data(), ctx.data_end(), 0)
         .map_err(|_| Counter::DropResizeFailed)?;
     hdr[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    let outer: &mut [u8; GUE_OVERHEAD_IPV4] = (&mut hdr[ETH_HLEN..])
+        .try_into()
+        .map_err(|_| Counter::DropResizeFailed)?;
+    write_outer(outer, cfg, &inner, pkt.ip_len);
+    Ok(())
+}
 
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[1] = tos;
-    ip[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = OUTER_TTL;
-    ip[9] = proto::UDP;
-    ip[12..16].copy_from_slice(&cfg.local_tunnel_addr[..4]);
-    ip[16..20].copy_from_slice(&cfg.peer_tunnel_addr[..4]);
-    let check = checksum::ipv4_header(&ip).to_be_bytes();
-    ip[10] = check[0];
-    ip[11] = check[1];
-    hdr[14..34].copy_from_slice(&ip);
-
-    hdr[34..36].copy_from_slice(&src_port.to_be_bytes());
-    hdr[36..38].copy_from_slice(&cfg.gue_port.to_ne_bytes());
-    hdr[38..40].copy_from_slice(&((outer_len - 20) as u16).to_be_bytes());
-    hdr[40..42].copy_from_slice(&[0, 0]);
-    hdr[42..46].copy_from_slice(&[GUE_FIRST_BYTE, gue_proto, 0, 0]);
-    hdr[46..54].copy_from_slice(&cfg.token.to_be_bytes());
+/// TC: the same for a packet the VM sent (`H` -> peer). Room is made after
+/// the MAC header with the encapsulation flags, so the kernel segments GSO
+/// packets as UDP-tunnelled and switches skb->protocol for an IPv6 inner.
+#[inline(always)]
+pub fn encapsulate_tc(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<(), Counter> {
+    // SAFETY: reading a field of our own context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if !fits(cfg, pkt, gso_size) {
+        return Err(Counter::DropTooBig);
+    }
+    let inner = inner_of(ctx.data(), ctx.data_end(), pkt, false)?;
+    let mut outer = [0u8; GUE_OVERHEAD_IPV4];
+    write_outer(&mut outer, cfg, &inner, pkt.ip_len);
+    let flags = u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) | u64::from(BPF_F_ADJ_ROOM_ENCAP_L4_UDP);
+    ctx.adjust_room(
+        GUE_OVERHEAD_IPV4 as i32,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        flags,
+    )
+    .map_err(|_| Counter::DropResizeFailed)?;
+    ctx.store(12, &ETH_P_IP.to_be_bytes(), 0)
+        .map_err(|_| Counter::DropResizeFailed)?;
+    ctx.store(ETH_HLEN, &outer, 0)
+        .map_err(|_| Counter::DropResizeFailed)?;
     Ok(())
 }
 

@@ -571,3 +571,101 @@ fn receive_refuses_gue_without_the_token_and_passes_other_traffic() {
     let (ret, out) = run(&dp, &inner);
     assert_eq!((ret, out), (XDP_PASS, inner));
 }
+
+// ---- site B, receive: the VM's packets into the tunnel (TC) ----
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const TA_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa9];
+
+fn site_b_with_uplink(s: &Site, home: IpAddr) -> SiteConfig {
+    let mut cfg = site_b_config(home);
+    cfg.uplink_ifindex = s.uplink_ifindex;
+    cfg
+}
+
+fn run_tc(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
+    run_frame_out(dp, Hook::VmFacing, frame).expect("test run")
+}
+
+#[test]
+fn the_vms_replies_go_into_the_tunnel_exactly_like_the_reference() {
+    require_root();
+    let s = site(TB, TA, TA_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_b_with_uplink(&s, IpAddr::from(HOME4)));
+    let inner = home_to_client4_ip(&[0x33; 400]);
+    let frame = ethernet(ANYCAST_GW_MAC, VM_MAC, 0x0800, &inner);
+    let (ret, out) = run_tc(&dp, &frame);
+    assert_eq!(ret, TC_ACT_REDIRECT, "out of the uplink");
+    let want = ethernet(
+        TA_MAC,
+        UPLINK_MAC,
+        0x0800,
+        &reference_gue(TB, TA, &key4(), TOKEN, &inner),
+    );
+    assert_eq!(out, want);
+    let counters = dp.counters().expect("counters");
+    assert_eq!(counters.get(Counter::TunnelOut), 1);
+    let flows = dp.flows().expect("flows");
+    assert_eq!(flows[0].1.origin, origin::TUNNELLED);
+    assert_eq!(flows[0].1.packets_to_peer, 1);
+}
+
+#[test]
+fn ipv6_and_icmp_from_the_vm_default_to_the_tunnel() {
+    require_root();
+    let s = site(TB, TA, TA_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_b_with_uplink(&s, IpAddr::from(HOME6)));
+    let mut inner = Vec::new();
+    PacketBuilder::ipv6(HOME6, PEER6, 64)
+        .udp(53, 5353)
+        .write(&mut inner, b"answer")
+        .expect("build");
+    let (ret, out) = run_tc(&dp, &ethernet(ANYCAST_GW_MAC, VM_MAC, 0x86dd, &inner));
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    let key = FlowKey::new(
+        (IpAddr::from(HOME6), 53),
+        (IpAddr::from(PEER6), 5353),
+        proto::UDP,
+    )
+    .expect("key");
+    assert_eq!(
+        out,
+        ethernet(
+            TA_MAC,
+            UPLINK_MAC,
+            0x0800,
+            &reference_gue(TB, TA, &key, TOKEN, &inner)
+        )
+    );
+
+    // An ICMP error from H has no ports and no flow entry: still the tunnel.
+    let mut icmp = Vec::new();
+    PacketBuilder::ipv6(HOME6, PEER6, 64)
+        .icmpv6_echo_reply(1, 1)
+        .write(&mut icmp, b"pong")
+        .expect("build");
+    let (ret, out) = run_tc(&dp, &ethernet(ANYCAST_GW_MAC, VM_MAC, 0x86dd, &icmp));
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(&out[14 + 40..], &icmp[..], "ICMP carried unchanged");
+}
+
+#[test]
+fn the_vms_oversized_packets_are_dropped_and_counted() {
+    require_root();
+    let s = site(TB, TA, TA_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_b_with_uplink(&s, IpAddr::from(HOME4)));
+    let inner = home_to_client4_ip(&vec![1; 1500 - 40 - 40 + 1]);
+    let (ret, _) = run_tc(&dp, &ethernet(ANYCAST_GW_MAC, VM_MAC, 0x0800, &inner));
+    assert_eq!(ret, TC_ACT_SHOT);
+    assert_eq!(dp.counters().expect("counters").get(Counter::DropTooBig), 1);
+    // Other sources than H are not the datapath's business.
+    let mut other = home_to_client4_ip(b"x");
+    other[15] = 11;
+    let frame = ethernet(ANYCAST_GW_MAC, VM_MAC, 0x0800, &other);
+    assert_eq!(run_tc(&dp, &frame), (TC_ACT_OK, frame));
+}
