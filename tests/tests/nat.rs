@@ -17,6 +17,7 @@ use movarto_user::datapath::{Datapath, SiteConfig};
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 
 const HOME4: [u8; 4] = [192, 0, 2, 10];
 const NEW4: [u8; 4] = [198, 18, 0, 10];
@@ -261,9 +262,13 @@ fn replies_on_nat_flows_leave_as_the_new_address() {
     let mut reply = udp(v4(HOME4, PEER4), b"answer");
     reply[14 + 20 + 6] = 0;
     reply[14 + 20 + 7] = 0;
-    // A UDP flow the VM did not open through NAT: left alone in receive mode.
-    let (_, out) = run(&dp, Hook::VmFacing, &reply);
-    assert_eq!(out, reply);
+    // A UDP flow the VM did not open through NAT is not rewritten: in receive
+    // mode it takes the tunnel (which has no route in this test; see tunnel.rs).
+    let (ret, _) = run(&dp, Hook::VmFacing, &reply);
+    assert_eq!(ret, TC_ACT_SHOT);
+    let counters = dp.counters().expect("counters");
+    assert_eq!(counters.get(Counter::NatOut), 1);
+    assert_eq!(counters.get(Counter::DropNoRoute), 1);
 }
 
 #[test]
@@ -290,13 +295,17 @@ fn a_connection_the_vm_opens_goes_out_through_nat() {
     );
 }
 
+/// Pre-move flows are never NATed at B: they take the tunnel (no route here,
+/// so the attempt is dropped and counted; tunnel.rs tests the way out).
 #[test]
 fn flows_that_are_not_nat_flows_are_not_rewritten_in_receive_mode() {
     let dp = site_b(Mode::Receive, IpAddr::from(HOME4), IpAddr::from(NEW4));
     let reply = tcp(v4(HOME4, PEER4), 80, 40000, false, b"pre-move flow");
-    let (ret, out) = run(&dp, Hook::VmFacing, &reply);
-    assert_eq!((ret, out), (TC_ACT_OK, reply));
-    assert_eq!(dp.counters().expect("counters").get(Counter::NatOut), 0);
+    let (ret, _) = run(&dp, Hook::VmFacing, &reply);
+    assert_eq!(ret, TC_ACT_SHOT);
+    let counters = dp.counters().expect("counters");
+    assert_eq!(counters.get(Counter::NatOut), 0);
+    assert_eq!(counters.get(Counter::DropNoRoute), 1);
 }
 
 #[test]
