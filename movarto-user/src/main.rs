@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use movarto_user::datapath::Datapath;
+use movarto_user::datapath::{self, Datapath};
 use serde::Serialize;
 
 #[derive(Parser)]
@@ -20,6 +20,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Attach the datapath to an uplink (XDP) and the VM-facing interface (TC), and pin it.
+    Attach(datapath::cli::AttachArgs),
+    /// Detach the datapath from an uplink (removes its pins).
+    Detach { uplink: String },
+    /// Show the datapath's mode, configuration and counters.
+    Status {
+        uplink: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the flows in the flow map.
+    Flows {
+        uplink: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch the datapath's mode (one map write; no reload).
+    Mode {
+        uplink: String,
+        #[arg(value_enum)]
+        mode: datapath::cli::ModeArg,
+    },
     /// Load the datapath through the kernel's verifier and report what was loaded.
     /// Nothing is attached; everything is unloaded on exit.
     Check {
@@ -86,6 +108,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { json } => check(json),
+        Command::Attach(args) => datapath::cli::run_attach(args),
+        Command::Detach { uplink } => datapath::cli::run_detach(&uplink),
+        Command::Status { uplink, json } => datapath::cli::run_status(&uplink, json),
+        Command::Flows { uplink, json } => datapath::cli::run_flows(&uplink, json),
+        Command::Mode { uplink, mode } => datapath::cli::run_mode(&uplink, mode),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

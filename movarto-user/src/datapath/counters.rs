@@ -25,6 +25,10 @@ impl CounterSnapshot {
         Ok(Self { values })
     }
 
+    pub(super) fn from_values(values: [u64; COUNTER_COUNT as usize]) -> Self {
+        Self { values }
+    }
+
     /// The value of one counter.
     pub fn get(&self, counter: Counter) -> u64 {
         self.values[counter as usize]

@@ -1,5 +1,7 @@
 //! Loading movarto's eBPF object and reading its state.
 
+mod attach;
+pub mod cli;
 mod config;
 mod counters;
 
@@ -12,6 +14,9 @@ use aya::{
     programs::{ProgramInfo, SchedClassifier, Xdp},
 };
 
+pub use attach::{
+    AttachOptions, PIN_ROOT, Pinned, attach, detach, forwarding_enabled, ifindex, pin_dir,
+};
 pub use config::SiteConfig;
 pub use counters::CounterSnapshot;
 use movarto_common::{
@@ -155,6 +160,16 @@ where
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
     prog.try_into()
         .with_context(|| format!("program {name} has an unexpected type"))
+}
+
+impl Datapath {
+    /// A program of the object, by name and type.
+    pub(crate) fn program_mut<'a, T>(&'a mut self, name: &str) -> Result<&'a mut T>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        program_mut(&mut self.ebpf, name)
+    }
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>

@@ -1,0 +1,228 @@
+//! Attaching the datapath to a host's interfaces and finding it again.
+//!
+//! Everything is pinned under `/sys/fs/bpf/movarto/<uplink>/`: the maps, the
+//! programs and the links. The pinned links keep the programs attached after
+//! the manager exits or crashes; removing the directory detaches them.
+
+use std::{
+    ffi::CString,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc},
+};
+use movarto_common::{
+    config::{CONFIG_KEY, Config, Mode},
+    counters::{COUNTER_COUNT, Counter},
+    flow::{FlowKey, FlowValue},
+};
+
+use super::{
+    CONFIG_MAP, COUNTERS_MAP, CounterSnapshot, Datapath, FLOWS_MAP, SiteConfig, UPLINK_INGRESS,
+    VM_INGRESS,
+};
+
+/// Root of movarto's pins.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/movarto";
+const UPLINK_LINK: &str = "link_uplink_xdp";
+const VM_LINK: &str = "link_vm_tc";
+
+/// Where the datapath attached to `uplink` is pinned.
+pub fn pin_dir(uplink: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(uplink)
+}
+
+/// How to attach.
+pub struct AttachOptions {
+    pub uplink: String,
+    pub vm_iface: String,
+    pub xdp_mode: XdpMode,
+    pub site: SiteConfig,
+}
+
+/// The interface index of `name`.
+pub fn ifindex(name: &str) -> Result<u32> {
+    let c = CString::new(name).with_context(|| format!("bad interface name {name:?}"))?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        bail!("no interface named {name} in this network namespace");
+    }
+    Ok(index)
+}
+
+/// Whether the kernel forwards on `iface`; the tunnel's routing needs it.
+pub fn forwarding_enabled(iface: &str) -> Result<bool> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    let value = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    Ok(value.trim() == "1")
+}
+
+/// Fails unless /sys/fs/bpf is a bpf filesystem in this mount namespace.
+fn require_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let path = CString::new("/sys/fs/bpf").context("path")?;
+    // SAFETY: an all-zero statfs is a valid out-buffer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    let ok = unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0;
+    if !ok || st.f_type != BPF_FS_MAGIC {
+        bail!(
+            "/sys/fs/bpf is not a bpf filesystem here: mount it (`mount -t bpf bpf /sys/fs/bpf`, \
+             or `cargo xtask setup`). Inside a network namespace use `nsenter --net=/run/netns/NAME`, \
+             not `ip netns exec`, which remounts /sys and hides the host's pins"
+        );
+    }
+    Ok(())
+}
+
+/// Loads, configures, attaches and pins the datapath. On failure nothing stays attached or pinned.
+pub fn attach(opts: &AttachOptions) -> Result<PathBuf> {
+    require_bpffs()?;
+    let dir = pin_dir(&opts.uplink);
+    if dir.exists() {
+        bail!(
+            "movarto is already attached to {} (pinned at {}); run `movarto-user detach {}` first",
+            opts.uplink,
+            dir.display(),
+            opts.uplink
+        );
+    }
+    let mut site = opts.site.clone();
+    site.uplink_ifindex = ifindex(&opts.uplink)?;
+    site.vm_ifindex = ifindex(&opts.vm_iface)?;
+    let mut datapath = Datapath::load()?;
+    datapath.set_config(&site)?;
+
+    fs::create_dir_all(&dir).with_context(|| {
+        format!(
+            "creating {} (is bpffs mounted at /sys/fs/bpf?)",
+            dir.display()
+        )
+    })?;
+    let cleanup = RemoveOnError(Some(dir.clone()));
+
+    let xdp: &mut Xdp = datapath.program_mut(UPLINK_INGRESS)?;
+    let id = xdp
+        .attach(&opts.uplink, opts.xdp_mode)
+        .with_context(|| format!("attaching XDP to {}", opts.uplink))?;
+    let link =
+        FdLink::try_from(xdp.take_link(id)?).context("the XDP attachment is not a bpf_link")?;
+    link.pin(dir.join(UPLINK_LINK))
+        .context("pinning the XDP link")?;
+
+    // clsact is only needed without TCX (kernels before 6.6); it may exist already.
+    let _ = tc::qdisc_add_clsact(&opts.vm_iface);
+    let tc_prog: &mut SchedClassifier = datapath.program_mut(VM_INGRESS)?;
+    let id = tc_prog
+        .attach(&opts.vm_iface, TcAttachType::Ingress)
+        .with_context(|| format!("attaching TC ingress to {}", opts.vm_iface))?;
+    let link = FdLink::try_from(tc_prog.take_link(id)?)
+        .context("the TC attachment is not a bpf_link (TCX needs Linux 6.6)")?;
+    link.pin(dir.join(VM_LINK)).context("pinning the TC link")?;
+
+    datapath.pin(&dir)?;
+    cleanup.disarm();
+    Ok(dir)
+}
+
+/// Detaches the datapath from `uplink` by removing its pins.
+pub fn detach(uplink: &str) -> Result<()> {
+    require_bpffs()?;
+    let dir = pin_dir(uplink);
+    if !dir.exists() {
+        bail!(
+            "movarto is not attached to {uplink} (nothing pinned at {})",
+            dir.display()
+        );
+    }
+    fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// Removes a half-made pin directory unless disarmed.
+struct RemoveOnError(Option<PathBuf>);
+
+impl RemoveOnError {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnError {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The maps of an attached datapath, opened from their pins.
+pub struct Pinned {
+    pub dir: PathBuf,
+    config: Array<MapData, Config>,
+    counters: PerCpuArray<MapData, u64>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+}
+
+impl Pinned {
+    pub fn open(uplink: &str) -> Result<Self> {
+        require_bpffs()?;
+        let dir = pin_dir(uplink);
+        if !dir.exists() {
+            bail!(
+                "movarto is not attached to {uplink} (nothing pinned at {})",
+                dir.display()
+            );
+        }
+        let map = |name: &str| -> Result<aya::maps::Map> {
+            let path = dir.join(name);
+            let data =
+                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            aya::maps::Map::from_map_data(data).with_context(|| format!("map {name}"))
+        };
+        Ok(Self {
+            config: Array::try_from(map(CONFIG_MAP)?).context("CONFIG")?,
+            counters: PerCpuArray::try_from(map(COUNTERS_MAP)?).context("COUNTERS")?,
+            flows: HashMap::try_from(map(FLOWS_MAP)?).context("FLOWS")?,
+            dir,
+        })
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        self.config
+            .get(&CONFIG_KEY, 0)
+            .context("reading the configuration")
+    }
+
+    /// Switches the mode: one map write, no reload.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
+        let mut config = self.config()?;
+        config.mode = mode as u8;
+        self.config
+            .set(CONFIG_KEY, config, 0)
+            .context("writing the configuration")
+    }
+
+    pub fn counters(&self) -> Result<CounterSnapshot> {
+        let mut values = [0u64; COUNTER_COUNT as usize];
+        for counter in Counter::ALL {
+            let per_cpu = self
+                .counters
+                .get(&(counter as u32), 0)
+                .with_context(|| format!("reading counter {}", counter.name()))?;
+            values[counter as usize] = per_cpu.iter().sum();
+        }
+        Ok(CounterSnapshot::from_values(values))
+    }
+
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        self.flows
+            .iter()
+            .map(|e| e.map_err(|e| anyhow!("reading the flow map: {e}")))
+            .collect()
+    }
+}

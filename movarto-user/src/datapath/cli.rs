@@ -1,0 +1,345 @@
+//! `movarto-user attach|detach|status|flows|mode`: the datapath on one host.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::programs::XdpMode;
+use clap::{Args, ValueEnum};
+use movarto_common::{
+    config::{Config, GUE_DEFAULT_PORT, Mode},
+    flow::{FlowKey, FlowValue, origin, state},
+    net::addr,
+};
+use serde_json::json;
+
+use super::{AttachOptions, Pinned, SiteConfig, attach, detach, forwarding_enabled};
+
+/// The mode names users type.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ModeArg {
+    Idle,
+    Track,
+    Forward,
+    Receive,
+    Nat,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Idle => Mode::Idle,
+            ModeArg::Track => Mode::Track,
+            ModeArg::Forward => Mode::Forward,
+            ModeArg::Receive => Mode::Receive,
+            ModeArg::Nat => Mode::Nat,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum XdpModeArg {
+    /// Let the kernel choose (native when the driver supports it).
+    Auto,
+    /// Native (driver) XDP.
+    Native,
+    /// Generic XDP in the network stack.
+    Skb,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// The uplink (XDP on ingress).
+    pub uplink: String,
+    /// The VM-facing interface: QEMU's tap, or a veth (TC on ingress).
+    #[arg(long)]
+    pub vm_iface: String,
+    /// The home address H.
+    #[arg(long)]
+    pub home: IpAddr,
+    #[arg(long, value_enum, default_value = "track")]
+    pub mode: ModeArg,
+    /// The new address N (site B).
+    #[arg(long)]
+    pub new_addr: Option<IpAddr>,
+    /// This site's tunnel endpoint.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub local_tunnel: Ipv4Addr,
+    /// The other site's tunnel endpoint.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub peer_tunnel: Ipv4Addr,
+    /// The migration's session token (hex, as given to both sites).
+    #[arg(long, value_parser = parse_token, default_value = "0")]
+    pub token: u64,
+    #[arg(long, default_value_t = GUE_DEFAULT_PORT)]
+    pub gue_port: u16,
+    /// Largest outer packet between the sites.
+    #[arg(long, default_value_t = 1500)]
+    pub tunnel_mtu: u16,
+    /// The VM's MAC (site B delivers to it).
+    #[arg(long, value_parser = parse_mac, default_value = "00:00:00:00:00:00")]
+    pub vm_mac: [u8; 6],
+    /// The VM-facing interface's gateway MAC, the same at both sites.
+    #[arg(long, value_parser = parse_mac, default_value = "00:00:00:00:00:00")]
+    pub gateway_mac: [u8; 6],
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpModeArg,
+}
+
+fn parse_token(s: &str) -> Result<u64, String> {
+    let hex = s.trim_start_matches("0x");
+    u64::from_str_radix(hex, 16).map_err(|e| format!("token {s:?} is not a 64-bit hex number: {e}"))
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("MAC {s:?} must be six hex bytes separated by ':'"));
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("MAC {s:?}: {part:?} is not a hex byte"))?;
+    }
+    Ok(mac)
+}
+
+fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn run_attach(a: AttachArgs) -> Result<()> {
+    let mut site = SiteConfig::new(a.mode.into(), a.home);
+    site.new_addr = a.new_addr;
+    site.local_tunnel_addr = a.local_tunnel;
+    site.peer_tunnel_addr = a.peer_tunnel;
+    site.token = a.token;
+    site.gue_port = a.gue_port;
+    site.tunnel_mtu = a.tunnel_mtu;
+    site.vm_mac = a.vm_mac;
+    site.gateway_mac = a.gateway_mac;
+    warn_if_not_forwarding(&a.uplink, site.mode)?;
+    let xdp_mode = match a.xdp_mode {
+        XdpModeArg::Auto => XdpMode::Default,
+        XdpModeArg::Native => XdpMode::Driver,
+        XdpModeArg::Skb => XdpMode::Skb,
+    };
+    let dir = attach(&AttachOptions {
+        uplink: a.uplink.clone(),
+        vm_iface: a.vm_iface.clone(),
+        xdp_mode,
+        site,
+    })?;
+    println!(
+        "attached to {} (XDP) and {} (TC ingress) in mode {}; pinned at {}",
+        a.uplink,
+        a.vm_iface,
+        Mode::from(a.mode).name(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn warn_if_not_forwarding(uplink: &str, mode: Mode) -> Result<()> {
+    if matches!(mode, Mode::Forward | Mode::Receive | Mode::Nat) && !forwarding_enabled(uplink)? {
+        bail!(
+            "IPv4 forwarding is off on {uplink}; mode {} routes packets through it \
+             (sysctl -w net.ipv4.conf.all.forwarding=1)",
+            mode.name()
+        );
+    }
+    Ok(())
+}
+
+pub fn run_detach(uplink: &str) -> Result<()> {
+    detach(uplink)?;
+    println!("detached from {uplink}");
+    Ok(())
+}
+
+pub fn run_mode(uplink: &str, mode: ModeArg) -> Result<()> {
+    let mode = Mode::from(mode);
+    warn_if_not_forwarding(uplink, mode)?;
+    let mut pinned = Pinned::open(uplink)?;
+    let before = pinned.config()?.mode().map_or("unknown", Mode::name);
+    pinned.set_mode(mode)?;
+    println!("{uplink}: mode {before} -> {}", mode.name());
+    Ok(())
+}
+
+fn addr_string(bytes: [u8; 16], family: u8) -> String {
+    if bytes == [0; 16] {
+        return "-".to_owned();
+    }
+    addr::from_map(bytes, family).map_or_else(|| "?".to_owned(), |a| a.to_string())
+}
+
+fn config_json(c: &Config) -> serde_json::Value {
+    json!({
+        "mode": c.mode().map_or("unknown", Mode::name),
+        "home_addr": addr_string(c.home_addr, c.service_family),
+        "new_addr": addr_string(c.new_addr, c.service_family),
+        "local_tunnel_addr": addr_string(c.local_tunnel_addr, c.tunnel_family),
+        "peer_tunnel_addr": addr_string(c.peer_tunnel_addr, c.tunnel_family),
+        "gue_port": u16::from_be(c.gue_port),
+        "tunnel_mtu": c.tunnel_mtu,
+        "uplink_ifindex": c.uplink_ifindex,
+        "vm_ifindex": c.vm_ifindex,
+        "vm_mac": mac_string(&c.vm_mac),
+        "gateway_mac": mac_string(&c.gateway_mac),
+    })
+}
+
+pub fn run_status(uplink: &str, as_json: bool) -> Result<()> {
+    let pinned = Pinned::open(uplink)?;
+    let config = pinned.config()?;
+    let counters = pinned.counters()?;
+    let flows = pinned.flows()?;
+    if as_json {
+        let report = json!({
+            "uplink": uplink,
+            "pinned_at": pinned.dir,
+            "config": config_json(&config),
+            "flows": flows.len(),
+            "counters": counters,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let c = config_json(&config);
+    println!("movarto on {uplink} (pinned at {})", pinned.dir.display());
+    println!("  mode     {}", c["mode"].as_str().unwrap_or("?"));
+    println!(
+        "  home     {}   new {}",
+        c["home_addr"].as_str().unwrap_or("?"),
+        c["new_addr"].as_str().unwrap_or("?")
+    );
+    println!(
+        "  tunnel   {} -> {}  port {}  mtu {}",
+        c["local_tunnel_addr"].as_str().unwrap_or("?"),
+        c["peer_tunnel_addr"].as_str().unwrap_or("?"),
+        u16::from_be(config.gue_port),
+        config.tunnel_mtu
+    );
+    println!("  flows    {}", flows.len());
+    println!("counters:");
+    let nonzero = counters.nonzero();
+    if nonzero.is_empty() {
+        println!("  (all zero)");
+    }
+    for (counter, value) in nonzero {
+        let mark = if counter.is_drop() { "  (drop)" } else { "" };
+        println!("  {:<26} {value}{mark}", counter.name());
+    }
+    Ok(())
+}
+
+fn origin_name(o: u8) -> &'static str {
+    match o {
+        origin::TRACKED => "pre-move",
+        origin::TUNNELLED => "tunnelled",
+        origin::NAT => "nat",
+        origin::STALE_DNS => "stale-dns",
+        _ => "?",
+    }
+}
+
+fn state_names(bits: u32) -> Vec<&'static str> {
+    [
+        (state::SYN_SEEN, "syn"),
+        (state::ESTABLISHED, "established"),
+        (state::FIN_PEER, "fin-peer"),
+        (state::FIN_SERVICE, "fin-service"),
+        (state::RST, "rst"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| bits & bit != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
+fn endpoint(e: Option<(IpAddr, u16)>) -> String {
+    e.map_or_else(
+        || "?".to_owned(),
+        |(a, p)| match a {
+            IpAddr::V6(_) => format!("[{a}]:{p}"),
+            IpAddr::V4(_) => format!("{a}:{p}"),
+        },
+    )
+}
+
+/// Nanoseconds on CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> Result<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec out-pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Err(anyhow!(
+            "clock_gettime: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(u64::try_from(ts.tv_sec).context("clock")? * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).context("clock")?)
+}
+
+fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> serde_json::Value {
+    json!({
+        "protocol": k.protocol,
+        "service": endpoint(k.service()),
+        "peer": endpoint(k.peer()),
+        "origin": origin_name(v.origin),
+        "state": state_names(v.state),
+        "closing": state::is_closing(v.state),
+        "packets_from_peer": v.packets_from_peer,
+        "bytes_from_peer": v.bytes_from_peer,
+        "packets_to_peer": v.packets_to_peer,
+        "bytes_to_peer": v.bytes_to_peer,
+        "idle_ms": Duration::from_nanos(now.saturating_sub(v.last_seen_ns)).as_millis() as u64,
+        "age_ms": Duration::from_nanos(now.saturating_sub(v.first_seen_ns)).as_millis() as u64,
+    })
+}
+
+pub fn run_flows(uplink: &str, as_json: bool) -> Result<()> {
+    let pinned = Pinned::open(uplink)?;
+    let now = monotonic_ns()?;
+    let mut flows = pinned.flows()?;
+    flows.sort_by_key(|(_, v)| std::cmp::Reverse(v.last_seen_ns));
+    if as_json {
+        let list: Vec<_> = flows.iter().map(|(k, v)| flow_json(k, v, now)).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    println!(
+        "{:<5} {:<24} {:<24} {:<10} {:<22} {:>9} {:>9} {:>8}",
+        "proto", "service", "peer", "origin", "state", "pkts in", "pkts out", "idle"
+    );
+    for (k, v) in &flows {
+        let proto = match k.protocol {
+            6 => "tcp",
+            17 => "udp",
+            _ => "?",
+        };
+        let idle = Duration::from_nanos(now.saturating_sub(v.last_seen_ns));
+        println!(
+            "{:<5} {:<24} {:<24} {:<10} {:<22} {:>9} {:>9} {:>7.1}s",
+            proto,
+            endpoint(k.service()),
+            endpoint(k.peer()),
+            origin_name(v.origin),
+            state_names(v.state).join(","),
+            v.packets_from_peer,
+            v.packets_to_peer,
+            idle.as_secs_f64()
+        );
+    }
+    println!("{} flows", flows.len());
+    Ok(())
+}
