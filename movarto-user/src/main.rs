@@ -27,6 +27,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show or update the service's DNS records (RFC 2136 with TSIG).
+    Dns {
+        #[command(subcommand)]
+        command: movarto_user::dns::cli::DnsCommand,
+    },
 }
 
 #[derive(Serialize)]
@@ -86,6 +91,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { json } => check(json),
+        Command::Dns { command } => movarto_user::dns::cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
