@@ -19,6 +19,14 @@ use super::{
     key::TsigKey,
 };
 
+/// How an answer arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    /// After a truncated UDP answer.
+    Tcp,
+}
+
 /// The authoritative server of one zone, and how to authenticate to it.
 #[derive(Clone, Debug)]
 pub struct ZoneServer {
@@ -66,7 +74,17 @@ impl ZoneServer {
 
     /// Sends `message`, signed when `sign` and a key is configured, and returns the checked
     /// response. Error RCODEs become [`DnsError`]s.
-    pub fn exchange(&self, mut message: Message, sign: bool) -> Result<Message, DnsError> {
+    pub fn exchange(&self, message: Message, sign: bool) -> Result<Message, DnsError> {
+        self.exchange_with_transport(message, sign)
+            .map(|(response, _)| response)
+    }
+
+    /// [`Self::exchange`], also saying which transport carried the answer.
+    pub fn exchange_with_transport(
+        &self,
+        mut message: Message,
+        sign: bool,
+    ) -> Result<(Message, Transport), DnsError> {
         let mut verifier = match (&self.key, sign) {
             (Some(key), true) => {
                 let signer = key
@@ -83,13 +101,15 @@ impl ZoneServer {
             .map_err(|err| self.error(DnsErrorKind::Io(format!("encoding the request: {err}"))))?;
         let mut raw = self.udp(&request, message.id)?;
         let mut response = self.decode(&raw, message.id)?;
+        let mut transport = Transport::Udp;
         if response.truncation {
             tracing::debug!(server = %self.server, "UDP answer truncated; retrying over TCP");
             raw = self.tcp(&request)?;
             response = self.decode(&raw, message.id)?;
+            transport = Transport::Tcp;
         }
         self.check(&raw, &response, verifier.as_mut())?;
-        Ok(response)
+        Ok((response, transport))
     }
 
     fn udp(&self, request: &[u8], id: u16) -> Result<Vec<u8>, DnsError> {
