@@ -400,3 +400,99 @@ fn nxdomain_timeouts_and_tcp_fallback() {
         .expect("query");
     assert_eq!(transport, Transport::Udp);
 }
+
+/// How the fake server in [`forged_or_unsigned_responses_are_rejected`] answers.
+#[derive(Clone, Copy, Debug)]
+enum Forgery {
+    /// Signed with the right secret: the control case, accepted.
+    Genuine,
+    Unsigned,
+    WrongSecret,
+}
+
+/// A server that answers one signed UPDATE with NOERROR, signed correctly, unsigned, or signed
+/// with another secret. movarto believes only the first.
+#[test]
+fn forged_or_unsigned_responses_are_rejected() {
+    use hickory_proto::{
+        op::{Message, OpCode},
+        rr::{TSigResponseContext, TSigner, rdata::tsig::TsigAlgorithm},
+    };
+    require_root();
+    let bind = Bind9::start("forged").expect("named");
+    let real_secret = good_key(&bind).signer().expect("signer").key().to_vec();
+    for forgery in [Forgery::Genuine, Forgery::Unsigned, Forgery::WrongSecret] {
+        let real_secret = real_secret.clone();
+        let socket = movarto_tests::dns_server::in_netns(&bind.server_ns, || {
+            std::net::UdpSocket::bind((SERVER_IP, 5300)).expect("bind fake server")
+        });
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let fake = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let (len, peer) = socket.recv_from(&mut buf).expect("request");
+            let request = Message::from_vec(&buf[..len]).expect("decode request");
+            let mut response = Message::response(request.id, OpCode::Update);
+            response.queries = request.queries.clone();
+            let secret = match forgery {
+                Forgery::Genuine => Some(real_secret),
+                Forgery::WrongSecret => Some(b"not the secret".to_vec()),
+                Forgery::Unsigned => None,
+            };
+            if let Some(secret) = secret {
+                let request_mac = request
+                    .signature()
+                    .expect("signed request")
+                    .data
+                    .mac
+                    .clone();
+                let signer = TSigner::new(
+                    secret,
+                    TsigAlgorithm::HmacSha256,
+                    request.signature().expect("signed").name.clone(),
+                    300,
+                )
+                .expect("signer");
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_secs();
+                let tsig = TSigResponseContext::new(request.id, now, signer, request_mac, None)
+                    .sign(&response.to_vec().expect("encode"))
+                    .expect("sign");
+                response.set_signature(tsig);
+            }
+            socket
+                .send_to(&response.to_vec().expect("encode"), peer)
+                .expect("reply");
+        });
+        let mut server = ZoneServer::new(
+            format!("{SERVER_IP}:5300").parse().expect("addr"),
+            name(ZONE),
+            Some(good_key(&bind)),
+        );
+        server.timeout = Duration::from_secs(2);
+        let change = RrsetChange {
+            name: name(SERVICE),
+            record_type: RecordType::A,
+            current: vec![ip(HOME_V4)],
+            new: vec![ip(NEW_V4)],
+            ttl: 20,
+        };
+        let message = update_message(&server.zone, &[change]).expect("message");
+        let result = bind.in_client(|| server.exchange(message, true));
+        fake.join().expect("fake server");
+        let want = match forgery {
+            Forgery::Genuine => {
+                result.expect("a correctly signed answer is accepted");
+                continue;
+            }
+            Forgery::Unsigned => "UNSIGNED_RESPONSE",
+            Forgery::WrongSecret => "BAD_RESPONSE_SIGNATURE",
+        };
+        let err = result.expect_err("a forged answer must not be accepted");
+        assert_eq!(err.kind.code(), want, "{forgery:?}: {err}");
+        assert!(err.to_string().contains(":5300"), "{err}");
+    }
+}
