@@ -259,6 +259,20 @@ fn update_for_a_zone_the_server_does_not_serve_is_notauth() {
 }
 
 #[test]
+fn skewed_clock_is_badtime() {
+    require_root();
+    let bind = Bind9::start("badtime").expect("named");
+    let mut server = zone_server(&bind, Some(good_key(&bind)));
+    server.clock_skew_secs = -3600;
+    let err = bind
+        .in_client(|| records::set_ttl(&server, &name(SERVICE), 20, VERIFY))
+        .expect_err("BADTIME");
+    assert_eq!(dns_error(&err).kind.code(), "BADTIME", "{err:#}");
+    assert!(format!("{err:#}").contains("clocks differ"), "{err:#}");
+    assert_eq!(bind.dig_ttls(SERVICE, "A").expect("dig"), [INITIAL_TTL]);
+}
+
+#[test]
 fn prerequisite_fails_when_someone_else_changed_the_record() {
     require_root();
     let bind = Bind9::start("prereq").expect("named");

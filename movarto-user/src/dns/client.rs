@@ -35,6 +35,8 @@ pub struct ZoneServer {
     pub key: Option<TsigKey>,
     /// For each transport attempt.
     pub timeout: Duration,
+    /// Seconds added to the local clock when signing: 0 in use; tests set it to see BADTIME.
+    pub clock_skew_secs: i64,
 }
 
 impl ZoneServer {
@@ -46,6 +48,7 @@ impl ZoneServer {
             zone,
             key,
             timeout: Duration::from_secs(3),
+            clock_skew_secs: 0,
         }
     }
 
@@ -91,7 +94,10 @@ impl ZoneServer {
                     .signer()
                     .map_err(|err| self.error(DnsErrorKind::Io(format!("{err:#}"))))?;
                 message
-                    .finalize(&signer, unix_now())
+                    .finalize(
+                        &signer,
+                        unix_now().saturating_add_signed(self.clock_skew_secs),
+                    )
                     .map_err(|err| self.error(DnsErrorKind::Io(format!("signing: {err}"))))?
             }
             _ => None,
