@@ -348,6 +348,7 @@ fn ttl_is_lowered_before_the_move_and_restored_after() {
     assert!(out.contains("authoritative answer changed after"), "{out}");
     assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
     assert_eq!(bind.dig_ttls(SERVICE, "A").expect("dig"), [20]);
+    assert_eq!(bind.dig_ttls(SERVICE, "AAAA").expect("dig"), [20]);
 
     // Restore after the drain: raising the TTL needs no wait.
     let out = cli(

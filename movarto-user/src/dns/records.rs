@@ -148,8 +148,7 @@ pub fn replace_addresses(
         if !touched {
             continue;
         }
-        let current_ttl = before.rrset(record_type).ttl;
-        let ttl = ttl.unwrap_or(if current_ttl == 0 { 300 } else { current_ttl });
+        let ttl = ttl.unwrap_or_else(|| default_ttl(&before, record_type));
         changes.push(RrsetChange {
             name: name.clone(),
             record_type,
@@ -197,6 +196,21 @@ pub fn set_ttl(
     Ok((report, old_ttl))
 }
 
+/// The RRset's own TTL; for a new RRset, the other family's (it may have been lowered), else
+/// BIND's usual 300 s.
+fn default_ttl(before: &ServiceRecords, record_type: RecordType) -> u32 {
+    let own = before.rrset(record_type);
+    let other = if record_type == RecordType::A {
+        &before.aaaa
+    } else {
+        &before.a
+    };
+    [own, other]
+        .into_iter()
+        .find(|r| !r.addresses.is_empty())
+        .map_or(300, |r| r.ttl)
+}
+
 fn of_type(addrs: &[IpAddr], record_type: RecordType) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = addrs
         .iter()
@@ -217,7 +231,7 @@ fn apply(
     verify_timeout: Duration,
 ) -> Result<UpdateReport> {
     let message = update_message(&server.zone, changes)?;
-    tracing::info!(server = %server.server, zone = %server.zone, %name, ?changes, "sending signed DNS UPDATE");
+    tracing::debug!(server = %server.server, zone = %server.zone, %name, ?changes, "sending signed DNS UPDATE");
     server.exchange(message, true)?;
     let expected: Vec<Rrset> = changes
         .iter()
@@ -286,5 +300,51 @@ pub fn verify(
             .context("verifying the update on the authoritative server");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(a: (u32, &[&str]), aaaa: (u32, &[&str])) -> ServiceRecords {
+        let rrset = |rt: &str, (ttl, addrs): (u32, &[&str])| Rrset {
+            record_type: rt.into(),
+            ttl,
+            addresses: addrs.iter().map(|a| a.parse().expect("ip")).collect(),
+        };
+        ServiceRecords {
+            name: "svc.example.test.".into(),
+            zone: "example.test.".into(),
+            server: "192.0.2.53:53".into(),
+            serial: 1,
+            a: rrset("A", a),
+            aaaa: rrset("AAAA", aaaa),
+        }
+    }
+
+    #[test]
+    fn new_rrsets_inherit_the_lowered_ttl_of_the_other_family() {
+        let before = records((20, &["198.51.100.10"]), (0, &[]));
+        assert_eq!(default_ttl(&before, RecordType::A), 20);
+        assert_eq!(default_ttl(&before, RecordType::AAAA), 20);
+        let nothing = records((0, &[]), (0, &[]));
+        assert_eq!(default_ttl(&nothing, RecordType::AAAA), 300);
+    }
+
+    #[test]
+    fn addresses_split_by_family_sorted_and_deduplicated() {
+        let addrs: Vec<IpAddr> = ["203.0.113.2", "2001:db8::1", "203.0.113.1", "203.0.113.2"]
+            .iter()
+            .map(|a| a.parse().expect("ip"))
+            .collect();
+        assert_eq!(
+            of_type(&addrs, RecordType::A),
+            [
+                "203.0.113.1".parse::<IpAddr>().expect("ip"),
+                "203.0.113.2".parse().expect("ip")
+            ]
+        );
+        assert_eq!(of_type(&addrs, RecordType::AAAA).len(), 1);
     }
 }
