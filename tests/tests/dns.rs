@@ -375,6 +375,15 @@ fn nxdomain_timeouts_and_tcp_fallback() {
     assert_eq!(err.kind.code(), "NXDOMAIN", "{err}");
     assert!(err.to_string().contains("does not exist"), "{err}");
 
+    // A zone the server does not serve: the read is refused, and the message says why.
+    let elsewhere = ZoneServer::new(bind.server_addr(), name("other.test."), None);
+    let err = bind
+        .in_client(|| records::show(&elsewhere, &name("svc.other.test.")))
+        .expect_err("REFUSED");
+    assert_eq!(err.kind.code(), "REFUSED", "{err}");
+    assert!(err.to_string().contains("refused the query"), "{err}");
+    assert!(err.to_string().contains("zone other.test."), "{err}");
+
     // Nobody answers at this address.
     let mut silent = ZoneServer::new(
         "192.0.2.99:53".parse().expect("addr"),

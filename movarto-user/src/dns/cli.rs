@@ -78,7 +78,8 @@ pub struct UpdateArgs {
     /// New addresses (repeat for several; IPv4 goes to A, IPv6 to AAAA).
     #[arg(long)]
     pub to: Vec<IpAddr>,
-    /// Addresses the records must still hold (the RFC 2136 prerequisite).
+    /// Addresses the records must still hold (the RFC 2136 prerequisite). A family given
+    /// here but not in --to is deleted.
     #[arg(long, requires = "to")]
     pub from: Vec<IpAddr>,
     /// TTL in seconds of the records after the update.

@@ -10,7 +10,7 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Message, MessageType, ResponseCode},
+    op::{Message, MessageType, OpCode, ResponseCode},
     rr::{Name, TSigVerifier},
 };
 
@@ -222,6 +222,9 @@ impl ZoneServer {
         }
         match response.response_code {
             ResponseCode::NoError => Ok(()),
+            rcode if response.op_code != OpCode::Update && rcode == ResponseCode::Refused => {
+                Err(self.error(DnsErrorKind::QueryRefused))
+            }
             rcode => Err(self.rcode_error(rcode)),
         }
     }

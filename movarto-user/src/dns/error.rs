@@ -29,6 +29,8 @@ pub enum DnsErrorKind {
         rcode: ResponseCode,
         tsig: Option<TsigError>,
     },
+    /// A query was refused: the server does not serve the zone to this client.
+    QueryRefused,
     /// An RFC 2136 prerequisite did not hold: someone else changed the records.
     /// The server applied nothing.
     PrerequisiteFailed { rcode: ResponseCode },
@@ -67,6 +69,7 @@ impl DnsErrorKind {
                 ResponseCode::FormErr => "FORMERR",
                 _ => "RCODE",
             },
+            Self::QueryRefused => "REFUSED",
             Self::PrerequisiteFailed { .. } => "PREREQUISITE_FAILED",
             Self::UnsignedResponse => "UNSIGNED_RESPONSE",
             Self::BadResponseSignature(_) => "BAD_RESPONSE_SIGNATURE",
@@ -125,6 +128,10 @@ impl fmt::Display for DnsErrorKind {
                 }
                 other => write!(f, "the server answered {}", rcode_name(*other)),
             },
+            Self::QueryRefused => write!(
+                f,
+                "the server refused the query (REFUSED): it does not serve this zone to this client; check --zone and --server"
+            ),
             Self::PrerequisiteFailed { rcode } => write!(
                 f,
                 "prerequisite failed ({}): the records are no longer what movarto expected (someone else changed them); the server changed nothing",
