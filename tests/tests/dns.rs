@@ -273,6 +273,45 @@ fn skewed_clock_is_badtime() {
 }
 
 #[test]
+fn families_in_from_but_not_to_are_deleted_others_left_alone() {
+    require_root();
+    let bind = Bind9::start("families").expect("named");
+    let server = zone_server(&bind, Some(good_key(&bind)));
+    // Only A is named: AAAA stays.
+    bind.in_client(|| {
+        records::replace_addresses(
+            &server,
+            &name(SERVICE),
+            Some(&[ip(HOME_V4)]),
+            &[ip(NEW_V4)],
+            None,
+            Instant::now(),
+            VERIFY,
+        )
+    })
+    .expect("A only");
+    assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
+    assert_eq!(bind.dig(SERVICE, "AAAA").expect("dig"), [HOME_V6]);
+    // AAAA is named in --from but not in --to: it goes.
+    let report = bind
+        .in_client(|| {
+            records::replace_addresses(
+                &server,
+                &name(SERVICE),
+                Some(&[ip(NEW_V4), ip(HOME_V6)]),
+                &[ip(NEW_V4)],
+                None,
+                Instant::now(),
+                VERIFY,
+            )
+        })
+        .expect("delete AAAA");
+    assert!(report.after.aaaa.addresses.is_empty());
+    assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
+    assert!(bind.dig(SERVICE, "AAAA").expect("dig").is_empty());
+}
+
+#[test]
 fn prerequisite_fails_when_someone_else_changed_the_record() {
     require_root();
     let bind = Bind9::start("prereq").expect("named");
