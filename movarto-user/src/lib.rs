@@ -1,2 +1,3 @@
 //! movarto's manager. Split by concern; this foundation has the datapath loader.
 pub mod datapath;
+pub mod dns;

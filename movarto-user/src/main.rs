@@ -49,6 +49,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show or update the service's DNS records (RFC 2136 with TSIG).
+    Dns {
+        #[command(subcommand)]
+        command: movarto_user::dns::cli::DnsCommand,
+    },
 }
 
 #[derive(Serialize)]
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
         Command::Status { uplink, json } => datapath::cli::run_status(&uplink, json),
         Command::Flows { uplink, json } => datapath::cli::run_flows(&uplink, json),
         Command::Mode { uplink, mode } => datapath::cli::run_mode(&uplink, mode),
+        Command::Dns { command } => movarto_user::dns::cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

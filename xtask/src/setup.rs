@@ -21,6 +21,8 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "bind9",
     "bind9-utils",
+    // dig and nsupdate: the DNS tests check records and make concurrent changes with them.
+    "bind9-dnsutils",
     "iperf3",
     "openvpn",
     "curl",

@@ -1,0 +1,20 @@
+//! DNS: switching the service's name to the new site with RFC 2136 dynamic updates signed
+//! with TSIG, against the zone's authoritative server.
+//!
+//! - [`key`]: TSIG keys from BIND key files or nsupdate's `-y`;
+//! - [`message`]: UPDATE and query messages (hickory-proto);
+//! - [`client`]: UDP with TCP fallback, signing and response verification;
+//! - [`records`]: show, atomic replace, TTL lowering/restoring, verification;
+//! - [`error`]: failures that name the server, zone and key;
+//! - [`cli`]: `movarto-user dns show|update`.
+
+pub mod cli;
+pub mod client;
+pub mod error;
+pub mod key;
+pub mod message;
+pub mod records;
+
+pub use client::ZoneServer;
+pub use error::{DnsError, DnsErrorKind};
+pub use key::TsigKey;
