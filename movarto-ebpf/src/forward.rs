@@ -48,7 +48,13 @@ pub fn from_tunnel(
 ) -> Result<Outcome, Counter> {
     tunnel::decapsulate(ctx, cfg, outer)?;
     let mut inner = parse::Packet::EMPTY;
-    if parse::parse_frame(ctx.data(), ctx.data_end(), &mut inner) != Ok(true) {
+    if parse::parse_frame(
+        ctx.data(),
+        ctx.data_end(),
+        ctx.data_end() - ctx.data(),
+        &mut inner,
+    ) != Ok(true)
+    {
         return Err(Counter::DropGueMalformed);
     }
     if inner.family != cfg.service_family || inner.src_addr != cfg.home_addr {

@@ -37,7 +37,12 @@ use crate::{
 #[xdp]
 pub fn uplink_ingress(ctx: XdpContext) -> u32 {
     let mut pkt = Packet::EMPTY;
-    match parse_counted(ctx.data(), ctx.data_end(), &mut pkt) {
+    match parse_counted(
+        ctx.data(),
+        ctx.data_end(),
+        ctx.data_end() - ctx.data(),
+        &mut pkt,
+    ) {
         Parsed::Ip => {}
         Parsed::NonIp => return xdp_action::XDP_PASS,
         Parsed::Malformed => return xdp_action::XDP_DROP,
@@ -101,7 +106,7 @@ fn receive_to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Encoded 
 #[classifier]
 pub fn vm_ingress(ctx: TcContext) -> i32 {
     let mut pkt = Packet::EMPTY;
-    match parse_counted(ctx.data(), ctx.data_end(), &mut pkt) {
+    match parse_counted(ctx.data(), ctx.data_end(), ctx.len() as usize, &mut pkt) {
         Parsed::Ip => {}
         Parsed::NonIp => return TC_ACT_OK,
         Parsed::Malformed => return TC_ACT_SHOT,
@@ -159,9 +164,9 @@ enum Parsed {
 
 /// Parses the frame into `pkt` and counts it: non-IP frames are passed, malformed ones dropped.
 #[inline(always)]
-fn parse_counted(data: usize, data_end: usize, pkt: &mut Packet) -> Parsed {
+fn parse_counted(data: usize, data_end: usize, frame_len: usize, pkt: &mut Packet) -> Parsed {
     counters::bump(Counter::Packets);
-    match parse::parse_frame(data, data_end, pkt) {
+    match parse::parse_frame(data, data_end, frame_len, pkt) {
         Ok(true) => {
             counters::bump(pkt.l4.counter());
             Parsed::Ip

@@ -170,12 +170,21 @@ fn be16(b0: u8, b1: u8) -> u16 {
     u16::from_be_bytes([b0, b1])
 }
 
-/// Parses the frame in `[data, data_end)` into `pkt`: `Ok(true)` for an IP
+/// Parses the frame in `[data, data_end)` into `pkt`. `frame_len` is the
+/// whole frame: for an skb only the linear part lies before `data_end` (a GSO
+/// packet from the VM is mostly in page fragments), and the IP length is
+/// checked against the whole, while headers are read from the linear part.
+/// `Ok(true)` for an IP
 /// packet (then `pkt` is filled), `Ok(false)` for a frame that is not IP.
 /// Filling the caller's `Packet` keeps a single copy on the stack.
 #[inline(always)]
-pub fn parse_frame(data: usize, data_end: usize, pkt: &mut Packet) -> Result<bool, ParseError> {
-    match parse_into(data, data_end, pkt) {
+pub fn parse_frame(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+    pkt: &mut Packet,
+) -> Result<bool, ParseError> {
+    match parse_into(data, data_end, frame_len, pkt) {
         STATUS_IP => Ok(true),
         STATUS_NON_IP => Ok(false),
         code => Err(ParseError::from_status(code)),
@@ -190,8 +199,8 @@ const STATUS_ERROR: u32 = 2;
 /// and its locals need their own stack frame. It returns a scalar status and
 /// fills `out`, since a BPF call returns one register.
 #[inline(never)]
-fn parse_into(data: usize, data_end: usize, out: *mut Packet) -> u32 {
-    match parse_any(data, data_end) {
+fn parse_into(data: usize, data_end: usize, frame_len: usize, out: *mut Packet) -> u32 {
+    match parse_any(data, data_end, frame_len) {
         Ok(Frame::Ip(pkt)) => {
             // SAFETY: `out` points at the caller's Packet.
             unsafe { out.write(pkt) };
@@ -203,17 +212,17 @@ fn parse_into(data: usize, data_end: usize, out: *mut Packet) -> u32 {
 }
 
 #[inline(always)]
-fn parse_any(data: usize, data_end: usize) -> Result<Frame, ParseError> {
+fn parse_any(data: usize, data_end: usize, frame_len: usize) -> Result<Frame, ParseError> {
     let eth = bytes::<ETH_HLEN>(data, data_end, 0)?;
     match be16(eth[12], eth[13]) {
-        ETH_P_IP => parse_ipv4(data, data_end).map(Frame::Ip),
-        ETH_P_IPV6 => parse_ipv6(data, data_end).map(Frame::Ip),
+        ETH_P_IP => parse_ipv4(data, data_end, frame_len).map(Frame::Ip),
+        ETH_P_IPV6 => parse_ipv6(data, data_end, frame_len).map(Frame::Ip),
         _ => Ok(Frame::NonIp),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(data: usize, data_end: usize) -> Result<Packet, ParseError> {
+fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, ParseError> {
     let ip = bytes::<IPV4_MIN_HLEN>(data, data_end, ETH_HLEN)?;
     if ip[0] >> 4 != 4 {
         return Err(ParseError::BadIpHeader);
@@ -224,7 +233,7 @@ fn parse_ipv4(data: usize, data_end: usize) -> Result<Packet, ParseError> {
         return Err(ParseError::BadIpHeader);
     }
     let l3_end = ETH_HLEN + total_len;
-    if data + l3_end > data_end {
+    if l3_end > frame_len {
         return Err(ParseError::Truncated);
     }
     let mut pkt = Packet {
@@ -250,14 +259,14 @@ fn parse_ipv4(data: usize, data_end: usize) -> Result<Packet, ParseError> {
 }
 
 #[inline(always)]
-fn parse_ipv6(data: usize, data_end: usize) -> Result<Packet, ParseError> {
+fn parse_ipv6(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, ParseError> {
     let ip = bytes::<IPV6_HLEN>(data, data_end, ETH_HLEN)?;
     if ip[0] >> 4 != 6 {
         return Err(ParseError::BadIpHeader);
     }
     let ip_len = IPV6_HLEN + usize::from(be16(ip[4], ip[5]));
     let l3_end = ETH_HLEN + ip_len;
-    if data + l3_end > data_end {
+    if l3_end > frame_len {
         return Err(ParseError::Truncated);
     }
     let mut pkt = Packet {

@@ -49,7 +49,13 @@ pub fn to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outco
 pub fn from_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
     tunnel::decapsulate(ctx, cfg, pkt)?;
     let mut inner = parse::Packet::EMPTY;
-    if parse::parse_frame(ctx.data(), ctx.data_end(), &mut inner) != Ok(true) {
+    if parse::parse_frame(
+        ctx.data(),
+        ctx.data_end(),
+        ctx.data_end() - ctx.data(),
+        &mut inner,
+    ) != Ok(true)
+    {
         return Err(Counter::DropGueMalformed);
     }
     // The tunnel carries traffic for the service only.

@@ -108,18 +108,12 @@ fn write_outer(h: &mut [u8; GUE_OVERHEAD_IPV4], cfg: &Config, inner: &Inner, ip_
     h[32..40].copy_from_slice(&cfg.token.to_be_bytes());
 }
 
-/// Whether an inner packet of `ip_len` bytes fits the tunnel. For a GSO
-/// super-packet (from the VM, with offloads on) each segment must fit:
-/// `gso_size` payload plus the inner headers.
+/// Whether an inner packet fits the tunnel. A GSO super-packet from the VM
+/// always does: `bpf_skb_adjust_room` lowers its `gso_size` by the headers it
+/// adds, so every segment comes out at most the size it was meant to be.
 #[inline(always)]
 fn fits(cfg: &Config, pkt: &Packet, gso_size: u32) -> bool {
-    let inner = if gso_size == 0 {
-        pkt.ip_len
-    } else {
-        // Inner IP + TCP headers, with room for TCP options.
-        (pkt.l4_offset - ETH_HLEN) + 60 + gso_size as usize
-    };
-    GUE_OVERHEAD_IPV4 + inner <= usize::from(cfg.tunnel_mtu)
+    gso_size != 0 || GUE_OVERHEAD_IPV4 + pkt.ip_len <= usize::from(cfg.tunnel_mtu)
 }
 
 /// XDP: wraps the IP packet of the frame in outer IPv4/UDP/GUE from this

@@ -219,6 +219,32 @@ impl Pinned {
         Ok(CounterSnapshot::from_values(values))
     }
 
+    /// Removes the flows expired at `now_ns` (CLOCK_MONOTONIC, the datapath's
+    /// clock) under the timeouts of `movarto_common::flow::timeout`; returns them.
+    pub fn sweep(
+        &mut self,
+        now_ns: u64,
+        established_idle_ns: u64,
+    ) -> Result<Vec<(FlowKey, FlowValue)>> {
+        let expired: Vec<_> = self
+            .flows()?
+            .into_iter()
+            .filter(|(k, v)| v.is_expired(k.protocol, now_ns, established_idle_ns))
+            .collect();
+        for (key, _) in &expired {
+            // A flow that went away meanwhile (LRU) is as good as removed.
+            let _ = self.flows.remove(key);
+        }
+        Ok(expired)
+    }
+
+    /// Detaches the VM-facing program (the VM has left this site): with
+    /// TCX a stale program that passes would end the chain for the next one.
+    pub fn release_vm_iface(&self) -> Result<()> {
+        let path = self.dir.join(VM_LINK);
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
+    }
+
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
         self.flows
             .iter()

@@ -274,7 +274,7 @@ fn endpoint(e: Option<(IpAddr, u16)>) -> String {
 }
 
 /// Nanoseconds on CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> Result<u64> {
+pub fn monotonic_ns() -> Result<u64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
