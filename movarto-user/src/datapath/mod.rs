@@ -93,6 +93,16 @@ impl Datapath {
         CounterSnapshot::read(map)
     }
 
+    /// Attaches the uplink program to `iface` for as long as this value lives
+    /// (not pinned). In mode `idle` it passes everything, which also makes a
+    /// veth deliver frames that XDP on its peer sends into it.
+    pub fn attach_xdp(&mut self, iface: &str, mode: aya::programs::XdpMode) -> Result<()> {
+        let xdp: &mut Xdp = program_mut(&mut self.ebpf, UPLINK_INGRESS)?;
+        xdp.attach(iface, mode)
+            .with_context(|| format!("attaching XDP to {iface}"))?;
+        Ok(())
+    }
+
     /// Writes the site configuration; the programs use it from their next packet.
     pub fn set_config(&mut self, site: &SiteConfig) -> Result<()> {
         let config = site.to_map()?;
