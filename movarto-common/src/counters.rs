@@ -52,7 +52,8 @@ pub enum Counter {
     /// Drop: GUE that is not movarto's format (version, hlen, flags, proto,
     /// outer IPv4 options or fragments, or an inner packet that fails to parse).
     DropGueMalformed,
-    /// Drop: the encapsulated packet would exceed the tunnel MTU.
+    /// Drop: the encapsulated packet would exceed the tunnel MTU and no ICMP
+    /// could be sent for it (IPv6 for now, or a frame too short to quote).
     DropTooBig,
     /// Drop: no route, or the route's neighbour is not resolved yet.
     DropNoRoute,
@@ -62,10 +63,12 @@ pub enum Counter {
     NatIn,
     /// From `H` on a NAT flow, source rewritten to `N` (site B); then passed.
     NatOut,
+    /// Verdict: too big for the tunnel, answered with ICMP fragmentation-needed.
+    IcmpTooBig,
 }
 
 /// Number of slots in the counter array.
-pub const COUNTER_COUNT: u32 = Counter::NatOut as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::IcmpTooBig as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -96,6 +99,7 @@ impl Counter {
         Counter::DropResizeFailed,
         Counter::NatIn,
         Counter::NatOut,
+        Counter::IcmpTooBig,
     ];
 
     /// Stable snake_case name, used in `status` output and JSON.
@@ -127,6 +131,7 @@ impl Counter {
             Counter::DropResizeFailed => "drop_resize_failed",
             Counter::NatIn => "nat_in",
             Counter::NatOut => "nat_out",
+            Counter::IcmpTooBig => "icmp_too_big",
         }
     }
 

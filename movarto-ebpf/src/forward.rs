@@ -10,6 +10,7 @@ use movarto_common::{
 
 use crate::{
     flows::{self, Direction},
+    icmp,
     outcome::Outcome,
     parse, route, tunnel,
 };
@@ -22,6 +23,15 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
     }
     // Pre-move flows and stale-DNS newcomers alike.
     flows::record(pkt, Direction::FromPeer, origin::STALE_DNS);
+    if !tunnel::fits(cfg, pkt, 0) {
+        if pkt.family == family::IPV4 {
+            return Ok(Outcome::Sent(
+                icmp::too_big_v4(ctx, cfg.tunnel_mtu)?,
+                Counter::IcmpTooBig,
+            ));
+        }
+        return Err(Counter::DropTooBig);
+    }
     tunnel::encapsulate(ctx, cfg, pkt, true)?;
     let hop = route::lookup(
         ctx.ctx as *mut c_void,

@@ -6,6 +6,7 @@
 mod counters;
 mod flows;
 mod forward;
+mod icmp;
 mod maps;
 mod mss;
 mod nat;

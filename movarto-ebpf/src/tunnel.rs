@@ -112,7 +112,7 @@ fn write_outer(h: &mut [u8; GUE_OVERHEAD_IPV4], cfg: &Config, inner: &Inner, ip_
 /// always does: `bpf_skb_adjust_room` lowers its `gso_size` by the headers it
 /// adds, so every segment comes out at most the size it was meant to be.
 #[inline(always)]
-fn fits(cfg: &Config, pkt: &Packet, gso_size: u32) -> bool {
+pub fn fits(cfg: &Config, pkt: &Packet, gso_size: u32) -> bool {
     gso_size != 0 || GUE_OVERHEAD_IPV4 + pkt.ip_len <= usize::from(cfg.tunnel_mtu)
 }
 

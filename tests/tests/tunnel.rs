@@ -22,6 +22,7 @@ use movarto_user::datapath::{Datapath, SiteConfig};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const TA: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -339,7 +340,7 @@ fn forward_leaves_other_traffic_alone() {
 }
 
 #[test]
-fn forward_drops_what_would_exceed_the_tunnel_mtu() {
+fn too_big_for_the_tunnel_is_answered_with_icmp_frag_needed() {
     require_root();
     let s = site(TA, TB, TB_MAC);
     let _in = s.ns.enter().expect("enter");
@@ -348,12 +349,48 @@ fn forward_drops_what_would_exceed_the_tunnel_mtu() {
     assert_eq!(run(&dp, &fits).0, XDP_REDIRECT);
     let big = client_to_home4(&vec![1; 1500 - 40 - 40 + 1]);
     let before = dp.counters().expect("counters");
-    assert_eq!(run(&dp, &big).0, XDP_DROP);
+    let (ret, out) = run(&dp, &big);
+    assert_eq!(ret, XDP_TX, "back where it came from");
     let after = dp.counters().expect("counters");
     assert_eq!(
-        after.get(Counter::DropTooBig) - before.get(Counter::DropTooBig),
+        after.get(Counter::IcmpTooBig) - before.get(Counter::IcmpTooBig),
         1
     );
+    assert_eq!(
+        after.get(Counter::TunnelOut),
+        before.get(Counter::TunnelOut)
+    );
+
+    // Addressed back to the sender's MAC, from H to the client.
+    assert_eq!(&out[..6], &big[6..12]);
+    assert_eq!(&out[6..12], &big[..6]);
+    let sliced = etherparse::SlicedPacket::from_ethernet(&out).expect("parse ICMP");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
+        panic!("not IPv4")
+    };
+    let h = ip.header().to_header();
+    assert_eq!(
+        h.header_checksum,
+        h.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
+    assert_eq!((h.source, h.destination), (HOME4, PEER4));
+    let Some(etherparse::TransportSlice::Icmpv4(icmp)) = sliced.transport else {
+        panic!("not ICMP")
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1460 }
+        )
+    );
+    assert_eq!(
+        icmp.checksum(),
+        icmp.icmp_type().calc_checksum(icmp.payload()),
+        "ICMP checksum"
+    );
+    // The quote: the offending packet's IP header and the first 64 bytes after it.
+    assert_eq!(icmp.payload(), &big[14..14 + 20 + 64]);
 }
 
 /// bpf_fib_lookup refuses (FWD_DISABLED) on a device that doesn't forward,

@@ -1,0 +1,92 @@
+//! ICMP "fragmentation needed" for IPv4 packets too big for the tunnel
+//! (Katran's approach): the frame is cut to its first bytes, an IPv4 + ICMP
+//! header is put in front, and it goes back where it came from with the MTU
+//! the sender must use. Connections opened while tracking never need it
+//! (their MSS was clamped); older ones learn the path MTU this way.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use movarto_common::{checksum, counters::Counter, gue::GUE_OVERHEAD_IPV4, net::ETH_HLEN};
+
+use crate::parse::bytes_mut;
+
+/// What is kept of the offending frame: Ethernet, then the IP header and
+/// 64 bytes after it are quoted (RFC 1812 asks for at least 8).
+const KEEP: usize = ETH_HLEN + 20 + 64;
+/// New IPv4 + ICMP headers.
+const PREPEND: usize = 20 + 8;
+/// ICMP header and quoted bytes, what the ICMP checksum covers (a multiple of 4).
+const ICMP_LEN: usize = 8 + 20 + 64;
+const FRAME: usize = ETH_HLEN + 20 + ICMP_LEN;
+
+/// Turns the frame into an ICMP frag-needed to its sender, from the address
+/// it was sent to, announcing `tunnel_mtu` minus the tunnel's overhead.
+#[inline(always)]
+pub fn too_big_v4(ctx: &XdpContext, tunnel_mtu: u16) -> Result<u32, Counter> {
+    let frame_len = ctx.data_end() - ctx.data();
+    if frame_len < KEEP {
+        return Err(Counter::DropTooBig);
+    }
+    // SAFETY: plain helper calls on our own context.
+    let trimmed = unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((frame_len - KEEP) as i32)) };
+    if trimmed != 0 || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(PREPEND as i32)) } != 0 {
+        return Err(Counter::DropResizeFailed);
+    }
+    let f =
+        bytes_mut::<FRAME>(ctx.data(), ctx.data_end(), 0).map_err(|_| Counter::DropResizeFailed)?;
+    // The old Ethernet header now sits at PREPEND: answer from its destination to its source.
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&f[PREPEND + 6..PREPEND + 12]);
+    macs[6..].copy_from_slice(&f[PREPEND..PREPEND + 6]);
+    f[..12].copy_from_slice(&macs);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let quoted = ETH_HLEN + PREPEND;
+    let mut addrs = [0u8; 8];
+    addrs.copy_from_slice(&f[quoted + 12..quoted + 20]);
+
+    let ip = ETH_HLEN;
+    f[ip] = 0x45;
+    f[ip + 1] = 0;
+    f[ip + 2..ip + 4].copy_from_slice(&((20 + ICMP_LEN) as u16).to_be_bytes());
+    f[ip + 4..ip + 10].copy_from_slice(&[0, 0, 0, 0, 64, 1]);
+    f[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    f[ip + 12..ip + 16].copy_from_slice(&addrs[4..8]); // from the original destination
+    f[ip + 16..ip + 20].copy_from_slice(&addrs[..4]); // to the original source
+
+    let icmp = ip + 20;
+    let mtu = tunnel_mtu.saturating_sub(GUE_OVERHEAD_IPV4 as u16);
+    f[icmp..icmp + 8].copy_from_slice(&[3, 4, 0, 0, 0, 0, 0, 0]);
+    f[icmp + 6..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
+
+    let icmp_sum = sum(&mut f[icmp..icmp + ICMP_LEN])?;
+    f[icmp + 2..icmp + 4].copy_from_slice(&icmp_sum.to_be_bytes());
+    let ip_sum = sum(&mut f[ip..ip + 20])?;
+    f[ip + 10..ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
+    Ok(xdp_action::XDP_TX)
+}
+
+/// The Internet checksum of `bytes` (a multiple of 4 long), computed by the
+/// kernel over packet memory so nothing is copied to the stack.
+#[inline(always)]
+fn sum(bytes: &mut [u8]) -> Result<u16, Counter> {
+    // SAFETY: `bytes` is packet memory of the given, verified length.
+    let partial = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            bytes.as_mut_ptr() as *mut c_void as *mut u32,
+            bytes.len() as u32,
+            0,
+        )
+    };
+    if partial < 0 {
+        return Err(Counter::DropResizeFailed);
+    }
+    // The helper returns a 32-bit one's-complement sum; fold it as the network order value.
+    Ok(u16::from_be(checksum::fold(partial as u32)))
+}
