@@ -54,6 +54,11 @@ enum Command {
         #[command(subcommand)]
         command: movarto_user::dns::cli::DnsCommand,
     },
+    /// Start, stop or inspect a QEMU VM described by a TOML spec.
+    Vm {
+        #[command(subcommand)]
+        command: movarto_user::qemu::VmCommand,
+    },
 }
 
 #[derive(Serialize)]
@@ -119,6 +124,7 @@ fn main() -> ExitCode {
         Command::Flows { uplink, json } => datapath::cli::run_flows(&uplink, json),
         Command::Mode { uplink, mode } => datapath::cli::run_mode(&uplink, mode),
         Command::Dns { command } => movarto_user::dns::cli::run(command),
+        Command::Vm { command } => movarto_user::qemu::cli(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's setup and test entry points.
 
+mod guest;
 mod run;
 mod setup;
 mod test;
@@ -25,6 +26,8 @@ enum Task {
     },
     /// Run setup, formatting and lint checks, unit tests and the root-only integration tests.
     Test,
+    /// Build the test guest (Debian kernel, busybox initramfs, test server) into target/guest/.
+    Guest,
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         Task::Setup { check: false } => setup::run().map(|_| ()),
         Task::Setup { check: true } => setup::check(),
         Task::Test => test::run(),
+        Task::Guest => guest::build(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,12 +8,18 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use crate::{
+    guest,
     run::{cargo, describe, nightly_cargo, status},
     setup,
 };
 
 /// Packages whose unit tests need no privileges.
-const UNIT_TEST_PACKAGES: &[&str] = &["movarto-common", "movarto-user", "xtask"];
+const UNIT_TEST_PACKAGES: &[&str] = &[
+    "movarto-common",
+    "movarto-user",
+    "xtask",
+    "movarto-guest-server",
+];
 /// The integration-test crate; its tests need root and never skip.
 const ROOT_TEST_PACKAGE: &str = "movarto-tests";
 
@@ -37,16 +43,16 @@ pub fn run() -> Result<()> {
     let mut root_tests = cargo();
     root_tests.args(["test", "--no-fail-fast", "-p", ROOT_TEST_PACKAGE]);
 
-    let stages: Vec<(&str, Command)> = vec![
+    let stages: Vec<(&str, Stage)> = vec![
         ("rustfmt", {
             let mut c = cargo();
             c.args(["fmt", "--all", "--check"]);
-            c
+            c.into()
         }),
         ("clippy (userspace)", {
             let mut c = cargo();
             c.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
-            c
+            c.into()
         }),
         ("clippy (eBPF)", {
             let mut c = nightly_cargo();
@@ -63,16 +69,26 @@ pub fn run() -> Result<()> {
                 "-D",
                 "warnings",
             ]);
-            c
+            c.into()
         }),
-        ("unit tests", unit),
-        ("root-only integration tests", root_tests),
+        ("unit tests", unit.into()),
+        // The QEMU tests boot it; cached, so this is instant after the first time.
+        ("test guest", Stage::Task(guest_stage)),
+        ("root-only integration tests", root_tests.into()),
     ];
 
-    for (name, mut cmd) in stages {
-        println!("\n==> {name}: {}", describe(&cmd));
+    for (name, stage) in stages {
         let started = Instant::now();
-        status(&mut cmd).with_context(|| format!("stage `{name}` failed"))?;
+        match stage {
+            Stage::Command(mut cmd) => {
+                println!("\n==> {name}: {}", describe(&cmd));
+                status(&mut cmd).with_context(|| format!("stage `{name}` failed"))?;
+            }
+            Stage::Task(task) => {
+                println!("\n==> {name}");
+                task().with_context(|| format!("stage `{name}` failed"))?;
+            }
+        }
         timeline.push((name.to_owned(), started.elapsed()));
     }
 
@@ -81,4 +97,20 @@ pub fn run() -> Result<()> {
         println!("  {name:<30} {:>7.1} s", took.as_secs_f64());
     }
     Ok(())
+}
+
+/// A stage is an external command or a task of xtask's own.
+enum Stage {
+    Command(Command),
+    Task(fn() -> Result<()>),
+}
+
+impl From<Command> for Stage {
+    fn from(cmd: Command) -> Self {
+        Self::Command(cmd)
+    }
+}
+
+fn guest_stage() -> Result<()> {
+    guest::build()
 }

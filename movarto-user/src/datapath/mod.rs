@@ -38,6 +38,28 @@ pub const CONFIG_MAP: &str = "CONFIG";
 /// The flow map.
 pub const FLOWS_MAP: &str = "FLOWS";
 
+/// How often a program load interrupted by a signal is tried again.
+const LOAD_ATTEMPTS: usize = 5;
+
+/// The verifier gives up with EAGAIN when a signal arrives mid-verification
+/// (a busy process gets SIGCHLD and timers); libbpf retries such loads too.
+fn retry_interrupted(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                tracing::debug!(attempt, "program load interrupted; retrying");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The datapath loaded into the kernel (verified), not yet attached anywhere.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -50,10 +72,10 @@ impl Datapath {
             .load(EBPF_OBJECT)
             .context("loading the movarto eBPF object (are you root, with BTF-enabled kernel?)")?;
         let xdp: &mut Xdp = program_mut(&mut ebpf, UPLINK_INGRESS)?;
-        xdp.load()
+        retry_interrupted(|| xdp.load())
             .with_context(|| format!("the verifier rejected {UPLINK_INGRESS}"))?;
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, VM_INGRESS)?;
-        tc.load()
+        retry_interrupted(|| tc.load())
             .with_context(|| format!("the verifier rejected {VM_INGRESS}"))?;
         Ok(Self { ebpf })
     }

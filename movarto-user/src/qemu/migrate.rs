@@ -1,0 +1,472 @@
+//! RAM pre-copy live migration between two QEMUs, coordinated over both QMP sessions.
+//!
+//! Sequence:
+//! 1. capabilities on both sides (`events`, and `pause-before-switchover` on the source);
+//!    `max-bandwidth` and `downtime-limit` on the source, read back so QEMU's default cap
+//!    never applies silently;
+//! 2. `migrate-incoming` at the destination (started with `-incoming defer`), `migrate` at
+//!    the source;
+//! 3. progress from `query-migrate` as a stream of [`Progress`];
+//! 4. at `pre-switchover` (the source is stopped, the device state not yet sent) the
+//!    caller's [`SwitchoverHook`] runs (movarto flips the datapaths there), then
+//!    `migrate-continue`;
+//! 5. once `completed`: the destination runs, `announce-self` from it, and the final
+//!    numbers (total time, downtime, bytes) are returned.
+//!
+//! Options: `multifd` channels, `auto-converge`, and post-copy after the first pass or when
+//! pre-copy has not converged within a bound ([`Postcopy`]).
+//!
+//! On failure, timeout or a hook error the migration is cancelled, the source is made to run
+//! again if it was stopped, and the destination is told to quit: the VM stays at the source.
+
+use std::{future::Future, pin::Pin, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use tokio::{sync::mpsc, time::Instant};
+
+use super::qmp::{
+    Qmp,
+    commands::{
+        AnnounceSelf, Cont, MigrateCancel, MigrateContinue, MigrateIncoming,
+        MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy,
+        MigrationCapabilityStatus, MigrationInfo, QueryMigrate, QueryMigrateParameters,
+        QueryStatus, Quit,
+    },
+};
+
+/// How a migration runs.
+#[derive(Clone, Debug)]
+pub struct MigrationOptions {
+    /// Bytes per second; QEMU's own default cap is far too low for a WAN.
+    pub max_bandwidth: u64,
+    /// The longest pause QEMU aims for at switchover.
+    pub downtime_limit: Duration,
+    /// Stop at `pre-switchover` and run the hook before `migrate-continue`.
+    pub pause_before_switchover: bool,
+    /// Announce the VM from the destination (RARP/GARP) once it runs.
+    pub announce: bool,
+    /// The whole migration, from `migrate` to `completed`.
+    pub timeout: Duration,
+    /// How often progress is polled.
+    pub progress_interval: Duration,
+    /// Send RAM over this many parallel connections (`multifd` on both sides).
+    pub multifd_channels: Option<u8>,
+    /// Throttle the guest's vCPUs while it dirties memory faster than the link carries it.
+    pub auto_converge: bool,
+    /// With `auto_converge`: the first throttle, and the step added each pass that still
+    /// does not converge (percent of vCPU time; QEMU's defaults are 20 and 10).
+    pub throttle_initial_percent: u8,
+    pub throttle_increment_percent: u8,
+    /// When to switch to post-copy, if at all.
+    pub postcopy: Postcopy,
+}
+
+/// Post-copy: the VM resumes at the destination early and pulls the pages it still lacks on
+/// demand, so a guest that dirties memory faster than the link still moves, in bounded time.
+/// The price: until `completed`, the VM needs both sides; losing either loses the VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Postcopy {
+    /// Pre-copy only.
+    #[default]
+    Off,
+    /// `migrate-start-postcopy` once the first pass over memory is done.
+    AfterFirstPass,
+    /// `migrate-start-postcopy` if pre-copy has not completed within this time.
+    IfNotConvergedWithin(Duration),
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        Self {
+            max_bandwidth: 10 * 1024 * 1024 * 1024 / 8, // 10 Gbit/s: effectively no cap
+            downtime_limit: Duration::from_millis(300),
+            pause_before_switchover: true,
+            announce: true,
+            timeout: Duration::from_secs(300),
+            progress_interval: Duration::from_millis(100),
+            multifd_channels: None,
+            auto_converge: false,
+            throttle_initial_percent: 20,
+            throttle_increment_percent: 10,
+            postcopy: Postcopy::Off,
+        }
+    }
+}
+
+/// A snapshot of a running migration, for a progress display.
+#[derive(Clone, Debug, Serialize)]
+pub struct Progress {
+    pub status: String,
+    pub elapsed_ms: u64,
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    pub mbps: f64,
+    /// Completed passes over memory (`dirty-sync-count`).
+    pub passes: u64,
+    /// The vCPU throttle auto-converge applies, in percent.
+    pub cpu_throttle_percent: u64,
+}
+
+/// The outcome of a completed migration, as QEMU's source reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MigrationReport {
+    pub status: String,
+    pub total_time_ms: u64,
+    pub downtime_ms: u64,
+    pub setup_time_ms: u64,
+    pub transferred: u64,
+    pub passes: u64,
+    /// Time spent in the switchover hook (the source was stopped meanwhile).
+    pub hook_ms: u64,
+    /// Whether the migration switched to post-copy, and after how long.
+    pub postcopy_started_ms: Option<u64>,
+    /// Bytes sent after the switch to post-copy.
+    pub postcopy_bytes: u64,
+    /// The highest vCPU throttle auto-converge applied, in percent.
+    pub max_cpu_throttle_percent: u64,
+    /// The destination's run state after the move.
+    pub destination_status: String,
+}
+
+/// What the migration loop saw along the way, for the report (and the rollback).
+#[derive(Default)]
+struct Observed {
+    hook_ms: u64,
+    postcopy_started_ms: Option<u64>,
+    max_cpu_throttle_percent: u64,
+}
+
+/// Runs at `pre-switchover`, while the source VM is stopped; an error cancels the migration.
+pub trait SwitchoverHook: Send {
+    fn at_switchover(&mut self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
+}
+
+/// A hook that does nothing.
+pub struct NoHook;
+
+impl SwitchoverHook for NoHook {
+    fn at_switchover(&mut self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Migrates the VM behind `source` into `destination`, which listens on `uri`
+/// (e.g. `tcp:198.51.100.2:4444`).
+pub async fn migrate(
+    source: &Qmp,
+    destination: &Qmp,
+    uri: &str,
+    options: &MigrationOptions,
+    hook: &mut dyn SwitchoverHook,
+    progress: Option<mpsc::Sender<Progress>>,
+) -> Result<MigrationReport> {
+    let mut observed = Observed::default();
+    let result = run(
+        source,
+        destination,
+        uri,
+        options,
+        hook,
+        progress,
+        &mut observed,
+    )
+    .await;
+    match result {
+        Ok(report) => Ok(report),
+        // Once in post-copy the destination has run and the source's memory is stale:
+        // resuming the source would fork the VM. QEMU keeps both paused instead.
+        Err(err) if observed.postcopy_started_ms.is_some() => Err(err.context(
+            "the migration failed in post-copy: the source cannot resume; \
+             the VM is paused until the link returns (postcopy recovery)",
+        )),
+        Err(err) => {
+            tracing::warn!("migration failed: {err:#}; rolling back to the source");
+            if let Err(rollback) = roll_back(source, destination).await {
+                return Err(err.context(format!("and the rollback failed too: {rollback:#}")));
+            }
+            Err(err)
+        }
+    }
+}
+
+async fn run(
+    source: &Qmp,
+    destination: &Qmp,
+    uri: &str,
+    options: &MigrationOptions,
+    hook: &mut dyn SwitchoverHook,
+    progress: Option<mpsc::Sender<Progress>>,
+    observed: &mut Observed,
+) -> Result<MigrationReport> {
+    let mut source_events = source.subscribe()?;
+    configure(source, destination, options).await?;
+    destination
+        .run(&MigrateIncoming {
+            uri: uri.to_owned(),
+        })
+        .await
+        .context("destination: migrate-incoming")?;
+    let started = Instant::now();
+    source
+        .run(&super::qmp::commands::Migrate {
+            uri: uri.to_owned(),
+        })
+        .await
+        .context("source: migrate")?;
+
+    let deadline = started + options.timeout;
+    let mut ticker = tokio::time::interval(options.progress_interval);
+    loop {
+        // Wake on every MIGRATION event (pre-switchover must be answered at once: the
+        // source is stopped), and poll between them for progress.
+        tokio::select! {
+            event = source_events.next(options.progress_interval) => {
+                if let Err(err) = event
+                    && !matches!(err.downcast_ref(), Some(super::qmp::QmpError::Timeout { .. }))
+                {
+                    return Err(err.context("source QEMU went away during the migration"));
+                }
+            }
+            _ = ticker.tick() => {}
+        }
+        let info = source
+            .run(&QueryMigrate {})
+            .await
+            .context("source: query-migrate")?;
+        let status = info.status.clone().unwrap_or_default();
+        if let Some(tx) = &progress {
+            // A slow or gone display must not stall the migration.
+            let _ = tx.try_send(progress_of(&info, started));
+        }
+        observed.max_cpu_throttle_percent = observed
+            .max_cpu_throttle_percent
+            .max(info.cpu_throttle_percentage.unwrap_or_default());
+        if status == "active" && observed.postcopy_started_ms.is_none() {
+            let passes = info.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+            let switch = match options.postcopy {
+                Postcopy::Off => false,
+                // dirty-sync-count is 1 during the first pass and grows as each one ends.
+                Postcopy::AfterFirstPass => passes >= 2,
+                Postcopy::IfNotConvergedWithin(bound) => started.elapsed() >= bound,
+            };
+            if switch {
+                source
+                    .run(&MigrateStartPostcopy {})
+                    .await
+                    .context("source: migrate-start-postcopy")?;
+                observed.postcopy_started_ms = Some(started.elapsed().as_millis() as u64);
+                tracing::info!(passes, "switched to post-copy");
+            }
+        }
+        match status.as_str() {
+            "completed" => {
+                return finish(source, destination, options, info, observed).await;
+            }
+            "pre-switchover" => {
+                let hook_started = Instant::now();
+                hook.at_switchover()
+                    .await
+                    .context("the switchover hook failed")?;
+                observed.hook_ms = hook_started.elapsed().as_millis() as u64;
+                source
+                    .run(&MigrateContinue {
+                        state: "pre-switchover".to_owned(),
+                    })
+                    .await
+                    .context("source: migrate-continue")?;
+            }
+            "failed" | "cancelled" => {
+                bail!(
+                    "QEMU reports the migration {status}: {}",
+                    info.error_desc.as_deref().unwrap_or("no reason given")
+                );
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the migration did not complete within {:?} (status {status})",
+                options.timeout
+            );
+        }
+    }
+}
+
+async fn configure(source: &Qmp, destination: &Qmp, options: &MigrationOptions) -> Result<()> {
+    let capability = |name: &str, state: bool| MigrationCapabilityStatus {
+        capability: name.to_owned(),
+        state,
+    };
+    // Capabilities both ends must agree on, then the source's own.
+    let both = vec![
+        capability("events", true),
+        capability("postcopy-ram", options.postcopy != Postcopy::Off),
+        capability("multifd", options.multifd_channels.is_some()),
+    ];
+    let mut source_only = both.clone();
+    source_only.push(capability(
+        "pause-before-switchover",
+        options.pause_before_switchover,
+    ));
+    source_only.push(capability("auto-converge", options.auto_converge));
+    source
+        .run(&MigrateSetCapabilities {
+            capabilities: source_only,
+        })
+        .await
+        .context("source: migrate-set-capabilities")?;
+    destination
+        .run(&MigrateSetCapabilities { capabilities: both })
+        .await
+        .context("destination: migrate-set-capabilities")?;
+    if let Some(channels) = options.multifd_channels {
+        destination
+            .run(&MigrateSetParameters {
+                multifd_channels: Some(channels),
+                ..Default::default()
+            })
+            .await
+            .context("destination: migrate-set-parameters")?;
+    }
+    let downtime_ms = options.downtime_limit.as_millis() as u64;
+    source
+        .run(&MigrateSetParameters {
+            max_bandwidth: Some(options.max_bandwidth),
+            downtime_limit: Some(downtime_ms),
+            multifd_channels: options.multifd_channels,
+            cpu_throttle_initial: options
+                .auto_converge
+                .then_some(options.throttle_initial_percent),
+            cpu_throttle_increment: options
+                .auto_converge
+                .then_some(options.throttle_increment_percent),
+            ..Default::default()
+        })
+        .await
+        .context("source: migrate-set-parameters")?;
+    let applied = source
+        .run(&QueryMigrateParameters {})
+        .await
+        .context("source: query-migrate-parameters")?;
+    if applied.max_bandwidth != Some(options.max_bandwidth)
+        || applied.downtime_limit != Some(downtime_ms)
+    {
+        bail!(
+            "QEMU did not apply the migration parameters: max-bandwidth {:?} (asked {}), \
+             downtime-limit {:?} ms (asked {downtime_ms})",
+            applied.max_bandwidth,
+            options.max_bandwidth,
+            applied.downtime_limit
+        );
+    }
+    Ok(())
+}
+
+fn progress_of(info: &MigrationInfo, started: Instant) -> Progress {
+    let ram = info.ram.clone().unwrap_or_default();
+    Progress {
+        status: info.status.clone().unwrap_or_default(),
+        elapsed_ms: started.elapsed().as_millis() as u64,
+        transferred: ram.transferred,
+        remaining: ram.remaining,
+        total: ram.total,
+        mbps: ram.mbps,
+        passes: ram.dirty_sync_count,
+        cpu_throttle_percent: info.cpu_throttle_percentage.unwrap_or_default(),
+    }
+}
+
+async fn finish(
+    source: &Qmp,
+    destination: &Qmp,
+    options: &MigrationOptions,
+    info: MigrationInfo,
+    observed: &Observed,
+) -> Result<MigrationReport> {
+    // The destination resumes by itself (no -S); wait until it says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let destination_status = loop {
+        let status = destination
+            .run(&QueryStatus {})
+            .await
+            .context("destination: query-status")?;
+        if status.running {
+            break status.status;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the destination is `{}`, not running, 30 s after the migration completed",
+                status.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if options.announce {
+        destination
+            .run(&AnnounceSelf::default())
+            .await
+            .context("destination: announce-self")?;
+    }
+    let ram = info.ram.clone().unwrap_or_default();
+    let report = MigrationReport {
+        status: info.status.unwrap_or_default(),
+        total_time_ms: info.total_time.unwrap_or_default(),
+        downtime_ms: info.downtime.unwrap_or_default(),
+        setup_time_ms: info.setup_time.unwrap_or_default(),
+        transferred: ram.transferred,
+        passes: ram.dirty_sync_count,
+        hook_ms: observed.hook_ms,
+        postcopy_started_ms: observed.postcopy_started_ms,
+        postcopy_bytes: ram.postcopy_bytes,
+        max_cpu_throttle_percent: observed.max_cpu_throttle_percent,
+        destination_status,
+    };
+    tracing::info!(?report, source = %source.socket().display(), "migration completed");
+    Ok(report)
+}
+
+/// Leaves the VM running at the source and the destination gone.
+async fn roll_back(source: &Qmp, destination: &Qmp) -> Result<()> {
+    if !source.is_closed() {
+        let info = source.run(&QueryMigrate {}).await.unwrap_or_default();
+        let active = !matches!(
+            info.status.as_deref(),
+            None | Some("completed" | "failed" | "cancelled")
+        );
+        if active {
+            source
+                .run(&MigrateCancel {})
+                .await
+                .context("source: migrate_cancel")?;
+            // Cancelling is asynchronous; wait until QEMU has left the migration.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let status = source.run(&QueryMigrate {}).await?.status;
+                if matches!(
+                    status.as_deref(),
+                    Some("cancelled" | "failed" | "completed")
+                ) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("the source did not leave the migration 10 s after migrate_cancel");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let status = source.run(&QueryStatus {}).await?;
+        if !status.running {
+            tracing::info!(status = %status.status, "restarting the stopped source VM");
+            source.run(&Cont {}).await.context("source: cont")?;
+        }
+    }
+    if !destination.is_closed() {
+        // Best effort: the caller's Vm guard kills it anyway.
+        let _ = destination
+            .run_with_timeout(&Quit {}, Duration::from_secs(2))
+            .await;
+    }
+    Ok(())
+}

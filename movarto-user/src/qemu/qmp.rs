@@ -1,0 +1,813 @@
+//! A small async QMP client over QEMU's unix socket.
+//!
+//! - [`Qmp::connect`] reads the greeting and negotiates with `qmp_capabilities`.
+//! - [`Qmp::run`] sends a typed [`QmpCommand`] and waits, with a timeout, for the reply
+//!   carrying the same `id`; QEMU's errors come back as [`QmpError::Command`] with its `desc`.
+//! - Events go to every [`Qmp::subscribe`]r; [`EventStream::wait_for`] waits with a timeout.
+//! - When QEMU exits or closes the socket, every pending command and every event waiter
+//!   fails at once with [`QmpError::Closed`]: nothing hangs.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{
+        UnixStream,
+        unix::{OwnedReadHalf, OwnedWriteHalf},
+    },
+    sync::{broadcast, oneshot},
+    task::JoinHandle,
+    time::{Instant, timeout},
+};
+
+/// How long a command waits for its reply unless told otherwise.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub enum QmpError {
+    /// QEMU answered the command with an error.
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    /// The connection is gone (QEMU exited, crashed or closed the socket).
+    Closed { reason: String },
+    /// No reply or event within the time allowed.
+    Timeout { what: String, after: Duration },
+}
+
+impl std::fmt::Display for QmpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Command {
+                command,
+                class,
+                desc,
+            } => write!(f, "QEMU refused `{command}`: {desc} ({class})"),
+            Self::Closed { reason } => write!(f, "the QMP connection is closed: {reason}"),
+            Self::Timeout { what, after } => {
+                write!(f, "timed out after {after:?} waiting for {what}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for QmpError {}
+
+/// A QMP command with its arguments (the struct's fields) and the type of its reply.
+pub trait QmpCommand: Serialize {
+    const NAME: &'static str;
+    type Reply: DeserializeOwned;
+}
+
+/// For commands whose reply is `{}`.
+#[derive(Debug, Deserialize)]
+pub struct Empty {}
+
+/// An asynchronous message from QEMU.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Event {
+    #[serde(rename = "event")]
+    pub name: String,
+    #[serde(default)]
+    pub data: Value,
+    #[serde(default)]
+    pub timestamp: Timestamp,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+pub struct Timestamp {
+    pub seconds: i64,
+    pub microseconds: i64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Greeting {
+    #[serde(rename = "QMP")]
+    pub qmp: GreetingBody,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GreetingBody {
+    pub version: VersionInfo,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct VersionInfo {
+    pub qemu: QemuVersion,
+    #[serde(default)]
+    pub package: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize)]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub micro: u32,
+}
+
+type Reply = std::result::Result<Value, QmpError>;
+
+struct State {
+    pending: HashMap<u64, (String, oneshot::Sender<Reply>)>,
+    /// `Some(reason)` once the connection is gone.
+    closed: Option<String>,
+    /// Dropped on close, which ends every [`EventStream`].
+    events: Option<broadcast::Sender<Event>>,
+}
+
+/// A connected, negotiated QMP session. Cheap to share behind an `Arc`.
+pub struct Qmp {
+    socket: PathBuf,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    state: Arc<Mutex<State>>,
+    next_id: AtomicU64,
+    reader: JoinHandle<()>,
+    greeting: Greeting,
+    command_timeout: Duration,
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Qmp {
+    /// Connects to `socket`, retrying while QEMU is still creating it, for up to `wait`.
+    pub async fn connect(socket: &Path, wait: Duration) -> Result<Self> {
+        let deadline = Instant::now() + wait;
+        let stream = loop {
+            match UnixStream::connect(socket).await {
+                Ok(stream) => break stream,
+                Err(err) if Instant::now() < deadline => {
+                    tracing::trace!(%err, socket = %socket.display(), "QMP socket not ready");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!(
+                            "connecting to QMP at {} (waited {wait:?})",
+                            socket.display()
+                        )
+                    });
+                }
+            }
+        };
+        let (read, write) = stream.into_split();
+        let mut lines = BufReader::new(read);
+        let mut first = String::new();
+        let remaining =
+            deadline.saturating_duration_since(Instant::now()) + DEFAULT_COMMAND_TIMEOUT;
+        let n = timeout(remaining, lines.read_line(&mut first))
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: format!("the QMP greeting on {}", socket.display()),
+                after: remaining,
+            })?
+            .with_context(|| format!("reading the QMP greeting on {}", socket.display()))?;
+        if n == 0 {
+            return Err(QmpError::Closed {
+                reason: format!("{} closed before its greeting", socket.display()),
+            }
+            .into());
+        }
+        let greeting: Greeting = serde_json::from_str(&first)
+            .with_context(|| format!("parsing the QMP greeting {:?}", first.trim()))?;
+        let (events, _) = broadcast::channel(1024);
+        let state = Arc::new(Mutex::new(State {
+            pending: HashMap::new(),
+            closed: None,
+            events: Some(events),
+        }));
+        let reader = tokio::spawn(read_loop(lines, state.clone()));
+        let qmp = Self {
+            socket: socket.to_owned(),
+            writer: tokio::sync::Mutex::new(write),
+            state,
+            next_id: AtomicU64::new(1),
+            reader,
+            greeting,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+        };
+        qmp.run(&QmpCapabilities {})
+            .await
+            .context("negotiating QMP capabilities")?;
+        tracing::debug!(socket = %socket.display(), version = ?qmp.greeting.qmp.version.qemu, "QMP connected");
+        Ok(qmp)
+    }
+
+    pub fn greeting(&self) -> &Greeting {
+        &self.greeting
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Runs `command` and waits up to the default timeout for its reply.
+    pub async fn run<C: QmpCommand>(&self, command: &C) -> Result<C::Reply> {
+        self.run_with_timeout(command, self.command_timeout).await
+    }
+
+    pub async fn run_with_timeout<C: QmpCommand>(
+        &self,
+        command: &C,
+        limit: Duration,
+    ) -> Result<C::Reply> {
+        let arguments = serde_json::to_value(command)
+            .with_context(|| format!("encoding the arguments of {}", C::NAME))?;
+        let value = self.execute(C::NAME, arguments, limit).await?;
+        serde_json::from_value(value.clone())
+            .with_context(|| format!("decoding QEMU's reply to {}: {value}", C::NAME))
+    }
+
+    /// Runs any command by name; `arguments` is omitted when null or `{}`.
+    pub async fn execute(&self, name: &str, arguments: Value, limit: Duration) -> Result<Value> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = lock(&self.state);
+            if let Some(reason) = &state.closed {
+                return Err(QmpError::Closed {
+                    reason: reason.clone(),
+                }
+                .into());
+            }
+            state.pending.insert(id, (name.to_owned(), tx));
+        }
+        let mut message = serde_json::json!({ "execute": name, "id": id });
+        let has_arguments = match &arguments {
+            Value::Null => false,
+            Value::Object(map) => !map.is_empty(),
+            _ => true,
+        };
+        if has_arguments {
+            message["arguments"] = arguments;
+        }
+        let mut line = message.to_string();
+        line.push('\n');
+        tracing::trace!(%line, "QMP ->");
+        let sent = {
+            let mut writer = self.writer.lock().await;
+            writer.write_all(line.as_bytes()).await
+        };
+        if let Err(err) = sent {
+            lock(&self.state).pending.remove(&id);
+            return Err(QmpError::Closed {
+                reason: format!("writing `{name}` failed: {err}"),
+            }
+            .into());
+        }
+        match timeout(limit, rx).await {
+            Ok(Ok(reply)) => Ok(reply?),
+            // The reader dropped the sender without a reply: the connection closed.
+            Ok(Err(_)) => Err(QmpError::Closed {
+                reason: self.closed_reason(),
+            }
+            .into()),
+            Err(_) => {
+                lock(&self.state).pending.remove(&id);
+                Err(QmpError::Timeout {
+                    what: format!("QEMU's reply to `{name}`"),
+                    after: limit,
+                }
+                .into())
+            }
+        }
+    }
+
+    /// A stream of the events QEMU sends from now on.
+    pub fn subscribe(&self) -> Result<EventStream> {
+        let state = lock(&self.state);
+        match &state.events {
+            Some(events) => Ok(EventStream {
+                rx: events.subscribe(),
+            }),
+            None => Err(QmpError::Closed {
+                reason: state.closed.clone().unwrap_or_default(),
+            }
+            .into()),
+        }
+    }
+
+    /// Whether the connection is gone.
+    pub fn is_closed(&self) -> bool {
+        lock(&self.state).closed.is_some()
+    }
+
+    fn closed_reason(&self) -> String {
+        lock(&self.state)
+            .closed
+            .clone()
+            .unwrap_or_else(|| "connection closed".to_owned())
+    }
+}
+
+/// Events from one [`Qmp`] session.
+pub struct EventStream {
+    rx: broadcast::Receiver<Event>,
+}
+
+impl EventStream {
+    /// The next event; fails when the connection closes or `limit` passes.
+    pub async fn next(&mut self, limit: Duration) -> Result<Event> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, self.rx.recv()).await {
+                Ok(Ok(event)) => return Ok(event),
+                Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                    tracing::warn!(missed, "QMP event subscriber fell behind; events lost");
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) => {
+                    return Err(QmpError::Closed {
+                        reason: "QEMU closed the QMP connection while an event was awaited"
+                            .to_owned(),
+                    }
+                    .into());
+                }
+                Err(_) => {
+                    return Err(QmpError::Timeout {
+                        what: "a QMP event".to_owned(),
+                        after: limit,
+                    }
+                    .into());
+                }
+            }
+        }
+    }
+
+    /// Waits for the first event named `name` that `matches`, skipping others.
+    pub async fn wait_for(
+        &mut self,
+        name: &str,
+        limit: Duration,
+        matches: impl Fn(&Event) -> bool,
+    ) -> Result<Event> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let event = self
+                .next(left)
+                .await
+                .map_err(|err| match err.downcast::<QmpError>() {
+                    Ok(QmpError::Timeout { .. }) => QmpError::Timeout {
+                        what: format!("event {name}"),
+                        after: limit,
+                    }
+                    .into(),
+                    Ok(other) => other.into(),
+                    Err(other) => other,
+                })?;
+            if event.name == name && matches(&event) {
+                return Ok(event);
+            }
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    // A panic elsewhere while holding the lock leaves the state usable.
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    class: String,
+    desc: String,
+}
+
+async fn read_loop(mut lines: BufReader<OwnedReadHalf>, state: Arc<Mutex<State>>) {
+    let reason = loop {
+        let mut line = String::new();
+        match lines.read_line(&mut line).await {
+            Ok(0) => break "QEMU closed the QMP socket (did it exit?)".to_owned(),
+            Err(err) => break format!("reading from QMP failed: {err}"),
+            Ok(_) => {}
+        }
+        tracing::trace!(line = %line.trim_end(), "QMP <-");
+        let Ok(message) = serde_json::from_str::<Value>(&line) else {
+            tracing::warn!(line = %line.trim_end(), "QMP sent a line that is not JSON");
+            continue;
+        };
+        if message.get("event").is_some() {
+            match serde_json::from_value::<Event>(message) {
+                Ok(event) => {
+                    if let Some(events) = &lock(&state).events {
+                        // No subscriber is fine: nobody waits for this one.
+                        let _ = events.send(event);
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "undecodable QMP event"),
+            }
+            continue;
+        }
+        let Some(id) = message.get("id").and_then(Value::as_u64) else {
+            tracing::debug!(%message, "QMP reply without our id");
+            continue;
+        };
+        let Some((command, reply_to)) = lock(&state).pending.remove(&id) else {
+            // Its waiter timed out and left.
+            continue;
+        };
+        let reply = if let Some(value) = message.get("return") {
+            Ok(value.clone())
+        } else {
+            let body: ErrorBody = message
+                .get("error")
+                .cloned()
+                .and_then(|e| serde_json::from_value(e).ok())
+                .unwrap_or(ErrorBody {
+                    class: "Unknown".to_owned(),
+                    desc: message.to_string(),
+                });
+            Err(QmpError::Command {
+                command,
+                class: body.class,
+                desc: body.desc,
+            })
+        };
+        let _ = reply_to.send(reply);
+    };
+    tracing::debug!(%reason, "QMP connection closed");
+    let mut state = lock(&state);
+    state.closed = Some(reason.clone());
+    state.events = None;
+    for (_, (command, reply_to)) in state.pending.drain() {
+        let _ = reply_to.send(Err(QmpError::Closed {
+            reason: format!("{reason}; `{command}` got no reply"),
+        }));
+    }
+}
+
+/// Typed commands, named and shaped after QEMU's QAPI schema (checked against 7.2).
+pub mod commands {
+    use super::{Empty, QmpCommand};
+    use serde::{Deserialize, Serialize};
+
+    macro_rules! command {
+        ($ty:ident, $name:literal, $reply:ty) => {
+            impl QmpCommand for $ty {
+                const NAME: &'static str = $name;
+                type Reply = $reply;
+            }
+        };
+    }
+
+    #[derive(Serialize)]
+    pub struct QmpCapabilities {}
+    command!(QmpCapabilities, "qmp_capabilities", Empty);
+
+    #[derive(Serialize)]
+    pub struct QueryStatus {}
+    command!(QueryStatus, "query-status", StatusInfo);
+
+    #[derive(Debug, Deserialize)]
+    pub struct StatusInfo {
+        /// QEMU's RunState: `running`, `paused`, `inmigrate`, `postmigrate`, `finish-migrate`...
+        pub status: String,
+        pub running: bool,
+    }
+
+    #[derive(Serialize)]
+    pub struct Stop {}
+    command!(Stop, "stop", Empty);
+
+    #[derive(Serialize)]
+    pub struct Cont {}
+    command!(Cont, "cont", Empty);
+
+    #[derive(Serialize)]
+    pub struct Quit {}
+    command!(Quit, "quit", Empty);
+
+    #[derive(Serialize)]
+    pub struct MigrateSetCapabilities {
+        pub capabilities: Vec<MigrationCapabilityStatus>,
+    }
+    command!(MigrateSetCapabilities, "migrate-set-capabilities", Empty);
+
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    pub struct MigrationCapabilityStatus {
+        /// A `MigrationCapability`, e.g. `pause-before-switchover`, `events`, `postcopy-ram`.
+        pub capability: String,
+        pub state: bool,
+    }
+
+    #[derive(Serialize)]
+    pub struct QueryMigrateCapabilities {}
+    command!(
+        QueryMigrateCapabilities,
+        "query-migrate-capabilities",
+        Vec<MigrationCapabilityStatus>
+    );
+
+    /// `migrate-set-parameters`; only the fields set are sent.
+    #[derive(Default, Serialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct MigrateSetParameters {
+        /// Bytes per second.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub max_bandwidth: Option<u64>,
+        /// Milliseconds.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub downtime_limit: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub multifd_channels: Option<u8>,
+        /// Percent of vCPU time taken when auto-converge first throttles.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub cpu_throttle_initial: Option<u8>,
+        /// Percent added per pass that still does not converge.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub cpu_throttle_increment: Option<u8>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub announce_initial: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub announce_max: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub announce_rounds: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub announce_step: Option<u64>,
+    }
+    command!(MigrateSetParameters, "migrate-set-parameters", Empty);
+
+    #[derive(Serialize)]
+    pub struct QueryMigrateParameters {}
+    command!(
+        QueryMigrateParameters,
+        "query-migrate-parameters",
+        MigrationParameters
+    );
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct MigrationParameters {
+        pub max_bandwidth: Option<u64>,
+        pub downtime_limit: Option<u64>,
+        pub multifd_channels: Option<u8>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Migrate {
+        pub uri: String,
+    }
+    command!(Migrate, "migrate", Empty);
+
+    #[derive(Serialize)]
+    pub struct MigrateIncoming {
+        pub uri: String,
+    }
+    command!(MigrateIncoming, "migrate-incoming", Empty);
+
+    #[derive(Serialize)]
+    pub struct MigrateContinue {
+        /// The `MigrationStatus` the source is paused in: `pre-switchover`.
+        pub state: String,
+    }
+    command!(MigrateContinue, "migrate-continue", Empty);
+
+    #[derive(Serialize)]
+    pub struct MigrateStartPostcopy {}
+    command!(MigrateStartPostcopy, "migrate-start-postcopy", Empty);
+
+    #[derive(Serialize)]
+    pub struct MigrateCancel {}
+    command!(MigrateCancel, "migrate_cancel", Empty);
+
+    #[derive(Serialize)]
+    pub struct QueryMigrate {}
+    command!(QueryMigrate, "query-migrate", MigrationInfo);
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct MigrationInfo {
+        /// A `MigrationStatus`; absent before the first migration.
+        pub status: Option<String>,
+        pub ram: Option<MigrationStats>,
+        /// Milliseconds; while active, the time so far.
+        pub total_time: Option<u64>,
+        /// Milliseconds; only once completed.
+        pub downtime: Option<u64>,
+        pub expected_downtime: Option<u64>,
+        pub setup_time: Option<u64>,
+        pub error_desc: Option<String>,
+        /// Set while auto-converge throttles the guest.
+        pub cpu_throttle_percentage: Option<u64>,
+    }
+
+    #[derive(Clone, Debug, Default, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct MigrationStats {
+        pub transferred: u64,
+        pub remaining: u64,
+        pub total: u64,
+        pub duplicate: u64,
+        pub normal: u64,
+        pub normal_bytes: u64,
+        pub dirty_sync_count: u64,
+        /// Megabits per second.
+        pub mbps: f64,
+        #[serde(default)]
+        pub dirty_pages_rate: u64,
+        #[serde(default)]
+        pub precopy_bytes: u64,
+        #[serde(default)]
+        pub postcopy_bytes: u64,
+    }
+
+    /// `announce-self`: QEMU 7.2 requires every timing field.
+    #[derive(Serialize)]
+    pub struct AnnounceSelf {
+        /// Milliseconds before the first round.
+        pub initial: u64,
+        /// Milliseconds, the longest gap between rounds.
+        pub max: u64,
+        pub rounds: u64,
+        /// Milliseconds added to the gap each round.
+        pub step: u64,
+    }
+    command!(AnnounceSelf, "announce-self", Empty);
+
+    impl Default for AnnounceSelf {
+        /// QEMU's own defaults: 5 rounds, 50 ms, then 150, 250... up to 550 ms apart.
+        fn default() -> Self {
+            Self {
+                initial: 50,
+                max: 550,
+                rounds: 5,
+                step: 100,
+            }
+        }
+    }
+}
+
+use commands::QmpCapabilities;
+
+#[cfg(test)]
+mod tests {
+    use super::{commands::*, *};
+    use tokio::net::UnixListener;
+
+    /// A scripted QEMU: greets, then answers each line with `respond(line)`.
+    async fn fake_qemu(
+        dir: &Path,
+        respond: impl Fn(Value) -> Vec<String> + Send + 'static,
+    ) -> PathBuf {
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            write
+                .write_all(
+                    br#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "test"}, "capabilities": ["oob"]}}
+"#,
+                )
+                .await
+                .expect("greet");
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let request: Value = serde_json::from_str(&line).expect("json");
+                for out in respond(request) {
+                    if out == "CLOSE" {
+                        return;
+                    }
+                    write.write_all(out.as_bytes()).await.expect("write");
+                    write.write_all(b"\n").await.expect("write");
+                }
+            }
+        });
+        path
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("movarto-qmp-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("tempdir");
+        dir
+    }
+
+    fn reply(request: &Value, body: &str) -> String {
+        format!(r#"{{"return": {body}, "id": {}}}"#, request["id"])
+    }
+
+    #[tokio::test]
+    async fn typed_replies_errors_and_events() {
+        let dir = tempdir("typed");
+        let path = fake_qemu(&dir, |req| match req["execute"].as_str() {
+            Some("qmp_capabilities") => vec![reply(&req, "{}")],
+            Some("query-status") => vec![
+                r#"{"event": "STOP", "data": {}, "timestamp": {"seconds": 1, "microseconds": 2}}"#
+                    .to_owned(),
+                reply(&req, r#"{"status": "paused", "running": false}"#),
+            ],
+            _ => vec![format!(
+                r#"{{"error": {{"class": "GenericError", "desc": "Parameter 'initial' is missing"}}, "id": {}}}"#,
+                req["id"]
+            )],
+        })
+        .await;
+        let qmp = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        assert_eq!(qmp.greeting().qmp.version.qemu.major, 7);
+        let mut events = qmp.subscribe().expect("subscribe");
+        let status = qmp.run(&QueryStatus {}).await.expect("query-status");
+        assert_eq!(status.status, "paused");
+        let stop = events
+            .wait_for("STOP", Duration::from_secs(5), |_| true)
+            .await
+            .expect("STOP event");
+        assert_eq!(stop.timestamp.microseconds, 2);
+        let err = qmp
+            .run(&AnnounceSelf::default())
+            .await
+            .expect_err("scripted error");
+        let qmp_err = err.downcast_ref::<QmpError>().expect("a QmpError");
+        assert!(
+            matches!(qmp_err, QmpError::Command { desc, .. } if desc.contains("'initial'")),
+            "{qmp_err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn qemu_dying_mid_command_fails_every_waiter() {
+        let dir = tempdir("dying");
+        let path = fake_qemu(&dir, |req| match req["execute"].as_str() {
+            Some("qmp_capabilities") => vec![reply(&req, "{}")],
+            _ => vec!["CLOSE".to_owned()],
+        })
+        .await;
+        let qmp = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let mut events = qmp.subscribe().expect("subscribe");
+        let started = Instant::now();
+        let err = qmp.run(&QueryStatus {}).await.expect_err("QEMU died");
+        assert!(
+            matches!(
+                err.downcast_ref::<QmpError>(),
+                Some(QmpError::Closed { .. })
+            ),
+            "{err:#}"
+        );
+        let err = events
+            .next(Duration::from_secs(10))
+            .await
+            .expect_err("closed");
+        assert!(
+            matches!(
+                err.downcast_ref::<QmpError>(),
+                Some(QmpError::Closed { .. })
+            ),
+            "{err:#}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5), "no hang");
+        assert!(qmp.is_closed());
+        let err = qmp.run(&QueryStatus {}).await.expect_err("closed");
+        assert!(format!("{err:#}").contains("closed"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn silence_times_out() {
+        let dir = tempdir("silent");
+        let path = fake_qemu(&dir, |req| match req["execute"].as_str() {
+            Some("qmp_capabilities") => vec![reply(&req, "{}")],
+            _ => vec![],
+        })
+        .await;
+        let qmp = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let err = qmp
+            .run_with_timeout(&QueryStatus {}, Duration::from_millis(200))
+            .await
+            .expect_err("no reply");
+        assert!(
+            matches!(
+                err.downcast_ref::<QmpError>(),
+                Some(QmpError::Timeout { .. })
+            ),
+            "{err:#}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
