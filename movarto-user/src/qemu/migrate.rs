@@ -153,7 +153,8 @@ impl SwitchoverHook for NoHook {
 }
 
 /// Migrates the VM behind `source` into `destination`, which listens on `uri`
-/// (e.g. `tcp:198.51.100.2:4444`).
+/// (e.g. `tcp:198.51.100.2:4444`). Both QMP sessions in one process; the agents run the
+/// halves ([`prepare_incoming`], [`migrate_outgoing`], [`finish_incoming`]) at their sites.
 pub async fn migrate(
     source: &Qmp,
     destination: &Qmp,
@@ -162,17 +163,63 @@ pub async fn migrate(
     hook: &mut dyn SwitchoverHook,
     progress: Option<mpsc::Sender<Progress>>,
 ) -> Result<MigrationReport> {
-    let mut observed = Observed::default();
-    let result = run(
-        source,
-        destination,
-        uri,
-        options,
-        hook,
-        progress,
-        &mut observed,
-    )
+    let outcome = async {
+        prepare_incoming(destination, uri, options).await?;
+        let mut report = migrate_outgoing(source, uri, options, hook, progress).await?;
+        report.destination_status = finish_incoming(destination, options).await?;
+        Ok(report)
+    }
     .await;
+    if outcome.is_err() {
+        abandon_incoming(destination).await;
+    }
+    outcome
+}
+
+/// The destination's half, before the source starts: the capabilities both ends must agree
+/// on, then `migrate-incoming` on `uri`. QEMU must have been started with `-incoming defer`.
+pub async fn prepare_incoming(
+    destination: &Qmp,
+    uri: &str,
+    options: &MigrationOptions,
+) -> Result<()> {
+    destination
+        .run(&MigrateSetCapabilities {
+            capabilities: shared_capabilities(options),
+        })
+        .await
+        .context("destination: migrate-set-capabilities")?;
+    if let Some(channels) = options.multifd_channels {
+        destination
+            .run(&MigrateSetParameters {
+                multifd_channels: Some(channels),
+                ..Default::default()
+            })
+            .await
+            .context("destination: migrate-set-parameters")?;
+    }
+    destination
+        .run(&MigrateIncoming {
+            uri: uri.to_owned(),
+        })
+        .await
+        .context("destination: migrate-incoming")?;
+    Ok(())
+}
+
+/// The source's half: configure, `migrate`, follow progress, run the hook at
+/// `pre-switchover`, until `completed`. On failure before post-copy the migration is
+/// cancelled and the source runs again; the caller cleans up the destination.
+/// `destination_status` in the report is left empty ([`finish_incoming`] tells it).
+pub async fn migrate_outgoing(
+    source: &Qmp,
+    uri: &str,
+    options: &MigrationOptions,
+    hook: &mut dyn SwitchoverHook,
+    progress: Option<mpsc::Sender<Progress>>,
+) -> Result<MigrationReport> {
+    let mut observed = Observed::default();
+    let result = run(source, uri, options, hook, progress, &mut observed).await;
     match result {
         Ok(report) => Ok(report),
         // Once in post-copy the destination has run and the source's memory is stale:
@@ -183,7 +230,7 @@ pub async fn migrate(
         )),
         Err(err) => {
             tracing::warn!("migration failed: {err:#}; rolling back to the source");
-            if let Err(rollback) = roll_back(source, destination).await {
+            if let Err(rollback) = roll_back_source(source).await {
                 return Err(err.context(format!("and the rollback failed too: {rollback:#}")));
             }
             Err(err)
@@ -191,9 +238,48 @@ pub async fn migrate(
     }
 }
 
+/// The destination's half after `completed`: waits until the VM runs there, then announces
+/// it (RARP/GARP). Returns the destination's run state.
+pub async fn finish_incoming(destination: &Qmp, options: &MigrationOptions) -> Result<String> {
+    // The destination resumes by itself (no -S); wait until it says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let destination_status = loop {
+        let status = destination
+            .run(&QueryStatus {})
+            .await
+            .context("destination: query-status")?;
+        if status.running {
+            break status.status;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the destination is `{}`, not running, 30 s after the migration completed",
+                status.status
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    if options.announce {
+        destination
+            .run(&AnnounceSelf::default())
+            .await
+            .context("destination: announce-self")?;
+    }
+    Ok(destination_status)
+}
+
+/// Tells a destination whose migration failed to quit (best effort: the caller's `Vm`
+/// guard kills it anyway).
+pub async fn abandon_incoming(destination: &Qmp) {
+    if !destination.is_closed() {
+        let _ = destination
+            .run_with_timeout(&Quit {}, Duration::from_secs(2))
+            .await;
+    }
+}
+
 async fn run(
     source: &Qmp,
-    destination: &Qmp,
     uri: &str,
     options: &MigrationOptions,
     hook: &mut dyn SwitchoverHook,
@@ -201,13 +287,7 @@ async fn run(
     observed: &mut Observed,
 ) -> Result<MigrationReport> {
     let mut source_events = source.subscribe()?;
-    configure(source, destination, options).await?;
-    destination
-        .run(&MigrateIncoming {
-            uri: uri.to_owned(),
-        })
-        .await
-        .context("destination: migrate-incoming")?;
+    configure_source(source, options).await?;
     let started = Instant::now();
     source
         .run(&super::qmp::commands::Migrate {
@@ -262,7 +342,7 @@ async fn run(
         }
         match status.as_str() {
             "completed" => {
-                return finish(source, destination, options, info, observed).await;
+                return Ok(source_report(info, observed));
             }
             "pre-switchover" => {
                 let hook_started = Instant::now();
@@ -294,42 +374,33 @@ async fn run(
     }
 }
 
-async fn configure(source: &Qmp, destination: &Qmp, options: &MigrationOptions) -> Result<()> {
-    let capability = |name: &str, state: bool| MigrationCapabilityStatus {
-        capability: name.to_owned(),
-        state,
-    };
-    // Capabilities both ends must agree on, then the source's own.
-    let both = vec![
+/// The capabilities both ends must agree on.
+fn shared_capabilities(options: &MigrationOptions) -> Vec<MigrationCapabilityStatus> {
+    vec![
         capability("events", true),
         capability("postcopy-ram", options.postcopy != Postcopy::Off),
         capability("multifd", options.multifd_channels.is_some()),
-    ];
-    let mut source_only = both.clone();
-    source_only.push(capability(
+    ]
+}
+
+fn capability(name: &str, state: bool) -> MigrationCapabilityStatus {
+    MigrationCapabilityStatus {
+        capability: name.to_owned(),
+        state,
+    }
+}
+
+async fn configure_source(source: &Qmp, options: &MigrationOptions) -> Result<()> {
+    let mut capabilities = shared_capabilities(options);
+    capabilities.push(capability(
         "pause-before-switchover",
         options.pause_before_switchover,
     ));
-    source_only.push(capability("auto-converge", options.auto_converge));
+    capabilities.push(capability("auto-converge", options.auto_converge));
     source
-        .run(&MigrateSetCapabilities {
-            capabilities: source_only,
-        })
+        .run(&MigrateSetCapabilities { capabilities })
         .await
         .context("source: migrate-set-capabilities")?;
-    destination
-        .run(&MigrateSetCapabilities { capabilities: both })
-        .await
-        .context("destination: migrate-set-capabilities")?;
-    if let Some(channels) = options.multifd_channels {
-        destination
-            .run(&MigrateSetParameters {
-                multifd_channels: Some(channels),
-                ..Default::default()
-            })
-            .await
-            .context("destination: migrate-set-parameters")?;
-    }
     let downtime_ms = options.downtime_limit.as_millis() as u64;
     source
         .run(&MigrateSetParameters {
@@ -378,37 +449,7 @@ fn progress_of(info: &MigrationInfo, started: Instant) -> Progress {
     }
 }
 
-async fn finish(
-    source: &Qmp,
-    destination: &Qmp,
-    options: &MigrationOptions,
-    info: MigrationInfo,
-    observed: &Observed,
-) -> Result<MigrationReport> {
-    // The destination resumes by itself (no -S); wait until it says so.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let destination_status = loop {
-        let status = destination
-            .run(&QueryStatus {})
-            .await
-            .context("destination: query-status")?;
-        if status.running {
-            break status.status;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the destination is `{}`, not running, 30 s after the migration completed",
-                status.status
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    if options.announce {
-        destination
-            .run(&AnnounceSelf::default())
-            .await
-            .context("destination: announce-self")?;
-    }
+fn source_report(info: MigrationInfo, observed: &Observed) -> MigrationReport {
     let ram = info.ram.clone().unwrap_or_default();
     let report = MigrationReport {
         status: info.status.unwrap_or_default(),
@@ -421,14 +462,14 @@ async fn finish(
         postcopy_started_ms: observed.postcopy_started_ms,
         postcopy_bytes: ram.postcopy_bytes,
         max_cpu_throttle_percent: observed.max_cpu_throttle_percent,
-        destination_status,
+        destination_status: String::new(),
     };
-    tracing::info!(?report, source = %source.socket().display(), "migration completed");
-    Ok(report)
+    tracing::info!(?report, "migration completed at the source");
+    report
 }
 
-/// Leaves the VM running at the source and the destination gone.
-async fn roll_back(source: &Qmp, destination: &Qmp) -> Result<()> {
+/// Leaves the VM running at the source.
+async fn roll_back_source(source: &Qmp) -> Result<()> {
     if !source.is_closed() {
         let info = source.run(&QueryMigrate {}).await.unwrap_or_default();
         let active = !matches!(
@@ -461,12 +502,6 @@ async fn roll_back(source: &Qmp, destination: &Qmp) -> Result<()> {
             tracing::info!(status = %status.status, "restarting the stopped source VM");
             source.run(&Cont {}).await.context("source: cont")?;
         }
-    }
-    if !destination.is_closed() {
-        // Best effort: the caller's Vm guard kills it anyway.
-        let _ = destination
-            .run_with_timeout(&Quit {}, Duration::from_secs(2))
-            .await;
     }
     Ok(())
 }
