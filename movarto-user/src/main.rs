@@ -54,6 +54,10 @@ enum Command {
         #[command(subcommand)]
         command: movarto_user::dns::cli::DnsCommand,
     },
+    /// Move a VM from one site to another, with its connections: the whole sequence.
+    Migrate(Box<movarto_user::migrate::MigrateArgs>),
+    /// Run this site's agent: the control API the orchestrator drives.
+    Agent(movarto_user::agent::AgentArgs),
     /// Start, stop or inspect a QEMU VM described by a TOML spec.
     Vm {
         #[command(subcommand)]
@@ -125,6 +129,11 @@ fn main() -> ExitCode {
         Command::Mode { uplink, mode } => datapath::cli::run_mode(&uplink, mode),
         Command::Dns { command } => movarto_user::dns::cli::run(command),
         Command::Vm { command } => movarto_user::qemu::cli(command),
+        Command::Agent(args) => movarto_user::agent::run(args),
+        Command::Migrate(args) => match movarto_user::migrate::run(*args) {
+            Ok(code) => return code,
+            Err(err) => Err(err),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

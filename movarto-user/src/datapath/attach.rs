@@ -207,6 +207,28 @@ impl Pinned {
             .context("writing the configuration")
     }
 
+    /// Rewrites the whole configuration (one map write); the flows stay.
+    /// The interface indexes are kept from the attached configuration.
+    pub fn reconfigure(&mut self, site: &SiteConfig) -> Result<()> {
+        let current = self.config()?;
+        let mut site = site.clone();
+        site.uplink_ifindex = current.uplink_ifindex;
+        site.vm_ifindex = current.vm_ifindex;
+        self.config
+            .set(CONFIG_KEY, site.to_map()?, 0)
+            .context("writing the configuration")
+    }
+
+    /// Inserts (or overwrites) flows, e.g. the other site's snapshot at switchover.
+    pub fn insert_flows(&mut self, flows: &[(FlowKey, FlowValue)]) -> Result<()> {
+        for (key, value) in flows {
+            self.flows
+                .insert(key, value, 0)
+                .context("inserting into the flow map")?;
+        }
+        Ok(())
+    }
+
     pub fn counters(&self) -> Result<CounterSnapshot> {
         let mut values = [0u64; COUNTER_COUNT as usize];
         for counter in Counter::ALL {

@@ -18,7 +18,8 @@ use serde_json::json;
 use super::{AttachOptions, Pinned, SiteConfig, attach, detach, forwarding_enabled};
 
 /// The mode names users type.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ModeArg {
     Idle,
     Track,
@@ -88,12 +89,12 @@ pub struct AttachArgs {
     pub xdp_mode: XdpModeArg,
 }
 
-fn parse_token(s: &str) -> Result<u64, String> {
+pub fn parse_token(s: &str) -> Result<u64, String> {
     let hex = s.trim_start_matches("0x");
     u64::from_str_radix(hex, 16).map_err(|e| format!("token {s:?} is not a 64-bit hex number: {e}"))
 }
 
-fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 6 {
         return Err(format!("MAC {s:?} must be six hex bytes separated by ':'"));
@@ -106,7 +107,7 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-fn mac_string(mac: &[u8; 6]) -> String {
+pub fn mac_string(mac: &[u8; 6]) -> String {
     mac.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -290,7 +291,7 @@ pub fn monotonic_ns() -> Result<u64> {
         + u64::try_from(ts.tv_nsec).context("clock")?)
 }
 
-fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> serde_json::Value {
+pub fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> serde_json::Value {
     json!({
         "protocol": k.protocol,
         "service": endpoint(k.service()),

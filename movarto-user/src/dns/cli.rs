@@ -114,7 +114,7 @@ impl ServerArgs {
     }
 }
 
-fn parse_server(text: &str) -> Result<SocketAddr> {
+pub fn parse_server(text: &str) -> Result<SocketAddr> {
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
@@ -126,7 +126,7 @@ fn parse_server(text: &str) -> Result<SocketAddr> {
     Ok(SocketAddr::new(ip, 53))
 }
 
-fn parse_name(text: &str) -> Result<Name> {
+pub fn parse_name(text: &str) -> Result<Name> {
     let mut name =
         Name::from_ascii(text).map_err(|err| anyhow::anyhow!("invalid name {text:?}: {err}"))?;
     name.set_fqdn(true);

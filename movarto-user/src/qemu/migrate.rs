@@ -22,7 +22,7 @@
 use std::{future::Future, pin::Pin, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, time::Instant};
 
 use super::qmp::{
@@ -95,7 +95,7 @@ impl Default for MigrationOptions {
 }
 
 /// A snapshot of a running migration, for a progress display.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Progress {
     pub status: String,
     pub elapsed_ms: u64,
@@ -110,7 +110,7 @@ pub struct Progress {
 }
 
 /// The outcome of a completed migration, as QEMU's source reports it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MigrationReport {
     pub status: String,
     pub total_time_ms: u64,

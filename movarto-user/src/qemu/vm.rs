@@ -27,7 +27,7 @@ pub struct Vm {
     spec: VmSpec,
     role: Role,
     child: Child,
-    qmp: Qmp,
+    qmp: Arc<Qmp>,
     stderr: Arc<Mutex<Vec<String>>>,
 }
 
@@ -79,13 +79,18 @@ impl Vm {
             spec: spec.clone(),
             role,
             child,
-            qmp,
+            qmp: Arc::new(qmp),
             stderr,
         })
     }
 
     pub fn qmp(&self) -> &Qmp {
         &self.qmp
+    }
+
+    /// The QMP session, shareable with a task that outlives this borrow (a migration).
+    pub fn qmp_handle(&self) -> Arc<Qmp> {
+        self.qmp.clone()
     }
 
     pub fn spec(&self) -> &VmSpec {

@@ -1,0 +1,279 @@
+//! The agent's control API: paths and JSON bodies, shared by the server and the client.
+//!
+//! Every path is under `/v1` and needs `Authorization: Bearer <site token>`, except
+//! `GET /v1/health`. Errors come back as [`ApiError`] with a non-2xx status.
+//!
+//! | method | path | body → reply | retry-safe |
+//! | --- | --- | --- | --- |
+//! | GET | `/v1/status` | → [`SiteStatus`] | yes |
+//! | PUT | `/v1/datapath` | [`DatapathRequest`] → [`DatapathStatus`] (attach, or reconfigure) | yes |
+//! | DELETE | `/v1/datapath` | → `{}` (teardown; fine if not attached) | yes |
+//! | PUT | `/v1/datapath/mode` | [`ModeRequest`] → [`DatapathStatus`] | yes |
+//! | GET | `/v1/datapath/flows` | → `Vec<`[`FlowRecord`]`>` | yes |
+//! | POST | `/v1/datapath/flows` | `Vec<FlowRecord>` → `{}` (load a snapshot) | yes |
+//! | POST | `/v1/datapath/release-vm-iface` | → `{}` | yes |
+//! | PUT | `/v1/taps/{name}` | [`TapRequest`] → `{}` | yes |
+//! | DELETE | `/v1/taps/{name}` | → `{}` | yes |
+//! | POST | `/v1/vms` | [`VmRequest`] → [`VmStatus`] (same spec again: no-op) | yes |
+//! | GET | `/v1/vms/{name}` | → [`VmStatus`] | yes |
+//! | DELETE | `/v1/vms/{name}` | → `{}` | yes |
+//! | POST | `/v1/vms/{name}/incoming` | [`IncomingRequest`] → `{}` | yes |
+//! | POST | `/v1/vms/{name}/finish-incoming` | → [`VmStatus`] | yes |
+//! | POST | `/v1/vms/{name}/announce` | → `{}` | yes |
+//! | POST | `/v1/vms/{name}/migration` | [`OutgoingRequest`] → [`MigrationState`] | no |
+//! | GET | `/v1/vms/{name}/migration` | → [`MigrationState`] | yes |
+//! | POST | `/v1/vms/{name}/migration/continue` | [`ContinueRequest`] → [`MigrationState`] | yes |
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use movarto_common::flow::{FlowKey, FlowValue};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    datapath::cli::ModeArg,
+    qemu::migrate::{MigrationOptions, MigrationReport, Postcopy, Progress},
+};
+
+/// An error reply.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// `GET /v1/health`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Health {
+    pub site: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SiteStatus {
+    pub site: String,
+    pub uplink: String,
+    /// `None` when no datapath is attached.
+    pub datapath: Option<DatapathStatus>,
+    pub vms: Vec<VmStatus>,
+}
+
+/// The datapath's site configuration, as the orchestrator states it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathRequest {
+    pub vm_iface: String,
+    pub mode: ModeArg,
+    pub home_addr: IpAddr,
+    pub new_addr: Option<IpAddr>,
+    pub local_tunnel_addr: Ipv4Addr,
+    pub peer_tunnel_addr: Ipv4Addr,
+    /// The migration's session token, 16 hex digits.
+    pub token: String,
+    pub tunnel_mtu: u16,
+    pub vm_mac: String,
+    pub gateway_mac: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModeRequest {
+    pub mode: ModeArg,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    pub pin_dir: String,
+    pub mode: String,
+    /// Every non-zero counter, by name.
+    pub counters: BTreeMap<String, u64>,
+    pub flows: usize,
+    /// Pre-move flows (tracked at A, or handed over to B) that are neither closing nor expired.
+    pub live_premove_flows: usize,
+    /// Milliseconds since the newest packet of any flow; `None` with an empty map.
+    pub idle_ms: Option<u64>,
+    /// Flows the agent's sweeper removed since it started.
+    pub swept: u64,
+}
+
+impl DatapathStatus {
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// One flow-map entry, as the datapath holds it (hex of the `#[repr(C)]` bytes), so a
+/// snapshot moves between sites exactly; plus a readable rendering.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FlowRecord {
+    pub key: String,
+    pub value: String,
+    /// Since the first and the last packet, at snapshot time (monotonic clocks differ
+    /// between hosts, so the receiving site rebases the value's timestamps on these).
+    pub age_ns: u64,
+    pub idle_ns: u64,
+    #[serde(default)]
+    pub readable: serde_json::Value,
+}
+
+impl FlowRecord {
+    pub fn new(key: &FlowKey, value: &FlowValue, now_ns: u64) -> Self {
+        Self {
+            key: data_encoding::HEXLOWER.encode(pod_bytes(key)),
+            value: data_encoding::HEXLOWER.encode(pod_bytes(value)),
+            age_ns: now_ns.saturating_sub(value.first_seen_ns),
+            idle_ns: now_ns.saturating_sub(value.last_seen_ns),
+            readable: crate::datapath::cli::flow_json(key, value, now_ns),
+        }
+    }
+
+    pub fn decode(&self) -> Result<(FlowKey, FlowValue)> {
+        Ok((
+            pod_from_hex(&self.key).context("flow key")?,
+            pod_from_hex(&self.value).context("flow value")?,
+        ))
+    }
+}
+
+fn pod_bytes<T: aya::Pod>(value: &T) -> &[u8] {
+    // SAFETY: `Pod` types are plain bytes without padding requirements on reading.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+fn pod_from_hex<T: aya::Pod>(hex: &str) -> Result<T> {
+    let bytes = data_encoding::HEXLOWER_PERMISSIVE
+        .decode(hex.as_bytes())
+        .context("not hex")?;
+    if bytes.len() != size_of::<T>() {
+        bail!(
+            "{} bytes where {} were expected (agents of different versions?)",
+            bytes.len(),
+            size_of::<T>()
+        );
+    }
+    // SAFETY: the length matches and any bit pattern is a valid `Pod`.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// A tap for a VM's NIC, with the site's (anycast) gateway on it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TapRequest {
+    pub gateway_mac: String,
+    /// e.g. `192.0.2.1/24`.
+    pub gateway_cidr: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmRequest {
+    /// The VM spec, in its TOML form (paths are the agent's host's).
+    pub spec_toml: String,
+    /// Start with `-incoming defer` (the destination of a migration).
+    pub incoming: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub pid: Option<u32>,
+    /// QEMU's run state (`running`, `inmigrate`, `postmigrate`, ...).
+    pub run_state: String,
+    pub incoming: bool,
+    pub migration: Option<MigrationState>,
+}
+
+/// How a migration runs; the wire form of [`MigrationOptions`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationSettings {
+    pub max_bandwidth: u64,
+    pub downtime_limit_ms: u64,
+    pub multifd_channels: Option<u8>,
+    pub auto_converge: bool,
+    /// `off`, `after-first-pass`, or `within:<ms>`.
+    pub postcopy: String,
+    pub timeout_s: u64,
+    /// The longest the source waits, stopped at `pre-switchover`, for the orchestrator.
+    pub switchover_wait_s: u64,
+}
+
+impl Default for MigrationSettings {
+    fn default() -> Self {
+        let options = MigrationOptions::default();
+        Self {
+            max_bandwidth: options.max_bandwidth,
+            downtime_limit_ms: options.downtime_limit.as_millis() as u64,
+            multifd_channels: None,
+            auto_converge: false,
+            postcopy: "off".to_owned(),
+            timeout_s: options.timeout.as_secs(),
+            switchover_wait_s: 30,
+        }
+    }
+}
+
+impl MigrationSettings {
+    pub fn options(&self) -> Result<MigrationOptions> {
+        let postcopy = match self.postcopy.as_str() {
+            "off" => Postcopy::Off,
+            "after-first-pass" => Postcopy::AfterFirstPass,
+            other => match other.strip_prefix("within:") {
+                Some(ms) => Postcopy::IfNotConvergedWithin(Duration::from_millis(
+                    ms.parse()
+                        .with_context(|| format!("postcopy {other:?}: bad milliseconds"))?,
+                )),
+                None => {
+                    bail!("postcopy {other:?}: expected `off`, `after-first-pass` or `within:<ms>`")
+                }
+            },
+        };
+        Ok(MigrationOptions {
+            max_bandwidth: self.max_bandwidth,
+            downtime_limit: Duration::from_millis(self.downtime_limit_ms),
+            pause_before_switchover: true,
+            // The destination's agent announces, when the orchestrator says so.
+            announce: false,
+            timeout: Duration::from_secs(self.timeout_s),
+            multifd_channels: self.multifd_channels,
+            auto_converge: self.auto_converge,
+            postcopy,
+            ..MigrationOptions::default()
+        })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IncomingRequest {
+    /// Where the destination listens, e.g. `tcp:203.0.113.129:4444`.
+    pub uri: String,
+    pub settings: MigrationSettings,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutgoingRequest {
+    pub uri: String,
+    pub settings: MigrationSettings,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ContinueRequest {
+    /// `false` aborts: the migration is cancelled and the VM resumes at the source.
+    pub proceed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    Running,
+    /// The source is stopped at `pre-switchover`, waiting for `continue`.
+    AwaitingSwitchover,
+    Completed,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationState {
+    pub phase: MigrationPhase,
+    pub progress: Option<Progress>,
+    pub report: Option<MigrationReport>,
+    pub error: Option<String>,
+}

@@ -1,0 +1,274 @@
+//! A client of one site's agent, as the orchestrator uses it.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context as _, Result};
+use reqwest::Method;
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::api::{
+    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, Health,
+    IncomingRequest, MigrationState, ModeRequest, OutgoingRequest, SiteStatus, TapRequest,
+    VmRequest, VmStatus,
+};
+use crate::datapath::cli::ModeArg;
+
+/// How long one call may take (starting QEMU and loading the datapath included).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What went wrong talking to an agent.
+#[derive(Debug)]
+pub enum AgentError {
+    /// No answer (refused, reset, timed out): the agent may be restarting.
+    Unreachable { agent: String, reason: String },
+    /// The agent answered with an error.
+    Refused {
+        agent: String,
+        status: u16,
+        message: String,
+    },
+}
+
+impl std::fmt::Display for AgentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unreachable { agent, reason } => {
+                write!(f, "the agent at {agent} is unreachable: {reason}")
+            }
+            Self::Refused {
+                agent,
+                status,
+                message,
+            } => write!(f, "the agent at {agent} answered {status}: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+#[derive(Clone)]
+pub struct AgentClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl AgentClient {
+    /// `base` is e.g. `https://203.0.113.1:7878`; `ca_cert` (PEM) is trusted for TLS.
+    pub fn new(base: &str, token: &str, ca_cert: Option<&Path>) -> Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(CALL_TIMEOUT)
+            .connect_timeout(Duration::from_secs(3));
+        if let Some(path) = ca_cert {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading the CA certificate {}", path.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("parsing the CA certificate {}", path.display()))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            http: builder.build().context("building the HTTP client")?,
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, AgentError> {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|err| AgentError::Unreachable {
+                agent: self.base.clone(),
+                reason: format!("{method} {path}: {}", error_chain(&err)),
+            })?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|err| AgentError::Unreachable {
+                agent: self.base.clone(),
+                reason: format!("{method} {path}: reading the reply: {err}"),
+            })?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<ApiError>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
+            return Err(AgentError::Refused {
+                agent: self.base.clone(),
+                status: status.as_u16(),
+                message: format!("{method} {path}: {message}"),
+            });
+        }
+        serde_json::from_str(&text).map_err(|err| AgentError::Refused {
+            agent: self.base.clone(),
+            status: status.as_u16(),
+            message: format!("{method} {path}: unexpected reply ({err}): {text}"),
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, AgentError> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    pub async fn health(&self) -> Result<Health, AgentError> {
+        self.get("/v1/health").await
+    }
+
+    pub async fn status(&self) -> Result<SiteStatus, AgentError> {
+        self.get("/v1/status").await
+    }
+
+    pub async fn apply_datapath(
+        &self,
+        request: &DatapathRequest,
+    ) -> Result<DatapathStatus, AgentError> {
+        self.call(Method::PUT, "/v1/datapath", Some(request)).await
+    }
+
+    pub async fn detach_datapath(&self) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(Method::DELETE, "/v1/datapath", None::<&()>)
+            .await
+            .map(drop)
+    }
+
+    pub async fn set_mode(&self, mode: ModeArg) -> Result<DatapathStatus, AgentError> {
+        self.call(
+            Method::PUT,
+            "/v1/datapath/mode",
+            Some(&ModeRequest { mode }),
+        )
+        .await
+    }
+
+    pub async fn flows(&self) -> Result<Vec<FlowRecord>, AgentError> {
+        self.get("/v1/datapath/flows").await
+    }
+
+    pub async fn load_flows(&self, flows: &[FlowRecord]) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(Method::POST, "/v1/datapath/flows", Some(flows))
+            .await
+            .map(drop)
+    }
+
+    pub async fn release_vm_iface(&self) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(Method::POST, "/v1/datapath/release-vm-iface", None::<&()>)
+            .await
+            .map(drop)
+    }
+
+    pub async fn ensure_tap(&self, name: &str, request: &TapRequest) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(Method::PUT, &format!("/v1/taps/{name}"), Some(request))
+            .await
+            .map(drop)
+    }
+
+    pub async fn delete_tap(&self, name: &str) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/taps/{name}"), None::<&()>)
+            .await
+            .map(drop)
+    }
+
+    pub async fn start_vm(&self, request: &VmRequest) -> Result<VmStatus, AgentError> {
+        self.call(Method::POST, "/v1/vms", Some(request)).await
+    }
+
+    pub async fn vm(&self, name: &str) -> Result<VmStatus, AgentError> {
+        self.get(&format!("/v1/vms/{name}")).await
+    }
+
+    pub async fn stop_vm(&self, name: &str) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/vms/{name}"), None::<&()>)
+            .await
+            .map(drop)
+    }
+
+    pub async fn prepare_incoming(
+        &self,
+        name: &str,
+        request: &IncomingRequest,
+    ) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(
+            Method::POST,
+            &format!("/v1/vms/{name}/incoming"),
+            Some(request),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn finish_incoming(&self, name: &str) -> Result<VmStatus, AgentError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/vms/{name}/finish-incoming"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn announce(&self, name: &str) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(
+            Method::POST,
+            &format!("/v1/vms/{name}/announce"),
+            None::<&()>,
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn start_migration(
+        &self,
+        name: &str,
+        request: &OutgoingRequest,
+    ) -> Result<MigrationState, AgentError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/vms/{name}/migration"),
+            Some(request),
+        )
+        .await
+    }
+
+    pub async fn migration(&self, name: &str) -> Result<MigrationState, AgentError> {
+        self.get(&format!("/v1/vms/{name}/migration")).await
+    }
+
+    pub async fn continue_migration(
+        &self,
+        name: &str,
+        proceed: bool,
+    ) -> Result<MigrationState, AgentError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/vms/{name}/migration/continue"),
+            Some(&ContinueRequest { proceed }),
+        )
+        .await
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    out
+}

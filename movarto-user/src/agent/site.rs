@@ -1,0 +1,238 @@
+//! The site's datapath as the agent manages it: attach or reconfigure, modes, flow
+//! snapshots, the sweep of expired flows, teardown. All state lives in the pins, so a
+//! restarted agent simply opens them again (adoption) and forwarding never stops.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, UdpSocket},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::XdpMode;
+use movarto_common::{
+    config::Mode,
+    flow::{origin, state},
+    net::{addr, family},
+};
+
+use super::api::{DatapathRequest, DatapathStatus, FlowRecord};
+use crate::datapath::{
+    AttachOptions, Pinned, SiteConfig, attach, cli::monotonic_ns, cli::parse_mac, cli::parse_token,
+    detach, forwarding_enabled, pin_dir,
+};
+
+/// How long the agent waits for the tunnel's next hop to resolve.
+const NEXT_HOP_WAIT: Duration = Duration::from_secs(2);
+
+pub struct SiteDatapath {
+    pub uplink: String,
+    established_idle_ns: u64,
+    swept: AtomicU64,
+}
+
+impl SiteDatapath {
+    pub fn new(uplink: String, established_idle: Duration) -> Self {
+        Self {
+            uplink,
+            established_idle_ns: established_idle.as_nanos() as u64,
+            swept: AtomicU64::new(0),
+        }
+    }
+
+    fn attached(&self) -> bool {
+        pin_dir(&self.uplink).exists()
+    }
+
+    fn open(&self) -> Result<Pinned> {
+        Pinned::open(&self.uplink)
+    }
+
+    /// `None` when nothing is attached.
+    pub fn status(&self) -> Result<Option<DatapathStatus>> {
+        if !self.attached() {
+            return Ok(None);
+        }
+        let pinned = self.open()?;
+        let now = monotonic_ns()?;
+        let flows = pinned.flows()?;
+        let live_premove_flows = flows
+            .iter()
+            .filter(|(k, v)| {
+                matches!(v.origin, origin::TRACKED | origin::TUNNELLED)
+                    && !state::is_closing(v.state)
+                    && !v.is_expired(k.protocol, now, self.established_idle_ns)
+            })
+            .count();
+        let idle_ms = flows
+            .iter()
+            .map(|(_, v)| now.saturating_sub(v.last_seen_ns) / 1_000_000)
+            .min();
+        let counters: BTreeMap<String, u64> = pinned
+            .counters()?
+            .nonzero()
+            .into_iter()
+            .map(|(c, n)| (c.name().to_owned(), n))
+            .collect();
+        let raw_mode = pinned.config()?.mode;
+        let mode = Mode::from_u8(raw_mode)
+            .map_or_else(|| format!("unknown ({raw_mode})"), |m| m.name().to_owned());
+        Ok(Some(DatapathStatus {
+            pin_dir: pinned.dir.display().to_string(),
+            mode,
+            counters,
+            flows: flows.len(),
+            live_premove_flows,
+            idle_ms,
+            swept: self.swept.load(Ordering::Relaxed),
+        }))
+    }
+
+    /// Attaches, or rewrites the configuration of what is attached (the flows stay).
+    pub fn apply(&self, request: &DatapathRequest) -> Result<DatapathStatus> {
+        let site = site_config(request)?;
+        if matches!(site.mode, Mode::Forward | Mode::Receive | Mode::Nat)
+            && !forwarding_enabled(&self.uplink)?
+        {
+            bail!(
+                "IPv4 forwarding is off on {}; mode {} routes packets through it",
+                self.uplink,
+                site.mode.name()
+            );
+        }
+        if self.attached() {
+            self.open()?.reconfigure(&site)?;
+        } else {
+            attach(&AttachOptions {
+                uplink: self.uplink.clone(),
+                vm_iface: request.vm_iface.clone(),
+                xdp_mode: XdpMode::Default,
+                site: site.clone(),
+            })?;
+        }
+        if matches!(site.mode, Mode::Forward | Mode::Receive) {
+            self.prime_next_hop(site.peer_tunnel_addr);
+        }
+        self.status()?
+            .context("the datapath vanished after attaching")
+    }
+
+    pub fn set_mode(&self, mode: Mode) -> Result<DatapathStatus> {
+        let mut pinned = self.open()?;
+        pinned.set_mode(mode)?;
+        if matches!(mode, Mode::Forward | Mode::Receive)
+            && let Some(IpAddr::V4(peer)) =
+                addr::from_map(pinned.config()?.peer_tunnel_addr, family::IPV4)
+        {
+            self.prime_next_hop(peer);
+        }
+        self.status()?.context("the datapath vanished")
+    }
+
+    pub fn flows(&self) -> Result<Vec<FlowRecord>> {
+        let now = monotonic_ns()?;
+        Ok(self
+            .open()?
+            .flows()?
+            .iter()
+            .map(|(k, v)| FlowRecord::new(k, v, now))
+            .collect())
+    }
+
+    /// Loads the other site's snapshot as tunnelled flows, on this host's clock.
+    pub fn load_flows(&self, records: &[FlowRecord]) -> Result<usize> {
+        let now = monotonic_ns()?;
+        let flows = records
+            .iter()
+            .map(|record| {
+                let (key, mut value) = record.decode()?;
+                value.first_seen_ns = now.saturating_sub(record.age_ns);
+                value.last_seen_ns = now.saturating_sub(record.idle_ns);
+                value.origin = origin::TUNNELLED;
+                Ok((key, value))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.open()?.insert_flows(&flows)?;
+        Ok(flows.len())
+    }
+
+    pub fn release_vm_iface(&self) -> Result<()> {
+        match self.open()?.release_vm_iface() {
+            // Already released: a retry.
+            Err(err) if !self.attached() => Err(err),
+            Err(err) => {
+                tracing::debug!("release: {err:#}");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Teardown; fine when nothing is attached.
+    pub fn detach(&self) -> Result<()> {
+        if self.attached() {
+            detach(&self.uplink)?;
+        }
+        Ok(())
+    }
+
+    /// Removes expired flows (Cilium-style timeouts); returns how many.
+    pub fn sweep(&self) -> Result<usize> {
+        if !self.attached() {
+            return Ok(0);
+        }
+        let swept = self
+            .open()?
+            .sweep(monotonic_ns()?, self.established_idle_ns)?
+            .len();
+        self.swept.fetch_add(swept as u64, Ordering::Relaxed);
+        Ok(swept)
+    }
+
+    /// `bpf_fib_lookup` drops while the next hop's MAC is unknown: make the kernel resolve
+    /// it by sending one datagram toward the peer, and wait until the uplink has a neighbour.
+    fn prime_next_hop(&self, peer: Ipv4Addr) {
+        let sent = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+            .and_then(|socket| socket.send_to(b"movarto: resolving the next hop", (peer, 9)));
+        if let Err(err) = sent {
+            tracing::warn!(%peer, "could not send toward the tunnel peer: {err}");
+            return;
+        }
+        let deadline = Instant::now() + NEXT_HOP_WAIT;
+        while Instant::now() < deadline {
+            if resolved_neighbour(&self.uplink) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::warn!(uplink = %self.uplink, %peer, "the tunnel's next hop is still unresolved");
+    }
+}
+
+/// Whether `/proc/net/arp` has a complete entry on `dev`.
+fn resolved_neighbour(dev: &str) -> bool {
+    const ATF_COM: u32 = 0x2;
+    std::fs::read_to_string("/proc/net/arp").is_ok_and(|table| {
+        table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() >= 6
+                && fields[5] == dev
+                && u32::from_str_radix(fields[2].trim_start_matches("0x"), 16)
+                    .is_ok_and(|flags| flags & ATF_COM != 0)
+        })
+    })
+}
+
+fn site_config(request: &DatapathRequest) -> Result<SiteConfig> {
+    let mut site = SiteConfig::new(request.mode.into(), request.home_addr);
+    site.new_addr = request.new_addr;
+    site.local_tunnel_addr = request.local_tunnel_addr;
+    site.peer_tunnel_addr = request.peer_tunnel_addr;
+    site.token = parse_token(&request.token).map_err(anyhow::Error::msg)?;
+    site.tunnel_mtu = request.tunnel_mtu;
+    site.vm_mac = parse_mac(&request.vm_mac).map_err(anyhow::Error::msg)?;
+    site.gateway_mac = parse_mac(&request.gateway_mac).map_err(anyhow::Error::msg)?;
+    site.to_map().context("inconsistent datapath settings")?;
+    Ok(site)
+}

@@ -1,0 +1,154 @@
+//! The migration report: the step timeline (like the GMPLS system's table) and the figures.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::qemu::migrate::MigrationReport;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Ok,
+    Skipped,
+    Failed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub number: u8,
+    pub name: String,
+    /// Milliseconds since the migration started.
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TunnelFigures {
+    /// Packets site A encapsulated toward B, and decapsulated from B.
+    pub packets_to_b: u64,
+    pub packets_from_b: u64,
+    /// Payload bytes of pre-move flows carried after switchover (from A's flow map).
+    pub premove_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub vm: String,
+    pub address_mode: String,
+    pub succeeded: bool,
+    pub error: Option<String>,
+    /// When the run failed before switchover: what was undone.
+    pub rolled_back: Option<String>,
+    pub total_ms: u64,
+    pub steps: Vec<StepRecord>,
+    pub qemu: Option<MigrationReport>,
+    /// From the switchover to the authoritative answer showing `N`.
+    pub dns_switch_ms: Option<u64>,
+    pub flows_at_switchover: usize,
+    pub flows_drained: usize,
+    /// Flows still live when `--max-drain` forced the teardown (readable form).
+    pub flows_cut: Vec<serde_json::Value>,
+    pub tunnel: TunnelFigures,
+    pub drain_ms: Option<u64>,
+    /// From the switchover to the teardown.
+    pub teardown_after_switchover_ms: Option<u64>,
+}
+
+fn ms(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1} s", v as f64 / 1000.0)
+    } else {
+        format!("{v} ms")
+    }
+}
+
+impl Report {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let verdict = if self.succeeded {
+            "completed"
+        } else {
+            "FAILED"
+        };
+        let _ = writeln!(
+            out,
+            "movarto: migration of {} ({} mode) {verdict} in {}",
+            self.vm,
+            self.address_mode,
+            ms(self.total_ms)
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:>3}  {:<22} {:>10} {:>10} {:>10}  {:<8} detail",
+            "#", "step", "start", "end", "took", "outcome"
+        );
+        for s in &self.steps {
+            let outcome = match s.outcome {
+                Outcome::Ok => "ok",
+                Outcome::Skipped => "skipped",
+                Outcome::Failed => "FAILED",
+            };
+            let _ = writeln!(
+                out,
+                "{:>3}  {:<22} {:>10} {:>10} {:>10}  {:<8} {}",
+                s.number,
+                s.name,
+                ms(s.start_ms),
+                ms(s.end_ms),
+                ms(s.end_ms.saturating_sub(s.start_ms)),
+                outcome,
+                s.detail
+            );
+        }
+        let _ = writeln!(out);
+        if let Some(q) = &self.qemu {
+            let _ = writeln!(
+                out,
+                "QEMU:     total {}, downtime {} ms, {} bytes in {} passes{}",
+                ms(q.total_time_ms),
+                q.downtime_ms,
+                q.transferred,
+                q.passes,
+                q.postcopy_started_ms
+                    .map(|at| format!(", post-copy after {}", ms(at)))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(dns) = self.dns_switch_ms {
+            let _ = writeln!(
+                out,
+                "DNS:      authoritative answer changed {} after switchover",
+                ms(dns)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "flows:    {} pre-move at switchover, {} drained, {} cut",
+            self.flows_at_switchover,
+            self.flows_drained,
+            self.flows_cut.len()
+        );
+        let _ = writeln!(
+            out,
+            "tunnel:   {} packets A→B, {} packets B→A, {} bytes of pre-move flows",
+            self.tunnel.packets_to_b, self.tunnel.packets_from_b, self.tunnel.premove_bytes
+        );
+        if let Some(t) = self.teardown_after_switchover_ms {
+            let _ = writeln!(out, "teardown: {} after switchover", ms(t));
+        }
+        for flow in &self.flows_cut {
+            let _ = writeln!(out, "cut:      {flow}");
+        }
+        if let Some(rolled_back) = &self.rolled_back {
+            let _ = writeln!(out, "rollback: {rolled_back}");
+        }
+        if let Some(error) = &self.error {
+            let _ = writeln!(out, "error:    {error}");
+        }
+        out
+    }
+}
