@@ -74,6 +74,12 @@ pub fn run() -> Result<()> {
         ("unit tests", unit.into()),
         // The QEMU tests boot it; cached, so this is instant after the first time.
         ("test guest", Stage::Task(guest_stage)),
+        // The migration test runs the real binary as the agents and the orchestrator.
+        ("movarto-user binary", {
+            let mut c = cargo();
+            c.args(["build", "-p", "movarto-user", "--bin", "movarto-user"]);
+            c.into()
+        }),
         ("root-only integration tests", root_tests.into()),
     ];
 

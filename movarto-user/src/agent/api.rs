@@ -156,6 +156,34 @@ fn pod_from_hex<T: aya::Pod>(hex: &str) -> Result<T> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
+/// A SYN younger than this may still become a connection (retransmits come at 1 and 3 s).
+pub const HANDSHAKE_NS: u64 = 5_000_000_000;
+
+/// Whether a flow keeps the drain going: a pre-move flow (tracked at A, or handed over to
+/// B) that is still open. For TCP that is an established connection not closing, or a
+/// handshake seen within [`HANDSHAKE_NS`]: a SYN nobody answered is a failed attempt, not
+/// a connection. Other protocols hold it until their timeout. Expiry is the caller's.
+pub fn holds_drain(protocol: u8, value: &FlowValue, idle_ns: u64) -> bool {
+    use movarto_common::flow::{origin, state};
+    const TCP: u8 = 6;
+    if !matches!(value.origin, origin::TRACKED | origin::TUNNELLED) {
+        return false;
+    }
+    if protocol != TCP {
+        return true;
+    }
+    !state::is_closing(value.state)
+        && (value.state & state::ESTABLISHED != 0 || idle_ns < HANDSHAKE_NS)
+}
+
+impl FlowRecord {
+    /// [`holds_drain`] at snapshot time.
+    pub fn holds_drain(&self) -> bool {
+        self.decode()
+            .is_ok_and(|(k, v)| holds_drain(k.protocol, &v, self.idle_ns))
+    }
+}
+
 /// A tap for a VM's NIC, with the site's (anycast) gateway on it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TapRequest {

@@ -13,11 +13,11 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use movarto_common::{
     config::Mode,
-    flow::{origin, state},
+    flow::origin,
     net::{addr, family},
 };
 
-use super::api::{DatapathRequest, DatapathStatus, FlowRecord};
+use super::api::{DatapathRequest, DatapathStatus, FlowRecord, holds_drain};
 use crate::datapath::{
     AttachOptions, Pinned, SiteConfig, attach, cli::monotonic_ns, cli::parse_mac, cli::parse_token,
     detach, forwarding_enabled, pin_dir,
@@ -60,8 +60,7 @@ impl SiteDatapath {
         let live_premove_flows = flows
             .iter()
             .filter(|(k, v)| {
-                matches!(v.origin, origin::TRACKED | origin::TUNNELLED)
-                    && !state::is_closing(v.state)
+                holds_drain(k.protocol, v, now.saturating_sub(v.last_seen_ns))
                     && !v.is_expired(k.protocol, now, self.established_idle_ns)
             })
             .count();

@@ -472,7 +472,7 @@ impl Run<'_> {
                 ))
             })
             .await?;
-        report.flows_at_switchover = at_switchover.len();
+        report.flows_at_switchover = at_switchover.iter().filter(|f| f.holds_drain()).count();
         *switchover_flows = at_switchover;
         Ok(Instant::now())
     }
@@ -713,10 +713,8 @@ async fn drain(
                 let cut: Vec<FlowRecord> = flows
                     .into_iter()
                     .filter(|f| {
-                        f.decode().is_ok_and(|(_, v)| {
-                            v.origin == origin::TRACKED
-                                && !movarto_common::flow::state::is_closing(v.state)
-                        })
+                        f.holds_drain()
+                            && f.decode().is_ok_and(|(_, v)| v.origin == origin::TRACKED)
                     })
                     .collect();
                 let count = cut.len();

@@ -342,6 +342,7 @@ async fn run(
         }
         match status.as_str() {
             "completed" => {
+                let info = settled(source, info).await?;
                 return Ok(source_report(info, observed));
             }
             "pre-switchover" => {
@@ -372,6 +373,22 @@ async fn run(
             );
         }
     }
+}
+
+/// QEMU says `completed` a moment before it has computed `total-time` and `downtime`:
+/// asks again briefly until they are there.
+async fn settled(source: &Qmp, mut info: MigrationInfo) -> Result<MigrationInfo> {
+    for _ in 0..50 {
+        if info.total_time.unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        info = source
+            .run(&QueryMigrate {})
+            .await
+            .context("source: query-migrate")?;
+    }
+    Ok(info)
 }
 
 /// The capabilities both ends must agree on.
