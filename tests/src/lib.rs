@@ -4,6 +4,7 @@
 //! the test fails and says why, in CI and on a developer's machine alike.
 
 pub mod dns_server;
+pub mod lab;
 pub mod netns;
 
 use std::{
