@@ -124,6 +124,8 @@ pub struct MigrationReport {
     pub postcopy_started_ms: Option<u64>,
     /// Bytes sent after the switch to post-copy.
     pub postcopy_bytes: u64,
+    /// Bytes sent over the multifd channels.
+    pub multifd_bytes: u64,
     /// The highest vCPU throttle auto-converge applied, in percent.
     pub max_cpu_throttle_percent: u64,
     /// The destination's run state after the move.
@@ -461,6 +463,7 @@ fn source_report(info: MigrationInfo, observed: &Observed) -> MigrationReport {
         hook_ms: observed.hook_ms,
         postcopy_started_ms: observed.postcopy_started_ms,
         postcopy_bytes: ram.postcopy_bytes,
+        multifd_bytes: ram.multifd_bytes,
         max_cpu_throttle_percent: observed.max_cpu_throttle_percent,
         destination_status: String::new(),
     };
