@@ -97,7 +97,8 @@ impl DiskMirror {
 #[derive(Clone, Debug, Serialize)]
 pub struct MirrorReady {
     pub ready_ms: u64,
-    /// The disk's size, as the job counts it.
+    /// The job's work so far, in bytes: the disk's size plus whatever the guest rewrote
+    /// after it had been copied.
     pub len: u64,
 }
 
@@ -106,6 +107,7 @@ pub struct MirrorReady {
 pub struct MirrorCompleted {
     /// From `block-job-cancel` to `BLOCK_JOB_COMPLETED` (the VM is stopped meanwhile).
     pub complete_ms: u64,
+    /// The job's total work and how much of it was done (equal once it completed).
     pub len: u64,
     pub offset: u64,
 }
