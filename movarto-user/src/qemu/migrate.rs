@@ -344,6 +344,7 @@ async fn run(
         }
         match status.as_str() {
             "completed" => {
+                let info = final_numbers(source, info).await?;
                 return Ok(source_report(info, observed));
             }
             "pre-switchover" => {
@@ -374,6 +375,23 @@ async fn run(
             );
         }
     }
+}
+
+/// QEMU reports `completed` a moment before it has computed the total time and downtime
+/// (they read 0 meanwhile); query again briefly until they are there.
+async fn final_numbers(source: &Qmp, mut info: MigrationInfo) -> Result<MigrationInfo> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while info.total_time.unwrap_or_default() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        info = source
+            .run(&QueryMigrate {})
+            .await
+            .context("source: query-migrate")?;
+    }
+    if info.total_time.unwrap_or_default() == 0 {
+        tracing::warn!("QEMU reported no total time for the completed migration");
+    }
+    Ok(info)
 }
 
 /// The capabilities both ends must agree on.
