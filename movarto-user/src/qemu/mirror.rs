@@ -215,16 +215,13 @@ pub async fn start_mirror(source: &Qmp, mirror: &DiskMirror) -> Result<MirrorRea
             })
             .await
             .context("source: blockdev-mirror")?;
-        let ready = wait_for_job(&mut events, &mirror.job_id(), mirror.ready_timeout)
-            .await
-            .context("waiting for the disk mirror to be READY")?;
-        if ready.name != "BLOCK_JOB_READY" {
-            bail!(
-                "the disk mirror ended before it was READY: {} {}",
-                ready.name,
-                ready.data
-            );
-        }
+        let ready = expect_job_event(
+            &mut events,
+            &mirror.job_id(),
+            "BLOCK_JOB_READY",
+            mirror.ready_timeout,
+        )
+        .await?;
         Ok(MirrorReady {
             ready_ms: started.elapsed().as_millis() as u64,
             len: ready.data["len"].as_u64().unwrap_or_default(),
@@ -255,17 +252,14 @@ pub async fn complete_mirror(source: &Qmp, mirror: &DiskMirror) -> Result<Mirror
         })
         .await
         .context("source: block-job-cancel of the READY mirror")?;
-    let done = wait_for_job(&mut events, &mirror.job_id(), mirror.complete_timeout)
-        .await
-        .context("waiting for the disk mirror to complete")?;
     // Only COMPLETED without an error means the target is a full, consistent copy.
-    if done.name != "BLOCK_JOB_COMPLETED" {
-        bail!(
-            "the disk mirror ended with {} instead of BLOCK_JOB_COMPLETED: {}",
-            done.name,
-            done.data
-        );
-    }
+    let done = expect_job_event(
+        &mut events,
+        &mirror.job_id(),
+        "BLOCK_JOB_COMPLETED",
+        mirror.complete_timeout,
+    )
+    .await?;
     if let Some(error) = done.data.get("error").and_then(|e| e.as_str()) {
         bail!("the disk mirror failed at completion: {error}");
     }
@@ -313,6 +307,26 @@ pub async fn abort_mirror(source: &Qmp, mirror: &DiskMirror) {
             node_name: mirror.target_node(),
         })
         .await;
+}
+
+/// Waits for job `id`'s next event and fails unless it is `expected`.
+async fn expect_job_event(
+    events: &mut EventStream,
+    id: &str,
+    expected: &str,
+    limit: Duration,
+) -> Result<Event> {
+    let event = wait_for_job(events, id, limit)
+        .await
+        .with_context(|| format!("waiting for {expected} of the disk mirror"))?;
+    if event.name != expected {
+        bail!(
+            "the disk mirror sent {} instead of {expected}: {}",
+            event.name,
+            event.data
+        );
+    }
+    Ok(event)
 }
 
 /// The next READY, COMPLETED, CANCELLED or ERROR event of job `id`.
