@@ -124,6 +124,8 @@ pub struct MigrationReport {
     pub postcopy_started_ms: Option<u64>,
     /// Bytes sent after the switch to post-copy.
     pub postcopy_bytes: u64,
+    /// Bytes sent over the multifd channels.
+    pub multifd_bytes: u64,
     /// The highest vCPU throttle auto-converge applied, in percent.
     pub max_cpu_throttle_percent: u64,
     /// The destination's run state after the move.
@@ -342,7 +344,7 @@ async fn run(
         }
         match status.as_str() {
             "completed" => {
-                let info = settled(source, info).await?;
+                let info = final_numbers(source, info).await?;
                 return Ok(source_report(info, observed));
             }
             "pre-switchover" => {
@@ -375,18 +377,19 @@ async fn run(
     }
 }
 
-/// QEMU says `completed` a moment before it has computed `total-time` and `downtime`:
-/// asks again briefly until they are there.
-async fn settled(source: &Qmp, mut info: MigrationInfo) -> Result<MigrationInfo> {
-    for _ in 0..50 {
-        if info.total_time.unwrap_or(0) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// QEMU reports `completed` a moment before it has computed the total time and downtime
+/// (they read 0 meanwhile); query again briefly until they are there.
+async fn final_numbers(source: &Qmp, mut info: MigrationInfo) -> Result<MigrationInfo> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while info.total_time.unwrap_or_default() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
         info = source
             .run(&QueryMigrate {})
             .await
             .context("source: query-migrate")?;
+    }
+    if info.total_time.unwrap_or_default() == 0 {
+        tracing::warn!("QEMU reported no total time for the completed migration");
     }
     Ok(info)
 }
@@ -478,6 +481,7 @@ fn source_report(info: MigrationInfo, observed: &Observed) -> MigrationReport {
         hook_ms: observed.hook_ms,
         postcopy_started_ms: observed.postcopy_started_ms,
         postcopy_bytes: ram.postcopy_bytes,
+        multifd_bytes: ram.multifd_bytes,
         max_cpu_throttle_percent: observed.max_cpu_throttle_percent,
         destination_status: String::new(),
     };

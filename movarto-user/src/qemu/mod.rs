@@ -1,6 +1,7 @@
 //! The QEMU side: a QMP client, VM specs, running VMs and live migration.
 
 pub mod migrate;
+pub mod mirror;
 pub mod qmp;
 pub mod spec;
 pub mod vm;

@@ -628,6 +628,9 @@ pub mod commands {
         pub precopy_bytes: u64,
         #[serde(default)]
         pub postcopy_bytes: u64,
+        /// Bytes sent over the multifd channels.
+        #[serde(default)]
+        pub multifd_bytes: u64,
     }
 
     /// `announce-self`: QEMU 7.2 requires every timing field.
@@ -642,6 +645,147 @@ pub mod commands {
         pub step: u64,
     }
     command!(AnnounceSelf, "announce-self", Empty);
+
+    /// `SocketAddressLegacy` (as `nbd-server-start` takes it): `{type, data: {...}}`.
+    #[derive(Clone, Debug, Serialize)]
+    pub struct InetAddressLegacy {
+        /// Always `inet`.
+        #[serde(rename = "type")]
+        pub kind: &'static str,
+        pub data: InetSocketAddress,
+    }
+
+    /// `InetSocketAddress`; QEMU takes the port as a string.
+    #[derive(Clone, Debug, Serialize)]
+    pub struct InetSocketAddress {
+        pub host: String,
+        pub port: String,
+    }
+
+    #[derive(Serialize)]
+    pub struct NbdServerStart {
+        pub addr: InetAddressLegacy,
+    }
+    command!(NbdServerStart, "nbd-server-start", Empty);
+
+    #[derive(Serialize)]
+    pub struct NbdServerStop {}
+    command!(NbdServerStop, "nbd-server-stop", Empty);
+
+    /// `block-export-add` of type `nbd` (`BlockExportOptions` with `BlockExportOptionsNbd`).
+    #[derive(Serialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct BlockExportAddNbd {
+        /// Always `nbd`.
+        #[serde(rename = "type")]
+        pub kind: &'static str,
+        pub id: String,
+        pub node_name: String,
+        pub writable: bool,
+        /// The export name clients ask for; defaults to the node name.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub name: Option<String>,
+    }
+    command!(BlockExportAddNbd, "block-export-add", Empty);
+
+    #[derive(Serialize)]
+    pub struct BlockExportDel {
+        pub id: String,
+        /// `safe` (fails while clients are connected) or `hard`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub mode: Option<&'static str>,
+    }
+    command!(BlockExportDel, "block-export-del", Empty);
+
+    #[derive(Serialize)]
+    pub struct QueryBlockExports {}
+    command!(
+        QueryBlockExports,
+        "query-block-exports",
+        Vec<BlockExportInfo>
+    );
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct BlockExportInfo {
+        pub id: String,
+        pub node_name: String,
+        pub shutting_down: bool,
+    }
+
+    /// `blockdev-add` of an NBD client node (`BlockdevOptionsNbd`, flat `SocketAddress`).
+    #[derive(Serialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct BlockdevAddNbd {
+        /// Always `nbd`.
+        pub driver: &'static str,
+        pub node_name: String,
+        pub server: InetSocketAddressFlat,
+        pub export: String,
+    }
+    command!(BlockdevAddNbd, "blockdev-add", Empty);
+
+    /// `SocketAddress` of type `inet` (flat: `{type, host, port}`).
+    #[derive(Clone, Debug, Serialize)]
+    pub struct InetSocketAddressFlat {
+        #[serde(rename = "type")]
+        pub kind: &'static str,
+        pub host: String,
+        pub port: String,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct BlockdevDel {
+        pub node_name: String,
+    }
+    command!(BlockdevDel, "blockdev-del", Empty);
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "kebab-case")]
+    pub struct BlockdevMirror {
+        pub job_id: String,
+        /// The source node.
+        pub device: String,
+        /// The target node (already added with `blockdev-add`).
+        pub target: String,
+        /// `MirrorSyncMode`: `full` copies the whole disk.
+        pub sync: &'static str,
+        /// Bytes per second; 0 is unlimited.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub speed: Option<u64>,
+        /// `MirrorCopyMode`: `background` or `write-blocking`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub copy_mode: Option<&'static str>,
+    }
+    command!(BlockdevMirror, "blockdev-mirror", Empty);
+
+    #[derive(Serialize)]
+    pub struct BlockJobCancel {
+        /// The job id.
+        pub device: String,
+        /// Without force, cancelling a READY mirror finishes it with a consistent copy.
+        pub force: bool,
+    }
+    command!(BlockJobCancel, "block-job-cancel", Empty);
+
+    #[derive(Serialize)]
+    pub struct QueryBlockJobs {}
+    command!(QueryBlockJobs, "query-block-jobs", Vec<BlockJobInfo>);
+
+    #[derive(Clone, Debug, Deserialize)]
+    pub struct BlockJobInfo {
+        #[serde(rename = "type")]
+        pub kind: String,
+        /// The job id.
+        pub device: String,
+        pub len: u64,
+        pub offset: u64,
+        pub ready: bool,
+        /// A `JobStatus`: `running`, `ready`, `concluded`...
+        pub status: String,
+        pub error: Option<String>,
+    }
 
     impl Default for AnnounceSelf {
         /// QEMU's own defaults: 5 rounds, 50 ms, then 150, 250... up to 550 ms apart.

@@ -31,6 +31,10 @@ use serde::Deserialize;
 /// The QEMU binary; TCG works everywhere, KVM only where the host allows it.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
 
+/// The disk's format node: the same name at both ends of a migration, so the destination
+/// can export it over NBD and the source can mirror it (see [`super::mirror`]).
+pub const DISK_NODE: &str = "disk0";
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
@@ -203,16 +207,16 @@ impl VmSpec {
             push(&[
                 "-blockdev",
                 &format!(
-                    "driver=file,node-name=disk0-file,filename={},cache.direct=off",
+                    "driver=file,node-name={DISK_NODE}-file,filename={},cache.direct=off",
                     disk.display()
                 ),
                 "-blockdev",
                 &format!(
-                    "driver={},node-name=disk0,file=disk0-file",
+                    "driver={},node-name={DISK_NODE},file={DISK_NODE}-file",
                     self.disk_format
                 ),
                 "-device",
-                "virtio-blk-pci,drive=disk0,id=disk0-dev",
+                &format!("virtio-blk-pci,drive={DISK_NODE},id={DISK_NODE}-dev"),
             ]);
         }
         push(&[
@@ -313,6 +317,19 @@ tap = "tap0"
         assert!(!boot.contains("-incoming"), "{boot}");
         let incoming = spec.qemu_args(Role::Incoming).join(" ");
         assert!(incoming.ends_with("-incoming defer"), "{incoming}");
+        let with_disk = VmSpec::parse(&GOOD.replace("[nic]", "disk = \"vm.img\"\n\n[nic]"))
+            .expect("valid with a disk")
+            .qemu_args(Role::Incoming)
+            .join(" ");
+        // Both ends name the disk node alike, so the mirror can address it.
+        assert!(
+            with_disk.contains("driver=raw,node-name=disk0,file=disk0-file"),
+            "{with_disk}"
+        );
+        assert!(
+            with_disk.contains("virtio-blk-pci,drive=disk0"),
+            "{with_disk}"
+        );
     }
 
     #[test]

@@ -8,8 +8,11 @@
 //! - [`HTTP_PORT`]: HTTP/1.0 for curl: `/` (a one-line identity), `/id` (the boot id, which
 //!   proves the guest answering after a move is the same instance, not a reboot),
 //!   `/bytes/<n>` (`n` bytes of the stream pattern, a large file generated on the fly),
-//!   `/dirty/<mib>` (starts dirtying `mib` MiB of memory continuously, to exercise
-//!   migration of a busy guest).
+//!   `/dirty/<mib>` (starts dirtying `mib` MiB of memory continuously, one byte a page, to
+//!   exercise migration of a busy guest), `/churn/<mib>` (the same, but rewriting every
+//!   byte, so the dirtying costs CPU time and a vCPU throttle slows it down),
+//!   `/disk/write/<offset>/<len>/<seed>` (writes `len` bytes of disk pattern `seed` at
+//!   `offset` of the virtio disk and flushes them to it before answering).
 //!
 //! It is std-only so that it links statically and fast.
 
@@ -20,7 +23,9 @@ use std::{
     time::Duration,
 };
 
-use movarto_guest_server::{ECHO_PORT, HTTP_PORT, STREAM_PORT, fill_stream};
+use movarto_guest_server::{
+    DISK_DEVICE, ECHO_PORT, HTTP_PORT, STREAM_PORT, fill_disk, fill_stream,
+};
 
 fn main() {
     let servers: [(u16, fn(TcpStream)); 3] = [
@@ -142,7 +147,52 @@ fn respond(conn: &mut TcpStream, path: &str) -> std::io::Result<()> {
         thread::spawn(move || dirty_memory(mib));
         return send_text(conn, "200 OK", &format!("dirtying {mib} MiB\n"));
     }
+    if let Some(mib) = path.strip_prefix("/churn/") {
+        let Ok(mib) = mib.parse::<usize>() else {
+            return send_text(conn, "400 Bad Request", "size must be a number of MiB\n");
+        };
+        thread::spawn(move || churn_memory(mib));
+        return send_text(conn, "200 OK", &format!("churning {mib} MiB\n"));
+    }
+    if let Some(args) = path.strip_prefix("/disk/write/") {
+        let numbers: Vec<Option<u64>> = args.split('/').map(|n| n.parse().ok()).collect();
+        let [Some(offset), Some(len), Some(seed)] = numbers[..] else {
+            return send_text(
+                conn,
+                "400 Bad Request",
+                "use /disk/write/<offset>/<len>/<seed>\n",
+            );
+        };
+        return match write_disk(offset, len, seed) {
+            Ok(()) => send_text(
+                conn,
+                "200 OK",
+                &format!("wrote {len} bytes at {offset} with seed {seed}\n"),
+            ),
+            Err(err) => send_text(
+                conn,
+                "500 Internal Server Error",
+                &format!("writing {DISK_DEVICE}: {err}\n"),
+            ),
+        };
+    }
     send_text(conn, "404 Not Found", "not found\n")
+}
+
+/// Writes the pattern and flushes it to the (virtual) disk, so it is on the host's image
+/// by the time the client hears back.
+fn write_disk(offset: u64, len: u64, seed: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let disk = std::fs::OpenOptions::new().write(true).open(DISK_DEVICE)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut done = 0u64;
+    while done < len {
+        let chunk = (len - done).min(buf.len() as u64) as usize;
+        fill_disk(&mut buf[..chunk], seed, offset + done);
+        disk.write_all_at(&buf[..chunk], offset + done)?;
+        done += chunk as u64;
+    }
+    disk.sync_all()
 }
 
 fn send_text(conn: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
@@ -164,5 +214,17 @@ fn dirty_memory(mib: usize) {
         for page in memory.chunks_mut(PAGE) {
             page[0] = round;
         }
+    }
+}
+
+/// Rewrites every byte of a `mib` MiB buffer over and over: dirtying that costs CPU time.
+fn churn_memory(mib: usize) {
+    let mut memory = vec![0u8; mib * 1024 * 1024];
+    let mut round: u8 = 0;
+    loop {
+        round = round.wrapping_add(1);
+        memory.fill(round);
+        // Keep the writes: the buffer is never read, and the optimiser must not drop them.
+        std::hint::black_box(&mut memory);
     }
 }
