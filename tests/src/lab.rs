@@ -24,7 +24,13 @@ use std::{
 
 use aya::programs::XdpMode;
 use movarto_guest_server::{HTTP_PORT, stream_byte};
-use movarto_user::{agent::AgentClient, datapath::Datapath};
+use movarto_user::{
+    agent::{
+        AgentClient,
+        api::{DatapathRequest, TapRequest, VmRequest},
+    },
+    datapath::{Datapath, cli::ModeArg},
+};
 
 use crate::{
     dns_server::{Bind9, SERVICE, in_netns},
@@ -81,6 +87,7 @@ pub struct Lab {
     pub uplink_a: String,
     pub uplink_b: String,
     pub scratch: Scratch,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 /// An agent process. Dropping it stops it as an operator would (SIGTERM: it stops its
@@ -125,8 +132,22 @@ impl Drop for Lab {
     }
 }
 
+/// Labs share the machine's CPUs with a TCG guest each: one at a time per process.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Builds the lab and starts both agents; waits until they answer. Holds a process-wide
+/// lock until the lab drops, so tests using it run one after another.
 pub fn lab() -> Lab {
-    let tag = std::process::id() % 100_000;
+    let serial = ONE_LAB
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    // Interface and pin names are short (15 bytes) and pins are global: unique per lab.
+    let tag = format!(
+        "{}{}",
+        std::process::id() % 10_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
     let scratch = Scratch(std::env::temp_dir().join(format!("movarto-migrate-{tag}")));
     fs::create_dir_all(&scratch.0).expect("scratch");
     let bind = Bind9::start("mig").expect("BIND9");
@@ -141,6 +162,7 @@ pub fn lab() -> Lab {
         uplink_a: format!("ma{tag}"),
         uplink_b: format!("mb{tag}"),
         scratch,
+        _serial: serial,
     };
     for ns in [&l.wan, &l.a, &l.b] {
         ns.run("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
@@ -204,6 +226,22 @@ pub fn lab() -> Lab {
         fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).expect("chmod");
         l.start_agent(site);
     }
+    let ready = with_agents(&l, async |a, b| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.health().await.is_err() || b.health().await.is_err() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    });
+    assert!(
+        ready,
+        "the agents did not answer within 10 s:\nA:\n{}\nB:\n{}",
+        agent_log(&l, "a"),
+        agent_log(&l, "b")
+    );
     l
 }
 
@@ -279,6 +317,107 @@ checksum_offload = false
         dir = l.scratch.0.display(),
         guest = guest.display(),
     )
+}
+
+/// Site A through its agent: the tap, the datapath tracking, the VM booted. Waits until the
+/// guest answers at `H` and the probes' unanswered SYNs have aged out of counting as
+/// connections. Returns the guest's boot id.
+pub fn boot_at_a(l: &Lab) -> String {
+    let spec_a = guest_spec(l, "a");
+    let started = with_agents(l, async |a, _b| {
+        a.ensure_tap(
+            "tap0",
+            &TapRequest {
+                gateway_mac: GATEWAY_MAC.to_owned(),
+                gateway_cidr: GATEWAY_CIDR.to_owned(),
+            },
+        )
+        .await?;
+        a.apply_datapath(&DatapathRequest {
+            vm_iface: "tap0".to_owned(),
+            mode: ModeArg::Track,
+            home_addr: H.parse()?,
+            new_addr: None,
+            local_tunnel_addr: TA.parse()?,
+            peer_tunnel_addr: TB.parse()?,
+            token: "0".to_owned(),
+            tunnel_mtu: 1500,
+            vm_mac: GUEST_MAC.to_owned(),
+            gateway_mac: GATEWAY_MAC.to_owned(),
+        })
+        .await?;
+        a.start_vm(&VmRequest {
+            spec_toml: spec_a.clone(),
+            incoming: false,
+        })
+        .await?;
+        anyhow::Ok(())
+    });
+    if let Err(err) = started {
+        panic!(
+            "setting up site A: {err:#}\nagent A log:\n{}",
+            agent_log(l, "a")
+        );
+    }
+    let booted = Instant::now();
+    wait_for("the guest to answer at A", Duration::from_secs(90), || {
+        l.client
+            .run(
+                "curl",
+                &[
+                    "-sS",
+                    "--fail",
+                    "--max-time",
+                    "2",
+                    &format!("http://{H}/id"),
+                ],
+            )
+            .is_ok()
+    });
+    eprintln!("guest answers at A after {:?}", booted.elapsed());
+    let boot_id = http_get(l, H, "/id");
+    // The probes' unanswered SYNs are tracked too; once older than a handshake they no
+    // longer count as connections, so the report can be checked against ours exactly.
+    thread::sleep(Duration::from_nanos(
+        movarto_user::agent::api::HANDSHAKE_NS + 500_000_000,
+    ));
+
+    boot_id
+}
+
+/// `movarto-user migrate` for the guest from A to B, run in the ops namespace, with
+/// DNS, JSON output and the TTL wait skipped; `extra` adds or overrides options.
+pub fn migrate_command(l: &Lab, extra: &[&str]) -> Command {
+    let spec_b_path = l.scratch.0.join("web-b.toml");
+    fs::write(&spec_b_path, guest_spec(l, "b")).expect("spec");
+    let mut migrate = Command::new("nsenter");
+    migrate
+        .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
+        .arg(movarto_user())
+        .args(["migrate", "--vm", "web", "--json"])
+        .arg("--source")
+        .arg(format!("http://{TA}:{AGENT_PORT}"))
+        .arg("--destination")
+        .arg(format!("http://{TB}:{AGENT_PORT}"))
+        .arg("--source-token-file")
+        .arg(l.scratch.0.join("token-a"))
+        .arg("--destination-token-file")
+        .arg(l.scratch.0.join("token-b"))
+        .arg("--destination-spec")
+        .arg(&spec_b_path)
+        .args(["--home", H, "--new-addr", N])
+        .args(["--source-tunnel", TA, "--destination-tunnel", TB])
+        .args(["--gateway-mac", GATEWAY_MAC, "--gateway-cidr", GATEWAY_CIDR])
+        .arg("--dns-server")
+        .arg(l.bind.server_addr().to_string())
+        .args(["--zone", "example.test", "--dns-name", SERVICE])
+        .arg("--dns-key-file")
+        .arg(l.bind.key_file())
+        .arg("--skip-ttl-wait")
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    migrate
 }
 
 /// Runs `f` with a client of each agent, on a runtime inside the ops namespace.
