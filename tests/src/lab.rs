@@ -308,7 +308,7 @@ serial_log = "{dir}/web-{site}.console"
 kernel = "{guest}/vmlinuz"
 initrd = "{guest}/initramfs.cpio.gz"
 append = "console=ttyS0 panic=-1 quiet movarto.ip={H}/24 movarto.gw=192.0.2.1"
-
+{disk}
 [nic]
 mac = "{GUEST_MAC}"
 tap = "tap0"
@@ -316,7 +316,34 @@ checksum_offload = false
 "#,
         dir = l.scratch.0.display(),
         guest = guest.display(),
+        disk = if disk_image(l, site).exists() {
+            format!("disk = \"{}\"\n", disk_image(l, site).display())
+        } else {
+            String::new()
+        },
     )
+}
+
+/// The guest's disk image at `site`; the spec has a disk once [`add_disk`] made them.
+pub fn disk_image(l: &Lab, site: &str) -> PathBuf {
+    l.scratch.0.join(format!("web-{site}.img"))
+}
+
+/// Gives the guest a `mib` MiB raw disk: at A filled with a pattern, at B an empty image of
+/// the same size (the mirror's target; no shared storage).
+pub fn add_disk(l: &Lab, mib: usize) {
+    let block: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(31) >> 3) as u8)
+        .collect();
+    let mut a = fs::File::create(disk_image(l, "a")).expect("disk at A");
+    for n in 0..mib {
+        let mut chunk = block.clone();
+        chunk[..8].copy_from_slice(&(n as u64).to_le_bytes());
+        a.write_all(&chunk).expect("write");
+    }
+    fs::File::create(disk_image(l, "b"))
+        .and_then(|b| b.set_len((mib << 20) as u64))
+        .expect("disk at B");
 }
 
 /// Site A through its agent: the tap, the datapath tracking, the VM booted. Waits until the

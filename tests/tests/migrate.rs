@@ -3,6 +3,7 @@
 //! from a client namespace. The lab is `movarto_tests::lab`.
 
 use std::{
+    fs,
     io::{BufRead as _, BufReader, Read as _},
     net::Shutdown,
     sync::{
@@ -341,4 +342,52 @@ fn agents_refuse_requests_without_the_right_token() {
         "no token, a wrong one and the other site's are refused; the right one and the \
          health check are not"
     );
+}
+
+#[test]
+fn the_disk_is_mirrored_over_nbd_and_arrives_byte_identical() {
+    require_root();
+    let l = lab();
+    add_disk(&l, 32);
+    let boot_id = boot_at_a(&l);
+    let mut migrate = migrate_command(&l, &["--drain-grace", "1s", "--max-drain", "30s"]);
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = orchestrator.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "migrate did not finish"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut json = String::new();
+    orchestrator
+        .child_mut()
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut json)
+        .expect("report");
+    eprintln!("report:\n{json}");
+    assert!(status.success(), "migrate exited {status}: {json}");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    let mirror = &report["steps"][2];
+    assert_eq!(mirror["name"], "mirror disk");
+    assert_eq!(mirror["outcome"], "ok", "{mirror}");
+    assert!(
+        mirror["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("READY")),
+        "{mirror}"
+    );
+    assert_eq!(http_get(&l, N, "/id"), boot_id, "the guest runs at B");
+    let (a, b) = (
+        fs::read(disk_image(&l, "a")).expect("A's image"),
+        fs::read(disk_image(&l, "b")).expect("B's image"),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "the destination's disk differs from the source's");
 }

@@ -17,15 +17,15 @@ use serde_json::json;
 use super::{
     api::{
         ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, Health,
-        IncomingRequest, MigrationState, ModeRequest, OutgoingRequest, SiteStatus, TapRequest,
-        VmRequest, VmStatus,
+        IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest, SiteStatus,
+        TapRequest, VmRequest, VmStatus,
     },
     site::SiteDatapath,
     tap,
     token::Token,
     vms::{VmError, Vms},
 };
-use crate::datapath::cli::parse_mac;
+use crate::{datapath::cli::parse_mac, qemu::mirror::MirrorReady};
 
 pub struct AgentConfig {
     pub site: String,
@@ -170,6 +170,7 @@ fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/incoming", post(prepare_incoming))
         .route("/v1/vms/{name}/finish-incoming", post(finish_incoming))
         .route("/v1/vms/{name}/announce", post(announce))
+        .route("/v1/vms/{name}/mirror", post(start_mirror))
         .route(
             "/v1/vms/{name}/migration",
             post(start_migration).get(migration),
@@ -344,6 +345,14 @@ async fn announce(
 ) -> Reply<serde_json::Value> {
     agent.vms.announce(&name).await?;
     Ok(empty())
+}
+
+async fn start_mirror(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(request): Json<MirrorSettings>,
+) -> Reply<MirrorReady> {
+    Ok(Json(agent.vms.start_mirror(&name, &request).await?))
 }
 
 async fn start_migration(

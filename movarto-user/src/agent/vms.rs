@@ -18,11 +18,15 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use tokio::sync::{mpsc, oneshot};
 
 use super::api::{
-    IncomingRequest, MigrationPhase, MigrationState, OutgoingRequest, VmRequest, VmStatus,
+    IncomingRequest, MigrationPhase, MigrationState, MirrorSettings, OutgoingRequest, VmRequest,
+    VmStatus,
 };
 use crate::qemu::{
     migrate::{
         SwitchoverHook, abandon_incoming, finish_incoming, migrate_outgoing, prepare_incoming,
+    },
+    mirror::{
+        DiskMirror, MirrorHook, MirrorReady, abort_mirror, export_disk, start_mirror, unexport_disk,
     },
     qmp::{
         Qmp,
@@ -59,6 +63,10 @@ struct ManagedVm {
     spec_toml: String,
     incoming: bool,
     incoming_uri: Mutex<Option<String>>,
+    /// The NBD export a destination serves for the source's mirror.
+    exported: Mutex<Option<DiskMirror>>,
+    /// The mirror a source runs toward the destination.
+    mirroring: Mutex<Option<DiskMirror>>,
     migration: Mutex<Option<Migration>>,
 }
 
@@ -114,6 +122,8 @@ impl Vms {
             spec_toml: request.spec_toml.clone(),
             incoming: request.incoming,
             incoming_uri: Mutex::new(None),
+            exported: Mutex::new(None),
+            mirroring: Mutex::new(None),
             migration: Mutex::new(None),
         });
         vms.insert(spec.name.clone(), managed.clone());
@@ -185,8 +195,22 @@ impl Vms {
         }
         let options = request.settings.options()?;
         prepare_incoming(&managed.qmp, &request.uri, &options).await?;
+        if let Some(settings) = &request.mirror {
+            let mirror = settings.disk_mirror();
+            export_disk(&managed.qmp, &mirror).await?;
+            *lock(&managed.exported) = Some(mirror);
+        }
         *lock(&managed.incoming_uri) = Some(request.uri.clone());
         Ok(())
+    }
+
+    /// The source's disk mirror toward the destination's export, up to READY.
+    pub async fn start_mirror(&self, name: &str, settings: &MirrorSettings) -> Result<MirrorReady> {
+        let managed = self.get(name).await?;
+        let mirror = settings.disk_mirror();
+        let ready = start_mirror(&managed.qmp, &mirror).await?;
+        *lock(&managed.mirroring) = Some(mirror);
+        Ok(ready)
     }
 
     /// Waits until the incoming VM runs (after the source completed).
@@ -197,6 +221,10 @@ impl Vms {
             ..Default::default()
         };
         finish_incoming(&managed.qmp, &options).await?;
+        let exported = lock(&managed.exported).take();
+        if let Some(mirror) = exported {
+            unexport_disk(&managed.qmp, &mirror).await?;
+        }
         Ok(status_of(name, &managed).await)
     }
 
@@ -219,6 +247,23 @@ impl Vms {
         let managed = self.get(name).await?;
         let options = request.settings.options()?;
         let wait = Duration::from_secs(request.settings.switchover_wait_s);
+        let mirror = match &request.mirror {
+            None => None,
+            Some(settings) => {
+                let running = lock(&managed.mirroring).clone();
+                match running {
+                    Some(m)
+                        if m.nbd_host == settings.nbd_host && m.nbd_port == settings.nbd_port =>
+                    {
+                        Some(m)
+                    }
+                    _ => bail!(VmError::Conflict(format!(
+                        "VM {name} has no disk mirror toward {}:{}; start it first",
+                        settings.nbd_host, settings.nbd_port
+                    ))),
+                }
+            }
+        };
         let state = {
             let mut slot = lock(&managed.migration);
             if let Some(current) = slot.as_ref() {
@@ -252,13 +297,28 @@ impl Vms {
                         lock(&progress_state).progress = Some(progress);
                     }
                 });
-                let mut hook = OrchestratedSwitchover {
+                let mut orchestrated = OrchestratedSwitchover {
                     state: task_state.clone(),
                     released: Some(released),
                     wait,
                 };
-                let result =
-                    migrate_outgoing(&qmp, &uri, &options, &mut hook, Some(progress_tx)).await;
+                let result = match &mirror {
+                    // The mirror completes (a consistent copy) first, with the VM stopped.
+                    Some(mirror) => {
+                        let mut hook = MirrorHook::new(&qmp, mirror, &mut orchestrated);
+                        let result =
+                            migrate_outgoing(&qmp, &uri, &options, &mut hook, Some(progress_tx))
+                                .await;
+                        if result.is_err() {
+                            abort_mirror(&qmp, mirror).await;
+                        }
+                        result
+                    }
+                    None => {
+                        migrate_outgoing(&qmp, &uri, &options, &mut orchestrated, Some(progress_tx))
+                            .await
+                    }
+                };
                 let _ = forward.await;
                 let mut state = lock(&task_state);
                 match result {

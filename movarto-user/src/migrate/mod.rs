@@ -98,6 +98,12 @@ pub struct MigrateArgs {
     pub multifd: Option<u8>,
     #[arg(long)]
     pub auto_converge: bool,
+    /// The destination's NBD port for the disk mirror (VMs with a disk).
+    #[arg(long, default_value_t = 10809)]
+    pub nbd_port: u16,
+    /// Disk mirror bandwidth, bytes per second (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub mirror_speed: u64,
     /// Tear down after this long even if pre-move flows remain (they are cut and listed).
     #[arg(long, default_value = "300s", value_parser = humantime_duration)]
     pub max_drain: Duration,
@@ -215,6 +221,14 @@ impl Plan {
             tunnel_mtu: args.tunnel_mtu,
             dns,
             settings,
+            mirror: spec
+                .disk
+                .is_some()
+                .then(|| crate::agent::api::MirrorSettings {
+                    nbd_host: args.destination_tunnel.to_string(),
+                    nbd_port: args.nbd_port,
+                    speed: args.mirror_speed,
+                }),
             urgent: args.urgent,
             max_drain: args.max_drain,
             drain_grace: args.drain_grace,

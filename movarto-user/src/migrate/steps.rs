@@ -19,7 +19,7 @@ use crate::{
         AgentClient,
         api::{
             DatapathRequest, FlowRecord, IncomingRequest, MigrationPhase, MigrationSettings,
-            OutgoingRequest, TapRequest, VmRequest,
+            MirrorSettings, OutgoingRequest, TapRequest, VmRequest,
         },
         token::random_hex,
     },
@@ -66,6 +66,8 @@ pub struct Plan {
     pub tunnel_mtu: u16,
     pub dns: Option<DnsTarget>,
     pub settings: MigrationSettings,
+    /// Set when the VM has a disk: mirrored over NBD to the destination.
+    pub mirror: Option<MirrorSettings>,
     pub urgent: bool,
     pub max_drain: Duration,
     pub drain_grace: Option<Duration>,
@@ -363,6 +365,7 @@ impl Run<'_> {
                         &IncomingRequest {
                             uri: p.migration_uri.clone(),
                             settings: p.settings.clone(),
+                            mirror: p.mirror.clone(),
                         },
                     )
                     .await?;
@@ -375,12 +378,19 @@ impl Run<'_> {
             })
             .await?;
 
-        // 3. Disk.
+        // 3. Disk: the full copy before RAM, so the switchover only adds what is still dirty.
         timeline
-            .step::<()>(3, "mirror disk", async {
+            .step(3, "mirror disk", async {
+                let Some(mirror) = &p.mirror else {
+                    return Ok((None, "no disk in the VM spec".to_owned()));
+                };
+                let ready = p.source.start_mirror(&p.vm, mirror).await?;
                 Ok((
-                    None,
-                    "no disk to mirror (kernel+initramfs guest)".to_owned(),
+                    Some(()),
+                    format!(
+                        "{} bytes to nbd://{}:{}, READY after {} ms",
+                        ready.len, mirror.nbd_host, mirror.nbd_port, ready.ready_ms
+                    ),
                 ))
             })
             .await?;
@@ -408,6 +418,7 @@ impl Run<'_> {
                         &OutgoingRequest {
                             uri: p.migration_uri.clone(),
                             settings: p.settings.clone(),
+                            mirror: p.mirror.clone(),
                         },
                     )
                     .await?;
