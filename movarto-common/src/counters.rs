@@ -53,7 +53,8 @@ pub enum Counter {
     /// outer IPv4 options or fragments, or an inner packet that fails to parse).
     DropGueMalformed,
     /// Drop: the encapsulated packet would exceed the tunnel MTU and no ICMP
-    /// could be sent for it (IPv6 for now, or a frame too short to quote).
+    /// is sent for it: a frame too short to quote, or a (non-GSO) packet the
+    /// VM sends at site B, which TC can't answer.
     DropTooBig,
     /// Drop: no route, or the route's neighbour is not resolved yet.
     DropNoRoute,
@@ -63,7 +64,8 @@ pub enum Counter {
     NatIn,
     /// From `H` on a NAT flow, source rewritten to `N` (site B); then passed.
     NatOut,
-    /// Verdict: too big for the tunnel, answered with ICMP fragmentation-needed.
+    /// Verdict: too big for the tunnel, answered with ICMP fragmentation-needed
+    /// (IPv4) or ICMPv6 packet-too-big (IPv6).
     IcmpTooBig,
 }
 

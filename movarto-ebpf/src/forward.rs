@@ -24,13 +24,12 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
     // Pre-move flows and stale-DNS newcomers alike.
     flows::record(pkt, Direction::FromPeer, origin::STALE_DNS);
     if !tunnel::fits(cfg, pkt, 0) {
-        if pkt.family == family::IPV4 {
-            return Ok(Outcome::Sent(
-                icmp::too_big_v4(ctx, cfg.tunnel_mtu)?,
-                Counter::IcmpTooBig,
-            ));
-        }
-        return Err(Counter::DropTooBig);
+        let action = if pkt.family == family::IPV6 {
+            icmp::too_big_v6(ctx, cfg.tunnel_mtu)?
+        } else {
+            icmp::too_big_v4(ctx, cfg.tunnel_mtu)?
+        };
+        return Ok(Outcome::Sent(action, Counter::IcmpTooBig));
     }
     tunnel::encapsulate(ctx, cfg, pkt, true)?;
     let hop = route::lookup(
