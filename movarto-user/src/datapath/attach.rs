@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc},
 };
 use movarto_common::{
@@ -178,6 +178,12 @@ impl Pinned {
                 dir.display()
             );
         }
+        Self::open_at(&dir)
+    }
+
+    /// Opens the maps pinned in `dir` (as [`Datapath::pin`] leaves them).
+    pub fn open_at(dir: &Path) -> Result<Self> {
+        let dir = dir.to_path_buf();
         let map = |name: &str| -> Result<aya::maps::Map> {
             let path = dir.join(name);
             let data =
@@ -220,22 +226,62 @@ impl Pinned {
     }
 
     /// Removes the flows expired at `now_ns` (CLOCK_MONOTONIC, the datapath's
-    /// clock) under the timeouts of `movarto_common::flow::timeout`; returns them.
+    /// clock) under the timeouts of `movarto_common::flow::timeout`; returns
+    /// them. Also does the flow map's bookkeeping: adds what it deleted to
+    /// `flow_deleted` and brings `flow_evicted` up to date (see
+    /// `Counter::FlowEvicted`). One manager sweeps a datapath at a time.
     pub fn sweep(
         &mut self,
         now_ns: u64,
         established_idle_ns: u64,
     ) -> Result<Vec<(FlowKey, FlowValue)>> {
-        let expired: Vec<_> = self
-            .flows()?
-            .into_iter()
+        // Read before the map: flows created meanwhile can only make the
+        // eviction estimate smaller, never larger.
+        let before = self.counters()?;
+        let present = self.flows()?;
+        let expired: Vec<_> = present
+            .iter()
             .filter(|(k, v)| v.is_expired(k.protocol, now_ns, established_idle_ns))
+            .copied()
             .collect();
+        let mut deleted = 0u64;
         for (key, _) in &expired {
-            // A flow that went away meanwhile (LRU) is as good as removed.
-            let _ = self.flows.remove(key);
+            // A flow that went away meanwhile was evicted; the next sweep counts it.
+            if self.flows.remove(key).is_ok() {
+                deleted += 1;
+            }
+        }
+        let deleted_total = before.get(Counter::FlowDeleted) + deleted;
+        self.set_userspace_counter(Counter::FlowDeleted, deleted_total)?;
+        let evicted = before
+            .get(Counter::FlowCreated)
+            .saturating_sub(before.get(Counter::FlowDeleted))
+            .saturating_sub(present.len() as u64);
+        if evicted > before.get(Counter::FlowEvicted) {
+            self.set_userspace_counter(Counter::FlowEvicted, evicted)?;
         }
         Ok(expired)
+    }
+
+    /// Sets a counter only userspace writes to `total` (in the first CPU's slot).
+    fn set_userspace_counter(&mut self, counter: Counter, total: u64) -> Result<()> {
+        let index = counter as u32;
+        let mut values: Vec<u64> = self
+            .counters
+            .get(&index, 0)
+            .with_context(|| format!("reading counter {}", counter.name()))?
+            .iter()
+            .copied()
+            .collect();
+        let others: u64 = values.iter().skip(1).sum();
+        if let Some(first) = values.first_mut() {
+            *first = total.saturating_sub(others);
+        }
+        let values = PerCpuValues::try_from(values)
+            .with_context(|| format!("per-CPU values of counter {}", counter.name()))?;
+        self.counters
+            .set(index, values, 0)
+            .with_context(|| format!("writing counter {}", counter.name()))
     }
 
     /// Detaches the VM-facing program (the VM has left this site): with
@@ -245,10 +291,17 @@ impl Pinned {
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
     }
 
+    /// Every flow in the map, each once (iterating a hash map that changes
+    /// meanwhile can restart and return a key twice).
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        self.flows
-            .iter()
-            .map(|e| e.map_err(|e| anyhow!("reading the flow map: {e}")))
-            .collect()
+        let mut seen = std::collections::HashSet::new();
+        let mut flows = Vec::new();
+        for entry in self.flows.iter() {
+            let (key, value) = entry.map_err(|e| anyhow!("reading the flow map: {e}"))?;
+            if seen.insert(key) {
+                flows.push((key, value));
+            }
+        }
+        Ok(flows)
     }
 }
