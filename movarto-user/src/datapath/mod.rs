@@ -15,7 +15,8 @@ use aya::{
 };
 
 pub use attach::{
-    AttachOptions, PIN_ROOT, Pinned, attach, detach, forwarding_enabled, ifindex, pin_dir,
+    AttachOptions, Owner, PIN_ROOT, Pinned, attach, check_pin_name, detach, forwarding_enabled,
+    ifindex, netns_cookie, pin_dir,
 };
 pub use config::SiteConfig;
 pub use counters::CounterSnapshot;
