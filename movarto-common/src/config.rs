@@ -81,6 +81,10 @@ pub struct Config {
     /// The VM-facing interface's (anycast gateway) MAC.
     pub gateway_mac: [u8; 6],
     pub _pad1: [u8; 4],
+    /// Cookie of the network namespace the datapath was attached in
+    /// (`SO_NETNS_COOKIE`). Not used by the programs: it tells userspace whose
+    /// pins these are, since bpffs is shared by all network namespaces.
+    pub netns_cookie: u64,
 }
 
 impl Config {
@@ -99,7 +103,7 @@ mod tests {
 
     #[test]
     fn layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<Config>(), 104);
+        assert_eq!(core::mem::size_of::<Config>(), 112);
         assert_eq!(core::mem::align_of::<Config>(), 8);
     }
 
