@@ -33,6 +33,10 @@ pub struct AgentArgs {
     /// The uplink the site's datapath is (or will be) attached to.
     #[arg(long)]
     pub uplink: String,
+    /// The datapath's pin name under /sys/fs/bpf/movarto (default: the uplink's name; set
+    /// it when another namespace on this host has an uplink of the same name).
+    #[arg(long)]
+    pub pin_name: Option<String>,
     /// TLS certificate chain (PEM); TLS is on when given, with --tls-key.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -72,6 +76,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         listen: args.listen,
         token: Token::from_file(&args.token_file)?,
         uplink: args.uplink,
+        pin_name: args.pin_name,
         tls: args.tls_cert.zip(args.tls_key),
         sweep_interval: args.sweep_interval,
         established_idle: args.established_idle,

@@ -32,6 +32,7 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     pub token: Token,
     pub uplink: String,
+    pub pin_name: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub sweep_interval: Duration,
     pub established_idle: Duration,
@@ -81,7 +82,11 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
     let agent = Arc::new(Agent {
         site: config.site.clone(),
         token: config.token.clone(),
-        datapath: SiteDatapath::new(config.uplink.clone(), config.established_idle),
+        datapath: SiteDatapath::new(
+            config.uplink.clone(),
+            config.pin_name.clone(),
+            config.established_idle,
+        ),
         vms: Vms::default(),
     });
     match agent.datapath.status() {

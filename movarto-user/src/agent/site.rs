@@ -28,13 +28,16 @@ const NEXT_HOP_WAIT: Duration = Duration::from_secs(2);
 
 pub struct SiteDatapath {
     pub uplink: String,
+    /// Where the pins live (bpffs is shared by every network namespace on the host).
+    pub pin_name: String,
     established_idle_ns: u64,
     swept: AtomicU64,
 }
 
 impl SiteDatapath {
-    pub fn new(uplink: String, established_idle: Duration) -> Self {
+    pub fn new(uplink: String, pin_name: Option<String>, established_idle: Duration) -> Self {
         Self {
+            pin_name: pin_name.unwrap_or_else(|| uplink.clone()),
             uplink,
             established_idle_ns: established_idle.as_nanos() as u64,
             swept: AtomicU64::new(0),
@@ -42,11 +45,11 @@ impl SiteDatapath {
     }
 
     fn attached(&self) -> bool {
-        pin_dir(&self.uplink).exists()
+        pin_dir(&self.pin_name).exists()
     }
 
     fn open(&self) -> Result<Pinned> {
-        Pinned::open(&self.uplink)
+        Pinned::open_for(&self.uplink, &self.pin_name)
     }
 
     /// `None` when nothing is attached.
@@ -105,6 +108,7 @@ impl SiteDatapath {
         } else {
             attach(&AttachOptions {
                 uplink: self.uplink.clone(),
+                pin_name: Some(self.pin_name.clone()),
                 vm_iface: request.vm_iface.clone(),
                 xdp_mode: XdpMode::Default,
                 site: site.clone(),
@@ -171,7 +175,9 @@ impl SiteDatapath {
     /// Teardown; fine when nothing is attached.
     pub fn detach(&self) -> Result<()> {
         if self.attached() {
-            detach(&self.uplink)?;
+            // Only our own: another namespace's pins of the same name stay.
+            self.open()?;
+            detach(&self.pin_name)?;
         }
         Ok(())
     }

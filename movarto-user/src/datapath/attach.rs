@@ -362,6 +362,7 @@ impl Pinned {
         let mut site = site.clone();
         site.uplink_ifindex = current.uplink_ifindex;
         site.vm_ifindex = current.vm_ifindex;
+        site.netns_cookie = current.netns_cookie;
         self.config
             .set(CONFIG_KEY, site.to_map()?, 0)
             .context("writing the configuration")
