@@ -15,6 +15,10 @@ pub enum Mode {
     Receive = 3,
     /// Site B after teardown: NAT only.
     Nat = 4,
+    /// Site B in `move` address mode: `H` itself is routed to B now. Unwrap the tunnel
+    /// for packets that still reach A; everything else (the VM's replies included) goes
+    /// the direct way, by the kernel's routing.
+    Direct = 5,
 }
 
 impl Mode {
@@ -25,6 +29,7 @@ impl Mode {
             2 => Some(Mode::Forward),
             3 => Some(Mode::Receive),
             4 => Some(Mode::Nat),
+            5 => Some(Mode::Direct),
             _ => None,
         }
     }
@@ -36,6 +41,7 @@ impl Mode {
             Mode::Forward => "forward",
             Mode::Receive => "receive",
             Mode::Nat => "nat",
+            Mode::Direct => "direct",
         }
     }
 }
@@ -115,9 +121,10 @@ mod tests {
             Mode::Forward,
             Mode::Receive,
             Mode::Nat,
+            Mode::Direct,
         ] {
             assert_eq!(Mode::from_u8(m as u8), Some(m));
         }
-        assert_eq!(Mode::from_u8(5), None);
+        assert_eq!(Mode::from_u8(6), None);
     }
 }

@@ -799,3 +799,53 @@ fn the_vms_oversized_packets_are_dropped_and_counted() {
     let frame = ethernet(ANYCAST_GW_MAC, VM_MAC, 0x0800, &other);
     assert_eq!(run_tc(&dp, &frame), (TC_ACT_OK, frame));
 }
+
+// ---- site B, direct (`move` address mode) ----
+
+#[test]
+fn direct_unwraps_the_tunnel_and_lets_everything_else_go_the_direct_way() {
+    require_root();
+    let s = site(TB, TA, TA_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let mut cfg = site_b_with_uplink(&s, IpAddr::from(HOME4));
+    cfg.mode = Mode::Direct;
+    cfg.new_addr = None;
+    let dp = load(&cfg);
+
+    // What still reaches A comes through the tunnel, to the VM, as in receive.
+    let original = client_to_home4(&[7; 300]);
+    let inner = &original[14..];
+    let frame = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TA, TB, &key4(), TOKEN, inner),
+    );
+    let (ret, out) = run(&dp, &frame);
+    assert_eq!(ret, XDP_REDIRECT);
+    assert_eq!(out, ethernet(VM_MAC, ANYCAST_GW_MAC, 0x0800, inner));
+    // A forged one does not.
+    let forged = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TA, TB, &key4(), TOKEN ^ 1, inner),
+    );
+    assert_dropped(&dp, &forged, Counter::DropGueBadToken);
+    // H is routed here now: plain traffic to it is the kernel's to deliver.
+    let (ret, out) = run(&dp, &original);
+    assert_eq!((ret, out), (XDP_PASS, original.clone()));
+    // The VM's replies, pre-move flow or not, leave directly: untouched, no tunnel.
+    let reply = ethernet(
+        ANYCAST_GW_MAC,
+        VM_MAC,
+        0x0800,
+        &home_to_client4_ip(&[1; 200]),
+    );
+    let (ret, out) = run_tc(&dp, &reply);
+    assert_eq!((ret, out), (TC_ACT_OK, reply));
+    let counters = dp.counters().expect("counters");
+    assert_eq!(counters.get(Counter::TunnelIn), 1);
+    assert_eq!(counters.get(Counter::TunnelOut), 0);
+    assert_eq!(counters.get(Counter::NatOut), 0);
+}

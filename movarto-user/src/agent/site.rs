@@ -94,8 +94,10 @@ impl SiteDatapath {
     /// Attaches, or rewrites the configuration of what is attached (the flows stay).
     pub fn apply(&self, request: &DatapathRequest) -> Result<DatapathStatus> {
         let site = site_config(request)?;
-        if matches!(site.mode, Mode::Forward | Mode::Receive | Mode::Nat)
-            && !forwarding_enabled(&self.uplink)?
+        if matches!(
+            site.mode,
+            Mode::Forward | Mode::Receive | Mode::Nat | Mode::Direct
+        ) && !forwarding_enabled(&self.uplink)?
         {
             bail!(
                 "IPv4 forwarding is off on {}; mode {} routes packets through it",
@@ -114,7 +116,7 @@ impl SiteDatapath {
                 site: site.clone(),
             })?;
         }
-        if matches!(site.mode, Mode::Forward | Mode::Receive) {
+        if matches!(site.mode, Mode::Forward | Mode::Receive | Mode::Direct) {
             self.prime_next_hop(site.peer_tunnel_addr);
         }
         self.status()?
@@ -124,7 +126,7 @@ impl SiteDatapath {
     pub fn set_mode(&self, mode: Mode) -> Result<DatapathStatus> {
         let mut pinned = self.open()?;
         pinned.set_mode(mode)?;
-        if matches!(mode, Mode::Forward | Mode::Receive)
+        if matches!(mode, Mode::Forward | Mode::Receive | Mode::Direct)
             && let Some(IpAddr::V4(peer)) =
                 addr::from_map(pinned.config()?.peer_tunnel_addr, family::IPV4)
         {

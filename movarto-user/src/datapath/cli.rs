@@ -26,6 +26,8 @@ pub enum ModeArg {
     Forward,
     Receive,
     Nat,
+    /// Site B in `move` address mode: tunnel in, everything else direct.
+    Direct,
 }
 
 impl From<ModeArg> for Mode {
@@ -36,6 +38,7 @@ impl From<ModeArg> for Mode {
             ModeArg::Forward => Mode::Forward,
             ModeArg::Receive => Mode::Receive,
             ModeArg::Nat => Mode::Nat,
+            ModeArg::Direct => Mode::Direct,
         }
     }
 }
@@ -157,7 +160,11 @@ pub fn run_attach(a: AttachArgs) -> Result<()> {
 }
 
 fn warn_if_not_forwarding(uplink: &str, mode: Mode) -> Result<()> {
-    if matches!(mode, Mode::Forward | Mode::Receive | Mode::Nat) && !forwarding_enabled(uplink)? {
+    if matches!(
+        mode,
+        Mode::Forward | Mode::Receive | Mode::Nat | Mode::Direct
+    ) && !forwarding_enabled(uplink)?
+    {
         bail!(
             "IPv4 forwarding is off on {uplink}; mode {} routes packets through it \
              (sysctl -w net.ipv4.conf.all.forwarding=1)",
