@@ -432,7 +432,12 @@ pub fn migrate_command(l: &Lab, extra: &[&str]) -> Command {
         .arg(l.scratch.0.join("token-b"))
         .arg("--destination-spec")
         .arg(&spec_b_path)
-        .args(["--home", H, "--new-addr", N])
+        .args(["--home", H])
+        .args(if extra.contains(&"move") {
+            &[][..]
+        } else {
+            &["--new-addr", N][..]
+        })
         .args(["--source-tunnel", TA, "--destination-tunnel", TB])
         .args(["--gateway-mac", GATEWAY_MAC, "--gateway-cidr", GATEWAY_CIDR])
         .arg("--dns-server")

@@ -391,3 +391,104 @@ fn the_disk_is_mirrored_over_nbd_and_arrives_byte_identical() {
     assert_eq!(a.len(), b.len());
     assert!(a == b, "the destination's disk differs from the source's");
 }
+
+#[test]
+fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
+    require_root();
+    let l = lab();
+    let boot_id = boot_at_a(&l);
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = connect(&l, STREAM_PORT);
+    let chat = connect(&l, ECHO_PORT);
+    let mut idle = connect(&l, ECHO_PORT);
+    assert_eq!(echo_once(&mut idle, "hello before"), "hello before");
+    let workers = [
+        {
+            let (stats, stop) = (stats.clone(), stop.clone());
+            thread::spawn(move || stream_reader(stream, stats, stop))
+        },
+        {
+            let (stats, stop) = (stats.clone(), stop.clone());
+            thread::spawn(move || interactive(chat, stats, stop))
+        },
+    ];
+    wait_for("traffic before the move", IO_TIMEOUT, || {
+        stats.streamed.load(Ordering::Relaxed) > 100_000
+            && stats.exchanges.load(Ordering::Relaxed) > 10
+    });
+
+    // The operator's hook re-routes H at the wan router, as a routing change would.
+    let hook = format!(
+        "ip netns exec {} ip route replace 192.0.2.0/24 via $MOVARTO_DESTINATION_TUNNEL",
+        l.wan.name()
+    );
+    let mut migrate = migrate_command(
+        &l,
+        &[
+            "--address-mode",
+            "move",
+            "--on-switch",
+            &hook,
+            "--drain-grace",
+            "2s",
+            "--max-drain",
+            "60s",
+        ],
+    );
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = orchestrator.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "migrate did not finish"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut json = String::new();
+    orchestrator
+        .child_mut()
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut json)
+        .expect("report");
+    eprintln!("report:\n{json}");
+    assert!(status.success(), "migrate exited {status}: {json}");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    assert_eq!(report["address_mode"], "move");
+    assert_eq!(report["flows_at_switchover"], 3);
+    assert_eq!(report["flows_cut"].as_array().map(Vec::len), Some(0));
+    assert_eq!(report["steps"][6]["outcome"], "skipped", "no DNS change");
+
+    // Everything now reaches the VM at B directly, at the same address, with the tunnel gone.
+    assert!(!pin_dir(&l.uplink_a).exists(), "A detached");
+    assert!(
+        !pin_dir(&l.uplink_b).exists(),
+        "B detached: nothing to translate"
+    );
+    let (streamed, exchanged) = (
+        stats.streamed.load(Ordering::Relaxed),
+        stats.exchanges.load(Ordering::Relaxed),
+    );
+    wait_for("traffic after teardown", IO_TIMEOUT, || {
+        stats.streamed.load(Ordering::Relaxed) > streamed + 100_000
+            && stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
+    });
+    assert_eq!(echo_once(&mut idle, "hello after"), "hello after");
+    assert_eq!(
+        http_get(&l, H, "/id"),
+        boot_id,
+        "a new connection to H lands at B"
+    );
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H], "DNS unchanged");
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let failures = stats.failed.lock().expect("lock").clone();
+    assert!(failures.is_empty(), "connections broke: {failures:?}");
+}

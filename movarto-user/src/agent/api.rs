@@ -12,6 +12,7 @@
 //! | GET | `/v1/datapath/flows` | → `Vec<`[`FlowRecord`]`>` | yes |
 //! | POST | `/v1/datapath/flows` | `Vec<FlowRecord>` → `{}` (load a snapshot) | yes |
 //! | POST | `/v1/datapath/release-vm-iface` | → `{}` | yes |
+//! | POST | `/v1/garp` | [`GarpRequest`] → `{}` (gratuitous ARP on the uplink) | yes |
 //! | PUT | `/v1/taps/{name}` | [`TapRequest`] → `{}` | yes |
 //! | DELETE | `/v1/taps/{name}` | → `{}` | yes |
 //! | POST | `/v1/vms` | [`VmRequest`] → [`VmStatus`] (same spec again: no-op) | yes |
@@ -186,6 +187,11 @@ impl FlowRecord {
         self.decode()
             .is_ok_and(|(k, v)| holds_drain(k.protocol, &v, self.idle_ns))
     }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GarpRequest {
+    pub address: Ipv4Addr,
 }
 
 /// A tap for a VM's NIC, with the site's (anycast) gateway on it.

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::api::{
-    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, Health,
+    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, GarpRequest, Health,
     IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest, SiteStatus,
     TapRequest, VmRequest, VmStatus,
 };
@@ -180,6 +180,17 @@ impl AgentClient {
 
     pub async fn release_vm_iface(&self) -> Result<(), AgentError> {
         self.call::<serde_json::Value>(Method::POST, "/v1/datapath/release-vm-iface", None::<&()>)
+            .await
+            .map(drop)
+    }
+
+    /// Gratuitous ARP for `address` from the site's uplink.
+    pub async fn garp(&self, address: std::net::IpAddr) -> Result<(), AgentError> {
+        let std::net::IpAddr::V4(address) = address else {
+            // IPv6 neighbours learn from the VM's own unsolicited advertisements.
+            return Ok(());
+        };
+        self.call::<serde_json::Value>(Method::POST, "/v1/garp", Some(&GarpRequest { address }))
             .await
             .map(drop)
     }

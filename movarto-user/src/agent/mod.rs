@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod client;
+pub mod garp;
 mod server;
 mod site;
 pub mod tap;

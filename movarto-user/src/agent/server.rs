@@ -16,9 +16,9 @@ use serde_json::json;
 
 use super::{
     api::{
-        ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, Health,
-        IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest, SiteStatus,
-        TapRequest, VmRequest, VmStatus,
+        ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, GarpRequest,
+        Health, IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest,
+        SiteStatus, TapRequest, VmRequest, VmStatus,
     },
     site::SiteDatapath,
     tap,
@@ -169,6 +169,7 @@ fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/datapath/mode", put(set_mode))
         .route("/v1/datapath/flows", get(flows).post(load_flows))
         .route("/v1/datapath/release-vm-iface", post(release_vm_iface))
+        .route("/v1/garp", post(garp))
         .route("/v1/taps/{name}", put(ensure_tap).delete(delete_tap))
         .route("/v1/vms", post(start_vm))
         .route("/v1/vms/{name}", get(vm).delete(stop_vm))
@@ -291,6 +292,15 @@ async fn load_flows(
 
 async fn release_vm_iface(State(agent): State<Arc<Agent>>) -> Reply<serde_json::Value> {
     agent.datapath.release_vm_iface()?;
+    Ok(empty())
+}
+
+/// Three announcements, as `arping -U -c 3` would send.
+async fn garp(
+    State(agent): State<Arc<Agent>>,
+    Json(request): Json<GarpRequest>,
+) -> Reply<serde_json::Value> {
+    super::garp::send(&agent.datapath.uplink, request.address, 3)?;
     Ok(empty())
 }
 
