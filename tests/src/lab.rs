@@ -101,6 +101,10 @@ impl AgentProc {
 
     /// SIGTERM, then wait up to `grace`; the guard's SIGKILL after that.
     pub fn stop(&mut self, grace: Duration) {
+        // Reaped already: its PID may belong to someone else now.
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
         // SAFETY: signalling a child we started, by its PID.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + grace;
@@ -125,6 +129,22 @@ impl Drop for Lab {
             agent.stop(Duration::from_secs(15));
         }
         self.agents.clear();
+        // A VM whose agent crashed and never came back: the records still name it.
+        for site in ["a", "b"] {
+            let dir = self.scratch.0.join(format!("state-{site}"));
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let pid = fs::read_to_string(entry.path())
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| v["pid"].as_u64());
+                if let Some(pid) = pid
+                    && movarto_user::qemu::vm::is_qemu(pid as u32)
+                {
+                    // SAFETY: a QEMU this lab's agent started, by its PID.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
         // Pins are global (bpffs), not per namespace.
         for uplink in [&self.uplink_a, &self.uplink_b] {
             let _ = movarto_user::datapath::detach(uplink);
@@ -269,12 +289,28 @@ impl Lab {
                     .arg("--token-file")
                     .arg(self.scratch.0.join(format!("token-{site}")))
                     .args(["--sweep-interval", "500ms", "--established-idle", "60s"])
+                    .arg("--state-dir")
+                    .arg(self.scratch.0.join(format!("state-{site}")))
+                    .arg("--stop-vms-on-exit")
                     .stdout(Stdio::null())
                     .stderr(Stdio::from(log)),
             )
             .expect("agent");
         self.agents.retain(|(s, _)| s != site);
         self.agents.push((site.to_owned(), AgentProc(agent)));
+    }
+
+    /// Kills site `site`'s agent (SIGKILL), as a crash would: its VMs keep running.
+    pub fn crash_agent(&mut self, site: &str) {
+        if let Some(at) = self.agents.iter().position(|(s, _)| s == site) {
+            let (_, mut agent) = self.agents.remove(at);
+            // SAFETY: signalling a child we started, by its PID (not yet reaped).
+            unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !matches!(agent.0.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     /// Stops site `site`'s agent (SIGTERM), e.g. to restart it.

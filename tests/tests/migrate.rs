@@ -180,6 +180,25 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     let b_dp = b_mode.expect("B status").expect("B attached");
     assert_eq!(b_dp.mode, "nat");
     assert_eq!(http_get(&l, N, "/id"), boot_id, "N after teardown");
+
+    // B's agent crashes: the VM and the NAT keep serving; the new agent adopts the VM.
+    let pid_before = with_agents(&l, async |_a, b| b.vm("web").await.map(|vm| vm.pid));
+    let pid_before = pid_before.expect("B's VM").expect("a PID");
+    l.crash_agent("b");
+    assert_eq!(http_get(&l, N, "/id"), boot_id, "N while B's agent is gone");
+    l.start_agent("b");
+    let adopted = with_agents(&l, async |_a, b| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match b.vm("web").await {
+                Ok(vm) => return vm,
+                Err(err) if Instant::now() > deadline => panic!("B's VM after restart: {err}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    assert_eq!(adopted.pid, Some(pid_before), "the same QEMU, adopted");
+    assert_eq!(adopted.run_state, "running");
     eprintln!(
         "streamed {} bytes, {} exchanges, worst stall {} ms",
         stats.streamed.load(Ordering::Relaxed),

@@ -46,6 +46,13 @@ pub struct AgentArgs {
     /// How often expired flows are swept from the flow map.
     #[arg(long, default_value = "1s", value_parser = humantime_duration)]
     pub sweep_interval: Duration,
+    /// VM records and QEMU logs (default: /run/movarto/agent-<site>).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Stop this site's VMs when the agent exits. By default they keep running, and a
+    /// restarted agent adopts them.
+    #[arg(long)]
+    pub stop_vms_on_exit: bool,
     /// When an established, idle pre-move flow counts as gone.
     #[arg(long, default_value = "300s", value_parser = humantime_duration)]
     pub established_idle: Duration,
@@ -72,7 +79,12 @@ pub fn run(args: AgentArgs) -> Result<()> {
     if args.sweep_interval.is_zero() {
         bail!("--sweep-interval must be positive");
     }
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(format!("/run/movarto/agent-{}", args.site)));
     let config = AgentConfig {
+        state_dir,
+        stop_vms_on_exit: args.stop_vms_on_exit,
         site: args.site,
         listen: args.listen,
         token: Token::from_file(&args.token_file)?,

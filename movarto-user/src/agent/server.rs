@@ -36,6 +36,10 @@ pub struct AgentConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub sweep_interval: Duration,
     pub established_idle: Duration,
+    /// Where VM records and QEMU logs live, for adoption after a restart.
+    pub state_dir: PathBuf,
+    /// Stop the VMs when the agent exits (by default they keep running).
+    pub stop_vms_on_exit: bool,
 }
 
 struct Agent {
@@ -87,8 +91,13 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
             config.pin_name.clone(),
             config.established_idle,
         ),
-        vms: Vms::default(),
+        vms: Vms::new(config.state_dir.clone())?,
     });
+    match agent.vms.adopt_all().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(vms = n, "adopted running VMs"),
+        Err(err) => tracing::warn!("adopting VMs: {err:#}"),
+    }
     match agent.datapath.status() {
         Ok(Some(status)) => tracing::info!(
             pin_dir = %status.pin_dir, mode = %status.mode, flows = status.flows,
@@ -141,9 +150,13 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
             }
         }
     };
-    tracing::info!("agent stopping; the datapath stays pinned");
     sweeper.abort();
-    agent.vms.stop_all().await;
+    if config.stop_vms_on_exit {
+        tracing::info!("agent stopping; the datapath stays pinned; stopping the VMs");
+        agent.vms.stop_all().await;
+    } else {
+        tracing::info!("agent stopping; the datapath stays pinned and the VMs keep running");
+    }
     served
 }
 

@@ -9,12 +9,14 @@
 use std::{
     collections::HashMap,
     future::Future,
+    path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::api::{
@@ -70,14 +72,40 @@ struct ManagedVm {
     migration: Mutex<Option<Migration>>,
 }
 
+impl ManagedVm {
+    fn new(vm: Vm, record: VmRecord) -> Self {
+        Self {
+            qmp: vm.qmp_handle(),
+            pid: vm.pid(),
+            vm: tokio::sync::Mutex::new(Some(vm)),
+            spec_toml: record.spec_toml,
+            incoming: record.incoming,
+            incoming_uri: Mutex::new(None),
+            exported: Mutex::new(None),
+            mirroring: Mutex::new(None),
+            migration: Mutex::new(None),
+        }
+    }
+}
+
 struct Migration {
     state: Arc<Mutex<MigrationState>>,
     release: Option<oneshot::Sender<bool>>,
 }
 
-#[derive(Default)]
 pub struct Vms {
     vms: tokio::sync::Mutex<HashMap<String, Arc<ManagedVm>>>,
+    /// One record per running VM (`<name>.json`) and QEMU's log (`<name>.log`), so a
+    /// restarted agent finds its VMs again.
+    state_dir: PathBuf,
+}
+
+/// What the agent remembers of a VM it started.
+#[derive(Serialize, Deserialize)]
+struct VmRecord {
+    spec_toml: String,
+    incoming: bool,
+    pid: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -85,6 +113,60 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Vms {
+    pub fn new(state_dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+        Ok(Self {
+            vms: tokio::sync::Mutex::default(),
+            state_dir,
+        })
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.state_dir.join(format!("{name}.json"))
+    }
+
+    /// Takes back the VMs an earlier agent started that still run; forgets the others.
+    pub async fn adopt_all(&self) -> Result<usize> {
+        let entries = std::fs::read_dir(&self.state_dir)
+            .with_context(|| format!("reading {}", self.state_dir.display()))?;
+        let mut adopted = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match self.adopt(&path).await {
+                Ok(name) => {
+                    tracing::info!(vm = %name, "adopted a running VM");
+                    adopted += 1;
+                }
+                Err(err) => {
+                    tracing::warn!("not adopting {}: {err:#}", path.display());
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(adopted)
+    }
+
+    async fn adopt(&self, path: &std::path::Path) -> Result<String> {
+        let text = std::fs::read_to_string(path).context("reading the record")?;
+        let record: VmRecord = serde_json::from_str(&text).context("parsing the record")?;
+        let spec = VmSpec::parse(&record.spec_toml).context("the recorded spec")?;
+        let role = if record.incoming {
+            Role::Incoming
+        } else {
+            Role::Boot
+        };
+        let vm = Vm::adopt(&spec, role, record.pid).await?;
+        self.vms
+            .lock()
+            .await
+            .insert(spec.name.clone(), Arc::new(ManagedVm::new(vm, record)));
+        Ok(spec.name)
+    }
+
     async fn get(&self, name: &str) -> Result<Arc<ManagedVm>> {
         self.vms
             .lock()
@@ -114,18 +196,17 @@ impl Vms {
         } else {
             Role::Boot
         };
-        let vm = Vm::start(&spec, role).await?;
-        let managed = Arc::new(ManagedVm {
-            qmp: vm.qmp_handle(),
-            pid: vm.pid(),
-            vm: tokio::sync::Mutex::new(Some(vm)),
+        let log = self.state_dir.join(format!("{}.log", spec.name));
+        let vm = Vm::start_detached(&spec, role, &log).await?;
+        let record = VmRecord {
             spec_toml: request.spec_toml.clone(),
             incoming: request.incoming,
-            incoming_uri: Mutex::new(None),
-            exported: Mutex::new(None),
-            mirroring: Mutex::new(None),
-            migration: Mutex::new(None),
-        });
+            pid: vm.pid().context("QEMU has no PID")?,
+        };
+        let path = self.record_path(&spec.name);
+        std::fs::write(&path, serde_json::to_vec(&record)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let managed = Arc::new(ManagedVm::new(vm, record));
         vms.insert(spec.name.clone(), managed.clone());
         drop(vms);
         Ok(status_of(&spec.name, &managed).await)
@@ -156,6 +237,7 @@ impl Vms {
         let Some(managed) = self.vms.lock().await.remove(name) else {
             return Ok(());
         };
+        let _ = std::fs::remove_file(self.record_path(name));
         let taken = managed.vm.lock().await.take();
         if let Some(vm) = taken {
             if managed.incoming && lock(&managed.migration).is_none() {
