@@ -511,3 +511,83 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
     let failures = stats.failed.lock().expect("lock").clone();
     assert!(failures.is_empty(), "connections broke: {failures:?}");
 }
+
+#[test]
+fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections() {
+    require_root();
+    let l = lab();
+    let boot_id = boot_at_a(&l);
+    // The guest rewrites 128 MiB of its memory without pause: pre-copy alone would chase it.
+    assert!(
+        http_get(&l, H, "/dirty/128").contains("dirty"),
+        "dirtying started"
+    );
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let chat = connect(&l, ECHO_PORT);
+    let worker = {
+        let (stats, stop) = (stats.clone(), stop.clone());
+        thread::spawn(move || interactive(chat, stats, stop))
+    };
+    wait_for("traffic before the move", IO_TIMEOUT, || {
+        stats.exchanges.load(Ordering::Relaxed) > 10
+    });
+    // No --skip-ttl-wait needed: --urgent skips it (the TTL is 300 s).
+    let mut migrate = migrate_command(
+        &l,
+        &["--urgent", "--drain-grace", "1s", "--max-drain", "60s"],
+    );
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let started = Instant::now();
+    let mut switched_at = None;
+    let status = loop {
+        if let Some(status) = orchestrator.try_wait().expect("wait") {
+            break status;
+        }
+        // Once A forwards, the chat must go on through the tunnel; then it closes, which
+        // lets the drain end (it is the only pre-move connection).
+        if switched_at.is_none() {
+            let forwarding = with_agents(&l, async |a, _b| {
+                a.status()
+                    .await
+                    .is_ok_and(|s| s.datapath.is_some_and(|d| d.mode == "forward"))
+            });
+            if forwarding {
+                switched_at = Some(stats.exchanges.load(Ordering::Relaxed));
+            }
+        } else if switched_at.is_some_and(|at| stats.exchanges.load(Ordering::Relaxed) > at + 10) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(150),
+            "migrate did not finish"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    stop.store(true, Ordering::Relaxed);
+    worker.join().expect("worker");
+    let mut json = String::new();
+    orchestrator
+        .child_mut()
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut json)
+        .expect("report");
+    eprintln!("report:\n{json}");
+    assert!(status.success(), "migrate exited {status}: {json}");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    assert!(
+        report["qemu"]["postcopy_started_ms"].as_u64().is_some(),
+        "switched to post-copy: {}",
+        report["qemu"]
+    );
+    assert!(
+        report["steps"][0]["start_ms"].as_u64() < Some(1000),
+        "no TTL wait"
+    );
+    let failures = stats.failed.lock().expect("lock").clone();
+    assert!(failures.is_empty(), "the connection broke: {failures:?}");
+    assert!(switched_at.is_some(), "A was seen forwarding");
+    assert_eq!(http_get(&l, N, "/id"), boot_id, "the same guest runs at B");
+}
