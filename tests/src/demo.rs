@@ -118,7 +118,7 @@ impl Default for Options {
             warmup: Duration::from_secs(4),
             after_switchover: Duration::from_secs(6),
             idle_connections: 3,
-            curl_bytes: 24 << 20,
+            curl_bytes: 32 << 20,
             curl_rate: 2 << 20,
             newcomer_interval: Duration::from_millis(250),
             drain_grace: Duration::from_secs(2),
@@ -135,7 +135,7 @@ impl Options {
         Self {
             network: Profile {
                 site_rtt_ms: 10.0,
-                site_rate_mbit: Some(200.0),
+                site_rate_mbit: Some(500.0),
                 client_rtt_ms: 10.0,
                 client_rate_mbit: None,
                 queue_ms: 100.0,
@@ -143,8 +143,8 @@ impl Options {
             warmup: Duration::from_secs(1),
             after_switchover: Duration::from_secs(2),
             idle_connections: 1,
-            curl_bytes: 6 << 20,
-            curl_rate: 2 << 20,
+            curl_bytes: 8 << 20,
+            curl_rate: 1 << 20,
             newcomer_interval: Duration::from_millis(200),
             drain_grace: Duration::from_secs(1),
             max_drain: Duration::from_secs(60),
@@ -161,6 +161,8 @@ pub struct ConnectionRow {
     pub target: String,
     pub kept: bool,
     pub bytes: u64,
+    /// Bytes it moved after the switchover (through the tunnel, at B).
+    pub bytes_after_switchover: u64,
     pub worst_stall_ms: u64,
     pub error: Option<String>,
 }
@@ -175,6 +177,8 @@ pub struct NewcomerSummary {
     /// Resolved to N: straight to B.
     pub at_b: usize,
     pub failed: usize,
+    /// A client with a stale DNS answer, connecting to H after the switchover: A forwards it.
+    pub stale_dns_via_tunnel: usize,
     /// Those that asked DNS after the DNS switch, and how many of them landed at B.
     pub after_dns_switch: usize,
     pub after_dns_switch_at_b: usize,
@@ -213,6 +217,8 @@ pub struct Report {
     pub svg: Option<PathBuf>,
     pub namespaces: Vec<String>,
     pub namespaces_removed: bool,
+    /// No datapath of this run is pinned on bpffs any more.
+    pub pins_removed: bool,
     pub wall_s: f64,
 }
 
@@ -343,6 +349,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     );
     let l = guarded("building the lab", lab::lab)?;
     let names = namespace_names(&l);
+    let uplinks = [l.uplink_a.clone(), l.uplink_b.clone()];
     let mut report = {
         // Everything that runs inside the lab lives in here, so it all stops before the lab goes.
         let result = run_in_lab(opts, &l, started);
@@ -358,6 +365,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         result?
     };
     report.namespaces_removed = !namespaces_exist(&names)?;
+    report.pins_removed = uplinks.iter().all(|u| !pin_dir(u).exists());
     report.namespaces = names;
     report.wall_s = started.elapsed().as_secs_f64();
     Ok(report)
@@ -635,6 +643,7 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
         stale_newcomer = Some(Newcomer {
             at_s: t,
             resolved: Some(home),
+            by_name: false,
             ok: id.as_ref().is_ok_and(|id| id.trim() == boot_id),
             took_ms: began.elapsed().as_millis() as u64,
             error: id.err().map(|e| format!("stale-DNS client: {e:#}")),
@@ -746,17 +755,29 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
         }
     }
 
+    let samples = work.samples.lock().map(|s| s.clone()).unwrap_or_default();
     let connections: Vec<ConnectionRow> = work
         .tracked
         .iter()
-        .map(|t| {
+        .enumerate()
+        .map(|(i, t)| {
             let error = t.error();
+            let bytes = t.bytes.load(Ordering::Relaxed);
+            let before = switchover_at.map_or(bytes, |s| {
+                samples
+                    .iter()
+                    .take_while(|x| x.at_s <= s)
+                    .last()
+                    .and_then(|x| x.bytes.get(i).copied())
+                    .unwrap_or(0)
+            });
             ConnectionRow {
                 name: t.name.clone(),
                 kind: t.kind.to_owned(),
                 target: t.target.clone(),
                 kept: error.is_none(),
-                bytes: t.bytes.load(Ordering::Relaxed),
+                bytes,
+                bytes_after_switchover: bytes.saturating_sub(before),
                 worst_stall_ms: t.worst_stall_ms.load(Ordering::Relaxed),
                 error,
             }
@@ -770,6 +791,10 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
         newcomers.total += 1;
         if !n.ok {
             newcomers.failed += 1;
+        }
+        if !n.by_name {
+            newcomers.stale_dns_via_tunnel += n.ok as usize;
+            continue;
         }
         let after_dns = dns_at.is_some_and(|d| n.at_s > d);
         if after_dns {
@@ -799,7 +824,6 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
         .unwrap_or(0);
     let svg = match &opts.svg {
         Some(path) => {
-            let samples = work.samples.lock().map(|s| s.clone()).unwrap_or_default();
             let series: Vec<(String, usize)> = work
                 .tracked
                 .iter()
@@ -844,6 +868,7 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
         svg,
         namespaces: Vec::new(),
         namespaces_removed: false,
+        pins_removed: false,
         wall_s: 0.0,
     })
 }
@@ -926,18 +951,19 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<20} {:<12} {:<24} {:<6} {:>10} {:>12}",
-            "connection", "kind", "to", "result", "bytes", "worst stall"
+            "{:<20} {:<12} {:<24} {:<6} {:>10} {:>16} {:>12}",
+            "connection", "kind", "to", "result", "bytes", "after switchover", "worst stall"
         );
         for c in &self.connections {
             let _ = writeln!(
                 out,
-                "{:<20} {:<12} {:<24} {:<6} {:>10} {:>9} ms{}",
+                "{:<20} {:<12} {:<24} {:<6} {:>10} {:>16} {:>9} ms{}",
                 c.name,
                 c.kind,
                 truncate(&c.target, 24),
                 if c.kept { "kept" } else { "LOST" },
                 human_bytes(c.bytes),
+                human_bytes(c.bytes_after_switchover),
                 c.worst_stall_ms,
                 c.error
                     .as_ref()
@@ -950,11 +976,20 @@ impl Report {
             out,
             "\nnew connections by name ({}, each asks BIND9, connects, GETs /id): {} total: {} at A directly, {} to H after the switchover (A → tunnel → B), {} at B via N; {} failed",
             crate::workload::SERVICE_NAME,
-            n.total,
+            n.total - n.stale_dns_via_tunnel,
             n.at_a,
             n.via_tunnel,
             n.at_b,
             n.failed
+        );
+        let _ = writeln!(
+            out,
+            "  a client with a stale DNS answer (H) after the switchover: {}",
+            if n.stale_dns_via_tunnel > 0 {
+                "answered by the VM at B, through A and the tunnel"
+            } else {
+                "FAILED"
+            }
         );
         let _ = writeln!(
             out,

@@ -89,6 +89,8 @@ pub struct Newcomer {
     /// Seconds since the demo's clock started, when it asked DNS.
     pub at_s: f64,
     pub resolved: Option<IpAddr>,
+    /// False for a client that kept a stale answer (H) instead of asking DNS.
+    pub by_name: bool,
     pub ok: bool,
     pub took_ms: u64,
     pub error: Option<String>,
@@ -246,6 +248,7 @@ impl Workload {
                         list.push(Newcomer {
                             at_s: 0.0,
                             resolved: None,
+                            by_name: true,
                             ok: false,
                             took_ms: 0,
                             error: Some(format!("{err:#}")),
@@ -559,6 +562,7 @@ fn newcomer(boot_id: &str, clock: Instant) -> Newcomer {
     let mut n = Newcomer {
         at_s,
         resolved: None,
+        by_name: true,
         ok: false,
         took_ms: 0,
         error: None,
