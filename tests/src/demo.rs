@@ -824,16 +824,19 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
         .unwrap_or(0);
     let svg = match &opts.svg {
         Some(path) => {
-            let series: Vec<(String, usize)> = work
+            let series: Vec<(String, usize, usize)> = work
                 .tracked
                 .iter()
                 .enumerate()
                 .filter(|(_, t)| t.kind != "idle")
-                .map(|(i, t)| (t.name.clone(), i))
+                .map(|(i, t)| {
+                    let window = if t.kind == "curl" { 20 } else { 4 };
+                    (t.name.clone(), i, window)
+                })
                 .collect();
             crate::demo_plot::throughput_svg(path, &samples, &series, &events)
                 .with_context(|| format!("drawing {}", path.display()))?;
-            Some(path.clone())
+            Some(fs::canonicalize(path).unwrap_or_else(|_| path.clone()))
         }
         None => None,
     };

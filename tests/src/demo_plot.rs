@@ -5,18 +5,19 @@
 use std::path::Path;
 
 use anyhow::{Context as _, Result, anyhow};
-use plotters::prelude::*;
+use plotters::{
+    prelude::*,
+    style::text_anchor::{HPos, Pos, VPos},
+};
 
 use crate::{demo::Event, workload::Sample};
 
-/// Throughput is averaged over this many samples (100 ms apart).
-const WINDOW: usize = 5;
-
-/// Each series: its name and its index in the samples' byte counts.
+/// Each series: its name, its index in the samples' byte counts, and the number of samples
+/// (100 ms apart) its throughput is averaged over (curl's --limit-rate comes in bursts).
 pub fn throughput_svg(
     path: &Path,
     samples: &[Sample],
-    series: &[(String, usize)],
+    series: &[(String, usize, usize)],
     events: &[Event],
 ) -> Result<()> {
     if let Some(dir) = path.parent() {
@@ -25,11 +26,12 @@ pub fn throughput_svg(
     // KiB/s per series, over a sliding window.
     let lines: Vec<(String, Vec<(f64, f64)>)> = series
         .iter()
-        .map(|(name, i)| {
+        .map(|(name, i, window)| {
+            let window = (*window).max(1);
             let points = samples
-                .windows(WINDOW + 1)
+                .windows(window + 1)
                 .map(|w| {
-                    let (first, last) = (&w[0], &w[WINDOW]);
+                    let (first, last) = (&w[0], &w[window]);
                     let dt = (last.at_s - first.at_s).max(1e-3);
                     let bytes = last.bytes.get(*i).copied().unwrap_or(0)
                         - first.bytes.get(*i).copied().unwrap_or(0);
@@ -42,7 +44,8 @@ pub fn throughput_svg(
     let x_end = samples
         .last()
         .map_or(1.0, |s| s.at_s)
-        .max(events.iter().map(|e| e.at_s).fold(0.0, f64::max) + 0.5);
+        .max(events.iter().map(|e| e.at_s).fold(0.0, f64::max))
+        + 1.0;
     let y_max = lines
         .iter()
         .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
@@ -97,11 +100,17 @@ pub fn throughput_svg(
             .map_err(|e| err(&e))?;
         // Staggered, so close events stay readable.
         let y = y_max * (0.97 - 0.05 * (n % 4) as f64);
+        // Labels of events near the right edge go to the left of their line.
+        let right = e.at_s > x_end * 0.75;
+        let style = ("sans-serif", 14).into_font().color(&color).pos(Pos::new(
+            if right { HPos::Right } else { HPos::Left },
+            VPos::Top,
+        ));
         chart
             .draw_series(std::iter::once(Text::new(
-                format!(" {} ({:.2}s)", e.name, e.at_s),
+                format!(" {} ({:.2}s) ", e.name, e.at_s),
                 (e.at_s, y),
-                ("sans-serif", 14).into_font().color(&color),
+                style,
             )))
             .map_err(|e| err(&e))?;
     }
@@ -143,7 +152,7 @@ mod tests {
         throughput_svg(
             &path,
             &samples,
-            &[("stream".into(), 0), ("upload".into(), 1)],
+            &[("stream".into(), 0, 5), ("upload".into(), 1, 5)],
             &events,
         )
         .expect("svg");

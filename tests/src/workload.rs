@@ -28,6 +28,9 @@ use serde::Serialize;
 
 use crate::{dns_server::SERVER_IP, lab::IO_TIMEOUT};
 
+/// How long a new connection may take to connect, and to be answered.
+const NEWCOMER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The service's name as clients ask for it.
 pub const SERVICE_NAME: &str = "svc.example.test";
 
@@ -124,6 +127,8 @@ pub struct Workload {
     pub tracked: Vec<Arc<Tracked>>,
     pub newcomers: Arc<Mutex<Vec<Newcomer>>>,
     pub samples: Arc<Mutex<Vec<Sample>>>,
+    /// Clones of the long-lived sockets: shut down on drop, so no worker waits out a timeout.
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
     stop_long: Arc<AtomicBool>,
     stop_newcomers: Arc<AtomicBool>,
     stop_sampler: Arc<AtomicBool>,
@@ -143,11 +148,12 @@ impl Workload {
         let mut tracked = Vec::new();
         let mut long = Vec::new();
         let stop_long = Arc::new(AtomicBool::new(false));
+        let sockets: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
 
         let target = |port: u16| format!("{home}:{port}");
         // Connections first (all of them before any traffic), each in the client namespace.
         let mut spawn = |t: Arc<Tracked>, port: u16, run: fn(TcpStream, &Tracked, &AtomicBool)| {
-            let (ns, stop) = (ns.clone(), stop_long.clone());
+            let (ns, stop, sockets) = (ns.clone(), stop_long.clone(), sockets.clone());
             tracked.push(t.clone());
             let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
             long.push(thread::spawn(move || {
@@ -155,6 +161,9 @@ impl Workload {
                     .and_then(|()| open(SocketAddr::new(home, port)));
                 match conn {
                     Ok(conn) => {
+                        if let (Ok(clone), Ok(mut list)) = (conn.try_clone(), sockets.lock()) {
+                            list.push(clone);
+                        }
                         let _ = tx.send(Ok(()));
                         run(conn, &t, &stop);
                     }
@@ -294,6 +303,7 @@ impl Workload {
             tracked,
             newcomers,
             samples,
+            sockets,
             stop_long,
             stop_newcomers,
             stop_sampler,
@@ -404,6 +414,9 @@ impl Workload {
 }
 
 impl Drop for Workload {
+    /// On the way out (normally everything has stopped by now; on failure or Ctrl-C it has
+    /// not): ends curl, shuts the sockets so blocked workers return at once, and does not
+    /// wait longer than a newcomer's own timeouts for the newcomer thread.
     fn drop(&mut self) {
         if let Some(mut curl) = self.curl.take() {
             let _ = curl.kill();
@@ -415,8 +428,23 @@ impl Drop for Workload {
         if let Some(w) = self.curl_watch.take() {
             let _ = w.join();
         }
+        self.stop_long.store(true, Ordering::Relaxed);
+        if let Ok(sockets) = self.sockets.lock() {
+            for s in sockets.iter() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
         self.stop_long_lived();
-        self.stop_newcomers();
+        self.stop_newcomers.store(true, Ordering::Relaxed);
+        if let Some(t) = self.newcomer_thread.take() {
+            let deadline = Instant::now() + NEWCOMER_TIMEOUT * 2;
+            while !t.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
         self.stop_sampler();
         let _ = std::fs::remove_file(&self.settings.curl_output);
     }
@@ -450,10 +478,14 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn open(addr: SocketAddr) -> Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+    open_within(addr, IO_TIMEOUT)
+}
+
+fn open_within(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     s.set_nodelay(true)?;
     Ok(s)
 }
@@ -570,7 +602,7 @@ fn newcomer(boot_id: &str, clock: Instant) -> Newcomer {
     let result = (|| -> Result<()> {
         let addr = resolve()?;
         n.resolved = Some(addr);
-        let mut s = open(SocketAddr::new(addr, HTTP_PORT))?;
+        let mut s = open_within(SocketAddr::new(addr, HTTP_PORT), NEWCOMER_TIMEOUT)?;
         write!(s, "GET /id HTTP/1.0\r\nHost: {SERVICE_NAME}\r\n\r\n")?;
         let mut response = String::new();
         s.read_to_string(&mut response)

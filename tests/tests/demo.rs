@@ -13,6 +13,31 @@ use movarto_tests::{
 #[test]
 fn short_demo_keeps_every_connection_and_cleans_up() {
     require_root();
+
+    // A namespace of the name this run would use is already there: a clear refusal, and
+    // nothing of someone else's touched.
+    let clash = format!("mvt-clash-{}-0", std::process::id());
+    let made = Command::new("ip")
+        .args(["netns", "add", &clash])
+        .status()
+        .expect("ip netns add");
+    assert!(made.success());
+    let refused = demo::run(&Options::short());
+    let still_there = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let _ = Command::new("ip").args(["netns", "del", &clash]).status();
+    let err = format!(
+        "{:#}",
+        refused.err().expect("the demo ran over a taken name")
+    );
+    assert!(
+        err.contains(&clash) && err.contains("already exist"),
+        "unclear message: {err}"
+    );
+    assert!(String::from_utf8_lossy(&still_there.stdout).contains(&clash));
+
     let started = Instant::now();
     let report = demo::run(&Options::short()).expect("the demo");
     eprintln!("{}", report.render());
