@@ -28,10 +28,7 @@ fn short_demo_keeps_every_connection_and_cleans_up() {
         .output()
         .expect("ip netns list");
     let _ = Command::new("ip").args(["netns", "del", &clash]).status();
-    let err = format!(
-        "{:#}",
-        refused.err().expect("the demo ran over a taken name")
-    );
+    let err = format!("{:#}", refused.expect_err("the demo ran over a taken name"));
     assert!(
         err.contains(&clash) && err.contains("already exist"),
         "unclear message: {err}"
