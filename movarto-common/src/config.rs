@@ -15,6 +15,10 @@ pub enum Mode {
     Receive = 3,
     /// Site B after teardown: NAT only.
     Nat = 4,
+    /// Site B in `move` address mode: `H` itself is routed to B now. Unwrap the tunnel
+    /// for packets that still reach A; everything else (the VM's replies included) goes
+    /// the direct way, by the kernel's routing.
+    Direct = 5,
 }
 
 impl Mode {
@@ -25,6 +29,7 @@ impl Mode {
             2 => Some(Mode::Forward),
             3 => Some(Mode::Receive),
             4 => Some(Mode::Nat),
+            5 => Some(Mode::Direct),
             _ => None,
         }
     }
@@ -36,6 +41,7 @@ impl Mode {
             Mode::Forward => "forward",
             Mode::Receive => "receive",
             Mode::Nat => "nat",
+            Mode::Direct => "direct",
         }
     }
 }
@@ -81,6 +87,10 @@ pub struct Config {
     /// The VM-facing interface's (anycast gateway) MAC.
     pub gateway_mac: [u8; 6],
     pub _pad1: [u8; 4],
+    /// Cookie of the network namespace the datapath was attached in
+    /// (`SO_NETNS_COOKIE`). Not used by the programs: it tells userspace whose
+    /// pins these are, since bpffs is shared by all network namespaces.
+    pub netns_cookie: u64,
 }
 
 impl Config {
@@ -99,7 +109,7 @@ mod tests {
 
     #[test]
     fn layout_is_fixed() {
-        assert_eq!(core::mem::size_of::<Config>(), 104);
+        assert_eq!(core::mem::size_of::<Config>(), 112);
         assert_eq!(core::mem::align_of::<Config>(), 8);
     }
 
@@ -111,9 +121,10 @@ mod tests {
             Mode::Forward,
             Mode::Receive,
             Mode::Nat,
+            Mode::Direct,
         ] {
             assert_eq!(Mode::from_u8(m as u8), Some(m));
         }
-        assert_eq!(Mode::from_u8(5), None);
+        assert_eq!(Mode::from_u8(6), None);
     }
 }

@@ -3,6 +3,8 @@
 //! Every packet a program sees increments [`Counter::Packets`], exactly one
 //! verdict counter (`Pass*`, `Tunnel*` or `Drop*`), and for IP packets one L4 class
 //! counter; event counters (`Flow*`, `MssClamped`, `NatOut`) count what was done to it.
+//! [`Counter::FlowDeleted`] and [`Counter::FlowEvicted`] are userspace's
+//! bookkeeping of the flow map, kept here so all counters are in one place.
 //! Userspace sums the per-CPU slots.
 
 /// Index into the `COUNTERS` per-CPU array.
@@ -53,7 +55,8 @@ pub enum Counter {
     /// outer IPv4 options or fragments, or an inner packet that fails to parse).
     DropGueMalformed,
     /// Drop: the encapsulated packet would exceed the tunnel MTU and no ICMP
-    /// could be sent for it (IPv6 for now, or a frame too short to quote).
+    /// is sent for it: a frame too short to quote, or a (non-GSO) packet the
+    /// VM sends at site B, which TC can't answer.
     DropTooBig,
     /// Drop: no route, or the route's neighbour is not resolved yet.
     DropNoRoute,
@@ -63,12 +66,27 @@ pub enum Counter {
     NatIn,
     /// From `H` on a NAT flow, source rewritten to `N` (site B); then passed.
     NatOut,
-    /// Verdict: too big for the tunnel, answered with ICMP fragmentation-needed.
+    /// Verdict: too big for the tunnel, answered with ICMP fragmentation-needed
+    /// (IPv4) or ICMPv6 packet-too-big (IPv6).
     IcmpTooBig,
+    /// Flow map: entries userspace deleted (its sweep). Written by
+    /// userspace, not the datapath, into the first CPU's slot.
+    FlowDeleted,
+    /// Flow map: entries the kernel's LRU evicted to make room for new flows,
+    /// as of userspace's last sweep. The LRU evicts silently, in batches, and
+    /// even for an insert that then fails, so the datapath can't count it;
+    /// userspace derives it from the only other ways an entry leaves:
+    /// `flow_created - flow_deleted - entries present`. Written by userspace
+    /// into the first CPU's slot at each sweep; it never decreases, never
+    /// over-counts, and is exact when no packet creates a flow during the
+    /// sweep (otherwise it catches up at the next one). The sweep removes
+    /// expired entries, so an evicted entry was live, or had expired only
+    /// since the last sweep.
+    FlowEvicted,
 }
 
 /// Number of slots in the counter array.
-pub const COUNTER_COUNT: u32 = Counter::IcmpTooBig as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::FlowEvicted as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -100,6 +118,8 @@ impl Counter {
         Counter::NatIn,
         Counter::NatOut,
         Counter::IcmpTooBig,
+        Counter::FlowDeleted,
+        Counter::FlowEvicted,
     ];
 
     /// Stable snake_case name, used in `status` output and JSON.
@@ -132,6 +152,8 @@ impl Counter {
             Counter::NatIn => "nat_in",
             Counter::NatOut => "nat_out",
             Counter::IcmpTooBig => "icmp_too_big",
+            Counter::FlowDeleted => "flow_deleted",
+            Counter::FlowEvicted => "flow_evicted",
         }
     }
 

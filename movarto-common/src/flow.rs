@@ -3,6 +3,23 @@
 //! Addresses are 16 bytes so IPv4 and IPv6 share one map; an IPv4 address sits
 //! in the first 4 bytes and the rest is zero. Ports are in network byte order,
 //! exactly as they appear on the wire, so the datapath never swaps them.
+//!
+//! The map is an LRU hash. Entries leave it in exactly two ways:
+//! - userspace deletes them: its sweep removes the entries expired under
+//!   [`timeout`] (and whatever else the manager decides to remove);
+//! - the kernel evicts them to make room when a new flow is inserted into a
+//!   full map. The kernel's LRU evicts in batches (up to 128 entries into a
+//!   CPU's free list), possibly before the map is strictly full and even for
+//!   an insert that then fails, and tells nobody. So evictions are derived:
+//!   the datapath counts every entry it creates (`Counter::FlowCreated`,
+//!   exact: a successful `BPF_NOEXIST` insert), userspace counts what it
+//!   deletes (`Counter::FlowDeleted`), and at each sweep
+//!   `Counter::FlowEvicted = created - deleted - present`. Evictions of
+//!   live flows are what matters; the sweep removes expired entries, so an
+//!   evicted entry was live or had expired only since the last sweep. A
+//!   tracing program on the kernel's eviction callback
+//!   (`htab_lru_map_delete_node`) would count at the moment of eviction, but
+//!   this machine's kernel refuses to load tracing programs (EPERM).
 
 /// Key of the flow map.
 #[repr(C)]

@@ -5,12 +5,16 @@ use core::ffi::c_void;
 
 use aya_ebpf::programs::XdpContext;
 use movarto_common::{
-    config::Config, counters::Counter, flow::origin, gue::GUE_OVERHEAD_IPV4, net::family,
+    config::Config,
+    counters::Counter,
+    flow::origin,
+    gue::{GUE_OVERHEAD_IPV4, clamped_mss},
+    net::family,
 };
 
 use crate::{
     flows::{self, Direction},
-    icmp,
+    icmp, mss,
     outcome::Outcome,
     parse, route, tunnel,
 };
@@ -23,14 +27,23 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
     }
     // Pre-move flows and stale-DNS newcomers alike.
     flows::record(pkt, Direction::FromPeer, origin::STALE_DNS);
+    // A newcomer's connection runs through the tunnel all its life: clamp its
+    // SYN's MSS as tracking does, so the VM's segments fit the tunnel.
+    if matches!(pkt.l4, parse::L4::Tcp) && mss::is_syn(pkt) {
+        mss::clamp_xdp(
+            ctx.data(),
+            ctx.data_end(),
+            pkt,
+            clamped_mss(cfg.tunnel_mtu, pkt.family == family::IPV6),
+        );
+    }
     if !tunnel::fits(cfg, pkt, 0) {
-        if pkt.family == family::IPV4 {
-            return Ok(Outcome::Sent(
-                icmp::too_big_v4(ctx, cfg.tunnel_mtu)?,
-                Counter::IcmpTooBig,
-            ));
-        }
-        return Err(Counter::DropTooBig);
+        let action = if pkt.family == family::IPV6 {
+            icmp::too_big_v6(ctx, cfg.tunnel_mtu)?
+        } else {
+            icmp::too_big_v4(ctx, cfg.tunnel_mtu)?
+        };
+        return Ok(Outcome::Sent(action, Counter::IcmpTooBig));
     }
     tunnel::encapsulate(ctx, cfg, pkt, true)?;
     let hop = route::lookup(

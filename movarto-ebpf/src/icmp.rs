@@ -1,8 +1,9 @@
-//! ICMP "fragmentation needed" for IPv4 packets too big for the tunnel
-//! (Katran's approach): the frame is cut to its first bytes, an IPv4 + ICMP
-//! header is put in front, and it goes back where it came from with the MTU
-//! the sender must use. Connections opened while tracking never need it
-//! (their MSS was clamped); older ones learn the path MTU this way.
+//! ICMP "fragmentation needed" for IPv4 packets and ICMPv6 "packet too big"
+//! for IPv6 packets too big for the tunnel (Katran's approach): the frame is
+//! cut to its first bytes, an IP + ICMP header is put in front, and it goes
+//! back where it came from with the MTU the sender must use. Connections
+//! opened while tracking never need it (their MSS was clamped); older ones
+//! learn the path MTU this way.
 
 use core::ffi::c_void;
 
@@ -11,7 +12,12 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use movarto_common::{checksum, counters::Counter, gue::GUE_OVERHEAD_IPV4, net::ETH_HLEN};
+use movarto_common::{
+    checksum,
+    counters::Counter,
+    gue::GUE_OVERHEAD_IPV4,
+    net::{ETH_HLEN, ETH_P_IPV6, IPV6_HLEN, proto},
+};
 
 use crate::parse::bytes_mut;
 
@@ -70,23 +76,95 @@ pub fn too_big_v4(ctx: &XdpContext, tunnel_mtu: u16) -> Result<u32, Counter> {
     Ok(xdp_action::XDP_TX)
 }
 
+/// IPv6: what is kept of the offending frame: Ethernet, the IPv6 header and
+/// 64 bytes after it (RFC 4443 allows less than the 1280-byte maximum).
+const KEEP6: usize = ETH_HLEN + IPV6_HLEN + 64;
+/// New IPv6 + ICMPv6 headers.
+const PREPEND6: usize = IPV6_HLEN + 8;
+/// ICMPv6 header and quoted bytes: the ICMPv6 payload length (a multiple of 4).
+const ICMP6_LEN: usize = 8 + IPV6_HLEN + 64;
+const FRAME6: usize = ETH_HLEN + IPV6_HLEN + ICMP6_LEN;
+/// ICMPv6 type "packet too big" (RFC 4443, 3.2).
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+
+/// Turns the frame (an IPv6 packet) into an ICMPv6 packet-too-big to its
+/// sender, from the address it was sent to, announcing `tunnel_mtu` minus the
+/// tunnel's overhead. The sender's stack clamps an MTU below 1280 to 1280,
+/// so the tunnel MTU must be at least 1320 for IPv6 services.
+#[inline(always)]
+pub fn too_big_v6(ctx: &XdpContext, tunnel_mtu: u16) -> Result<u32, Counter> {
+    let frame_len = ctx.data_end() - ctx.data();
+    if frame_len < KEEP6 {
+        return Err(Counter::DropTooBig);
+    }
+    // SAFETY: plain helper calls on our own context.
+    let trimmed = unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((frame_len - KEEP6) as i32)) };
+    if trimmed != 0 || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(PREPEND6 as i32)) } != 0 {
+        return Err(Counter::DropResizeFailed);
+    }
+    let f = bytes_mut::<FRAME6>(ctx.data(), ctx.data_end(), 0)
+        .map_err(|_| Counter::DropResizeFailed)?;
+    // The old Ethernet header now sits at PREPEND6: answer from its destination to its source.
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&f[PREPEND6 + 6..PREPEND6 + 12]);
+    macs[6..].copy_from_slice(&f[PREPEND6..PREPEND6 + 6]);
+    f[..12].copy_from_slice(&macs);
+    f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    let quoted = ETH_HLEN + PREPEND6;
+    let mut addrs = [0u8; 32];
+    addrs.copy_from_slice(&f[quoted + 8..quoted + 40]);
+
+    let ip = ETH_HLEN;
+    f[ip..ip + 4].copy_from_slice(&[0x60, 0, 0, 0]);
+    f[ip + 4..ip + 6].copy_from_slice(&(ICMP6_LEN as u16).to_be_bytes());
+    f[ip + 6] = proto::ICMPV6;
+    f[ip + 7] = 64;
+    f[ip + 8..ip + 24].copy_from_slice(&addrs[16..]); // from the original destination
+    f[ip + 24..ip + 40].copy_from_slice(&addrs[..16]); // to the original source
+
+    let icmp = ip + IPV6_HLEN;
+    let mtu = u32::from(tunnel_mtu.saturating_sub(GUE_OVERHEAD_IPV4 as u16));
+    f[icmp..icmp + 4].copy_from_slice(&[ICMPV6_PACKET_TOO_BIG, 0, 0, 0]);
+    f[icmp + 4..icmp + 8].copy_from_slice(&mtu.to_be_bytes());
+
+    // The pseudo-header: both addresses (summed where they lie), then the
+    // upper-layer length and next header, each the last byte of a 32-bit
+    // big-endian word; the helper sums words as loaded (little-endian), where
+    // that byte is the top one.
+    let length_and_next = ((ICMP6_LEN as u32) << 24) + (u32::from(proto::ICMPV6) << 24);
+    let pseudo = partial(&mut f[ip + 8..ip + 40], length_and_next)?;
+    let icmp_sum = u16::from_be(checksum::fold(partial(
+        &mut f[icmp..icmp + ICMP6_LEN],
+        pseudo,
+    )?));
+    f[icmp + 2..icmp + 4].copy_from_slice(&icmp_sum.to_be_bytes());
+    Ok(xdp_action::XDP_TX)
+}
+
 /// The Internet checksum of `bytes` (a multiple of 4 long), computed by the
 /// kernel over packet memory so nothing is copied to the stack.
 #[inline(always)]
 fn sum(bytes: &mut [u8]) -> Result<u16, Counter> {
+    // The helper returns a 32-bit one's-complement sum; fold it as the network order value.
+    Ok(u16::from_be(checksum::fold(partial(bytes, 0)?)))
+}
+
+/// The 32-bit one's-complement sum of `bytes` (a multiple of 4 long, words
+/// as loaded on this little-endian machine) plus `seed`, not yet folded.
+#[inline(always)]
+fn partial(bytes: &mut [u8], seed: u32) -> Result<u32, Counter> {
     // SAFETY: `bytes` is packet memory of the given, verified length.
-    let partial = unsafe {
+    let sum = unsafe {
         bpf_csum_diff(
             core::ptr::null_mut(),
             0,
             bytes.as_mut_ptr() as *mut c_void as *mut u32,
             bytes.len() as u32,
-            0,
+            seed,
         )
     };
-    if partial < 0 {
+    if sum < 0 {
         return Err(Counter::DropResizeFailed);
     }
-    // The helper returns a 32-bit one's-complement sum; fold it as the network order value.
-    Ok(u16::from_be(checksum::fold(partial as u32)))
+    Ok(sum as u32)
 }

@@ -60,7 +60,7 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
             forward_from_tunnel(&ctx, cfg, &pkt).decode()
         }
         Some(Mode::Forward) => forward_to_tunnel(&ctx, cfg, &pkt).decode(),
-        Some(Mode::Receive) if tunnel::is_ours(cfg, &pkt) => {
+        Some(Mode::Receive | Mode::Direct) if tunnel::is_ours(cfg, &pkt) => {
             receive_from_tunnel(&ctx, cfg, &pkt).decode()
         }
         Some(Mode::Receive | Mode::Nat) => receive_to_new_addr(&ctx, cfg, &pkt).decode(),

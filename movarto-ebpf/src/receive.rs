@@ -13,7 +13,6 @@ use movarto_common::{
     config::Config,
     counters::Counter,
     flow::origin,
-    gue::GUE_OVERHEAD_IPV4,
     net::{ETH_HLEN, family},
 };
 
@@ -116,13 +115,15 @@ pub fn from_vm(
 #[inline(always)]
 pub fn vm_to_tunnel(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
     tunnel::encapsulate_tc(ctx, cfg, pkt)?;
+    // tot_len 0: the kernel checks the (encapsulated) skb against the MTU
+    // itself, GSO-aware; a GSO packet's own length would fail the check.
     let hop = route::lookup(
         ctx.skb.skb as *mut c_void,
         family::IPV4,
         &cfg.local_tunnel_addr,
         &cfg.peer_tunnel_addr,
         cfg.uplink_ifindex,
-        (GUE_OVERHEAD_IPV4 + pkt.ip_len) as u16,
+        0,
         route::Lookup::Output,
     )?;
     Ok(Outcome::Sent(

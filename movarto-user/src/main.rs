@@ -23,16 +23,25 @@ enum Command {
     /// Attach the datapath to an uplink (XDP) and the VM-facing interface (TC), and pin it.
     Attach(datapath::cli::AttachArgs),
     /// Detach the datapath from an uplink (removes its pins).
-    Detach { uplink: String },
+    Detach {
+        uplink: String,
+        /// The pin name given to `attach --pin-name`.
+        #[arg(long, value_name = "NAME")]
+        pin_name: Option<String>,
+    },
     /// Show the datapath's mode, configuration and counters.
     Status {
         uplink: String,
+        #[arg(long, value_name = "NAME")]
+        pin_name: Option<String>,
         #[arg(long)]
         json: bool,
     },
     /// List the flows in the flow map.
     Flows {
         uplink: String,
+        #[arg(long, value_name = "NAME")]
+        pin_name: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -41,6 +50,8 @@ enum Command {
         uplink: String,
         #[arg(value_enum)]
         mode: datapath::cli::ModeArg,
+        #[arg(long, value_name = "NAME")]
+        pin_name: Option<String>,
     },
     /// Load the datapath through the kernel's verifier and report what was loaded.
     /// Nothing is attached; everything is unloaded on exit.
@@ -123,10 +134,24 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { json } => check(json),
         Command::Attach(args) => datapath::cli::run_attach(args),
-        Command::Detach { uplink } => datapath::cli::run_detach(&uplink),
-        Command::Status { uplink, json } => datapath::cli::run_status(&uplink, json),
-        Command::Flows { uplink, json } => datapath::cli::run_flows(&uplink, json),
-        Command::Mode { uplink, mode } => datapath::cli::run_mode(&uplink, mode),
+        Command::Detach { uplink, pin_name } => {
+            datapath::cli::run_detach(&uplink, pin_name.as_deref())
+        }
+        Command::Status {
+            uplink,
+            pin_name,
+            json,
+        } => datapath::cli::run_status(&uplink, pin_name.as_deref(), json),
+        Command::Flows {
+            uplink,
+            pin_name,
+            json,
+        } => datapath::cli::run_flows(&uplink, pin_name.as_deref(), json),
+        Command::Mode {
+            uplink,
+            mode,
+            pin_name,
+        } => datapath::cli::run_mode(&uplink, pin_name.as_deref(), mode),
         Command::Dns { command } => movarto_user::dns::cli::run(command),
         Command::Vm { command } => movarto_user::qemu::cli(command),
         Command::Agent(args) => movarto_user::agent::run(args),

@@ -12,7 +12,7 @@ use std::{
     net::IpAddr,
     panic::AssertUnwindSafe,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -32,7 +32,7 @@ use serde::Serialize;
 use crate::{
     delay::{DelayLine, Profile},
     dns_server::SERVICE,
-    lab::{self, AGENT_PORT, GATEWAY_CIDR, GATEWAY_MAC, GUEST_MAC, H, Lab, N, TA, TB},
+    lab::{self, GATEWAY_CIDR, GATEWAY_MAC, GUEST_MAC, H, Lab, N, TA, TB},
     workload::{self, CurlCheck, Newcomer, Settings, Workload},
 };
 
@@ -262,16 +262,24 @@ fn check_names_free() -> Result<()> {
                 .join(", ")
         );
     }
-    let tag = pid % 100_000;
-    for uplink in [format!("ma{tag}"), format!("mb{tag}")] {
-        let pins = pin_dir(&uplink);
-        if pins.exists() {
-            bail!(
-                "{} already holds a pinned datapath for {uplink}, left by an earlier run; \
-                 remove it with `movarto-user detach {uplink}` (or rm -r it) and run again",
-                pins.display()
-            );
-        }
+    // The lab names its uplinks (and so its pins) ma<tag>/mb<tag>, the tag starting with
+    // the process id modulo 10000.
+    let tag = pid % 10_000;
+    let pinned: Vec<String> = fs::read_dir(pin_dir(""))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("ma{tag}")) || n.starts_with(&format!("mb{tag}")))
+        .collect();
+    if !pinned.is_empty() {
+        bail!(
+            "{} already holds pinned datapaths named like this run's uplinks: {}; they are left \
+             by an earlier run (or belong to a run whose process id ends the same). Remove a \
+             leftover with `movarto-user detach NAME` and run again",
+            pin_dir("").display(),
+            pinned.join(", ")
+        );
     }
     let stale: Vec<&String> = names
         .iter()
@@ -418,8 +426,6 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
         "site A: tap, datapath in track mode, booting the guest (QEMU, TCG)",
     );
     let spec_a = lab::guest_spec(l, "a");
-    let spec_b_path = l.scratch.0.join("web-b.toml");
-    fs::write(&spec_b_path, lab::guest_spec(l, "b")).context("writing B's VM spec")?;
     let home: IpAddr = H.parse()?;
     let new_addr: IpAddr = N.parse()?;
     let booted = guarded("talking to the agents", || {
@@ -537,36 +543,14 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
     status_line(opts, started, &work);
 
     // The move, as an operator runs it, from the ops namespace.
-    let mut migrate = Command::new("nsenter");
-    migrate
-        .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
-        .arg(guarded("finding movarto-user", lab::movarto_user)?)
-        .args(["migrate", "--vm", "web", "--json"])
-        .arg("--source")
-        .arg(format!("http://{TA}:{AGENT_PORT}"))
-        .arg("--destination")
-        .arg(format!("http://{TB}:{AGENT_PORT}"))
-        .arg("--source-token-file")
-        .arg(l.scratch.0.join("token-a"))
-        .arg("--destination-token-file")
-        .arg(l.scratch.0.join("token-b"))
-        .arg("--destination-spec")
-        .arg(&spec_b_path)
-        .args(["--home", H, "--new-addr", N])
-        .args(["--source-tunnel", TA, "--destination-tunnel", TB])
-        .args(["--gateway-mac", GATEWAY_MAC, "--gateway-cidr", GATEWAY_CIDR])
-        .arg("--dns-server")
-        .arg(l.bind.server_addr().to_string())
-        .args(["--zone", "example.test", "--dns-name", SERVICE])
-        .arg("--dns-key-file")
-        .arg(l.bind.key_file())
-        .arg("--skip-ttl-wait")
-        .arg("--drain-grace")
-        .arg(format!("{}ms", opts.drain_grace.as_millis()))
-        .arg("--max-drain")
-        .arg(format!("{}s", opts.max_drain.as_secs()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let drain_grace = format!("{}ms", opts.drain_grace.as_millis());
+    let max_drain = format!("{}s", opts.max_drain.as_secs());
+    let mut migrate = guarded("preparing movarto-user migrate", || {
+        lab::migrate_command(
+            l,
+            &["--drain-grace", &drain_grace, "--max-drain", &max_drain],
+        )
+    })?;
     say(
         opts,
         started,

@@ -24,7 +24,13 @@ use std::{
 
 use aya::programs::XdpMode;
 use movarto_guest_server::{HTTP_PORT, stream_byte};
-use movarto_user::{agent::AgentClient, datapath::Datapath};
+use movarto_user::{
+    agent::{
+        AgentClient,
+        api::{DatapathRequest, TapRequest, VmRequest},
+    },
+    datapath::{Datapath, cli::ModeArg},
+};
 
 use crate::{
     dns_server::{Bind9, SERVICE, in_netns},
@@ -81,6 +87,7 @@ pub struct Lab {
     pub uplink_a: String,
     pub uplink_b: String,
     pub scratch: Scratch,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 /// An agent process. Dropping it stops it as an operator would (SIGTERM: it stops its
@@ -94,6 +101,10 @@ impl AgentProc {
 
     /// SIGTERM, then wait up to `grace`; the guard's SIGKILL after that.
     pub fn stop(&mut self, grace: Duration) {
+        // Reaped already: its PID may belong to someone else now.
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            return;
+        }
         // SAFETY: signalling a child we started, by its PID.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + grace;
@@ -118,6 +129,22 @@ impl Drop for Lab {
             agent.stop(Duration::from_secs(15));
         }
         self.agents.clear();
+        // A VM whose agent crashed and never came back: the records still name it.
+        for site in ["a", "b"] {
+            let dir = self.scratch.0.join(format!("state-{site}"));
+            for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let pid = fs::read_to_string(entry.path())
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| v["pid"].as_u64());
+                if let Some(pid) = pid
+                    && movarto_user::qemu::vm::is_qemu(pid as u32)
+                {
+                    // SAFETY: a QEMU this lab's agent started, by its PID.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+        }
         // Pins are global (bpffs), not per namespace.
         for uplink in [&self.uplink_a, &self.uplink_b] {
             let _ = movarto_user::datapath::detach(uplink);
@@ -125,8 +152,22 @@ impl Drop for Lab {
     }
 }
 
+/// Labs share the machine's CPUs with a TCG guest each: one at a time per process.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Builds the lab and starts both agents; waits until they answer. Holds a process-wide
+/// lock until the lab drops, so tests using it run one after another.
 pub fn lab() -> Lab {
-    let tag = std::process::id() % 100_000;
+    let serial = ONE_LAB
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    // Interface and pin names are short (15 bytes) and pins are global: unique per lab.
+    let tag = format!(
+        "{}{}",
+        std::process::id() % 10_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
     let scratch = Scratch(std::env::temp_dir().join(format!("movarto-migrate-{tag}")));
     fs::create_dir_all(&scratch.0).expect("scratch");
     let bind = Bind9::start("mig").expect("BIND9");
@@ -141,6 +182,7 @@ pub fn lab() -> Lab {
         uplink_a: format!("ma{tag}"),
         uplink_b: format!("mb{tag}"),
         scratch,
+        _serial: serial,
     };
     for ns in [&l.wan, &l.a, &l.b] {
         ns.run("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
@@ -204,6 +246,22 @@ pub fn lab() -> Lab {
         fs::set_permissions(&token, fs::Permissions::from_mode(0o600)).expect("chmod");
         l.start_agent(site);
     }
+    let ready = with_agents(&l, async |a, b| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.health().await.is_err() || b.health().await.is_err() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    });
+    assert!(
+        ready,
+        "the agents did not answer within 10 s:\nA:\n{}\nB:\n{}",
+        agent_log(&l, "a"),
+        agent_log(&l, "b")
+    );
     l
 }
 
@@ -231,12 +289,28 @@ impl Lab {
                     .arg("--token-file")
                     .arg(self.scratch.0.join(format!("token-{site}")))
                     .args(["--sweep-interval", "500ms", "--established-idle", "60s"])
+                    .arg("--state-dir")
+                    .arg(self.scratch.0.join(format!("state-{site}")))
+                    .arg("--stop-vms-on-exit")
                     .stdout(Stdio::null())
                     .stderr(Stdio::from(log)),
             )
             .expect("agent");
         self.agents.retain(|(s, _)| s != site);
         self.agents.push((site.to_owned(), AgentProc(agent)));
+    }
+
+    /// Kills site `site`'s agent (SIGKILL), as a crash would: its VMs keep running.
+    pub fn crash_agent(&mut self, site: &str) {
+        if let Some(at) = self.agents.iter().position(|(s, _)| s == site) {
+            let (_, mut agent) = self.agents.remove(at);
+            // SAFETY: signalling a child we started, by its PID (not yet reaped).
+            unsafe { libc::kill(agent.pid() as i32, libc::SIGKILL) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !matches!(agent.0.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
     }
 
     /// Stops site `site`'s agent (SIGTERM), e.g. to restart it.
@@ -270,7 +344,7 @@ serial_log = "{dir}/web-{site}.console"
 kernel = "{guest}/vmlinuz"
 initrd = "{guest}/initramfs.cpio.gz"
 append = "console=ttyS0 panic=-1 quiet movarto.ip={H}/24 movarto.gw=192.0.2.1"
-
+{disk}
 [nic]
 mac = "{GUEST_MAC}"
 tap = "tap0"
@@ -278,7 +352,140 @@ checksum_offload = false
 "#,
         dir = l.scratch.0.display(),
         guest = guest.display(),
+        disk = if disk_image(l, site).exists() {
+            format!("disk = \"{}\"\n", disk_image(l, site).display())
+        } else {
+            String::new()
+        },
     )
+}
+
+/// The guest's disk image at `site`; the spec has a disk once [`add_disk`] made them.
+pub fn disk_image(l: &Lab, site: &str) -> PathBuf {
+    l.scratch.0.join(format!("web-{site}.img"))
+}
+
+/// Gives the guest a `mib` MiB raw disk: at A filled with a pattern, at B an empty image of
+/// the same size (the mirror's target; no shared storage).
+pub fn add_disk(l: &Lab, mib: usize) {
+    let block: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(31) >> 3) as u8)
+        .collect();
+    let mut a = fs::File::create(disk_image(l, "a")).expect("disk at A");
+    for n in 0..mib {
+        let mut chunk = block.clone();
+        chunk[..8].copy_from_slice(&(n as u64).to_le_bytes());
+        a.write_all(&chunk).expect("write");
+    }
+    fs::File::create(disk_image(l, "b"))
+        .and_then(|b| b.set_len((mib << 20) as u64))
+        .expect("disk at B");
+}
+
+/// Site A through its agent: the tap, the datapath tracking, the VM booted. Waits until the
+/// guest answers at `H` and the probes' unanswered SYNs have aged out of counting as
+/// connections. Returns the guest's boot id.
+pub fn boot_at_a(l: &Lab) -> String {
+    let spec_a = guest_spec(l, "a");
+    let started = with_agents(l, async |a, _b| {
+        a.ensure_tap(
+            "tap0",
+            &TapRequest {
+                gateway_mac: GATEWAY_MAC.to_owned(),
+                gateway_cidr: GATEWAY_CIDR.to_owned(),
+            },
+        )
+        .await?;
+        a.apply_datapath(&DatapathRequest {
+            vm_iface: "tap0".to_owned(),
+            mode: ModeArg::Track,
+            home_addr: H.parse()?,
+            new_addr: None,
+            local_tunnel_addr: TA.parse()?,
+            peer_tunnel_addr: TB.parse()?,
+            token: "0".to_owned(),
+            tunnel_mtu: 1500,
+            vm_mac: GUEST_MAC.to_owned(),
+            gateway_mac: GATEWAY_MAC.to_owned(),
+        })
+        .await?;
+        a.start_vm(&VmRequest {
+            spec_toml: spec_a.clone(),
+            incoming: false,
+        })
+        .await?;
+        anyhow::Ok(())
+    });
+    if let Err(err) = started {
+        panic!(
+            "setting up site A: {err:#}\nagent A log:\n{}",
+            agent_log(l, "a")
+        );
+    }
+    let booted = Instant::now();
+    wait_for("the guest to answer at A", Duration::from_secs(90), || {
+        l.client
+            .run(
+                "curl",
+                &[
+                    "-sS",
+                    "--fail",
+                    "--max-time",
+                    "2",
+                    &format!("http://{H}/id"),
+                ],
+            )
+            .is_ok()
+    });
+    eprintln!("guest answers at A after {:?}", booted.elapsed());
+    let boot_id = http_get(l, H, "/id");
+    // The probes' unanswered SYNs are tracked too; once older than a handshake they no
+    // longer count as connections, so the report can be checked against ours exactly.
+    thread::sleep(Duration::from_nanos(
+        movarto_user::agent::api::HANDSHAKE_NS + 500_000_000,
+    ));
+
+    boot_id
+}
+
+/// `movarto-user migrate` for the guest from A to B, run in the ops namespace, with
+/// DNS, JSON output and the TTL wait skipped; `extra` adds or overrides options.
+pub fn migrate_command(l: &Lab, extra: &[&str]) -> Command {
+    let spec_b_path = l.scratch.0.join("web-b.toml");
+    fs::write(&spec_b_path, guest_spec(l, "b")).expect("spec");
+    let mut migrate = Command::new("nsenter");
+    migrate
+        .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
+        .arg(movarto_user())
+        .args(["migrate", "--vm", "web", "--json"])
+        .arg("--source")
+        .arg(format!("http://{TA}:{AGENT_PORT}"))
+        .arg("--destination")
+        .arg(format!("http://{TB}:{AGENT_PORT}"))
+        .arg("--source-token-file")
+        .arg(l.scratch.0.join("token-a"))
+        .arg("--destination-token-file")
+        .arg(l.scratch.0.join("token-b"))
+        .arg("--destination-spec")
+        .arg(&spec_b_path)
+        .args(["--home", H])
+        .args(if extra.contains(&"move") {
+            &[][..]
+        } else {
+            &["--new-addr", N][..]
+        })
+        .args(["--source-tunnel", TA, "--destination-tunnel", TB])
+        .args(["--gateway-mac", GATEWAY_MAC, "--gateway-cidr", GATEWAY_CIDR])
+        .arg("--dns-server")
+        .arg(l.bind.server_addr().to_string())
+        .args(["--zone", "example.test", "--dns-name", SERVICE])
+        .arg("--dns-key-file")
+        .arg(l.bind.key_file())
+        .arg("--skip-ttl-wait")
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    migrate
 }
 
 /// Runs `f` with a client of each agent, on a runtime inside the ops namespace.

@@ -6,7 +6,6 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _},
     net::Shutdown,
-    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,85 +16,14 @@ use std::{
 
 use movarto_guest_server::{ECHO_PORT, STREAM_PORT};
 use movarto_tests::{dns_server::SERVICE, lab::*, require_root};
-use movarto_user::{
-    agent::api::{DatapathRequest, TapRequest, VmRequest},
-    datapath::{cli::ModeArg, pin_dir},
-};
+use movarto_user::datapath::pin_dir;
 
 #[test]
 fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     require_root();
-    let l = lab();
-    let spec_a = guest_spec(&l, "a");
-    let spec_b = guest_spec(&l, "b");
-    let spec_b_path = l.scratch.0.join("web-b.toml");
-    fs::write(&spec_b_path, &spec_b).expect("spec");
+    let mut l = lab();
 
-    // Site A: the tap, the datapath tracking, the VM booted; all through A's agent.
-    let started = with_agents(&l, async |a, _b| {
-        for agent in [&a] {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while agent.health().await.is_err() {
-                assert!(Instant::now() < deadline, "agent A did not come up");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        a.ensure_tap(
-            "tap0",
-            &TapRequest {
-                gateway_mac: GATEWAY_MAC.to_owned(),
-                gateway_cidr: GATEWAY_CIDR.to_owned(),
-            },
-        )
-        .await?;
-        a.apply_datapath(&DatapathRequest {
-            vm_iface: "tap0".to_owned(),
-            mode: ModeArg::Track,
-            home_addr: H.parse()?,
-            new_addr: None,
-            local_tunnel_addr: TA.parse()?,
-            peer_tunnel_addr: TB.parse()?,
-            token: "0".to_owned(),
-            tunnel_mtu: 1500,
-            vm_mac: GUEST_MAC.to_owned(),
-            gateway_mac: GATEWAY_MAC.to_owned(),
-        })
-        .await?;
-        a.start_vm(&VmRequest {
-            spec_toml: spec_a.clone(),
-            incoming: false,
-        })
-        .await?;
-        anyhow::Ok(())
-    });
-    if let Err(err) = started {
-        panic!(
-            "setting up site A: {err:#}\nagent A log:\n{}",
-            agent_log(&l, "a")
-        );
-    }
-    let booted = Instant::now();
-    wait_for("the guest to answer at A", Duration::from_secs(90), || {
-        l.client
-            .run(
-                "curl",
-                &[
-                    "-sS",
-                    "--fail",
-                    "--max-time",
-                    "2",
-                    &format!("http://{H}/id"),
-                ],
-            )
-            .is_ok()
-    });
-    eprintln!("guest answers at A after {:?}", booted.elapsed());
-    let boot_id = http_get(&l, H, "/id");
-    // The probes' unanswered SYNs are tracked too; once older than a handshake they no
-    // longer count as connections, so the report can be checked against ours exactly.
-    thread::sleep(Duration::from_nanos(
-        movarto_user::agent::api::HANDSHAKE_NS + 500_000_000,
-    ));
+    let boot_id = boot_at_a(&l);
 
     // The pre-move connections.
     let stats = Arc::new(Stats::default());
@@ -120,38 +48,7 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     });
 
     // The move, as an operator runs it, from the ops namespace.
-    let mut migrate = Command::new("nsenter");
-    migrate
-        .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
-        .arg(movarto_user())
-        .args(["migrate", "--vm", "web", "--json"])
-        .arg("--source")
-        .arg(format!("http://{TA}:{AGENT_PORT}"))
-        .arg("--destination")
-        .arg(format!("http://{TB}:{AGENT_PORT}"))
-        .arg("--source-token-file")
-        .arg(l.scratch.0.join("token-a"))
-        .arg("--destination-token-file")
-        .arg(l.scratch.0.join("token-b"))
-        .arg("--destination-spec")
-        .arg(&spec_b_path)
-        .args(["--home", H, "--new-addr", N])
-        .args(["--source-tunnel", TA, "--destination-tunnel", TB])
-        .args(["--gateway-mac", GATEWAY_MAC, "--gateway-cidr", GATEWAY_CIDR])
-        .arg("--dns-server")
-        .arg(l.bind.server_addr().to_string())
-        .args(["--zone", "example.test", "--dns-name", SERVICE])
-        .arg("--dns-key-file")
-        .arg(l.bind.key_file())
-        .args([
-            "--skip-ttl-wait",
-            "--drain-grace",
-            "2s",
-            "--max-drain",
-            "60s",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut migrate = migrate_command(&l, &["--drain-grace", "2s", "--max-drain", "60s"]);
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
     let stderr = orchestrator.child_mut().stderr.take().expect("stderr");
     let draining = Arc::new(AtomicBool::new(false));
@@ -193,6 +90,18 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
         stats.streamed.load(Ordering::Relaxed) > streamed + 100_000
             && stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
     });
+    // Site A's agent restarts mid-drain: the pinned datapath keeps tunnelling meanwhile,
+    // and the new agent adopts it and serves the rest of the drain.
+    l.stop_agent("a");
+    let (streamed, exchanged) = (
+        stats.streamed.load(Ordering::Relaxed),
+        stats.exchanges.load(Ordering::Relaxed),
+    );
+    wait_for("traffic while A's agent is down", IO_TIMEOUT, || {
+        stats.streamed.load(Ordering::Relaxed) > streamed + 50_000
+            && stats.exchanges.load(Ordering::Relaxed) > exchanged + 5
+    });
+    l.start_agent("a");
     assert_eq!(echo_once(&mut idle, "hello after"), "hello after");
     assert_eq!(
         http_get(&l, N, "/id"),
@@ -257,6 +166,10 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     );
     let steps = report["steps"].as_array().expect("steps");
     assert_eq!(steps.len(), 11, "{steps:?}");
+    assert!(
+        agent_log(&l, "a").contains("adopted the pinned datapath"),
+        "the restarted agent adopted A's datapath"
+    );
 
     // DNS points at N, with the TTL restored.
     assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [N]);
@@ -267,6 +180,25 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     let b_dp = b_mode.expect("B status").expect("B attached");
     assert_eq!(b_dp.mode, "nat");
     assert_eq!(http_get(&l, N, "/id"), boot_id, "N after teardown");
+
+    // B's agent crashes: the VM and the NAT keep serving; the new agent adopts the VM.
+    let pid_before = with_agents(&l, async |_a, b| b.vm("web").await.map(|vm| vm.pid));
+    let pid_before = pid_before.expect("B's VM").expect("a PID");
+    l.crash_agent("b");
+    assert_eq!(http_get(&l, N, "/id"), boot_id, "N while B's agent is gone");
+    l.start_agent("b");
+    let adopted = with_agents(&l, async |_a, b| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match b.vm("web").await {
+                Ok(vm) => return vm,
+                Err(err) if Instant::now() > deadline => panic!("B's VM after restart: {err}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    assert_eq!(adopted.pid, Some(pid_before), "the same QEMU, adopted");
+    assert_eq!(adopted.run_state, "running");
     eprintln!(
         "streamed {} bytes, {} exchanges, worst stall {} ms",
         stats.streamed.load(Ordering::Relaxed),
@@ -275,4 +207,387 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     );
     // B's VM is stopped by its agent when the lab drops.
     drop(l);
+}
+
+#[test]
+fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
+    require_root();
+    let mut l = lab();
+    let boot_id = boot_at_a(&l);
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let chat = connect(&l, ECHO_PORT);
+    let worker = {
+        let (stats, stop) = (stats.clone(), stop.clone());
+        thread::spawn(move || interactive(chat, stats, stop))
+    };
+    wait_for("traffic before the move", IO_TIMEOUT, || {
+        stats.exchanges.load(Ordering::Relaxed) > 10
+    });
+
+    // A slow copy (8 MiB/s for ~80 MiB), so the destination can die in the middle of it.
+    let mut migrate = migrate_command(&l, &["--max-bandwidth", "8388608"]);
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let destination_pid = {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let copying = with_agents(&l, async |a, b| {
+                let migrating = a
+                    .migration("web")
+                    .await
+                    .is_ok_and(|m| m.progress.is_some_and(|p| p.transferred > 8 << 20));
+                let pid = b.vm("web").await.ok().and_then(|vm| vm.pid);
+                migrating.then_some(pid).flatten()
+            });
+            if let Some(pid) = copying {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the RAM copy did not start");
+            assert!(
+                orchestrator.try_wait().expect("wait").is_none(),
+                "migrate ended before the RAM copy: {}",
+                agent_log(&l, "b")
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // SAFETY: the destination QEMU, started by the test's own agent, by its PID.
+    assert_eq!(
+        unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
+        0
+    );
+
+    let finished = Instant::now();
+    let status = loop {
+        if let Some(status) = orchestrator.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            finished.elapsed() < Duration::from_secs(60),
+            "migrate did not give up"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut json = String::new();
+    orchestrator
+        .child_mut()
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut json)
+        .expect("report");
+    eprintln!("report:\n{json}");
+    assert!(!status.success(), "migrate must fail");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    assert_eq!(report["succeeded"], false);
+    let rolled_back = report["rolled_back"].as_str().expect("rollback summary");
+    assert!(
+        rolled_back.contains("VM running at the source") && !rolled_back.contains("NOT undone"),
+        "{rolled_back}"
+    );
+
+    // The VM never left A: same instance, the connection kept going, DNS unchanged.
+    assert_eq!(http_get(&l, H, "/id"), boot_id);
+    let exchanged = stats.exchanges.load(Ordering::Relaxed);
+    wait_for("traffic after the rollback", IO_TIMEOUT, || {
+        stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
+    });
+    stop.store(true, Ordering::Relaxed);
+    worker.join().expect("worker");
+    let failures = stats.failed.lock().expect("lock").clone();
+    assert!(failures.is_empty(), "the connection broke: {failures:?}");
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
+    assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
+
+    // A tracks again; B has nothing left: no VM, no datapath, no tap.
+    let (a_status, b_status) = with_agents(&l, async |a, b| {
+        (a.status().await.expect("A"), b.status().await.expect("B"))
+    });
+    assert_eq!(a_status.datapath.expect("A attached").mode, "track");
+    assert!(a_status.vms.iter().any(|vm| vm.run_state == "running"));
+    assert!(b_status.datapath.is_none(), "B detached");
+    assert!(b_status.vms.is_empty(), "no VM at B: {:?}", b_status.vms);
+    assert!(!pin_dir(&l.uplink_b).exists());
+    assert!(
+        l.b.run("ip", &["link", "show", "tap0"]).is_err(),
+        "B's tap is gone"
+    );
+    l.stop_agent("b");
+}
+
+#[test]
+fn agents_refuse_requests_without_the_right_token() {
+    require_root();
+    let l = lab();
+    let refused = with_agents(&l, async |a, _b| {
+        let base = a.base().to_owned();
+        let http = reqwest::Client::new();
+        let mut statuses = Vec::new();
+        for token in [None, Some("wrong-token-0123456789"), Some(&*token(&l, "b"))] {
+            let mut request = http.get(format!("{base}/v1/status"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            statuses.push(request.send().await.expect("answer").status().as_u16());
+        }
+        let ok = http
+            .get(format!("{base}/v1/status"))
+            .bearer_auth(token(&l, "a"))
+            .send()
+            .await
+            .expect("answer")
+            .status()
+            .as_u16();
+        let health = http
+            .get(format!("{base}/v1/health"))
+            .send()
+            .await
+            .expect("answer")
+            .status()
+            .as_u16();
+        // A state-changing call without the token changes nothing.
+        let detach = http
+            .delete(format!("{base}/v1/datapath"))
+            .send()
+            .await
+            .expect("answer")
+            .status()
+            .as_u16();
+        (statuses, ok, health, detach)
+    });
+    assert_eq!(
+        refused,
+        (vec![401, 401, 401], 200, 200, 401),
+        "no token, a wrong one and the other site's are refused; the right one and the \
+         health check are not"
+    );
+}
+
+#[test]
+fn the_disk_is_mirrored_over_nbd_and_arrives_byte_identical() {
+    require_root();
+    let l = lab();
+    add_disk(&l, 32);
+    let boot_id = boot_at_a(&l);
+    let mut migrate = migrate_command(&l, &["--drain-grace", "1s", "--max-drain", "30s"]);
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = orchestrator.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "migrate did not finish"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut json = String::new();
+    orchestrator
+        .child_mut()
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut json)
+        .expect("report");
+    eprintln!("report:\n{json}");
+    assert!(status.success(), "migrate exited {status}: {json}");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    let mirror = &report["steps"][2];
+    assert_eq!(mirror["name"], "mirror disk");
+    assert_eq!(mirror["outcome"], "ok", "{mirror}");
+    assert!(
+        mirror["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("READY")),
+        "{mirror}"
+    );
+    assert_eq!(http_get(&l, N, "/id"), boot_id, "the guest runs at B");
+    let (a, b) = (
+        fs::read(disk_image(&l, "a")).expect("A's image"),
+        fs::read(disk_image(&l, "b")).expect("B's image"),
+    );
+    assert_eq!(a.len(), b.len());
+    assert!(a == b, "the destination's disk differs from the source's");
+}
+
+#[test]
+fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
+    require_root();
+    let l = lab();
+    let boot_id = boot_at_a(&l);
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let stream = connect(&l, STREAM_PORT);
+    let chat = connect(&l, ECHO_PORT);
+    let mut idle = connect(&l, ECHO_PORT);
+    assert_eq!(echo_once(&mut idle, "hello before"), "hello before");
+    let workers = [
+        {
+            let (stats, stop) = (stats.clone(), stop.clone());
+            thread::spawn(move || stream_reader(stream, stats, stop))
+        },
+        {
+            let (stats, stop) = (stats.clone(), stop.clone());
+            thread::spawn(move || interactive(chat, stats, stop))
+        },
+    ];
+    wait_for("traffic before the move", IO_TIMEOUT, || {
+        stats.streamed.load(Ordering::Relaxed) > 100_000
+            && stats.exchanges.load(Ordering::Relaxed) > 10
+    });
+
+    // The operator's hook re-routes H at the wan router, as a routing change would.
+    let hook = format!(
+        "ip netns exec {} ip route replace 192.0.2.0/24 via $MOVARTO_DESTINATION_TUNNEL",
+        l.wan.name()
+    );
+    let mut migrate = migrate_command(
+        &l,
+        &[
+            "--address-mode",
+            "move",
+            "--on-switch",
+            &hook,
+            "--drain-grace",
+            "2s",
+            "--max-drain",
+            "60s",
+        ],
+    );
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = orchestrator.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "migrate did not finish"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut json = String::new();
+    orchestrator
+        .child_mut()
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut json)
+        .expect("report");
+    eprintln!("report:\n{json}");
+    assert!(status.success(), "migrate exited {status}: {json}");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    assert_eq!(report["address_mode"], "move");
+    assert_eq!(report["flows_at_switchover"], 3);
+    assert_eq!(report["flows_cut"].as_array().map(Vec::len), Some(0));
+    assert_eq!(report["steps"][6]["outcome"], "skipped", "no DNS change");
+
+    // Everything now reaches the VM at B directly, at the same address, with the tunnel gone.
+    assert!(!pin_dir(&l.uplink_a).exists(), "A detached");
+    assert!(
+        !pin_dir(&l.uplink_b).exists(),
+        "B detached: nothing to translate"
+    );
+    let (streamed, exchanged) = (
+        stats.streamed.load(Ordering::Relaxed),
+        stats.exchanges.load(Ordering::Relaxed),
+    );
+    wait_for("traffic after teardown", IO_TIMEOUT, || {
+        stats.streamed.load(Ordering::Relaxed) > streamed + 100_000
+            && stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
+    });
+    assert_eq!(echo_once(&mut idle, "hello after"), "hello after");
+    assert_eq!(
+        http_get(&l, H, "/id"),
+        boot_id,
+        "a new connection to H lands at B"
+    );
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H], "DNS unchanged");
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("worker");
+    }
+    let failures = stats.failed.lock().expect("lock").clone();
+    assert!(failures.is_empty(), "connections broke: {failures:?}");
+}
+
+#[test]
+fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections() {
+    require_root();
+    let l = lab();
+    let boot_id = boot_at_a(&l);
+    // The guest rewrites 128 MiB of its memory without pause: pre-copy alone would chase it.
+    assert!(
+        http_get(&l, H, "/dirty/128").contains("dirty"),
+        "dirtying started"
+    );
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let chat = connect(&l, ECHO_PORT);
+    let worker = {
+        let (stats, stop) = (stats.clone(), stop.clone());
+        thread::spawn(move || interactive(chat, stats, stop))
+    };
+    wait_for("traffic before the move", IO_TIMEOUT, || {
+        stats.exchanges.load(Ordering::Relaxed) > 10
+    });
+    // No --skip-ttl-wait needed: --urgent skips it (the TTL is 300 s).
+    let mut migrate = migrate_command(
+        &l,
+        &["--urgent", "--drain-grace", "1s", "--max-drain", "60s"],
+    );
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let started = Instant::now();
+    let mut switched_at = None;
+    let status = loop {
+        if let Some(status) = orchestrator.try_wait().expect("wait") {
+            break status;
+        }
+        // Once A forwards, the chat must go on through the tunnel; then it closes, which
+        // lets the drain end (it is the only pre-move connection).
+        if switched_at.is_none() {
+            let forwarding = with_agents(&l, async |a, _b| {
+                a.status()
+                    .await
+                    .is_ok_and(|s| s.datapath.is_some_and(|d| d.mode == "forward"))
+            });
+            if forwarding {
+                switched_at = Some(stats.exchanges.load(Ordering::Relaxed));
+            }
+        } else if switched_at.is_some_and(|at| stats.exchanges.load(Ordering::Relaxed) > at + 10) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(150),
+            "migrate did not finish"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    stop.store(true, Ordering::Relaxed);
+    worker.join().expect("worker");
+    let mut json = String::new();
+    orchestrator
+        .child_mut()
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut json)
+        .expect("report");
+    eprintln!("report:\n{json}");
+    assert!(status.success(), "migrate exited {status}: {json}");
+    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    assert!(
+        report["qemu"]["postcopy_started_ms"].as_u64().is_some(),
+        "switched to post-copy: {}",
+        report["qemu"]
+    );
+    assert!(
+        report["steps"][0]["start_ms"].as_u64() < Some(1000),
+        "no TTL wait"
+    );
+    let failures = stats.failed.lock().expect("lock").clone();
+    assert!(failures.is_empty(), "the connection broke: {failures:?}");
+    assert!(switched_at.is_some(), "A was seen forwarding");
+    assert_eq!(http_get(&l, N, "/id"), boot_id, "the same guest runs at B");
 }

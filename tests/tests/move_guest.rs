@@ -157,6 +157,7 @@ fn attach_in(ns: &Netns, uplink: &str, site: SiteConfig) -> Attached {
         vm_iface: "vm0".to_owned(),
         xdp_mode: XdpMode::Default,
         site,
+        pin_name: None,
     })
     .unwrap_or_else(|e| panic!("attach in {}: {e:#}", ns.name()));
     Attached(uplink.to_owned())

@@ -393,6 +393,99 @@ fn too_big_for_the_tunnel_is_answered_with_icmp_frag_needed() {
     assert_eq!(icmp.payload(), &big[14..14 + 20 + 64]);
 }
 
+/// Client -> H over IPv6, TCP with `payload`.
+fn client_to_home6(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(ANY_MAC, UPLINK_MAC)
+        .ipv6(PEER6, HOME6, 64)
+        .tcp(40000, 443, 1, 64240)
+        .ack(1)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+#[test]
+fn ipv6_too_big_for_the_tunnel_is_answered_with_icmpv6_packet_too_big() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME6)));
+    // 40 bytes of outer headers: an inner IPv6 packet of 1460 bytes fits 1500.
+    let fits = client_to_home6(&vec![1; 1460 - 40 - 20]);
+    assert_eq!(run(&dp, &fits).0, XDP_REDIRECT);
+    let big = client_to_home6(&vec![2; 1460 - 40 - 20 + 1]);
+    let before = dp.counters().expect("counters");
+    let (ret, out) = run(&dp, &big);
+    assert_eq!(ret, XDP_TX, "back where it came from");
+    let after = dp.counters().expect("counters");
+    assert_counter_delta(
+        &before,
+        &after,
+        &[
+            (Counter::Packets, 1),
+            (Counter::L4Tcp, 1),
+            (Counter::IcmpTooBig, 1),
+        ],
+    );
+    assert_eq!(
+        dp.flows().expect("flows")[0].1.packets_from_peer,
+        2,
+        "the too-big packet is still the flow's"
+    );
+
+    // Addressed back to the sender's MAC, from H to the client.
+    assert_eq!(&out[..6], &big[6..12]);
+    assert_eq!(&out[6..12], &big[..6]);
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    assert_eq!(out.len(), 14 + 40 + 8 + 40 + 64, "IPv6 + ICMPv6 + quote");
+    let sliced = etherparse::SlicedPacket::from_ethernet(&out).expect("parse ICMPv6");
+    let Some(etherparse::NetSlice::Ipv6(ip)) = &sliced.net else {
+        panic!("not IPv6")
+    };
+    let h = ip.header().to_header();
+    assert_eq!((h.source, h.destination), (HOME6, PEER6));
+    assert_eq!(h.next_header, etherparse::IpNumber::IPV6_ICMP);
+    assert_eq!(h.hop_limit, 64);
+    assert_eq!(usize::from(h.payload_length), 8 + 40 + 64);
+    assert_eq!((h.traffic_class, h.flow_label.value()), (0, 0));
+    let Some(etherparse::TransportSlice::Icmpv6(icmp)) = sliced.transport else {
+        panic!("not ICMPv6")
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        etherparse::Icmpv6Type::PacketTooBig { mtu: 1460 },
+        "the tunnel MTU minus the 40 bytes of encapsulation"
+    );
+    assert_eq!(
+        icmp.checksum(),
+        icmp.icmp_type()
+            .calc_checksum(HOME6, PEER6, icmp.payload())
+            .expect("checksum"),
+        "ICMPv6 checksum over the pseudo-header"
+    );
+    assert!(icmp.is_checksum_valid(HOME6, PEER6));
+    // The quote: the offending packet's IPv6 header and the first 64 bytes after it.
+    assert_eq!(icmp.payload(), &big[14..14 + 40 + 64]);
+
+    // A smaller tunnel MTU is announced as such.
+    let mut cfg = site_a_config(&s, Mode::Forward, IpAddr::from(HOME6));
+    cfg.tunnel_mtu = 1400;
+    let mut dp = dp;
+    dp.set_config(&cfg).expect("config");
+    let (ret, out) = run(&dp, &fits);
+    assert_eq!(ret, XDP_TX);
+    let sliced = etherparse::SlicedPacket::from_ethernet(&out).expect("parse ICMPv6");
+    let Some(etherparse::TransportSlice::Icmpv6(icmp)) = sliced.transport else {
+        panic!("not ICMPv6")
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        etherparse::Icmpv6Type::PacketTooBig { mtu: 1360 }
+    );
+    assert!(icmp.is_checksum_valid(HOME6, PEER6));
+}
+
 /// bpf_fib_lookup refuses (FWD_DISABLED) on a device that doesn't forward,
 /// even for output lookups: a site must forward, and if it doesn't, nothing
 /// leaves half-routed; both directions drop and say why.
@@ -705,4 +798,54 @@ fn the_vms_oversized_packets_are_dropped_and_counted() {
     other[15] = 11;
     let frame = ethernet(ANYCAST_GW_MAC, VM_MAC, 0x0800, &other);
     assert_eq!(run_tc(&dp, &frame), (TC_ACT_OK, frame));
+}
+
+// ---- site B, direct (`move` address mode) ----
+
+#[test]
+fn direct_unwraps_the_tunnel_and_lets_everything_else_go_the_direct_way() {
+    require_root();
+    let s = site(TB, TA, TA_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let mut cfg = site_b_with_uplink(&s, IpAddr::from(HOME4));
+    cfg.mode = Mode::Direct;
+    cfg.new_addr = None;
+    let dp = load(&cfg);
+
+    // What still reaches A comes through the tunnel, to the VM, as in receive.
+    let original = client_to_home4(&[7; 300]);
+    let inner = &original[14..];
+    let frame = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TA, TB, &key4(), TOKEN, inner),
+    );
+    let (ret, out) = run(&dp, &frame);
+    assert_eq!(ret, XDP_REDIRECT);
+    assert_eq!(out, ethernet(VM_MAC, ANYCAST_GW_MAC, 0x0800, inner));
+    // A forged one does not.
+    let forged = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TA, TB, &key4(), TOKEN ^ 1, inner),
+    );
+    assert_dropped(&dp, &forged, Counter::DropGueBadToken);
+    // H is routed here now: plain traffic to it is the kernel's to deliver.
+    let (ret, out) = run(&dp, &original);
+    assert_eq!((ret, out), (XDP_PASS, original.clone()));
+    // The VM's replies, pre-move flow or not, leave directly: untouched, no tunnel.
+    let reply = ethernet(
+        ANYCAST_GW_MAC,
+        VM_MAC,
+        0x0800,
+        &home_to_client4_ip(&[1; 200]),
+    );
+    let (ret, out) = run_tc(&dp, &reply);
+    assert_eq!((ret, out), (TC_ACT_OK, reply));
+    let counters = dp.counters().expect("counters");
+    assert_eq!(counters.get(Counter::TunnelIn), 1);
+    assert_eq!(counters.get(Counter::TunnelOut), 0);
+    assert_eq!(counters.get(Counter::NatOut), 0);
 }

@@ -12,6 +12,7 @@
 //! | GET | `/v1/datapath/flows` | → `Vec<`[`FlowRecord`]`>` | yes |
 //! | POST | `/v1/datapath/flows` | `Vec<FlowRecord>` → `{}` (load a snapshot) | yes |
 //! | POST | `/v1/datapath/release-vm-iface` | → `{}` | yes |
+//! | POST | `/v1/garp` | [`GarpRequest`] → `{}` (gratuitous ARP on the uplink) | yes |
 //! | PUT | `/v1/taps/{name}` | [`TapRequest`] → `{}` | yes |
 //! | DELETE | `/v1/taps/{name}` | → `{}` | yes |
 //! | POST | `/v1/vms` | [`VmRequest`] → [`VmStatus`] (same spec again: no-op) | yes |
@@ -20,6 +21,7 @@
 //! | POST | `/v1/vms/{name}/incoming` | [`IncomingRequest`] → `{}` | yes |
 //! | POST | `/v1/vms/{name}/finish-incoming` | → [`VmStatus`] | yes |
 //! | POST | `/v1/vms/{name}/announce` | → `{}` | yes |
+//! | POST | `/v1/vms/{name}/mirror` | [`MirrorSettings`] → `MirrorReady` (at READY) | no |
 //! | POST | `/v1/vms/{name}/migration` | [`OutgoingRequest`] → [`MigrationState`] | no |
 //! | GET | `/v1/vms/{name}/migration` | → [`MigrationState`] | yes |
 //! | POST | `/v1/vms/{name}/migration/continue` | [`ContinueRequest`] → [`MigrationState`] | yes |
@@ -36,7 +38,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::cli::ModeArg,
-    qemu::migrate::{MigrationOptions, MigrationReport, Postcopy, Progress},
+    qemu::{
+        migrate::{MigrationOptions, MigrationReport, Postcopy, Progress},
+        mirror::DiskMirror,
+    },
 };
 
 /// An error reply.
@@ -184,6 +189,11 @@ impl FlowRecord {
     }
 }
 
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct GarpRequest {
+    pub address: Ipv4Addr,
+}
+
 /// A tap for a VM's NIC, with the site's (anycast) gateway on it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TapRequest {
@@ -274,12 +284,36 @@ pub struct IncomingRequest {
     /// Where the destination listens, e.g. `tcp:203.0.113.129:4444`.
     pub uri: String,
     pub settings: MigrationSettings,
+    /// Export the disk over NBD for the source's mirror (no shared storage).
+    #[serde(default)]
+    pub mirror: Option<MirrorSettings>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OutgoingRequest {
     pub uri: String,
     pub settings: MigrationSettings,
+    /// Complete the disk mirror (started with `POST .../mirror`) at `pre-switchover`.
+    #[serde(default)]
+    pub mirror: Option<MirrorSettings>,
+}
+
+/// The disk mirror both sites agree on: the destination's NBD server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorSettings {
+    pub nbd_host: String,
+    pub nbd_port: u16,
+    /// Bytes per second; 0 is unlimited.
+    pub speed: u64,
+}
+
+impl MirrorSettings {
+    pub fn disk_mirror(&self) -> DiskMirror {
+        DiskMirror {
+            speed: self.speed,
+            ..DiskMirror::new(&self.nbd_host, self.nbd_port)
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

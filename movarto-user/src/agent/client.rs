@@ -7,14 +7,16 @@ use reqwest::Method;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::api::{
-    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, Health,
-    IncomingRequest, MigrationState, ModeRequest, OutgoingRequest, SiteStatus, TapRequest,
-    VmRequest, VmStatus,
+    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, GarpRequest, Health,
+    IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest, SiteStatus,
+    TapRequest, VmRequest, VmStatus,
 };
-use crate::datapath::cli::ModeArg;
+use crate::{datapath::cli::ModeArg, qemu::mirror::MirrorReady};
 
 /// How long one call may take (starting QEMU and loading the datapath included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The disk mirror's first full copy (the agent's own bound is `DiskMirror::ready_timeout`).
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(660);
 
 /// What went wrong talking to an agent.
 #[derive(Debug)]
@@ -56,9 +58,7 @@ pub struct AgentClient {
 impl AgentClient {
     /// `base` is e.g. `https://203.0.113.1:7878`; `ca_cert` (PEM) is trusted for TLS.
     pub fn new(base: &str, token: &str, ca_cert: Option<&Path>) -> Result<Self> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(CALL_TIMEOUT)
-            .connect_timeout(Duration::from_secs(3));
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
         if let Some(path) = ca_cert {
             let pem = std::fs::read(path)
                 .with_context(|| format!("reading the CA certificate {}", path.display()))?;
@@ -83,9 +83,21 @@ impl AgentClient {
         path: &str,
         body: Option<&(impl Serialize + ?Sized)>,
     ) -> Result<T, AgentError> {
+        self.call_with_timeout(method, path, body, CALL_TIMEOUT)
+            .await
+    }
+
+    async fn call_with_timeout<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+        limit: Duration,
+    ) -> Result<T, AgentError> {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
+            .timeout(limit)
             .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(body);
@@ -172,6 +184,17 @@ impl AgentClient {
             .map(drop)
     }
 
+    /// Gratuitous ARP for `address` from the site's uplink.
+    pub async fn garp(&self, address: std::net::IpAddr) -> Result<(), AgentError> {
+        let std::net::IpAddr::V4(address) = address else {
+            // IPv6 neighbours learn from the VM's own unsolicited advertisements.
+            return Ok(());
+        };
+        self.call::<serde_json::Value>(Method::POST, "/v1/garp", Some(&GarpRequest { address }))
+            .await
+            .map(drop)
+    }
+
     pub async fn ensure_tap(&self, name: &str, request: &TapRequest) -> Result<(), AgentError> {
         self.call::<serde_json::Value>(Method::PUT, &format!("/v1/taps/{name}"), Some(request))
             .await
@@ -229,6 +252,21 @@ impl AgentClient {
         )
         .await
         .map(drop)
+    }
+
+    /// Starts the disk mirror and returns at READY (a full copy: may take long).
+    pub async fn start_mirror(
+        &self,
+        name: &str,
+        settings: &MirrorSettings,
+    ) -> Result<MirrorReady, AgentError> {
+        self.call_with_timeout(
+            Method::POST,
+            &format!("/v1/vms/{name}/mirror"),
+            Some(settings),
+            MIRROR_TIMEOUT,
+        )
+        .await
     }
 
     pub async fn start_migration(

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod client;
+pub mod garp;
 mod server;
 mod site;
 pub mod tap;
@@ -33,6 +34,10 @@ pub struct AgentArgs {
     /// The uplink the site's datapath is (or will be) attached to.
     #[arg(long)]
     pub uplink: String,
+    /// The datapath's pin name under /sys/fs/bpf/movarto (default: the uplink's name; set
+    /// it when another namespace on this host has an uplink of the same name).
+    #[arg(long)]
+    pub pin_name: Option<String>,
     /// TLS certificate chain (PEM); TLS is on when given, with --tls-key.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -41,6 +46,13 @@ pub struct AgentArgs {
     /// How often expired flows are swept from the flow map.
     #[arg(long, default_value = "1s", value_parser = humantime_duration)]
     pub sweep_interval: Duration,
+    /// VM records and QEMU logs (default: /run/movarto/agent-<site>).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Stop this site's VMs when the agent exits. By default they keep running, and a
+    /// restarted agent adopts them.
+    #[arg(long)]
+    pub stop_vms_on_exit: bool,
     /// When an established, idle pre-move flow counts as gone.
     #[arg(long, default_value = "300s", value_parser = humantime_duration)]
     pub established_idle: Duration,
@@ -67,11 +79,17 @@ pub fn run(args: AgentArgs) -> Result<()> {
     if args.sweep_interval.is_zero() {
         bail!("--sweep-interval must be positive");
     }
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(format!("/run/movarto/agent-{}", args.site)));
     let config = AgentConfig {
+        state_dir,
+        stop_vms_on_exit: args.stop_vms_on_exit,
         site: args.site,
         listen: args.listen,
         token: Token::from_file(&args.token_file)?,
         uplink: args.uplink,
+        pin_name: args.pin_name,
         tls: args.tls_cert.zip(args.tls_key),
         sweep_interval: args.sweep_interval,
         established_idle: args.established_idle,

@@ -16,25 +16,30 @@ use serde_json::json;
 
 use super::{
     api::{
-        ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, Health,
-        IncomingRequest, MigrationState, ModeRequest, OutgoingRequest, SiteStatus, TapRequest,
-        VmRequest, VmStatus,
+        ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, GarpRequest,
+        Health, IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest,
+        SiteStatus, TapRequest, VmRequest, VmStatus,
     },
     site::SiteDatapath,
     tap,
     token::Token,
     vms::{VmError, Vms},
 };
-use crate::datapath::cli::parse_mac;
+use crate::{datapath::cli::parse_mac, qemu::mirror::MirrorReady};
 
 pub struct AgentConfig {
     pub site: String,
     pub listen: SocketAddr,
     pub token: Token,
     pub uplink: String,
+    pub pin_name: Option<String>,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub sweep_interval: Duration,
     pub established_idle: Duration,
+    /// Where VM records and QEMU logs live, for adoption after a restart.
+    pub state_dir: PathBuf,
+    /// Stop the VMs when the agent exits (by default they keep running).
+    pub stop_vms_on_exit: bool,
 }
 
 struct Agent {
@@ -81,9 +86,18 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
     let agent = Arc::new(Agent {
         site: config.site.clone(),
         token: config.token.clone(),
-        datapath: SiteDatapath::new(config.uplink.clone(), config.established_idle),
-        vms: Vms::default(),
+        datapath: SiteDatapath::new(
+            config.uplink.clone(),
+            config.pin_name.clone(),
+            config.established_idle,
+        ),
+        vms: Vms::new(config.state_dir.clone())?,
     });
+    match agent.vms.adopt_all().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(vms = n, "adopted running VMs"),
+        Err(err) => tracing::warn!("adopting VMs: {err:#}"),
+    }
     match agent.datapath.status() {
         Ok(Some(status)) => tracing::info!(
             pin_dir = %status.pin_dir, mode = %status.mode, flows = status.flows,
@@ -136,9 +150,13 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
             }
         }
     };
-    tracing::info!("agent stopping; the datapath stays pinned");
     sweeper.abort();
-    agent.vms.stop_all().await;
+    if config.stop_vms_on_exit {
+        tracing::info!("agent stopping; the datapath stays pinned; stopping the VMs");
+        agent.vms.stop_all().await;
+    } else {
+        tracing::info!("agent stopping; the datapath stays pinned and the VMs keep running");
+    }
     served
 }
 
@@ -164,12 +182,14 @@ fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/datapath/mode", put(set_mode))
         .route("/v1/datapath/flows", get(flows).post(load_flows))
         .route("/v1/datapath/release-vm-iface", post(release_vm_iface))
+        .route("/v1/garp", post(garp))
         .route("/v1/taps/{name}", put(ensure_tap).delete(delete_tap))
         .route("/v1/vms", post(start_vm))
         .route("/v1/vms/{name}", get(vm).delete(stop_vm))
         .route("/v1/vms/{name}/incoming", post(prepare_incoming))
         .route("/v1/vms/{name}/finish-incoming", post(finish_incoming))
         .route("/v1/vms/{name}/announce", post(announce))
+        .route("/v1/vms/{name}/mirror", post(start_mirror))
         .route(
             "/v1/vms/{name}/migration",
             post(start_migration).get(migration),
@@ -288,6 +308,15 @@ async fn release_vm_iface(State(agent): State<Arc<Agent>>) -> Reply<serde_json::
     Ok(empty())
 }
 
+/// Three announcements, as `arping -U -c 3` would send.
+async fn garp(
+    State(agent): State<Arc<Agent>>,
+    Json(request): Json<GarpRequest>,
+) -> Reply<serde_json::Value> {
+    super::garp::send(&agent.datapath.uplink, request.address, 3)?;
+    Ok(empty())
+}
+
 async fn ensure_tap(
     Path(name): Path<String>,
     Json(request): Json<TapRequest>,
@@ -344,6 +373,14 @@ async fn announce(
 ) -> Reply<serde_json::Value> {
     agent.vms.announce(&name).await?;
     Ok(empty())
+}
+
+async fn start_mirror(
+    State(agent): State<Arc<Agent>>,
+    Path(name): Path<String>,
+    Json(request): Json<MirrorSettings>,
+) -> Reply<MirrorReady> {
+    Ok(Json(agent.vms.start_mirror(&name, &request).await?))
 }
 
 async fn start_migration(

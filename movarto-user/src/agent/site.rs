@@ -28,13 +28,16 @@ const NEXT_HOP_WAIT: Duration = Duration::from_secs(2);
 
 pub struct SiteDatapath {
     pub uplink: String,
+    /// Where the pins live (bpffs is shared by every network namespace on the host).
+    pub pin_name: String,
     established_idle_ns: u64,
     swept: AtomicU64,
 }
 
 impl SiteDatapath {
-    pub fn new(uplink: String, established_idle: Duration) -> Self {
+    pub fn new(uplink: String, pin_name: Option<String>, established_idle: Duration) -> Self {
         Self {
+            pin_name: pin_name.unwrap_or_else(|| uplink.clone()),
             uplink,
             established_idle_ns: established_idle.as_nanos() as u64,
             swept: AtomicU64::new(0),
@@ -42,11 +45,11 @@ impl SiteDatapath {
     }
 
     fn attached(&self) -> bool {
-        pin_dir(&self.uplink).exists()
+        pin_dir(&self.pin_name).exists()
     }
 
     fn open(&self) -> Result<Pinned> {
-        Pinned::open(&self.uplink)
+        Pinned::open_for(&self.uplink, &self.pin_name)
     }
 
     /// `None` when nothing is attached.
@@ -91,8 +94,10 @@ impl SiteDatapath {
     /// Attaches, or rewrites the configuration of what is attached (the flows stay).
     pub fn apply(&self, request: &DatapathRequest) -> Result<DatapathStatus> {
         let site = site_config(request)?;
-        if matches!(site.mode, Mode::Forward | Mode::Receive | Mode::Nat)
-            && !forwarding_enabled(&self.uplink)?
+        if matches!(
+            site.mode,
+            Mode::Forward | Mode::Receive | Mode::Nat | Mode::Direct
+        ) && !forwarding_enabled(&self.uplink)?
         {
             bail!(
                 "IPv4 forwarding is off on {}; mode {} routes packets through it",
@@ -105,12 +110,13 @@ impl SiteDatapath {
         } else {
             attach(&AttachOptions {
                 uplink: self.uplink.clone(),
+                pin_name: Some(self.pin_name.clone()),
                 vm_iface: request.vm_iface.clone(),
                 xdp_mode: XdpMode::Default,
                 site: site.clone(),
             })?;
         }
-        if matches!(site.mode, Mode::Forward | Mode::Receive) {
+        if matches!(site.mode, Mode::Forward | Mode::Receive | Mode::Direct) {
             self.prime_next_hop(site.peer_tunnel_addr);
         }
         self.status()?
@@ -120,7 +126,7 @@ impl SiteDatapath {
     pub fn set_mode(&self, mode: Mode) -> Result<DatapathStatus> {
         let mut pinned = self.open()?;
         pinned.set_mode(mode)?;
-        if matches!(mode, Mode::Forward | Mode::Receive)
+        if matches!(mode, Mode::Forward | Mode::Receive | Mode::Direct)
             && let Some(IpAddr::V4(peer)) =
                 addr::from_map(pinned.config()?.peer_tunnel_addr, family::IPV4)
         {
@@ -171,7 +177,9 @@ impl SiteDatapath {
     /// Teardown; fine when nothing is attached.
     pub fn detach(&self) -> Result<()> {
         if self.attached() {
-            detach(&self.uplink)?;
+            // Only our own: another namespace's pins of the same name stay.
+            self.open()?;
+            detach(&self.pin_name)?;
         }
         Ok(())
     }

@@ -9,20 +9,26 @@
 use std::{
     collections::HashMap,
     future::Future,
+    path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::api::{
-    IncomingRequest, MigrationPhase, MigrationState, OutgoingRequest, VmRequest, VmStatus,
+    IncomingRequest, MigrationPhase, MigrationState, MirrorSettings, OutgoingRequest, VmRequest,
+    VmStatus,
 };
 use crate::qemu::{
     migrate::{
         SwitchoverHook, abandon_incoming, finish_incoming, migrate_outgoing, prepare_incoming,
+    },
+    mirror::{
+        DiskMirror, MirrorHook, MirrorReady, abort_mirror, export_disk, start_mirror, unexport_disk,
     },
     qmp::{
         Qmp,
@@ -59,7 +65,27 @@ struct ManagedVm {
     spec_toml: String,
     incoming: bool,
     incoming_uri: Mutex<Option<String>>,
+    /// The NBD export a destination serves for the source's mirror.
+    exported: Mutex<Option<DiskMirror>>,
+    /// The mirror a source runs toward the destination.
+    mirroring: Mutex<Option<DiskMirror>>,
     migration: Mutex<Option<Migration>>,
+}
+
+impl ManagedVm {
+    fn new(vm: Vm, record: VmRecord) -> Self {
+        Self {
+            qmp: vm.qmp_handle(),
+            pid: vm.pid(),
+            vm: tokio::sync::Mutex::new(Some(vm)),
+            spec_toml: record.spec_toml,
+            incoming: record.incoming,
+            incoming_uri: Mutex::new(None),
+            exported: Mutex::new(None),
+            mirroring: Mutex::new(None),
+            migration: Mutex::new(None),
+        }
+    }
 }
 
 struct Migration {
@@ -67,9 +93,19 @@ struct Migration {
     release: Option<oneshot::Sender<bool>>,
 }
 
-#[derive(Default)]
 pub struct Vms {
     vms: tokio::sync::Mutex<HashMap<String, Arc<ManagedVm>>>,
+    /// One record per running VM (`<name>.json`) and QEMU's log (`<name>.log`), so a
+    /// restarted agent finds its VMs again.
+    state_dir: PathBuf,
+}
+
+/// What the agent remembers of a VM it started.
+#[derive(Serialize, Deserialize)]
+struct VmRecord {
+    spec_toml: String,
+    incoming: bool,
+    pid: u32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -77,6 +113,60 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Vms {
+    pub fn new(state_dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+        Ok(Self {
+            vms: tokio::sync::Mutex::default(),
+            state_dir,
+        })
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.state_dir.join(format!("{name}.json"))
+    }
+
+    /// Takes back the VMs an earlier agent started that still run; forgets the others.
+    pub async fn adopt_all(&self) -> Result<usize> {
+        let entries = std::fs::read_dir(&self.state_dir)
+            .with_context(|| format!("reading {}", self.state_dir.display()))?;
+        let mut adopted = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match self.adopt(&path).await {
+                Ok(name) => {
+                    tracing::info!(vm = %name, "adopted a running VM");
+                    adopted += 1;
+                }
+                Err(err) => {
+                    tracing::warn!("not adopting {}: {err:#}", path.display());
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(adopted)
+    }
+
+    async fn adopt(&self, path: &std::path::Path) -> Result<String> {
+        let text = std::fs::read_to_string(path).context("reading the record")?;
+        let record: VmRecord = serde_json::from_str(&text).context("parsing the record")?;
+        let spec = VmSpec::parse(&record.spec_toml).context("the recorded spec")?;
+        let role = if record.incoming {
+            Role::Incoming
+        } else {
+            Role::Boot
+        };
+        let vm = Vm::adopt(&spec, role, record.pid).await?;
+        self.vms
+            .lock()
+            .await
+            .insert(spec.name.clone(), Arc::new(ManagedVm::new(vm, record)));
+        Ok(spec.name)
+    }
+
     async fn get(&self, name: &str) -> Result<Arc<ManagedVm>> {
         self.vms
             .lock()
@@ -106,16 +196,17 @@ impl Vms {
         } else {
             Role::Boot
         };
-        let vm = Vm::start(&spec, role).await?;
-        let managed = Arc::new(ManagedVm {
-            qmp: vm.qmp_handle(),
-            pid: vm.pid(),
-            vm: tokio::sync::Mutex::new(Some(vm)),
+        let log = self.state_dir.join(format!("{}.log", spec.name));
+        let vm = Vm::start_detached(&spec, role, &log).await?;
+        let record = VmRecord {
             spec_toml: request.spec_toml.clone(),
             incoming: request.incoming,
-            incoming_uri: Mutex::new(None),
-            migration: Mutex::new(None),
-        });
+            pid: vm.pid().context("QEMU has no PID")?,
+        };
+        let path = self.record_path(&spec.name);
+        std::fs::write(&path, serde_json::to_vec(&record)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        let managed = Arc::new(ManagedVm::new(vm, record));
         vms.insert(spec.name.clone(), managed.clone());
         drop(vms);
         Ok(status_of(&spec.name, &managed).await)
@@ -146,6 +237,7 @@ impl Vms {
         let Some(managed) = self.vms.lock().await.remove(name) else {
             return Ok(());
         };
+        let _ = std::fs::remove_file(self.record_path(name));
         let taken = managed.vm.lock().await.take();
         if let Some(vm) = taken {
             if managed.incoming && lock(&managed.migration).is_none() {
@@ -185,8 +277,22 @@ impl Vms {
         }
         let options = request.settings.options()?;
         prepare_incoming(&managed.qmp, &request.uri, &options).await?;
+        if let Some(settings) = &request.mirror {
+            let mirror = settings.disk_mirror();
+            export_disk(&managed.qmp, &mirror).await?;
+            *lock(&managed.exported) = Some(mirror);
+        }
         *lock(&managed.incoming_uri) = Some(request.uri.clone());
         Ok(())
+    }
+
+    /// The source's disk mirror toward the destination's export, up to READY.
+    pub async fn start_mirror(&self, name: &str, settings: &MirrorSettings) -> Result<MirrorReady> {
+        let managed = self.get(name).await?;
+        let mirror = settings.disk_mirror();
+        let ready = start_mirror(&managed.qmp, &mirror).await?;
+        *lock(&managed.mirroring) = Some(mirror);
+        Ok(ready)
     }
 
     /// Waits until the incoming VM runs (after the source completed).
@@ -197,6 +303,10 @@ impl Vms {
             ..Default::default()
         };
         finish_incoming(&managed.qmp, &options).await?;
+        let exported = lock(&managed.exported).take();
+        if let Some(mirror) = exported {
+            unexport_disk(&managed.qmp, &mirror).await?;
+        }
         Ok(status_of(name, &managed).await)
     }
 
@@ -219,6 +329,23 @@ impl Vms {
         let managed = self.get(name).await?;
         let options = request.settings.options()?;
         let wait = Duration::from_secs(request.settings.switchover_wait_s);
+        let mirror = match &request.mirror {
+            None => None,
+            Some(settings) => {
+                let running = lock(&managed.mirroring).clone();
+                match running {
+                    Some(m)
+                        if m.nbd_host == settings.nbd_host && m.nbd_port == settings.nbd_port =>
+                    {
+                        Some(m)
+                    }
+                    _ => bail!(VmError::Conflict(format!(
+                        "VM {name} has no disk mirror toward {}:{}; start it first",
+                        settings.nbd_host, settings.nbd_port
+                    ))),
+                }
+            }
+        };
         let state = {
             let mut slot = lock(&managed.migration);
             if let Some(current) = slot.as_ref() {
@@ -252,13 +379,28 @@ impl Vms {
                         lock(&progress_state).progress = Some(progress);
                     }
                 });
-                let mut hook = OrchestratedSwitchover {
+                let mut orchestrated = OrchestratedSwitchover {
                     state: task_state.clone(),
                     released: Some(released),
                     wait,
                 };
-                let result =
-                    migrate_outgoing(&qmp, &uri, &options, &mut hook, Some(progress_tx)).await;
+                let result = match &mirror {
+                    // The mirror completes (a consistent copy) first, with the VM stopped.
+                    Some(mirror) => {
+                        let mut hook = MirrorHook::new(&qmp, mirror, &mut orchestrated);
+                        let result =
+                            migrate_outgoing(&qmp, &uri, &options, &mut hook, Some(progress_tx))
+                                .await;
+                        if result.is_err() {
+                            abort_mirror(&qmp, mirror).await;
+                        }
+                        result
+                    }
+                    None => {
+                        migrate_outgoing(&qmp, &uri, &options, &mut orchestrated, Some(progress_tx))
+                            .await
+                    }
+                };
                 let _ = forward.await;
                 let mut state = lock(&task_state);
                 match result {

@@ -1,7 +1,11 @@
 //! Attaching the datapath to a host's interfaces and finding it again.
 //!
-//! Everything is pinned under `/sys/fs/bpf/movarto/<uplink>/`: the maps, the
-//! programs and the links. The pinned links keep the programs attached after
+//! Everything is pinned under `/sys/fs/bpf/movarto/<pin name>/`: the maps,
+//! the programs and the links. The pin name defaults to the uplink's name;
+//! bpffs is one for all network namespaces, so two sites on one machine whose
+//! uplinks share a name (`eth0` in two namespaces) need distinct pin names.
+//! The configuration records the uplink's ifindex and network namespace, so a
+//! clash is refused with a clear message rather than adopted. The pinned links keep the programs attached after
 //! the manager exits or crashes; removing the directory detaches them.
 
 use std::{
@@ -12,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc},
 };
 use movarto_common::{
@@ -31,9 +35,24 @@ pub const PIN_ROOT: &str = "/sys/fs/bpf/movarto";
 const UPLINK_LINK: &str = "link_uplink_xdp";
 const VM_LINK: &str = "link_vm_tc";
 
-/// Where the datapath attached to `uplink` is pinned.
-pub fn pin_dir(uplink: &str) -> PathBuf {
-    Path::new(PIN_ROOT).join(uplink)
+/// Where the datapath pinned under `pin_name` (by default its uplink's name) lives.
+pub fn pin_dir(pin_name: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(pin_name)
+}
+
+/// Fails unless `name` is usable as one directory name on bpffs.
+pub fn check_pin_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 255
+        || name.starts_with('.')
+        || name.contains('/')
+        || name.contains('\0')
+    {
+        bail!(
+            "bad pin name {name:?}: it must be one non-empty path component, not starting with '.'"
+        );
+    }
+    Ok(())
 }
 
 /// How to attach.
@@ -42,6 +61,83 @@ pub struct AttachOptions {
     pub vm_iface: String,
     pub xdp_mode: XdpMode,
     pub site: SiteConfig,
+    /// The directory under [`PIN_ROOT`]; the uplink's name if `None`.
+    pub pin_name: Option<String>,
+}
+
+impl AttachOptions {
+    /// The pin name in effect.
+    pub fn pin_name(&self) -> &str {
+        self.pin_name.as_deref().unwrap_or(&self.uplink)
+    }
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`).
+pub fn netns_cookie() -> Result<u64> {
+    // SAFETY: plain syscall; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("opening a socket to read the network namespace cookie");
+    }
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid descriptor, out-pointer and length.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    if ret != 0 {
+        return Err(err).context("reading SO_NETNS_COOKIE (Linux 5.14 or later)");
+    }
+    Ok(cookie)
+}
+
+/// Whose pins these are, from the pinned configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub uplink_ifindex: u32,
+    pub netns_cookie: u64,
+}
+
+impl Owner {
+    fn of(config: &Config) -> Self {
+        Self {
+            uplink_ifindex: config.uplink_ifindex,
+            netns_cookie: config.netns_cookie,
+        }
+    }
+
+    /// Whether the datapath was attached to `uplink` in the calling thread's namespace.
+    pub fn is(&self, uplink: &str) -> Result<bool> {
+        Ok(self.netns_cookie == netns_cookie()? && self.uplink_ifindex == ifindex(uplink)?)
+    }
+
+    /// Says whose the pins are, relative to `uplink` here.
+    fn describe(&self, uplink: &str) -> Result<String> {
+        let here = netns_cookie()?;
+        Ok(if self.netns_cookie != here {
+            format!(
+                "the datapath of ifindex {} in another network namespace (cookie {}, this one is {here})",
+                self.uplink_ifindex, self.netns_cookie
+            )
+        } else if ifindex(uplink).ok() != Some(self.uplink_ifindex) {
+            format!(
+                "the datapath of another interface (ifindex {}) in this network namespace",
+                self.uplink_ifindex
+            )
+        } else {
+            format!("the datapath of {uplink} in this network namespace")
+        })
+    }
 }
 
 /// The interface index of `name`.
@@ -83,18 +179,37 @@ fn require_bpffs() -> Result<()> {
 /// Loads, configures, attaches and pins the datapath. On failure nothing stays attached or pinned.
 pub fn attach(opts: &AttachOptions) -> Result<PathBuf> {
     require_bpffs()?;
-    let dir = pin_dir(&opts.uplink);
+    let pin_name = opts.pin_name();
+    check_pin_name(pin_name)?;
+    let dir = pin_dir(pin_name);
     if dir.exists() {
+        let owner = match Pinned::open_at(&dir).and_then(|p| p.owner()) {
+            Ok(owner) => owner,
+            Err(err) => bail!(
+                "{} exists but is not a readable movarto datapath ({err:#}); remove it or choose \
+                 another pin name (--pin-name)",
+                dir.display()
+            ),
+        };
+        if owner.is(&opts.uplink)? {
+            bail!(
+                "movarto is already attached to {} (pinned at {}); run `movarto-user detach {}` first",
+                opts.uplink,
+                dir.display(),
+                opts.uplink
+            );
+        }
         bail!(
-            "movarto is already attached to {} (pinned at {}); run `movarto-user detach {}` first",
-            opts.uplink,
+            "pin name {pin_name:?} is taken: {} holds {}. bpffs is shared by all network \
+             namespaces; attach with another pin name (--pin-name)",
             dir.display(),
-            opts.uplink
+            owner.describe(&opts.uplink)?
         );
     }
     let mut site = opts.site.clone();
     site.uplink_ifindex = ifindex(&opts.uplink)?;
     site.vm_ifindex = ifindex(&opts.vm_iface)?;
+    site.netns_cookie = netns_cookie()?;
     let mut datapath = Datapath::load()?;
     datapath.set_config(&site)?;
 
@@ -130,13 +245,16 @@ pub fn attach(opts: &AttachOptions) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Detaches the datapath from `uplink` by removing its pins.
-pub fn detach(uplink: &str) -> Result<()> {
+/// Detaches the datapath pinned under `pin_name` (by default the uplink's
+/// name) by removing its pins. It may belong to any network namespace; see
+/// [`Pinned::owner`] to check first.
+pub fn detach(pin_name: &str) -> Result<()> {
     require_bpffs()?;
-    let dir = pin_dir(uplink);
+    check_pin_name(pin_name)?;
+    let dir = pin_dir(pin_name);
     if !dir.exists() {
         bail!(
-            "movarto is not attached to {uplink} (nothing pinned at {})",
+            "movarto is not attached under pin name {pin_name} (nothing pinned at {})",
             dir.display()
         );
     }
@@ -169,15 +287,45 @@ pub struct Pinned {
 }
 
 impl Pinned {
-    pub fn open(uplink: &str) -> Result<Self> {
+    /// Opens the datapath pinned under `pin_name` (by default the uplink's
+    /// name), whatever network namespace it belongs to; see [`Pinned::owner`].
+    pub fn open(pin_name: &str) -> Result<Self> {
         require_bpffs()?;
-        let dir = pin_dir(uplink);
+        check_pin_name(pin_name)?;
+        let dir = pin_dir(pin_name);
         if !dir.exists() {
             bail!(
-                "movarto is not attached to {uplink} (nothing pinned at {})",
+                "movarto is not attached under pin name {pin_name} (nothing pinned at {})",
                 dir.display()
             );
         }
+        Self::open_at(&dir)
+    }
+
+    /// Opens the datapath pinned under `pin_name` and checks that it is the
+    /// one attached to `uplink` in the calling thread's network namespace.
+    pub fn open_for(uplink: &str, pin_name: &str) -> Result<Self> {
+        let pinned = Self::open(pin_name)?;
+        let owner = pinned.owner()?;
+        if !owner.is(uplink)? {
+            bail!(
+                "{} holds {}, not {uplink}'s here; bpffs is shared by all network namespaces, \
+                 so pass the pin name this site attached with (--pin-name)",
+                pinned.dir.display(),
+                owner.describe(uplink)?
+            );
+        }
+        Ok(pinned)
+    }
+
+    /// Whose pins these are.
+    pub fn owner(&self) -> Result<Owner> {
+        Ok(Owner::of(&self.config()?))
+    }
+
+    /// Opens the maps pinned in `dir` (as [`Datapath::pin`] leaves them).
+    pub fn open_at(dir: &Path) -> Result<Self> {
+        let dir = dir.to_path_buf();
         let map = |name: &str| -> Result<aya::maps::Map> {
             let path = dir.join(name);
             let data =
@@ -214,6 +362,7 @@ impl Pinned {
         let mut site = site.clone();
         site.uplink_ifindex = current.uplink_ifindex;
         site.vm_ifindex = current.vm_ifindex;
+        site.netns_cookie = current.netns_cookie;
         self.config
             .set(CONFIG_KEY, site.to_map()?, 0)
             .context("writing the configuration")
@@ -242,22 +391,62 @@ impl Pinned {
     }
 
     /// Removes the flows expired at `now_ns` (CLOCK_MONOTONIC, the datapath's
-    /// clock) under the timeouts of `movarto_common::flow::timeout`; returns them.
+    /// clock) under the timeouts of `movarto_common::flow::timeout`; returns
+    /// them. Also does the flow map's bookkeeping: adds what it deleted to
+    /// `flow_deleted` and brings `flow_evicted` up to date (see
+    /// `Counter::FlowEvicted`). One manager sweeps a datapath at a time.
     pub fn sweep(
         &mut self,
         now_ns: u64,
         established_idle_ns: u64,
     ) -> Result<Vec<(FlowKey, FlowValue)>> {
-        let expired: Vec<_> = self
-            .flows()?
-            .into_iter()
+        // Read before the map: flows created meanwhile can only make the
+        // eviction estimate smaller, never larger.
+        let before = self.counters()?;
+        let present = self.flows()?;
+        let expired: Vec<_> = present
+            .iter()
             .filter(|(k, v)| v.is_expired(k.protocol, now_ns, established_idle_ns))
+            .copied()
             .collect();
+        let mut deleted = 0u64;
         for (key, _) in &expired {
-            // A flow that went away meanwhile (LRU) is as good as removed.
-            let _ = self.flows.remove(key);
+            // A flow that went away meanwhile was evicted; the next sweep counts it.
+            if self.flows.remove(key).is_ok() {
+                deleted += 1;
+            }
+        }
+        let deleted_total = before.get(Counter::FlowDeleted) + deleted;
+        self.set_userspace_counter(Counter::FlowDeleted, deleted_total)?;
+        let evicted = before
+            .get(Counter::FlowCreated)
+            .saturating_sub(before.get(Counter::FlowDeleted))
+            .saturating_sub(present.len() as u64);
+        if evicted > before.get(Counter::FlowEvicted) {
+            self.set_userspace_counter(Counter::FlowEvicted, evicted)?;
         }
         Ok(expired)
+    }
+
+    /// Sets a counter only userspace writes to `total` (in the first CPU's slot).
+    fn set_userspace_counter(&mut self, counter: Counter, total: u64) -> Result<()> {
+        let index = counter as u32;
+        let mut values: Vec<u64> = self
+            .counters
+            .get(&index, 0)
+            .with_context(|| format!("reading counter {}", counter.name()))?
+            .iter()
+            .copied()
+            .collect();
+        let others: u64 = values.iter().skip(1).sum();
+        if let Some(first) = values.first_mut() {
+            *first = total.saturating_sub(others);
+        }
+        let values = PerCpuValues::try_from(values)
+            .with_context(|| format!("per-CPU values of counter {}", counter.name()))?;
+        self.counters
+            .set(index, values, 0)
+            .with_context(|| format!("writing counter {}", counter.name()))
     }
 
     /// Detaches the VM-facing program (the VM has left this site): with
@@ -267,10 +456,17 @@ impl Pinned {
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
     }
 
+    /// Every flow in the map, each once (iterating a hash map that changes
+    /// meanwhile can restart and return a key twice).
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        self.flows
-            .iter()
-            .map(|e| e.map_err(|e| anyhow!("reading the flow map: {e}")))
-            .collect()
+        let mut seen = std::collections::HashSet::new();
+        let mut flows = Vec::new();
+        for entry in self.flows.iter() {
+            let (key, value) = entry.map_err(|e| anyhow!("reading the flow map: {e}"))?;
+            if seen.insert(key) {
+                flows.push((key, value));
+            }
+        }
+        Ok(flows)
     }
 }

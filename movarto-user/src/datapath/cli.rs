@@ -26,6 +26,8 @@ pub enum ModeArg {
     Forward,
     Receive,
     Nat,
+    /// Site B in `move` address mode: tunnel in, everything else direct.
+    Direct,
 }
 
 impl From<ModeArg> for Mode {
@@ -36,6 +38,7 @@ impl From<ModeArg> for Mode {
             ModeArg::Forward => Mode::Forward,
             ModeArg::Receive => Mode::Receive,
             ModeArg::Nat => Mode::Nat,
+            ModeArg::Direct => Mode::Direct,
         }
     }
 }
@@ -87,6 +90,15 @@ pub struct AttachArgs {
     pub gateway_mac: [u8; 6],
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeArg,
+    /// Pin under /sys/fs/bpf/movarto/<NAME> instead of the uplink's name;
+    /// needed when another network namespace's uplink has the same name.
+    #[arg(long, value_name = "NAME")]
+    pub pin_name: Option<String>,
+}
+
+/// The datapath's pin name: `--pin-name`, or else the uplink's name.
+pub fn pin_name_or<'a>(pin_name: Option<&'a str>, uplink: &'a str) -> &'a str {
+    pin_name.unwrap_or(uplink)
 }
 
 pub fn parse_token(s: &str) -> Result<u64, String> {
@@ -135,6 +147,7 @@ pub fn run_attach(a: AttachArgs) -> Result<()> {
         vm_iface: a.vm_iface.clone(),
         xdp_mode,
         site,
+        pin_name: a.pin_name.clone(),
     })?;
     println!(
         "attached to {} (XDP) and {} (TC ingress) in mode {}; pinned at {}",
@@ -147,7 +160,11 @@ pub fn run_attach(a: AttachArgs) -> Result<()> {
 }
 
 fn warn_if_not_forwarding(uplink: &str, mode: Mode) -> Result<()> {
-    if matches!(mode, Mode::Forward | Mode::Receive | Mode::Nat) && !forwarding_enabled(uplink)? {
+    if matches!(
+        mode,
+        Mode::Forward | Mode::Receive | Mode::Nat | Mode::Direct
+    ) && !forwarding_enabled(uplink)?
+    {
         bail!(
             "IPv4 forwarding is off on {uplink}; mode {} routes packets through it \
              (sysctl -w net.ipv4.conf.all.forwarding=1)",
@@ -157,16 +174,21 @@ fn warn_if_not_forwarding(uplink: &str, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-pub fn run_detach(uplink: &str) -> Result<()> {
-    detach(uplink)?;
-    println!("detached from {uplink}");
+/// Detaches the datapath of `uplink` in this network namespace.
+pub fn run_detach(uplink: &str, pin_name: Option<&str>) -> Result<()> {
+    let name = pin_name_or(pin_name, uplink);
+    // Refuses another namespace's datapath that happens to use the same name.
+    let pinned = Pinned::open_for(uplink, name)?;
+    drop(pinned);
+    detach(name)?;
+    println!("detached from {uplink} (pin name {name})");
     Ok(())
 }
 
-pub fn run_mode(uplink: &str, mode: ModeArg) -> Result<()> {
+pub fn run_mode(uplink: &str, pin_name: Option<&str>, mode: ModeArg) -> Result<()> {
     let mode = Mode::from(mode);
     warn_if_not_forwarding(uplink, mode)?;
-    let mut pinned = Pinned::open(uplink)?;
+    let mut pinned = Pinned::open_for(uplink, pin_name_or(pin_name, uplink))?;
     let before = pinned.config()?.mode().map_or("unknown", Mode::name);
     pinned.set_mode(mode)?;
     println!("{uplink}: mode {before} -> {}", mode.name());
@@ -196,8 +218,11 @@ fn config_json(c: &Config) -> serde_json::Value {
     })
 }
 
-pub fn run_status(uplink: &str, as_json: bool) -> Result<()> {
-    let pinned = Pinned::open(uplink)?;
+/// Read-only: works from any namespace, and says whose datapath it shows.
+pub fn run_status(uplink: &str, pin_name: Option<&str>, as_json: bool) -> Result<()> {
+    let pinned = Pinned::open(pin_name_or(pin_name, uplink))?;
+    let owner = pinned.owner()?;
+    let here = owner.is(uplink).unwrap_or(false);
     let config = pinned.config()?;
     let counters = pinned.counters()?;
     let flows = pinned.flows()?;
@@ -205,6 +230,9 @@ pub fn run_status(uplink: &str, as_json: bool) -> Result<()> {
         let report = json!({
             "uplink": uplink,
             "pinned_at": pinned.dir,
+            "uplink_ifindex": owner.uplink_ifindex,
+            "netns_cookie": owner.netns_cookie,
+            "attached_here": here,
             "config": config_json(&config),
             "flows": flows.len(),
             "counters": counters,
@@ -214,6 +242,12 @@ pub fn run_status(uplink: &str, as_json: bool) -> Result<()> {
     }
     let c = config_json(&config);
     println!("movarto on {uplink} (pinned at {})", pinned.dir.display());
+    if !here {
+        println!(
+            "  note     attached to ifindex {} in network namespace {}, not to {uplink} here",
+            owner.uplink_ifindex, owner.netns_cookie
+        );
+    }
     println!("  mode     {}", c["mode"].as_str().unwrap_or("?"));
     println!(
         "  home     {}   new {}",
@@ -308,8 +342,9 @@ pub fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> serde_json::Value {
     })
 }
 
-pub fn run_flows(uplink: &str, as_json: bool) -> Result<()> {
-    let pinned = Pinned::open(uplink)?;
+/// Read-only: works from any namespace.
+pub fn run_flows(uplink: &str, pin_name: Option<&str>, as_json: bool) -> Result<()> {
+    let pinned = Pinned::open(pin_name_or(pin_name, uplink))?;
     let now = monotonic_ns()?;
     let mut flows = pinned.flows()?;
     flows.sort_by_key(|(_, v)| std::cmp::Reverse(v.last_seen_ns));

@@ -28,6 +28,8 @@ pub struct SiteConfig {
     pub vm_ifindex: u32,
     pub vm_mac: [u8; 6],
     pub gateway_mac: [u8; 6],
+    /// The network namespace attached in (`attach` fills it in); 0 if unknown.
+    pub netns_cookie: u64,
 }
 
 impl SiteConfig {
@@ -46,6 +48,7 @@ impl SiteConfig {
             vm_ifindex: 0,
             vm_mac: [0; 6],
             gateway_mac: [0; 6],
+            netns_cookie: 0,
         }
     }
 
@@ -90,6 +93,7 @@ impl SiteConfig {
             vm_mac: self.vm_mac,
             gateway_mac: self.gateway_mac,
             _pad1: [0; 4],
+            netns_cookie: self.netns_cookie,
         })
     }
 }

@@ -7,7 +7,7 @@ mod counters;
 
 use std::path::Path;
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData},
@@ -15,7 +15,8 @@ use aya::{
 };
 
 pub use attach::{
-    AttachOptions, PIN_ROOT, Pinned, attach, detach, forwarding_enabled, ifindex, pin_dir,
+    AttachOptions, Owner, PIN_ROOT, Pinned, attach, check_pin_name, detach, forwarding_enabled,
+    ifindex, netns_cookie, pin_dir,
 };
 pub use config::SiteConfig;
 pub use counters::CounterSnapshot;
@@ -65,10 +66,29 @@ pub struct Datapath {
     ebpf: Ebpf,
 }
 
+/// How to load the datapath.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Capacity of the flow map; the object's default (65536) if `None`.
+    pub flows_capacity: Option<u32>,
+}
+
 impl Datapath {
     /// Loads the object and every program in it through the verifier.
     pub fn load() -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_with(&LoadOptions::default())
+    }
+
+    /// [`Datapath::load`] with options.
+    pub fn load_with(opts: &LoadOptions) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        if let Some(capacity) = opts.flows_capacity {
+            if capacity == 0 {
+                bail!("the flow map needs a capacity of at least 1");
+            }
+            loader.map_max_entries(FLOWS_MAP, capacity);
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the movarto eBPF object (are you root, with BTF-enabled kernel?)")?;
         let xdp: &mut Xdp = program_mut(&mut ebpf, UPLINK_INGRESS)?;

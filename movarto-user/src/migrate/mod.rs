@@ -44,9 +44,18 @@ pub struct MigrateArgs {
     /// The home address H (the VM keeps it).
     #[arg(long)]
     pub home: IpAddr,
-    /// The new address N at the destination.
+    /// The new address N at the destination (nat address mode).
+    #[arg(long, required_if_eq("address_mode", "nat"))]
+    pub new_addr: Option<IpAddr>,
+    /// `nat`: the destination has its own address N and DNS changes (MOVARTO's mode).
+    /// `move`: H itself moves; --on-switch re-routes the network, DNS stays.
+    #[arg(long, value_enum, default_value = "nat")]
+    pub address_mode: AddressMode,
+    /// Move address mode: a shell command that re-routes H to the destination, run at
+    /// switchover with MOVARTO_VM, MOVARTO_HOME, MOVARTO_SOURCE_TUNNEL and
+    /// MOVARTO_DESTINATION_TUNNEL set.
     #[arg(long)]
-    pub new_addr: IpAddr,
+    pub on_switch: Option<String>,
     /// The tunnel endpoints TA (source) and TB (destination).
     #[arg(long)]
     pub source_tunnel: Ipv4Addr,
@@ -98,6 +107,12 @@ pub struct MigrateArgs {
     pub multifd: Option<u8>,
     #[arg(long)]
     pub auto_converge: bool,
+    /// The destination's NBD port for the disk mirror (VMs with a disk).
+    #[arg(long, default_value_t = 10809)]
+    pub nbd_port: u16,
+    /// Disk mirror bandwidth, bytes per second (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub mirror_speed: u64,
     /// Tear down after this long even if pre-move flows remain (they are cut and listed).
     #[arg(long, default_value = "300s", value_parser = humantime_duration)]
     pub max_drain: Duration,
@@ -107,6 +122,12 @@ pub struct MigrateArgs {
     /// Print the report as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AddressMode {
+    Nat,
+    Move,
 }
 
 pub fn run(args: MigrateArgs) -> Result<ExitCode> {
@@ -152,8 +173,22 @@ impl Plan {
                 args.vm
             );
         }
-        if args.home.is_ipv4() != args.new_addr.is_ipv4() {
-            bail!("--home and --new-addr must be of the same family");
+        let new_addr = match (args.address_mode, args.new_addr) {
+            (AddressMode::Nat, Some(new)) if new.is_ipv4() != args.home.is_ipv4() => {
+                bail!("--home and --new-addr must be of the same family")
+            }
+            (AddressMode::Nat, Some(new)) => Some(new),
+            (AddressMode::Nat, None) => bail!("nat address mode needs --new-addr"),
+            (AddressMode::Move, Some(_)) => {
+                bail!("move address mode keeps H: drop --new-addr")
+            }
+            (AddressMode::Move, None) => None,
+        };
+        if args.address_mode == AddressMode::Move && args.on_switch.is_none() {
+            bail!(
+                "move address mode needs --on-switch CMD to re-route {} to the destination",
+                args.home
+            );
         }
         let dns = match &args.dns_server {
             None => None,
@@ -205,7 +240,8 @@ impl Plan {
             destination_spec_toml: spec_toml,
             vm_mac: spec.nic.mac.clone(),
             home: args.home,
-            new_addr: args.new_addr,
+            new_addr,
+            on_switch: args.on_switch.clone(),
             source_tunnel: args.source_tunnel,
             destination_tunnel: args.destination_tunnel,
             migration_uri: format!("tcp:{}:{}", args.destination_tunnel, args.migration_port),
@@ -215,6 +251,14 @@ impl Plan {
             tunnel_mtu: args.tunnel_mtu,
             dns,
             settings,
+            mirror: spec
+                .disk
+                .is_some()
+                .then(|| crate::agent::api::MirrorSettings {
+                    nbd_host: args.destination_tunnel.to_string(),
+                    nbd_port: args.nbd_port,
+                    speed: args.mirror_speed,
+                }),
             urgent: args.urgent,
             max_drain: args.max_drain,
             drain_grace: args.drain_grace,

@@ -19,7 +19,7 @@ use crate::{
         AgentClient,
         api::{
             DatapathRequest, FlowRecord, IncomingRequest, MigrationPhase, MigrationSettings,
-            OutgoingRequest, TapRequest, VmRequest,
+            MirrorSettings, OutgoingRequest, TapRequest, VmRequest,
         },
         token::random_hex,
     },
@@ -42,6 +42,25 @@ pub struct DnsTarget {
     pub wait_old_ttl: bool,
 }
 
+impl Plan {
+    pub fn address_mode(&self) -> &'static str {
+        if self.new_addr.is_some() {
+            "nat"
+        } else {
+            "move"
+        }
+    }
+
+    /// Site B's mode while the tunnel lives.
+    fn destination_mode(&self) -> ModeArg {
+        if self.new_addr.is_some() {
+            ModeArg::Receive
+        } else {
+            ModeArg::Direct
+        }
+    }
+}
+
 impl DnsTarget {
     fn zone_server(&self) -> ZoneServer {
         ZoneServer::new(self.server, self.zone.clone(), Some(self.key.clone()))
@@ -56,7 +75,10 @@ pub struct Plan {
     pub destination_spec_toml: String,
     pub vm_mac: String,
     pub home: IpAddr,
-    pub new_addr: IpAddr,
+    /// `N` in nat address mode; `None` in move address mode (`H` itself moves).
+    pub new_addr: Option<IpAddr>,
+    /// Move address mode: the command that re-routes `H` to the destination.
+    pub on_switch: Option<String>,
     pub source_tunnel: Ipv4Addr,
     pub destination_tunnel: Ipv4Addr,
     pub migration_uri: String,
@@ -66,6 +88,8 @@ pub struct Plan {
     pub tunnel_mtu: u16,
     pub dns: Option<DnsTarget>,
     pub settings: MigrationSettings,
+    /// Set when the VM has a disk: mirrored over NBD to the destination.
+    pub mirror: Option<MirrorSettings>,
     pub urgent: bool,
     pub max_drain: Duration,
     pub drain_grace: Option<Duration>,
@@ -186,7 +210,7 @@ pub async fn run_plan(plan: &Plan, progress: bool) -> Report {
         },
         report: Report {
             vm: plan.vm.clone(),
-            address_mode: "nat".to_owned(),
+            address_mode: plan.address_mode().to_owned(),
             ..Report::default()
         },
         changed: Changed::default(),
@@ -200,11 +224,16 @@ pub async fn run_plan(plan: &Plan, progress: bool) -> Report {
             run.report.rolled_back = Some(run.roll_back().await);
         }
         Err(Failure::AfterSwitchover(err)) => {
+            let finish = match plan.new_addr {
+                Some(new) => format!(
+                    "DNS to {new}, drain, then `movarto-user detach` at the source and \
+                     `movarto-user mode <uplink> nat` at the destination"
+                ),
+                None => "drain, then `movarto-user detach` at both sites".to_owned(),
+            };
             run.report.error = Some(format!(
                 "{err:#}. The VM runs at the destination; the steps above show what is done. \
-                 Finish by hand: DNS to {}, drain, then `movarto-user detach` at the source \
-                 and `movarto-user mode <uplink> nat` at the destination",
-                plan.new_addr
+                 Finish by hand: {finish}"
             ));
         }
     }
@@ -229,7 +258,7 @@ fn datapath_request(p: &Plan, token: &str, mode: ModeArg, at_source: bool) -> Da
             vm_iface: p.vm_iface.clone(),
             mode,
             home_addr: p.home,
-            new_addr: (!at_source).then_some(p.new_addr),
+            new_addr: if at_source { None } else { p.new_addr },
             local_tunnel_addr: local,
             peer_tunnel_addr: peer,
             token: token.to_owned(),
@@ -348,7 +377,7 @@ impl Run<'_> {
                     )
                     .await?;
                 p.destination
-                    .apply_datapath(&datapath_request(p, token, ModeArg::Receive, false))
+                    .apply_datapath(&datapath_request(p, token, p.destination_mode(), false))
                     .await?;
                 let vm = p
                     .destination
@@ -363,24 +392,37 @@ impl Run<'_> {
                         &IncomingRequest {
                             uri: p.migration_uri.clone(),
                             settings: p.settings.clone(),
+                            mirror: p.mirror.clone(),
                         },
                     )
                     .await?;
                 detail.push(format!(
-                    "destination QEMU pid {} listening on {}, datapath in receive",
+                    "destination QEMU pid {} listening on {}, datapath in {}",
                     vm.pid.unwrap_or_default(),
-                    p.migration_uri
+                    p.migration_uri,
+                    if p.new_addr.is_some() {
+                        "receive"
+                    } else {
+                        "direct"
+                    }
                 ));
                 Ok((Some(()), detail.join("; ")))
             })
             .await?;
 
-        // 3. Disk.
+        // 3. Disk: the full copy before RAM, so the switchover only adds what is still dirty.
         timeline
-            .step::<()>(3, "mirror disk", async {
+            .step(3, "mirror disk", async {
+                let Some(mirror) = &p.mirror else {
+                    return Ok((None, "no disk in the VM spec".to_owned()));
+                };
+                let ready = p.source.start_mirror(&p.vm, mirror).await?;
                 Ok((
-                    None,
-                    "no disk to mirror (kernel+initramfs guest)".to_owned(),
+                    Some(()),
+                    format!(
+                        "{} bytes to nbd://{}:{}, READY after {} ms",
+                        ready.len, mirror.nbd_host, mirror.nbd_port, ready.ready_ms
+                    ),
                 ))
             })
             .await?;
@@ -408,6 +450,7 @@ impl Run<'_> {
                         &OutgoingRequest {
                             uri: p.migration_uri.clone(),
                             settings: p.settings.clone(),
+                            mirror: p.mirror.clone(),
                         },
                     )
                     .await?;
@@ -461,6 +504,9 @@ impl Run<'_> {
                     .collect();
                 p.destination.load_flows(&premove).await?;
                 p.source.set_mode(ModeArg::Forward).await?;
+                if let Some(hook) = &p.on_switch {
+                    run_on_switch(p, hook).await?;
+                }
                 p.source.continue_migration(&p.vm, true).await?;
                 at_switchover = premove;
                 Ok((
@@ -536,11 +582,17 @@ impl Run<'_> {
 
         let dns_ms = timeline
             .step(7, "DNS update", async {
+                let Some(new) = p.new_addr else {
+                    return Ok((
+                        None,
+                        "move address mode: the address moved, DNS unchanged".to_owned(),
+                    ));
+                };
                 let Some(dns) = &p.dns else {
                     return Ok((None, "no DNS server given".to_owned()));
                 };
                 let (server, name) = (dns.zone_server(), dns.name.clone());
-                let (home, new) = (p.home, p.new_addr);
+                let home = p.home;
                 let start = std::time::Instant::now()
                     .checked_sub(switchover.elapsed())
                     .unwrap_or_else(std::time::Instant::now);
@@ -575,6 +627,17 @@ impl Run<'_> {
         timeline
             .step(8, "announce", async {
                 p.destination.announce(&p.vm).await?;
+                if p.new_addr.is_none() {
+                    p.destination.garp(p.home).await?;
+                    return Ok((
+                        Some(()),
+                        format!(
+                            "announce-self (RARP) from the VM; gratuitous ARP for {} from the \
+                             destination's uplink",
+                            p.home
+                        ),
+                    ));
+                }
                 Ok((
                     Some(()),
                     "announce-self (RARP) from the destination".to_owned(),
@@ -587,7 +650,11 @@ impl Run<'_> {
         });
         let drain_started = Instant::now();
         let cut = timeline
-            .step(9, "drain", drain(p, say, switchover_flows, grace))
+            .step(
+                9,
+                "drain",
+                drain(p, say, switchover_flows, grace, p.new_addr.is_none()),
+            )
             .await?;
         let (cut, premove_bytes) = cut.unwrap_or_default();
         report.tunnel.premove_bytes = premove_bytes;
@@ -604,8 +671,14 @@ impl Run<'_> {
                     report.tunnel.packets_from_b = dp.counter("tunnel_in");
                 }
                 p.source.detach_datapath().await?;
-                p.destination.set_mode(ModeArg::Nat).await?;
-                let mut detail = "source detached; destination in nat".to_owned();
+                let mut detail = if p.new_addr.is_some() {
+                    // The VM keeps H inside: B's NAT for N stays.
+                    p.destination.set_mode(ModeArg::Nat).await?;
+                    "source detached; destination in nat".to_owned()
+                } else {
+                    p.destination.detach_datapath().await?;
+                    "both sites detached".to_owned()
+                };
                 if let (Some(dns), Some(ttl)) = (&p.dns, restore) {
                     let (server, name) = (dns.zone_server(), dns.name.clone());
                     tokio::task::spawn_blocking(move || {
@@ -634,6 +707,7 @@ async fn drain(
     say: Say,
     switchover_flows: &[FlowRecord],
     grace: Duration,
+    rerouted: bool,
 ) -> Result<(Option<(Vec<FlowRecord>, u64)>, String)> {
     {
         let started = Instant::now();
@@ -699,12 +773,19 @@ async fn drain(
                 ));
             }
             let premove_bytes = bytes_seen.values().sum::<u64>() - baseline;
-            if dp.live_premove_flows == 0 && idle >= grace {
+            // Re-routed (move address mode), open flows go the direct way: the tunnel is
+            // done once nothing reaches A any more.
+            if (dp.live_premove_flows == 0 || rerouted) && idle >= grace {
                 return Ok((
                     Some((Vec::new(), premove_bytes)),
                     format!(
-                        "drained: no live pre-move flow, tunnel idle {:.1} s; {premove_bytes} \
-                         bytes of pre-move flows after switchover",
+                        "drained: {}, tunnel idle {:.1} s; {premove_bytes} bytes of pre-move \
+                         flows after switchover",
+                        if rerouted {
+                            format!("{} open flows go direct now", dp.live_premove_flows)
+                        } else {
+                            "no live pre-move flow".to_owned()
+                        },
                         idle.as_secs_f64()
                     ),
                 ));
@@ -818,6 +899,35 @@ impl Run<'_> {
         }
         out
     }
+}
+
+/// Runs the operator's re-routing command (move address mode) while the source is
+/// stopped at switchover; it gets the move's facts in its environment.
+async fn run_on_switch(p: &Plan, hook: &str) -> Result<()> {
+    let output = tokio::process::Command::new("sh")
+        .args(["-c", hook])
+        .env("MOVARTO_VM", &p.vm)
+        .env("MOVARTO_HOME", p.home.to_string())
+        .env("MOVARTO_SOURCE_TUNNEL", p.source_tunnel.to_string())
+        .env(
+            "MOVARTO_DESTINATION_TUNNEL",
+            p.destination_tunnel.to_string(),
+        )
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .map_err(|_| anyhow!("--on-switch did not finish within 30 s: {hook}"))?
+        .with_context(|| format!("running --on-switch {hook:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "--on-switch {hook:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn flow_bytes(flow: &FlowRecord) -> u64 {

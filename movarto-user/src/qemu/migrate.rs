@@ -136,6 +136,8 @@ pub struct MigrationReport {
 #[derive(Default)]
 struct Observed {
     hook_ms: u64,
+    /// The hook ran and `migrate-continue` was sent.
+    continued: bool,
     postcopy_started_ms: Option<u64>,
     max_cpu_throttle_percent: u64,
 }
@@ -347,7 +349,10 @@ async fn run(
                 let info = final_numbers(source, info).await?;
                 return Ok(source_report(info, observed));
             }
-            "pre-switchover" => {
+            // QEMU leaves `pre-switchover` asynchronously after `migrate-continue`: a
+            // query right after it may still say so, and must not run the hook again.
+            "pre-switchover" if !observed.continued => {
+                observed.continued = true;
                 let hook_started = Instant::now();
                 hook.at_switchover()
                     .await

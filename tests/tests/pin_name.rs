@@ -1,0 +1,130 @@
+//! bpffs is shared by every network namespace, so two sites on one machine
+//! whose uplinks have the same name would share /sys/fs/bpf/movarto/<uplink>.
+//! The second attach is refused with a clear message; a pin name separates them.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use aya::programs::XdpMode;
+use movarto_common::config::Mode;
+use movarto_tests::{
+    netns::{Netns, veth},
+    require_root,
+};
+use movarto_user::datapath::{
+    AttachOptions, Pinned, SiteConfig, attach, detach, netns_cookie, pin_dir,
+};
+
+/// Detaches on drop, also when the test fails.
+struct Attached(String);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = detach(&self.0);
+    }
+}
+
+/// A site namespace with an uplink `uplink` and a VM-facing `vm0` (veths to a peer namespace).
+fn site(uplink: &str) -> (Netns, Netns) {
+    let ns = Netns::new("pin").expect("netns");
+    let peer = Netns::new("pinpeer").expect("netns");
+    veth(&ns, uplink, &peer, "eth0").expect("veth");
+    veth(&ns, "vm0", &peer, "eth1").expect("veth");
+    (ns, peer)
+}
+
+fn options(uplink: &str, pin_name: Option<&str>) -> AttachOptions {
+    AttachOptions {
+        uplink: uplink.to_owned(),
+        vm_iface: "vm0".to_owned(),
+        xdp_mode: XdpMode::Default,
+        site: SiteConfig::new(Mode::Track, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))),
+        pin_name: pin_name.map(str::to_owned),
+    }
+}
+
+fn attach_in(ns: &Netns, opts: &AttachOptions) -> anyhow::Result<std::path::PathBuf> {
+    let _in = ns.enter().expect("enter");
+    attach(opts)
+}
+
+#[test]
+fn same_uplink_name_in_two_namespaces_needs_a_pin_name() {
+    require_root();
+    let uplink = format!("mvp{}", std::process::id() % 100_000);
+    let pin_b = format!("{uplink}-site-b");
+    let (ns_a, _peer_a) = site(&uplink);
+    let (ns_b, _peer_b) = site(&uplink);
+    let cookie_a = {
+        let _in = ns_a.enter().expect("enter");
+        netns_cookie().expect("cookie")
+    };
+
+    // Site A takes the default pin name, the uplink's.
+    let dir_a = attach_in(&ns_a, &options(&uplink, None)).expect("attach A");
+    let _a = Attached(uplink.clone());
+    assert_eq!(dir_a, pin_dir(&uplink));
+
+    // Site B's uplink has the same name: refused, saying why and what to do.
+    let err = attach_in(&ns_b, &options(&uplink, None)).expect_err("clash refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("another network namespace"), "{msg}");
+    assert!(msg.contains("--pin-name"), "{msg}");
+    // ...and A's datapath is untouched.
+    let a = Pinned::open(&uplink).expect("A's pins");
+    assert_eq!(a.owner().expect("owner").netns_cookie, cookie_a);
+    assert_eq!(a.config().expect("config").mode, Mode::Track as u8);
+
+    // Attaching A twice is "already attached", not a clash.
+    let err = attach_in(&ns_a, &options(&uplink, None)).expect_err("twice");
+    assert!(format!("{err:#}").contains("already attached"), "{err:#}");
+
+    // With its own pin name, B attaches beside A.
+    let dir_b = attach_in(&ns_b, &options(&uplink, Some(&pin_b))).expect("attach B");
+    let _b = Attached(pin_b.clone());
+    assert_eq!(dir_b, pin_dir(&pin_b));
+    assert!(dir_b.join("link_uplink_xdp").exists());
+
+    // Each site finds its own datapath; the other's name is refused.
+    {
+        let _in = ns_b.enter().expect("enter");
+        let err = Pinned::open_for(&uplink, &uplink)
+            .err()
+            .expect("A's pins are not B's");
+        assert!(
+            format!("{err:#}").contains("another network namespace"),
+            "{err:#}"
+        );
+        let mut b = Pinned::open_for(&uplink, &pin_b).expect("B's pins");
+        b.set_mode(Mode::Receive).expect("mode");
+    }
+    {
+        let _in = ns_a.enter().expect("enter");
+        let a = Pinned::open_for(&uplink, &uplink).expect("A's pins");
+        assert_eq!(
+            a.config().expect("config").mode,
+            Mode::Track as u8,
+            "B's mode switch left A alone"
+        );
+    }
+    assert_eq!(
+        Pinned::open(&pin_b)
+            .expect("B")
+            .config()
+            .expect("config")
+            .mode,
+        Mode::Receive as u8
+    );
+
+    // Names that are not one plain path component are refused before anything is made.
+    for bad in ["", "..", "../escape", "a/b", ".hidden"] {
+        let err = attach_in(&ns_b, &options(&uplink, Some(bad))).expect_err(bad);
+        assert!(
+            format!("{err:#}").contains("bad pin name"),
+            "{bad:?}: {err:#}"
+        );
+    }
+
+    drop(_b);
+    assert!(!dir_b.exists(), "B detached");
+    assert!(dir_a.exists(), "A still attached");
+}
