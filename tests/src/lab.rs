@@ -610,6 +610,38 @@ pub fn http_get(l: &Lab, ip: &str, path: &str) -> String {
     out.trim().to_owned()
 }
 
+/// Waits up to `limit` for `migrate` (spawned with stdout piped) to exit, calling `tick`
+/// every 100 ms meanwhile; returns its exit status and its JSON report.
+pub fn finish_migrate(
+    l: &Lab,
+    orchestrator: &mut ChildGuard,
+    limit: Duration,
+    mut tick: impl FnMut(),
+) -> (std::process::ExitStatus, serde_json::Value) {
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = orchestrator.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "migrate did not finish within {limit:?}; agent logs:\nA:\n{}\nB:\n{}",
+            agent_log(l, "a"),
+            agent_log(l, "b")
+        );
+        tick();
+        thread::sleep(Duration::from_millis(100));
+    };
+    let mut json = String::new();
+    if let Some(mut stdout) = orchestrator.child_mut().stdout.take() {
+        stdout.read_to_string(&mut json).expect("report");
+    }
+    eprintln!("report:\n{json}");
+    let report = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("migrate printed no JSON report ({e}): {json:?}"));
+    (status, report)
+}
+
 pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {

@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader, Read as _},
+    io::{BufRead as _, BufReader},
     net::Shutdown,
     sync::{
         Arc,
@@ -66,7 +66,6 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
             lines
         })
     };
-    let mut stdout = orchestrator.child_mut().stdout.take().expect("stdout");
 
     // The drain: the connections keep running through the tunnel, then close.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -117,25 +116,9 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     let _ = idle.shutdown(Shutdown::Both);
     drop(idle);
 
-    let finished = Instant::now();
-    let status = loop {
-        if let Some(status) = orchestrator.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            finished.elapsed() < Duration::from_secs(90),
-            "the migration did not finish; agent logs:\nA:\n{}\nB:\n{}",
-            agent_log(&l, "a"),
-            agent_log(&l, "b")
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
-    let mut json = String::new();
-    stdout.read_to_string(&mut json).expect("report");
+    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(90), || {});
     let _lines = progress.join().expect("progress");
-    eprintln!("report:\n{json}");
-    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
-    assert!(status.success(), "migrate exited {status}: {json}");
+    assert!(status.success(), "migrate exited {status}: {report}");
     let failures = stats.failed.lock().expect("lock").clone();
     assert!(failures.is_empty(), "connections broke: {failures:?}");
 
@@ -257,28 +240,8 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
         0
     );
 
-    let finished = Instant::now();
-    let status = loop {
-        if let Some(status) = orchestrator.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            finished.elapsed() < Duration::from_secs(60),
-            "migrate did not give up"
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
-    let mut json = String::new();
-    orchestrator
-        .child_mut()
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut json)
-        .expect("report");
-    eprintln!("report:\n{json}");
+    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(60), || {});
     assert!(!status.success(), "migrate must fail");
-    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
     assert_eq!(report["succeeded"], false);
     let rolled_back = report["rolled_back"].as_str().expect("rollback summary");
     assert!(
@@ -371,28 +334,8 @@ fn the_disk_is_mirrored_over_nbd_and_arrives_byte_identical() {
     let boot_id = boot_at_a(&l);
     let mut migrate = migrate_command(&l, &["--drain-grace", "1s", "--max-drain", "30s"]);
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = orchestrator.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "migrate did not finish"
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
-    let mut json = String::new();
-    orchestrator
-        .child_mut()
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut json)
-        .expect("report");
-    eprintln!("report:\n{json}");
-    assert!(status.success(), "migrate exited {status}: {json}");
-    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(120), || {});
+    assert!(status.success(), "migrate exited {status}: {report}");
     let mirror = &report["steps"][2];
     assert_eq!(mirror["name"], "mirror disk");
     assert_eq!(mirror["outcome"], "ok", "{mirror}");
@@ -456,28 +399,8 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
         ],
     );
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = orchestrator.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "migrate did not finish"
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
-    let mut json = String::new();
-    orchestrator
-        .child_mut()
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut json)
-        .expect("report");
-    eprintln!("report:\n{json}");
-    assert!(status.success(), "migrate exited {status}: {json}");
-    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(120), || {});
+    assert!(status.success(), "migrate exited {status}: {report}");
     assert_eq!(report["address_mode"], "move");
     assert_eq!(report["flows_at_switchover"], 3);
     assert_eq!(report["flows_cut"].as_array().map(Vec::len), Some(0));
@@ -538,12 +461,8 @@ fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections(
         &["--urgent", "--drain-grace", "1s", "--max-drain", "60s"],
     );
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
-    let started = Instant::now();
     let mut switched_at = None;
-    let status = loop {
-        if let Some(status) = orchestrator.try_wait().expect("wait") {
-            break status;
-        }
+    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(150), || {
         // Once A forwards, the chat must go on through the tunnel; then it closes, which
         // lets the drain end (it is the only pre-move connection).
         if switched_at.is_none() {
@@ -558,25 +477,10 @@ fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections(
         } else if switched_at.is_some_and(|at| stats.exchanges.load(Ordering::Relaxed) > at + 10) {
             stop.store(true, Ordering::Relaxed);
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(150),
-            "migrate did not finish"
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
+    });
     stop.store(true, Ordering::Relaxed);
     worker.join().expect("worker");
-    let mut json = String::new();
-    orchestrator
-        .child_mut()
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut json)
-        .expect("report");
-    eprintln!("report:\n{json}");
-    assert!(status.success(), "migrate exited {status}: {json}");
-    let report: serde_json::Value = serde_json::from_str(&json).expect("JSON report");
+    assert!(status.success(), "migrate exited {status}: {report}");
     assert!(
         report["qemu"]["postcopy_started_ms"].as_u64().is_some(),
         "switched to post-copy: {}",

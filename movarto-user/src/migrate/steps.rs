@@ -65,6 +65,17 @@ impl DnsTarget {
     fn zone_server(&self) -> ZoneServer {
         ZoneServer::new(self.server, self.zone.clone(), Some(self.key.clone()))
     }
+
+    /// Sets the name's TTL (the DNS client blocks: off the async threads); returns the
+    /// longest old TTL.
+    async fn set_ttl(&self, ttl: u32) -> Result<u32> {
+        let (server, name) = (self.zone_server(), self.name.clone());
+        let (_, old_ttl) =
+            tokio::task::spawn_blocking(move || records::set_ttl(&server, &name, ttl, DNS_VERIFY))
+                .await
+                .context("the DNS task panicked")??;
+        Ok(old_ttl)
+    }
 }
 
 /// Everything a migration needs, checked.
@@ -308,13 +319,11 @@ impl Run<'_> {
                 let Some(dns) = &p.dns else {
                     return Ok((None, "no DNS server given".to_owned()));
                 };
-                let (server, name, low) = (dns.zone_server(), dns.name.clone(), dns.low_ttl);
-                let (_, old_ttl) = tokio::task::spawn_blocking(move || {
-                    records::set_ttl(&server, &name, low, DNS_VERIFY)
-                })
-                .await
-                .context("the DNS task panicked")??;
-                Ok((Some(old_ttl), format!("TTL {old_ttl} s → {low} s")))
+                let old_ttl = dns.set_ttl(dns.low_ttl).await?;
+                Ok((
+                    Some(old_ttl),
+                    format!("TTL {old_ttl} s → {} s", dns.low_ttl),
+                ))
             })
             .await?;
         if let Some(old_ttl) = lowered {
@@ -680,12 +689,7 @@ impl Run<'_> {
                     "both sites detached".to_owned()
                 };
                 if let (Some(dns), Some(ttl)) = (&p.dns, restore) {
-                    let (server, name) = (dns.zone_server(), dns.name.clone());
-                    tokio::task::spawn_blocking(move || {
-                        records::set_ttl(&server, &name, ttl, DNS_VERIFY)
-                    })
-                    .await
-                    .context("the DNS task panicked")??;
+                    dns.set_ttl(ttl).await?;
                     detail.push_str(&format!("; TTL restored to {ttl} s"));
                 }
                 Ok((Some(()), detail))
@@ -884,14 +888,10 @@ impl Run<'_> {
             );
         }
         if let (Some(dns), Some(ttl)) = (&p.dns, self.changed.ttl_lowered_from) {
-            let (server, name) = (dns.zone_server(), dns.name.clone());
-            let restored = tokio::task::spawn_blocking(move || {
-                records::set_ttl(&server, &name, ttl, DNS_VERIFY).map(drop)
-            })
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|r| r);
-            note(&format!("DNS TTL restored to {ttl} s"), restored);
+            note(
+                &format!("DNS TTL restored to {ttl} s"),
+                dns.set_ttl(ttl).await.map(drop),
+            );
         }
         let mut out = done.join("; ");
         if !failed.is_empty() {
