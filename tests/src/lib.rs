@@ -3,9 +3,13 @@
 //! Root-only tests call [`require_root`] first. It never skips: without root
 //! the test fails and says why, in CI and on a developer's machine alike.
 
+pub mod delay;
+pub mod demo;
+pub mod demo_plot;
 pub mod dns_server;
 pub mod lab;
 pub mod netns;
+pub mod workload;
 
 use std::{
     path::{Path, PathBuf},

@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's setup and test entry points.
 
+mod demo;
 mod guest;
 mod run;
 mod setup;
@@ -28,11 +29,30 @@ enum Task {
     Test,
     /// Build the test guest (Debian kernel, busybox initramfs, test server) into target/guest/.
     Guest,
+    /// Build the lab, move a VM with live connections from site A to site B, report (root).
+    ///
+    /// Options go to the demo program: --json, --short, --site-rtt-ms, --site-rate-mbit,
+    /// --client-rtt-ms, --client-rate-mbit, --warmup-s, --after-switchover-s, --idle,
+    /// --curl-mib, --curl-kib-s, --svg, --quiet (`cargo xtask demo -- --help` lists them).
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Task::Demo { args } = &cli.task {
+        return match demo::run(args) {
+            Ok(code) => code,
+            Err(err) => {
+                eprintln!("xtask: error: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = match cli.task {
+        Task::Demo { .. } => Ok(()),
         Task::Setup { check: false } => setup::run().map(|_| ()),
         Task::Setup { check: true } => setup::check(),
         Task::Test => test::run(),

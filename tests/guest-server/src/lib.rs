@@ -3,6 +3,12 @@
 pub const ECHO_PORT: u16 = 7;
 pub const STREAM_PORT: u16 = 7001;
 pub const HTTP_PORT: u16 = 80;
+/// A byte-checked upload sink: the client sends the stream pattern in chunks of
+/// [`UPLOAD_CHUNK`] bytes; after each whole chunk the guest answers with the number of bytes
+/// it has checked so far (8 bytes, little-endian), or [`UPLOAD_BAD`] and closes on a wrong byte.
+pub const UPLOAD_PORT: u16 = 7002;
+pub const UPLOAD_CHUNK: usize = 16 * 1024;
+pub const UPLOAD_BAD: u64 = u64::MAX;
 
 /// Byte `offset` of the stream pattern: the low byte of a 64-bit mix of the offset's
 /// 8-byte word index, so every shift by whole words is detected, not only by 256 bytes.

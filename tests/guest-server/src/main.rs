@@ -5,6 +5,8 @@
 //! - [`ECHO_PORT`]: echo, for interactive request/response;
 //! - [`STREAM_PORT`]: an endless byte-checked stream; byte `i` is `stream_byte(i)`,
 //!   so a client detects any loss, duplication or reordering at any offset;
+//! - [`UPLOAD_PORT`]: a byte-checked upload sink; the guest checks every byte against the
+//!   stream pattern and acknowledges each chunk with the count checked so far;
 //! - [`HTTP_PORT`]: HTTP/1.0 for curl: `/` (a one-line identity), `/id` (the boot id, which
 //!   proves the guest answering after a move is the same instance, not a reboot),
 //!   `/bytes/<n>` (`n` bytes of the stream pattern, a large file generated on the fly),
@@ -24,13 +26,15 @@ use std::{
 };
 
 use movarto_guest_server::{
-    DISK_DEVICE, ECHO_PORT, HTTP_PORT, STREAM_PORT, fill_disk, fill_stream,
+    DISK_DEVICE, ECHO_PORT, HTTP_PORT, STREAM_PORT, UPLOAD_BAD, UPLOAD_CHUNK, UPLOAD_PORT,
+    fill_disk, fill_stream, stream_byte,
 };
 
 fn main() {
-    let servers: [(u16, fn(TcpStream)); 3] = [
+    let servers: [(u16, fn(TcpStream)); 4] = [
         (ECHO_PORT, serve_echo),
         (STREAM_PORT, serve_stream),
+        (UPLOAD_PORT, serve_upload),
         (HTTP_PORT, serve_http),
     ];
     let mut handles = Vec::new();
@@ -45,7 +49,7 @@ fn main() {
         handles.push(thread::spawn(move || accept_loop(listener, serve)));
     }
     println!(
-        "movarto-guest-server: listening on echo {ECHO_PORT}, stream {STREAM_PORT}, http {HTTP_PORT}"
+        "movarto-guest-server: listening on echo {ECHO_PORT}, stream {STREAM_PORT}, upload {UPLOAD_PORT}, http {HTTP_PORT}"
     );
     for handle in handles {
         let _ = handle.join();
@@ -87,6 +91,28 @@ fn serve_stream(mut conn: TcpStream) {
             return;
         }
         offset += buf.len() as u64;
+    }
+}
+
+fn serve_upload(mut conn: TcpStream) {
+    let mut chunk = vec![0u8; UPLOAD_CHUNK];
+    let mut offset = 0u64;
+    loop {
+        if conn.read_exact(&mut chunk).is_err() {
+            return;
+        }
+        let good = chunk
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == stream_byte(offset + i as u64));
+        if !good {
+            let _ = conn.write_all(&UPLOAD_BAD.to_le_bytes());
+            return;
+        }
+        offset += chunk.len() as u64;
+        if conn.write_all(&offset.to_le_bytes()).is_err() {
+            return;
+        }
     }
 }
 
