@@ -8,9 +8,11 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
+    bindings::{bpf_adj_room_mode, xdp_action},
+    helpers::{
+        bpf_csum_diff, bpf_redirect, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
+    programs::{TcContext, XdpContext},
 };
 use movarto_common::{
     checksum,
@@ -46,10 +48,55 @@ pub fn too_big_v4(ctx: &XdpContext, tunnel_mtu: u16) -> Result<u32, Counter> {
     let f =
         bytes_mut::<FRAME>(ctx.data(), ctx.data_end(), 0).map_err(|_| Counter::DropResizeFailed)?;
     // The old Ethernet header now sits at PREPEND: answer from its destination to its source.
+    answer_macs(f, PREPEND);
+    write_v4(f, tunnel_mtu)?;
+    Ok(xdp_action::XDP_TX)
+}
+
+/// TC, for a packet the VM sent: the same answer, out of the VM-facing
+/// interface back to the VM (`vm_ifindex`). Room is made after the Ethernet
+/// header, which stays where it is.
+#[inline(always)]
+pub fn too_big_v4_tc(ctx: &TcContext, tunnel_mtu: u16, vm_ifindex: u32) -> Result<u32, Counter> {
+    shrink_tc(ctx, KEEP, PREPEND, FRAME)?;
+    let f =
+        bytes_mut::<FRAME>(ctx.data(), ctx.data_end(), 0).map_err(|_| Counter::DropResizeFailed)?;
+    answer_macs(f, 0);
+    write_v4(f, tunnel_mtu)?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(vm_ifindex, 0) } as u32)
+}
+
+/// Cuts the skb to `keep` bytes, makes `prepend` bytes of room after the
+/// Ethernet header and makes the first `frame` bytes directly accessible.
+#[inline(always)]
+fn shrink_tc(ctx: &TcContext, keep: usize, prepend: usize, frame: usize) -> Result<(), Counter> {
+    if (ctx.len() as usize) < keep {
+        return Err(Counter::DropTooBig);
+    }
+    // SAFETY: plain helper call on our own context.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, keep as u32, 0) } != 0 {
+        return Err(Counter::DropResizeFailed);
+    }
+    ctx.adjust_room(prepend as i32, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| Counter::DropResizeFailed)?;
+    ctx.pull_data(frame as u32)
+        .map_err(|_| Counter::DropResizeFailed)
+}
+
+/// The answer's MACs: from the offending frame's destination to its source,
+/// whose Ethernet header is at `old` in `f`.
+#[inline(always)]
+fn answer_macs(f: &mut [u8], old: usize) {
     let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&f[PREPEND + 6..PREPEND + 12]);
-    macs[6..].copy_from_slice(&f[PREPEND..PREPEND + 6]);
+    macs[..6].copy_from_slice(&f[old + 6..old + 12]);
+    macs[6..].copy_from_slice(&f[old..old + 6]);
     f[..12].copy_from_slice(&macs);
+}
+
+/// Writes the IPv4 and ICMP headers in front of the quote (at ETH_HLEN + PREPEND).
+#[inline(always)]
+fn write_v4(f: &mut [u8; FRAME], tunnel_mtu: u16) -> Result<(), Counter> {
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     let quoted = ETH_HLEN + PREPEND;
     let mut addrs = [0u8; 8];
@@ -73,7 +120,7 @@ pub fn too_big_v4(ctx: &XdpContext, tunnel_mtu: u16) -> Result<u32, Counter> {
     f[icmp + 2..icmp + 4].copy_from_slice(&icmp_sum.to_be_bytes());
     let ip_sum = sum(&mut f[ip..ip + 20])?;
     f[ip + 10..ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
-    Ok(xdp_action::XDP_TX)
+    Ok(())
 }
 
 /// IPv6: what is kept of the offending frame: Ethernet, the IPv6 header and
@@ -105,10 +152,26 @@ pub fn too_big_v6(ctx: &XdpContext, tunnel_mtu: u16) -> Result<u32, Counter> {
     let f = bytes_mut::<FRAME6>(ctx.data(), ctx.data_end(), 0)
         .map_err(|_| Counter::DropResizeFailed)?;
     // The old Ethernet header now sits at PREPEND6: answer from its destination to its source.
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&f[PREPEND6 + 6..PREPEND6 + 12]);
-    macs[6..].copy_from_slice(&f[PREPEND6..PREPEND6 + 6]);
-    f[..12].copy_from_slice(&macs);
+    answer_macs(f, PREPEND6);
+    write_v6(f, tunnel_mtu)?;
+    Ok(xdp_action::XDP_TX)
+}
+
+/// TC, for an IPv6 packet the VM sent: the packet-too-big back to the VM.
+#[inline(always)]
+pub fn too_big_v6_tc(ctx: &TcContext, tunnel_mtu: u16, vm_ifindex: u32) -> Result<u32, Counter> {
+    shrink_tc(ctx, KEEP6, PREPEND6, FRAME6)?;
+    let f = bytes_mut::<FRAME6>(ctx.data(), ctx.data_end(), 0)
+        .map_err(|_| Counter::DropResizeFailed)?;
+    answer_macs(f, 0);
+    write_v6(f, tunnel_mtu)?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(vm_ifindex, 0) } as u32)
+}
+
+/// Writes the IPv6 and ICMPv6 headers in front of the quote (at ETH_HLEN + PREPEND6).
+#[inline(always)]
+fn write_v6(f: &mut [u8; FRAME6], tunnel_mtu: u16) -> Result<(), Counter> {
     f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
     let quoted = ETH_HLEN + PREPEND6;
     let mut addrs = [0u8; 32];
@@ -138,7 +201,7 @@ pub fn too_big_v6(ctx: &XdpContext, tunnel_mtu: u16) -> Result<u32, Counter> {
         pseudo,
     )?));
     f[icmp + 2..icmp + 4].copy_from_slice(&icmp_sum.to_be_bytes());
-    Ok(xdp_action::XDP_TX)
+    Ok(())
 }
 
 /// The Internet checksum of `bytes` (a multiple of 4 long), computed by the

@@ -19,7 +19,7 @@ use movarto_common::{
 use crate::{
     counters::bump,
     flows::{self, Direction},
-    nat,
+    icmp, nat,
     outcome::Outcome,
     parse::{self, Packet, bytes_mut, tcp_flag},
     route, tunnel,
@@ -114,6 +114,17 @@ pub fn from_vm(
 /// The VM's packet for a non-NAT flow: GUE to `TA`, out of the uplink.
 #[inline(always)]
 pub fn vm_to_tunnel(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
+    // SAFETY: reading a field of our own context.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    // Too big and not GSO: the VM learns the tunnel's MTU, as A's clients do.
+    if !tunnel::fits(cfg, pkt, gso_size) {
+        let action = if pkt.family == family::IPV6 {
+            icmp::too_big_v6_tc(ctx, cfg.tunnel_mtu, cfg.vm_ifindex)?
+        } else {
+            icmp::too_big_v4_tc(ctx, cfg.tunnel_mtu, cfg.vm_ifindex)?
+        };
+        return Ok(Outcome::Sent(action, Counter::IcmpTooBig));
+    }
     tunnel::encapsulate_tc(ctx, cfg, pkt)?;
     // tot_len 0: the kernel checks the (encapsulated) skb against the MTU
     // itself, GSO-aware; a GSO packet's own length would fail the check.

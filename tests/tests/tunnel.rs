@@ -705,7 +705,6 @@ fn receive_refuses_gue_without_the_token_and_passes_other_traffic() {
 // ---- site B, receive: the VM's packets into the tunnel (TC) ----
 
 const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const TA_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa9];
 
@@ -784,15 +783,91 @@ fn ipv6_and_icmp_from_the_vm_default_to_the_tunnel() {
 }
 
 #[test]
-fn the_vms_oversized_packets_are_dropped_and_counted() {
+fn the_vms_oversized_packets_are_answered_with_icmp_frag_needed() {
     require_root();
     let s = site(TB, TA, TA_MAC);
     let _in = s.ns.enter().expect("enter");
-    let dp = load(&site_b_with_uplink(&s, IpAddr::from(HOME4)));
+    let cfg = site_b_with_uplink(&s, IpAddr::from(HOME4));
+    let dp = load(&cfg);
+    let fits = home_to_client4_ip(&vec![1; 1500 - 40 - 40]);
+    let (ret, _) = run_tc(&dp, &ethernet(ANYCAST_GW_MAC, VM_MAC, 0x0800, &fits));
+    assert_eq!(ret, TC_ACT_REDIRECT, "fits: into the tunnel");
     let inner = home_to_client4_ip(&vec![1; 1500 - 40 - 40 + 1]);
-    let (ret, _) = run_tc(&dp, &ethernet(ANYCAST_GW_MAC, VM_MAC, 0x0800, &inner));
-    assert_eq!(ret, TC_ACT_SHOT);
-    assert_eq!(dp.counters().expect("counters").get(Counter::DropTooBig), 1);
+    let big = ethernet(ANYCAST_GW_MAC, VM_MAC, 0x0800, &inner);
+    let (ret, out) = run_tc(&dp, &big);
+    assert_eq!(ret, TC_ACT_REDIRECT, "back out of the VM-facing interface");
+    let counters = dp.counters().expect("counters");
+    assert_eq!(counters.get(Counter::IcmpTooBig), 1);
+    assert_eq!(
+        counters.get(Counter::TunnelOut),
+        1,
+        "only the one that fits"
+    );
+    assert_eq!(counters.get(Counter::DropTooBig), 0);
+
+    // To the VM, from its gateway; from the client to H.
+    assert_eq!(&out[..6], &VM_MAC);
+    assert_eq!(&out[6..12], &ANYCAST_GW_MAC);
+    let sliced = etherparse::SlicedPacket::from_ethernet(&out).expect("parse ICMP");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else {
+        panic!("not IPv4")
+    };
+    let h = ip.header().to_header();
+    assert_eq!(h.header_checksum, h.calc_header_checksum());
+    assert_eq!((h.source, h.destination), (PEER4, HOME4));
+    let Some(etherparse::TransportSlice::Icmpv4(icmp)) = sliced.transport else {
+        panic!("not ICMP")
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1460 }
+        )
+    );
+    assert_eq!(
+        icmp.checksum(),
+        icmp.icmp_type().calc_checksum(icmp.payload())
+    );
+    assert_eq!(icmp.payload(), &inner[..20 + 64], "the quote");
+    assert_eq!(out.len(), 14 + 20 + 8 + 20 + 64);
+
+    // IPv6 the same way: packet-too-big to the VM.
+    let dp6 = load(&site_b_with_uplink(&s, IpAddr::from(HOME6)));
+    let mut inner6 = Vec::new();
+    PacketBuilder::ipv6(HOME6, PEER6, 64)
+        .udp(53, 5353)
+        .write(&mut inner6, &vec![2; 1500 - 40 - 40 - 8 + 1])
+        .expect("build");
+    let (ret, out) = run_tc(&dp6, &ethernet(ANYCAST_GW_MAC, VM_MAC, 0x86dd, &inner6));
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(&out[..6], &VM_MAC);
+    let sliced = etherparse::SlicedPacket::from_ethernet(&out).expect("parse ICMPv6");
+    let Some(etherparse::NetSlice::Ipv6(ip6)) = &sliced.net else {
+        panic!("not IPv6")
+    };
+    let h6 = ip6.header().to_header();
+    assert_eq!((h6.source, h6.destination), (PEER6, HOME6));
+    let Some(etherparse::TransportSlice::Icmpv6(icmp6)) = sliced.transport else {
+        panic!("not ICMPv6")
+    };
+    assert_eq!(
+        icmp6.icmp_type(),
+        etherparse::Icmpv6Type::PacketTooBig { mtu: 1460 }
+    );
+    assert_eq!(
+        icmp6.checksum(),
+        icmp6
+            .icmp_type()
+            .calc_checksum(h6.source, h6.destination, icmp6.payload())
+            .expect("checksum"),
+        "ICMPv6 checksum over the pseudo-header"
+    );
+    assert_eq!(icmp6.payload(), &inner6[..40 + 64]);
+    assert_eq!(
+        dp6.counters().expect("counters").get(Counter::IcmpTooBig),
+        1
+    );
+
     // Other sources than H are not the datapath's business.
     let mut other = home_to_client4_ip(b"x");
     other[15] = 11;
