@@ -811,6 +811,18 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
     }
     newcomers.list = list;
     let lost = connections.iter().filter(|c| !c.kept).count() + newcomers.failed;
+    if lost > 0 {
+        // Keep what tells why: the guest's console at B and both agents' logs.
+        let console = fs::read_to_string(l.scratch.0.join("web-b.console")).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        eprintln!(
+            "demo: {lost} connections lost; the guest's console at B (last lines):\n{}\n\
+             agent A:\n{}\nagent B:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            lab::agent_log(l, "a"),
+            lab::agent_log(l, "b")
+        );
+    }
     let worst_stall_ms = connections
         .iter()
         .filter(|c| c.kind != "idle" && c.kind != "curl")
