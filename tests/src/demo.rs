@@ -812,7 +812,15 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
     newcomers.list = list;
     let lost = connections.iter().filter(|c| !c.kept).count() + newcomers.failed;
     if lost > 0 {
-        // Keep what tells why: the guest's console at B and both agents' logs.
+        // Keep what tells why: the scratch directory (consoles, QEMU logs, agent logs,
+        // VM records) goes to target/demo/failed-<pid>, and the essentials to stderr.
+        let kept = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/demo")
+            .join(format!("failed-{}", std::process::id()));
+        match copy_tree(&l.scratch.0, &kept) {
+            Ok(()) => eprintln!("demo: the lab's files are kept in {}", kept.display()),
+            Err(err) => eprintln!("demo: could not keep the lab's files: {err:#}"),
+        }
         let console = fs::read_to_string(l.scratch.0.join("web-b.console")).unwrap_or_default();
         let tail: Vec<&str> = console.lines().rev().take(40).collect();
         eprintln!(
@@ -1102,4 +1110,20 @@ fn truncate(s: &str, n: usize) -> String {
         t.push('…');
         t
     }
+}
+
+/// Copies the regular files of `from` (and of its directories, one level down) to `to`.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        let target = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_tree(&path, &target)?;
+        } else if path.is_file() {
+            fs::copy(&path, &target).with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
