@@ -144,16 +144,12 @@ pub fn encapsulate(
     Ok(())
 }
 
-/// TC: the same for a packet the VM sent (`H` -> peer). Room is made after
+/// TC: the same for a packet the VM sent (`H` -> peer), which the caller has
+/// checked [`fits`] (it answers the VM with ICMP otherwise). Room is made after
 /// the MAC header with the encapsulation flags, so the kernel segments GSO
 /// packets as UDP-tunnelled and switches skb->protocol for an IPv6 inner.
 #[inline(always)]
 pub fn encapsulate_tc(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<(), Counter> {
-    // SAFETY: reading a field of our own context.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    if !fits(cfg, pkt, gso_size) {
-        return Err(Counter::DropTooBig);
-    }
     let inner = inner_of(ctx.data(), ctx.data_end(), pkt, false)?;
     let mut outer = [0u8; GUE_OVERHEAD_IPV4];
     write_outer(&mut outer, cfg, &inner, pkt.ip_len);

@@ -23,8 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use movarto_user::{
-    agent::api::{DatapathRequest, TapRequest, VmRequest},
-    datapath::{cli::ModeArg, pin_dir},
+    datapath::pin_dir,
     migrate::report::{Outcome, Report as MigrationReport},
 };
 use serde::Serialize;
@@ -32,7 +31,7 @@ use serde::Serialize;
 use crate::{
     delay::{DelayLine, Profile},
     dns_server::SERVICE,
-    lab::{self, GATEWAY_CIDR, GATEWAY_MAC, GUEST_MAC, H, Lab, N, TA, TB},
+    lab::{self, H, Lab, N},
     workload::{self, CurlCheck, Newcomer, Settings, Workload},
 };
 
@@ -442,33 +441,7 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            a.ensure_tap(
-                "tap0",
-                &TapRequest {
-                    gateway_mac: GATEWAY_MAC.to_owned(),
-                    gateway_cidr: GATEWAY_CIDR.to_owned(),
-                },
-            )
-            .await?;
-            a.apply_datapath(&DatapathRequest {
-                vm_iface: "tap0".to_owned(),
-                mode: ModeArg::Track,
-                home_addr: home,
-                new_addr: None,
-                local_tunnel_addr: TA.parse()?,
-                peer_tunnel_addr: TB.parse()?,
-                token: "0".to_owned(),
-                tunnel_mtu: 1500,
-                vm_mac: GUEST_MAC.to_owned(),
-                gateway_mac: GATEWAY_MAC.to_owned(),
-            })
-            .await?;
-            a.start_vm(&VmRequest {
-                spec_toml: spec_a.clone(),
-                incoming: false,
-            })
-            .await?;
-            anyhow::Ok(())
+            lab::start_site_a(&a, &spec_a).await
         })
     })?;
     booted.with_context(|| {

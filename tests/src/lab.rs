@@ -23,7 +23,7 @@ use std::{
 };
 
 use aya::programs::XdpMode;
-use movarto_guest_server::{HTTP_PORT, stream_byte};
+use movarto_guest_server::{ECHO_PORT, HTTP_PORT, STREAM_PORT, stream_byte};
 use movarto_user::{
     agent::{
         AgentClient,
@@ -382,40 +382,44 @@ pub fn add_disk(l: &Lab, mib: usize) {
         .expect("disk at B");
 }
 
-/// Site A through its agent: the tap, the datapath tracking, the VM booted. Waits until the
+/// Site A through its agent: the tap with the anycast gateway, the datapath tracking `H`,
+/// and the VM booting from `spec_a`.
+pub async fn start_site_a(a: &AgentClient, spec_a: &str) -> anyhow::Result<()> {
+    a.ensure_tap(
+        "tap0",
+        &TapRequest {
+            gateway_mac: GATEWAY_MAC.to_owned(),
+            gateway_cidr: GATEWAY_CIDR.to_owned(),
+        },
+    )
+    .await?;
+    a.apply_datapath(&DatapathRequest {
+        vm_iface: "tap0".to_owned(),
+        mode: ModeArg::Track,
+        home_addr: H.parse()?,
+        new_addr: None,
+        local_tunnel_addr: TA.parse()?,
+        peer_tunnel_addr: TB.parse()?,
+        token: "0".to_owned(),
+        tunnel_mtu: 1500,
+        vm_mac: GUEST_MAC.to_owned(),
+        gateway_mac: GATEWAY_MAC.to_owned(),
+    })
+    .await?;
+    a.start_vm(&VmRequest {
+        spec_toml: spec_a.to_owned(),
+        incoming: false,
+    })
+    .await?;
+    Ok(())
+}
+
+/// Site A through its agent ([`start_site_a`]). Waits until the
 /// guest answers at `H` and the probes' unanswered SYNs have aged out of counting as
 /// connections. Returns the guest's boot id.
 pub fn boot_at_a(l: &Lab) -> String {
     let spec_a = guest_spec(l, "a");
-    let started = with_agents(l, async |a, _b| {
-        a.ensure_tap(
-            "tap0",
-            &TapRequest {
-                gateway_mac: GATEWAY_MAC.to_owned(),
-                gateway_cidr: GATEWAY_CIDR.to_owned(),
-            },
-        )
-        .await?;
-        a.apply_datapath(&DatapathRequest {
-            vm_iface: "tap0".to_owned(),
-            mode: ModeArg::Track,
-            home_addr: H.parse()?,
-            new_addr: None,
-            local_tunnel_addr: TA.parse()?,
-            peer_tunnel_addr: TB.parse()?,
-            token: "0".to_owned(),
-            tunnel_mtu: 1500,
-            vm_mac: GUEST_MAC.to_owned(),
-            gateway_mac: GATEWAY_MAC.to_owned(),
-        })
-        .await?;
-        a.start_vm(&VmRequest {
-            spec_toml: spec_a.clone(),
-            incoming: false,
-        })
-        .await?;
-        anyhow::Ok(())
-    });
+    let started = with_agents(l, async |a, _b| start_site_a(&a, &spec_a).await);
     if let Err(err) = started {
         panic!(
             "setting up site A: {err:#}\nagent A log:\n{}",
@@ -581,6 +585,57 @@ pub fn interactive(s: TcpStream, stats: Arc<Stats>, stop: Arc<AtomicBool>) {
         thread::sleep(Duration::from_millis(50));
     }
     let _ = writer.shutdown(Shutdown::Both);
+}
+
+/// The pre-move connections the migration tests watch: a byte-checked stream and an
+/// interactive echo, both running, and an idle echo connection that has said hello.
+pub struct Connections {
+    pub stats: Arc<Stats>,
+    pub idle: TcpStream,
+    stop: Arc<AtomicBool>,
+    workers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Connections {
+    /// Opens them to `H` from the client and waits until traffic flows.
+    pub fn open(l: &Lab) -> Self {
+        let stats = Arc::new(Stats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stream = connect(l, STREAM_PORT);
+        let chat = connect(l, ECHO_PORT);
+        let mut idle = connect(l, ECHO_PORT);
+        assert_eq!(echo_once(&mut idle, "hello before"), "hello before");
+        let workers = vec![
+            {
+                let (stats, stop) = (stats.clone(), stop.clone());
+                thread::spawn(move || stream_reader(stream, stats, stop))
+            },
+            {
+                let (stats, stop) = (stats.clone(), stop.clone());
+                thread::spawn(move || interactive(chat, stats, stop))
+            },
+        ];
+        wait_for("traffic before the move", IO_TIMEOUT, || {
+            stats.streamed.load(Ordering::Relaxed) > 100_000
+                && stats.exchanges.load(Ordering::Relaxed) > 10
+        });
+        Self {
+            stats,
+            idle,
+            stop,
+            workers,
+        }
+    }
+
+    /// Closes all three; returns what broke along the way.
+    pub fn close(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for worker in self.workers {
+            worker.join().expect("worker");
+        }
+        let _ = self.idle.shutdown(Shutdown::Both);
+        self.stats.failed.lock().expect("lock").clone()
+    }
 }
 
 pub fn echo_once(s: &mut TcpStream, message: &str) -> String {

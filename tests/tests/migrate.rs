@@ -5,7 +5,6 @@
 use std::{
     fs,
     io::{BufRead as _, BufReader},
-    net::Shutdown,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -14,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use movarto_guest_server::{ECHO_PORT, STREAM_PORT};
+use movarto_guest_server::ECHO_PORT;
 use movarto_tests::{dns_server::SERVICE, lab::*, require_root};
 use movarto_user::datapath::pin_dir;
 
@@ -26,26 +25,8 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     let boot_id = boot_at_a(&l);
 
     // The pre-move connections.
-    let stats = Arc::new(Stats::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stream = connect(&l, STREAM_PORT);
-    let chat = connect(&l, ECHO_PORT);
-    let mut idle = connect(&l, ECHO_PORT);
-    assert_eq!(echo_once(&mut idle, "hello before"), "hello before");
-    let workers = [
-        {
-            let (stats, stop) = (stats.clone(), stop.clone());
-            thread::spawn(move || stream_reader(stream, stats, stop))
-        },
-        {
-            let (stats, stop) = (stats.clone(), stop.clone());
-            thread::spawn(move || interactive(chat, stats, stop))
-        },
-    ];
-    wait_for("traffic before the move", IO_TIMEOUT, || {
-        stats.streamed.load(Ordering::Relaxed) > 100_000
-            && stats.exchanges.load(Ordering::Relaxed) > 10
-    });
+    let mut conns = Connections::open(&l);
+    let stats = conns.stats.clone();
 
     // The move, as an operator runs it, from the ops namespace.
     let mut migrate = migrate_command(&l, &["--drain-grace", "2s", "--max-drain", "60s"]);
@@ -101,7 +82,7 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
             && stats.exchanges.load(Ordering::Relaxed) > exchanged + 5
     });
     l.start_agent("a");
-    assert_eq!(echo_once(&mut idle, "hello after"), "hello after");
+    assert_eq!(echo_once(&mut conns.idle, "hello after"), "hello after");
     assert_eq!(
         http_get(&l, N, "/id"),
         boot_id,
@@ -109,17 +90,11 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     );
     // A newcomer with a stale DNS answer still reaches the VM through A.
     assert_eq!(http_get(&l, H, "/id"), boot_id, "stale-DNS newcomer via A");
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().expect("worker");
-    }
-    let _ = idle.shutdown(Shutdown::Both);
-    drop(idle);
+    let failures = conns.close();
 
     let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(90), || {});
     let _lines = progress.join().expect("progress");
     assert!(status.success(), "migrate exited {status}: {report}");
-    let failures = stats.failed.lock().expect("lock").clone();
     assert!(failures.is_empty(), "connections broke: {failures:?}");
 
     // The report matches what the test saw.
@@ -359,26 +334,8 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
     require_root();
     let l = lab();
     let boot_id = boot_at_a(&l);
-    let stats = Arc::new(Stats::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let stream = connect(&l, STREAM_PORT);
-    let chat = connect(&l, ECHO_PORT);
-    let mut idle = connect(&l, ECHO_PORT);
-    assert_eq!(echo_once(&mut idle, "hello before"), "hello before");
-    let workers = [
-        {
-            let (stats, stop) = (stats.clone(), stop.clone());
-            thread::spawn(move || stream_reader(stream, stats, stop))
-        },
-        {
-            let (stats, stop) = (stats.clone(), stop.clone());
-            thread::spawn(move || interactive(chat, stats, stop))
-        },
-    ];
-    wait_for("traffic before the move", IO_TIMEOUT, || {
-        stats.streamed.load(Ordering::Relaxed) > 100_000
-            && stats.exchanges.load(Ordering::Relaxed) > 10
-    });
+    let mut conns = Connections::open(&l);
+    let stats = conns.stats.clone();
 
     // The operator's hook re-routes H at the wan router, as a routing change would.
     let hook = format!(
@@ -420,18 +377,14 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
         stats.streamed.load(Ordering::Relaxed) > streamed + 100_000
             && stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
     });
-    assert_eq!(echo_once(&mut idle, "hello after"), "hello after");
+    assert_eq!(echo_once(&mut conns.idle, "hello after"), "hello after");
     assert_eq!(
         http_get(&l, H, "/id"),
         boot_id,
         "a new connection to H lands at B"
     );
     assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H], "DNS unchanged");
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().expect("worker");
-    }
-    let failures = stats.failed.lock().expect("lock").clone();
+    let failures = conns.close();
     assert!(failures.is_empty(), "connections broke: {failures:?}");
 }
 
