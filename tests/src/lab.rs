@@ -33,6 +33,7 @@ use movarto_user::{
 };
 
 use crate::{
+    GUEST_KERNEL_ARGS,
     dns_server::{Bind9, SERVICE, in_netns},
     netns::{ChildGuard, Netns, veth},
 };
@@ -333,6 +334,28 @@ pub fn agent_log(l: &Lab, site: &str) -> String {
     fs::read_to_string(l.scratch.0.join(format!("agent-{site}.log"))).unwrap_or_default()
 }
 
+/// Everything that explains a stuck migration: both agents' logs, their view of the VM
+/// (run state and migration phase), and QEMU's own logs at both sites.
+pub fn stall_report(l: &Lab) -> String {
+    let views = with_agents(l, async |a, b| {
+        let a_view = a.vm("web").await.map(|v| format!("{v:?}"));
+        let b_view = b.vm("web").await.map(|v| format!("{v:?}"));
+        (format!("{a_view:?}"), format!("{b_view:?}"))
+    });
+    let qemu_log = |site: &str| {
+        fs::read_to_string(l.scratch.0.join(format!("state-{site}/web.log"))).unwrap_or_default()
+    };
+    format!(
+        "agent logs:\nA:\n{}\nB:\n{}\nVM at A: {}\nVM at B: {}\nQEMU log at A:\n{}\nQEMU log at B:\n{}",
+        agent_log(l, "a"),
+        agent_log(l, "b"),
+        views.0,
+        views.1,
+        qemu_log("a"),
+        qemu_log("b"),
+    )
+}
+
 pub fn guest_spec(l: &Lab, site: &str) -> String {
     let guest = repo().join("target/guest");
     format!(
@@ -343,7 +366,7 @@ qmp_socket = "{dir}/web-{site}.qmp"
 serial_log = "{dir}/web-{site}.console"
 kernel = "{guest}/vmlinuz"
 initrd = "{guest}/initramfs.cpio.gz"
-append = "console=ttyS0 panic=-1 quiet movarto.ip={H}/24 movarto.gw=192.0.2.1"
+append = "{GUEST_KERNEL_ARGS} movarto.ip={H}/24 movarto.gw=192.0.2.1"
 {disk}
 [nic]
 mac = "{GUEST_MAC}"
@@ -680,9 +703,8 @@ pub fn finish_migrate(
         }
         assert!(
             started.elapsed() < limit,
-            "migrate did not finish within {limit:?}; agent logs:\nA:\n{}\nB:\n{}",
-            agent_log(l, "a"),
-            agent_log(l, "b")
+            "migrate did not finish within {limit:?}\n{}",
+            stall_report(l)
         );
         tick();
         thread::sleep(Duration::from_millis(100));

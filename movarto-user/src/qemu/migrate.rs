@@ -365,6 +365,15 @@ async fn run(
                     .await
                     .context("source: migrate-continue")?;
             }
+            // The stream broke after the VM started running at the destination (it died,
+            // or the link did): QEMU keeps the source paused, waiting for a recovery.
+            "postcopy-paused" => {
+                bail!(
+                    "the migration stream broke in post-copy (QEMU: postcopy-paused; {}): \
+                     the source holds the pages the destination still lacks and is paused",
+                    info.error_desc.as_deref().unwrap_or("no reason given")
+                );
+            }
             "failed" | "cancelled" => {
                 bail!(
                     "QEMU reports the migration {status}: {}",
