@@ -224,6 +224,9 @@ pub struct VmStatus {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MigrationSettings {
     pub max_bandwidth: u64,
+    /// 0: no cap (absent from older orchestrators).
+    #[serde(default)]
+    pub max_postcopy_bandwidth: u64,
     pub downtime_limit_ms: u64,
     pub multifd_channels: Option<u8>,
     pub auto_converge: bool,
@@ -239,6 +242,7 @@ impl Default for MigrationSettings {
         let options = MigrationOptions::default();
         Self {
             max_bandwidth: options.max_bandwidth,
+            max_postcopy_bandwidth: options.max_postcopy_bandwidth,
             downtime_limit_ms: options.downtime_limit.as_millis() as u64,
             multifd_channels: None,
             auto_converge: false,
@@ -266,6 +270,7 @@ impl MigrationSettings {
         };
         Ok(MigrationOptions {
             max_bandwidth: self.max_bandwidth,
+            max_postcopy_bandwidth: self.max_postcopy_bandwidth,
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
             pause_before_switchover: true,
             // The destination's agent announces, when the orchestrator says so.

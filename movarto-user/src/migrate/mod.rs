@@ -98,6 +98,10 @@ pub struct MigrateArgs {
     /// Migration bandwidth cap, bytes per second.
     #[arg(long, default_value_t = 10 * 1024 * 1024 * 1024 / 8)]
     pub max_bandwidth: u64,
+    /// Post-copy bandwidth cap, bytes per second (0: none). The VM at the destination
+    /// waits for its missing pages, so cap post-copy only to spare a shared link.
+    #[arg(long, default_value_t = 0)]
+    pub max_postcopy_bandwidth: u64,
     #[arg(long, default_value_t = 300)]
     pub downtime_limit_ms: u64,
     /// `off`, `after-first-pass`, or `within:<ms>`.
@@ -211,13 +215,18 @@ impl Plan {
                 })
             }
         };
-        let (max_bandwidth, postcopy) = if args.urgent {
-            (u64::MAX / 2, "after-first-pass".to_owned())
+        let (max_bandwidth, max_postcopy_bandwidth, postcopy) = if args.urgent {
+            (u64::MAX / 2, 0, "after-first-pass".to_owned())
         } else {
-            (args.max_bandwidth, args.postcopy.clone())
+            (
+                args.max_bandwidth,
+                args.max_postcopy_bandwidth,
+                args.postcopy.clone(),
+            )
         };
         let settings = crate::agent::api::MigrationSettings {
             max_bandwidth,
+            max_postcopy_bandwidth,
             downtime_limit_ms: args.downtime_limit_ms,
             multifd_channels: args.multifd,
             auto_converge: args.auto_converge,

@@ -234,6 +234,9 @@ pub async fn run_plan(plan: &Plan, progress: bool) -> Report {
             run.report.error = Some(format!("{err:#}"));
             run.report.rolled_back = Some(run.roll_back().await);
         }
+        Err(Failure::Split(err)) => {
+            run.report.error = Some(format!("{err:#}. {SPLIT_GUIDANCE}"));
+        }
         Err(Failure::AfterSwitchover(err)) => {
             let finish = match plan.new_addr {
                 Some(new) => format!(
@@ -256,7 +259,47 @@ pub async fn run_plan(plan: &Plan, progress: bool) -> Report {
 enum Failure {
     BeforeSwitchover(anyhow::Error),
     AfterSwitchover(anyhow::Error),
+    /// Post-copy broke: the VM has run at B, and A holds pages B never got.
+    Split(anyhow::Error),
 }
+
+/// The migration stream broke after post-copy began (QEMU's `postcopy-paused`, or B died).
+#[derive(Debug)]
+struct PostcopyBroke(String);
+
+impl std::fmt::Display for PostcopyBroke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "post-copy broke after the VM started at the destination ({})",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for PostcopyBroke {}
+
+/// Whether a failed migration had already switched to post-copy: the source reports it in
+/// its last progress, or names it in its error if it failed before one was sent.
+fn in_postcopy(state: &crate::agent::api::MigrationState) -> bool {
+    state
+        .progress
+        .as_ref()
+        .is_some_and(|pr| pr.status.starts_with("postcopy"))
+        || state
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("in post-copy"))
+}
+
+/// What the operator reads when post-copy broke: undoing anything would lose the VM.
+const SPLIT_GUIDANCE: &str = "Nothing was rolled back: the VM's memory is split between the \
+    source (paused, holding the pages the destination lacks) and the destination, so stopping \
+    either loses it. If QEMU at the destination still runs, mend the link and resume with QMP \
+    `migrate-recover` at the destination and `migrate` with `resume: true` at the source; \
+    if it exited, the VM's RAM is lost: quit the source's QEMU and boot the VM again from \
+    its disk. Both \
+    datapaths are left as they are (source forwards, destination receives)";
 
 fn datapath_request(p: &Plan, token: &str, mode: ModeArg, at_source: bool) -> DatapathRequest {
     {
@@ -287,10 +330,13 @@ impl Run<'_> {
             .map_err(Failure::BeforeSwitchover)?;
         // The source still runs until `continue`; a failure up to completion resumes it.
         let switchover = self.switchover().await.map_err(Failure::BeforeSwitchover)?;
-        let completed = self
-            .complete(switchover)
-            .await
-            .map_err(Failure::BeforeSwitchover)?;
+        let completed = self.complete(switchover).await.map_err(|err| {
+            if err.is::<PostcopyBroke>() {
+                Failure::Split(err)
+            } else {
+                Failure::BeforeSwitchover(err)
+            }
+        })?;
         self.after_switchover(completed)
             .await
             .map_err(Failure::AfterSwitchover)
@@ -550,6 +596,9 @@ impl Run<'_> {
                             break state
                                 .report
                                 .context("a completed migration without report")?;
+                        }
+                        MigrationPhase::Failed if in_postcopy(&state) => {
+                            return Err(anyhow!(PostcopyBroke(state.error.unwrap_or_default())));
                         }
                         MigrationPhase::Failed => bail!(
                             "the migration failed after the flip: {}",

@@ -40,6 +40,9 @@ use super::qmp::{
 pub struct MigrationOptions {
     /// Bytes per second; QEMU's own default cap is far too low for a WAN.
     pub max_bandwidth: u64,
+    /// Bytes per second once in post-copy; 0 (QEMU's default) is no cap: the VM waits on
+    /// every page it still lacks, so post-copy normally takes all the link has.
+    pub max_postcopy_bandwidth: u64,
     /// The longest pause QEMU aims for at switchover.
     pub downtime_limit: Duration,
     /// Stop at `pre-switchover` and run the hook before `migrate-continue`.
@@ -80,6 +83,7 @@ impl Default for MigrationOptions {
     fn default() -> Self {
         Self {
             max_bandwidth: 10 * 1024 * 1024 * 1024 / 8, // 10 Gbit/s: effectively no cap
+            max_postcopy_bandwidth: 0,
             downtime_limit: Duration::from_millis(300),
             pause_before_switchover: true,
             announce: true,
@@ -229,8 +233,8 @@ pub async fn migrate_outgoing(
         // Once in post-copy the destination has run and the source's memory is stale:
         // resuming the source would fork the VM. QEMU keeps both paused instead.
         Err(err) if observed.postcopy_started_ms.is_some() => Err(err.context(
-            "the migration failed in post-copy: the source cannot resume; \
-             the VM is paused until the link returns (postcopy recovery)",
+            "the migration failed in post-copy; the source cannot resume \
+             (QEMU keeps it paused for a post-copy recovery)",
         )),
         Err(err) => {
             tracing::warn!("migration failed: {err:#}; rolling back to the source");
@@ -369,9 +373,10 @@ async fn run(
             // or the link did): QEMU keeps the source paused, waiting for a recovery.
             "postcopy-paused" => {
                 bail!(
-                    "the migration stream broke in post-copy (QEMU: postcopy-paused; {}): \
-                     the source holds the pages the destination still lacks and is paused",
-                    info.error_desc.as_deref().unwrap_or("no reason given")
+                    "the stream to the destination broke (QEMU: postcopy-paused{})",
+                    info.error_desc
+                        .as_deref()
+                        .map_or_else(String::new, |why| format!(", {why}"))
                 );
             }
             "failed" | "cancelled" => {
@@ -439,6 +444,7 @@ async fn configure_source(source: &Qmp, options: &MigrationOptions) -> Result<()
     source
         .run(&MigrateSetParameters {
             max_bandwidth: Some(options.max_bandwidth),
+            max_postcopy_bandwidth: Some(options.max_postcopy_bandwidth),
             downtime_limit: Some(downtime_ms),
             multifd_channels: options.multifd_channels,
             cpu_throttle_initial: options
@@ -456,13 +462,16 @@ async fn configure_source(source: &Qmp, options: &MigrationOptions) -> Result<()
         .await
         .context("source: query-migrate-parameters")?;
     if applied.max_bandwidth != Some(options.max_bandwidth)
+        || applied.max_postcopy_bandwidth != Some(options.max_postcopy_bandwidth)
         || applied.downtime_limit != Some(downtime_ms)
     {
         bail!(
             "QEMU did not apply the migration parameters: max-bandwidth {:?} (asked {}), \
-             downtime-limit {:?} ms (asked {downtime_ms})",
+             max-postcopy-bandwidth {:?} (asked {}), downtime-limit {:?} ms (asked {downtime_ms})",
             applied.max_bandwidth,
             options.max_bandwidth,
+            applied.max_postcopy_bandwidth,
+            options.max_postcopy_bandwidth,
             applied.downtime_limit
         );
     }

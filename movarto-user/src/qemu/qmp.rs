@@ -524,6 +524,9 @@ pub mod commands {
         /// Bytes per second.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub max_bandwidth: Option<u64>,
+        /// Bytes per second in post-copy; 0 is no cap.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub max_postcopy_bandwidth: Option<u64>,
         /// Milliseconds.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub downtime_limit: Option<u64>,
@@ -558,6 +561,7 @@ pub mod commands {
     #[serde(rename_all = "kebab-case")]
     pub struct MigrationParameters {
         pub max_bandwidth: Option<u64>,
+        pub max_postcopy_bandwidth: Option<u64>,
         pub downtime_limit: Option<u64>,
         pub multifd_channels: Option<u8>,
     }
