@@ -14,8 +14,8 @@ use std::{
 };
 
 use movarto_guest_server::ECHO_PORT;
-use movarto_tests::{dns_server::SERVICE, lab::*, require_root};
-use movarto_user::datapath::pin_dir;
+use movarto_tests::{dns_server::SERVICE, lab::*, netns::ChildGuard, require_root};
+use movarto_user::{agent::api::MigrationState, datapath::pin_dir};
 
 #[test]
 fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
@@ -186,34 +186,9 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
     // A slow copy (8 MiB/s for ~80 MiB), so the destination can die in the middle of it.
     let mut migrate = migrate_command(&l, &["--max-bandwidth", "8388608"]);
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
-    let destination_pid = {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let copying = with_agents(&l, async |a, b| {
-                let migrating = a
-                    .migration("web")
-                    .await
-                    .is_ok_and(|m| m.progress.is_some_and(|p| p.transferred > 8 << 20));
-                let pid = b.vm("web").await.ok().and_then(|vm| vm.pid);
-                migrating.then_some(pid).flatten()
-            });
-            if let Some(pid) = copying {
-                break pid;
-            }
-            assert!(Instant::now() < deadline, "the RAM copy did not start");
-            assert!(
-                orchestrator.try_wait().expect("wait").is_none(),
-                "migrate ended before the RAM copy: {}",
-                agent_log(&l, "b")
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    };
-    // SAFETY: the destination QEMU, started by the test's own agent, by its PID.
-    assert_eq!(
-        unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
-        0
-    );
+    kill_destination_qemu_once(&l, &mut orchestrator, "the RAM copy", |m| {
+        m.progress.is_some_and(|p| p.transferred > 8 << 20)
+    });
 
     let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(60), || {});
     assert!(!status.success(), "migrate must fail");
@@ -475,34 +450,9 @@ fn a_destination_dying_in_postcopy_leaves_the_source_half_and_says_how_to_recove
         ],
     );
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
-    let destination_pid = {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let in_postcopy = with_agents(&l, async |a, b| {
-                let postcopy = a
-                    .migration("web")
-                    .await
-                    .is_ok_and(|m| m.progress.is_some_and(|p| p.status == "postcopy-active"));
-                let pid = b.vm("web").await.ok().and_then(|vm| vm.pid);
-                postcopy.then_some(pid).flatten()
-            });
-            if let Some(pid) = in_postcopy {
-                break pid;
-            }
-            assert!(Instant::now() < deadline, "post-copy did not start");
-            assert!(
-                orchestrator.try_wait().expect("wait").is_none(),
-                "migrate ended before post-copy: {}",
-                agent_log(&l, "a")
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    };
-    // SAFETY: the destination QEMU, started by the test's own agent, by its PID.
-    assert_eq!(
-        unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
-        0
-    );
+    kill_destination_qemu_once(&l, &mut orchestrator, "post-copy", |m| {
+        m.progress.is_some_and(|p| p.status == "postcopy-active")
+    });
 
     let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(60), || {});
     assert!(!status.success(), "migrate must fail");
@@ -536,5 +486,38 @@ fn a_destination_dying_in_postcopy_leaves_the_source_half_and_says_how_to_recove
     println!(
         "post-copy failure report: {error}; A's VM is {}",
         vm_at_a.run_state
+    );
+}
+
+/// Waits until A's migration of the VM reaches `stage` (`reached`), then kills B's QEMU
+/// with SIGKILL, as a crash or an OOM kill at the destination would.
+fn kill_destination_qemu_once(
+    l: &Lab,
+    orchestrator: &mut ChildGuard,
+    stage: &str,
+    reached: impl Fn(MigrationState) -> bool + Send + Sync + Copy,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let destination_pid = loop {
+        let ready = with_agents(l, async |a, b| {
+            let at_stage = a.migration("web").await.is_ok_and(reached);
+            let pid = b.vm("web").await.ok().and_then(|vm| vm.pid);
+            at_stage.then_some(pid).flatten()
+        });
+        if let Some(pid) = ready {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "{stage} did not start");
+        assert!(
+            orchestrator.try_wait().expect("wait").is_none(),
+            "migrate ended before {stage}: {}",
+            agent_log(l, "a")
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    // SAFETY: the destination QEMU, started by the test's own agent, by its PID.
+    assert_eq!(
+        unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
+        0
     );
 }
