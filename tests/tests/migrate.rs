@@ -106,6 +106,7 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     assert_eq!(report["flows_drained"], 3);
     assert_eq!(report["flows_cut"].as_array().map(Vec::len), Some(0));
     assert_eq!(report["qemu"]["status"], "completed");
+    assert_eq!(report["qemu"]["destination_status"], "running");
     assert!(
         report["qemu"]["downtime_ms"]
             .as_u64()

@@ -25,6 +25,7 @@ use crate::{
     },
     datapath::cli::ModeArg,
     dns::{client::ZoneServer, key::TsigKey, records},
+    qemu::migrate::MigrationReport,
 };
 
 /// How often the orchestrator polls a running migration and the drain.
@@ -608,6 +609,11 @@ impl Run<'_> {
                     }
                 };
                 let vm = p.destination.finish_incoming(&p.vm).await?;
+                // The source's QEMU reports the migration; only B knows how its VM runs.
+                let report = MigrationReport {
+                    destination_status: vm.run_state.clone(),
+                    ..report
+                };
                 Ok((
                     Some(report.clone()),
                     format!(
