@@ -128,3 +128,64 @@ fn same_uplink_name_in_two_namespaces_needs_a_pin_name() {
     assert!(!dir_b.exists(), "B detached");
     assert!(dir_a.exists(), "A still attached");
 }
+
+/// A site whose namespace was deleted without `detach` leaves its pins on bpffs (global).
+/// `movarto-user detach` refuses another namespace's live datapath, but removes pins whose
+/// uplink is gone: the kernel has detached their XDP link, so nothing is attached.
+#[test]
+fn detach_removes_the_pins_of_a_datapath_whose_namespace_is_gone() {
+    require_root();
+    let uplink = format!("mvg{}", std::process::id() % 100_000);
+    let pin = format!("{uplink}-gone");
+    let elsewhere = Netns::new("pinelse").expect("netns");
+    // nsenter, not `ip netns exec`: that remounts /sys, hiding the host's bpffs.
+    let detach_from_elsewhere = || {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", elsewhere.name()))
+            .arg(movarto_tests::lab::movarto_user())
+            .args(["detach", &uplink, "--pin-name", &pin])
+            .output()
+            .expect("movarto-user detach")
+    };
+    let (ns, peer) = site(&uplink);
+    let dir = attach_in(&ns, &options(&uplink, Some(&pin))).expect("attach");
+    let _cleanup = Attached(pin.clone());
+    assert!(
+        !Pinned::open(&pin)
+            .expect("pins")
+            .uplink_gone()
+            .expect("link")
+    );
+
+    // Live, in another namespace: refused, and the pins stay.
+    let refused = detach_from_elsewhere();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("in another network namespace (cookie"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(dir.exists());
+
+    // The site's namespace goes (its uplink with it) without a detach.
+    drop(ns);
+    drop(peer);
+    assert!(
+        Pinned::open(&pin)
+            .expect("pins")
+            .uplink_gone()
+            .expect("link")
+    );
+    let removed = detach_from_elsewhere();
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&removed.stdout).contains("no longer exists"),
+        "{}",
+        String::from_utf8_lossy(&removed.stdout)
+    );
+    assert!(!dir.exists(), "the pins are gone");
+}

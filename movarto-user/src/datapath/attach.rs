@@ -17,7 +17,11 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc,
+    },
 };
 use movarto_common::{
     config::{CONFIG_KEY, Config, Mode},
@@ -138,6 +142,17 @@ impl Owner {
             format!("the datapath of {uplink} in this network namespace")
         })
     }
+}
+
+/// A numeric field (`key:\tvalue`) of a /proc fdinfo file.
+fn fdinfo_field(text: &str, key: &str) -> Option<u32> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(key)?
+            .strip_prefix(':')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// The interface index of `name`.
@@ -321,6 +336,29 @@ impl Pinned {
     /// Whose pins these are.
     pub fn owner(&self) -> Result<Owner> {
         Ok(Owner::of(&self.config()?))
+    }
+
+    /// Whether the uplink this datapath was attached to is gone (deleted, or with its network
+    /// namespace): the kernel then detaches the pinned XDP link, which reports ifindex 0.
+    pub fn uplink_gone(&self) -> Result<bool> {
+        let path = self.dir.join(UPLINK_LINK);
+        let link = FdLink::from(
+            PinnedLink::from_pin(&path).with_context(|| format!("opening {}", path.display()))?,
+        );
+        let id = link
+            .info()
+            .with_context(|| format!("reading {}", path.display()))?
+            .id();
+        // aya does not hand out the link's descriptor; its fdinfo (the only place the
+        // kernel names the interface) is found by the link id instead.
+        let fdinfo = fs::read_dir("/proc/self/fdinfo").context("reading /proc/self/fdinfo")?;
+        for entry in fdinfo.flatten() {
+            let text = fs::read_to_string(entry.path()).unwrap_or_default();
+            if fdinfo_field(&text, "link_id") == Some(id) {
+                return Ok(fdinfo_field(&text, "ifindex") == Some(0));
+            }
+        }
+        bail!("no fdinfo names link {id} of {}", path.display())
     }
 
     /// Opens the maps pinned in `dir` (as [`Datapath::pin`] leaves them).

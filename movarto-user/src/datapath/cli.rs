@@ -174,9 +174,18 @@ fn warn_if_not_forwarding(uplink: &str, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-/// Detaches the datapath of `uplink` in this network namespace.
+/// Detaches the datapath of `uplink` in this network namespace, or removes the pins of
+/// one whose uplink no longer exists anywhere (nothing is attached then).
 pub fn run_detach(uplink: &str, pin_name: Option<&str>) -> Result<()> {
     let name = pin_name_or(pin_name, uplink);
+    if Pinned::open(name)?.uplink_gone()? {
+        detach(name)?;
+        println!(
+            "removed the pins under {name}: the uplink they were attached to no longer exists \
+             (deleted, or its network namespace was), so nothing was attached"
+        );
+        return Ok(());
+    }
     // Refuses another namespace's datapath that happens to use the same name.
     let pinned = Pinned::open_for(uplink, name)?;
     drop(pinned);
