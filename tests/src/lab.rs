@@ -338,9 +338,10 @@ pub fn agent_log(l: &Lab, site: &str) -> String {
 /// (run state and migration phase), and QEMU's own logs at both sites.
 pub fn stall_report(l: &Lab) -> String {
     let views = with_agents(l, async |a, b| {
-        let a_view = a.vm("web").await.map(|v| format!("{v:?}"));
-        let b_view = b.vm("web").await.map(|v| format!("{v:?}"));
-        (format!("{a_view:?}"), format!("{b_view:?}"))
+        (
+            format!("{:?}", a.vm("web").await),
+            format!("{:?}", b.vm("web").await),
+        )
     });
     let qemu_log = |site: &str| {
         fs::read_to_string(l.scratch.0.join(format!("state-{site}/web.log"))).unwrap_or_default()

@@ -343,4 +343,7 @@ pub struct MigrationState {
     pub progress: Option<Progress>,
     pub report: Option<MigrationReport>,
     pub error: Option<String>,
+    /// It failed after post-copy began: the VM's RAM is split between the sites.
+    #[serde(default)]
+    pub split: bool,
 }

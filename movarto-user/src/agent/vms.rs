@@ -25,7 +25,8 @@ use super::api::{
 };
 use crate::qemu::{
     migrate::{
-        SwitchoverHook, abandon_incoming, finish_incoming, migrate_outgoing, prepare_incoming,
+        FailedInPostcopy, SwitchoverHook, abandon_incoming, finish_incoming, migrate_outgoing,
+        prepare_incoming,
     },
     mirror::{
         DiskMirror, MirrorHook, MirrorReady, abort_mirror, export_disk, start_mirror, unexport_disk,
@@ -362,6 +363,7 @@ impl Vms {
                 progress: None,
                 report: None,
                 error: None,
+                split: false,
             }));
             let (release, released) = oneshot::channel();
             *slot = Some(Migration {
@@ -412,6 +414,7 @@ impl Vms {
                         tracing::warn!("migration failed: {err:#}");
                         state.phase = MigrationPhase::Failed;
                         state.error = Some(format!("{err:#}"));
+                        state.split = err.downcast_ref::<FailedInPostcopy>().is_some();
                     }
                 }
             });

@@ -321,16 +321,23 @@ impl Pinned {
     /// one attached to `uplink` in the calling thread's network namespace.
     pub fn open_for(uplink: &str, pin_name: &str) -> Result<Self> {
         let pinned = Self::open(pin_name)?;
-        let owner = pinned.owner()?;
+        pinned.check_owner(uplink)?;
+        Ok(pinned)
+    }
+
+    /// Fails unless this is the datapath attached to `uplink` in the calling thread's
+    /// network namespace.
+    pub fn check_owner(&self, uplink: &str) -> Result<()> {
+        let owner = self.owner()?;
         if !owner.is(uplink)? {
             bail!(
                 "{} holds {}, not {uplink}'s here; bpffs is shared by all network namespaces, \
                  so pass the pin name this site attached with (--pin-name)",
-                pinned.dir.display(),
+                self.dir.display(),
                 owner.describe(uplink)?
             );
         }
-        Ok(pinned)
+        Ok(())
     }
 
     /// Whose pins these are.

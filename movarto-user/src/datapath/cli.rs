@@ -178,7 +178,9 @@ fn warn_if_not_forwarding(uplink: &str, mode: Mode) -> Result<()> {
 /// one whose uplink no longer exists anywhere (nothing is attached then).
 pub fn run_detach(uplink: &str, pin_name: Option<&str>) -> Result<()> {
     let name = pin_name_or(pin_name, uplink);
-    if Pinned::open(name)?.uplink_gone()? {
+    let pinned = Pinned::open(name)?;
+    if pinned.uplink_gone()? {
+        drop(pinned);
         detach(name)?;
         println!(
             "removed the pins under {name}: the uplink they were attached to no longer exists \
@@ -187,7 +189,7 @@ pub fn run_detach(uplink: &str, pin_name: Option<&str>) -> Result<()> {
         return Ok(());
     }
     // Refuses another namespace's datapath that happens to use the same name.
-    let pinned = Pinned::open_for(uplink, name)?;
+    pinned.check_owner(uplink)?;
     drop(pinned);
     detach(name)?;
     println!("detached from {uplink} (pin name {name})");

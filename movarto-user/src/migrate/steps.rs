@@ -280,27 +280,13 @@ impl std::fmt::Display for PostcopyBroke {
 
 impl std::error::Error for PostcopyBroke {}
 
-/// Whether a failed migration had already switched to post-copy: the source reports it in
-/// its last progress, or names it in its error if it failed before one was sent.
-fn in_postcopy(state: &crate::agent::api::MigrationState) -> bool {
-    state
-        .progress
-        .as_ref()
-        .is_some_and(|pr| pr.status.starts_with("postcopy"))
-        || state
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("in post-copy"))
-}
-
 /// What the operator reads when post-copy broke: undoing anything would lose the VM.
 const SPLIT_GUIDANCE: &str = "Nothing was rolled back: the VM's memory is split between the \
     source (paused, holding the pages the destination lacks) and the destination, so stopping \
     either loses it. If QEMU at the destination still runs, mend the link and resume with QMP \
     `migrate-recover` at the destination and `migrate` with `resume: true` at the source; \
     if it exited, the VM's RAM is lost: quit the source's QEMU and boot the VM again from \
-    its disk. Both \
-    datapaths are left as they are (source forwards, destination receives)";
+    its disk. Both datapaths are left as they are (source forwards, destination receives)";
 
 fn datapath_request(p: &Plan, token: &str, mode: ModeArg, at_source: bool) -> DatapathRequest {
     {
@@ -598,7 +584,7 @@ impl Run<'_> {
                                 .report
                                 .context("a completed migration without report")?;
                         }
-                        MigrationPhase::Failed if in_postcopy(&state) => {
+                        MigrationPhase::Failed if state.split => {
                             return Err(anyhow!(PostcopyBroke(state.error.unwrap_or_default())));
                         }
                         MigrationPhase::Failed => bail!(

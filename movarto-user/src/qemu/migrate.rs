@@ -232,10 +232,7 @@ pub async fn migrate_outgoing(
         Ok(report) => Ok(report),
         // Once in post-copy the destination has run and the source's memory is stale:
         // resuming the source would fork the VM. QEMU keeps both paused instead.
-        Err(err) if observed.postcopy_started_ms.is_some() => Err(err.context(
-            "the migration failed in post-copy; the source cannot resume \
-             (QEMU keeps it paused for a post-copy recovery)",
-        )),
+        Err(err) if observed.postcopy_started_ms.is_some() => Err(err.context(FailedInPostcopy)),
         Err(err) => {
             tracing::warn!("migration failed: {err:#}; rolling back to the source");
             if let Err(rollback) = roll_back_source(source).await {
@@ -243,6 +240,20 @@ pub async fn migrate_outgoing(
             }
             Err(err)
         }
+    }
+}
+
+/// The context of a migration that failed after post-copy began: the VM's RAM is split
+/// between the two sides, so callers must not treat it like a pre-copy failure.
+#[derive(Debug)]
+pub struct FailedInPostcopy;
+
+impl std::fmt::Display for FailedInPostcopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "the migration failed in post-copy; the source cannot resume \
+             (QEMU keeps it paused for a post-copy recovery)",
+        )
     }
 }
 
