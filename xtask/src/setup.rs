@@ -17,7 +17,6 @@ const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
-    "qemu-system-x86",
     "busybox-static",
     "bind9",
     "bind9-utils",
@@ -35,6 +34,14 @@ const PACKAGES: &[&str] = &[
 
 /// build-std for the BPF target needs rust-src; `cargo xtask test` lints the eBPF crate with clippy.
 const NIGHTLY_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
+/// QEMU comes from bookworm-backports: bookworm's 7.2 (2022) lacks post-copy recovery and
+/// postcopy-preempt, and installing it removes the `qemu-utils` 10 the machine image ships.
+const BACKPORTS_SUITE: &str = "bookworm-backports";
+const QEMU_PACKAGE: &str = "qemu-system-x86";
+const QEMU_MAJOR: &str = "10";
+/// Where setup writes the backports suite; the URI is copied from the machine's own source.
+const BACKPORTS_SOURCE_FILE: &str = "/etc/apt/sources.list.d/movarto-bookworm-backports.sources";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -61,6 +68,16 @@ const STEPS: &[Step] = &[
         name: "Debian packages",
         missing: packages_missing,
         apply: packages_install,
+    },
+    Step {
+        name: "the bookworm-backports suite in the Debian source",
+        missing: backports_missing,
+        apply: backports_add,
+    },
+    Step {
+        name: "QEMU 10 from bookworm-backports",
+        missing: qemu_missing,
+        apply: qemu_install,
     },
     Step {
         name: "bpf-linker 0.13.0 built against LLVM 22",
@@ -270,4 +287,194 @@ fn bpf_linker_install() -> Result<()> {
             .env("PATH", format!("{LLVM_PREFIX}/bin:{path}"))
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
+}
+
+/// Every apt source file: the one-line list and the deb822 `.sources` files.
+fn apt_source_files() -> Result<Vec<(std::path::PathBuf, String)>> {
+    let mut files = Vec::new();
+    let list = std::path::PathBuf::from("/etc/apt/sources.list");
+    if let Ok(text) = std::fs::read_to_string(&list) {
+        files.push((list, text));
+    }
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        for entry in dir {
+            let path = entry.context("reading /etc/apt/sources.list.d")?.path();
+            let name = path.to_string_lossy();
+            if name.ends_with(".sources") || name.ends_with(".list") {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                files.push((path, text));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// The Debian archive the machine already uses for `bookworm`: its URI and signing key.
+#[derive(Debug, PartialEq)]
+struct DebianSource {
+    uri: String,
+    signed_by: Option<String>,
+}
+
+/// Finds the stanza (deb822) or line (one-line format) that serves `bookworm` itself.
+fn bookworm_source(text: &str) -> Option<DebianSource> {
+    for stanza in text.split("\n\n") {
+        let field = |name: &str| {
+            stanza.lines().find_map(|l| {
+                let (key, value) = l.split_once(':')?;
+                (key.trim().eq_ignore_ascii_case(name)).then(|| value.trim().to_owned())
+            })
+        };
+        let (Some(uris), Some(suites)) = (field("URIs"), field("Suites")) else {
+            continue;
+        };
+        if field("Types").is_some_and(|t| !t.split_whitespace().any(|t| t == "deb")) {
+            continue;
+        }
+        if suites.split_whitespace().any(|s| s == "bookworm") {
+            let uri = uris.split_whitespace().next()?.to_owned();
+            return Some(DebianSource {
+                uri,
+                signed_by: field("Signed-By"),
+            });
+        }
+    }
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("deb") {
+            continue;
+        }
+        let mut words = words.skip_while(|w| w.starts_with('['));
+        if let (Some(uri), Some("bookworm")) = (words.next(), words.next()) {
+            return Some(DebianSource {
+                uri: uri.to_owned(),
+                signed_by: None,
+            });
+        }
+    }
+    None
+}
+
+fn backports_missing() -> Result<Option<String>> {
+    let present = apt_source_files()?.iter().any(|(_, text)| {
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .any(|l| l.split_whitespace().any(|w| w == BACKPORTS_SUITE))
+    });
+    Ok((!present).then(|| format!("the {BACKPORTS_SUITE} suite")))
+}
+
+fn backports_add() -> Result<()> {
+    let source = apt_source_files()?
+        .iter()
+        .find_map(|(_, text)| bookworm_source(text))
+        .context(
+            "no apt source serves Debian bookworm; add bookworm-backports to your sources by hand",
+        )?;
+    let mut stanza = format!(
+        "# Added by `cargo xtask setup` for QEMU 10 (movarto); same archive as bookworm.\n\
+         Types: deb\nURIs: {}\nSuites: {BACKPORTS_SUITE}\nComponents: main\n",
+        source.uri
+    );
+    if let Some(key) = &source.signed_by {
+        stanza.push_str(&format!("Signed-By: {key}\n"));
+    }
+    std::fs::write(BACKPORTS_SOURCE_FILE, stanza)
+        .with_context(|| format!("writing {BACKPORTS_SOURCE_FILE}"))?;
+    apt_update()
+}
+
+fn apt_update() -> Result<()> {
+    status(
+        Command::new("apt-get")
+            .args(["-q", "-o", "Dpkg::Use-Pty=0", "update"])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// The installed version of `package`, if it is installed.
+fn installed_version(package: &str) -> Result<Option<String>> {
+    let out = output(Command::new("dpkg-query").args([
+        "-W",
+        "-f=${db:Status-Status} ${Version}",
+        package,
+    ]))?
+    .context("dpkg-query not found: `cargo xtask setup` supports Debian and its derivatives")?;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    Ok(listing
+        .strip_prefix("installed ")
+        .map(|v| v.trim().to_owned()))
+}
+
+/// Whether a Debian version (`1:10.0.2+ds-...`) has the given upstream major version.
+fn has_major(version: &str, major: &str) -> bool {
+    let upstream = version.split_once(':').map_or(version, |(_, v)| v);
+    upstream.split('.').next() == Some(major)
+}
+
+fn qemu_missing() -> Result<Option<String>> {
+    match installed_version(QEMU_PACKAGE)? {
+        Some(v) if has_major(&v, QEMU_MAJOR) => Ok(None),
+        Some(v) => Ok(Some(format!("{QEMU_PACKAGE} {QEMU_MAJOR} (found {v})"))),
+        None => Ok(Some(format!("{QEMU_PACKAGE} {QEMU_MAJOR}"))),
+    }
+}
+
+fn qemu_install() -> Result<()> {
+    let utils_before = installed_version("qemu-utils")?;
+    // -t takes QEMU's own dependencies (qemu-system-common, -data) from backports too.
+    status(
+        Command::new("apt-get")
+            .args(["-q", "-y", "-o", "Dpkg::Use-Pty=0", "install", "-t"])
+            .arg(BACKPORTS_SUITE)
+            .arg(QEMU_PACKAGE)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    if utils_before.is_some() && installed_version("qemu-utils")?.is_none() {
+        bail!("installing {QEMU_PACKAGE} removed qemu-utils; reinstall it from {BACKPORTS_SUITE}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_bookworm_in_a_deb822_source_and_skips_security() {
+        let text = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\
+                    Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n\
+                    Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n";
+        assert_eq!(
+            bookworm_source(text),
+            Some(DebianSource {
+                uri: "http://mirror.example/debian".into(),
+                signed_by: Some("/usr/share/keyrings/debian-archive-keyring.gpg".into()),
+            })
+        );
+        let security_only =
+            "Types: deb\nURIs: http://m/debian-security\nSuites: bookworm-security\n";
+        assert_eq!(bookworm_source(security_only), None);
+    }
+
+    #[test]
+    fn finds_bookworm_in_a_one_line_source() {
+        let text = "# comment\ndeb-src http://m/debian bookworm main\n\
+                    deb [arch=amd64] http://m/debian bookworm main contrib\n";
+        assert_eq!(
+            bookworm_source(text),
+            Some(DebianSource {
+                uri: "http://m/debian".into(),
+                signed_by: None
+            })
+        );
+    }
+
+    #[test]
+    fn qemu_major_is_read_from_the_debian_version() {
+        assert!(has_major("1:10.0.2+ds-2+deb13u1~bpo12+1", "10"));
+        assert!(!has_major("1:7.2+dfsg-7+deb12u18+b3", "10"));
+        assert!(has_major("10.1.0-1", "10"));
+    }
 }
