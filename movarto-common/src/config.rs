@@ -2,8 +2,15 @@
 //! mode is one write of this struct; no program is reloaded.
 
 /// What the datapath does; see the table in DESIGN.md "The datapath".
+///
+/// With the `user` feature it is also the wire and command-line form (`track`, ...).
 #[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize, clap::ValueEnum)
+)]
+#[cfg_attr(feature = "user", serde(rename_all = "lowercase"))]
 pub enum Mode {
     /// Attached, doing nothing but counting (the initial state).
     Idle = 0,
@@ -22,6 +29,30 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode, in value order.
+    pub const ALL: [Mode; 6] = [
+        Mode::Idle,
+        Mode::Track,
+        Mode::Forward,
+        Mode::Receive,
+        Mode::Nat,
+        Mode::Direct,
+    ];
+
+    /// Whether the mode sends packets on through the host's routing, so the uplink
+    /// must have IP forwarding on.
+    pub const fn routes_packets(self) -> bool {
+        matches!(
+            self,
+            Mode::Forward | Mode::Receive | Mode::Nat | Mode::Direct
+        )
+    }
+
+    /// Whether the mode sends GUE to the peer, whose next hop must then be resolved.
+    pub const fn uses_tunnel(self) -> bool {
+        matches!(self, Mode::Forward | Mode::Receive | Mode::Direct)
+    }
+
     pub const fn from_u8(v: u8) -> Option<Mode> {
         match v {
             0 => Some(Mode::Idle),
@@ -93,6 +124,12 @@ pub struct Config {
     pub netns_cookie: u64,
 }
 
+impl core::fmt::Display for Mode {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Config {
     pub const fn mode(&self) -> Option<Mode> {
         Mode::from_u8(self.mode)
@@ -115,14 +152,7 @@ mod tests {
 
     #[test]
     fn modes_round_trip() {
-        for m in [
-            Mode::Idle,
-            Mode::Track,
-            Mode::Forward,
-            Mode::Receive,
-            Mode::Nat,
-            Mode::Direct,
-        ] {
+        for m in Mode::ALL {
             assert_eq!(Mode::from_u8(m as u8), Some(m));
         }
         assert_eq!(Mode::from_u8(6), None);

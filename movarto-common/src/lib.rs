@@ -12,4 +12,5 @@ pub mod config;
 pub mod counters;
 pub mod flow;
 pub mod gue;
+pub mod ids;
 pub mod net;

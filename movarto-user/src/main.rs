@@ -49,7 +49,7 @@ enum Command {
     Mode {
         uplink: String,
         #[arg(value_enum)]
-        mode: datapath::cli::ModeArg,
+        mode: movarto_common::config::Mode,
         #[arg(long, value_name = "NAME")]
         pin_name: Option<String>,
     },

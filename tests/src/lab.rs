@@ -29,7 +29,7 @@ use movarto_user::{
         AgentClient,
         api::{DatapathRequest, TapRequest, VmRequest},
     },
-    datapath::{Datapath, cli::ModeArg},
+    datapath::Datapath,
 };
 
 use crate::{
@@ -412,22 +412,23 @@ pub async fn start_site_a(a: &AgentClient, spec_a: &str) -> anyhow::Result<()> {
     a.ensure_tap(
         "tap0",
         &TapRequest {
-            gateway_mac: GATEWAY_MAC.to_owned(),
+            gateway_mac: GATEWAY_MAC.parse()?,
             gateway_cidr: GATEWAY_CIDR.to_owned(),
         },
     )
     .await?;
     a.apply_datapath(&DatapathRequest {
         vm_iface: "tap0".to_owned(),
-        mode: ModeArg::Track,
+        mode: movarto_common::config::Mode::Track,
         home_addr: H.parse()?,
         new_addr: None,
         local_tunnel_addr: TA.parse()?,
         peer_tunnel_addr: TB.parse()?,
-        token: "0".to_owned(),
+        // Tracking sends no GUE; the migration gives both sites its own token.
+        token: movarto_common::ids::SessionToken(0),
         tunnel_mtu: 1500,
-        vm_mac: GUEST_MAC.to_owned(),
-        gateway_mac: GATEWAY_MAC.to_owned(),
+        vm_mac: GUEST_MAC.parse()?,
+        gateway_mac: GATEWAY_MAC.parse()?,
     })
     .await?;
     a.start_vm(&VmRequest {

@@ -70,10 +70,10 @@ fn attach_in(
     let mut site = SiteConfig::new(mode, IpAddr::V4(HOME));
     site.local_tunnel_addr = local;
     site.peer_tunnel_addr = peer;
-    site.token = TOKEN;
+    site.token = movarto_common::ids::SessionToken(TOKEN);
     site.tunnel_mtu = 1500;
-    site.vm_mac = VM_MAC;
-    site.gateway_mac = GW_MAC;
+    site.vm_mac = movarto_common::ids::MacAddr(VM_MAC);
+    site.gateway_mac = movarto_common::ids::MacAddr(GW_MAC);
     let _in = ns.enter().expect("enter");
     attach(&AttachOptions {
         uplink: uplink.to_owned(),

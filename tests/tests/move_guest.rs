@@ -31,7 +31,7 @@ use movarto_tests::{
     require_root,
 };
 use movarto_user::datapath::{
-    AttachOptions, Datapath, Pinned, SiteConfig, attach, cli::monotonic_ns, detach,
+    AttachOptions, Datapath, Pinned, SiteConfig, attach, detach, flows::monotonic_ns,
 };
 
 const HOME: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
@@ -143,10 +143,10 @@ fn site_config(mode: Mode, local: Ipv4Addr, peer: Ipv4Addr) -> SiteConfig {
     site.new_addr = Some(IpAddr::V4(NEW));
     site.local_tunnel_addr = local;
     site.peer_tunnel_addr = peer;
-    site.token = TOKEN;
+    site.token = movarto_common::ids::SessionToken(TOKEN);
     site.tunnel_mtu = 1500;
-    site.vm_mac = VM_MAC;
-    site.gateway_mac = GW_MAC;
+    site.vm_mac = movarto_common::ids::MacAddr(VM_MAC);
+    site.gateway_mac = movarto_common::ids::MacAddr(GW_MAC);
     site
 }
 

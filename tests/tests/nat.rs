@@ -42,10 +42,10 @@ fn site_b(mode: Mode, home: IpAddr, new: IpAddr) -> Datapath {
     cfg.new_addr = Some(new);
     cfg.local_tunnel_addr = Ipv4Addr::new(203, 0, 113, 2);
     cfg.peer_tunnel_addr = Ipv4Addr::new(203, 0, 113, 1);
-    cfg.token = 7;
+    cfg.token = movarto_common::ids::SessionToken(7);
     cfg.vm_ifindex = 7;
-    cfg.vm_mac = VM_MAC;
-    cfg.gateway_mac = GW_MAC;
+    cfg.vm_mac = movarto_common::ids::MacAddr(VM_MAC);
+    cfg.gateway_mac = movarto_common::ids::MacAddr(GW_MAC);
     let mut dp = Datapath::load().expect("load datapath");
     dp.set_config(&cfg).expect("config");
     dp

@@ -159,7 +159,7 @@ fn site_a_config(s: &Site, mode: Mode, home: IpAddr) -> SiteConfig {
     cfg.uplink_ifindex = s.uplink_ifindex;
     cfg.local_tunnel_addr = TA;
     cfg.peer_tunnel_addr = TB;
-    cfg.token = TOKEN;
+    cfg.token = movarto_common::ids::SessionToken(TOKEN);
     cfg.tunnel_mtu = 1500;
     cfg
 }
@@ -168,10 +168,10 @@ fn site_b_config(home: IpAddr) -> SiteConfig {
     let mut cfg = SiteConfig::new(Mode::Receive, home);
     cfg.local_tunnel_addr = TB;
     cfg.peer_tunnel_addr = TA;
-    cfg.token = TOKEN;
+    cfg.token = movarto_common::ids::SessionToken(TOKEN);
     cfg.vm_ifindex = 7;
-    cfg.vm_mac = VM_MAC;
-    cfg.gateway_mac = ANYCAST_GW_MAC;
+    cfg.vm_mac = movarto_common::ids::MacAddr(VM_MAC);
+    cfg.gateway_mac = movarto_common::ids::MacAddr(ANYCAST_GW_MAC);
     cfg
 }
 

@@ -33,15 +33,16 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use movarto_common::flow::{FlowKey, FlowValue};
+use movarto_common::{
+    config::Mode,
+    flow::{FlowKey, FlowValue},
+    ids::{MacAddr, SessionToken},
+};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    datapath::cli::ModeArg,
-    qemu::{
-        migrate::{MigrationOptions, MigrationReport, Postcopy, Progress},
-        mirror::DiskMirror,
-    },
+use crate::qemu::{
+    migrate::{MigrationOptions, MigrationReport, Postcopy, Progress},
+    mirror::DiskMirror,
 };
 
 /// An error reply.
@@ -70,21 +71,21 @@ pub struct SiteStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DatapathRequest {
     pub vm_iface: String,
-    pub mode: ModeArg,
+    pub mode: Mode,
     pub home_addr: IpAddr,
     pub new_addr: Option<IpAddr>,
     pub local_tunnel_addr: Ipv4Addr,
     pub peer_tunnel_addr: Ipv4Addr,
-    /// The migration's session token, 16 hex digits.
-    pub token: String,
+    /// The migration's session token, 16 hex digits on the wire.
+    pub token: SessionToken,
     pub tunnel_mtu: u16,
-    pub vm_mac: String,
-    pub gateway_mac: String,
+    pub vm_mac: MacAddr,
+    pub gateway_mac: MacAddr,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModeRequest {
-    pub mode: ModeArg,
+    pub mode: Mode,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -129,7 +130,7 @@ impl FlowRecord {
             value: data_encoding::HEXLOWER.encode(pod_bytes(value)),
             age_ns: now_ns.saturating_sub(value.first_seen_ns),
             idle_ns: now_ns.saturating_sub(value.last_seen_ns),
-            readable: crate::datapath::cli::flow_json(key, value, now_ns),
+            readable: crate::datapath::flows::flow_json(key, value, now_ns),
         }
     }
 
@@ -197,7 +198,7 @@ pub struct GarpRequest {
 /// A tap for a VM's NIC, with the site's (anycast) gateway on it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TapRequest {
-    pub gateway_mac: String,
+    pub gateway_mac: MacAddr,
     /// e.g. `192.0.2.1/24`.
     pub gateway_cidr: String,
 }

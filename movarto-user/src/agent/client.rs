@@ -11,7 +11,9 @@ use super::api::{
     IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest, SiteStatus,
     TapRequest, VmRequest, VmStatus,
 };
-use crate::{datapath::cli::ModeArg, qemu::mirror::MirrorReady};
+use movarto_common::config::Mode;
+
+use crate::qemu::mirror::MirrorReady;
 
 /// How long one call may take (starting QEMU and loading the datapath included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -159,7 +161,7 @@ impl AgentClient {
             .map(drop)
     }
 
-    pub async fn set_mode(&self, mode: ModeArg) -> Result<DatapathStatus, AgentError> {
+    pub async fn set_mode(&self, mode: Mode) -> Result<DatapathStatus, AgentError> {
         self.call(
             Method::PUT,
             "/v1/datapath/mode",

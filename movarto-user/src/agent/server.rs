@@ -25,7 +25,7 @@ use super::{
     token::Token,
     vms::{VmError, Vms},
 };
-use crate::{datapath::cli::parse_mac, qemu::mirror::MirrorReady};
+use crate::qemu::mirror::MirrorReady;
 
 pub struct AgentConfig {
     pub site: String,
@@ -281,7 +281,7 @@ async fn set_mode(
     Json(request): Json<ModeRequest>,
 ) -> Reply<DatapathStatus> {
     Ok(Json(
-        blocking(move || agent.datapath.set_mode(request.mode.into())).await?,
+        blocking(move || agent.datapath.set_mode(request.mode)).await?,
     ))
 }
 
@@ -321,7 +321,7 @@ async fn ensure_tap(
     Path(name): Path<String>,
     Json(request): Json<TapRequest>,
 ) -> Reply<serde_json::Value> {
-    let mac = parse_mac(&request.gateway_mac).map_err(anyhow::Error::msg)?;
+    let mac = request.gateway_mac.0;
     let (ip, prefix) = tap::parse_cidr(&request.gateway_cidr)?;
     tap::ensure_tap(&name, mac, ip, prefix).await?;
     Ok(empty())

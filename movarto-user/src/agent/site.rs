@@ -19,8 +19,8 @@ use movarto_common::{
 
 use super::api::{DatapathRequest, DatapathStatus, FlowRecord, holds_drain};
 use crate::datapath::{
-    AttachOptions, Pinned, SiteConfig, attach, cli::monotonic_ns, cli::parse_mac, cli::parse_token,
-    detach, forwarding_enabled, pin_dir,
+    AttachOptions, Pinned, SiteConfig, attach, detach, flows::monotonic_ns, forwarding_enabled,
+    pin_dir,
 };
 
 /// How long the agent waits for the tunnel's next hop to resolve.
@@ -94,11 +94,7 @@ impl SiteDatapath {
     /// Attaches, or rewrites the configuration of what is attached (the flows stay).
     pub fn apply(&self, request: &DatapathRequest) -> Result<DatapathStatus> {
         let site = site_config(request)?;
-        if matches!(
-            site.mode,
-            Mode::Forward | Mode::Receive | Mode::Nat | Mode::Direct
-        ) && !forwarding_enabled(&self.uplink)?
-        {
+        if site.mode.routes_packets() && !forwarding_enabled(&self.uplink)? {
             bail!(
                 "IPv4 forwarding is off on {}; mode {} routes packets through it",
                 self.uplink,
@@ -116,7 +112,7 @@ impl SiteDatapath {
                 site: site.clone(),
             })?;
         }
-        if matches!(site.mode, Mode::Forward | Mode::Receive | Mode::Direct) {
+        if site.mode.uses_tunnel() {
             self.prime_next_hop(site.peer_tunnel_addr);
         }
         self.status()?
@@ -126,7 +122,7 @@ impl SiteDatapath {
     pub fn set_mode(&self, mode: Mode) -> Result<DatapathStatus> {
         let mut pinned = self.open()?;
         pinned.set_mode(mode)?;
-        if matches!(mode, Mode::Forward | Mode::Receive | Mode::Direct)
+        if mode.uses_tunnel()
             && let Some(IpAddr::V4(peer)) =
                 addr::from_map(pinned.config()?.peer_tunnel_addr, family::IPV4)
         {
@@ -232,14 +228,14 @@ fn resolved_neighbour(dev: &str) -> bool {
 }
 
 fn site_config(request: &DatapathRequest) -> Result<SiteConfig> {
-    let mut site = SiteConfig::new(request.mode.into(), request.home_addr);
+    let mut site = SiteConfig::new(request.mode, request.home_addr);
     site.new_addr = request.new_addr;
     site.local_tunnel_addr = request.local_tunnel_addr;
     site.peer_tunnel_addr = request.peer_tunnel_addr;
-    site.token = parse_token(&request.token).map_err(anyhow::Error::msg)?;
+    site.token = request.token;
     site.tunnel_mtu = request.tunnel_mtu;
-    site.vm_mac = parse_mac(&request.vm_mac).map_err(anyhow::Error::msg)?;
-    site.gateway_mac = parse_mac(&request.gateway_mac).map_err(anyhow::Error::msg)?;
+    site.vm_mac = request.vm_mac;
+    site.gateway_mac = request.gateway_mac;
     site.to_map().context("inconsistent datapath settings")?;
     Ok(site)
 }

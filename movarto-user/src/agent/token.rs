@@ -46,6 +46,20 @@ impl Token {
 }
 
 /// A fresh random token (hex), e.g. for `agent --init-token`.
+/// A fresh session token for one migration; never zero, so the tunnel is authenticated.
+pub fn random_session_token() -> Result<movarto_common::ids::SessionToken> {
+    loop {
+        let mut buf = [0u8; 8];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf))
+            .context("reading /dev/urandom")?;
+        let token = movarto_common::ids::SessionToken(u64::from_ne_bytes(buf));
+        if !token.is_zero() {
+            return Ok(token);
+        }
+    }
+}
+
 pub fn random_hex(bytes: usize) -> Result<String> {
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom")

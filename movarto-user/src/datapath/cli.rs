@@ -5,43 +5,21 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use aya::programs::XdpMode;
 use clap::{Args, ValueEnum};
 use movarto_common::{
     config::{Config, GUE_DEFAULT_PORT, Mode},
-    flow::{FlowKey, FlowValue, origin, state},
+    ids::{MacAddr, SessionToken},
     net::addr,
 };
 use serde_json::json;
 
-use super::{AttachOptions, Pinned, SiteConfig, attach, detach, forwarding_enabled};
-
-/// The mode names users type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ModeArg {
-    Idle,
-    Track,
-    Forward,
-    Receive,
-    Nat,
-    /// Site B in `move` address mode: tunnel in, everything else direct.
-    Direct,
-}
-
-impl From<ModeArg> for Mode {
-    fn from(m: ModeArg) -> Mode {
-        match m {
-            ModeArg::Idle => Mode::Idle,
-            ModeArg::Track => Mode::Track,
-            ModeArg::Forward => Mode::Forward,
-            ModeArg::Receive => Mode::Receive,
-            ModeArg::Nat => Mode::Nat,
-            ModeArg::Direct => Mode::Direct,
-        }
-    }
-}
+use super::{
+    AttachOptions, Pinned, SiteConfig, attach, detach,
+    flows::{endpoint, flow_json, monotonic_ns, origin_name, state_names},
+    forwarding_enabled,
+};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum XdpModeArg {
@@ -64,7 +42,7 @@ pub struct AttachArgs {
     #[arg(long)]
     pub home: IpAddr,
     #[arg(long, value_enum, default_value = "track")]
-    pub mode: ModeArg,
+    pub mode: Mode,
     /// The new address N (site B).
     #[arg(long)]
     pub new_addr: Option<IpAddr>,
@@ -75,19 +53,19 @@ pub struct AttachArgs {
     #[arg(long, default_value = "0.0.0.0")]
     pub peer_tunnel: Ipv4Addr,
     /// The migration's session token (hex, as given to both sites).
-    #[arg(long, value_parser = parse_token, default_value = "0")]
-    pub token: u64,
+    #[arg(long, default_value = "0")]
+    pub token: SessionToken,
     #[arg(long, default_value_t = GUE_DEFAULT_PORT)]
     pub gue_port: u16,
     /// Largest outer packet between the sites.
     #[arg(long, default_value_t = 1500)]
     pub tunnel_mtu: u16,
     /// The VM's MAC (site B delivers to it).
-    #[arg(long, value_parser = parse_mac, default_value = "00:00:00:00:00:00")]
-    pub vm_mac: [u8; 6],
+    #[arg(long, default_value = "00:00:00:00:00:00")]
+    pub vm_mac: MacAddr,
     /// The VM-facing interface's gateway MAC, the same at both sites.
-    #[arg(long, value_parser = parse_mac, default_value = "00:00:00:00:00:00")]
-    pub gateway_mac: [u8; 6],
+    #[arg(long, default_value = "00:00:00:00:00:00")]
+    pub gateway_mac: MacAddr,
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: XdpModeArg,
     /// Pin under /sys/fs/bpf/movarto/<NAME> instead of the uplink's name;
@@ -101,33 +79,8 @@ pub fn pin_name_or<'a>(pin_name: Option<&'a str>, uplink: &'a str) -> &'a str {
     pin_name.unwrap_or(uplink)
 }
 
-pub fn parse_token(s: &str) -> Result<u64, String> {
-    let hex = s.trim_start_matches("0x");
-    u64::from_str_radix(hex, 16).map_err(|e| format!("token {s:?} is not a 64-bit hex number: {e}"))
-}
-
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return Err(format!("MAC {s:?} must be six hex bytes separated by ':'"));
-    }
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(parts) {
-        *byte = u8::from_str_radix(part, 16)
-            .map_err(|_| format!("MAC {s:?}: {part:?} is not a hex byte"))?;
-    }
-    Ok(mac)
-}
-
-pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 pub fn run_attach(a: AttachArgs) -> Result<()> {
-    let mut site = SiteConfig::new(a.mode.into(), a.home);
+    let mut site = SiteConfig::new(a.mode, a.home);
     site.new_addr = a.new_addr;
     site.local_tunnel_addr = a.local_tunnel;
     site.peer_tunnel_addr = a.peer_tunnel;
@@ -153,18 +106,14 @@ pub fn run_attach(a: AttachArgs) -> Result<()> {
         "attached to {} (XDP) and {} (TC ingress) in mode {}; pinned at {}",
         a.uplink,
         a.vm_iface,
-        Mode::from(a.mode).name(),
+        a.mode,
         dir.display()
     );
     Ok(())
 }
 
 fn warn_if_not_forwarding(uplink: &str, mode: Mode) -> Result<()> {
-    if matches!(
-        mode,
-        Mode::Forward | Mode::Receive | Mode::Nat | Mode::Direct
-    ) && !forwarding_enabled(uplink)?
-    {
+    if mode.routes_packets() && !forwarding_enabled(uplink)? {
         bail!(
             "IPv4 forwarding is off on {uplink}; mode {} routes packets through it \
              (sysctl -w net.ipv4.conf.all.forwarding=1)",
@@ -196,8 +145,7 @@ pub fn run_detach(uplink: &str, pin_name: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-pub fn run_mode(uplink: &str, pin_name: Option<&str>, mode: ModeArg) -> Result<()> {
-    let mode = Mode::from(mode);
+pub fn run_mode(uplink: &str, pin_name: Option<&str>, mode: Mode) -> Result<()> {
     warn_if_not_forwarding(uplink, mode)?;
     let mut pinned = Pinned::open_for(uplink, pin_name_or(pin_name, uplink))?;
     let before = pinned.config()?.mode().map_or("unknown", Mode::name);
@@ -224,8 +172,8 @@ fn config_json(c: &Config) -> serde_json::Value {
         "tunnel_mtu": c.tunnel_mtu,
         "uplink_ifindex": c.uplink_ifindex,
         "vm_ifindex": c.vm_ifindex,
-        "vm_mac": mac_string(&c.vm_mac),
-        "gateway_mac": mac_string(&c.gateway_mac),
+        "vm_mac": MacAddr(c.vm_mac).to_string(),
+        "gateway_mac": MacAddr(c.gateway_mac).to_string(),
     })
 }
 
@@ -283,74 +231,6 @@ pub fn run_status(uplink: &str, pin_name: Option<&str>, as_json: bool) -> Result
         println!("  {:<26} {value}{mark}", counter.name());
     }
     Ok(())
-}
-
-fn origin_name(o: u8) -> &'static str {
-    match o {
-        origin::TRACKED => "pre-move",
-        origin::TUNNELLED => "tunnelled",
-        origin::NAT => "nat",
-        origin::STALE_DNS => "stale-dns",
-        _ => "?",
-    }
-}
-
-fn state_names(bits: u32) -> Vec<&'static str> {
-    [
-        (state::SYN_SEEN, "syn"),
-        (state::ESTABLISHED, "established"),
-        (state::FIN_PEER, "fin-peer"),
-        (state::FIN_SERVICE, "fin-service"),
-        (state::RST, "rst"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| bits & bit != 0)
-    .map(|(_, name)| name)
-    .collect()
-}
-
-fn endpoint(e: Option<(IpAddr, u16)>) -> String {
-    e.map_or_else(
-        || "?".to_owned(),
-        |(a, p)| match a {
-            IpAddr::V6(_) => format!("[{a}]:{p}"),
-            IpAddr::V4(_) => format!("{a}:{p}"),
-        },
-    )
-}
-
-/// Nanoseconds on CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> Result<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec out-pointer.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
-        return Err(anyhow!(
-            "clock_gettime: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(u64::try_from(ts.tv_sec).context("clock")? * 1_000_000_000
-        + u64::try_from(ts.tv_nsec).context("clock")?)
-}
-
-pub fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> serde_json::Value {
-    json!({
-        "protocol": k.protocol,
-        "service": endpoint(k.service()),
-        "peer": endpoint(k.peer()),
-        "origin": origin_name(v.origin),
-        "state": state_names(v.state),
-        "closing": state::is_closing(v.state),
-        "packets_from_peer": v.packets_from_peer,
-        "bytes_from_peer": v.bytes_from_peer,
-        "packets_to_peer": v.packets_to_peer,
-        "bytes_to_peer": v.bytes_to_peer,
-        "idle_ms": Duration::from_nanos(now.saturating_sub(v.last_seen_ns)).as_millis() as u64,
-        "age_ms": Duration::from_nanos(now.saturating_sub(v.first_seen_ns)).as_millis() as u64,
-    })
 }
 
 /// Read-only: works from any namespace.

@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{Result, bail};
 use movarto_common::{
     config::{Config, GUE_DEFAULT_PORT, Mode},
+    ids::{MacAddr, SessionToken},
     net::{addr, family},
 };
 
@@ -20,14 +21,14 @@ pub struct SiteConfig {
     pub local_tunnel_addr: Ipv4Addr,
     /// The other site's tunnel endpoint.
     pub peer_tunnel_addr: Ipv4Addr,
-    pub token: u64,
+    pub token: SessionToken,
     pub gue_port: u16,
     /// Largest outer packet the path between the sites carries.
     pub tunnel_mtu: u16,
     pub uplink_ifindex: u32,
     pub vm_ifindex: u32,
-    pub vm_mac: [u8; 6],
-    pub gateway_mac: [u8; 6],
+    pub vm_mac: MacAddr,
+    pub gateway_mac: MacAddr,
     /// The network namespace attached in (`attach` fills it in); 0 if unknown.
     pub netns_cookie: u64,
 }
@@ -41,13 +42,13 @@ impl SiteConfig {
             new_addr: None,
             local_tunnel_addr: Ipv4Addr::UNSPECIFIED,
             peer_tunnel_addr: Ipv4Addr::UNSPECIFIED,
-            token: 0,
+            token: SessionToken(0),
             gue_port: GUE_DEFAULT_PORT,
             tunnel_mtu: 1500,
             uplink_ifindex: 0,
             vm_ifindex: 0,
-            vm_mac: [0; 6],
-            gateway_mac: [0; 6],
+            vm_mac: MacAddr::ZERO,
+            gateway_mac: MacAddr::ZERO,
             netns_cookie: 0,
         }
     }
@@ -87,11 +88,11 @@ impl SiteConfig {
             new_addr,
             local_tunnel_addr,
             peer_tunnel_addr,
-            token: self.token,
+            token: self.token.0,
             uplink_ifindex: self.uplink_ifindex,
             vm_ifindex: self.vm_ifindex,
-            vm_mac: self.vm_mac,
-            gateway_mac: self.gateway_mac,
+            vm_mac: self.vm_mac.0,
+            gateway_mac: self.gateway_mac.0,
             _pad1: [0; 4],
             netns_cookie: self.netns_cookie,
         })

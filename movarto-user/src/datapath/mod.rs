@@ -4,6 +4,7 @@ mod attach;
 pub mod cli;
 mod config;
 mod counters;
+pub mod flows;
 
 use std::path::Path;
 

@@ -4,6 +4,7 @@
 //! Before switchover any failure rolls back: the VM keeps running at A, DNS is unchanged
 //! (the TTL restored), B is cleaned up and A goes back to `track`.
 
+mod progress;
 pub mod report;
 mod steps;
 
@@ -16,8 +17,10 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
+use movarto_common::ids::MacAddr;
 
 use crate::agent::humantime_duration;
+pub use progress::{ProgressEvent, Step};
 pub use steps::{DnsTarget, Plan, run_plan};
 
 #[derive(Args, Debug)]
@@ -69,7 +72,7 @@ pub struct MigrateArgs {
     pub vm_iface: String,
     /// The anycast gateway on the tap: the same MAC and address at both sites.
     #[arg(long)]
-    pub gateway_mac: String,
+    pub gateway_mac: MacAddr,
     #[arg(long)]
     pub gateway_cidr: String,
     /// The largest outer packet between the sites.
@@ -247,7 +250,11 @@ impl Plan {
                 args.ca_cert.as_deref(),
             )?,
             destination_spec_toml: spec_toml,
-            vm_mac: spec.nic.mac.clone(),
+            vm_mac: spec
+                .nic
+                .mac
+                .parse()
+                .context("the destination spec's nic.mac")?,
             home: args.home,
             new_addr,
             on_switch: args.on_switch.clone(),
@@ -255,7 +262,7 @@ impl Plan {
             destination_tunnel: args.destination_tunnel,
             migration_uri: format!("tcp:{}:{}", args.destination_tunnel, args.migration_port),
             vm_iface: args.vm_iface.clone(),
-            gateway_mac: args.gateway_mac.clone(),
+            gateway_mac: args.gateway_mac,
             gateway_cidr: args.gateway_cidr.clone(),
             tunnel_mtu: args.tunnel_mtu,
             dns,

@@ -10,7 +10,11 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use hickory_proto::rr::Name;
-use movarto_common::flow::origin;
+use movarto_common::{
+    config::Mode,
+    flow::origin,
+    ids::{MacAddr, SessionToken},
+};
 use tokio::time::Instant;
 
 use super::report::{Outcome, Report, StepRecord};
@@ -21,9 +25,8 @@ use crate::{
             DatapathRequest, FlowRecord, IncomingRequest, MigrationPhase, MigrationSettings,
             MirrorSettings, OutgoingRequest, TapRequest, VmRequest,
         },
-        token::random_hex,
+        token::random_session_token,
     },
-    datapath::cli::ModeArg,
     dns::{client::ZoneServer, key::TsigKey, records},
     qemu::migrate::MigrationReport,
 };
@@ -53,11 +56,11 @@ impl Plan {
     }
 
     /// Site B's mode while the tunnel lives.
-    fn destination_mode(&self) -> ModeArg {
+    fn destination_mode(&self) -> Mode {
         if self.new_addr.is_some() {
-            ModeArg::Receive
+            Mode::Receive
         } else {
-            ModeArg::Direct
+            Mode::Direct
         }
     }
 }
@@ -85,7 +88,7 @@ pub struct Plan {
     pub source: AgentClient,
     pub destination: AgentClient,
     pub destination_spec_toml: String,
-    pub vm_mac: String,
+    pub vm_mac: MacAddr,
     pub home: IpAddr,
     /// `N` in nat address mode; `None` in move address mode (`H` itself moves).
     pub new_addr: Option<IpAddr>,
@@ -95,7 +98,7 @@ pub struct Plan {
     pub destination_tunnel: Ipv4Addr,
     pub migration_uri: String,
     pub vm_iface: String,
-    pub gateway_mac: String,
+    pub gateway_mac: MacAddr,
     pub gateway_cidr: String,
     pub tunnel_mtu: u16,
     pub dns: Option<DnsTarget>,
@@ -187,7 +190,7 @@ impl Timeline {
 
 struct Run<'a> {
     plan: &'a Plan,
-    token: String,
+    token: SessionToken,
     say: Say,
     timeline: Timeline,
     report: Report,
@@ -198,7 +201,7 @@ struct Run<'a> {
 
 /// Runs the whole migration; never panics, and always returns a report.
 pub async fn run_plan(plan: &Plan, progress: bool) -> Report {
-    let token = match random_hex(8) {
+    let token = match random_session_token() {
         Ok(token) => token,
         Err(err) => {
             return Report {
@@ -288,7 +291,7 @@ const SPLIT_GUIDANCE: &str = "Nothing was rolled back: the VM's memory is split 
     if it exited, the VM's RAM is lost: quit the source's QEMU and boot the VM again from \
     its disk. Both datapaths are left as they are (source forwards, destination receives)";
 
-fn datapath_request(p: &Plan, token: &str, mode: ModeArg, at_source: bool) -> DatapathRequest {
+fn datapath_request(p: &Plan, token: SessionToken, mode: Mode, at_source: bool) -> DatapathRequest {
     {
         let (local, peer) = if at_source {
             (p.source_tunnel, p.destination_tunnel)
@@ -302,10 +305,10 @@ fn datapath_request(p: &Plan, token: &str, mode: ModeArg, at_source: bool) -> Da
             new_addr: if at_source { None } else { p.new_addr },
             local_tunnel_addr: local,
             peer_tunnel_addr: peer,
-            token: token.to_owned(),
+            token,
             tunnel_mtu: p.tunnel_mtu,
-            vm_mac: p.vm_mac.clone(),
-            gateway_mac: p.gateway_mac.clone(),
+            vm_mac: p.vm_mac,
+            gateway_mac: p.gateway_mac,
         }
     }
 }
@@ -406,20 +409,20 @@ impl Run<'_> {
                 }
                 changed.source_reconfigured = true;
                 p.source
-                    .apply_datapath(&datapath_request(p, token, ModeArg::Track, true))
+                    .apply_datapath(&datapath_request(p, *token, Mode::Track, true))
                     .await?;
                 changed.destination_touched = true;
                 p.destination
                     .ensure_tap(
                         &p.vm_iface,
                         &TapRequest {
-                            gateway_mac: p.gateway_mac.clone(),
+                            gateway_mac: p.gateway_mac,
                             gateway_cidr: p.gateway_cidr.clone(),
                         },
                     )
                     .await?;
                 p.destination
-                    .apply_datapath(&datapath_request(p, token, p.destination_mode(), false))
+                    .apply_datapath(&datapath_request(p, *token, p.destination_mode(), false))
                     .await?;
                 let vm = p
                     .destination
@@ -545,7 +548,7 @@ impl Run<'_> {
                     .filter(|f| f.decode().is_ok_and(|(_, v)| v.origin == origin::TRACKED))
                     .collect();
                 p.destination.load_flows(&premove).await?;
-                p.source.set_mode(ModeArg::Forward).await?;
+                p.source.set_mode(Mode::Forward).await?;
                 if let Some(hook) = &p.on_switch {
                     run_on_switch(p, hook).await?;
                 }
@@ -723,7 +726,7 @@ impl Run<'_> {
                 p.source.detach_datapath().await?;
                 let mut detail = if p.new_addr.is_some() {
                     // The VM keeps H inside: B's NAT for N stays.
-                    p.destination.set_mode(ModeArg::Nat).await?;
+                    p.destination.set_mode(Mode::Nat).await?;
                     "source detached; destination in nat".to_owned()
                 } else {
                     p.destination.detach_datapath().await?;
@@ -905,7 +908,7 @@ impl Run<'_> {
             note(
                 "source datapath back to track",
                 p.source
-                    .set_mode(ModeArg::Track)
+                    .set_mode(Mode::Track)
                     .await
                     .map(drop)
                     .map_err(Into::into),

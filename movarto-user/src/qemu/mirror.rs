@@ -20,7 +20,7 @@
 //!    using its own disk.
 //!
 //! Each half takes only its own site's [`Qmp`], so the per-site agents can run them;
-//! [`migrate_with_storage`] composes them in one process.
+//! [`mirror_disk`] then [`migrate_with_mirror`] compose them in one process.
 
 use std::{future::Future, pin::Pin, time::Duration};
 
@@ -110,14 +110,6 @@ pub struct MirrorCompleted {
     /// The job's total work and how much of it was done (equal once it completed).
     pub len: u64,
     pub offset: u64,
-}
-
-/// A storage migration's outcome.
-#[derive(Clone, Debug, Serialize)]
-pub struct StorageMigrationReport {
-    pub migration: MigrationReport,
-    pub mirror_ready: MirrorReady,
-    pub mirror_completed: MirrorCompleted,
 }
 
 /// The destination's half, before the source mirrors: serve the disk node over NBD,
@@ -434,31 +426,4 @@ pub async fn migrate_with_mirror(
         abandon_incoming(destination).await;
     }
     outcome
-}
-
-/// The whole storage migration in one process: [`mirror_disk`] then
-/// [`migrate_with_mirror`].
-pub async fn migrate_with_storage(
-    source: &Qmp,
-    destination: &Qmp,
-    uri: &str,
-    mirror: &DiskMirror,
-    options: &MigrationOptions,
-    hook: &mut dyn SwitchoverHook,
-    progress: Option<mpsc::Sender<Progress>>,
-) -> Result<StorageMigrationReport> {
-    let mirror_ready = match mirror_disk(source, destination, mirror).await {
-        Ok(ready) => ready,
-        Err(err) => {
-            abandon_incoming(destination).await;
-            return Err(err);
-        }
-    };
-    let (migration, mirror_completed) =
-        migrate_with_mirror(source, destination, uri, mirror, options, hook, progress).await?;
-    Ok(StorageMigrationReport {
-        migration,
-        mirror_ready,
-        mirror_completed,
-    })
 }

@@ -299,17 +299,7 @@ impl VmSpec {
 }
 
 fn parse_mac(mac: &str) -> Result<[u8; 6]> {
-    let mut out = [0u8; 6];
-    let parts: Vec<&str> = mac.split(':').collect();
-    if parts.len() != 6 {
-        bail!("a MAC address has six `:`-separated hex bytes");
-    }
-    for (byte, part) in out.iter_mut().zip(parts) {
-        if part.len() != 2 {
-            bail!("`{part}` is not two hex digits");
-        }
-        *byte = u8::from_str_radix(part, 16).with_context(|| format!("`{part}` is not hex"))?;
-    }
+    let movarto_common::ids::MacAddr(out) = mac.parse()?;
     if out[0] & 1 != 0 {
         bail!("a multicast address cannot be a NIC's");
     }
