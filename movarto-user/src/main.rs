@@ -1,5 +1,7 @@
 //! `movarto-user`: the movarto command line.
 
+mod cli;
+
 use std::process::ExitCode;
 
 use anyhow::Result;
