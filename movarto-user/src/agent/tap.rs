@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, bail};
 use ipnet::IpNet;
 use rtnetlink::LinkUnspec;
 
+use super::netlink;
 use crate::datapath::ifindex;
 
 const IFF_TAP: libc::c_short = 0x0002;
@@ -38,9 +39,7 @@ pub async fn ensure_tap(name: &str, mac: [u8; 6], gateway: IpAddr, prefix: u8) -
         create_persistent_tap(name)?;
     }
     let index = ifindex(name)?;
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    let task = tokio::spawn(connection);
-    let result = async {
+    netlink::session(|handle| async move {
         handle
             .link()
             .set(
@@ -59,10 +58,8 @@ pub async fn ensure_tap(name: &str, mac: [u8; 6], gateway: IpAddr, prefix: u8) -
             .execute()
             .await
             .with_context(|| format!("adding {gateway}/{prefix} to {name}"))
-    }
-    .await;
-    task.abort();
-    result
+    })
+    .await
 }
 
 /// Deletes the tap; fine if it is already gone.
@@ -70,16 +67,15 @@ pub async fn delete_tap(name: &str) -> Result<()> {
     let Ok(index) = ifindex(name) else {
         return Ok(());
     };
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    let task = tokio::spawn(connection);
-    let result = handle
-        .link()
-        .del(index)
-        .execute()
-        .await
-        .with_context(|| format!("deleting {name}"));
-    task.abort();
-    result
+    netlink::session(|handle| async move {
+        handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .with_context(|| format!("deleting {name}"))
+    })
+    .await
 }
 
 fn create_persistent_tap(name: &str) -> Result<()> {
