@@ -1,6 +1,7 @@
 //! What the agent asks rtnetlink: the tunnel's next hop toward the peer (the route's
 //! gateway) counts as resolved only once its own neighbour entry is, whatever else the
-//! uplink's neighbour table holds; and an interface's MAC for the gratuitous ARP.
+//! uplink's neighbour table holds; an interface's MAC for the gratuitous ARP; and the
+//! VM's tap (TUNSETIFF, then rtnetlink for its MAC and the gateway's address).
 
 use std::{
     net::{Ipv4Addr, UdpSocket},
@@ -12,7 +13,10 @@ use movarto_tests::{
     require_root,
 };
 use movarto_user::{
-    agent::netlink::{self, NextHop},
+    agent::{
+        netlink::{self, NextHop},
+        tap,
+    },
     datapath::ifindex,
 };
 
@@ -132,4 +136,32 @@ fn the_mac_of_an_interface_comes_from_its_namespace() {
     assert_eq!(netlink::mac_of("eth0").expect("mac"), [2, 0, 0, 0, 0, 0x0a]);
     let err = netlink::mac_of("nonexistent0").expect_err("no such interface");
     assert!(format!("{err:#}").contains("nonexistent0"), "{err:#}");
+}
+
+#[test]
+fn the_tap_is_created_once_with_the_gateway_and_deleted() {
+    require_root();
+    let ns = Netns::new("nh-tap").expect("netns");
+    let _in = ns.enter().expect("enter");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mac = [2, 0, 0, 0, 0, 1];
+    let (gateway, prefix) = tap::parse_cidr("192.0.2.1/24").expect("cidr");
+    for _ in 0..2 {
+        runtime
+            .block_on(tap::ensure_tap("tap0", mac, gateway, prefix))
+            .expect("tap");
+    }
+    assert_eq!(netlink::mac_of("tap0").expect("mac"), mac);
+    let addrs = ns
+        .run("ip", &["-4", "-o", "addr", "show", "tap0"])
+        .expect("ip");
+    assert_eq!(addrs.matches("192.0.2.1/24").count(), 1, "{addrs}");
+    runtime.block_on(tap::delete_tap("tap0")).expect("delete");
+    assert!(ifindex("tap0").is_err());
+    runtime
+        .block_on(tap::delete_tap("tap0"))
+        .expect("deleting a missing tap is fine");
 }
