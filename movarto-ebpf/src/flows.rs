@@ -27,11 +27,18 @@ pub fn key_of(pkt: &Packet, dir: Direction) -> Option<FlowKey> {
     if !matches!(pkt.l4, L4::Tcp | L4::Udp) {
         return None;
     }
+    Some(tuple_of(pkt, dir))
+}
+
+/// The 5-tuple of `pkt` seen from the service's side, ports zero without them: the flow
+/// key, and what the tunnel's outer source port is hashed from.
+#[inline(always)]
+pub fn tuple_of(pkt: &Packet, dir: Direction) -> FlowKey {
     let (service_addr, peer_addr, service_port, peer_port) = match dir {
         Direction::FromPeer => (pkt.dst_addr, pkt.src_addr, pkt.dst_port, pkt.src_port),
         Direction::ToPeer => (pkt.src_addr, pkt.dst_addr, pkt.src_port, pkt.dst_port),
     };
-    Some(FlowKey {
+    FlowKey {
         service_addr,
         peer_addr,
         service_port,
@@ -39,7 +46,7 @@ pub fn key_of(pkt: &Packet, dir: Direction) -> Option<FlowKey> {
         protocol: pkt.protocol,
         family: pkt.family,
         _pad: [0; 2],
-    })
+    }
 }
 
 /// The origin of the flow `key`, if the map has it.

@@ -45,7 +45,7 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
         };
         return Ok(Outcome::Sent(action, Counter::IcmpTooBig));
     }
-    tunnel::encapsulate(ctx, cfg, pkt, true)?;
+    tunnel::encapsulate(ctx, cfg, pkt, Direction::FromPeer)?;
     let hop = route::lookup(
         ctx.ctx as *mut c_void,
         family::IPV4,
@@ -69,20 +69,8 @@ pub fn from_tunnel(
     cfg: &Config,
     outer: &parse::Packet,
 ) -> Result<Outcome, Counter> {
-    tunnel::decapsulate(ctx, cfg, outer)?;
     let mut inner = parse::Packet::EMPTY;
-    if parse::parse_frame(
-        ctx.data(),
-        ctx.data_end(),
-        ctx.data_end() - ctx.data(),
-        &mut inner,
-    ) != Ok(true)
-    {
-        return Err(Counter::DropGueMalformed);
-    }
-    if inner.family != cfg.service_family || inner.src_addr != cfg.home_addr {
-        return Err(Counter::DropGueMalformed);
-    }
+    tunnel::decapsulate(ctx, cfg, outer, Direction::ToPeer, &mut inner)?;
     flows::record(&inner, Direction::ToPeer, origin::STALE_DNS);
     let hop = route::lookup(
         ctx.ctx as *mut c_void,

@@ -46,19 +46,29 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// What the parser fills.
     pub const EMPTY: Packet = Packet {
-        family: 0,
-        protocol: 0,
         l4: L4::Other,
-        l4_offset: 0,
-        src_addr: [0; 16],
-        dst_addr: [0; 16],
-        src_port: 0,
-        dst_port: 0,
-        tcp_flags: 0,
-        ip_len: 0,
-        fragment: false,
+        ..Packet::ip(0, 0)
     };
+
+    /// An IP packet of `family` and `ip_len` bytes, the rest still to be read.
+    #[inline(always)]
+    const fn ip(family: u8, ip_len: usize) -> Packet {
+        Packet {
+            family,
+            protocol: 0,
+            l4: L4::Fragment,
+            l4_offset: 0,
+            src_addr: [0; 16],
+            dst_addr: [0; 16],
+            src_port: 0,
+            dst_port: 0,
+            tcp_flags: 0,
+            ip_len,
+            fragment: false,
+        }
+    }
 }
 
 /// TCP flag bits in [`Packet::tcp_flags`].
@@ -237,17 +247,10 @@ fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, 
         return Err(ParseError::Truncated);
     }
     let mut pkt = Packet {
-        family: family::IPV4,
         protocol: ip[9],
-        l4: L4::Fragment,
         l4_offset: ETH_HLEN + header_len,
-        src_addr: [0; 16],
-        dst_addr: [0; 16],
-        src_port: 0,
-        dst_port: 0,
-        tcp_flags: 0,
-        ip_len: total_len,
         fragment: be16(ip[6], ip[7]) & 0x3fff != 0,
+        ..Packet::ip(family::IPV4, total_len)
     };
     pkt.src_addr[..4].copy_from_slice(&ip[12..16]);
     pkt.dst_addr[..4].copy_from_slice(&ip[16..20]);
@@ -269,19 +272,7 @@ fn parse_ipv6(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, 
     if l3_end > frame_len {
         return Err(ParseError::Truncated);
     }
-    let mut pkt = Packet {
-        family: family::IPV6,
-        protocol: 0,
-        l4: L4::Fragment,
-        l4_offset: 0,
-        src_addr: [0; 16],
-        dst_addr: [0; 16],
-        src_port: 0,
-        dst_port: 0,
-        tcp_flags: 0,
-        ip_len,
-        fragment: false,
-    };
+    let mut pkt = Packet::ip(family::IPV6, ip_len);
     pkt.src_addr.copy_from_slice(&ip[8..24]);
     pkt.dst_addr.copy_from_slice(&ip[24..40]);
     let mut next = ip[6];

@@ -21,7 +21,7 @@ use crate::{
     flows::{self, Direction},
     icmp, nat,
     outcome::Outcome,
-    parse::{self, Packet, bytes_mut, tcp_flag},
+    parse::{Packet, bytes_mut, tcp_flag},
     route, tunnel,
 };
 
@@ -46,21 +46,8 @@ pub fn to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outco
 /// (or a stale-DNS client's) packet for `H`.
 #[inline(always)]
 pub fn from_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
-    tunnel::decapsulate(ctx, cfg, pkt)?;
-    let mut inner = parse::Packet::EMPTY;
-    if parse::parse_frame(
-        ctx.data(),
-        ctx.data_end(),
-        ctx.data_end() - ctx.data(),
-        &mut inner,
-    ) != Ok(true)
-    {
-        return Err(Counter::DropGueMalformed);
-    }
-    // The tunnel carries traffic for the service only.
-    if inner.family != cfg.service_family || inner.dst_addr != cfg.home_addr {
-        return Err(Counter::DropGueMalformed);
-    }
+    let mut inner = Packet::EMPTY;
+    tunnel::decapsulate(ctx, cfg, pkt, Direction::FromPeer, &mut inner)?;
     flows::record(&inner, Direction::FromPeer, origin::TUNNELLED);
     Ok(Outcome::Sent(deliver_to_vm(ctx, cfg)?, Counter::TunnelIn))
 }

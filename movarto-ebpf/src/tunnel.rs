@@ -10,12 +10,15 @@ use movarto_common::{
     checksum,
     config::Config,
     counters::Counter,
-    flow::{FlowKey, gue_source_port},
+    flow::gue_source_port,
     gue::{GUE_FIRST_BYTE, GUE_OVERHEAD_IPV4, OUTER_TTL},
     net::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, family, proto},
 };
 
-use crate::parse::{L4, Packet, bytes, bytes_mut};
+use crate::{
+    flows::{self, Direction},
+    parse::{self, L4, Packet, bytes, bytes_mut},
+};
 
 /// GUE proto field values.
 const GUE_PROTO_IPV4: u8 = 4;
@@ -32,26 +35,6 @@ pub fn is_ours(cfg: &Config, pkt: &Packet) -> bool {
         && pkt.dst_addr == cfg.local_tunnel_addr
 }
 
-/// The key that picks the outer source port: the flow's 5-tuple from the
-/// service's side, so both directions of a flow hash alike.
-#[inline(always)]
-fn hash_key(pkt: &Packet, service_is_dst: bool) -> FlowKey {
-    let (service_addr, peer_addr, service_port, peer_port) = if service_is_dst {
-        (pkt.dst_addr, pkt.src_addr, pkt.dst_port, pkt.src_port)
-    } else {
-        (pkt.src_addr, pkt.dst_addr, pkt.src_port, pkt.dst_port)
-    };
-    FlowKey {
-        service_addr,
-        peer_addr,
-        service_port,
-        peer_port,
-        protocol: pkt.protocol,
-        family: pkt.family,
-        _pad: [0; 2],
-    }
-}
-
 /// What the outer headers of one packet depend on, read before the packet grows.
 struct Inner {
     gue_proto: u8,
@@ -61,12 +44,7 @@ struct Inner {
 
 /// Reads the inner packet's TOS/traffic class and picks the outer source port.
 #[inline(always)]
-fn inner_of(
-    data: usize,
-    data_end: usize,
-    pkt: &Packet,
-    service_is_dst: bool,
-) -> Result<Inner, Counter> {
+fn inner_of(data: usize, data_end: usize, pkt: &Packet, dir: Direction) -> Result<Inner, Counter> {
     let first = bytes::<2>(data, data_end, ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
     let (gue_proto, tos) = if pkt.family == family::IPV6 {
         (GUE_PROTO_IPV6, (first[0] << 4) | (first[1] >> 4))
@@ -76,7 +54,8 @@ fn inner_of(
     Ok(Inner {
         gue_proto,
         tos,
-        src_port: gue_source_port(&hash_key(pkt, service_is_dst)),
+        // Both directions of a flow hash alike.
+        src_port: gue_source_port(&flows::tuple_of(pkt, dir)),
     })
 }
 
@@ -123,12 +102,12 @@ pub fn encapsulate(
     ctx: &XdpContext,
     cfg: &Config,
     pkt: &Packet,
-    service_is_dst: bool,
+    dir: Direction,
 ) -> Result<(), Counter> {
     if !fits(cfg, pkt, 0) {
         return Err(Counter::DropTooBig);
     }
-    let inner = inner_of(ctx.data(), ctx.data_end(), pkt, service_is_dst)?;
+    let inner = inner_of(ctx.data(), ctx.data_end(), pkt, dir)?;
     // SAFETY: plain helper call on our own context.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GUE_OVERHEAD_IPV4 as i32)) } != 0 {
         return Err(Counter::DropResizeFailed);
@@ -150,7 +129,7 @@ pub fn encapsulate(
 /// packets as UDP-tunnelled and switches skb->protocol for an IPv6 inner.
 #[inline(always)]
 pub fn encapsulate_tc(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<(), Counter> {
-    let inner = inner_of(ctx.data(), ctx.data_end(), pkt, false)?;
+    let inner = inner_of(ctx.data(), ctx.data_end(), pkt, Direction::ToPeer)?;
     let mut outer = [0u8; GUE_OVERHEAD_IPV4];
     write_outer(&mut outer, cfg, &inner, pkt.ip_len);
     let flags = u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) | u64::from(BPF_F_ADJ_ROOM_ENCAP_L4_UDP);
@@ -167,11 +146,41 @@ pub fn encapsulate_tc(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<(),
     Ok(())
 }
 
-/// Verifies GUE addressed to us (see [`is_ours`]) and strips the outer
-/// headers, leaving an Ethernet frame (MACs still to be set) around the inner
-/// packet. The inner packet is not parsed here; the caller does that.
+/// Verifies GUE addressed to us (see [`is_ours`]), strips the outer headers,
+/// leaving an Ethernet frame (MACs still to be set) around the inner packet,
+/// and parses that into `inner`. The tunnel carries the service's traffic
+/// only: its address must be the inner packet's `H` side for `dir`.
 #[inline(always)]
-pub fn decapsulate(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<(), Counter> {
+pub fn decapsulate(
+    ctx: &XdpContext,
+    cfg: &Config,
+    outer: &Packet,
+    dir: Direction,
+    inner: &mut Packet,
+) -> Result<(), Counter> {
+    strip_outer(ctx, cfg, outer)?;
+    if parse::parse_frame(
+        ctx.data(),
+        ctx.data_end(),
+        ctx.data_end() - ctx.data(),
+        inner,
+    ) != Ok(true)
+    {
+        return Err(Counter::DropGueMalformed);
+    }
+    let service_addr = match dir {
+        Direction::FromPeer => &inner.dst_addr,
+        Direction::ToPeer => &inner.src_addr,
+    };
+    if inner.family != cfg.service_family || *service_addr != cfg.home_addr {
+        return Err(Counter::DropGueMalformed);
+    }
+    Ok(())
+}
+
+/// The verification and stripping of [`decapsulate`].
+#[inline(always)]
+fn strip_outer(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<(), Counter> {
     if pkt.src_addr != cfg.peer_tunnel_addr {
         return Err(Counter::DropGueForeignSource);
     }

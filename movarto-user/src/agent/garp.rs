@@ -6,6 +6,7 @@ use std::{net::Ipv4Addr, os::fd::FromRawFd as _};
 
 use anyhow::{Context as _, Result, bail};
 
+use super::netlink::mac_of;
 use crate::datapath::ifindex;
 
 const ETH_P_ARP: u16 = 0x0806;
@@ -25,44 +26,6 @@ pub fn announcement(mac: [u8; 6], addr: Ipv4Addr) -> [u8; 42] {
     frame[28..32].copy_from_slice(&addr.octets());
     frame[38..42].copy_from_slice(&addr.octets());
     frame
-}
-
-/// The interface's MAC, asked of the kernel in this thread's network namespace (sysfs
-/// shows the namespace it was mounted in, which an agent under `nsenter` is not).
-fn mac_of(iface: &str) -> Result<[u8; 6]> {
-    if iface.is_empty() || iface.len() >= libc::IFNAMSIZ {
-        bail!("{iface:?} is not an interface name");
-    }
-    // SAFETY: plain socket creation.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening a socket");
-    }
-    // SAFETY: a descriptor we own from here on.
-    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero ifreq is valid.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (slot, byte) in request.ifr_name.iter_mut().zip(iface.bytes()) {
-        *slot = byte as libc::c_char;
-    }
-    // SAFETY: SIOCGIFHWADDR fills the ifreq, which lives through the call.
-    let rc = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SIOCGIFHWADDR,
-            &mut request,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("the MAC of {iface}"));
-    }
-    // SAFETY: SIOCGIFHWADDR set the hardware address member.
-    let data = unsafe { request.ifr_ifru.ifru_hwaddr.sa_data };
-    let mut mac = [0u8; 6];
-    for (m, d) in mac.iter_mut().zip(data) {
-        *m = d as u8;
-    }
-    Ok(mac)
 }
 
 /// Sends `count` announcements for `addr` on `iface`.

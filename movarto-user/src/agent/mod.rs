@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod garp;
+pub mod netlink;
 mod server;
 mod site;
 pub mod tap;

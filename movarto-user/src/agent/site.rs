@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, UdpSocket},
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -17,7 +17,10 @@ use movarto_common::{
     net::{addr, family},
 };
 
-use super::api::{DatapathRequest, DatapathStatus, FlowRecord, holds_drain};
+use super::{
+    api::{DatapathRequest, DatapathStatus, FlowRecord, holds_drain},
+    netlink,
+};
 use crate::datapath::{
     AttachOptions, Pinned, SiteConfig, attach, detach, flows::monotonic_ns, forwarding_enabled,
     pin_dir,
@@ -194,7 +197,8 @@ impl SiteDatapath {
     }
 
     /// `bpf_fib_lookup` drops while the next hop's MAC is unknown: make the kernel resolve
-    /// it by sending one datagram toward the peer, and wait until the uplink has a neighbour.
+    /// it by sending one datagram toward the peer, and wait until the neighbour entry of the
+    /// route's own next hop (not just any on the uplink) has a link-layer address.
     fn prime_next_hop(&self, peer: Ipv4Addr) {
         let sent = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
             .and_then(|socket| socket.send_to(b"movarto: resolving the next hop", (peer, 9)));
@@ -202,29 +206,15 @@ impl SiteDatapath {
             tracing::warn!(%peer, "could not send toward the tunnel peer: {err}");
             return;
         }
-        let deadline = Instant::now() + NEXT_HOP_WAIT;
-        while Instant::now() < deadline {
-            if resolved_neighbour(&self.uplink) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match netlink::wait_for_next_hop(peer, NEXT_HOP_WAIT) {
+            Ok((_, true)) => {}
+            Ok((hop, false)) => tracing::warn!(
+                uplink = %self.uplink, %peer, next_hop = %hop.addr,
+                "the tunnel's next hop is still unresolved"
+            ),
+            Err(err) => tracing::warn!(%peer, "could not look up the tunnel's next hop: {err:#}"),
         }
-        tracing::warn!(uplink = %self.uplink, %peer, "the tunnel's next hop is still unresolved");
     }
-}
-
-/// Whether `/proc/net/arp` has a complete entry on `dev`.
-fn resolved_neighbour(dev: &str) -> bool {
-    const ATF_COM: u32 = 0x2;
-    std::fs::read_to_string("/proc/net/arp").is_ok_and(|table| {
-        table.lines().skip(1).any(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            fields.len() >= 6
-                && fields[5] == dev
-                && u32::from_str_radix(fields[2].trim_start_matches("0x"), 16)
-                    .is_ok_and(|flags| flags & ATF_COM != 0)
-        })
-    })
 }
 
 fn site_config(request: &DatapathRequest) -> Result<SiteConfig> {

@@ -1,38 +1,35 @@
 //! The VM's tap device at a site, with the anycast gateway (the same MAC and IP at both
 //! sites) on it. Created persistent, so QEMU can open it by name and it outlives QEMU.
 
-use std::{
-    net::IpAddr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::{net::IpAddr, os::fd::AsRawFd as _};
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, bail};
+use ipnet::IpNet;
 use rtnetlink::LinkUnspec;
 
+use super::netlink;
 use crate::datapath::ifindex;
 
-// From <linux/if_tun.h>.
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 
-/// Parses `192.0.2.1/24`.
+// <linux/if_tun.h>: both are _IOW('T', n, int); TUNSETIFF also writes the name back.
+nix::ioctl_readwrite_bad!(
+    tun_set_iff,
+    nix::request_code_write!(b'T', 202, size_of::<libc::c_int>()),
+    libc::ifreq
+);
+nix::ioctl_write_int_bad!(
+    tun_set_persist,
+    nix::request_code_write!(b'T', 203, size_of::<libc::c_int>())
+);
+
+/// Parses `192.0.2.1/24` (the address keeps its host bits: it is the gateway's own).
 pub fn parse_cidr(cidr: &str) -> Result<(IpAddr, u8)> {
-    let (ip, prefix) = cidr
-        .split_once('/')
-        .ok_or_else(|| anyhow!("{cidr:?} is not address/prefix"))?;
-    let ip: IpAddr = ip
+    let net: IpNet = cidr
         .parse()
-        .with_context(|| format!("{cidr:?}: bad address"))?;
-    let prefix: u8 = prefix
-        .parse()
-        .with_context(|| format!("{cidr:?}: bad prefix length"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    if prefix > max {
-        bail!("{cidr:?}: prefix longer than {max}");
-    }
-    Ok((ip, prefix))
+        .with_context(|| format!("{cidr:?} is not address/prefix"))?;
+    Ok((net.addr(), net.prefix_len()))
 }
 
 /// Creates `name` if missing, then sets its MAC, adds the gateway address and brings it up.
@@ -42,9 +39,7 @@ pub async fn ensure_tap(name: &str, mac: [u8; 6], gateway: IpAddr, prefix: u8) -
         create_persistent_tap(name)?;
     }
     let index = ifindex(name)?;
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    let task = tokio::spawn(connection);
-    let result = async {
+    netlink::session(|handle| async move {
         handle
             .link()
             .set(
@@ -63,10 +58,8 @@ pub async fn ensure_tap(name: &str, mac: [u8; 6], gateway: IpAddr, prefix: u8) -
             .execute()
             .await
             .with_context(|| format!("adding {gateway}/{prefix} to {name}"))
-    }
-    .await;
-    task.abort();
-    result
+    })
+    .await
 }
 
 /// Deletes the tap; fine if it is already gone.
@@ -74,45 +67,38 @@ pub async fn delete_tap(name: &str) -> Result<()> {
     let Ok(index) = ifindex(name) else {
         return Ok(());
     };
-    let (connection, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    let task = tokio::spawn(connection);
-    let result = handle
-        .link()
-        .del(index)
-        .execute()
-        .await
-        .with_context(|| format!("deleting {name}"));
-    task.abort();
-    result
+    netlink::session(|handle| async move {
+        handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .with_context(|| format!("deleting {name}"))
+    })
+    .await
 }
 
 fn create_persistent_tap(name: &str) -> Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         bail!("{name:?} is not an interface name");
     }
-    // SAFETY: a valid path and flags.
-    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("opening /dev/net/tun");
-    }
-    // SAFETY: a descriptor we just opened and own.
-    let tun = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .context("opening /dev/net/tun")?;
     // SAFETY: an all-zero ifreq is valid.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
     for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
         *slot = byte as libc::c_char;
     }
     request.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
-    // SAFETY: TUNSETIFF takes a pointer to an ifreq that lives through the call.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut request) } < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("creating tap {name}"));
-    }
-    // SAFETY: TUNSETPERSIST takes an integer.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("making tap {name} persistent"));
-    }
+    // SAFETY: an open tun descriptor and an ifreq that lives through the call.
+    unsafe { tun_set_iff(tun.as_raw_fd(), &mut request) }
+        .with_context(|| format!("creating tap {name}"))?;
+    // SAFETY: an open tun descriptor; TUNSETPERSIST takes an integer.
+    unsafe { tun_set_persist(tun.as_raw_fd(), 1) }
+        .with_context(|| format!("making tap {name} persistent"))?;
     tracing::info!(tap = name, "created tap");
     Ok(())
 }

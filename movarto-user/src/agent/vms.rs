@@ -42,22 +42,13 @@ use crate::qemu::{
 /// How long QEMU gets to quit before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    #[error("no VM named {0} at this site")]
     NotFound(String),
+    #[error("{0}")]
     Conflict(String),
 }
-
-impl std::fmt::Display for VmError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::NotFound(name) => write!(f, "no VM named {name} at this site"),
-            Self::Conflict(why) => f.write_str(why),
-        }
-    }
-}
-
-impl std::error::Error for VmError {}
 
 struct ManagedVm {
     vm: tokio::sync::Mutex<Option<Vm>>,

@@ -9,7 +9,6 @@
 //! the manager exits or crashes; removing the directory detaches them.
 
 use std::{
-    ffi::CString,
     fs,
     path::{Path, PathBuf},
 };
@@ -25,7 +24,7 @@ use aya::{
 };
 use movarto_common::{
     config::{CONFIG_KEY, Config, Mode},
-    counters::{COUNTER_COUNT, Counter},
+    counters::Counter,
     flow::{FlowKey, FlowValue},
 };
 
@@ -157,13 +156,8 @@ fn fdinfo_field(text: &str, key: &str) -> Option<u32> {
 
 /// The interface index of `name`.
 pub fn ifindex(name: &str) -> Result<u32> {
-    let c = CString::new(name).with_context(|| format!("bad interface name {name:?}"))?;
-    // SAFETY: a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if index == 0 {
-        bail!("no interface named {name} in this network namespace");
-    }
-    Ok(index)
+    nix::net::if_::if_nametoindex(name)
+        .map_err(|_| anyhow!("no interface named {name} in this network namespace"))
 }
 
 /// Whether the kernel forwards on `iface`; the tunnel's routing needs it.
@@ -175,13 +169,8 @@ pub fn forwarding_enabled(iface: &str) -> Result<bool> {
 
 /// Fails unless /sys/fs/bpf is a bpf filesystem in this mount namespace.
 fn require_bpffs() -> Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    let path = CString::new("/sys/fs/bpf").context("path")?;
-    // SAFETY: an all-zero statfs is a valid out-buffer.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path and out-pointer.
-    let ok = unsafe { libc::statfs(path.as_ptr(), &mut st) } == 0;
-    if !ok || st.f_type != BPF_FS_MAGIC {
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+    if !statfs("/sys/fs/bpf").is_ok_and(|st| st.filesystem_type() == BPF_FS_MAGIC) {
         bail!(
             "/sys/fs/bpf is not a bpf filesystem here: mount it (`mount -t bpf bpf /sys/fs/bpf`, \
              or `cargo xtask setup`). Inside a network namespace use `nsenter --net=/run/netns/NAME`, \
@@ -424,15 +413,7 @@ impl Pinned {
     }
 
     pub fn counters(&self) -> Result<CounterSnapshot> {
-        let mut values = [0u64; COUNTER_COUNT as usize];
-        for counter in Counter::ALL {
-            let per_cpu = self
-                .counters
-                .get(&(counter as u32), 0)
-                .with_context(|| format!("reading counter {}", counter.name()))?;
-            values[counter as usize] = per_cpu.iter().sum();
-        }
-        Ok(CounterSnapshot::from_values(values))
+        CounterSnapshot::sum(&self.counters)
     }
 
     /// Removes the flows expired at `now_ns` (CLOCK_MONOTONIC, the datapath's

@@ -1,7 +1,9 @@
 //! Reading the per-CPU counter array.
 
+use std::borrow::Borrow;
+
 use anyhow::{Context as _, Result};
-use aya::maps::{Map, PerCpuArray};
+use aya::maps::{Map, MapData, PerCpuArray};
 use movarto_common::counters::{COUNTER_COUNT, Counter};
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 
@@ -13,8 +15,11 @@ pub struct CounterSnapshot {
 
 impl CounterSnapshot {
     pub(super) fn read(map: &Map) -> Result<Self> {
-        let array =
-            PerCpuArray::<_, u64>::try_from(map).context("COUNTERS is not a per-CPU array")?;
+        Self::sum(&PerCpuArray::try_from(map).context("COUNTERS is not a per-CPU array")?)
+    }
+
+    /// Each counter summed over the CPUs' slots of `array`.
+    pub(super) fn sum<T: Borrow<MapData>>(array: &PerCpuArray<T, u64>) -> Result<Self> {
         let mut values = [0u64; COUNTER_COUNT as usize];
         for counter in Counter::ALL {
             let per_cpu = array
@@ -23,10 +28,6 @@ impl CounterSnapshot {
             values[counter as usize] = per_cpu.iter().sum();
         }
         Ok(Self { values })
-    }
-
-    pub(super) fn from_values(values: [u64; COUNTER_COUNT as usize]) -> Self {
-        Self { values }
     }
 
     /// The value of one counter.

@@ -1,6 +1,6 @@
 //! DNS failures, each naming the server, the zone and the key so an operator can act on it.
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use hickory_proto::{op::ResponseCode, rr::rdata::tsig::TsigError};
 
@@ -15,30 +15,43 @@ pub struct DnsError {
     pub kind: DnsErrorKind,
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 pub enum DnsErrorKind {
     /// No answer in time.
+    #[error("no answer over {transport} within {after:?}: is the server reachable and listening?")]
     Timeout {
         after: Duration,
         transport: &'static str,
     },
     /// Sending or receiving failed.
+    #[error("network error: {0}")]
     Io(String),
     /// The server answered with an error RCODE, and possibly a TSIG error.
+    #[error("{}", rcode_message(*rcode, tsig.as_ref()))]
     Rcode {
         rcode: ResponseCode,
         tsig: Option<TsigError>,
     },
     /// A query was refused: the server does not serve the zone to this client.
+    #[error(
+        "the server refused the query (REFUSED): it does not serve this zone to this client; check --zone and --server"
+    )]
     QueryRefused,
     /// An RFC 2136 prerequisite did not hold: someone else changed the records.
     /// The server applied nothing.
+    #[error(
+        "prerequisite failed ({}): the records are no longer what movarto expected (someone else changed them); the server changed nothing",
+        rcode_name(*rcode)
+    )]
     PrerequisiteFailed { rcode: ResponseCode },
     /// The response to a signed request carried no TSIG.
+    #[error("the response to a signed request is not signed: it cannot be trusted")]
     UnsignedResponse,
     /// The response's TSIG did not verify.
+    #[error("the response's TSIG does not verify: {0}")]
     BadResponseSignature(String),
     /// The response could not be decoded or does not belong to the request.
+    #[error("unusable response: {0}")]
     Malformed(String),
 }
 
@@ -78,74 +91,34 @@ impl DnsErrorKind {
     }
 }
 
-impl fmt::Display for DnsErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Timeout { after, transport } => write!(
-                f,
-                "no answer over {transport} within {after:?}: is the server reachable and listening?"
-            ),
-            Self::Io(err) => write!(f, "network error: {err}"),
-            Self::Rcode {
-                rcode,
-                tsig: Some(tsig),
-            } => {
-                let rcode = rcode_name(*rcode);
-                match tsig {
-                    TsigError::BadKey => write!(
-                        f,
-                        "the server does not know this TSIG key ({rcode}/BADKEY): the key name and algorithm must match a `key` statement on the server"
-                    ),
-                    TsigError::BadSig => write!(
-                        f,
-                        "the server rejected the TSIG signature ({rcode}/BADSIG): the key's secret differs from the server's"
-                    ),
-                    TsigError::BadTime => write!(
-                        f,
-                        "the server rejected the signature's time ({rcode}/BADTIME): the clocks differ by more than the {} s fudge",
-                        super::key::TSIG_FUDGE
-                    ),
-                    TsigError::BadTrunc => {
-                        write!(f, "the server rejected a truncated MAC ({rcode}/BADTRUNC)")
-                    }
-                    TsigError::Unknown(code) => {
-                        write!(f, "the server answered {rcode} with TSIG error {code}")
-                    }
-                }
-            }
-            Self::Rcode { rcode, tsig: None } => match rcode {
-                ResponseCode::NotAuth => write!(
-                    f,
-                    "the server is not authoritative for the zone (NOTAUTH): check --zone and --server"
-                ),
-                ResponseCode::Refused => write!(
-                    f,
-                    "the server refused the request (REFUSED): its allow-update/update-policy does not let this key change this name"
-                ),
-                ResponseCode::NXDomain => write!(f, "the name does not exist (NXDOMAIN)"),
-                ResponseCode::NotZone => {
-                    write!(f, "the name is not inside the zone (NOTZONE)")
-                }
-                other => write!(f, "the server answered {}", rcode_name(*other)),
-            },
-            Self::QueryRefused => write!(
-                f,
-                "the server refused the query (REFUSED): it does not serve this zone to this client; check --zone and --server"
-            ),
-            Self::PrerequisiteFailed { rcode } => write!(
-                f,
-                "prerequisite failed ({}): the records are no longer what movarto expected (someone else changed them); the server changed nothing",
-                rcode_name(*rcode)
-            ),
-            Self::UnsignedResponse => write!(
-                f,
-                "the response to a signed request is not signed: it cannot be trusted"
-            ),
-            Self::BadResponseSignature(why) => {
-                write!(f, "the response's TSIG does not verify: {why}")
-            }
-            Self::Malformed(why) => write!(f, "unusable response: {why}"),
+/// What an error RCODE (and its TSIG error, if any) means for the operator.
+fn rcode_message(rcode: ResponseCode, tsig: Option<&TsigError>) -> String {
+    let name = rcode_name(rcode);
+    match (tsig, rcode) {
+        (Some(TsigError::BadKey), _) => format!(
+            "the server does not know this TSIG key ({name}/BADKEY): the key name and algorithm must match a `key` statement on the server"
+        ),
+        (Some(TsigError::BadSig), _) => format!(
+            "the server rejected the TSIG signature ({name}/BADSIG): the key's secret differs from the server's"
+        ),
+        (Some(TsigError::BadTime), _) => format!(
+            "the server rejected the signature's time ({name}/BADTIME): the clocks differ by more than the {} s fudge",
+            super::key::TSIG_FUDGE
+        ),
+        (Some(TsigError::BadTrunc), _) => {
+            format!("the server rejected a truncated MAC ({name}/BADTRUNC)")
         }
+        (Some(TsigError::Unknown(code)), _) => {
+            format!("the server answered {name} with TSIG error {code}")
+        }
+        (None, ResponseCode::NotAuth) => {
+            "the server is not authoritative for the zone (NOTAUTH): check --zone and --server"
+                .into()
+        }
+        (None, ResponseCode::Refused) => "the server refused the request (REFUSED): its allow-update/update-policy does not let this key change this name".into(),
+        (None, ResponseCode::NXDomain) => "the name does not exist (NXDOMAIN)".into(),
+        (None, ResponseCode::NotZone) => "the name is not inside the zone (NOTZONE)".into(),
+        (None, other) => format!("the server answered {}", rcode_name(other)),
     }
 }
 

@@ -245,17 +245,12 @@ pub async fn migrate_outgoing(
 
 /// The context of a migration that failed after post-copy began: the VM's RAM is split
 /// between the two sides, so callers must not treat it like a pre-copy failure.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the migration failed in post-copy; the source cannot resume \
+     (QEMU keeps it paused for a post-copy recovery)"
+)]
 pub struct FailedInPostcopy;
-
-impl std::fmt::Display for FailedInPostcopy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(
-            "the migration failed in post-copy; the source cannot resume \
-             (QEMU keeps it paused for a post-copy recovery)",
-        )
-    }
-}
 
 /// The destination's half after `completed`: waits until the VM runs there, then announces
 /// it (RARP/GARP). Returns the destination's run state.

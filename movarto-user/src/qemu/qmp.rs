@@ -34,37 +34,22 @@ use tokio::{
 /// How long a command waits for its reply unless told otherwise.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum QmpError {
     /// QEMU answered the command with an error.
+    #[error("QEMU refused `{command}`: {desc} ({class})")]
     Command {
         command: String,
         class: String,
         desc: String,
     },
     /// The connection is gone (QEMU exited, crashed or closed the socket).
+    #[error("the QMP connection is closed: {reason}")]
     Closed { reason: String },
     /// No reply or event within the time allowed.
+    #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
 }
-
-impl std::fmt::Display for QmpError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Command {
-                command,
-                class,
-                desc,
-            } => write!(f, "QEMU refused `{command}`: {desc} ({class})"),
-            Self::Closed { reason } => write!(f, "the QMP connection is closed: {reason}"),
-            Self::Timeout { what, after } => {
-                write!(f, "timed out after {after:?} waiting for {what}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for QmpError {}
 
 /// A QMP command with its arguments (the struct's fields) and the type of its reply.
 pub trait QmpCommand: Serialize {
