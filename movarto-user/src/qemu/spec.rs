@@ -7,7 +7,7 @@
 //! qmp_socket = "/run/movarto/web.qmp"
 //! kernel = "target/guest/vmlinuz"            # or: disk = "web.qcow2"
 //! initrd = "target/guest/initramfs.cpio.gz"
-//! append = "console=ttyS0 pti=on movarto.ip=192.0.2.10/24 movarto.gw=192.0.2.1"
+//! append = "console=ttyS0 movarto.ip=192.0.2.10/24 movarto.gw=192.0.2.1"
 //! netns = "site-a"                            # optional: run QEMU inside this namespace
 //! serial_log = "/run/movarto/web.console"     # optional
 //!
@@ -184,23 +184,6 @@ impl VmSpec {
             bail!("field `netns`: {ns:?} is not a namespace name");
         }
         Ok(())
-    }
-
-    /// Why migrating this VM may corrupt it, if it may: QEMU 7.2's TCG loses guest writes
-    /// to kernel pages mapped global from its dirty tracking, so a Linux guest without
-    /// `pti=on` (which makes those mappings per-process) can arrive with stale pages.
-    /// See docs/building.md, "QEMU 7.2 under TCG loses guest writes".
-    pub fn migration_hazard(&self) -> Option<String> {
-        let append = self.append.as_deref()?;
-        (self.accel == Accel::Tcg && !append.split_whitespace().any(|arg| arg == "pti=on")).then(
-            || {
-                format!(
-                    "VM {}: under TCG, a Linux guest needs `pti=on` on its kernel command line \
-                 to migrate intact (QEMU 7.2 loses writes to its global kernel pages)",
-                    self.name
-                )
-            },
-        )
     }
 
     /// QEMU's arguments (without the binary) for this VM.
@@ -412,33 +395,6 @@ tap = "tap0"
             error_of(&long_tap).contains("nic.tap"),
             "{}",
             error_of(&long_tap)
-        );
-    }
-
-    #[test]
-    fn a_tcg_linux_guest_without_pti_is_flagged_before_it_migrates() {
-        let spec = VmSpec::parse(GOOD).expect("valid");
-        let hazard = spec
-            .migration_hazard()
-            .expect("TCG without pti=on is flagged");
-        assert!(
-            hazard.contains("pti=on") && hazard.contains("VM web"),
-            "{hazard}"
-        );
-        let with_pti = GOOD.replace("console=ttyS0", "console=ttyS0 pti=on");
-        assert_eq!(
-            VmSpec::parse(&with_pti).expect("valid").migration_hazard(),
-            None
-        );
-        let kvm = GOOD.replace("[nic]", "accel = \"kvm\"\n\n[nic]");
-        assert_eq!(VmSpec::parse(&kvm).expect("valid").migration_hazard(), None);
-        // `pti=onx` or `nopti=on` are other options.
-        let lookalike = GOOD.replace("console=ttyS0", "console=ttyS0 nopti=on");
-        assert!(
-            VmSpec::parse(&lookalike)
-                .expect("valid")
-                .migration_hazard()
-                .is_some()
         );
     }
 }

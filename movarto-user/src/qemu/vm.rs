@@ -63,9 +63,6 @@ impl Vm {
 
     async fn spawn(spec: &VmSpec, role: Role, detached_log: Option<&Path>) -> Result<Self> {
         spec.validate()?;
-        if let Some(hazard) = spec.migration_hazard() {
-            tracing::warn!("{hazard}");
-        }
         // A socket left by a previous run would make QEMU fail to bind.
         let _ = std::fs::remove_file(&spec.qmp_socket);
         let mut cmd = Command::from(spec.command(role));
