@@ -2,29 +2,20 @@
 
 use std::{
     io::Write,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Args, Parser, Subcommand};
-use hickory_proto::rr::Name;
-use serde::Serialize;
-
-use super::{
-    client::ZoneServer,
-    key::TsigKey,
+use clap::{Args, Subcommand};
+use movarto_user::dns::{
+    TsigKey, ZoneServer, parse_name, parse_server,
     records::{self, Rrset, ServiceRecords, UpdateReport},
 };
+use serde::Serialize;
 
-/// For tests and embedding: parses `dns ...` on its own.
-#[derive(Parser)]
-#[command(name = "dns")]
-pub struct DnsCli {
-    #[command(subcommand)]
-    pub command: DnsCommand,
-}
+use super::units::{DURATION_HELP, parse_duration};
 
 #[derive(Subcommand)]
 pub enum DnsCommand {
@@ -53,9 +44,9 @@ pub struct ServerArgs {
     /// Key as nsupdate -y takes it: [alg:]name:base64secret.
     #[arg(long = "key", short = 'y')]
     pub key: Option<String>,
-    /// Seconds to wait for each answer.
-    #[arg(long, default_value_t = 3)]
-    pub timeout: u64,
+    #[arg(long, default_value = "3s", value_parser = parse_duration,
+          help = format!("How long to wait for each answer: {DURATION_HELP}"))]
+    pub timeout: Duration,
 }
 
 #[derive(Args)]
@@ -88,9 +79,10 @@ pub struct UpdateArgs {
     /// After lowering the TTL, do not wait out the old one.
     #[arg(long)]
     pub no_wait: bool,
-    /// Seconds to wait for the authoritative answer to show the change.
-    #[arg(long, default_value_t = 10)]
-    pub verify_timeout: u64,
+    #[arg(long, default_value = "10s", value_parser = parse_duration,
+          help = format!("How long to wait for the authoritative answer to show the change: \
+                          {DURATION_HELP}"))]
+    pub verify_timeout: Duration,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -108,29 +100,13 @@ impl ServerArgs {
             }
             (None, None) => None,
         };
+        if self.timeout.is_zero() {
+            bail!("--timeout must be positive");
+        }
         let mut zone_server = ZoneServer::new(server, zone, key);
-        zone_server.timeout = Duration::from_secs(self.timeout.max(1));
+        zone_server.timeout = self.timeout;
         Ok(zone_server)
     }
-}
-
-pub fn parse_server(text: &str) -> Result<SocketAddr> {
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let ip: IpAddr = text
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .with_context(|| format!("--server {text:?}: expected ADDRESS or ADDRESS:PORT"))?;
-    Ok(SocketAddr::new(ip, 53))
-}
-
-pub fn parse_name(text: &str) -> Result<Name> {
-    let mut name =
-        Name::from_ascii(text).map_err(|err| anyhow::anyhow!("invalid name {text:?}: {err}"))?;
-    name.set_fqdn(true);
-    Ok(name)
 }
 
 pub fn run(command: DnsCommand) -> Result<()> {
@@ -167,7 +143,7 @@ fn update(args: UpdateArgs, out: &mut dyn Write) -> Result<()> {
     let start = Instant::now();
     let server = args.server.zone_server(true)?;
     let name = parse_name(&args.name)?;
-    let verify_timeout = Duration::from_secs(args.verify_timeout);
+    let verify_timeout = args.verify_timeout;
     let (report, planned_wait) = if args.to.is_empty() {
         let Some(ttl) = args.ttl else {
             bail!("nothing to do: give --to ADDRESS and/or --ttl SECONDS");
@@ -271,7 +247,17 @@ fn print_change(out: &mut dyn Write, before: &Rrset, after: &Rrset) -> Result<()
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    /// Parses `dns ...` on its own.
+    #[derive(Parser)]
+    #[command(name = "dns")]
+    struct DnsCli {
+        #[command(subcommand)]
+        command: DnsCommand,
+    }
 
     #[test]
     fn parses_update_arguments() {
@@ -304,19 +290,6 @@ mod tests {
         let server = args.server.zone_server(true).expect("server");
         assert_eq!(server.server, "192.0.2.53:53".parse().expect("addr"));
         assert!(server.zone.is_fqdn());
-    }
-
-    #[test]
-    fn server_addresses_take_an_optional_port() {
-        assert_eq!(
-            parse_server("192.0.2.53:5353").expect("v4"),
-            "192.0.2.53:5353".parse().expect("a")
-        );
-        assert_eq!(
-            parse_server("2001:db8::53").expect("v6"),
-            "[2001:db8::53]:53".parse().expect("a")
-        );
-        assert!(parse_server("ns.example.test").is_err());
     }
 
     #[test]
