@@ -154,6 +154,30 @@ mod tests {
     }
 
     #[test]
+    fn the_builder_sets_what_it_names_and_checks() {
+        let site = SiteConfig::new(Mode::Receive, "192.0.2.10".parse().expect("addr"))
+            .with_new_addr(Some("198.51.100.10".parse().expect("addr")))
+            .with_tunnel(
+                Ipv4Addr::new(10, 0, 0, 1),
+                Ipv4Addr::new(10, 0, 0, 2),
+                SessionToken(7),
+            )
+            .with_gue_port(7000)
+            .with_tunnel_mtu(1400)
+            .with_macs(MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]))
+            .checked()
+            .expect("valid");
+        assert_eq!(site.peer_tunnel_addr, Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(site.token, SessionToken(7));
+        assert_eq!((site.gue_port, site.tunnel_mtu), (7000, 1400));
+        assert_eq!(site.gateway_mac, MacAddr([2, 0, 0, 0, 0, 2]));
+        let tiny = SiteConfig::new(Mode::Track, "192.0.2.10".parse().expect("addr"))
+            .with_tunnel_mtu(500)
+            .checked();
+        assert!(tiny.is_err());
+    }
+
+    #[test]
     fn mixed_families_and_tiny_mtu_are_refused() {
         let mut site = SiteConfig::new(Mode::Receive, "192.0.2.10".parse().expect("addr"));
         site.new_addr = Some("2001:db8::10".parse().expect("addr"));
