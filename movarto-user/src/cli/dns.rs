@@ -259,9 +259,9 @@ mod tests {
         command: DnsCommand,
     }
 
-    #[test]
-    fn parses_update_arguments() {
-        let cli = DnsCli::try_parse_from([
+    /// `dns update svc.example.test -s 192.0.2.53 -z example.test` and `extra`.
+    fn update(extra: &[&str]) -> DnsCli {
+        let base = [
             "dns",
             "update",
             "svc.example.test",
@@ -269,6 +269,13 @@ mod tests {
             "192.0.2.53",
             "-z",
             "example.test",
+        ];
+        DnsCli::try_parse_from(base.iter().chain(extra)).expect("parses")
+    }
+
+    #[test]
+    fn parses_update_arguments() {
+        let cli = update(&[
             "-y",
             "k:c2VjcmV0",
             "--to",
@@ -279,8 +286,7 @@ mod tests {
             "198.51.100.10",
             "--ttl",
             "20",
-        ])
-        .expect("parses");
+        ]);
         let DnsCommand::Update(args) = cli.command else {
             panic!("not update");
         };
@@ -290,22 +296,31 @@ mod tests {
         let server = args.server.zone_server(true).expect("server");
         assert_eq!(server.server, "192.0.2.53:53".parse().expect("addr"));
         assert!(server.zone.is_fqdn());
+        assert_eq!(server.timeout, Duration::from_secs(3));
+        assert_eq!(args.verify_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn timeouts_take_units() {
+        let DnsCommand::Update(args) = update(&[
+            "--ttl",
+            "20",
+            "--timeout",
+            "500ms",
+            "--verify-timeout",
+            "1m",
+        ])
+        .command
+        else {
+            panic!("not update");
+        };
+        assert_eq!(args.server.timeout, Duration::from_millis(500));
+        assert_eq!(args.verify_timeout, Duration::from_secs(60));
     }
 
     #[test]
     fn updates_need_a_key() {
-        let cli = DnsCli::try_parse_from([
-            "dns",
-            "update",
-            "svc.example.test",
-            "-s",
-            "192.0.2.53",
-            "-z",
-            "example.test",
-            "--ttl",
-            "20",
-        ])
-        .expect("parses");
+        let cli = update(&["--ttl", "20"]);
         let err = run_to(cli.command, &mut Vec::new()).expect_err("unsigned");
         assert!(err.to_string().contains("must be signed"), "{err}");
     }
