@@ -7,15 +7,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::Parser as _;
+use anyhow::bail;
 use hickory_proto::rr::{Name, RecordType};
 use movarto_tests::{
     dns_server::{Bind9, HOME_V4, HOME_V6, INITIAL_TTL, KEY_NAME, SERVER_IP, SERVICE, ZONE},
+    lab::movarto_user,
     require_root,
 };
 use movarto_user::dns::{
     DnsError, DnsErrorKind, TsigKey, ZoneServer,
-    cli::{DnsCli, run_to},
     client::Transport,
     message::{RrsetChange, query_message, update_message},
     records,
@@ -56,13 +56,23 @@ fn assert_unchanged(bind: &Bind9) {
 
 /// Runs `movarto-user dns <args>` in the client namespace; returns stdout or the error.
 fn cli(bind: &Bind9, args: &[&str]) -> anyhow::Result<String> {
-    let mut argv = vec!["dns"];
-    argv.extend_from_slice(args);
-    let parsed = DnsCli::try_parse_from(&argv).expect("arguments parse");
-    bind.in_client(move || {
-        let mut out = Vec::new();
-        run_to(parsed.command, &mut out).map(|()| String::from_utf8_lossy(&out).into_owned())
-    })
+    let bin = movarto_user();
+    // The child inherits the namespace of the thread that spawns it.
+    let out = bind.in_client(move || {
+        std::process::Command::new(bin)
+            .arg("dns")
+            .args(args)
+            .output()
+    })?;
+    if !out.status.success() {
+        bail!(
+            "movarto-user dns {}: {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
 }
 
 #[test]

@@ -12,54 +12,15 @@ pub mod tap;
 pub mod token;
 mod vms;
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use anyhow::{Result, bail};
-use clap::Args;
+use anyhow::Result;
 
 pub use client::{AgentClient, AgentError};
 pub use server::{AgentConfig, serve};
-use token::Token;
 
-#[derive(Args, Debug)]
-pub struct AgentArgs {
-    /// This site's name, for logs and reports.
-    #[arg(long)]
-    pub site: String,
-    /// Where the control API listens.
-    #[arg(long, default_value = "0.0.0.0:7878")]
-    pub listen: SocketAddr,
-    /// A file holding the site token (mode 600; e.g. `openssl rand -hex 32`).
-    #[arg(long)]
-    pub token_file: PathBuf,
-    /// The uplink the site's datapath is (or will be) attached to.
-    #[arg(long)]
-    pub uplink: String,
-    /// The datapath's pin name under /sys/fs/bpf/movarto (default: the uplink's name; set
-    /// it when another namespace on this host has an uplink of the same name).
-    #[arg(long)]
-    pub pin_name: Option<String>,
-    /// TLS certificate chain (PEM); TLS is on when given, with --tls-key.
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// How often expired flows are swept from the flow map.
-    #[arg(long, default_value = "1s", value_parser = humantime_duration)]
-    pub sweep_interval: Duration,
-    /// VM records and QEMU logs (default: /run/movarto/agent-<site>).
-    #[arg(long)]
-    pub state_dir: Option<PathBuf>,
-    /// Stop this site's VMs when the agent exits. By default they keep running, and a
-    /// restarted agent adopts them.
-    #[arg(long)]
-    pub stop_vms_on_exit: bool,
-    /// When an established, idle pre-move flow counts as gone.
-    #[arg(long, default_value = "300s", value_parser = humantime_duration)]
-    pub established_idle: Duration,
-}
-
-/// `250ms`, `5s`, `2m`.
+/// `250ms`, `5s`, `2m`; a bare number is seconds. Only `migrate`'s flags still use it;
+/// the other verbs take `cli::units::parse_duration`, which requires the unit.
 pub fn humantime_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s
         .find(|c: char| !c.is_ascii_digit())
@@ -76,25 +37,8 @@ pub fn humantime_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
-pub fn run(args: AgentArgs) -> Result<()> {
-    if args.sweep_interval.is_zero() {
-        bail!("--sweep-interval must be positive");
-    }
-    let state_dir = args
-        .state_dir
-        .unwrap_or_else(|| PathBuf::from(format!("/run/movarto/agent-{}", args.site)));
-    let config = AgentConfig {
-        state_dir,
-        stop_vms_on_exit: args.stop_vms_on_exit,
-        site: args.site,
-        listen: args.listen,
-        token: Token::from_file(&args.token_file)?,
-        uplink: args.uplink,
-        pin_name: args.pin_name,
-        tls: args.tls_cert.zip(args.tls_key),
-        sweep_interval: args.sweep_interval,
-        established_idle: args.established_idle,
-    };
+/// Serves the agent until it is stopped, on a runtime of its own.
+pub fn run(config: AgentConfig) -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

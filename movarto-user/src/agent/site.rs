@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
 use movarto_common::{
     config::Mode,
@@ -22,8 +22,8 @@ use super::{
     netlink,
 };
 use crate::datapath::{
-    AttachOptions, Pinned, SiteConfig, attach, detach, flows::monotonic_ns, forwarding_enabled,
-    pin_dir,
+    AttachOptions, Pinned, SiteConfig, attach, detach, flows::monotonic_ns, pin_dir,
+    require_forwarding,
 };
 
 /// How long the agent waits for the tunnel's next hop to resolve.
@@ -97,13 +97,7 @@ impl SiteDatapath {
     /// Attaches, or rewrites the configuration of what is attached (the flows stay).
     pub fn apply(&self, request: &DatapathRequest) -> Result<DatapathStatus> {
         let site = site_config(request)?;
-        if site.mode.routes_packets() && !forwarding_enabled(&self.uplink)? {
-            bail!(
-                "IPv4 forwarding is off on {}; mode {} routes packets through it",
-                self.uplink,
-                site.mode.name()
-            );
-        }
+        require_forwarding(&self.uplink, site.mode)?;
         if self.attached() {
             self.open()?.reconfigure(&site)?;
         } else {
@@ -218,14 +212,15 @@ impl SiteDatapath {
 }
 
 fn site_config(request: &DatapathRequest) -> Result<SiteConfig> {
-    let mut site = SiteConfig::new(request.mode, request.home_addr);
-    site.new_addr = request.new_addr;
-    site.local_tunnel_addr = request.local_tunnel_addr;
-    site.peer_tunnel_addr = request.peer_tunnel_addr;
-    site.token = request.token;
-    site.tunnel_mtu = request.tunnel_mtu;
-    site.vm_mac = request.vm_mac;
-    site.gateway_mac = request.gateway_mac;
-    site.to_map().context("inconsistent datapath settings")?;
-    Ok(site)
+    SiteConfig::new(request.mode, request.home_addr)
+        .with_new_addr(request.new_addr)
+        .with_tunnel(
+            request.local_tunnel_addr,
+            request.peer_tunnel_addr,
+            request.token,
+        )
+        .with_tunnel_mtu(request.tunnel_mtu)
+        .with_macs(request.vm_mac, request.gateway_mac)
+        .checked()
+        .context("inconsistent datapath settings")
 }

@@ -53,6 +53,45 @@ impl SiteConfig {
         }
     }
 
+    /// With the new address `N` (site B in `nat` address mode).
+    pub fn with_new_addr(mut self, new_addr: Option<IpAddr>) -> Self {
+        self.new_addr = new_addr;
+        self
+    }
+
+    /// With the tunnel: this site's and the peer's endpoints and the session token.
+    pub fn with_tunnel(mut self, local: Ipv4Addr, peer: Ipv4Addr, token: SessionToken) -> Self {
+        self.local_tunnel_addr = local;
+        self.peer_tunnel_addr = peer;
+        self.token = token;
+        self
+    }
+
+    /// With the largest outer packet between the sites.
+    pub fn with_tunnel_mtu(mut self, tunnel_mtu: u16) -> Self {
+        self.tunnel_mtu = tunnel_mtu;
+        self
+    }
+
+    /// With GUE's UDP port.
+    pub fn with_gue_port(mut self, gue_port: u16) -> Self {
+        self.gue_port = gue_port;
+        self
+    }
+
+    /// With the VM's MAC and the VM-facing gateway's MAC (the same at both sites).
+    pub fn with_macs(mut self, vm_mac: MacAddr, gateway_mac: MacAddr) -> Self {
+        self.vm_mac = vm_mac;
+        self.gateway_mac = gateway_mac;
+        self
+    }
+
+    /// The configuration, once [`SiteConfig::to_map`] accepts it.
+    pub fn checked(self) -> Result<Self> {
+        self.to_map()?;
+        Ok(self)
+    }
+
     /// The map form; fails on inconsistent settings.
     pub fn to_map(&self) -> Result<Config> {
         let (home_addr, service_family) = addr::to_map(self.home_addr);
@@ -112,6 +151,30 @@ mod tests {
         assert_eq!(&map.home_addr[..4], &[192, 0, 2, 10]);
         assert_eq!(map.gue_port.to_ne_bytes(), 6080u16.to_be_bytes());
         assert_eq!(map.service_family, family::IPV4);
+    }
+
+    #[test]
+    fn the_builder_sets_what_it_names_and_checks() {
+        let site = SiteConfig::new(Mode::Receive, "192.0.2.10".parse().expect("addr"))
+            .with_new_addr(Some("198.51.100.10".parse().expect("addr")))
+            .with_tunnel(
+                Ipv4Addr::new(10, 0, 0, 1),
+                Ipv4Addr::new(10, 0, 0, 2),
+                SessionToken(7),
+            )
+            .with_gue_port(7000)
+            .with_tunnel_mtu(1400)
+            .with_macs(MacAddr([2, 0, 0, 0, 0, 1]), MacAddr([2, 0, 0, 0, 0, 2]))
+            .checked()
+            .expect("valid");
+        assert_eq!(site.peer_tunnel_addr, Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(site.token, SessionToken(7));
+        assert_eq!((site.gue_port, site.tunnel_mtu), (7000, 1400));
+        assert_eq!(site.gateway_mac, MacAddr([2, 0, 0, 0, 0, 2]));
+        let tiny = SiteConfig::new(Mode::Track, "192.0.2.10".parse().expect("addr"))
+            .with_tunnel_mtu(500)
+            .checked();
+        assert!(tiny.is_err());
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Loading movarto's eBPF object and reading its state.
 
 mod attach;
-pub mod cli;
 mod config;
+mod control;
 mod counters;
 pub mod flows;
 
@@ -20,6 +20,7 @@ pub use attach::{
     ifindex, netns_cookie, pin_dir,
 };
 pub use config::SiteConfig;
+pub use control::{Detached, Status, detach_uplink, pin_name_or, require_forwarding, switch_mode};
 pub use counters::CounterSnapshot;
 use movarto_common::{
     config::{CONFIG_KEY, Config},

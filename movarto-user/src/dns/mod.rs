@@ -6,15 +6,18 @@
 //! - [`client`]: UDP with TCP fallback, signing and response verification;
 //! - [`records`]: show, atomic replace, TTL lowering/restoring, verification;
 //! - [`error`]: failures that name the server, zone and key;
-//! - [`cli`]: `movarto-user dns show|update`.
+//! - [`parse_server`], [`parse_name`]: servers and names as users write them.
+//!
+//! The `dns` verb (`movarto-user dns show|update`) is in the binary's `cli::dns`.
 
-pub mod cli;
 pub mod client;
 pub mod error;
 pub mod key;
 pub mod message;
+mod parse;
 pub mod records;
 
 pub use client::ZoneServer;
 pub use error::{DnsError, DnsErrorKind};
 pub use key::TsigKey;
+pub use parse::{parse_name, parse_server};

@@ -209,9 +209,9 @@ impl Plan {
                     .transpose()?
                     .context("DNS updates must be signed: give --dns-key-file")?;
                 Some(DnsTarget {
-                    server: crate::dns::cli::parse_server(server)?,
-                    zone: crate::dns::cli::parse_name(zone).context("--zone")?,
-                    name: crate::dns::cli::parse_name(name).context("--dns-name")?,
+                    server: crate::dns::parse_server(server)?,
+                    zone: crate::dns::parse_name(zone).context("--zone")?,
+                    name: crate::dns::parse_name(name).context("--dns-name")?,
                     key,
                     low_ttl: args.low_ttl,
                     wait_old_ttl: !args.skip_ttl_wait && !args.urgent,

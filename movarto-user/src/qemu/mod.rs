@@ -6,10 +6,9 @@ pub mod qmp;
 pub mod spec;
 pub mod vm;
 
-use std::{path::PathBuf, process::Stdio, time::Duration};
+use std::{process::Stdio, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use clap::Subcommand;
 use serde::Serialize;
 
 use self::{
@@ -17,46 +16,17 @@ use self::{
     spec::{Role, VmSpec},
 };
 
-/// `movarto-user vm ...`
-#[derive(Debug, Subcommand)]
-pub enum VmCommand {
-    /// Start the VM of a TOML spec in the background (QEMU daemonizes).
-    Start {
-        spec: PathBuf,
-        /// Start as a migration destination (`-incoming defer`) instead of booting.
-        #[arg(long)]
-        incoming: bool,
-    },
-    /// Ask the VM's QEMU to quit, and wait until it has.
-    Stop { spec: PathBuf },
-    /// Show QEMU's run state and the last migration's status.
-    Status {
-        spec: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+/// A VM that [`start_daemon`] started.
+#[derive(Clone, Debug)]
+pub struct Started {
+    /// QEMU's pid, from its pidfile (empty if unreadable).
+    pub pid: String,
+    /// QEMU's run state right after the start.
+    pub status: String,
 }
 
-/// Runs a `vm` subcommand to completion.
-pub fn cli(command: VmCommand) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        match command {
-            VmCommand::Start { spec, incoming } => {
-                start_daemon(&VmSpec::load(&spec)?, incoming).await
-            }
-            VmCommand::Stop { spec } => stop(&VmSpec::load(&spec)?).await,
-            VmCommand::Status { spec, json } => status(&VmSpec::load(&spec)?, json).await,
-        }
-    })
-}
-
-async fn start_daemon(spec: &VmSpec, incoming: bool) -> Result<()> {
-    let role = if incoming { Role::Incoming } else { Role::Boot };
+/// Starts the VM of `spec` in the background (QEMU daemonizes) in `role`.
+pub async fn start_daemon(spec: &VmSpec, role: Role) -> Result<Started> {
     if Qmp::connect(&spec.qmp_socket, Duration::ZERO).await.is_ok() {
         bail!(
             "VM {} is already running (its QMP socket {} answers)",
@@ -87,17 +57,14 @@ async fn start_daemon(spec: &VmSpec, incoming: bool) -> Result<()> {
     let qmp = Qmp::connect(&spec.qmp_socket, Duration::from_secs(30)).await?;
     let state = qmp.run(&commands::QueryStatus {}).await?;
     let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
-    println!(
-        "VM {} started: QEMU pid {}, {}, QMP {}",
-        spec.name,
-        pid.trim(),
-        state.status,
-        spec.qmp_socket.display()
-    );
-    Ok(())
+    Ok(Started {
+        pid: pid.trim().to_owned(),
+        status: state.status,
+    })
 }
 
-async fn stop(spec: &VmSpec) -> Result<()> {
+/// Asks the VM's QEMU to quit, and waits until it has.
+pub async fn stop(spec: &VmSpec) -> Result<()> {
     let qmp = Qmp::connect(&spec.qmp_socket, Duration::ZERO)
         .await
         .with_context(|| format!("VM {} does not seem to run", spec.name))?;
@@ -111,46 +78,33 @@ async fn stop(spec: &VmSpec) -> Result<()> {
     }
     let _ = std::fs::remove_file(&spec.qmp_socket);
     let _ = std::fs::remove_file(spec.qmp_socket.with_extension("pid"));
-    println!("VM {} stopped", spec.name);
     Ok(())
 }
 
-#[derive(Serialize)]
-struct StatusReport {
-    name: String,
-    status: String,
-    running: bool,
-    qemu: String,
-    migration: Option<String>,
+/// QEMU's run state and the last migration's status.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub status: String,
+    pub running: bool,
+    /// QEMU's version, `major.minor.micro`.
+    pub qemu: String,
+    pub migration: Option<String>,
 }
 
-async fn status(spec: &VmSpec, json: bool) -> Result<()> {
+/// Asks the VM's QEMU for its state.
+pub async fn status(spec: &VmSpec) -> Result<VmStatus> {
     let qmp = Qmp::connect(&spec.qmp_socket, Duration::ZERO)
         .await
         .with_context(|| format!("VM {} does not seem to run", spec.name))?;
     let state = qmp.run(&commands::QueryStatus {}).await?;
     let migration = qmp.run(&commands::QueryMigrate {}).await?;
     let v = qmp.greeting().qmp.version.qemu;
-    let report = StatusReport {
+    Ok(VmStatus {
         name: spec.name.clone(),
         status: state.status,
         running: state.running,
         qemu: format!("{}.{}.{}", v.major, v.minor, v.micro),
         migration: migration.status,
-    };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!(
-            "VM {}: {} (QEMU {}){}",
-            report.name,
-            report.status,
-            report.qemu,
-            report
-                .migration
-                .map(|m| format!(", last migration {m}"))
-                .unwrap_or_default()
-        );
-    }
-    Ok(())
+    })
 }

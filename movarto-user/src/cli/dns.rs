@@ -2,29 +2,20 @@
 
 use std::{
     io::Write,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use clap::{Args, Parser, Subcommand};
-use hickory_proto::rr::Name;
-use serde::Serialize;
-
-use super::{
-    client::ZoneServer,
-    key::TsigKey,
+use clap::{Args, Subcommand};
+use movarto_user::dns::{
+    TsigKey, ZoneServer, parse_name, parse_server,
     records::{self, Rrset, ServiceRecords, UpdateReport},
 };
+use serde::Serialize;
 
-/// For tests and embedding: parses `dns ...` on its own.
-#[derive(Parser)]
-#[command(name = "dns")]
-pub struct DnsCli {
-    #[command(subcommand)]
-    pub command: DnsCommand,
-}
+use super::units::{DURATION_HELP, parse_duration};
 
 #[derive(Subcommand)]
 pub enum DnsCommand {
@@ -53,9 +44,9 @@ pub struct ServerArgs {
     /// Key as nsupdate -y takes it: [alg:]name:base64secret.
     #[arg(long = "key", short = 'y')]
     pub key: Option<String>,
-    /// Seconds to wait for each answer.
-    #[arg(long, default_value_t = 3)]
-    pub timeout: u64,
+    #[arg(long, default_value = "3s", value_parser = parse_duration,
+          help = format!("How long to wait for each answer: {DURATION_HELP}"))]
+    pub timeout: Duration,
 }
 
 #[derive(Args)]
@@ -88,9 +79,10 @@ pub struct UpdateArgs {
     /// After lowering the TTL, do not wait out the old one.
     #[arg(long)]
     pub no_wait: bool,
-    /// Seconds to wait for the authoritative answer to show the change.
-    #[arg(long, default_value_t = 10)]
-    pub verify_timeout: u64,
+    #[arg(long, default_value = "10s", value_parser = parse_duration,
+          help = format!("How long to wait for the authoritative answer to show the change: \
+                          {DURATION_HELP}"))]
+    pub verify_timeout: Duration,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -108,29 +100,13 @@ impl ServerArgs {
             }
             (None, None) => None,
         };
+        if self.timeout.is_zero() {
+            bail!("--timeout must be positive");
+        }
         let mut zone_server = ZoneServer::new(server, zone, key);
-        zone_server.timeout = Duration::from_secs(self.timeout.max(1));
+        zone_server.timeout = self.timeout;
         Ok(zone_server)
     }
-}
-
-pub fn parse_server(text: &str) -> Result<SocketAddr> {
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let ip: IpAddr = text
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .with_context(|| format!("--server {text:?}: expected ADDRESS or ADDRESS:PORT"))?;
-    Ok(SocketAddr::new(ip, 53))
-}
-
-pub fn parse_name(text: &str) -> Result<Name> {
-    let mut name =
-        Name::from_ascii(text).map_err(|err| anyhow::anyhow!("invalid name {text:?}: {err}"))?;
-    name.set_fqdn(true);
-    Ok(name)
 }
 
 pub fn run(command: DnsCommand) -> Result<()> {
@@ -167,7 +143,7 @@ fn update(args: UpdateArgs, out: &mut dyn Write) -> Result<()> {
     let start = Instant::now();
     let server = args.server.zone_server(true)?;
     let name = parse_name(&args.name)?;
-    let verify_timeout = Duration::from_secs(args.verify_timeout);
+    let verify_timeout = args.verify_timeout;
     let (report, planned_wait) = if args.to.is_empty() {
         let Some(ttl) = args.ttl else {
             bail!("nothing to do: give --to ADDRESS and/or --ttl SECONDS");
@@ -271,11 +247,21 @@ fn print_change(out: &mut dyn Write, before: &Rrset, after: &Rrset) -> Result<()
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
-    #[test]
-    fn parses_update_arguments() {
-        let cli = DnsCli::try_parse_from([
+    /// Parses `dns ...` on its own.
+    #[derive(Parser)]
+    #[command(name = "dns")]
+    struct DnsCli {
+        #[command(subcommand)]
+        command: DnsCommand,
+    }
+
+    /// `dns update svc.example.test -s 192.0.2.53 -z example.test` and `extra`.
+    fn update(extra: &[&str]) -> DnsCli {
+        let base = [
             "dns",
             "update",
             "svc.example.test",
@@ -283,6 +269,13 @@ mod tests {
             "192.0.2.53",
             "-z",
             "example.test",
+        ];
+        DnsCli::try_parse_from(base.iter().chain(extra)).expect("parses")
+    }
+
+    #[test]
+    fn parses_update_arguments() {
+        let cli = update(&[
             "-y",
             "k:c2VjcmV0",
             "--to",
@@ -293,8 +286,7 @@ mod tests {
             "198.51.100.10",
             "--ttl",
             "20",
-        ])
-        .expect("parses");
+        ]);
         let DnsCommand::Update(args) = cli.command else {
             panic!("not update");
         };
@@ -304,35 +296,31 @@ mod tests {
         let server = args.server.zone_server(true).expect("server");
         assert_eq!(server.server, "192.0.2.53:53".parse().expect("addr"));
         assert!(server.zone.is_fqdn());
+        assert_eq!(server.timeout, Duration::from_secs(3));
+        assert_eq!(args.verify_timeout, Duration::from_secs(10));
     }
 
     #[test]
-    fn server_addresses_take_an_optional_port() {
-        assert_eq!(
-            parse_server("192.0.2.53:5353").expect("v4"),
-            "192.0.2.53:5353".parse().expect("a")
-        );
-        assert_eq!(
-            parse_server("2001:db8::53").expect("v6"),
-            "[2001:db8::53]:53".parse().expect("a")
-        );
-        assert!(parse_server("ns.example.test").is_err());
+    fn timeouts_take_units() {
+        let DnsCommand::Update(args) = update(&[
+            "--ttl",
+            "20",
+            "--timeout",
+            "500ms",
+            "--verify-timeout",
+            "1m",
+        ])
+        .command
+        else {
+            panic!("not update");
+        };
+        assert_eq!(args.server.timeout, Duration::from_millis(500));
+        assert_eq!(args.verify_timeout, Duration::from_secs(60));
     }
 
     #[test]
     fn updates_need_a_key() {
-        let cli = DnsCli::try_parse_from([
-            "dns",
-            "update",
-            "svc.example.test",
-            "-s",
-            "192.0.2.53",
-            "-z",
-            "example.test",
-            "--ttl",
-            "20",
-        ])
-        .expect("parses");
+        let cli = update(&["--ttl", "20"]);
         let err = run_to(cli.command, &mut Vec::new()).expect_err("unsigned");
         assert!(err.to_string().contains("must be signed"), "{err}");
     }

@@ -1,0 +1,96 @@
+//! `movarto-user attach`: the datapath on an uplink (XDP) and a VM-facing interface (TC).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::Result;
+use aya::programs::XdpMode;
+use clap::{Args, ValueEnum};
+use movarto_common::{
+    config::{GUE_DEFAULT_PORT, Mode},
+    ids::{MacAddr, SessionToken},
+};
+use movarto_user::datapath::{AttachOptions, SiteConfig, attach, require_forwarding};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum XdpModeArg {
+    /// Let the kernel choose (native when the driver supports it).
+    Auto,
+    /// Native (driver) XDP.
+    Native,
+    /// Generic XDP in the network stack.
+    Skb,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// The uplink (XDP on ingress).
+    pub uplink: String,
+    /// The VM-facing interface: QEMU's tap, or a veth (TC on ingress).
+    #[arg(long)]
+    pub vm_iface: String,
+    /// The home address H.
+    #[arg(long)]
+    pub home: IpAddr,
+    #[arg(long, value_enum, default_value = "track")]
+    pub mode: Mode,
+    /// The new address N (site B).
+    #[arg(long)]
+    pub new_addr: Option<IpAddr>,
+    /// This site's tunnel endpoint.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub local_tunnel: Ipv4Addr,
+    /// The other site's tunnel endpoint.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub peer_tunnel: Ipv4Addr,
+    /// The migration's session token (hex, as given to both sites).
+    #[arg(long, default_value = "0")]
+    pub token: SessionToken,
+    #[arg(long, default_value_t = GUE_DEFAULT_PORT)]
+    pub gue_port: u16,
+    /// Largest outer packet between the sites.
+    #[arg(long, default_value_t = 1500)]
+    pub tunnel_mtu: u16,
+    /// The VM's MAC (site B delivers to it).
+    #[arg(long, default_value = "00:00:00:00:00:00")]
+    pub vm_mac: MacAddr,
+    /// The VM-facing interface's gateway MAC, the same at both sites.
+    #[arg(long, default_value = "00:00:00:00:00:00")]
+    pub gateway_mac: MacAddr,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpModeArg,
+    /// Pin under /sys/fs/bpf/movarto/<NAME> instead of the uplink's name;
+    /// needed when another network namespace's uplink has the same name.
+    #[arg(long, value_name = "NAME")]
+    pub pin_name: Option<String>,
+}
+
+pub fn run(a: AttachArgs) -> Result<()> {
+    let site = SiteConfig::new(a.mode, a.home)
+        .with_new_addr(a.new_addr)
+        .with_tunnel(a.local_tunnel, a.peer_tunnel, a.token)
+        .with_gue_port(a.gue_port)
+        .with_tunnel_mtu(a.tunnel_mtu)
+        .with_macs(a.vm_mac, a.gateway_mac)
+        .checked()?;
+    require_forwarding(&a.uplink, site.mode)?;
+    let xdp_mode = match a.xdp_mode {
+        XdpModeArg::Auto => XdpMode::Default,
+        XdpModeArg::Native => XdpMode::Driver,
+        XdpModeArg::Skb => XdpMode::Skb,
+    };
+    let dir = attach(&AttachOptions {
+        uplink: a.uplink.clone(),
+        vm_iface: a.vm_iface.clone(),
+        xdp_mode,
+        site,
+        pin_name: a.pin_name,
+    })?;
+    println!(
+        "attached to {} (XDP) and {} (TC ingress) in mode {}; pinned at {}",
+        a.uplink,
+        a.vm_iface,
+        a.mode,
+        dir.display()
+    );
+    Ok(())
+}

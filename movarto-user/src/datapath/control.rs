@@ -1,0 +1,94 @@
+//! What the verbs and the agent do to an attached datapath: the forwarding check before
+//! a mode that routes, switching modes, detaching, reading its status.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use movarto_common::{
+    config::{Config, Mode},
+    flow::{FlowKey, FlowValue},
+};
+
+use super::{CounterSnapshot, Owner, Pinned, detach, forwarding_enabled};
+
+/// The datapath's pin name: the one given, or else the uplink's name.
+pub fn pin_name_or<'a>(pin_name: Option<&'a str>, uplink: &'a str) -> &'a str {
+    pin_name.unwrap_or(uplink)
+}
+
+/// Fails if `mode` routes packets through `uplink` and the kernel does not forward there.
+pub fn require_forwarding(uplink: &str, mode: Mode) -> Result<()> {
+    if mode.routes_packets() && !forwarding_enabled(uplink)? {
+        bail!(
+            "IPv4 forwarding is off on {uplink}; mode {} routes packets through it \
+             (sysctl -w net.ipv4.conf.all.forwarding=1)",
+            mode.name()
+        );
+    }
+    Ok(())
+}
+
+/// Switches the mode of `uplink`'s datapath in this network namespace; returns the mode
+/// it had (`None` if the map held an unknown one).
+pub fn switch_mode(uplink: &str, pin_name: Option<&str>, mode: Mode) -> Result<Option<Mode>> {
+    require_forwarding(uplink, mode)?;
+    let mut pinned = Pinned::open_for(uplink, pin_name_or(pin_name, uplink))?;
+    let before = pinned.config()?.mode();
+    pinned.set_mode(mode)?;
+    Ok(before)
+}
+
+/// What [`detach_uplink`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detached {
+    /// Detached from the uplink.
+    Uplink,
+    /// Only removed the pins: their uplink no longer exists anywhere (deleted, or its
+    /// network namespace was), so nothing was attached.
+    OrphanedPins,
+}
+
+/// Detaches the datapath of `uplink` in this network namespace, or removes the pins of
+/// one whose uplink no longer exists anywhere.
+pub fn detach_uplink(uplink: &str, pin_name: Option<&str>) -> Result<Detached> {
+    let name = pin_name_or(pin_name, uplink);
+    let pinned = Pinned::open(name)?;
+    if pinned.uplink_gone()? {
+        drop(pinned);
+        detach(name)?;
+        return Ok(Detached::OrphanedPins);
+    }
+    // Refuses another namespace's datapath that happens to use the same name.
+    pinned.check_owner(uplink)?;
+    drop(pinned);
+    detach(name)?;
+    Ok(Detached::Uplink)
+}
+
+/// A datapath's state at one instant, read from its pins. Read-only, so it works from
+/// any namespace, and says whose datapath it is.
+pub struct Status {
+    pub pinned_at: PathBuf,
+    pub owner: Owner,
+    /// Whether it is attached to the uplink asked about, in this network namespace.
+    pub attached_here: bool,
+    pub config: Config,
+    pub counters: CounterSnapshot,
+    pub flows: Vec<(FlowKey, FlowValue)>,
+}
+
+impl Status {
+    /// The status of the datapath pinned for `uplink` (under `pin_name`, if given).
+    pub fn read(uplink: &str, pin_name: Option<&str>) -> Result<Self> {
+        let pinned = Pinned::open(pin_name_or(pin_name, uplink))?;
+        let owner = pinned.owner()?;
+        Ok(Self {
+            attached_here: owner.is(uplink).unwrap_or(false),
+            owner,
+            config: pinned.config()?,
+            counters: pinned.counters()?,
+            flows: pinned.flows()?,
+            pinned_at: pinned.dir,
+        })
+    }
+}
