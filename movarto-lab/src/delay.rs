@@ -38,7 +38,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use crate::netns::Netns;
+use crate::netns::{Netns, move_thread_into};
 
 /// The TUN device's name in the wan namespace.
 pub const DEVICE: &str = "wdelay";
@@ -140,7 +140,7 @@ impl DelayLine {
             thread::Builder::new()
                 .name("wan-delay".into())
                 .spawn(move || {
-                    let tun = enter(&ns_path).and_then(|()| open_tun(DEVICE));
+                    let tun = move_thread_into(&ns_path).and_then(|()| open_tun(DEVICE));
                     match tun {
                         Err(err) => {
                             let _ = ready_tx.send(Err(err));
@@ -189,19 +189,12 @@ impl Drop for DelayLine {
     }
 }
 
-/// Moves the calling thread into the network namespace at `ns_path` for good.
-pub fn enter(ns_path: &str) -> Result<()> {
-    let ns = File::open(ns_path).with_context(|| format!("opening {ns_path}"))?;
-    // SAFETY: setns on a namespace fd we hold; it changes only this thread.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns into {ns_path}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
+// TUNSETIFF is `_IOW('T', 202, int)` in <linux/if_tun.h>, though it takes a `struct ifreq *`
+// (and writes the ifreq back): the request number of an int write, the pointer as its value.
+nix::ioctl_write_int!(tunsetiff, b'T', 202);
 
 /// Creates TUN device `name` (IFF_TUN | IFF_NO_PI, non-blocking); it lives while the fd does.
 fn open_tun(name: &str) -> Result<File> {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     #[repr(C)]
     struct IfReq {
         name: [u8; libc::IFNAMSIZ],
@@ -223,13 +216,10 @@ fn open_tun(name: &str) -> Result<File> {
         bail!("interface name {name} is too long");
     }
     req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) } != 0 {
-        bail!(
-            "creating TUN device {name}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as; it outlives
+    // the call, and the pointer is mutable because the kernel writes the ifreq back.
+    unsafe { tunsetiff(tun.as_raw_fd(), std::ptr::addr_of_mut!(req) as libc::c_ulong) }
+        .with_context(|| format!("creating TUN device {name}"))?;
     Ok(tun)
 }
 
@@ -316,6 +306,13 @@ fn sides(packet: &[u8]) -> Option<(Side, Side)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunsetiff_is_the_kernels_request_number() {
+        // TUNSETIFF as <linux/if_tun.h> spells it on x86 and arm.
+        let request = nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>());
+        assert_eq!(request as u64, 0x4004_54ca);
+    }
 
     #[test]
     fn sides_follow_the_lab_addresses() {
