@@ -218,8 +218,13 @@ fn open_tun(name: &str) -> Result<File> {
     req.name[..name.len()].copy_from_slice(name.as_bytes());
     // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as; it outlives
     // the call, and the pointer is mutable because the kernel writes the ifreq back.
-    unsafe { tunsetiff(tun.as_raw_fd(), std::ptr::addr_of_mut!(req) as libc::c_ulong) }
-        .with_context(|| format!("creating TUN device {name}"))?;
+    unsafe {
+        tunsetiff(
+            tun.as_raw_fd(),
+            std::ptr::addr_of_mut!(req) as libc::c_ulong,
+        )
+    }
+    .with_context(|| format!("creating TUN device {name}"))?;
     Ok(tun)
 }
 

@@ -298,8 +298,8 @@ impl Lab {
 
     pub fn token(&self, site: &str) -> Result<String> {
         let path = self.scratch.join(format!("token-{site}"));
-        let token = fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let token =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         Ok(token.trim().to_owned())
     }
 

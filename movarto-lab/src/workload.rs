@@ -152,35 +152,36 @@ impl Workload {
 
         let target = |port: u16| format!("{home}:{port}");
         // Connections first (all of them before any traffic), each in the client namespace.
-        let mut spawn = |t: Arc<Tracked>,
-                         port: u16,
-                         run: fn(TcpStream, &Tracked, &AtomicBool) -> Result<()>| {
-            let (ns, stop, sockets) = (ns.clone(), stop_long.clone(), sockets.clone());
-            tracked.push(t.clone());
-            let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
-            long.push(thread::spawn(move || {
-                let conn = move_thread_into(&format!("/run/netns/{ns}"))
-                    .and_then(|()| connect(SocketAddr::new(home, port)));
-                match conn {
-                    Ok(conn) => {
-                        if let (Ok(clone), Ok(mut list)) = (conn.try_clone(), sockets.lock()) {
-                            list.push(clone);
+        let mut spawn =
+            |t: Arc<Tracked>,
+             port: u16,
+             run: fn(TcpStream, &Tracked, &AtomicBool) -> Result<()>| {
+                let (ns, stop, sockets) = (ns.clone(), stop_long.clone(), sockets.clone());
+                tracked.push(t.clone());
+                let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+                long.push(thread::spawn(move || {
+                    let conn = move_thread_into(&format!("/run/netns/{ns}"))
+                        .and_then(|()| connect(SocketAddr::new(home, port)));
+                    match conn {
+                        Ok(conn) => {
+                            if let (Ok(clone), Ok(mut list)) = (conn.try_clone(), sockets.lock()) {
+                                list.push(clone);
+                            }
+                            let _ = tx.send(Ok(()));
+                            if let Err(err) = run(conn, &t, &stop) {
+                                t.fail(format!("{err:#}"));
+                            }
                         }
-                        let _ = tx.send(Ok(()));
-                        if let Err(err) = run(conn, &t, &stop) {
+                        Err(err) => {
                             t.fail(format!("{err:#}"));
+                            let _ = tx.send(Err(err));
                         }
                     }
-                    Err(err) => {
-                        t.fail(format!("{err:#}"));
-                        let _ = tx.send(Err(err));
-                    }
-                }
-                t.finished.store(true, Ordering::Relaxed);
-            }));
-            rx.recv_timeout(IO_TIMEOUT + Duration::from_secs(1))
-                .context("opening a connection timed out")?
-        };
+                    t.finished.store(true, Ordering::Relaxed);
+                }));
+                rx.recv_timeout(IO_TIMEOUT + Duration::from_secs(1))
+                    .context("opening a connection timed out")?
+            };
         spawn(
             Tracked::new("download stream", "stream", target(STREAM_PORT)),
             STREAM_PORT,

@@ -9,10 +9,10 @@ use std::{
 
 use clap::Parser as _;
 use hickory_proto::rr::{Name, RecordType};
-use movarto_tests::{
-    dns_server::{Bind9, HOME_V4, HOME_V6, INITIAL_TTL, KEY_NAME, SERVER_IP, SERVICE, ZONE},
-    require_root,
+use movarto_lab::dns_server::{
+    Bind9, HOME_V4, HOME_V6, INITIAL_TTL, KEY_NAME, SERVER_IP, SERVICE, ZONE,
 };
+use movarto_tests::require_root;
 use movarto_user::dns::{
     DnsError, DnsErrorKind, TsigKey, ZoneServer,
     cli::{DnsCli, run_to},
@@ -63,6 +63,7 @@ fn cli(bind: &Bind9, args: &[&str]) -> anyhow::Result<String> {
         let mut out = Vec::new();
         run_to(parsed.command, &mut out).map(|()| String::from_utf8_lossy(&out).into_owned())
     })
+    .expect("the client namespace")
 }
 
 #[test]
@@ -83,6 +84,7 @@ fn signed_update_replaces_a_and_aaaa_and_dig_shows_them() {
                 VERIFY,
             )
         })
+        .expect("the client namespace")
         .unwrap_or_else(|err| panic!("update failed: {err:#}\n{}", bind.log()));
     assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
     assert_eq!(bind.dig(SERVICE, "AAAA").expect("dig"), [NEW_V6]);
@@ -207,6 +209,7 @@ fn wrong_keys_and_zones_are_refused_with_clear_errors() {
     for (what, server, code, phrase) in cases {
         let err = bind
             .in_client(|| records::set_ttl(&server, &name(SERVICE), 20, VERIFY).map(drop))
+            .expect("the client namespace")
             .expect_err(what);
         let dns = dns_error(&err);
         assert_eq!(dns.kind.code(), code, "{what}: {err:#}");
@@ -244,6 +247,7 @@ fn update_for_a_zone_the_server_does_not_serve_is_notauth() {
     let message = update_message(&server.zone, &[change]).expect("message");
     let err = bind
         .in_client(|| server.exchange(message, true))
+        .expect("the client namespace")
         .expect_err("not authoritative");
     assert_eq!(err.kind.code(), "NOTAUTH", "{err}");
     let text = err.to_string();
@@ -266,6 +270,7 @@ fn skewed_clock_is_badtime() {
     server.clock_skew_secs = -3600;
     let err = bind
         .in_client(|| records::set_ttl(&server, &name(SERVICE), 20, VERIFY))
+        .expect("the client namespace")
         .expect_err("BADTIME");
     assert_eq!(dns_error(&err).kind.code(), "BADTIME", "{err:#}");
     assert!(format!("{err:#}").contains("clocks differ"), "{err:#}");
@@ -289,6 +294,7 @@ fn families_in_from_but_not_to_are_deleted_others_left_alone() {
             VERIFY,
         )
     })
+    .expect("the client namespace")
     .expect("A only");
     assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
     assert_eq!(bind.dig(SERVICE, "AAAA").expect("dig"), [HOME_V6]);
@@ -305,6 +311,7 @@ fn families_in_from_but_not_to_are_deleted_others_left_alone() {
                 VERIFY,
             )
         })
+        .expect("the client namespace")
         .expect("delete AAAA");
     assert!(report.after.aaaa.addresses.is_empty());
     assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
@@ -334,6 +341,7 @@ fn prerequisite_fails_when_someone_else_changed_the_record() {
                 VERIFY,
             )
         })
+        .expect("the client namespace")
         .expect_err("the prerequisite must fail");
     let dns = dns_error(&err);
     assert!(
@@ -410,6 +418,7 @@ fn nxdomain_timeouts_and_tcp_fallback() {
 
     let err = bind
         .in_client(|| records::show(&server, &name("nothing-here.example.test.")))
+        .expect("the client namespace")
         .expect_err("NXDOMAIN");
     assert_eq!(err.kind.code(), "NXDOMAIN", "{err}");
     assert!(err.to_string().contains("does not exist"), "{err}");
@@ -418,6 +427,7 @@ fn nxdomain_timeouts_and_tcp_fallback() {
     let elsewhere = ZoneServer::new(bind.server_addr(), name("other.test."), None);
     let err = bind
         .in_client(|| records::show(&elsewhere, &name("svc.other.test.")))
+        .expect("the client namespace")
         .expect_err("REFUSED");
     assert_eq!(err.kind.code(), "REFUSED", "{err}");
     assert!(err.to_string().contains("refused the query"), "{err}");
@@ -433,6 +443,7 @@ fn nxdomain_timeouts_and_tcp_fallback() {
     let started = Instant::now();
     let err = bind
         .in_client(|| records::show(&silent, &name(SERVICE)))
+        .expect("the client namespace")
         .expect_err("timeout");
     assert_eq!(err.kind.code(), "TIMEOUT", "{err}");
     assert!(err.to_string().contains("192.0.2.99:53"), "{err}");
@@ -445,6 +456,7 @@ fn nxdomain_timeouts_and_tcp_fallback() {
     bind.nsupdate(&adds.join("\n")).expect("nsupdate");
     let rrset = bind
         .in_client(|| records::query_rrset(&server, &name(&format!("big.{ZONE}")), RecordType::A))
+        .expect("the client namespace")
         .expect("TCP fallback");
     assert_eq!(rrset.addresses.len(), 90);
     let (_, transport) = bind
@@ -454,12 +466,14 @@ fn nxdomain_timeouts_and_tcp_fallback() {
                 false,
             )
         })
+        .expect("the client namespace")
         .expect("query");
     assert_eq!(transport, Transport::Tcp);
     let (_, transport) = bind
         .in_client(|| {
             server.exchange_with_transport(query_message(&name(SERVICE), RecordType::A), false)
         })
+        .expect("the client namespace")
         .expect("query");
     assert_eq!(transport, Transport::Udp);
 }
@@ -486,9 +500,10 @@ fn forged_or_unsigned_responses_are_rejected() {
     let real_secret = good_key(&bind).signer().expect("signer").key().to_vec();
     for forgery in [Forgery::Genuine, Forgery::Unsigned, Forgery::WrongSecret] {
         let real_secret = real_secret.clone();
-        let socket = movarto_tests::dns_server::in_netns(&bind.server_ns, || {
+        let socket = movarto_lab::netns::in_netns(&bind.server_ns, || {
             std::net::UdpSocket::bind((SERVER_IP, 5300)).expect("bind fake server")
-        });
+        })
+        .expect("the server namespace");
         socket
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
@@ -544,7 +559,9 @@ fn forged_or_unsigned_responses_are_rejected() {
             ttl: 20,
         };
         let message = update_message(&server.zone, &[change]).expect("message");
-        let result = bind.in_client(|| server.exchange(message, true));
+        let result = bind
+            .in_client(|| server.exchange(message, true))
+            .expect("the client namespace");
         fake.join().expect("fake server");
         let want = match forgery {
             Forgery::Genuine => {

@@ -69,7 +69,9 @@ mod tests {
 
     #[test]
     fn the_switchover_is_step_five_done() {
-        assert!(switchover_seen("[  1.2s] step  5/11 switchover: ok (85 ms)"));
+        assert!(switchover_seen(
+            "[  1.2s] step  5/11 switchover: ok (85 ms)"
+        ));
         assert!(!switchover_seen("[  1.0s] step  5/11 switchover ..."));
         assert!(!switchover_seen("[  1.3s] step  6/11 resume at B: ok"));
     }

@@ -410,4 +410,3 @@ fn truncate(s: &str, n: usize) -> String {
         t
     }
 }
-

@@ -260,12 +260,9 @@ impl Scenario<'_> {
         let opts = self.opts;
         let drain_grace = format!("{}ms", opts.drain_grace.as_millis());
         let max_drain = format!("{}s", opts.max_drain.as_secs());
-        let mut migrate = self.l.migrate_command(&[
-            "--drain-grace",
-            &drain_grace,
-            "--max-drain",
-            &max_drain,
-        ])?;
+        let mut migrate =
+            self.l
+                .migrate_command(&["--drain-grace", &drain_grace, "--max-drain", &max_drain])?;
         self.say("movarto-user migrate --vm web ... (from the ops namespace)");
         let stalls_before = work
             .tracked
