@@ -142,38 +142,23 @@ zone "{ZONE}" {{
 
     /// `dig +short` from the client namespace: the answer's records, sorted.
     pub fn dig(&self, name: &str, rtype: &str) -> Result<Vec<String>> {
-        let out = self.client.run(
-            "dig",
-            &[
-                "+short",
-                "+norec",
-                "+time=1",
-                "+tries=1",
-                &format!("@{SERVER_IP}"),
-                name,
-                rtype,
-            ],
-        )?;
+        let out = self.dig_with(&["+short"], name, rtype)?;
         let mut lines: Vec<String> = out.lines().map(str::to_owned).collect();
         lines.sort();
         Ok(lines)
     }
 
+    /// `dig` from the client namespace, one try of a second, no recursion; its output.
+    fn dig_with(&self, format: &[&str], name: &str, rtype: &str) -> Result<String> {
+        let server = format!("@{SERVER_IP}");
+        let mut args = format.to_vec();
+        args.extend(["+norec", "+time=1", "+tries=1", &server, name, rtype]);
+        self.client.run("dig", &args)
+    }
+
     /// The TTLs of the answer's records.
     pub fn dig_ttls(&self, name: &str, rtype: &str) -> Result<Vec<u32>> {
-        let out = self.client.run(
-            "dig",
-            &[
-                "+noall",
-                "+answer",
-                "+norec",
-                "+time=1",
-                "+tries=1",
-                &format!("@{SERVER_IP}"),
-                name,
-                rtype,
-            ],
-        )?;
+        let out = self.dig_with(&["+noall", "+answer"], name, rtype)?;
         out.lines()
             .map(|l| {
                 l.split_whitespace()

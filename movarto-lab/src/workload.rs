@@ -361,7 +361,11 @@ impl Workload {
 
     /// Waits for curl (up to `timeout`), then checks its file against the pattern's SHA-256.
     pub fn finish_curl(&mut self, timeout: Duration) -> Result<CurlCheck> {
-        let t = self.tracked[self.curl_index].clone();
+        let t = self
+            .tracked
+            .get(self.curl_index)
+            .context("curl is not tracked")?
+            .clone();
         let deadline = Instant::now() + timeout;
         let Some(mut curl) = self.curl.take() else {
             bail!("curl was already finished");
