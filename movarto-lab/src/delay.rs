@@ -189,17 +189,18 @@ impl Drop for DelayLine {
     }
 }
 
-// TUNSETIFF is `_IOW('T', 202, int)` in <linux/if_tun.h>, though it takes a `struct ifreq *`
-// (and writes the ifreq back): the request number of an int write, the pointer as its value.
-nix::ioctl_write_int!(tunsetiff, b'T', 202);
+// <linux/if_tun.h>: TUNSETIFF is _IOW('T', 202, int), yet takes an ifreq and writes the
+// name back (as agent::tap declares it).
+nix::ioctl_readwrite_bad!(
+    tun_set_iff,
+    nix::request_code_write!(b'T', 202, size_of::<libc::c_int>()),
+    libc::ifreq
+);
 
 /// Creates TUN device `name` (IFF_TUN | IFF_NO_PI, non-blocking); it lives while the fd does.
 fn open_tun(name: &str) -> Result<File> {
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
+    if name.len() >= libc::IFNAMSIZ {
+        bail!("interface name {name} is too long");
     }
     let tun = OpenOptions::new()
         .read(true)
@@ -207,24 +208,15 @@ fn open_tun(name: &str) -> Result<File> {
         .custom_flags(libc::O_NONBLOCK)
         .open("/dev/net/tun")
         .context("opening /dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
-    if name.len() >= libc::IFNAMSIZ {
-        bail!("interface name {name} is too long");
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
     }
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as; it outlives
-    // the call, and the pointer is mutable because the kernel writes the ifreq back.
-    unsafe {
-        tunsetiff(
-            tun.as_raw_fd(),
-            std::ptr::addr_of_mut!(req) as libc::c_ulong,
-        )
-    }
-    .with_context(|| format!("creating TUN device {name}"))?;
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: an open tun descriptor and an ifreq that lives through the call.
+    unsafe { tun_set_iff(tun.as_raw_fd(), &mut req) }
+        .with_context(|| format!("creating TUN device {name}"))?;
     Ok(tun)
 }
 
