@@ -1,30 +1,16 @@
-//! Helpers for movarto's integration tests.
+//! Test-only helpers for movarto's integration tests: root, bpffs, BPF_PROG_TEST_RUN and
+//! counter checks. The lab the tests build (namespaces, BIND9, agents, QEMU) is movarto-lab.
 //!
 //! Root-only tests call [`require_root`] first. It never skips: without root
 //! the test fails and says why, in CI and on a developer's machine alike.
 
-pub mod delay;
-pub mod demo;
-pub mod demo_plot;
-pub mod dns_server;
-pub mod lab;
-pub mod netns;
-pub mod workload;
-
-use std::{
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::path::Path;
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
 use movarto_common::counters::Counter;
+use movarto_lab::tempdir::TempDir;
 use movarto_user::datapath::{CounterSnapshot, Datapath};
-
-/// The test guest's kernel options, before its address: a serial console, and QEMU ends
-/// when the guest panics. (QEMU 7.2's TCG needed `pti=on` too; QEMU 10 does not, see
-/// docs/building.md.)
-pub const GUEST_KERNEL_ARGS: &str = "console=ttyS0 panic=-1 quiet";
 
 /// Fails the calling test unless it runs as root.
 pub fn require_root() {
@@ -40,14 +26,10 @@ pub fn require_root() {
 
 /// A directory on bpffs for one test's pins, removed (with the pins) on drop,
 /// also when the test fails.
-pub struct BpffsDir {
-    path: PathBuf,
-}
+pub struct BpffsDir(TempDir);
 
 impl BpffsDir {
     pub fn new(tag: &str) -> Result<Self> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let root = Path::new("/sys/fs/bpf");
         let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
         if !mounts.lines().any(|l| {
             l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
@@ -55,26 +37,11 @@ impl BpffsDir {
         }) {
             bail!("bpffs is not mounted at /sys/fs/bpf; run `cargo xtask setup`");
         }
-        let path = root.join(format!(
-            "movarto-test-{}-{}-{}",
-            tag,
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path })
+        TempDir::new_in(Path::new("/sys/fs/bpf"), &format!("movarto-test-{tag}")).map(Self)
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for BpffsDir {
-    fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_dir_all(&self.path) {
-            eprintln!("warning: could not remove {}: {err}", self.path.display());
-        }
+        self.0.path()
     }
 }
 

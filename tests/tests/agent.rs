@@ -8,7 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use movarto_tests::{dns_server::in_netns, lab::movarto_user, netns::Netns, require_root};
+use movarto_lab::{
+    movarto_user,
+    netns::{Netns, in_netns},
+    tempdir::TempDir,
+};
+use movarto_tests::require_root;
 use movarto_user::agent::{AgentClient, AgentError};
 
 const TOKEN: &str = "tls-test-token-0123456789abcdef";
@@ -17,9 +22,8 @@ const TOKEN: &str = "tls-test-token-0123456789abcdef";
 fn the_agent_serves_tls_with_its_certificate_and_refuses_the_rest() {
     require_root();
     let ns = Netns::new("agenttls").expect("netns");
-    let dir = std::env::temp_dir().join(format!("movarto-agent-tls-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("dir");
-    let _cleanup = scopeguard(dir.clone());
+    let scratch = TempDir::new("movarto-agent-tls").expect("dir");
+    let dir = scratch.path().to_owned();
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).expect("cert");
     fs::write(dir.join("cert.pem"), cert.cert.pem()).expect("cert");
     fs::write(dir.join("key.pem"), cert.key_pair.serialize_pem()).expect("key");
@@ -33,7 +37,7 @@ fn the_agent_serves_tls_with_its_certificate_and_refuses_the_rest() {
         .spawn(
             Command::new("nsenter")
                 .arg(format!("--net=/run/netns/{}", ns.name()))
-                .arg(movarto_user())
+                .arg(movarto_user().expect("movarto-user"))
                 .args(["agent", "--site", "tls", "--uplink", "lo"])
                 .args(["--listen", "127.0.0.1:7878"])
                 .arg("--token-file")
@@ -85,7 +89,8 @@ fn the_agent_serves_tls_with_its_certificate_and_refuses_the_rest() {
                     .await;
             (status, plain, untrusted, no_token)
         })
-    });
+    })
+    .expect("the namespace");
     assert_eq!(status.expect("status over TLS"), "tls");
     assert!(plain.is_err(), "plain HTTP to a TLS agent must fail");
     assert!(
@@ -96,15 +101,4 @@ fn the_agent_serves_tls_with_its_certificate_and_refuses_the_rest() {
         matches!(no_token, Err(AgentError::Refused { status: 401, .. })),
         "{no_token:?}"
     );
-}
-
-/// Removes `dir` on drop.
-fn scopeguard(dir: std::path::PathBuf) -> impl Drop {
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-    Remove(dir)
 }

@@ -4,11 +4,11 @@
 
 use std::{process::Command, time::Instant};
 
-use movarto_tests::{
+use movarto_lab::{
     demo::{self, Options},
     lab::N,
-    require_root,
 };
+use movarto_tests::require_root;
 
 #[test]
 fn short_demo_keeps_every_connection_and_cleans_up() {

@@ -9,11 +9,11 @@ use std::{
 
 use anyhow::bail;
 use hickory_proto::rr::{Name, RecordType};
-use movarto_tests::{
+use movarto_lab::{
     dns_server::{Bind9, HOME_V4, HOME_V6, INITIAL_TTL, KEY_NAME, SERVER_IP, SERVICE, ZONE},
-    lab::movarto_user,
-    require_root,
+    movarto_user,
 };
+use movarto_tests::require_root;
 use movarto_user::dns::{
     DnsError, DnsErrorKind, TsigKey, ZoneServer,
     client::Transport,
@@ -56,14 +56,14 @@ fn assert_unchanged(bind: &Bind9) {
 
 /// Runs `movarto-user dns <args>` in the client namespace; returns stdout or the error.
 fn cli(bind: &Bind9, args: &[&str]) -> anyhow::Result<String> {
-    let bin = movarto_user();
+    let bin = movarto_user()?;
     // The child inherits the namespace of the thread that spawns it.
     let out = bind.in_client(move || {
         std::process::Command::new(bin)
             .arg("dns")
             .args(args)
             .output()
-    })?;
+    })??;
     if !out.status.success() {
         bail!(
             "movarto-user dns {}: {}: {}",
@@ -93,6 +93,7 @@ fn signed_update_replaces_a_and_aaaa_and_dig_shows_them() {
                 VERIFY,
             )
         })
+        .expect("the client namespace")
         .unwrap_or_else(|err| panic!("update failed: {err:#}\n{}", bind.log()));
     assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
     assert_eq!(bind.dig(SERVICE, "AAAA").expect("dig"), [NEW_V6]);
@@ -217,6 +218,7 @@ fn wrong_keys_and_zones_are_refused_with_clear_errors() {
     for (what, server, code, phrase) in cases {
         let err = bind
             .in_client(|| records::set_ttl(&server, &name(SERVICE), 20, VERIFY).map(drop))
+            .expect("the client namespace")
             .expect_err(what);
         let dns = dns_error(&err);
         assert_eq!(dns.kind.code(), code, "{what}: {err:#}");
@@ -254,6 +256,7 @@ fn update_for_a_zone_the_server_does_not_serve_is_notauth() {
     let message = update_message(&server.zone, &[change]).expect("message");
     let err = bind
         .in_client(|| server.exchange(message, true))
+        .expect("the client namespace")
         .expect_err("not authoritative");
     assert_eq!(err.kind.code(), "NOTAUTH", "{err}");
     let text = err.to_string();
@@ -276,6 +279,7 @@ fn skewed_clock_is_badtime() {
     server.clock_skew_secs = -3600;
     let err = bind
         .in_client(|| records::set_ttl(&server, &name(SERVICE), 20, VERIFY))
+        .expect("the client namespace")
         .expect_err("BADTIME");
     assert_eq!(dns_error(&err).kind.code(), "BADTIME", "{err:#}");
     assert!(format!("{err:#}").contains("clocks differ"), "{err:#}");
@@ -299,6 +303,7 @@ fn families_in_from_but_not_to_are_deleted_others_left_alone() {
             VERIFY,
         )
     })
+    .expect("the client namespace")
     .expect("A only");
     assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
     assert_eq!(bind.dig(SERVICE, "AAAA").expect("dig"), [HOME_V6]);
@@ -315,6 +320,7 @@ fn families_in_from_but_not_to_are_deleted_others_left_alone() {
                 VERIFY,
             )
         })
+        .expect("the client namespace")
         .expect("delete AAAA");
     assert!(report.after.aaaa.addresses.is_empty());
     assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
@@ -344,6 +350,7 @@ fn prerequisite_fails_when_someone_else_changed_the_record() {
                 VERIFY,
             )
         })
+        .expect("the client namespace")
         .expect_err("the prerequisite must fail");
     let dns = dns_error(&err);
     assert!(
@@ -420,6 +427,7 @@ fn nxdomain_timeouts_and_tcp_fallback() {
 
     let err = bind
         .in_client(|| records::show(&server, &name("nothing-here.example.test.")))
+        .expect("the client namespace")
         .expect_err("NXDOMAIN");
     assert_eq!(err.kind.code(), "NXDOMAIN", "{err}");
     assert!(err.to_string().contains("does not exist"), "{err}");
@@ -428,6 +436,7 @@ fn nxdomain_timeouts_and_tcp_fallback() {
     let elsewhere = ZoneServer::new(bind.server_addr(), name("other.test."), None);
     let err = bind
         .in_client(|| records::show(&elsewhere, &name("svc.other.test.")))
+        .expect("the client namespace")
         .expect_err("REFUSED");
     assert_eq!(err.kind.code(), "REFUSED", "{err}");
     assert!(err.to_string().contains("refused the query"), "{err}");
@@ -443,6 +452,7 @@ fn nxdomain_timeouts_and_tcp_fallback() {
     let started = Instant::now();
     let err = bind
         .in_client(|| records::show(&silent, &name(SERVICE)))
+        .expect("the client namespace")
         .expect_err("timeout");
     assert_eq!(err.kind.code(), "TIMEOUT", "{err}");
     assert!(err.to_string().contains("192.0.2.99:53"), "{err}");
@@ -455,6 +465,7 @@ fn nxdomain_timeouts_and_tcp_fallback() {
     bind.nsupdate(&adds.join("\n")).expect("nsupdate");
     let rrset = bind
         .in_client(|| records::query_rrset(&server, &name(&format!("big.{ZONE}")), RecordType::A))
+        .expect("the client namespace")
         .expect("TCP fallback");
     assert_eq!(rrset.addresses.len(), 90);
     let (_, transport) = bind
@@ -464,12 +475,14 @@ fn nxdomain_timeouts_and_tcp_fallback() {
                 false,
             )
         })
+        .expect("the client namespace")
         .expect("query");
     assert_eq!(transport, Transport::Tcp);
     let (_, transport) = bind
         .in_client(|| {
             server.exchange_with_transport(query_message(&name(SERVICE), RecordType::A), false)
         })
+        .expect("the client namespace")
         .expect("query");
     assert_eq!(transport, Transport::Udp);
 }
@@ -496,9 +509,10 @@ fn forged_or_unsigned_responses_are_rejected() {
     let real_secret = good_key(&bind).signer().expect("signer").key().to_vec();
     for forgery in [Forgery::Genuine, Forgery::Unsigned, Forgery::WrongSecret] {
         let real_secret = real_secret.clone();
-        let socket = movarto_tests::dns_server::in_netns(&bind.server_ns, || {
+        let socket = movarto_lab::netns::in_netns(&bind.server_ns, || {
             std::net::UdpSocket::bind((SERVER_IP, 5300)).expect("bind fake server")
-        });
+        })
+        .expect("the server namespace");
         socket
             .set_read_timeout(Some(Duration::from_secs(5)))
             .expect("timeout");
@@ -554,7 +568,9 @@ fn forged_or_unsigned_responses_are_rejected() {
             ttl: 20,
         };
         let message = update_message(&server.zone, &[change]).expect("message");
-        let result = bind.in_client(|| server.exchange(message, true));
+        let result = bind
+            .in_client(|| server.exchange(message, true))
+            .expect("the client namespace");
         fake.join().expect("fake server");
         let want = match forgery {
             Forgery::Genuine => {

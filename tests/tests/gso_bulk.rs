@@ -18,10 +18,8 @@ use std::{
 
 use aya::programs::XdpMode;
 use movarto_common::{config::Mode, counters::Counter};
-use movarto_tests::{
-    netns::{Netns, veth},
-    require_root,
-};
+use movarto_lab::netns::{Netns, veth};
+use movarto_tests::require_root;
 use movarto_user::datapath::{AttachOptions, Datapath, Pinned, SiteConfig, attach, detach};
 
 const HOME: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);

@@ -1,6 +1,6 @@
 //! The whole move: two site agents (separate `movarto-user agent` processes), real QEMU,
 //! real BIND9 and `movarto-user migrate` as an operator runs it, with live connections
-//! from a client namespace. The lab is `movarto_tests::lab`.
+//! from a client namespace. The lab is `movarto_lab::lab`.
 
 use std::{
     fs,
@@ -14,22 +14,30 @@ use std::{
 };
 
 use movarto_guest_server::ECHO_PORT;
-use movarto_tests::{dns_server::SERVICE, lab::*, netns::ChildGuard, require_root};
+use movarto_lab::{
+    dns_server::SERVICE,
+    lab::*,
+    netns::{ChildGuard, wait_until},
+    workload::echo_once,
+};
+use movarto_tests::require_root;
 use movarto_user::{agent::api::MigrationState, datapath::pin_dir};
 
 #[test]
 fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     require_root();
-    let mut l = lab();
+    let mut l = Lab::build().expect("the lab");
 
-    let boot_id = boot_at_a(&l);
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
 
     // The pre-move connections.
-    let mut conns = Connections::open(&l);
+    let mut conns = Connections::open(&l).expect("the pre-move connections");
     let stats = conns.stats.clone();
 
     // The move, as an operator runs it, from the ops namespace.
-    let mut migrate = migrate_command(&l, &["--drain-grace", "2s", "--max-drain", "60s"]);
+    let mut migrate = l
+        .migrate_command(&["--drain-grace", "2s", "--max-drain", "60s"])
+        .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
     let stderr = orchestrator.child_mut().stderr.take().expect("stderr");
     let draining = Arc::new(AtomicBool::new(false));
@@ -54,8 +62,8 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
         assert!(
             Instant::now() < deadline,
             "the migration did not reach the drain; agent logs:\nA:\n{}\nB:\n{}",
-            agent_log(&l, "a"),
-            agent_log(&l, "b")
+            l.agent_log("a"),
+            l.agent_log("b")
         );
         if orchestrator.try_wait().expect("wait").is_some() {
             break;
@@ -66,10 +74,11 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
         stats.streamed.load(Ordering::Relaxed),
         stats.exchanges.load(Ordering::Relaxed),
     );
-    wait_for("traffic through the tunnel", IO_TIMEOUT, || {
+    wait_until(IO_TIMEOUT, "traffic through the tunnel", || {
         stats.streamed.load(Ordering::Relaxed) > streamed + 100_000
             && stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
-    });
+    })
+    .expect("traffic through the tunnel");
     // Site A's agent restarts mid-drain: the pinned datapath keeps tunnelling meanwhile,
     // and the new agent adopts it and serves the rest of the drain.
     l.stop_agent("a");
@@ -77,22 +86,32 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
         stats.streamed.load(Ordering::Relaxed),
         stats.exchanges.load(Ordering::Relaxed),
     );
-    wait_for("traffic while A's agent is down", IO_TIMEOUT, || {
+    wait_until(IO_TIMEOUT, "traffic while A's agent is down", || {
         stats.streamed.load(Ordering::Relaxed) > streamed + 50_000
             && stats.exchanges.load(Ordering::Relaxed) > exchanged + 5
-    });
-    l.start_agent("a");
-    assert_eq!(echo_once(&mut conns.idle, "hello after"), "hello after");
+    })
+    .expect("traffic while A's agent is down");
+    l.start_agent("a").expect("agent a restarts");
     assert_eq!(
-        http_get(&l, N, "/id"),
+        echo_once(&mut conns.idle, "hello after").expect("echo"),
+        "hello after"
+    );
+    assert_eq!(
+        l.http_get(N, "/id").expect("GET"),
         boot_id,
         "the same guest answers at N"
     );
     // A newcomer with a stale DNS answer still reaches the VM through A.
-    assert_eq!(http_get(&l, H, "/id"), boot_id, "stale-DNS newcomer via A");
+    assert_eq!(
+        l.http_get(H, "/id").expect("GET"),
+        boot_id,
+        "stale-DNS newcomer via A"
+    );
     let failures = conns.close();
 
-    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(90), || {});
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(90), || {})
+        .expect("migrate finished");
     let _lines = progress.join().expect("progress");
     assert!(status.success(), "migrate exited {status}: {report}");
     assert!(failures.is_empty(), "connections broke: {failures:?}");
@@ -126,7 +145,7 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     let steps = report["steps"].as_array().expect("steps");
     assert_eq!(steps.len(), 11, "{steps:?}");
     assert!(
-        agent_log(&l, "a").contains("adopted the pinned datapath"),
+        l.agent_log("a").contains("adopted the pinned datapath"),
         "the restarted agent adopted A's datapath"
     );
 
@@ -135,27 +154,41 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
     // Teardown: A's datapath is gone; B serves N through its NAT.
     assert!(!pin_dir(&l.uplink_a).exists(), "A is detached");
-    let b_mode = with_agents(&l, async |_a, b| b.status().await.map(|s| s.datapath));
+    let b_mode = l
+        .with_agents(async |_a, b| b.status().await.map(|s| s.datapath))
+        .expect("the agents");
     let b_dp = b_mode.expect("B status").expect("B attached");
     assert_eq!(b_dp.mode, "nat");
-    assert_eq!(http_get(&l, N, "/id"), boot_id, "N after teardown");
+    assert_eq!(
+        l.http_get(N, "/id").expect("GET"),
+        boot_id,
+        "N after teardown"
+    );
 
     // B's agent crashes: the VM and the NAT keep serving; the new agent adopts the VM.
-    let pid_before = with_agents(&l, async |_a, b| b.vm("web").await.map(|vm| vm.pid));
+    let pid_before = l
+        .with_agents(async |_a, b| b.vm("web").await.map(|vm| vm.pid))
+        .expect("the agents");
     let pid_before = pid_before.expect("B's VM").expect("a PID");
     l.crash_agent("b");
-    assert_eq!(http_get(&l, N, "/id"), boot_id, "N while B's agent is gone");
-    l.start_agent("b");
-    let adopted = with_agents(&l, async |_a, b| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match b.vm("web").await {
-                Ok(vm) => return vm,
-                Err(err) if Instant::now() > deadline => panic!("B's VM after restart: {err}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+    assert_eq!(
+        l.http_get(N, "/id").expect("GET"),
+        boot_id,
+        "N while B's agent is gone"
+    );
+    l.start_agent("b").expect("agent b restarts");
+    let adopted = l
+        .with_agents(async |_a, b| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match b.vm("web").await {
+                    Ok(vm) => return vm,
+                    Err(err) if Instant::now() > deadline => panic!("B's VM after restart: {err}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
             }
-        }
-    });
+        })
+        .expect("the agents");
     assert_eq!(adopted.pid, Some(pid_before), "the same QEMU, adopted");
     assert_eq!(adopted.run_state, "running");
     eprintln!(
@@ -171,27 +204,32 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
 #[test]
 fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
     require_root();
-    let mut l = lab();
-    let boot_id = boot_at_a(&l);
+    let mut l = Lab::build().expect("the lab");
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let chat = connect(&l, ECHO_PORT);
+    let chat = l.connect(ECHO_PORT).expect("connect to H");
     let worker = {
         let (stats, stop) = (stats.clone(), stop.clone());
-        thread::spawn(move || interactive(chat, stats, stop))
+        thread::spawn(move || stats.chat(chat, &stop))
     };
-    wait_for("traffic before the move", IO_TIMEOUT, || {
+    wait_until(IO_TIMEOUT, "traffic before the move", || {
         stats.exchanges.load(Ordering::Relaxed) > 10
-    });
+    })
+    .expect("traffic before the move");
 
     // A slow copy (8 MiB/s for ~80 MiB), so the destination can die in the middle of it.
-    let mut migrate = migrate_command(&l, &["--max-bandwidth", "8388608"]);
+    let mut migrate = l
+        .migrate_command(&["--max-bandwidth", "8388608"])
+        .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
     kill_destination_qemu_once(&l, &mut orchestrator, "the RAM copy", |m| {
         m.progress.is_some_and(|p| p.transferred > 8 << 20)
     });
 
-    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(60), || {});
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(60), || {})
+        .expect("migrate finished");
     assert!(!status.success(), "migrate must fail");
     assert_eq!(report["succeeded"], false);
     let rolled_back = report["rolled_back"].as_str().expect("rollback summary");
@@ -201,11 +239,12 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
     );
 
     // The VM never left A: same instance, the connection kept going, DNS unchanged.
-    assert_eq!(http_get(&l, H, "/id"), boot_id);
+    assert_eq!(l.http_get(H, "/id").expect("GET"), boot_id);
     let exchanged = stats.exchanges.load(Ordering::Relaxed);
-    wait_for("traffic after the rollback", IO_TIMEOUT, || {
+    wait_until(IO_TIMEOUT, "traffic after the rollback", || {
         stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
-    });
+    })
+    .expect("traffic after the rollback");
     stop.store(true, Ordering::Relaxed);
     worker.join().expect("worker");
     let failures = stats.failed.lock().expect("lock").clone();
@@ -214,9 +253,9 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
     assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
 
     // A tracks again; B has nothing left: no VM, no datapath, no tap.
-    let (a_status, b_status) = with_agents(&l, async |a, b| {
-        (a.status().await.expect("A"), b.status().await.expect("B"))
-    });
+    let (a_status, b_status) = l
+        .with_agents(async |a, b| (a.status().await.expect("A"), b.status().await.expect("B")))
+        .expect("the agents");
     assert_eq!(a_status.datapath.expect("A attached").mode, "track");
     assert!(a_status.vms.iter().any(|vm| vm.run_state == "running"));
     assert!(b_status.datapath.is_none(), "B detached");
@@ -232,43 +271,49 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
 #[test]
 fn agents_refuse_requests_without_the_right_token() {
     require_root();
-    let l = lab();
-    let refused = with_agents(&l, async |a, _b| {
-        let base = a.base().to_owned();
-        let http = reqwest::Client::new();
-        let mut statuses = Vec::new();
-        for token in [None, Some("wrong-token-0123456789"), Some(&*token(&l, "b"))] {
-            let mut request = http.get(format!("{base}/v1/status"));
-            if let Some(token) = token {
-                request = request.bearer_auth(token);
+    let l = Lab::build().expect("the lab");
+    let refused = l
+        .with_agents(async |a, _b| {
+            let base = a.base().to_owned();
+            let http = reqwest::Client::new();
+            let mut statuses = Vec::new();
+            for token in [
+                None,
+                Some("wrong-token-0123456789"),
+                Some(&*l.token("b").expect("token")),
+            ] {
+                let mut request = http.get(format!("{base}/v1/status"));
+                if let Some(token) = token {
+                    request = request.bearer_auth(token);
+                }
+                statuses.push(request.send().await.expect("answer").status().as_u16());
             }
-            statuses.push(request.send().await.expect("answer").status().as_u16());
-        }
-        let ok = http
-            .get(format!("{base}/v1/status"))
-            .bearer_auth(token(&l, "a"))
-            .send()
-            .await
-            .expect("answer")
-            .status()
-            .as_u16();
-        let health = http
-            .get(format!("{base}/v1/health"))
-            .send()
-            .await
-            .expect("answer")
-            .status()
-            .as_u16();
-        // A state-changing call without the token changes nothing.
-        let detach = http
-            .delete(format!("{base}/v1/datapath"))
-            .send()
-            .await
-            .expect("answer")
-            .status()
-            .as_u16();
-        (statuses, ok, health, detach)
-    });
+            let ok = http
+                .get(format!("{base}/v1/status"))
+                .bearer_auth(l.token("a").expect("token"))
+                .send()
+                .await
+                .expect("answer")
+                .status()
+                .as_u16();
+            let health = http
+                .get(format!("{base}/v1/health"))
+                .send()
+                .await
+                .expect("answer")
+                .status()
+                .as_u16();
+            // A state-changing call without the token changes nothing.
+            let detach = http
+                .delete(format!("{base}/v1/datapath"))
+                .send()
+                .await
+                .expect("answer")
+                .status()
+                .as_u16();
+            (statuses, ok, health, detach)
+        })
+        .expect("the agents");
     assert_eq!(
         refused,
         (vec![401, 401, 401], 200, 200, 401),
@@ -280,12 +325,16 @@ fn agents_refuse_requests_without_the_right_token() {
 #[test]
 fn the_disk_is_mirrored_over_nbd_and_arrives_byte_identical() {
     require_root();
-    let l = lab();
-    add_disk(&l, 32);
-    let boot_id = boot_at_a(&l);
-    let mut migrate = migrate_command(&l, &["--drain-grace", "1s", "--max-drain", "30s"]);
+    let l = Lab::build().expect("the lab");
+    l.add_disk(32).expect("the disks");
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
+    let mut migrate = l
+        .migrate_command(&["--drain-grace", "1s", "--max-drain", "30s"])
+        .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
-    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(120), || {});
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(120), || {})
+        .expect("migrate finished");
     assert!(status.success(), "migrate exited {status}: {report}");
     let mirror = &report["steps"][2];
     assert_eq!(mirror["name"], "mirror disk");
@@ -296,10 +345,14 @@ fn the_disk_is_mirrored_over_nbd_and_arrives_byte_identical() {
             .is_some_and(|d| d.contains("READY")),
         "{mirror}"
     );
-    assert_eq!(http_get(&l, N, "/id"), boot_id, "the guest runs at B");
+    assert_eq!(
+        l.http_get(N, "/id").expect("GET"),
+        boot_id,
+        "the guest runs at B"
+    );
     let (a, b) = (
-        fs::read(disk_image(&l, "a")).expect("A's image"),
-        fs::read(disk_image(&l, "b")).expect("B's image"),
+        fs::read(l.disk_image("a")).expect("A's image"),
+        fs::read(l.disk_image("b")).expect("B's image"),
     );
     assert_eq!(a.len(), b.len());
     assert!(a == b, "the destination's disk differs from the source's");
@@ -308,9 +361,9 @@ fn the_disk_is_mirrored_over_nbd_and_arrives_byte_identical() {
 #[test]
 fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
     require_root();
-    let l = lab();
-    let boot_id = boot_at_a(&l);
-    let mut conns = Connections::open(&l);
+    let l = Lab::build().expect("the lab");
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
+    let mut conns = Connections::open(&l).expect("the pre-move connections");
     let stats = conns.stats.clone();
 
     // The operator's hook re-routes H at the wan router, as a routing change would.
@@ -318,9 +371,8 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
         "ip netns exec {} ip route replace 192.0.2.0/24 via $MOVARTO_DESTINATION_TUNNEL",
         l.wan.name()
     );
-    let mut migrate = migrate_command(
-        &l,
-        &[
+    let mut migrate = l
+        .migrate_command(&[
             "--address-mode",
             "move",
             "--on-switch",
@@ -329,10 +381,12 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
             "2s",
             "--max-drain",
             "60s",
-        ],
-    );
+        ])
+        .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
-    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(120), || {});
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(120), || {})
+        .expect("migrate finished");
     assert!(status.success(), "migrate exited {status}: {report}");
     assert_eq!(report["address_mode"], "move");
     assert_eq!(report["flows_at_switchover"], 3);
@@ -349,13 +403,17 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
         stats.streamed.load(Ordering::Relaxed),
         stats.exchanges.load(Ordering::Relaxed),
     );
-    wait_for("traffic after teardown", IO_TIMEOUT, || {
+    wait_until(IO_TIMEOUT, "traffic after teardown", || {
         stats.streamed.load(Ordering::Relaxed) > streamed + 100_000
             && stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
-    });
-    assert_eq!(echo_once(&mut conns.idle, "hello after"), "hello after");
+    })
+    .expect("traffic after teardown");
     assert_eq!(
-        http_get(&l, H, "/id"),
+        echo_once(&mut conns.idle, "hello after").expect("echo"),
+        "hello after"
+    );
+    assert_eq!(
+        l.http_get(H, "/id").expect("GET"),
         boot_id,
         "a new connection to H lands at B"
     );
@@ -369,46 +427,52 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
 #[test]
 fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections() {
     require_root();
-    let l = lab();
-    let boot_id = boot_at_a(&l);
+    let l = Lab::build().expect("the lab");
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
     // The guest rewrites 128 MiB of its memory without pause: pre-copy alone would chase it.
     assert!(
-        http_get(&l, H, "/dirty/128").contains("dirty"),
+        l.http_get(H, "/dirty/128").expect("GET").contains("dirty"),
         "dirtying started"
     );
     let stats = Arc::new(Stats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let chat = connect(&l, ECHO_PORT);
+    let chat = l.connect(ECHO_PORT).expect("connect to H");
     let worker = {
         let (stats, stop) = (stats.clone(), stop.clone());
-        thread::spawn(move || interactive(chat, stats, stop))
+        thread::spawn(move || stats.chat(chat, &stop))
     };
-    wait_for("traffic before the move", IO_TIMEOUT, || {
+    wait_until(IO_TIMEOUT, "traffic before the move", || {
         stats.exchanges.load(Ordering::Relaxed) > 10
-    });
+    })
+    .expect("traffic before the move");
     // No --skip-ttl-wait needed: --urgent skips it (the TTL is 300 s).
-    let mut migrate = migrate_command(
-        &l,
-        &["--urgent", "--drain-grace", "1s", "--max-drain", "60s"],
-    );
+    let mut migrate = l
+        .migrate_command(&["--urgent", "--drain-grace", "1s", "--max-drain", "60s"])
+        .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
     let mut switched_at = None;
-    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(150), || {
-        // Once A forwards, the chat must go on through the tunnel; then it closes, which
-        // lets the drain end (it is the only pre-move connection).
-        if switched_at.is_none() {
-            let forwarding = with_agents(&l, async |a, _b| {
-                a.status()
-                    .await
-                    .is_ok_and(|s| s.datapath.is_some_and(|d| d.mode == "forward"))
-            });
-            if forwarding {
-                switched_at = Some(stats.exchanges.load(Ordering::Relaxed));
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(150), || {
+            // Once A forwards, the chat must go on through the tunnel; then it closes, which
+            // lets the drain end (it is the only pre-move connection).
+            if switched_at.is_none() {
+                let forwarding = l
+                    .with_agents(async |a, _b| {
+                        a.status()
+                            .await
+                            .is_ok_and(|s| s.datapath.is_some_and(|d| d.mode == "forward"))
+                    })
+                    .expect("the agents");
+                if forwarding {
+                    switched_at = Some(stats.exchanges.load(Ordering::Relaxed));
+                }
+            } else if switched_at
+                .is_some_and(|at| stats.exchanges.load(Ordering::Relaxed) > at + 10)
+            {
+                stop.store(true, Ordering::Relaxed);
             }
-        } else if switched_at.is_some_and(|at| stats.exchanges.load(Ordering::Relaxed) > at + 10) {
-            stop.store(true, Ordering::Relaxed);
-        }
-    });
+        })
+        .expect("migrate finished");
     stop.store(true, Ordering::Relaxed);
     worker.join().expect("worker");
     assert!(status.success(), "migrate exited {status}: {report}");
@@ -424,7 +488,11 @@ fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections(
     let failures = stats.failed.lock().expect("lock").clone();
     assert!(failures.is_empty(), "the connection broke: {failures:?}");
     assert!(switched_at.is_some(), "A was seen forwarding");
-    assert_eq!(http_get(&l, N, "/id"), boot_id, "the same guest runs at B");
+    assert_eq!(
+        l.http_get(N, "/id").expect("GET"),
+        boot_id,
+        "the same guest runs at B"
+    );
 }
 
 /// Post-copy that breaks cannot be rolled back: the VM has run at B and A holds the pages B
@@ -433,29 +501,30 @@ fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections(
 #[test]
 fn a_destination_dying_in_postcopy_leaves_the_source_half_and_says_how_to_recover() {
     require_root();
-    let l = lab();
-    boot_at_a(&l);
+    let l = Lab::build().expect("the lab");
+    l.boot_at_a().expect("the guest boots at A");
     assert!(
-        http_get(&l, H, "/dirty/128").contains("dirty"),
+        l.http_get(H, "/dirty/128").expect("GET").contains("dirty"),
         "dirtying started"
     );
     // Post-copy capped at 2 MiB/s: the pages the guest dirtied take a minute to follow it,
     // so B can die while it still lacks some.
-    let mut migrate = migrate_command(
-        &l,
-        &[
+    let mut migrate = l
+        .migrate_command(&[
             "--postcopy",
             "after-first-pass",
             "--max-postcopy-bandwidth",
             "2097152",
-        ],
-    );
+        ])
+        .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
     kill_destination_qemu_once(&l, &mut orchestrator, "post-copy", |m| {
         m.progress.is_some_and(|p| p.status == "postcopy-active")
     });
 
-    let (status, report) = finish_migrate(&l, &mut orchestrator, Duration::from_secs(60), || {});
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(60), || {})
+        .expect("migrate finished");
     assert!(!status.success(), "migrate must fail");
     assert_eq!(report["succeeded"], false);
     let error = report["error"].as_str().expect("an error");
@@ -469,7 +538,9 @@ fn a_destination_dying_in_postcopy_leaves_the_source_half_and_says_how_to_recove
     assert_eq!(complete["outcome"], "failed", "{report}");
 
     // A keeps its QEMU (the pages B lacked) and keeps forwarding; DNS still names H.
-    let a_status = with_agents(&l, async |a, _b| a.status().await.expect("A"));
+    let a_status = l
+        .with_agents(async |a, _b| a.status().await.expect("A"))
+        .expect("the agents");
     let vm_at_a = a_status
         .vms
         .iter()
@@ -500,11 +571,13 @@ fn kill_destination_qemu_once(
 ) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let destination_pid = loop {
-        let ready = with_agents(l, async |a, b| {
-            let at_stage = a.migration("web").await.is_ok_and(reached);
-            let pid = b.vm("web").await.ok().and_then(|vm| vm.pid);
-            at_stage.then_some(pid).flatten()
-        });
+        let ready = l
+            .with_agents(async |a, b| {
+                let at_stage = a.migration("web").await.is_ok_and(reached);
+                let pid = b.vm("web").await.ok().and_then(|vm| vm.pid);
+                at_stage.then_some(pid).flatten()
+            })
+            .expect("the agents");
         if let Some(pid) = ready {
             break pid;
         }
@@ -512,7 +585,7 @@ fn kill_destination_qemu_once(
         assert!(
             orchestrator.try_wait().expect("wait").is_none(),
             "migrate ended before {stage}: {}",
-            agent_log(l, "a")
+            l.agent_log("a")
         );
         thread::sleep(Duration::from_millis(100));
     };

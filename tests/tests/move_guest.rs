@@ -26,10 +26,8 @@ use movarto_common::{
     counters::Counter,
     flow::{origin, state, timeout},
 };
-use movarto_tests::{
-    netns::{Netns, veth},
-    require_root,
-};
+use movarto_lab::netns::{Netns, veth};
+use movarto_tests::require_root;
 use movarto_user::datapath::{
     AttachOptions, Datapath, Pinned, SiteConfig, attach, detach, flows::monotonic_ns,
 };

@@ -3,10 +3,8 @@
 
 use std::{process::Command, time::Duration};
 
-use movarto_tests::{
-    netns::{Netns, veth, wait_until},
-    require_root,
-};
+use movarto_lab::netns::{Netns, veth, wait_until};
+use movarto_tests::require_root;
 
 #[test]
 fn two_namespaces_talk_over_veth_and_vanish_on_drop() {

@@ -8,10 +8,8 @@ use std::{
     time::Duration,
 };
 
-use movarto_tests::{
-    netns::{Netns, veth},
-    require_root,
-};
+use movarto_lab::netns::{Netns, veth};
+use movarto_tests::require_root;
 use movarto_user::{
     agent::{
         netlink::{self, NextHop},

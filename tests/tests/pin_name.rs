@@ -6,10 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use aya::programs::XdpMode;
 use movarto_common::config::Mode;
-use movarto_tests::{
-    netns::{Netns, veth},
-    require_root,
-};
+use movarto_lab::netns::{Netns, veth};
+use movarto_tests::require_root;
 use movarto_user::datapath::{
     AttachOptions, Pinned, SiteConfig, attach, detach, netns_cookie, pin_dir,
 };
@@ -142,7 +140,7 @@ fn detach_removes_the_pins_of_a_datapath_whose_namespace_is_gone() {
     let detach_from_elsewhere = || {
         std::process::Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", elsewhere.name()))
-            .arg(movarto_tests::lab::movarto_user())
+            .arg(movarto_lab::movarto_user().expect("movarto-user"))
             .args(["detach", &uplink, "--pin-name", &pin])
             .output()
             .expect("movarto-user detach")

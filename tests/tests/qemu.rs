@@ -9,21 +9,22 @@
 //! into their timeouts, and the measured numbers would mean little.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use movarto_guest_server::{ECHO_PORT, fill_disk, stream_byte};
-use movarto_tests::{
+use movarto_lab::{
     GUEST_KERNEL_ARGS,
     netns::{Netns, veth},
-    require_root,
+    tempdir::TempDir,
 };
+use movarto_tests::require_root;
 use movarto_user::qemu::{
     migrate::{
         MigrationOptions, NoHook, Postcopy, Progress, SwitchoverHook, migrate, migrate_outgoing,
@@ -57,43 +58,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// awaits, and a failed test must not poison it for the others.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The guest built by `cargo xtask guest`.
-fn guest_files() -> (PathBuf, PathBuf) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("target")
-        .join("guest");
-    let kernel = dir.join("vmlinuz");
-    let initramfs = dir.join("initramfs.cpio.gz");
-    assert!(
-        kernel.exists() && initramfs.exists(),
-        "the test guest is missing in {}; build it with `cargo xtask guest` \
-         (`cargo xtask test` does so before these tests)",
-        dir.display()
-    );
-    (kernel, initramfs)
-}
-
 /// A directory for sockets and logs, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "movarto-qemu-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("scratch dir");
-        Self(path)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn scratch(tag: &str) -> TempDir {
+    TempDir::new(&format!("movarto-qemu-{tag}")).expect("scratch dir")
 }
 
 /// A site: a namespace whose `tap0` is the VM's link, with the anycast gateway on it.
@@ -122,18 +89,18 @@ fn two_sites() -> (Netns, Netns) {
 }
 
 /// The guest's spec at `site`, written as TOML like a user would.
-fn guest_spec(site: &Netns, scratch: &Scratch, name: &str) -> VmSpec {
+fn guest_spec(site: &Netns, scratch: &TempDir, name: &str) -> VmSpec {
     guest_spec_with_disk(site, scratch, name, None)
 }
 
 /// The same, with `disk` (a raw image) as the guest's virtio disk.
 fn guest_spec_with_disk(
     site: &Netns,
-    scratch: &Scratch,
+    scratch: &TempDir,
     name: &str,
     disk: Option<&Path>,
 ) -> VmSpec {
-    let (kernel, initramfs) = guest_files();
+    let (kernel, initramfs) = movarto_lab::guest_files().expect("the test guest");
     let disk = disk
         .map(|d| format!("disk = \"{}\"\n", d.display()))
         .unwrap_or_default();
@@ -153,7 +120,7 @@ netns = "{ns}"
 mac = "{GUEST_MAC}"
 tap = "tap0"
 "#,
-        dir = scratch.0.display(),
+        dir = scratch.path().display(),
         kernel = kernel.display(),
         initramfs = initramfs.display(),
         ns = site.name(),
@@ -257,7 +224,7 @@ async fn run_state(qmp: &Qmp) -> String {
 async fn guest_boots_in_a_namespace_and_serves_echo_and_http() {
     require_root();
     let _one_at_a_time = SERIAL.lock().await;
-    let scratch = Scratch::new("boot");
+    let scratch = scratch("boot");
     let site_a = site("qboot");
     let spec = guest_spec(&site_a, &scratch, "boot");
     let started = Instant::now();
@@ -326,7 +293,7 @@ fn migration_uri() -> String {
 async fn precopy_migration_moves_the_running_guest_to_the_other_site() {
     require_root();
     let _one_at_a_time = SERIAL.lock().await;
-    let scratch = Scratch::new("precopy");
+    let scratch = scratch("precopy");
     let (site_a, site_b) = two_sites();
     let mut source = Vm::start(&guest_spec(&site_a, &scratch, "src"), Role::Boot)
         .await
@@ -408,7 +375,7 @@ async fn precopy_migration_moves_the_running_guest_to_the_other_site() {
 async fn killing_the_destination_mid_migration_leaves_the_source_serving() {
     require_root();
     let _one_at_a_time = SERIAL.lock().await;
-    let scratch = Scratch::new("kill");
+    let scratch = scratch("kill");
     let (site_a, site_b) = two_sites();
     let mut source = Vm::start(&guest_spec(&site_a, &scratch, "src"), Role::Boot)
         .await
@@ -489,7 +456,7 @@ async fn killing_the_destination_mid_migration_leaves_the_source_serving() {
 async fn a_failing_switchover_hook_cancels_and_the_source_resumes() {
     require_root();
     let _one_at_a_time = SERIAL.lock().await;
-    let scratch = Scratch::new("hook");
+    let scratch = scratch("hook");
     let (site_a, site_b) = two_sites();
     let mut source = Vm::start(&guest_spec(&site_a, &scratch, "src"), Role::Boot)
         .await
@@ -537,7 +504,7 @@ async fn migrate_guest(
     workload: Option<&str>,
     options: MigrationOptions,
 ) -> movarto_user::qemu::migrate::MigrationReport {
-    let scratch = Scratch::new(tag);
+    let scratch = scratch(tag);
     let (site_a, site_b) = two_sites();
     let mut source = Vm::start(&guest_spec(&site_a, &scratch, "src"), Role::Boot)
         .await
@@ -737,10 +704,10 @@ fn assert_region(image: &[u8], region: Region, what: &str) {
 async fn disk_mirroring_moves_the_disk_byte_identical_with_writes_made_during_the_mirror() {
     require_root();
     let _one_at_a_time = SERIAL.lock().await;
-    let scratch = Scratch::new("mirror");
+    let scratch = scratch("mirror");
     let (site_a, site_b) = two_sites();
-    let source_image = scratch.0.join("source.img");
-    let destination_image = scratch.0.join("destination.img");
+    let source_image = scratch.path().join("source.img");
+    let destination_image = scratch.path().join("destination.img");
     patterned_image(&source_image);
     // The destination starts from an empty image of the same size, as an agent makes it.
     std::fs::File::create(&destination_image)
@@ -961,7 +928,7 @@ async fn postcopy_brings_every_page_the_guest_wrote_while_busy_and_serving() {
         timeout: Duration::from_secs(120),
         ..MigrationOptions::default()
     };
-    let scratch = Scratch::new("ramcheck");
+    let scratch = scratch("ramcheck");
     let (site_a, site_b) = two_sites();
     let mut source = Vm::start(&guest_spec(&site_a, &scratch, "src"), Role::Boot)
         .await
@@ -1025,8 +992,8 @@ async fn postcopy_brings_every_page_the_guest_wrote_while_busy_and_serving() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(run_state(destination.qmp()).await, "paused");
-    let at_a = dump_ram(source.qmp(), RAM, &scratch.0.join("a.ram")).await;
-    let at_b = dump_ram(destination.qmp(), RAM, &scratch.0.join("b.ram")).await;
+    let at_a = dump_ram(source.qmp(), RAM, &scratch.path().join("a.ram")).await;
+    let at_b = dump_ram(destination.qmp(), RAM, &scratch.path().join("b.ram")).await;
     let stale = differing_pages(&at_a, &at_b);
     println!(
         "post-copy RAM check: switched after {:?} ms, {} bytes; {} of {} pages differ",

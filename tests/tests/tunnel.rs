@@ -13,11 +13,8 @@ use movarto_common::{
     gue::{OuterV4, encapsulate_v4},
     net::proto,
 };
-use movarto_tests::{
-    Hook, assert_counter_delta,
-    netns::{Netns, veth},
-    require_root, run_frame_out,
-};
+use movarto_lab::netns::{Netns, veth};
+use movarto_tests::{Hook, assert_counter_delta, require_root, run_frame_out};
 use movarto_user::datapath::{Datapath, SiteConfig};
 
 const XDP_DROP: u32 = 1;

@@ -1,5 +1,5 @@
 //! `cargo xtask demo`: sets up what is missing, builds `movarto-user`, the test guest and the
-//! demo program (`movarto-tests`' `movarto-demo`), then runs the demo with the given options.
+//! demo program (`movarto-lab`'s `movarto-demo`), then runs the demo with the given options.
 //! Everything but the report goes to stderr, so `--json` leaves stdout to the JSON alone.
 
 use std::{
@@ -30,7 +30,7 @@ pub fn run(args: &[OsString]) -> Result<ExitCode> {
     to_stderr(Command::new(&xtask).arg("guest"))?;
     for (package, bin) in [
         ("movarto-user", "movarto-user"),
-        ("movarto-tests", "movarto-demo"),
+        ("movarto-lab", "movarto-demo"),
     ] {
         eprintln!("demo: building {bin}");
         to_stderr(cargo().args(["build", "-p", package, "--bin", bin]))?;

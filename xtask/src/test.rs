@@ -17,6 +17,7 @@ use crate::{
 const UNIT_TEST_PACKAGES: &[&str] = &[
     "movarto-common",
     "movarto-user",
+    "movarto-lab",
     "xtask",
     "movarto-guest-server",
 ];

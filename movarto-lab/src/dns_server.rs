@@ -4,17 +4,18 @@
 
 use std::{
     fs::File,
-    net::SocketAddr,
-    os::fd::AsRawFd as _,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::netns::{ChildGuard, Netns, checked, veth, wait_until};
+use crate::{
+    netns::{ChildGuard, Netns, checked, in_netns, veth, wait_until},
+    tempdir::TempDir,
+};
 
 pub const ZONE: &str = "example.test.";
 pub const SERVICE: &str = "svc.example.test.";
@@ -23,41 +24,13 @@ pub const KEY_NAME: &str = "movarto-key";
 /// A key the server knows but whose updates it refuses.
 pub const OTHER_KEY_NAME: &str = "readonly-key";
 pub const SERVER_IP: &str = "192.0.2.53";
+/// [`SERVER_IP`] as an address.
+const SERVER_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 53);
 pub const CLIENT_IP: &str = "192.0.2.1";
 /// The records the zone starts with, TTL 300.
 pub const HOME_V4: &str = "198.51.100.10";
 pub const HOME_V6: &str = "2001:db8::10";
 pub const INITIAL_TTL: u32 = 300;
-
-/// A directory removed with its contents on drop.
-pub struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    pub fn new(tag: &str) -> Result<Self> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "movarto-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_dir_all(&self.path) {
-            eprintln!("warning: could not remove {}: {err}", self.path.display());
-        }
-    }
-}
 
 /// `named` serving `example.test` at 192.0.2.53, reachable from the client namespace.
 /// Fields drop in order: named first, then the namespaces, then the directory.
@@ -70,7 +43,7 @@ pub struct Bind9 {
 
 impl Bind9 {
     pub fn start(tag: &str) -> Result<Self> {
-        let dir = TempDir::new(&format!("bind-{tag}"))?;
+        let dir = TempDir::new(&format!("movarto-bind-{tag}"))?;
         let d = dir.path().to_str().context("temp dir path is not UTF-8")?;
         for (file, key) in [("movarto.key", KEY_NAME), ("readonly.key", OTHER_KEY_NAME)] {
             let out = checked(Command::new("tsig-keygen").args(["-a", "hmac-sha256", key]))?;
@@ -148,9 +121,7 @@ zone "{ZONE}" {{
     }
 
     pub fn server_addr(&self) -> SocketAddr {
-        format!("{SERVER_IP}:53")
-            .parse()
-            .expect("SERVER_IP is an address")
+        SocketAddr::from((SERVER_V4, 53))
     }
 
     pub fn key_file(&self) -> PathBuf {
@@ -171,38 +142,23 @@ zone "{ZONE}" {{
 
     /// `dig +short` from the client namespace: the answer's records, sorted.
     pub fn dig(&self, name: &str, rtype: &str) -> Result<Vec<String>> {
-        let out = self.client.run(
-            "dig",
-            &[
-                "+short",
-                "+norec",
-                "+time=1",
-                "+tries=1",
-                &format!("@{SERVER_IP}"),
-                name,
-                rtype,
-            ],
-        )?;
+        let out = self.dig_with(&["+short"], name, rtype)?;
         let mut lines: Vec<String> = out.lines().map(str::to_owned).collect();
         lines.sort();
         Ok(lines)
     }
 
+    /// `dig` from the client namespace, one try of a second, no recursion; its output.
+    fn dig_with(&self, format: &[&str], name: &str, rtype: &str) -> Result<String> {
+        let server = format!("@{SERVER_IP}");
+        let mut args = format.to_vec();
+        args.extend(["+norec", "+time=1", "+tries=1", &server, name, rtype]);
+        self.client.run("dig", &args)
+    }
+
     /// The TTLs of the answer's records.
     pub fn dig_ttls(&self, name: &str, rtype: &str) -> Result<Vec<u32>> {
-        let out = self.client.run(
-            "dig",
-            &[
-                "+noall",
-                "+answer",
-                "+norec",
-                "+time=1",
-                "+tries=1",
-                &format!("@{SERVER_IP}"),
-                name,
-                rtype,
-            ],
-        )?;
+        let out = self.dig_with(&["+noall", "+answer"], name, rtype)?;
         out.lines()
             .map(|l| {
                 l.split_whitespace()
@@ -232,7 +188,7 @@ zone "{ZONE}" {{
     }
 
     /// Runs `f` on a thread inside the client namespace, so its sockets live there.
-    pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+    pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         in_netns(&self.client, f)
     }
 }
@@ -241,25 +197,12 @@ fn path_str(path: &Path) -> Result<&str> {
     path.to_str().context("path is not UTF-8")
 }
 
-/// Runs `f` on a new thread that has entered `ns`'s network namespace (setns affects only
-/// that thread). Panics (failing the test) if the namespace cannot be entered.
-pub fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{}", ns.name());
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                // SAFETY: setns on a valid namespace fd; it changes only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(
-                    rc,
-                    0,
-                    "setns into {path}: {}",
-                    std::io::Error::last_os_error()
-                );
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses_agree() {
+        assert_eq!(SERVER_V4.to_string(), SERVER_IP);
+    }
 }

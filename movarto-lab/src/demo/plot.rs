@@ -2,7 +2,11 @@
 //! (switchover, DNS switch, teardown) as vertical lines. SVG only, with text as SVG text,
 //! so nothing depends on the machine's fonts.
 
-use std::path::Path;
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use plotters::{
@@ -10,18 +14,42 @@ use plotters::{
     style::text_anchor::{HPos, Pos, VPos},
 };
 
-use crate::{demo::Event, workload::Sample};
+use super::report::Event;
+use crate::workload::{Sample, Tracked};
+
+/// Draws the throughput of every connection but the idle ones into `path`; returns its
+/// absolute path.
+pub fn draw(
+    path: &Path,
+    tracked: &[Arc<Tracked>],
+    samples: &[Sample],
+    events: &[Event],
+) -> Result<PathBuf> {
+    let series: Vec<(String, usize, usize)> = tracked
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.kind != "idle")
+        .map(|(i, t)| {
+            // curl's --limit-rate comes in bursts: a longer window.
+            let window = if t.kind == "curl" { 20 } else { 4 };
+            (t.name.clone(), i, window)
+        })
+        .collect();
+    throughput_svg(path, samples, &series, events)
+        .with_context(|| format!("drawing {}", path.display()))?;
+    Ok(fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()))
+}
 
 /// Each series: its name, its index in the samples' byte counts, and the number of samples
 /// (100 ms apart) its throughput is averaged over (curl's --limit-rate comes in bursts).
-pub fn throughput_svg(
+fn throughput_svg(
     path: &Path,
     samples: &[Sample],
     series: &[(String, usize, usize)],
     events: &[Event],
 ) -> Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     // KiB/s per series, over a sliding window.
     let lines: Vec<(String, Vec<(f64, f64)>)> = series

@@ -1,5 +1,5 @@
-//! Network namespaces for tests: each test builds its own hosts and links,
-//! and everything is removed on drop, also when the test fails.
+//! Network namespaces for the lab and the tests: each builds its own hosts and links,
+//! and everything is removed on drop, also on failure.
 //!
 //! Only documentation and benchmark address ranges are used inside them
 //! (192.0.2.0/24, 198.51.100.0/24, 203.0.113.0/24, 198.18.0.0/15); nothing
@@ -179,6 +179,32 @@ impl Drop for ChildGuard {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Moves the calling thread into the network namespace at `ns_path` for good
+/// (setns changes only this thread).
+pub fn move_thread_into(ns_path: &str) -> Result<()> {
+    let ns = File::open(ns_path).with_context(|| format!("opening {ns_path}"))?;
+    // SAFETY: setns on a namespace fd we hold; it changes only this thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns into {ns_path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs `f` on a new thread that has entered `ns`'s network namespace, so its sockets live
+/// there. A panic in `f` is passed on as it is.
+pub fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let path = format!("/run/netns/{}", ns.name());
+    std::thread::scope(|scope| {
+        match scope
+            .spawn(move || move_thread_into(&path).map(|()| f()))
+            .join()
+        {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
 }
 
 /// Polls `ready` every 20 ms until it returns true or `timeout` passes.

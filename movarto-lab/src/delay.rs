@@ -38,7 +38,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use crate::netns::Netns;
+use crate::netns::{Netns, move_thread_into};
 
 /// The TUN device's name in the wan namespace.
 pub const DEVICE: &str = "wdelay";
@@ -140,7 +140,7 @@ impl DelayLine {
             thread::Builder::new()
                 .name("wan-delay".into())
                 .spawn(move || {
-                    let tun = enter(&ns_path).and_then(|()| open_tun(DEVICE));
+                    let tun = move_thread_into(&ns_path).and_then(|()| open_tun(DEVICE));
                     match tun {
                         Err(err) => {
                             let _ = ready_tx.send(Err(err));
@@ -189,24 +189,18 @@ impl Drop for DelayLine {
     }
 }
 
-/// Moves the calling thread into the network namespace at `ns_path` for good.
-pub fn enter(ns_path: &str) -> Result<()> {
-    let ns = File::open(ns_path).with_context(|| format!("opening {ns_path}"))?;
-    // SAFETY: setns on a namespace fd we hold; it changes only this thread.
-    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("setns into {ns_path}: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
+// <linux/if_tun.h>: TUNSETIFF is _IOW('T', 202, int), yet takes an ifreq and writes the
+// name back (as agent::tap declares it).
+nix::ioctl_readwrite_bad!(
+    tun_set_iff,
+    nix::request_code_write!(b'T', 202, size_of::<libc::c_int>()),
+    libc::ifreq
+);
 
 /// Creates TUN device `name` (IFF_TUN | IFF_NO_PI, non-blocking); it lives while the fd does.
 fn open_tun(name: &str) -> Result<File> {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; libc::IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
+    if name.len() >= libc::IFNAMSIZ {
+        bail!("interface name {name} is too long");
     }
     let tun = OpenOptions::new()
         .read(true)
@@ -214,22 +208,15 @@ fn open_tun(name: &str) -> Result<File> {
         .custom_flags(libc::O_NONBLOCK)
         .open("/dev/net/tun")
         .context("opening /dev/net/tun")?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short,
-        _pad: [0; 22],
-    };
-    if name.len() >= libc::IFNAMSIZ {
-        bail!("interface name {name} is too long");
+    // SAFETY: an all-zero ifreq is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
     }
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF as _, &mut req) } != 0 {
-        bail!(
-            "creating TUN device {name}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: an open tun descriptor and an ifreq that lives through the call.
+    unsafe { tun_set_iff(tun.as_raw_fd(), &mut req) }
+        .with_context(|| format!("creating TUN device {name}"))?;
     Ok(tun)
 }
 
@@ -316,6 +303,13 @@ fn sides(packet: &[u8]) -> Option<(Side, Side)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunsetiff_is_the_kernels_request_number() {
+        // TUNSETIFF as <linux/if_tun.h> spells it on x86 and arm.
+        let request = nix::request_code_write!(b'T', 202, std::mem::size_of::<libc::c_int>());
+        assert_eq!(request as u64, 0x4004_54ca);
+    }
 
     #[test]
     fn sides_follow_the_lab_addresses() {

@@ -26,7 +26,7 @@ use movarto_guest_server::{
 };
 use serde::Serialize;
 
-use crate::{dns_server::SERVER_IP, lab::IO_TIMEOUT};
+use crate::{dns_server::SERVER_IP, lab::IO_TIMEOUT, netns::move_thread_into};
 
 /// How long a new connection may take to connect, and to be answered.
 const NEWCOMER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -152,31 +152,36 @@ impl Workload {
 
         let target = |port: u16| format!("{home}:{port}");
         // Connections first (all of them before any traffic), each in the client namespace.
-        let mut spawn = |t: Arc<Tracked>, port: u16, run: fn(TcpStream, &Tracked, &AtomicBool)| {
-            let (ns, stop, sockets) = (ns.clone(), stop_long.clone(), sockets.clone());
-            tracked.push(t.clone());
-            let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
-            long.push(thread::spawn(move || {
-                let conn = crate::delay::enter(&format!("/run/netns/{ns}"))
-                    .and_then(|()| open(SocketAddr::new(home, port)));
-                match conn {
-                    Ok(conn) => {
-                        if let (Ok(clone), Ok(mut list)) = (conn.try_clone(), sockets.lock()) {
-                            list.push(clone);
+        let mut spawn =
+            |t: Arc<Tracked>,
+             port: u16,
+             run: fn(TcpStream, &Tracked, &AtomicBool) -> Result<()>| {
+                let (ns, stop, sockets) = (ns.clone(), stop_long.clone(), sockets.clone());
+                tracked.push(t.clone());
+                let (tx, rx) = std::sync::mpsc::channel::<Result<()>>();
+                long.push(thread::spawn(move || {
+                    let conn = move_thread_into(&format!("/run/netns/{ns}"))
+                        .and_then(|()| connect(SocketAddr::new(home, port)));
+                    match conn {
+                        Ok(conn) => {
+                            if let (Ok(clone), Ok(mut list)) = (conn.try_clone(), sockets.lock()) {
+                                list.push(clone);
+                            }
+                            let _ = tx.send(Ok(()));
+                            if let Err(err) = run(conn, &t, &stop) {
+                                t.fail(format!("{err:#}"));
+                            }
                         }
-                        let _ = tx.send(Ok(()));
-                        run(conn, &t, &stop);
+                        Err(err) => {
+                            t.fail(format!("{err:#}"));
+                            let _ = tx.send(Err(err));
+                        }
                     }
-                    Err(err) => {
-                        t.fail(format!("{err:#}"));
-                        let _ = tx.send(Err(err));
-                    }
-                }
-                t.finished.store(true, Ordering::Relaxed);
-            }));
-            rx.recv_timeout(IO_TIMEOUT + Duration::from_secs(1))
-                .context("opening a connection timed out")?
-        };
+                    t.finished.store(true, Ordering::Relaxed);
+                }));
+                rx.recv_timeout(IO_TIMEOUT + Duration::from_secs(1))
+                    .context("opening a connection timed out")?
+            };
         spawn(
             Tracked::new("download stream", "stream", target(STREAM_PORT)),
             STREAM_PORT,
@@ -190,7 +195,7 @@ impl Workload {
         spawn(
             Tracked::new("interactive 10 ms", "interactive", target(ECHO_PORT)),
             ECHO_PORT,
-            interactive,
+            chat,
         )?;
         for i in 0..settings.idle_connections {
             spawn(
@@ -252,7 +257,7 @@ impl Workload {
                 settings.clock,
             );
             Some(thread::spawn(move || {
-                if let Err(err) = crate::delay::enter(&format!("/run/netns/{ns}")) {
+                if let Err(err) = move_thread_into(&format!("/run/netns/{ns}")) {
                     if let Ok(mut list) = list.lock() {
                         list.push(Newcomer {
                             at_s: 0.0,
@@ -356,7 +361,11 @@ impl Workload {
 
     /// Waits for curl (up to `timeout`), then checks its file against the pattern's SHA-256.
     pub fn finish_curl(&mut self, timeout: Duration) -> Result<CurlCheck> {
-        let t = self.tracked[self.curl_index].clone();
+        let t = self
+            .tracked
+            .get(self.curl_index)
+            .context("curl is not tracked")?
+            .clone();
         let deadline = Instant::now() + timeout;
         let Some(mut curl) = self.curl.take() else {
             bail!("curl was already finished");
@@ -477,11 +486,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn open(addr: SocketAddr) -> Result<TcpStream> {
-    open_within(addr, IO_TIMEOUT)
+/// Connects to `addr` from the calling thread's namespace; every read and write may take
+/// up to [`IO_TIMEOUT`].
+pub fn connect(addr: SocketAddr) -> Result<TcpStream> {
+    connect_within(addr, IO_TIMEOUT)
 }
 
-fn open_within(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+fn connect_within(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
@@ -490,101 +501,128 @@ fn open_within(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// The guest's endless pattern, read in 16 KiB pieces every 10 ms; every byte checked.
-fn download(mut s: TcpStream, t: &Tracked, stop: &AtomicBool) {
-    let mut buf = vec![0u8; 16 * 1024];
+/// Reads the guest's endless pattern in `chunk`-byte pieces until `stop`, every byte
+/// checked, pausing `pause` after each piece; `progress` is told each piece's size.
+pub fn read_stream(
+    mut s: TcpStream,
+    chunk: usize,
+    pause: Duration,
+    stop: &AtomicBool,
+    mut progress: impl FnMut(u64),
+) -> Result<()> {
+    let mut buf = vec![0u8; chunk];
     let mut offset = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        match s.read(&mut buf) {
-            Ok(0) => return t.fail(format!("closed by the guest at byte {offset}")),
-            Ok(n) => {
-                if let Some(i) = (0..n).find(|i| buf[*i] != stream_byte(offset + *i as u64)) {
-                    return t.fail(format!("byte {} is wrong", offset + i as u64));
-                }
-                offset += n as u64;
-                t.progress(n as u64);
-                thread::sleep(Duration::from_millis(10));
-            }
-            Err(err) => return t.fail(format!("read at byte {offset}: {err}")),
+        let n = s
+            .read(&mut buf)
+            .with_context(|| format!("read at byte {offset}"))?;
+        if n == 0 {
+            bail!("closed by the guest at byte {offset}");
         }
+        if let Some(i) = (0..n).find(|i| buf[*i] != stream_byte(offset + *i as u64)) {
+            bail!("byte {} is wrong", offset + i as u64);
+        }
+        offset += n as u64;
+        progress(n as u64);
+        thread::sleep(pause);
     }
     let _ = s.shutdown(Shutdown::Both);
+    Ok(())
+}
+
+/// One numbered request to the guest's echo every `every` until `stop`; each answer must be
+/// its own, in order. `progress` is told each exchange's size.
+pub fn interactive(
+    s: TcpStream,
+    every: Duration,
+    stop: &AtomicBool,
+    mut progress: impl FnMut(u64),
+) -> Result<()> {
+    let mut reader = BufReader::new(s.try_clone().context("cloning the socket")?);
+    let mut writer = s;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let line = format!("request {n}\n");
+        let mut back = String::new();
+        writer
+            .write_all(line.as_bytes())
+            .and_then(|()| reader.read_line(&mut back).map(drop))
+            .with_context(|| format!("request {n}"))?;
+        if back != line {
+            bail!("request {n} answered with {back:?}");
+        }
+        progress(line.len() as u64);
+        n += 1;
+        thread::sleep(every);
+    }
+    let _ = writer.shutdown(Shutdown::Both);
+    Ok(())
+}
+
+/// Sends `message` to the guest's echo on `s`; what came back, without the newline.
+pub fn echo_once(s: &mut TcpStream, message: &str) -> Result<String> {
+    s.write_all(format!("{message}\n").as_bytes())
+        .context("writing to the echo")?;
+    let mut back = String::new();
+    BufReader::new(s.try_clone()?)
+        .read_line(&mut back)
+        .context("reading the echo")?;
+    Ok(back.trim_end().to_owned())
+}
+
+/// The guest's endless pattern, read in 16 KiB pieces every 10 ms.
+fn download(s: TcpStream, t: &Tracked, stop: &AtomicBool) -> Result<()> {
+    read_stream(s, 16 * 1024, Duration::from_millis(10), stop, |n| {
+        t.progress(n)
+    })
 }
 
 /// The pattern sent in 16 KiB chunks every 10 ms; the guest checks it and acknowledges each.
-fn upload(mut s: TcpStream, t: &Tracked, stop: &AtomicBool) {
+fn upload(mut s: TcpStream, t: &Tracked, stop: &AtomicBool) -> Result<()> {
     let mut chunk = vec![0u8; UPLOAD_CHUNK];
     let mut offset = 0u64;
     while !stop.load(Ordering::Relaxed) {
         fill_stream(&mut chunk, offset);
         let mut ack = [0u8; 8];
-        if let Err(err) = s.write_all(&chunk).and_then(|()| s.read_exact(&mut ack)) {
-            return t.fail(format!("chunk at byte {offset}: {err}"));
-        }
+        s.write_all(&chunk)
+            .and_then(|()| s.read_exact(&mut ack))
+            .with_context(|| format!("chunk at byte {offset}"))?;
         offset += chunk.len() as u64;
         match u64::from_le_bytes(ack) {
-            UPLOAD_BAD => return t.fail(format!("the guest found a wrong byte before {offset}")),
+            UPLOAD_BAD => bail!("the guest found a wrong byte before {offset}"),
             checked if checked != offset => {
-                return t.fail(format!(
-                    "the guest checked {checked} bytes, {offset} were sent"
-                ));
+                bail!("the guest checked {checked} bytes, {offset} were sent")
             }
             _ => t.progress(chunk.len() as u64),
         }
         thread::sleep(Duration::from_millis(10));
     }
     let _ = s.shutdown(Shutdown::Both);
+    Ok(())
 }
 
-/// One numbered request every 10 ms; each answer must be its own, in order.
-fn interactive(s: TcpStream, t: &Tracked, stop: &AtomicBool) {
-    let mut reader = match s.try_clone() {
-        Ok(r) => BufReader::new(r),
-        Err(err) => return t.fail(format!("{err}")),
-    };
-    let mut writer = s;
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let line = format!("request {n}\n");
-        let mut back = String::new();
-        if let Err(err) = writer
-            .write_all(line.as_bytes())
-            .and_then(|()| reader.read_line(&mut back).map(drop))
-        {
-            return t.fail(format!("request {n}: {err}"));
-        }
-        if back != line {
-            return t.fail(format!("request {n} answered with {back:?}"));
-        }
-        t.progress(line.len() as u64);
-        n += 1;
-        thread::sleep(Duration::from_millis(10));
-    }
-    let _ = writer.shutdown(Shutdown::Both);
+/// One numbered request every 10 ms.
+fn chat(s: TcpStream, t: &Tracked, stop: &AtomicBool) -> Result<()> {
+    interactive(s, Duration::from_millis(10), stop, |n| t.progress(n))
 }
 
 /// Says hello once, stays silent through the move, then must still be answered.
-fn idle(mut s: TcpStream, t: &Tracked, stop: &AtomicBool) {
+fn idle(mut s: TcpStream, t: &Tracked, stop: &AtomicBool) -> Result<()> {
     let mut echo = |msg: &str| -> Result<()> {
-        s.write_all(format!("{msg}\n").as_bytes())?;
-        let mut back = String::new();
-        BufReader::new(s.try_clone()?).read_line(&mut back)?;
-        if back.trim_end() != msg {
+        let back = echo_once(&mut s, msg)?;
+        if back != msg {
             bail!("{msg:?} echoed as {back:?}");
         }
         t.bytes.fetch_add(msg.len() as u64 + 1, Ordering::Relaxed);
         Ok(())
     };
-    if let Err(err) = echo("hello before the move") {
-        return t.fail(format!("{err:#}"));
-    }
+    echo("hello before the move")?;
     while !stop.load(Ordering::Relaxed) {
         thread::sleep(Duration::from_millis(20));
     }
-    if let Err(err) = echo("hello after the move") {
-        return t.fail(format!("{err:#}"));
-    }
+    echo("hello after the move")?;
     let _ = s.shutdown(Shutdown::Both);
+    Ok(())
 }
 
 /// Resolves the service with dig against BIND9, connects to what it says, and asks `/id`.
@@ -602,17 +640,9 @@ fn newcomer(boot_id: &str, clock: Instant) -> Newcomer {
     let result = (|| -> Result<()> {
         let addr = resolve()?;
         n.resolved = Some(addr);
-        let mut s = open_within(SocketAddr::new(addr, HTTP_PORT), NEWCOMER_TIMEOUT)?;
-        write!(s, "GET /id HTTP/1.0\r\nHost: {SERVICE_NAME}\r\n\r\n")?;
-        let mut response = String::new();
-        s.read_to_string(&mut response)
-            .with_context(|| format!("reading the answer from {addr}"))?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.trim())
-            .unwrap_or_default();
-        if body != boot_id.trim() {
-            bail!("{addr} answered {body:?}, not the guest's boot id");
+        let body = http_get(addr, "/id", NEWCOMER_TIMEOUT)?;
+        if body.trim() != boot_id.trim() {
+            bail!("{addr} answered {:?}, not the guest's boot id", body.trim());
         }
         Ok(())
     })();
@@ -645,12 +675,14 @@ pub fn resolve() -> Result<IpAddr> {
         })
 }
 
-/// `GET path` from the calling thread's namespace; the body.
-pub fn http_get(addr: IpAddr, path: &str) -> Result<String> {
-    let mut s = open(SocketAddr::new(addr, HTTP_PORT))?;
+/// `GET path` from the guest's HTTP server at `addr`, from the calling thread's namespace;
+/// connecting, and each read and write, may take up to `timeout`. The body.
+pub fn http_get(addr: IpAddr, path: &str, timeout: Duration) -> Result<String> {
+    let mut s = connect_within(SocketAddr::new(addr, HTTP_PORT), timeout)?;
     write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
     let mut response = String::new();
-    s.read_to_string(&mut response)?;
+    s.read_to_string(&mut response)
+        .with_context(|| format!("reading the answer from {addr}"))?;
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("an HTTP answer without headers")?;

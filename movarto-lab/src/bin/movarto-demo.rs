@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Result, bail};
 use clap::Parser;
-use movarto_tests::demo::{self, Options};
+use movarto_lab::demo::{self, Options};
 
 #[derive(Parser)]
 #[command(
