@@ -68,7 +68,7 @@ enum Command {
         command: movarto_user::dns::cli::DnsCommand,
     },
     /// Move a VM from one site to another, with its connections: the whole sequence.
-    Migrate(Box<movarto_user::migrate::MigrateArgs>),
+    Migrate(Box<cli::migrate::MigrateArgs>),
     /// Run this site's agent: the control API the orchestrator drives.
     Agent(movarto_user::agent::AgentArgs),
     /// Start, stop or inspect a QEMU VM described by a TOML spec.
@@ -157,7 +157,7 @@ fn main() -> ExitCode {
         Command::Dns { command } => movarto_user::dns::cli::run(command),
         Command::Vm { command } => movarto_user::qemu::cli(command),
         Command::Agent(args) => movarto_user::agent::run(args),
-        Command::Migrate(args) => match movarto_user::migrate::run(*args) {
+        Command::Migrate(args) => match cli::migrate::run(&args) {
             Ok(code) => return code,
             Err(err) => Err(err),
         },

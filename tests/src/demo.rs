@@ -680,7 +680,9 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
     // What the sites say now.
     let destination_mode = guarded("asking B for its status", || {
         lab::with_agents(l, async |_a, b| {
-            b.status().await.map(|s| s.datapath.map(|d| d.mode))
+            b.status()
+                .await
+                .map(|s| s.datapath.map(|d| d.mode.to_string()))
         })
     })?
     .ok()

@@ -471,7 +471,7 @@ pub fn boot_at_a(l: &Lab) -> String {
     // The probes' unanswered SYNs are tracked too; once older than a handshake they no
     // longer count as connections, so the report can be checked against ours exactly.
     thread::sleep(Duration::from_nanos(
-        movarto_user::agent::api::HANDSHAKE_NS + 500_000_000,
+        movarto_common::flow::timeout::HANDSHAKE_NS + 500_000_000,
     ));
 
     boot_id

@@ -13,9 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use movarto_common::config::Mode;
 use movarto_guest_server::ECHO_PORT;
 use movarto_tests::{dns_server::SERVICE, lab::*, netns::ChildGuard, require_root};
-use movarto_user::{agent::api::MigrationState, datapath::pin_dir};
+use movarto_user::{
+    agent::api::{MigrationState, RunState},
+    datapath::pin_dir,
+};
 
 #[test]
 fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
@@ -137,7 +141,7 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
     assert!(!pin_dir(&l.uplink_a).exists(), "A is detached");
     let b_mode = with_agents(&l, async |_a, b| b.status().await.map(|s| s.datapath));
     let b_dp = b_mode.expect("B status").expect("B attached");
-    assert_eq!(b_dp.mode, "nat");
+    assert_eq!(b_dp.mode, Mode::Nat);
     assert_eq!(http_get(&l, N, "/id"), boot_id, "N after teardown");
 
     // B's agent crashes: the VM and the NAT keep serving; the new agent adopts the VM.
@@ -157,7 +161,7 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
         }
     });
     assert_eq!(adopted.pid, Some(pid_before), "the same QEMU, adopted");
-    assert_eq!(adopted.run_state, "running");
+    assert_eq!(adopted.run_state, RunState::Running);
     eprintln!(
         "streamed {} bytes, {} exchanges, worst stall {} ms",
         stats.streamed.load(Ordering::Relaxed),
@@ -185,7 +189,7 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
     });
 
     // A slow copy (8 MiB/s for ~80 MiB), so the destination can die in the middle of it.
-    let mut migrate = migrate_command(&l, &["--max-bandwidth", "8388608"]);
+    let mut migrate = migrate_command(&l, &["--max-bandwidth", "8"]);
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
     kill_destination_qemu_once(&l, &mut orchestrator, "the RAM copy", |m| {
         m.progress.is_some_and(|p| p.transferred > 8 << 20)
@@ -217,8 +221,13 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
     let (a_status, b_status) = with_agents(&l, async |a, b| {
         (a.status().await.expect("A"), b.status().await.expect("B"))
     });
-    assert_eq!(a_status.datapath.expect("A attached").mode, "track");
-    assert!(a_status.vms.iter().any(|vm| vm.run_state == "running"));
+    assert_eq!(a_status.datapath.expect("A attached").mode, Mode::Track);
+    assert!(
+        a_status
+            .vms
+            .iter()
+            .any(|vm| vm.run_state == RunState::Running)
+    );
     assert!(b_status.datapath.is_none(), "B detached");
     assert!(b_status.vms.is_empty(), "no VM at B: {:?}", b_status.vms);
     assert!(!pin_dir(&l.uplink_b).exists());
@@ -400,7 +409,7 @@ fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections(
             let forwarding = with_agents(&l, async |a, _b| {
                 a.status()
                     .await
-                    .is_ok_and(|s| s.datapath.is_some_and(|d| d.mode == "forward"))
+                    .is_ok_and(|s| s.datapath.is_some_and(|d| d.mode == Mode::Forward))
             });
             if forwarding {
                 switched_at = Some(stats.exchanges.load(Ordering::Relaxed));
@@ -447,7 +456,7 @@ fn a_destination_dying_in_postcopy_leaves_the_source_half_and_says_how_to_recove
             "--postcopy",
             "after-first-pass",
             "--max-postcopy-bandwidth",
-            "2097152",
+            "2",
         ],
     );
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
@@ -476,13 +485,14 @@ fn a_destination_dying_in_postcopy_leaves_the_source_half_and_says_how_to_recove
         .find(|vm| vm.name == "web")
         .expect("the VM is still at A");
     assert_ne!(
-        vm_at_a.run_state, "running",
+        vm_at_a.run_state,
+        RunState::Running,
         "A must not resume a forked VM"
     );
     let pid_at_a = vm_at_a.pid.expect("A's QEMU PID") as i32;
     // SAFETY: signal 0 only checks that A's QEMU still exists.
     assert_eq!(unsafe { libc::kill(pid_at_a, 0) }, 0, "A's QEMU still runs");
-    assert_eq!(a_status.datapath.expect("A attached").mode, "forward");
+    assert_eq!(a_status.datapath.expect("A attached").mode, Mode::Forward);
     assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
     println!(
         "post-copy failure report: {error}; A's VM is {}",

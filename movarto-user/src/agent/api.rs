@@ -35,6 +35,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use movarto_common::{
     config::Mode,
+    counters::Counter,
     flow::{FlowKey, FlowValue},
     ids::{MacAddr, SessionToken},
 };
@@ -91,9 +92,9 @@ pub struct ModeRequest {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DatapathStatus {
     pub pin_dir: String,
-    pub mode: String,
-    /// Every non-zero counter, by name.
-    pub counters: BTreeMap<String, u64>,
+    pub mode: Mode,
+    /// Every non-zero counter, by its snake_case name.
+    pub counters: CounterMap,
     pub flows: usize,
     /// Pre-move flows (tracked at A, or handed over to B) that are neither closing nor expired.
     pub live_premove_flows: usize,
@@ -104,8 +105,36 @@ pub struct DatapathStatus {
 }
 
 impl DatapathStatus {
-    pub fn counter(&self, name: &str) -> u64 {
-        self.counters.get(name).copied().unwrap_or(0)
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.counters.get(counter)
+    }
+}
+
+/// Counters by [`Counter`]; on the wire a JSON object keyed by [`Counter::name`]. A
+/// name this build doesn't know (a newer agent's counter) is skipped, not refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct CounterMap(pub BTreeMap<Counter, u64>);
+
+impl CounterMap {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0.get(&counter).copied().unwrap_or(0)
+    }
+}
+
+impl FromIterator<(Counter, u64)> for CounterMap {
+    fn from_iter<I: IntoIterator<Item = (Counter, u64)>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+impl<'de> Deserialize<'de> for CounterMap {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let by_name = BTreeMap::<String, u64>::deserialize(deserializer)?;
+        Ok(by_name
+            .into_iter()
+            .filter_map(|(name, value)| Some((Counter::from_name(&name)?, value)))
+            .collect())
     }
 }
 
@@ -162,31 +191,17 @@ fn pod_from_hex<T: aya::Pod>(hex: &str) -> Result<T> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// A SYN younger than this may still become a connection (retransmits come at 1 and 3 s).
-pub const HANDSHAKE_NS: u64 = 5_000_000_000;
-
-/// Whether a flow keeps the drain going: a pre-move flow (tracked at A, or handed over to
-/// B) that is still open. For TCP that is an established connection not closing, or a
-/// handshake seen within [`HANDSHAKE_NS`]: a SYN nobody answered is a failed attempt, not
-/// a connection. Other protocols hold it until their timeout. Expiry is the caller's.
-pub fn holds_drain(protocol: u8, value: &FlowValue, idle_ns: u64) -> bool {
-    use movarto_common::flow::{origin, state};
-    const TCP: u8 = 6;
-    if !matches!(value.origin, origin::TRACKED | origin::TUNNELLED) {
-        return false;
-    }
-    if protocol != TCP {
-        return true;
-    }
-    !state::is_closing(value.state)
-        && (value.state & state::ESTABLISHED != 0 || idle_ns < HANDSHAKE_NS)
-}
-
 impl FlowRecord {
-    /// [`holds_drain`] at snapshot time.
+    /// Whether site A recorded it in `track` mode: a pre-move flow.
+    pub fn is_tracked(&self) -> bool {
+        self.decode()
+            .is_ok_and(|(_, v)| v.origin == movarto_common::flow::origin::TRACKED)
+    }
+
+    /// [`FlowValue::holds_drain`] at snapshot time.
     pub fn holds_drain(&self) -> bool {
         self.decode()
-            .is_ok_and(|(k, v)| holds_drain(k.protocol, &v, self.idle_ns))
+            .is_ok_and(|(k, v)| v.holds_drain(k.protocol, self.idle_ns))
     }
 }
 
@@ -215,10 +230,101 @@ pub struct VmRequest {
 pub struct VmStatus {
     pub name: String,
     pub pid: Option<u32>,
-    /// QEMU's run state (`running`, `inmigrate`, `postmigrate`, ...).
-    pub run_state: String,
+    pub run_state: RunState,
+    /// Why the run state is [`RunState::Exited`] or [`RunState::Unknown`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_state_error: Option<String>,
     pub incoming: bool,
     pub migration: Option<MigrationState>,
+}
+
+/// QEMU's run state (QMP `query-status`, QAPI `RunState`), plus what the agent sees
+/// when it can't ask: the process exited, or QMP did not answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    Running,
+    Paused,
+    Inmigrate,
+    Postmigrate,
+    FinishMigrate,
+    Prelaunch,
+    Debug,
+    InternalError,
+    IoError,
+    RestoreVm,
+    SaveVm,
+    Shutdown,
+    Suspended,
+    Watchdog,
+    GuestPanicked,
+    Colo,
+    /// The QEMU process is gone (the agent's own state, not QEMU's).
+    Exited,
+    /// QMP did not answer, or named a state this build doesn't know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl RunState {
+    const ALL: [RunState; 18] = [
+        RunState::Running,
+        RunState::Paused,
+        RunState::Inmigrate,
+        RunState::Postmigrate,
+        RunState::FinishMigrate,
+        RunState::Prelaunch,
+        RunState::Debug,
+        RunState::InternalError,
+        RunState::IoError,
+        RunState::RestoreVm,
+        RunState::SaveVm,
+        RunState::Shutdown,
+        RunState::Suspended,
+        RunState::Watchdog,
+        RunState::GuestPanicked,
+        RunState::Colo,
+        RunState::Exited,
+        RunState::Unknown,
+    ];
+
+    /// QEMU's name for it, e.g. `finish-migrate`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Inmigrate => "inmigrate",
+            RunState::Postmigrate => "postmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::Prelaunch => "prelaunch",
+            RunState::Debug => "debug",
+            RunState::InternalError => "internal-error",
+            RunState::IoError => "io-error",
+            RunState::RestoreVm => "restore-vm",
+            RunState::SaveVm => "save-vm",
+            RunState::Shutdown => "shutdown",
+            RunState::Suspended => "suspended",
+            RunState::Watchdog => "watchdog",
+            RunState::GuestPanicked => "guest-panicked",
+            RunState::Colo => "colo",
+            RunState::Exited => "exited",
+            RunState::Unknown => "unknown",
+        }
+    }
+
+    /// What `query-status` said; a state this build doesn't know is `Unknown`.
+    pub fn from_qemu(status: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.name() == status)
+            .unwrap_or(RunState::Unknown)
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// How a migration runs; the wire form of [`MigrationOptions`].
@@ -231,8 +337,7 @@ pub struct MigrationSettings {
     pub downtime_limit_ms: u64,
     pub multifd_channels: Option<u8>,
     pub auto_converge: bool,
-    /// `off`, `after-first-pass`, or `within:<ms>`.
-    pub postcopy: String,
+    pub postcopy: PostcopySetting,
     pub timeout_s: u64,
     /// The longest the source waits, stopped at `pre-switchover`, for the orchestrator.
     pub switchover_wait_s: u64,
@@ -247,7 +352,7 @@ impl Default for MigrationSettings {
             downtime_limit_ms: options.downtime_limit.as_millis() as u64,
             multifd_channels: None,
             auto_converge: false,
-            postcopy: "off".to_owned(),
+            postcopy: PostcopySetting::Off,
             timeout_s: options.timeout.as_secs(),
             switchover_wait_s: 30,
         }
@@ -255,21 +360,8 @@ impl Default for MigrationSettings {
 }
 
 impl MigrationSettings {
-    pub fn options(&self) -> Result<MigrationOptions> {
-        let postcopy = match self.postcopy.as_str() {
-            "off" => Postcopy::Off,
-            "after-first-pass" => Postcopy::AfterFirstPass,
-            other => match other.strip_prefix("within:") {
-                Some(ms) => Postcopy::IfNotConvergedWithin(Duration::from_millis(
-                    ms.parse()
-                        .with_context(|| format!("postcopy {other:?}: bad milliseconds"))?,
-                )),
-                None => {
-                    bail!("postcopy {other:?}: expected `off`, `after-first-pass` or `within:<ms>`")
-                }
-            },
-        };
-        Ok(MigrationOptions {
+    pub fn options(&self) -> MigrationOptions {
+        MigrationOptions {
             max_bandwidth: self.max_bandwidth,
             max_postcopy_bandwidth: self.max_postcopy_bandwidth,
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
@@ -279,9 +371,53 @@ impl MigrationSettings {
             timeout: Duration::from_secs(self.timeout_s),
             multifd_channels: self.multifd_channels,
             auto_converge: self.auto_converge,
-            postcopy,
+            postcopy: self.postcopy.into(),
             ..MigrationOptions::default()
-        })
+        }
+    }
+}
+
+/// When a migration switches to post-copy. JSON: `"off"`, `"after-first-pass"`, or
+/// `{"within-ms": 2000}`; text (the command line): `off`, `after-first-pass`,
+/// `within:<ms>`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostcopySetting {
+    #[default]
+    Off,
+    /// As soon as the first pass over RAM is done.
+    AfterFirstPass,
+    /// If pre-copy has not converged within this many milliseconds.
+    WithinMs(u64),
+}
+
+impl From<PostcopySetting> for Postcopy {
+    fn from(setting: PostcopySetting) -> Self {
+        match setting {
+            PostcopySetting::Off => Postcopy::Off,
+            PostcopySetting::AfterFirstPass => Postcopy::AfterFirstPass,
+            PostcopySetting::WithinMs(ms) => {
+                Postcopy::IfNotConvergedWithin(Duration::from_millis(ms))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for PostcopySetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "after-first-pass" => Ok(Self::AfterFirstPass),
+            other => other
+                .strip_prefix("within:")
+                .and_then(|ms| ms.parse().ok())
+                .map(Self::WithinMs)
+                .ok_or_else(|| {
+                    format!("{other:?}: expected `off`, `after-first-pass` or `within:<ms>`")
+                }),
+        }
     }
 }
 

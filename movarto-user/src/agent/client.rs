@@ -21,34 +21,19 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(660);
 
 /// What went wrong talking to an agent.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// No answer (refused, reset, timed out): the agent may be restarting.
+    #[error("the agent at {agent} is unreachable: {reason}")]
     Unreachable { agent: String, reason: String },
     /// The agent answered with an error.
+    #[error("the agent at {agent} answered {status}: {message}")]
     Refused {
         agent: String,
         status: u16,
         message: String,
     },
 }
-
-impl std::fmt::Display for AgentError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unreachable { agent, reason } => {
-                write!(f, "the agent at {agent} is unreachable: {reason}")
-            }
-            Self::Refused {
-                agent,
-                status,
-                message,
-            } => write!(f, "the agent at {agent} answered {status}: {message}"),
-        }
-    }
-}
-
-impl std::error::Error for AgentError {}
 
 #[derive(Clone)]
 pub struct AgentClient {

@@ -3,7 +3,6 @@
 //! restarted agent simply opens them again (adoption) and forwarding never stops.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, UdpSocket},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -18,7 +17,7 @@ use movarto_common::{
 };
 
 use super::{
-    api::{DatapathRequest, DatapathStatus, FlowRecord, holds_drain},
+    api::{DatapathRequest, DatapathStatus, FlowRecord},
     netlink,
 };
 use crate::datapath::{
@@ -66,7 +65,7 @@ impl SiteDatapath {
         let live_premove_flows = flows
             .iter()
             .filter(|(k, v)| {
-                holds_drain(k.protocol, v, now.saturating_sub(v.last_seen_ns))
+                v.holds_drain(k.protocol, now.saturating_sub(v.last_seen_ns))
                     && !v.is_expired(k.protocol, now, self.established_idle_ns)
             })
             .count();
@@ -74,15 +73,14 @@ impl SiteDatapath {
             .iter()
             .map(|(_, v)| now.saturating_sub(v.last_seen_ns) / 1_000_000)
             .min();
-        let counters: BTreeMap<String, u64> = pinned
-            .counters()?
-            .nonzero()
-            .into_iter()
-            .map(|(c, n)| (c.name().to_owned(), n))
-            .collect();
-        let raw_mode = pinned.config()?.mode;
-        let mode = Mode::from_u8(raw_mode)
-            .map_or_else(|| format!("unknown ({raw_mode})"), |m| m.name().to_owned());
+        let counters = pinned.counters()?.nonzero().into_iter().collect();
+        let config = pinned.config()?;
+        let mode = config.mode().with_context(|| {
+            format!(
+                "the pinned configuration has mode {}, which this build doesn't know",
+                config.mode
+            )
+        })?;
         Ok(Some(DatapathStatus {
             pin_dir: pinned.dir.display().to_string(),
             mode,

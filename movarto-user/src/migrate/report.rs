@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::progress::Step;
 use crate::qemu::migrate::MigrationReport;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -16,6 +17,7 @@ pub enum Outcome {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepRecord {
+    pub step: Step,
     pub number: u8,
     pub name: String,
     /// Milliseconds since the migration started.
