@@ -9,8 +9,8 @@
 //! | PUT | `/v1/datapath` | [`DatapathRequest`] → [`DatapathStatus`] (attach, or reconfigure) | yes |
 //! | DELETE | `/v1/datapath` | → `{}` (teardown; fine if not attached) | yes |
 //! | PUT | `/v1/datapath/mode` | [`ModeRequest`] → [`DatapathStatus`] | yes |
-//! | GET | `/v1/datapath/flows` | → `Vec<`[`FlowRecord`]`>` | yes |
-//! | POST | `/v1/datapath/flows` | `Vec<FlowRecord>` → `{}` (load a snapshot) | yes |
+//! | GET | `/v1/datapath/flows` | → [`FlowSnapshot`] | yes |
+//! | POST | `/v1/datapath/flows` | [`FlowSnapshot`] → [`Loaded`] (load A's snapshot; 400 for a version this agent doesn't read) | yes |
 //! | POST | `/v1/datapath/release-vm-iface` | → `{}` | yes |
 //! | POST | `/v1/garp` | [`GarpRequest`] → `{}` (gratuitous ARP on the uplink) | yes |
 //! | PUT | `/v1/taps/{name}` | [`TapRequest`] → `{}` | yes |
@@ -32,15 +32,16 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
 use movarto_common::{
     config::Mode,
     counters::Counter,
-    flow::{FlowKey, FlowValue},
     ids::{MacAddr, SessionToken},
 };
 use serde::{Deserialize, Serialize};
 
+pub use super::snapshot::{
+    FLOW_SNAPSHOT_VERSION, FlowEntry, FlowFlag, FlowOrigin, FlowSnapshot, IpFamily, SnapshotError,
+};
 use crate::qemu::{
     migrate::{MigrationOptions, MigrationReport, Postcopy, Progress},
     mirror::DiskMirror,
@@ -138,71 +139,10 @@ impl<'de> Deserialize<'de> for CounterMap {
     }
 }
 
-/// One flow-map entry, as the datapath holds it (hex of the `#[repr(C)]` bytes), so a
-/// snapshot moves between sites exactly; plus a readable rendering.
+/// How many flows a snapshot loaded.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FlowRecord {
-    pub key: String,
-    pub value: String,
-    /// Since the first and the last packet, at snapshot time (monotonic clocks differ
-    /// between hosts, so the receiving site rebases the value's timestamps on these).
-    pub age_ns: u64,
-    pub idle_ns: u64,
-    #[serde(default)]
-    pub readable: serde_json::Value,
-}
-
-impl FlowRecord {
-    pub fn new(key: &FlowKey, value: &FlowValue, now_ns: u64) -> Self {
-        Self {
-            key: data_encoding::HEXLOWER.encode(pod_bytes(key)),
-            value: data_encoding::HEXLOWER.encode(pod_bytes(value)),
-            age_ns: now_ns.saturating_sub(value.first_seen_ns),
-            idle_ns: now_ns.saturating_sub(value.last_seen_ns),
-            readable: crate::datapath::flows::flow_json(key, value, now_ns),
-        }
-    }
-
-    pub fn decode(&self) -> Result<(FlowKey, FlowValue)> {
-        Ok((
-            pod_from_hex(&self.key).context("flow key")?,
-            pod_from_hex(&self.value).context("flow value")?,
-        ))
-    }
-}
-
-fn pod_bytes<T: aya::Pod>(value: &T) -> &[u8] {
-    // SAFETY: `Pod` types are plain bytes without padding requirements on reading.
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
-}
-
-fn pod_from_hex<T: aya::Pod>(hex: &str) -> Result<T> {
-    let bytes = data_encoding::HEXLOWER_PERMISSIVE
-        .decode(hex.as_bytes())
-        .context("not hex")?;
-    if bytes.len() != size_of::<T>() {
-        bail!(
-            "{} bytes where {} were expected (agents of different versions?)",
-            bytes.len(),
-            size_of::<T>()
-        );
-    }
-    // SAFETY: the length matches and any bit pattern is a valid `Pod`.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
-
-impl FlowRecord {
-    /// Whether site A recorded it in `track` mode: a pre-move flow.
-    pub fn is_tracked(&self) -> bool {
-        self.decode()
-            .is_ok_and(|(_, v)| v.origin == movarto_common::flow::origin::TRACKED)
-    }
-
-    /// [`FlowValue::holds_drain`] at snapshot time.
-    pub fn holds_drain(&self) -> bool {
-        self.decode()
-            .is_ok_and(|(k, v)| v.holds_drain(k.protocol, self.idle_ns))
-    }
+pub struct Loaded {
+    pub loaded: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::api::{
-    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, GarpRequest, Health,
+    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowSnapshot, GarpRequest, Health,
     IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest, SiteStatus,
     TapRequest, VmRequest, VmStatus,
 };
@@ -155,12 +155,13 @@ impl AgentClient {
         .await
     }
 
-    pub async fn flows(&self) -> Result<Vec<FlowRecord>, AgentError> {
+    /// The flow map as a snapshot (refused, as a reply, if of another version).
+    pub async fn flows(&self) -> Result<FlowSnapshot, AgentError> {
         self.get("/v1/datapath/flows").await
     }
 
-    pub async fn load_flows(&self, flows: &[FlowRecord]) -> Result<(), AgentError> {
-        self.call::<serde_json::Value>(Method::POST, "/v1/datapath/flows", Some(flows))
+    pub async fn load_flows(&self, snapshot: &FlowSnapshot) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(Method::POST, "/v1/datapath/flows", Some(snapshot))
             .await
             .map(drop)
     }

@@ -8,6 +8,7 @@ pub mod garp;
 pub mod netlink;
 mod server;
 mod site;
+mod snapshot;
 pub mod tap;
 pub mod token;
 mod vms;

@@ -11,14 +11,13 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
-use serde::Serialize;
 use serde_json::json;
 
 use super::{
     api::{
-        ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, GarpRequest,
-        Health, IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest,
-        SiteStatus, TapRequest, VmRequest, VmStatus,
+        ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowSnapshot, GarpRequest,
+        Health, IncomingRequest, Loaded, MigrationState, MirrorSettings, ModeRequest,
+        OutgoingRequest, SiteStatus, SnapshotError, TapRequest, VmRequest, VmStatus,
     },
     site::SiteDatapath,
     tap,
@@ -58,6 +57,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         let status = match err.downcast_ref::<VmError>() {
             Some(VmError::NotFound(_)) => StatusCode::NOT_FOUND,
             Some(VmError::Conflict(_)) => StatusCode::CONFLICT,
+            None if err.is::<SnapshotError>() => StatusCode::BAD_REQUEST,
             None => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, err)
@@ -285,21 +285,19 @@ async fn set_mode(
     ))
 }
 
-async fn flows(State(agent): State<Arc<Agent>>) -> Reply<Vec<FlowRecord>> {
+async fn flows(State(agent): State<Arc<Agent>>) -> Reply<FlowSnapshot> {
     Ok(Json(agent.datapath.flows()?))
 }
 
-#[derive(Serialize)]
-struct Loaded {
-    loaded: usize,
-}
-
+/// The body is read as JSON first, so a snapshot of another version is refused with a
+/// message naming both versions (not as whatever field its format changed).
 async fn load_flows(
     State(agent): State<Arc<Agent>>,
-    Json(records): Json<Vec<FlowRecord>>,
+    Json(body): Json<serde_json::Value>,
 ) -> Reply<Loaded> {
+    let snapshot = FlowSnapshot::from_json(body)?;
     Ok(Json(Loaded {
-        loaded: agent.datapath.load_flows(&records)?,
+        loaded: agent.datapath.load_flows(&snapshot)?,
     }))
 }
 

@@ -12,12 +12,11 @@ use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use movarto_common::{
     config::Mode,
-    flow::origin,
     net::{addr, family},
 };
 
 use super::{
-    api::{DatapathRequest, DatapathStatus, FlowRecord},
+    api::{DatapathRequest, DatapathStatus, FlowEntry, FlowOrigin, FlowSnapshot},
     netlink,
 };
 use crate::datapath::{
@@ -132,26 +131,33 @@ impl SiteDatapath {
         self.status()?.context("the datapath vanished")
     }
 
-    pub fn flows(&self) -> Result<Vec<FlowRecord>> {
+    pub fn flows(&self) -> Result<FlowSnapshot> {
         let now = monotonic_ns()?;
-        Ok(self
-            .open()?
-            .flows()?
-            .iter()
-            .map(|(k, v)| FlowRecord::new(k, v, now))
-            .collect())
+        Ok(FlowSnapshot::new(
+            self.open()?
+                .flows()?
+                .iter()
+                .filter_map(|(k, v)| FlowEntry::from_map(k, v, now))
+                .collect(),
+        ))
     }
 
     /// Loads the other site's snapshot as tunnelled flows, on this host's clock.
-    pub fn load_flows(&self, records: &[FlowRecord]) -> Result<usize> {
+    pub fn load_flows(&self, snapshot: &FlowSnapshot) -> Result<usize> {
         let now = monotonic_ns()?;
-        let flows = records
+        let flows = snapshot
+            .flows
             .iter()
-            .map(|record| {
-                let (key, mut value) = record.decode()?;
-                value.first_seen_ns = now.saturating_sub(record.age_ns);
-                value.last_seen_ns = now.saturating_sub(record.idle_ns);
-                value.origin = origin::TUNNELLED;
+            .enumerate()
+            .map(|(i, flow)| {
+                let key = flow
+                    .key()
+                    .map_err(|why| anyhow::anyhow!("flow {i} of the snapshot: {why}"))?;
+                let value = FlowEntry {
+                    origin: FlowOrigin::Tunnelled,
+                    ..flow.clone()
+                }
+                .value(now);
                 Ok((key, value))
             })
             .collect::<Result<Vec<_>>>()?;

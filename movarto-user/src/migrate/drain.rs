@@ -3,13 +3,13 @@
 use std::{collections::HashMap, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use movarto_common::counters::Counter;
+use movarto_common::{counters::Counter, flow::FlowKey};
 use tokio::time::Instant;
 
 use super::{plan::Plan, timeline::Say};
 use crate::agent::{
     AgentError,
-    api::{DatapathStatus, FlowRecord},
+    api::{DatapathStatus, FlowEntry},
 };
 
 /// How often the drain polls the source.
@@ -21,7 +21,7 @@ const DRAIN_NOTE: Duration = Duration::from_secs(2);
 /// carried after switchover.
 #[derive(Default)]
 pub(super) struct Drained {
-    pub(super) cut: Vec<FlowRecord>,
+    pub(super) cut: Vec<FlowEntry>,
     pub(super) premove_bytes: u64,
 }
 
@@ -31,16 +31,16 @@ pub(super) struct Drained {
 pub(super) async fn drain(
     p: &Plan,
     say: Say,
-    switchover_flows: &[FlowRecord],
+    switchover_flows: &[FlowEntry],
     grace: Duration,
     rerouted: bool,
 ) -> Result<(Option<Drained>, String)> {
     let started = Instant::now();
     let mut last_activity = Instant::now();
     let mut last_packets = None;
-    let mut bytes_seen: HashMap<String, u64> = switchover_flows
+    let mut bytes_seen: HashMap<FlowKey, u64> = switchover_flows
         .iter()
-        .map(|f| (f.key.clone(), flow_bytes(f)))
+        .filter_map(|f| Some((f.key().ok()?, f.bytes())))
         .collect();
     let baseline: u64 = bytes_seen.values().sum();
     let mut unreachable_since: Option<Instant> = None;
@@ -58,10 +58,10 @@ pub(super) async fn drain(
             last_packets = Some(packets);
             last_activity = Instant::now();
         }
-        let flows = p.source.flows().await?;
+        let flows = p.source.flows().await?.flows;
         for f in &flows {
-            if let Some(seen) = bytes_seen.get_mut(&f.key) {
-                *seen = (*seen).max(flow_bytes(f));
+            if let Some(seen) = f.key().ok().and_then(|key| bytes_seen.get_mut(&key)) {
+                *seen = (*seen).max(f.bytes());
             }
         }
         let idle = last_activity.elapsed();
@@ -95,7 +95,7 @@ pub(super) async fn drain(
             ));
         }
         if started.elapsed() >= p.max_drain {
-            let cut: Vec<FlowRecord> = flows
+            let cut: Vec<FlowEntry> = flows
                 .into_iter()
                 .filter(|f| f.holds_drain() && f.is_tracked())
                 .collect();
@@ -141,10 +141,4 @@ async fn source_datapath(
         }
         Err(err) => Err(err.into()),
     }
-}
-
-fn flow_bytes(flow: &FlowRecord) -> u64 {
-    flow.decode()
-        .map(|(_, v)| v.bytes_from_peer + v.bytes_to_peer)
-        .unwrap_or(0)
 }

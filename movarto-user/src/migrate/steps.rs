@@ -18,8 +18,8 @@ use super::{
 use crate::{
     agent::{
         api::{
-            FlowRecord, IncomingRequest, MigrationPhase, OutgoingRequest, RunState, TapRequest,
-            VmRequest,
+            FlowEntry, FlowSnapshot, IncomingRequest, MigrationPhase, OutgoingRequest, RunState,
+            TapRequest, VmRequest,
         },
         token::random_session_token,
     },
@@ -43,7 +43,7 @@ struct Run<'a> {
     report: Report,
     changed: Changed,
     /// A's pre-move flows at switchover.
-    switchover_flows: Vec<FlowRecord>,
+    switchover_flows: Vec<FlowEntry>,
 }
 
 /// Runs the whole migration; never panics, and always returns a report.
@@ -221,7 +221,7 @@ impl Run<'_> {
         report.tunnel.premove_bytes = premove_bytes;
         report.drain_ms = Some(drain_started.elapsed().as_millis() as u64);
         report.flows_drained = report.flows_at_switchover.saturating_sub(cut.len());
-        report.flows_cut = cut.iter().map(|f| f.readable.clone()).collect();
+        report.flows_cut = cut;
 
         let restore = self.changed.ttl_lowered_from;
         self.timeline
@@ -400,10 +400,11 @@ async fn migrate_ram(p: &Plan, say: Say) -> StepResult<()> {
 
 /// Step 5: the pre-move flows to B, A forwards, the re-routing hook, and `continue`.
 /// Returns the pre-move flows.
-async fn flip(p: &Plan) -> StepResult<Vec<FlowRecord>> {
-    let flows = p.source.flows().await?;
-    let premove: Vec<FlowRecord> = flows.into_iter().filter(FlowRecord::is_tracked).collect();
-    p.destination.load_flows(&premove).await?;
+async fn flip(p: &Plan) -> StepResult<Vec<FlowEntry>> {
+    let mut snapshot = p.source.flows().await?;
+    snapshot.flows.retain(FlowEntry::is_tracked);
+    p.destination.load_flows(&snapshot).await?;
+    let FlowSnapshot { flows: premove, .. } = snapshot;
     p.source.set_mode(Mode::Forward).await?;
     if let Some(hook) = &p.on_switch {
         run_on_switch(p, hook).await?;
