@@ -24,7 +24,10 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use movarto_user::{
     datapath::pin_dir,
-    migrate::report::{Outcome, Report as MigrationReport},
+    migrate::{
+        ProgressEvent, Step,
+        report::{Outcome, Report as MigrationReport},
+    },
 };
 use serde::Serialize;
 
@@ -216,7 +219,7 @@ pub struct Report {
     pub delay_line: DelayFigures,
     /// `movarto-user migrate --json`, as it printed it.
     pub migration: serde_json::Value,
-    /// Its progress lines (stderr), as they came.
+    /// Its progress events (`--progress json` on stderr), as they came.
     pub migrate_progress: Vec<String>,
     pub svg: Option<PathBuf>,
     pub namespaces: Vec<String>,
@@ -526,7 +529,14 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
     let mut migrate = guarded("preparing movarto-user migrate", || {
         lab::migrate_command(
             l,
-            &["--drain-grace", &drain_grace, "--max-drain", &max_drain],
+            &[
+                "--drain-grace",
+                &drain_grace,
+                "--max-drain",
+                &max_drain,
+                "--progress",
+                "json",
+            ],
         )
     })?;
     say(
@@ -563,7 +573,9 @@ fn run_in_lab(opts: &Options, l: &Lab, started: Instant) -> Result<Report> {
                         started.elapsed().as_secs_f64()
                     );
                 }
-                if line.contains("step  5/11 switchover: ok")
+                let event = serde_json::from_str::<ProgressEvent>(&line).ok();
+                let finished = event.as_ref().and_then(ProgressEvent::finished);
+                if finished == Some((Step::Switchover, Outcome::Ok))
                     && let Ok(mut s) = switched.lock()
                 {
                     *s = Some(Instant::now());
