@@ -1,11 +1,15 @@
 //! The agent's control API: paths and JSON bodies, shared by the server and the client.
 //!
 //! Every path is under `/v1` and needs `Authorization: Bearer <site token>`, except
-//! `GET /v1/health`. Errors come back as [`ApiError`] with a non-2xx status.
+//! `GET /v1/health`. Errors come back as [`ApiError`] with a non-2xx status. The
+//! machine-readable description is `docs/agent-api.openapi.json`, generated from the
+//! handlers' `#[utoipa::path]` (agent/server.rs), which also build the router.
 //!
 //! | method | path | body → reply | retry-safe |
 //! | --- | --- | --- | --- |
+//! | GET | `/v1/health` | → [`Health`] (no token) | yes |
 //! | GET | `/v1/status` | → [`SiteStatus`] | yes |
+//! | GET | `/v1/datapath` | → [`DatapathStatus`] (404 when not attached) | yes |
 //! | PUT | `/v1/datapath` | [`DatapathRequest`] → [`DatapathStatus`] (attach, or reconfigure) | yes |
 //! | DELETE | `/v1/datapath` | → `{}` (teardown; fine if not attached) | yes |
 //! | PUT | `/v1/datapath/mode` | [`ModeRequest`] → [`DatapathStatus`] | yes |
@@ -38,6 +42,7 @@ use movarto_common::{
     ids::{MacAddr, SessionToken},
 };
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 pub use super::snapshot::{
     FLOW_SNAPSHOT_VERSION, FlowEntry, FlowFlag, FlowOrigin, FlowSnapshot, IpFamily, SnapshotError,
@@ -48,19 +53,19 @@ use crate::qemu::{
 };
 
 /// An error reply.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {
     pub error: String,
 }
 
 /// `GET /v1/health`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub site: String,
     pub version: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct SiteStatus {
     pub site: String,
     pub uplink: String,
@@ -70,31 +75,43 @@ pub struct SiteStatus {
 }
 
 /// The datapath's site configuration, as the orchestrator states it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DatapathRequest {
     pub vm_iface: String,
+    #[schema(value_type = String, example = "track")]
     pub mode: Mode,
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub home_addr: IpAddr,
+    #[schema(value_type = Option<String>, example = "198.18.0.10")]
     pub new_addr: Option<IpAddr>,
+    #[schema(value_type = String, example = "203.0.113.1")]
     pub local_tunnel_addr: Ipv4Addr,
+    #[schema(value_type = String, example = "203.0.113.129")]
     pub peer_tunnel_addr: Ipv4Addr,
     /// The migration's session token, 16 hex digits on the wire.
+    #[schema(value_type = String, example = "0123456789abcdef")]
     pub token: SessionToken,
     pub tunnel_mtu: u16,
+    #[schema(value_type = String, example = "52:54:00:12:34:56")]
     pub vm_mac: MacAddr,
+    #[schema(value_type = String, example = "02:00:00:00:00:01")]
     pub gateway_mac: MacAddr,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ModeRequest {
+    /// `idle`, `track`, `forward`, `receive`, `nat` or `direct`.
+    #[schema(value_type = String, example = "forward")]
     pub mode: Mode,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct DatapathStatus {
     pub pin_dir: String,
+    #[schema(value_type = String, example = "track")]
     pub mode: Mode,
     /// Every non-zero counter, by its snake_case name.
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub counters: CounterMap,
     pub flows: usize,
     /// Pre-move flows (tracked at A, or handed over to B) that are neither closing nor expired.
@@ -140,25 +157,27 @@ impl<'de> Deserialize<'de> for CounterMap {
 }
 
 /// How many flows a snapshot loaded.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Loaded {
     pub loaded: usize,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct GarpRequest {
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub address: Ipv4Addr,
 }
 
 /// A tap for a VM's NIC, with the site's (anycast) gateway on it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct TapRequest {
+    #[schema(value_type = String, example = "02:00:00:00:00:01")]
     pub gateway_mac: MacAddr,
     /// e.g. `192.0.2.1/24`.
     pub gateway_cidr: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmRequest {
     /// The VM spec, in its TOML form (paths are the agent's host's).
     pub spec_toml: String,
@@ -166,7 +185,7 @@ pub struct VmRequest {
     pub incoming: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmStatus {
     pub name: String,
     pub pid: Option<u32>,
@@ -180,7 +199,7 @@ pub struct VmStatus {
 
 /// QEMU's run state (QMP `query-status`, QAPI `RunState`), plus what the agent sees
 /// when it can't ask: the process exited, or QMP did not answer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunState {
     Running,
@@ -268,7 +287,7 @@ impl std::fmt::Display for RunState {
 }
 
 /// How a migration runs; the wire form of [`MigrationOptions`].
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct MigrationSettings {
     pub max_bandwidth: u64,
     /// 0: no cap (absent from older orchestrators).
@@ -320,7 +339,7 @@ impl MigrationSettings {
 /// When a migration switches to post-copy. JSON: `"off"`, `"after-first-pass"`, or
 /// `{"within-ms": 2000}`; text (the command line): `off`, `after-first-pass`,
 /// `within:<ms>`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum PostcopySetting {
     #[default]
@@ -361,7 +380,7 @@ impl std::str::FromStr for PostcopySetting {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct IncomingRequest {
     /// Where the destination listens, e.g. `tcp:203.0.113.129:4444`.
     pub uri: String,
@@ -371,7 +390,7 @@ pub struct IncomingRequest {
     pub mirror: Option<MirrorSettings>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct OutgoingRequest {
     pub uri: String,
     pub settings: MigrationSettings,
@@ -381,7 +400,7 @@ pub struct OutgoingRequest {
 }
 
 /// The disk mirror both sites agree on: the destination's NBD server.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MirrorSettings {
     pub nbd_host: String,
     pub nbd_port: u16,
@@ -398,13 +417,13 @@ impl MirrorSettings {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ContinueRequest {
     /// `false` aborts: the migration is cancelled and the VM resumes at the source.
     pub proceed: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationPhase {
     Running,
@@ -414,7 +433,7 @@ pub enum MigrationPhase {
     Failed,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct MigrationState {
     pub phase: MigrationPhase,
     pub progress: Option<Progress>,

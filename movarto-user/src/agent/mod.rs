@@ -19,7 +19,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 
 pub use client::{AgentClient, AgentError};
-pub use server::{AgentConfig, serve};
+pub use server::{AgentConfig, openapi, serve};
 use token::Token;
 
 #[derive(Args, Debug)]

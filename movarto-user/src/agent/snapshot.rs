@@ -10,12 +10,13 @@ use movarto_common::{
     net::family,
 };
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// The snapshot format this build writes and reads.
 pub const FLOW_SNAPSHOT_VERSION: u32 = 1;
 
 /// `{"version": 1, "flows": [...]}`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, ToSchema)]
 pub struct FlowSnapshot {
     /// [`FLOW_SNAPSHOT_VERSION`]; a reader refuses any other.
     pub version: u32,
@@ -84,7 +85,7 @@ impl<'de> Deserialize<'de> for FlowSnapshot {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum IpFamily {
     Ipv4,
@@ -92,7 +93,7 @@ pub enum IpFamily {
 }
 
 /// How the flow entered the flow map (`movarto_common::flow::origin`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FlowOrigin {
     /// Recorded at site A in `track` mode: a pre-move flow.
@@ -129,7 +130,7 @@ impl FlowOrigin {
 }
 
 /// One TCP state bit (`movarto_common::flow::state`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FlowFlag {
     SynSeen,
@@ -170,14 +171,16 @@ impl FlowFlag {
 
 /// One flow as seen from the service, at snapshot time. Times are relative (the sites'
 /// monotonic clocks differ), so the receiver rebases them on its own clock.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FlowEntry {
     /// IANA protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6).
     pub protocol: u8,
     pub family: IpFamily,
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub service_addr: IpAddr,
     pub service_port: u16,
+    #[schema(value_type = String, example = "198.51.100.7")]
     pub peer_addr: IpAddr,
     pub peer_port: u16,
     pub origin: FlowOrigin,
