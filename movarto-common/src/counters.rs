@@ -8,8 +8,12 @@
 //! Userspace sums the per-CPU slots.
 
 /// Index into the `COUNTERS` per-CPU array.
+///
+/// With the `user` feature it is also the wire form: serde uses [`Counter::name`].
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "user", serde(rename_all = "snake_case"))]
 pub enum Counter {
     /// Every packet seen by any movarto program.
     Packets = 0,
@@ -157,6 +161,11 @@ impl Counter {
         }
     }
 
+    /// The counter of a [`Counter::name`]; `None` for a name this build doesn't know.
+    pub fn from_name(name: &str) -> Option<Counter> {
+        Counter::ALL.into_iter().find(|c| c.name() == name)
+    }
+
     /// Whether this counter is a drop reason.
     pub const fn is_drop(self) -> bool {
         matches!(
@@ -189,5 +198,22 @@ mod tests {
             assert_eq!(same, 1, "duplicate name {}", a.name());
         }
         assert_eq!(Counter::ALL.iter().filter(|c| c.is_drop()).count(), 10);
+        for c in Counter::ALL {
+            assert_eq!(Counter::from_name(c.name()), Some(c));
+        }
+        assert_eq!(Counter::from_name("no_such_counter"), None);
+    }
+
+    #[cfg(feature = "user")]
+    #[test]
+    fn serde_names_are_the_stable_names() {
+        extern crate std;
+        use std::format;
+        for c in Counter::ALL {
+            let json = serde_json::to_string(&c).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", c.name()));
+            let back: Counter = serde_json::from_str(&json).expect("deserialize");
+            assert_eq!(back, c);
+        }
     }
 }

@@ -91,6 +91,9 @@ pub mod timeout {
     pub const ESTABLISHED_IDLE_DEFAULT_NS: u64 = 21_600 * 1_000_000_000;
     /// Non-TCP flows (UDP, ICMP) idle this long are expired.
     pub const NON_TCP_IDLE_NS: u64 = 60 * 1_000_000_000;
+    /// A SYN younger than this may still become a connection (retransmits come at 1
+    /// and 3 s); see [`super::FlowValue::holds_drain`].
+    pub const HANDSHAKE_NS: u64 = 5 * 1_000_000_000;
 }
 
 /// Value of the flow map. Times are `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
@@ -129,6 +132,22 @@ impl FlowValue {
             established_idle_ns
         };
         idle > limit
+    }
+
+    /// Whether the flow keeps the drain going: a pre-move flow (tracked at A, or handed
+    /// over to B) that is still open. For TCP that is an established connection not
+    /// closing, or a handshake seen within [`timeout::HANDSHAKE_NS`]: a SYN nobody
+    /// answered is a failed attempt, not a connection. Other protocols hold it until
+    /// their timeout. Expiry is the caller's ([`FlowValue::is_expired`]).
+    pub const fn holds_drain(&self, protocol: u8, idle_ns: u64) -> bool {
+        if !matches!(self.origin, origin::TRACKED | origin::TUNNELLED) {
+            return false;
+        }
+        if protocol != crate::net::proto::TCP {
+            return true;
+        }
+        !state::is_closing(self.state)
+            && (self.state & state::ESTABLISHED != 0 || idle_ns < timeout::HANDSHAKE_NS)
     }
 }
 
@@ -241,6 +260,41 @@ mod tests {
         let udp = FlowValue::default();
         assert!(!udp.is_expired(17, 59 * s, est));
         assert!(udp.is_expired(17, 61 * s, est));
+    }
+
+    #[test]
+    fn drain_is_held_by_open_premove_flows() {
+        let s = 1_000_000_000u64;
+        let established = FlowValue {
+            origin: origin::TRACKED,
+            state: state::SYN_SEEN | state::ESTABLISHED,
+            ..Default::default()
+        };
+        assert!(established.holds_drain(6, 3600 * s));
+        let closing = FlowValue {
+            state: established.state | state::RST,
+            ..established
+        };
+        assert!(!closing.holds_drain(6, 0));
+        let syn = FlowValue {
+            state: state::SYN_SEEN,
+            ..established
+        };
+        assert!(syn.holds_drain(6, s));
+        assert!(
+            !syn.holds_drain(6, 6 * s),
+            "an unanswered SYN is not a connection"
+        );
+        let nat = FlowValue {
+            origin: origin::NAT,
+            ..established
+        };
+        assert!(!nat.holds_drain(6, 0));
+        let udp = FlowValue {
+            origin: origin::TUNNELLED,
+            ..Default::default()
+        };
+        assert!(udp.holds_drain(17, 50 * s));
     }
 
     #[test]

@@ -411,7 +411,7 @@ checksum_offload = false
         // The probes' unanswered SYNs are tracked too; once older than a handshake they no
         // longer count as connections, so the report can be checked against ours exactly.
         thread::sleep(Duration::from_nanos(
-            movarto_user::agent::api::HANDSHAKE_NS + 500_000_000,
+            movarto_common::flow::timeout::HANDSHAKE_NS + 500_000_000,
         ));
         Ok(boot_id)
     }

@@ -38,7 +38,7 @@ enum Command {
         command: cli::dns::DnsCommand,
     },
     /// Move a VM from one site to another, with its connections: the whole sequence.
-    Migrate(Box<movarto_user::migrate::MigrateArgs>),
+    Migrate(Box<cli::migrate::MigrateArgs>),
     /// Run this site's agent: the control API the orchestrator drives.
     Agent(cli::agent::AgentArgs),
     /// Start, stop or inspect a QEMU VM described by a TOML spec.
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
         Command::Dns { command } => cli::dns::run(command),
         Command::Vm { command } => cli::vm::run(command),
         Command::Agent(args) => cli::agent::run(args),
-        Command::Migrate(args) => match movarto_user::migrate::run(*args) {
+        Command::Migrate(args) => match cli::migrate::run(&args) {
             Ok(code) => return code,
             Err(err) => Err(err),
         },

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use movarto_common::config::Mode;
 use movarto_guest_server::ECHO_PORT;
 use movarto_lab::{
     dns_server::SERVICE,
@@ -21,7 +22,10 @@ use movarto_lab::{
     workload::echo_once,
 };
 use movarto_tests::require_root;
-use movarto_user::{agent::api::MigrationState, datapath::pin_dir};
+use movarto_user::{
+    agent::api::{MigrationState, RunState},
+    datapath::pin_dir,
+};
 
 #[test]
 fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
@@ -158,7 +162,7 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
         .with_agents(async |_a, b| b.status().await.map(|s| s.datapath))
         .expect("the agents");
     let b_dp = b_mode.expect("B status").expect("B attached");
-    assert_eq!(b_dp.mode, "nat");
+    assert_eq!(b_dp.mode, Mode::Nat);
     assert_eq!(
         l.http_get(N, "/id").expect("GET"),
         boot_id,
@@ -190,7 +194,7 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
         })
         .expect("the agents");
     assert_eq!(adopted.pid, Some(pid_before), "the same QEMU, adopted");
-    assert_eq!(adopted.run_state, "running");
+    assert_eq!(adopted.run_state, RunState::Running);
     eprintln!(
         "streamed {} bytes, {} exchanges, worst stall {} ms",
         stats.streamed.load(Ordering::Relaxed),
@@ -256,8 +260,13 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
     let (a_status, b_status) = l
         .with_agents(async |a, b| (a.status().await.expect("A"), b.status().await.expect("B")))
         .expect("the agents");
-    assert_eq!(a_status.datapath.expect("A attached").mode, "track");
-    assert!(a_status.vms.iter().any(|vm| vm.run_state == "running"));
+    assert_eq!(a_status.datapath.expect("A attached").mode, Mode::Track);
+    assert!(
+        a_status
+            .vms
+            .iter()
+            .any(|vm| vm.run_state == RunState::Running)
+    );
     assert!(b_status.datapath.is_none(), "B detached");
     assert!(b_status.vms.is_empty(), "no VM at B: {:?}", b_status.vms);
     assert!(!pin_dir(&l.uplink_b).exists());
@@ -460,7 +469,7 @@ fn urgent_evacuation_of_a_busy_guest_switches_to_postcopy_and_keeps_connections(
                     .with_agents(async |a, _b| {
                         a.status()
                             .await
-                            .is_ok_and(|s| s.datapath.is_some_and(|d| d.mode == "forward"))
+                            .is_ok_and(|s| s.datapath.is_some_and(|d| d.mode == Mode::Forward))
                     })
                     .expect("the agents");
                 if forwarding {
@@ -514,7 +523,7 @@ fn a_destination_dying_in_postcopy_leaves_the_source_half_and_says_how_to_recove
             "--postcopy",
             "after-first-pass",
             "--max-postcopy-bandwidth",
-            "2097152",
+            "2",
         ])
         .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
@@ -547,13 +556,14 @@ fn a_destination_dying_in_postcopy_leaves_the_source_half_and_says_how_to_recove
         .find(|vm| vm.name == "web")
         .expect("the VM is still at A");
     assert_ne!(
-        vm_at_a.run_state, "running",
+        vm_at_a.run_state,
+        RunState::Running,
         "A must not resume a forked VM"
     );
     let pid_at_a = vm_at_a.pid.expect("A's QEMU PID") as i32;
     // SAFETY: signal 0 only checks that A's QEMU still exists.
     assert_eq!(unsafe { libc::kill(pid_at_a, 0) }, 0, "A's QEMU still runs");
-    assert_eq!(a_status.datapath.expect("A attached").mode, "forward");
+    assert_eq!(a_status.datapath.expect("A attached").mode, Mode::Forward);
     assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
     println!(
         "post-copy failure report: {error}; A's VM is {}",

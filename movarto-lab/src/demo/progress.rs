@@ -1,6 +1,5 @@
-//! All the demo reads of `movarto-user migrate`'s progress (its stderr): it echoes each line
-//! and notes when the switchover is done. Nothing else in the demo looks at that text, so
-//! reading `--progress json` events instead changes only [`switchover_seen`] (and the flag).
+//! All the demo reads of `movarto-user migrate --progress json`'s events (its stderr, one
+//! JSON object a line): it echoes each line and notes when the switchover is done.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -11,10 +10,15 @@ use std::{
 };
 
 use anyhow::{Result, anyhow};
+use movarto_user::migrate::{ProgressEvent, Step, report::Outcome};
 
-/// Whether `line` of migrate's progress says the switchover is done (the VM runs at B).
+/// Whether `line` of migrate's progress is the event of the switchover done (the VM runs at
+/// B); lines that are not events (warnings, logs) are not.
 fn switchover_seen(line: &str) -> bool {
-    line.contains("step  5/11 switchover: ok")
+    serde_json::from_str::<ProgressEvent>(line)
+        .ok()
+        .and_then(|event| event.finished())
+        == Some((Step::Switchover, Outcome::Ok))
 }
 
 /// A thread reading migrate's progress as it comes.
@@ -68,11 +72,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_switchover_is_step_five_done() {
-        assert!(switchover_seen(
+    fn the_switchover_is_its_step_finished_event() {
+        let event = |step: Step, outcome: Outcome| {
+            serde_json::to_string(&ProgressEvent::StepFinished {
+                step,
+                number: step.number(),
+                at_ms: 1200,
+                outcome,
+                took_ms: 3,
+                detail: String::new(),
+            })
+            .expect("json")
+        };
+        assert!(switchover_seen(&event(Step::Switchover, Outcome::Ok)));
+        assert!(!switchover_seen(&event(Step::Switchover, Outcome::Failed)));
+        assert!(!switchover_seen(&event(Step::Complete, Outcome::Ok)));
+        // The old text form is not an event.
+        assert!(!switchover_seen(
             "[  1.2s] step  5/11 switchover: ok (85 ms)"
         ));
-        assert!(!switchover_seen("[  1.0s] step  5/11 switchover ..."));
-        assert!(!switchover_seen("[  1.3s] step  6/11 resume at B: ok"));
     }
 }

@@ -260,9 +260,14 @@ impl Scenario<'_> {
         let opts = self.opts;
         let drain_grace = format!("{}ms", opts.drain_grace.as_millis());
         let max_drain = format!("{}s", opts.max_drain.as_secs());
-        let mut migrate =
-            self.l
-                .migrate_command(&["--drain-grace", &drain_grace, "--max-drain", &max_drain])?;
+        let mut migrate = self.l.migrate_command(&[
+            "--drain-grace",
+            &drain_grace,
+            "--max-drain",
+            &max_drain,
+            "--progress",
+            "json",
+        ])?;
         self.say("movarto-user migrate --vm web ... (from the ops namespace)");
         let stalls_before = work
             .tracked
@@ -380,7 +385,11 @@ impl Scenario<'_> {
             serde_json::from_value(migration.clone()).context("reading migrate's report")?;
         // What the sites say now.
         let destination_mode = l
-            .with_agents(async |_a, b| b.status().await.map(|s| s.datapath.map(|d| d.mode)))?
+            .with_agents(async |_a, b| {
+                b.status()
+                    .await
+                    .map(|s| s.datapath.map(|d| d.mode.to_string()))
+            })?
             .ok()
             .flatten();
         let teardown_done = parsed

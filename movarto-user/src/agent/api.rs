@@ -1,16 +1,20 @@
 //! The agent's control API: paths and JSON bodies, shared by the server and the client.
 //!
 //! Every path is under `/v1` and needs `Authorization: Bearer <site token>`, except
-//! `GET /v1/health`. Errors come back as [`ApiError`] with a non-2xx status.
+//! `GET /v1/health`. Errors come back as [`ApiError`] with a non-2xx status. The
+//! machine-readable description is `docs/agent-api.openapi.json`, generated from the
+//! handlers' `#[utoipa::path]` (agent/server.rs), which also build the router.
 //!
 //! | method | path | body → reply | retry-safe |
 //! | --- | --- | --- | --- |
+//! | GET | `/v1/health` | → [`Health`] (no token) | yes |
 //! | GET | `/v1/status` | → [`SiteStatus`] | yes |
+//! | GET | `/v1/datapath` | → [`DatapathStatus`] (404 when not attached) | yes |
 //! | PUT | `/v1/datapath` | [`DatapathRequest`] → [`DatapathStatus`] (attach, or reconfigure) | yes |
 //! | DELETE | `/v1/datapath` | → `{}` (teardown; fine if not attached) | yes |
 //! | PUT | `/v1/datapath/mode` | [`ModeRequest`] → [`DatapathStatus`] | yes |
-//! | GET | `/v1/datapath/flows` | → `Vec<`[`FlowRecord`]`>` | yes |
-//! | POST | `/v1/datapath/flows` | `Vec<FlowRecord>` → `{}` (load a snapshot) | yes |
+//! | GET | `/v1/datapath/flows` | → [`FlowSnapshot`] | yes |
+//! | POST | `/v1/datapath/flows` | [`FlowSnapshot`] → [`Loaded`] (load A's snapshot; 400 for a version this agent doesn't read) | yes |
 //! | POST | `/v1/datapath/release-vm-iface` | → `{}` | yes |
 //! | POST | `/v1/garp` | [`GarpRequest`] → `{}` (gratuitous ARP on the uplink) | yes |
 //! | PUT | `/v1/taps/{name}` | [`TapRequest`] → `{}` | yes |
@@ -32,33 +36,36 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
 use movarto_common::{
     config::Mode,
-    flow::{FlowKey, FlowValue},
+    counters::Counter,
     ids::{MacAddr, SessionToken},
 };
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
+pub use super::snapshot::{
+    FLOW_SNAPSHOT_VERSION, FlowEntry, FlowFlag, FlowOrigin, FlowSnapshot, IpFamily, SnapshotError,
+};
 use crate::qemu::{
     migrate::{MigrationOptions, MigrationReport, Postcopy, Progress},
     mirror::DiskMirror,
 };
 
 /// An error reply.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ApiError {
     pub error: String,
 }
 
 /// `GET /v1/health`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub site: String,
     pub version: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct SiteStatus {
     pub site: String,
     pub uplink: String,
@@ -68,32 +75,44 @@ pub struct SiteStatus {
 }
 
 /// The datapath's site configuration, as the orchestrator states it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DatapathRequest {
     pub vm_iface: String,
+    #[schema(value_type = String, example = "track")]
     pub mode: Mode,
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub home_addr: IpAddr,
+    #[schema(value_type = Option<String>, example = "198.18.0.10")]
     pub new_addr: Option<IpAddr>,
+    #[schema(value_type = String, example = "203.0.113.1")]
     pub local_tunnel_addr: Ipv4Addr,
+    #[schema(value_type = String, example = "203.0.113.129")]
     pub peer_tunnel_addr: Ipv4Addr,
     /// The migration's session token, 16 hex digits on the wire.
+    #[schema(value_type = String, example = "0123456789abcdef")]
     pub token: SessionToken,
     pub tunnel_mtu: u16,
+    #[schema(value_type = String, example = "52:54:00:12:34:56")]
     pub vm_mac: MacAddr,
+    #[schema(value_type = String, example = "02:00:00:00:00:01")]
     pub gateway_mac: MacAddr,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ModeRequest {
+    /// `idle`, `track`, `forward`, `receive`, `nat` or `direct`.
+    #[schema(value_type = String, example = "forward")]
     pub mode: Mode,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct DatapathStatus {
     pub pin_dir: String,
-    pub mode: String,
-    /// Every non-zero counter, by name.
-    pub counters: BTreeMap<String, u64>,
+    #[schema(value_type = String, example = "track")]
+    pub mode: Mode,
+    /// Every non-zero counter, by its snake_case name.
+    #[schema(value_type = BTreeMap<String, u64>)]
+    pub counters: CounterMap,
     pub flows: usize,
     /// Pre-move flows (tracked at A, or handed over to B) that are neither closing nor expired.
     pub live_premove_flows: usize,
@@ -104,106 +123,61 @@ pub struct DatapathStatus {
 }
 
 impl DatapathStatus {
-    pub fn counter(&self, name: &str) -> u64 {
-        self.counters.get(name).copied().unwrap_or(0)
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.counters.get(counter)
     }
 }
 
-/// One flow-map entry, as the datapath holds it (hex of the `#[repr(C)]` bytes), so a
-/// snapshot moves between sites exactly; plus a readable rendering.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FlowRecord {
-    pub key: String,
-    pub value: String,
-    /// Since the first and the last packet, at snapshot time (monotonic clocks differ
-    /// between hosts, so the receiving site rebases the value's timestamps on these).
-    pub age_ns: u64,
-    pub idle_ns: u64,
-    #[serde(default)]
-    pub readable: serde_json::Value,
-}
+/// Counters by [`Counter`]; on the wire a JSON object keyed by [`Counter::name`]. A
+/// name this build doesn't know (a newer agent's counter) is skipped, not refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct CounterMap(pub BTreeMap<Counter, u64>);
 
-impl FlowRecord {
-    pub fn new(key: &FlowKey, value: &FlowValue, now_ns: u64) -> Self {
-        Self {
-            key: data_encoding::HEXLOWER.encode(pod_bytes(key)),
-            value: data_encoding::HEXLOWER.encode(pod_bytes(value)),
-            age_ns: now_ns.saturating_sub(value.first_seen_ns),
-            idle_ns: now_ns.saturating_sub(value.last_seen_ns),
-            readable: crate::datapath::flows::flow_json(key, value, now_ns),
-        }
-    }
-
-    pub fn decode(&self) -> Result<(FlowKey, FlowValue)> {
-        Ok((
-            pod_from_hex(&self.key).context("flow key")?,
-            pod_from_hex(&self.value).context("flow value")?,
-        ))
+impl CounterMap {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0.get(&counter).copied().unwrap_or(0)
     }
 }
 
-fn pod_bytes<T: aya::Pod>(value: &T) -> &[u8] {
-    // SAFETY: `Pod` types are plain bytes without padding requirements on reading.
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
-}
-
-fn pod_from_hex<T: aya::Pod>(hex: &str) -> Result<T> {
-    let bytes = data_encoding::HEXLOWER_PERMISSIVE
-        .decode(hex.as_bytes())
-        .context("not hex")?;
-    if bytes.len() != size_of::<T>() {
-        bail!(
-            "{} bytes where {} were expected (agents of different versions?)",
-            bytes.len(),
-            size_of::<T>()
-        );
-    }
-    // SAFETY: the length matches and any bit pattern is a valid `Pod`.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
-}
-
-/// A SYN younger than this may still become a connection (retransmits come at 1 and 3 s).
-pub const HANDSHAKE_NS: u64 = 5_000_000_000;
-
-/// Whether a flow keeps the drain going: a pre-move flow (tracked at A, or handed over to
-/// B) that is still open. For TCP that is an established connection not closing, or a
-/// handshake seen within [`HANDSHAKE_NS`]: a SYN nobody answered is a failed attempt, not
-/// a connection. Other protocols hold it until their timeout. Expiry is the caller's.
-pub fn holds_drain(protocol: u8, value: &FlowValue, idle_ns: u64) -> bool {
-    use movarto_common::flow::{origin, state};
-    const TCP: u8 = 6;
-    if !matches!(value.origin, origin::TRACKED | origin::TUNNELLED) {
-        return false;
-    }
-    if protocol != TCP {
-        return true;
-    }
-    !state::is_closing(value.state)
-        && (value.state & state::ESTABLISHED != 0 || idle_ns < HANDSHAKE_NS)
-}
-
-impl FlowRecord {
-    /// [`holds_drain`] at snapshot time.
-    pub fn holds_drain(&self) -> bool {
-        self.decode()
-            .is_ok_and(|(k, v)| holds_drain(k.protocol, &v, self.idle_ns))
+impl FromIterator<(Counter, u64)> for CounterMap {
+    fn from_iter<I: IntoIterator<Item = (Counter, u64)>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+impl<'de> Deserialize<'de> for CounterMap {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let by_name = BTreeMap::<String, u64>::deserialize(deserializer)?;
+        Ok(by_name
+            .into_iter()
+            .filter_map(|(name, value)| Some((Counter::from_name(&name)?, value)))
+            .collect())
+    }
+}
+
+/// How many flows a snapshot loaded.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Loaded {
+    pub loaded: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct GarpRequest {
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub address: Ipv4Addr,
 }
 
 /// A tap for a VM's NIC, with the site's (anycast) gateway on it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct TapRequest {
+    #[schema(value_type = String, example = "02:00:00:00:00:01")]
     pub gateway_mac: MacAddr,
     /// e.g. `192.0.2.1/24`.
     pub gateway_cidr: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmRequest {
     /// The VM spec, in its TOML form (paths are the agent's host's).
     pub spec_toml: String,
@@ -211,18 +185,109 @@ pub struct VmRequest {
     pub incoming: bool,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct VmStatus {
     pub name: String,
     pub pid: Option<u32>,
-    /// QEMU's run state (`running`, `inmigrate`, `postmigrate`, ...).
-    pub run_state: String,
+    pub run_state: RunState,
+    /// Why the run state is [`RunState::Exited`] or [`RunState::Unknown`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_state_error: Option<String>,
     pub incoming: bool,
     pub migration: Option<MigrationState>,
 }
 
+/// QEMU's run state (QMP `query-status`, QAPI `RunState`), plus what the agent sees
+/// when it can't ask: the process exited, or QMP did not answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    Running,
+    Paused,
+    Inmigrate,
+    Postmigrate,
+    FinishMigrate,
+    Prelaunch,
+    Debug,
+    InternalError,
+    IoError,
+    RestoreVm,
+    SaveVm,
+    Shutdown,
+    Suspended,
+    Watchdog,
+    GuestPanicked,
+    Colo,
+    /// The QEMU process is gone (the agent's own state, not QEMU's).
+    Exited,
+    /// QMP did not answer, or named a state this build doesn't know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl RunState {
+    const ALL: [RunState; 18] = [
+        RunState::Running,
+        RunState::Paused,
+        RunState::Inmigrate,
+        RunState::Postmigrate,
+        RunState::FinishMigrate,
+        RunState::Prelaunch,
+        RunState::Debug,
+        RunState::InternalError,
+        RunState::IoError,
+        RunState::RestoreVm,
+        RunState::SaveVm,
+        RunState::Shutdown,
+        RunState::Suspended,
+        RunState::Watchdog,
+        RunState::GuestPanicked,
+        RunState::Colo,
+        RunState::Exited,
+        RunState::Unknown,
+    ];
+
+    /// QEMU's name for it, e.g. `finish-migrate`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Inmigrate => "inmigrate",
+            RunState::Postmigrate => "postmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::Prelaunch => "prelaunch",
+            RunState::Debug => "debug",
+            RunState::InternalError => "internal-error",
+            RunState::IoError => "io-error",
+            RunState::RestoreVm => "restore-vm",
+            RunState::SaveVm => "save-vm",
+            RunState::Shutdown => "shutdown",
+            RunState::Suspended => "suspended",
+            RunState::Watchdog => "watchdog",
+            RunState::GuestPanicked => "guest-panicked",
+            RunState::Colo => "colo",
+            RunState::Exited => "exited",
+            RunState::Unknown => "unknown",
+        }
+    }
+
+    /// What `query-status` said; a state this build doesn't know is `Unknown`.
+    pub fn from_qemu(status: &str) -> Self {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.name() == status)
+            .unwrap_or(RunState::Unknown)
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How a migration runs; the wire form of [`MigrationOptions`].
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct MigrationSettings {
     pub max_bandwidth: u64,
     /// 0: no cap (absent from older orchestrators).
@@ -231,8 +296,7 @@ pub struct MigrationSettings {
     pub downtime_limit_ms: u64,
     pub multifd_channels: Option<u8>,
     pub auto_converge: bool,
-    /// `off`, `after-first-pass`, or `within:<ms>`.
-    pub postcopy: String,
+    pub postcopy: PostcopySetting,
     pub timeout_s: u64,
     /// The longest the source waits, stopped at `pre-switchover`, for the orchestrator.
     pub switchover_wait_s: u64,
@@ -247,7 +311,7 @@ impl Default for MigrationSettings {
             downtime_limit_ms: options.downtime_limit.as_millis() as u64,
             multifd_channels: None,
             auto_converge: false,
-            postcopy: "off".to_owned(),
+            postcopy: PostcopySetting::Off,
             timeout_s: options.timeout.as_secs(),
             switchover_wait_s: 30,
         }
@@ -255,21 +319,8 @@ impl Default for MigrationSettings {
 }
 
 impl MigrationSettings {
-    pub fn options(&self) -> Result<MigrationOptions> {
-        let postcopy = match self.postcopy.as_str() {
-            "off" => Postcopy::Off,
-            "after-first-pass" => Postcopy::AfterFirstPass,
-            other => match other.strip_prefix("within:") {
-                Some(ms) => Postcopy::IfNotConvergedWithin(Duration::from_millis(
-                    ms.parse()
-                        .with_context(|| format!("postcopy {other:?}: bad milliseconds"))?,
-                )),
-                None => {
-                    bail!("postcopy {other:?}: expected `off`, `after-first-pass` or `within:<ms>`")
-                }
-            },
-        };
-        Ok(MigrationOptions {
+    pub fn options(&self) -> MigrationOptions {
+        MigrationOptions {
             max_bandwidth: self.max_bandwidth,
             max_postcopy_bandwidth: self.max_postcopy_bandwidth,
             downtime_limit: Duration::from_millis(self.downtime_limit_ms),
@@ -279,13 +330,57 @@ impl MigrationSettings {
             timeout: Duration::from_secs(self.timeout_s),
             multifd_channels: self.multifd_channels,
             auto_converge: self.auto_converge,
-            postcopy,
+            postcopy: self.postcopy.into(),
             ..MigrationOptions::default()
-        })
+        }
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// When a migration switches to post-copy. JSON: `"off"`, `"after-first-pass"`, or
+/// `{"within-ms": 2000}`; text (the command line): `off`, `after-first-pass`,
+/// `within:<ms>`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostcopySetting {
+    #[default]
+    Off,
+    /// As soon as the first pass over RAM is done.
+    AfterFirstPass,
+    /// If pre-copy has not converged within this many milliseconds.
+    WithinMs(u64),
+}
+
+impl From<PostcopySetting> for Postcopy {
+    fn from(setting: PostcopySetting) -> Self {
+        match setting {
+            PostcopySetting::Off => Postcopy::Off,
+            PostcopySetting::AfterFirstPass => Postcopy::AfterFirstPass,
+            PostcopySetting::WithinMs(ms) => {
+                Postcopy::IfNotConvergedWithin(Duration::from_millis(ms))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for PostcopySetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "after-first-pass" => Ok(Self::AfterFirstPass),
+            other => other
+                .strip_prefix("within:")
+                .and_then(|ms| ms.parse().ok())
+                .map(Self::WithinMs)
+                .ok_or_else(|| {
+                    format!("{other:?}: expected `off`, `after-first-pass` or `within:<ms>`")
+                }),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct IncomingRequest {
     /// Where the destination listens, e.g. `tcp:203.0.113.129:4444`.
     pub uri: String,
@@ -295,7 +390,7 @@ pub struct IncomingRequest {
     pub mirror: Option<MirrorSettings>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct OutgoingRequest {
     pub uri: String,
     pub settings: MigrationSettings,
@@ -305,7 +400,7 @@ pub struct OutgoingRequest {
 }
 
 /// The disk mirror both sites agree on: the destination's NBD server.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MirrorSettings {
     pub nbd_host: String,
     pub nbd_port: u16,
@@ -322,13 +417,13 @@ impl MirrorSettings {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ContinueRequest {
     /// `false` aborts: the migration is cancelled and the VM resumes at the source.
     pub proceed: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationPhase {
     Running,
@@ -338,7 +433,7 @@ pub enum MigrationPhase {
     Failed,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct MigrationState {
     pub phase: MigrationPhase,
     pub progress: Option<Progress>,

@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde::{Serialize, de::DeserializeOwned};
 
 use super::api::{
-    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, GarpRequest, Health,
+    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowSnapshot, GarpRequest, Health,
     IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest, SiteStatus,
     TapRequest, VmRequest, VmStatus,
 };
@@ -21,34 +21,19 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 const MIRROR_TIMEOUT: Duration = Duration::from_secs(660);
 
 /// What went wrong talking to an agent.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// No answer (refused, reset, timed out): the agent may be restarting.
+    #[error("the agent at {agent} is unreachable: {reason}")]
     Unreachable { agent: String, reason: String },
     /// The agent answered with an error.
+    #[error("the agent at {agent} answered {status}: {message}")]
     Refused {
         agent: String,
         status: u16,
         message: String,
     },
 }
-
-impl std::fmt::Display for AgentError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unreachable { agent, reason } => {
-                write!(f, "the agent at {agent} is unreachable: {reason}")
-            }
-            Self::Refused {
-                agent,
-                status,
-                message,
-            } => write!(f, "the agent at {agent} answered {status}: {message}"),
-        }
-    }
-}
-
-impl std::error::Error for AgentError {}
 
 #[derive(Clone)]
 pub struct AgentClient {
@@ -170,12 +155,13 @@ impl AgentClient {
         .await
     }
 
-    pub async fn flows(&self) -> Result<Vec<FlowRecord>, AgentError> {
+    /// The flow map as a snapshot (refused, as a reply, if of another version).
+    pub async fn flows(&self) -> Result<FlowSnapshot, AgentError> {
         self.get("/v1/datapath/flows").await
     }
 
-    pub async fn load_flows(&self, flows: &[FlowRecord]) -> Result<(), AgentError> {
-        self.call::<serde_json::Value>(Method::POST, "/v1/datapath/flows", Some(flows))
+    pub async fn load_flows(&self, snapshot: &FlowSnapshot) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(Method::POST, "/v1/datapath/flows", Some(snapshot))
             .await
             .map(drop)
     }

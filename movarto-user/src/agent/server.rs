@@ -9,16 +9,19 @@ use axum::{
     http::{StatusCode, header::AUTHORIZATION},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{get, post, put},
 };
-use serde::Serialize;
 use serde_json::json;
+use utoipa::{
+    Modify, OpenApi,
+    openapi::security::{Http, HttpAuthScheme, SecurityScheme},
+};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     api::{
-        ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowRecord, GarpRequest,
-        Health, IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest,
-        SiteStatus, TapRequest, VmRequest, VmStatus,
+        ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowSnapshot, GarpRequest,
+        Health, IncomingRequest, Loaded, MigrationState, MirrorSettings, ModeRequest,
+        OutgoingRequest, SiteStatus, SnapshotError, TapRequest, VmRequest, VmStatus,
     },
     site::SiteDatapath,
     tap,
@@ -58,6 +61,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
         let status = match err.downcast_ref::<VmError>() {
             Some(VmError::NotFound(_)) => StatusCode::NOT_FOUND,
             Some(VmError::Conflict(_)) => StatusCode::CONFLICT,
+            None if err.is::<SnapshotError>() => StatusCode::BAD_REQUEST,
             None => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, err)
@@ -172,37 +176,71 @@ async fn sweep_forever(agent: Arc<Agent>, every: Duration) {
     }
 }
 
+/// The agent's routes, with their OpenAPI description: one table for both, so the
+/// router and `docs/agent-api.openapi.json` can't disagree. `(public, protected)`.
+fn routes() -> (OpenApiRouter<Arc<Agent>>, OpenApiRouter<Arc<Agent>>) {
+    let public = OpenApiRouter::with_openapi(ApiDoc::openapi()).routes(routes!(health));
+    let protected = OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(apply_datapath, detach_datapath, datapath))
+        .routes(routes!(set_mode))
+        .routes(routes!(flows, load_flows))
+        .routes(routes!(release_vm_iface))
+        .routes(routes!(garp))
+        .routes(routes!(ensure_tap, delete_tap))
+        .routes(routes!(start_vm))
+        .routes(routes!(vm, stop_vm))
+        .routes(routes!(prepare_incoming))
+        .routes(routes!(finish_incoming))
+        .routes(routes!(announce))
+        .routes(routes!(start_mirror))
+        .routes(routes!(start_migration, migration))
+        .routes(routes!(continue_migration));
+    (public, protected)
+}
+
+/// The agent API's OpenAPI description (`docs/agent-api.openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (public, protected) = routes();
+    let (_, mut description) = public.split_for_parts();
+    let (_, protected) = protected.split_for_parts();
+    description.merge(protected);
+    description
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "movarto agent API",
+        version = "1",
+        description = "The per-site agent's control API, which `movarto-user migrate` drives. \
+            Every path but /v1/health needs `Authorization: Bearer <site token>`."
+    ),
+    modifiers(&SiteToken),
+    security(("site_token" = []))
+)]
+struct ApiDoc;
+
+/// The bearer scheme every protected path needs.
+struct SiteToken;
+
+impl Modify for SiteToken {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "site_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
 fn router(agent: Arc<Agent>) -> Router {
-    let protected = Router::new()
-        .route("/v1/status", get(status))
-        .route(
-            "/v1/datapath",
-            put(apply_datapath).delete(detach_datapath).get(datapath),
-        )
-        .route("/v1/datapath/mode", put(set_mode))
-        .route("/v1/datapath/flows", get(flows).post(load_flows))
-        .route("/v1/datapath/release-vm-iface", post(release_vm_iface))
-        .route("/v1/garp", post(garp))
-        .route("/v1/taps/{name}", put(ensure_tap).delete(delete_tap))
-        .route("/v1/vms", post(start_vm))
-        .route("/v1/vms/{name}", get(vm).delete(stop_vm))
-        .route("/v1/vms/{name}/incoming", post(prepare_incoming))
-        .route("/v1/vms/{name}/finish-incoming", post(finish_incoming))
-        .route("/v1/vms/{name}/announce", post(announce))
-        .route("/v1/vms/{name}/mirror", post(start_mirror))
-        .route(
-            "/v1/vms/{name}/migration",
-            post(start_migration).get(migration),
-        )
-        .route(
-            "/v1/vms/{name}/migration/continue",
-            post(continue_migration),
-        )
-        .route_layer(middleware::from_fn_with_state(agent.clone(), require_token));
-    Router::new()
-        .route("/v1/health", get(health))
-        .merge(protected)
-        .with_state(agent)
+    let (public, protected) = routes();
+    let (public, _) = public.split_for_parts();
+    let (protected, _) = protected.split_for_parts();
+    let protected =
+        protected.route_layer(middleware::from_fn_with_state(agent.clone(), require_token));
+    public.merge(protected).with_state(agent)
 }
 
 async fn require_token(State(agent): State<Arc<Agent>>, request: Request, next: Next) -> Response {
@@ -228,6 +266,13 @@ async fn require_token(State(agent): State<Arc<Agent>>, request: Request, next: 
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/health",
+    tag = "agent",
+    security(()),
+    responses((status = 200, description = "the agent answers (no token needed)", body = Health)),
+)]
 async fn health(State(agent): State<Arc<Agent>>) -> Json<Health> {
     Json(Health {
         site: agent.site.clone(),
@@ -235,6 +280,15 @@ async fn health(State(agent): State<Arc<Agent>>) -> Json<Health> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "agent",
+    responses(
+        (status = 200, description = "the site: datapath and VMs", body = SiteStatus),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn status(State(agent): State<Arc<Agent>>) -> Reply<SiteStatus> {
     Ok(Json(SiteStatus {
         site: agent.site.clone(),
@@ -244,6 +298,15 @@ async fn status(State(agent): State<Arc<Agent>>) -> Reply<SiteStatus> {
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/datapath",
+    tag = "agent",
+    responses(
+        (status = 200, description = "the datapath; 404 when none is attached", body = DatapathStatus),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn datapath(State(agent): State<Arc<Agent>>) -> Reply<DatapathStatus> {
     agent.datapath.status()?.map(Json).ok_or_else(|| {
         Failure(
@@ -262,6 +325,16 @@ async fn blocking<T: Send + 'static>(
         .context("the datapath task panicked")??)
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/datapath",
+    tag = "agent",
+    request_body = DatapathRequest,
+    responses(
+        (status = 200, description = "attached, or reconfigured (the flows stay)", body = DatapathStatus),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn apply_datapath(
     State(agent): State<Arc<Agent>>,
     Json(request): Json<DatapathRequest>,
@@ -271,11 +344,30 @@ async fn apply_datapath(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/datapath",
+    tag = "agent",
+    responses(
+        (status = 200, description = "detached (fine if it was not attached); `{}`"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn detach_datapath(State(agent): State<Arc<Agent>>) -> Reply<serde_json::Value> {
     blocking(move || agent.datapath.detach()).await?;
     Ok(empty())
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/datapath/mode",
+    tag = "agent",
+    request_body = ModeRequest,
+    responses(
+        (status = 200, description = "the mode is set (one map write)", body = DatapathStatus),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn set_mode(
     State(agent): State<Arc<Agent>>,
     Json(request): Json<ModeRequest>,
@@ -285,29 +377,65 @@ async fn set_mode(
     ))
 }
 
-async fn flows(State(agent): State<Arc<Agent>>) -> Reply<Vec<FlowRecord>> {
+#[utoipa::path(
+    get,
+    path = "/v1/datapath/flows",
+    tag = "agent",
+    responses(
+        (status = 200, description = "the flow map as a snapshot (docs/flow-snapshot.md)", body = FlowSnapshot),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn flows(State(agent): State<Arc<Agent>>) -> Reply<FlowSnapshot> {
     Ok(Json(agent.datapath.flows()?))
 }
 
-#[derive(Serialize)]
-struct Loaded {
-    loaded: usize,
-}
-
+#[utoipa::path(
+    post,
+    path = "/v1/datapath/flows",
+    tag = "agent",
+    request_body = FlowSnapshot,
+    responses(
+        (status = 200, description = "the other site's snapshot is loaded as tunnelled flows; 400 for a version this agent does not read", body = Loaded),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+/// The body is read as JSON first, so a snapshot of another version is refused with a
+/// message naming both versions (not as whatever field its format changed).
 async fn load_flows(
     State(agent): State<Arc<Agent>>,
-    Json(records): Json<Vec<FlowRecord>>,
+    Json(body): Json<serde_json::Value>,
 ) -> Reply<Loaded> {
+    let snapshot = FlowSnapshot::from_json(body)?;
     Ok(Json(Loaded {
-        loaded: agent.datapath.load_flows(&records)?,
+        loaded: agent.datapath.load_flows(&snapshot)?,
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/datapath/release-vm-iface",
+    tag = "agent",
+    responses(
+        (status = 200, description = "the VM-facing hook is released; `{}`"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn release_vm_iface(State(agent): State<Arc<Agent>>) -> Reply<serde_json::Value> {
     agent.datapath.release_vm_iface()?;
     Ok(empty())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/garp",
+    tag = "agent",
+    request_body = GarpRequest,
+    responses(
+        (status = 200, description = "three gratuitous ARPs sent on the uplink; `{}`"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 /// Three announcements, as `arping -U -c 3` would send.
 async fn garp(
     State(agent): State<Arc<Agent>>,
@@ -317,6 +445,17 @@ async fn garp(
     Ok(empty())
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/taps/{name}",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    request_body = TapRequest,
+    responses(
+        (status = 200, description = "the tap exists with the gateway on it; `{}`"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn ensure_tap(
     Path(name): Path<String>,
     Json(request): Json<TapRequest>,
@@ -327,11 +466,31 @@ async fn ensure_tap(
     Ok(empty())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/taps/{name}",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    responses(
+        (status = 200, description = "the tap is gone; `{}`"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn delete_tap(Path(name): Path<String>) -> Reply<serde_json::Value> {
     tap::delete_tap(&name).await?;
     Ok(empty())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms",
+    tag = "agent",
+    request_body = VmRequest,
+    responses(
+        (status = 200, description = "the VM runs (the same spec again: no-op)", body = VmStatus),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn start_vm(
     State(agent): State<Arc<Agent>>,
     Json(request): Json<VmRequest>,
@@ -339,10 +498,30 @@ async fn start_vm(
     Ok(Json(agent.vms.start(&request).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    responses(
+        (status = 200, description = "the VM", body = VmStatus),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn vm(State(agent): State<Arc<Agent>>, Path(name): Path<String>) -> Reply<VmStatus> {
     Ok(Json(agent.vms.status(&name).await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{name}",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    responses(
+        (status = 200, description = "the VM is stopped; `{}`"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn stop_vm(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -351,6 +530,17 @@ async fn stop_vm(
     Ok(empty())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/incoming",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    request_body = IncomingRequest,
+    responses(
+        (status = 200, description = "the destination listens for the migration; `{}`"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn prepare_incoming(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -360,6 +550,16 @@ async fn prepare_incoming(
     Ok(empty())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/finish-incoming",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    responses(
+        (status = 200, description = "the migrated VM runs here", body = VmStatus),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn finish_incoming(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -367,6 +567,16 @@ async fn finish_incoming(
     Ok(Json(agent.vms.finish_incoming(&name).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/announce",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    responses(
+        (status = 200, description = "announce-self sent; `{}`"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn announce(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -375,6 +585,17 @@ async fn announce(
     Ok(empty())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/mirror",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    request_body = MirrorSettings,
+    responses(
+        (status = 200, description = "the disk mirror reached READY (not retry-safe)", body = MirrorReady),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn start_mirror(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -383,6 +604,17 @@ async fn start_mirror(
     Ok(Json(agent.vms.start_mirror(&name, &request).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/migration",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    request_body = OutgoingRequest,
+    responses(
+        (status = 200, description = "the migration started (not retry-safe)", body = MigrationState),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn start_migration(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -391,6 +623,16 @@ async fn start_migration(
     Ok(Json(agent.vms.start_migration(&name, &request).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{name}/migration",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    responses(
+        (status = 200, description = "the migration's state", body = MigrationState),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn migration(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -398,6 +640,17 @@ async fn migration(
     Ok(Json(agent.vms.migration(&name).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{name}/migration/continue",
+    tag = "agent",
+    params(("name" = String, Path, description = "the VM's or the tap's name")),
+    request_body = ContinueRequest,
+    responses(
+        (status = 200, description = "released at pre-switchover, or aborted", body = MigrationState),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
 async fn continue_migration(
     State(agent): State<Arc<Agent>>,
     Path(name): Path<String>,
@@ -406,4 +659,92 @@ async fn continue_migration(
     Ok(Json(
         agent.vms.continue_migration(&name, request.proceed).await?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use reqwest::{Method, StatusCode as Status};
+
+    use super::*;
+
+    const DESCRIPTION: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/agent-api.openapi.json"
+    );
+
+    /// The checked-in description is the one the code generates; `MOVARTO_BLESS=1`
+    /// rewrites it.
+    #[test]
+    fn the_checked_in_description_is_current() {
+        let generated = openapi().to_pretty_json().expect("json") + "\n";
+        if std::env::var_os("MOVARTO_BLESS").is_some() {
+            std::fs::write(DESCRIPTION, &generated).expect("writing the description");
+            return;
+        }
+        let checked_in = std::fs::read_to_string(DESCRIPTION).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "docs/agent-api.openapi.json is out of date with agent/server.rs and agent/api.rs; \
+             regenerate it with `MOVARTO_BLESS=1 cargo test -p movarto-user --lib \
+             the_checked_in_description_is_current` and commit it"
+        );
+    }
+
+    /// Every described path is routed (without a token the check answers 401, where an
+    /// unrouted path is 404), and every other method on it is refused by the router
+    /// (405 with the token, so no handler runs). The router and the description are
+    /// built from one table ([`routes`]); this checks that table's result.
+    #[tokio::test]
+    async fn the_router_serves_exactly_the_described_paths_and_methods() {
+        let state_dir =
+            std::env::temp_dir().join(format!("movarto-openapi-{}", std::process::id()));
+        let agent = Arc::new(Agent {
+            site: "test".to_owned(),
+            token: Token::new("a-token-for-the-route-test").expect("token"),
+            datapath: SiteDatapath::new("lo".to_owned(), None, Duration::from_secs(1)),
+            vms: Vms::new(state_dir.clone()).expect("state dir"),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(axum::serve(listener, router(agent)).into_future());
+        let http = reqwest::Client::new();
+        let methods = [Method::GET, Method::PUT, Method::POST, Method::DELETE];
+        let description = openapi();
+        assert!(description.paths.paths.len() > 10);
+        for (path, item) in &description.paths.paths {
+            let url = format!("http://{addr}{}", path.replace("{name}", "web"));
+            let described = [
+                (Method::GET, item.get.is_some()),
+                (Method::PUT, item.put.is_some()),
+                (Method::POST, item.post.is_some()),
+                (Method::DELETE, item.delete.is_some()),
+            ];
+            for method in methods.iter().cloned() {
+                let is_described = described.iter().any(|(m, yes)| *m == method && *yes);
+                let mut request = http.request(method.clone(), &url);
+                if !is_described {
+                    request = request.bearer_auth("a-token-for-the-route-test");
+                }
+                let status = request.send().await.expect("request").status();
+                let expected = match (is_described, path.as_str()) {
+                    (true, "/v1/health") => Status::OK,
+                    (true, _) => Status::UNAUTHORIZED,
+                    (false, _) => Status::METHOD_NOT_ALLOWED,
+                };
+                assert_eq!(status, expected, "{method} {path}");
+            }
+        }
+        let unknown = http
+            .get(format!("http://{addr}/v1/nothing-here"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(unknown.status(), Status::NOT_FOUND);
+        server.abort();
+        let _ = std::fs::remove_dir_all(Path::new(&state_dir));
+    }
 }

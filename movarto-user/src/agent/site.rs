@@ -3,7 +3,6 @@
 //! restarted agent simply opens them again (adoption) and forwarding never stops.
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, UdpSocket},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
@@ -13,12 +12,11 @@ use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
 use movarto_common::{
     config::Mode,
-    flow::origin,
     net::{addr, family},
 };
 
 use super::{
-    api::{DatapathRequest, DatapathStatus, FlowRecord, holds_drain},
+    api::{DatapathRequest, DatapathStatus, FlowEntry, FlowOrigin, FlowSnapshot},
     netlink,
 };
 use crate::datapath::{
@@ -66,7 +64,7 @@ impl SiteDatapath {
         let live_premove_flows = flows
             .iter()
             .filter(|(k, v)| {
-                holds_drain(k.protocol, v, now.saturating_sub(v.last_seen_ns))
+                v.holds_drain(k.protocol, now.saturating_sub(v.last_seen_ns))
                     && !v.is_expired(k.protocol, now, self.established_idle_ns)
             })
             .count();
@@ -74,15 +72,14 @@ impl SiteDatapath {
             .iter()
             .map(|(_, v)| now.saturating_sub(v.last_seen_ns) / 1_000_000)
             .min();
-        let counters: BTreeMap<String, u64> = pinned
-            .counters()?
-            .nonzero()
-            .into_iter()
-            .map(|(c, n)| (c.name().to_owned(), n))
-            .collect();
-        let raw_mode = pinned.config()?.mode;
-        let mode = Mode::from_u8(raw_mode)
-            .map_or_else(|| format!("unknown ({raw_mode})"), |m| m.name().to_owned());
+        let counters = pinned.counters()?.nonzero().into_iter().collect();
+        let config = pinned.config()?;
+        let mode = config.mode().with_context(|| {
+            format!(
+                "the pinned configuration has mode {}, which this build doesn't know",
+                config.mode
+            )
+        })?;
         Ok(Some(DatapathStatus {
             pin_dir: pinned.dir.display().to_string(),
             mode,
@@ -128,26 +125,33 @@ impl SiteDatapath {
         self.status()?.context("the datapath vanished")
     }
 
-    pub fn flows(&self) -> Result<Vec<FlowRecord>> {
+    pub fn flows(&self) -> Result<FlowSnapshot> {
         let now = monotonic_ns()?;
-        Ok(self
-            .open()?
-            .flows()?
-            .iter()
-            .map(|(k, v)| FlowRecord::new(k, v, now))
-            .collect())
+        Ok(FlowSnapshot::new(
+            self.open()?
+                .flows()?
+                .iter()
+                .filter_map(|(k, v)| FlowEntry::from_map(k, v, now))
+                .collect(),
+        ))
     }
 
     /// Loads the other site's snapshot as tunnelled flows, on this host's clock.
-    pub fn load_flows(&self, records: &[FlowRecord]) -> Result<usize> {
+    pub fn load_flows(&self, snapshot: &FlowSnapshot) -> Result<usize> {
         let now = monotonic_ns()?;
-        let flows = records
+        let flows = snapshot
+            .flows
             .iter()
-            .map(|record| {
-                let (key, mut value) = record.decode()?;
-                value.first_seen_ns = now.saturating_sub(record.age_ns);
-                value.last_seen_ns = now.saturating_sub(record.idle_ns);
-                value.origin = origin::TUNNELLED;
+            .enumerate()
+            .map(|(i, flow)| {
+                let key = flow
+                    .key()
+                    .map_err(|why| anyhow::anyhow!("flow {i} of the snapshot: {why}"))?;
+                let value = FlowEntry {
+                    origin: FlowOrigin::Tunnelled,
+                    ..flow.clone()
+                }
+                .value(now);
                 Ok((key, value))
             })
             .collect::<Result<Vec<_>>>()?;

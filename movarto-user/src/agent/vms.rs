@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::api::{
-    IncomingRequest, MigrationPhase, MigrationState, MirrorSettings, OutgoingRequest, VmRequest,
-    VmStatus,
+    IncomingRequest, MigrationPhase, MigrationState, MirrorSettings, OutgoingRequest, RunState,
+    VmRequest, VmStatus,
 };
 use crate::qemu::{
     migrate::{
@@ -267,7 +267,7 @@ impl Vms {
                 None => {}
             }
         }
-        let options = request.settings.options()?;
+        let options = request.settings.options();
         prepare_incoming(&managed.qmp, &request.uri, &options).await?;
         if let Some(settings) = &request.mirror {
             let mirror = settings.disk_mirror();
@@ -319,7 +319,7 @@ impl Vms {
         request: &OutgoingRequest,
     ) -> Result<MigrationState> {
         let managed = self.get(name).await?;
-        let options = request.settings.options()?;
+        let options = request.settings.options();
         let wait = Duration::from_secs(request.settings.switchover_wait_s);
         let mirror = match &request.mirror {
             None => None,
@@ -465,14 +465,14 @@ impl Vms {
 }
 
 async fn status_of(name: &str, managed: &ManagedVm) -> VmStatus {
-    let run_state = match managed
+    let (run_state, run_state_error) = match managed
         .qmp
         .run_with_timeout(&QueryStatus {}, Duration::from_secs(5))
         .await
     {
-        Ok(status) => status.status,
-        Err(err) if managed.qmp.is_closed() => format!("exited ({err:#})"),
-        Err(err) => format!("unknown ({err:#})"),
+        Ok(status) => (RunState::from_qemu(&status.status), None),
+        Err(err) if managed.qmp.is_closed() => (RunState::Exited, Some(format!("{err:#}"))),
+        Err(err) => (RunState::Unknown, Some(format!("{err:#}"))),
     };
     let migration = lock(&managed.migration)
         .as_ref()
@@ -481,6 +481,7 @@ async fn status_of(name: &str, managed: &ManagedVm) -> VmStatus {
         name: name.to_owned(),
         pid: managed.pid,
         run_state,
+        run_state_error,
         incoming: managed.incoming,
         migration,
     }

@@ -7,6 +7,7 @@ pub mod check;
 pub mod detach;
 pub mod dns;
 pub mod flows;
+pub mod migrate;
 pub mod mode;
 pub mod status;
 pub mod units;

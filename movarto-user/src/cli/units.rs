@@ -33,13 +33,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// MiB/s to bytes per second.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "migrate's bandwidth flags move into cli/ next and use it"
-    )
-)]
 pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     let mib: u64 = s
         .strip_suffix("MiB/s")

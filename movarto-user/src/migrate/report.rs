@@ -4,7 +4,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::qemu::migrate::MigrationReport;
+use super::progress::Step;
+use crate::{agent::api::FlowEntry, qemu::migrate::MigrationReport};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -16,6 +17,7 @@ pub enum Outcome {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepRecord {
+    pub step: Step,
     pub number: u8,
     pub name: String,
     /// Milliseconds since the migration started.
@@ -49,8 +51,8 @@ pub struct Report {
     pub dns_switch_ms: Option<u64>,
     pub flows_at_switchover: usize,
     pub flows_drained: usize,
-    /// Flows still live when `--max-drain` forced the teardown (readable form).
-    pub flows_cut: Vec<serde_json::Value>,
+    /// Flows still live when `--max-drain` forced the teardown.
+    pub flows_cut: Vec<FlowEntry>,
     pub tunnel: TunnelFigures,
     pub drain_ms: Option<u64>,
     /// From the switchover to the teardown.
@@ -141,7 +143,11 @@ impl Report {
             let _ = writeln!(out, "teardown: {} after switchover", ms(t));
         }
         for flow in &self.flows_cut {
-            let _ = writeln!(out, "cut:      {flow}");
+            let _ = writeln!(
+                out,
+                "cut:      {}",
+                serde_json::to_string(flow).unwrap_or_default()
+            );
         }
         if let Some(rolled_back) = &self.rolled_back {
             let _ = writeln!(out, "rollback: {rolled_back}");

@@ -99,7 +99,7 @@ impl Default for MigrationOptions {
 }
 
 /// A snapshot of a running migration, for a progress display.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub status: String,
     pub elapsed_ms: u64,
@@ -114,7 +114,7 @@ pub struct Progress {
 }
 
 /// The outcome of a completed migration, as QEMU's source reports it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct MigrationReport {
     pub status: String,
     pub total_time_ms: u64,

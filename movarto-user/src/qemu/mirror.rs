@@ -94,7 +94,7 @@ impl DiskMirror {
 }
 
 /// The mirror reached READY: the target holds the whole disk.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct MirrorReady {
     pub ready_ms: u64,
     /// The job's work so far, in bytes: the disk's size plus whatever the guest rewrote
