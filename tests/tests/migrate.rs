@@ -224,7 +224,7 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
 
     // A slow copy (8 MiB/s for ~80 MiB), so the destination can die in the middle of it.
     let mut migrate = l
-        .migrate_command(&["--max-bandwidth", "8388608"])
+        .migrate_command(&["--max-bandwidth", "8"])
         .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
     kill_destination_qemu_once(&l, &mut orchestrator, "the RAM copy", |m| {
