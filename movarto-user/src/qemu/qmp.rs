@@ -153,24 +153,14 @@ impl Qmp {
         };
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read);
-        let mut first = String::new();
         let remaining =
             deadline.saturating_duration_since(Instant::now()) + DEFAULT_COMMAND_TIMEOUT;
-        let n = timeout(remaining, lines.read_line(&mut first))
+        let greeting = timeout(remaining, read_greeting(&mut lines, socket))
             .await
             .map_err(|_| QmpError::Timeout {
                 what: format!("the QMP greeting on {}", socket.display()),
                 after: remaining,
-            })?
-            .with_context(|| format!("reading the QMP greeting on {}", socket.display()))?;
-        if n == 0 {
-            return Err(QmpError::Closed {
-                reason: format!("{} closed before its greeting", socket.display()),
-            }
-            .into());
-        }
-        let greeting: Greeting = serde_json::from_str(&first)
-            .with_context(|| format!("parsing the QMP greeting {:?}", first.trim()))?;
+            })??;
         let (events, _) = broadcast::channel(1024);
         let state = Arc::new(Mutex::new(State {
             pending: HashMap::new(),
@@ -375,6 +365,35 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 struct ErrorBody {
     class: String,
     desc: String,
+}
+
+/// Reads up to the greeting. QEMU 10 can put an event (a `RESUME` as the guest starts) on a
+/// connection before its greeting (seen once in a CI run); events before it are skipped.
+async fn read_greeting(
+    lines: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    socket: &Path,
+) -> Result<Greeting> {
+    loop {
+        let mut line = String::new();
+        let n = lines
+            .read_line(&mut line)
+            .await
+            .with_context(|| format!("reading the QMP greeting on {}", socket.display()))?;
+        if n == 0 {
+            return Err(QmpError::Closed {
+                reason: format!("{} closed before its greeting", socket.display()),
+            }
+            .into());
+        }
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("parsing the QMP greeting {:?}", line.trim()))?;
+        if value.get("event").is_some() {
+            tracing::debug!(line = line.trim(), "QMP event before the greeting; skipped");
+            continue;
+        }
+        return serde_json::from_value(value)
+            .with_context(|| format!("parsing the QMP greeting {:?}", line.trim()));
+    }
 }
 
 async fn read_loop(mut lines: BufReader<OwnedReadHalf>, state: Arc<Mutex<State>>) {
@@ -877,6 +896,36 @@ mod tests {
             matches!(qmp_err, QmpError::Command { desc, .. } if desc.contains("'initial'")),
             "{qmp_err}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn an_event_before_the_greeting_is_skipped() {
+        let dir = tempdir("early-event");
+        let path = dir.join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            write
+                .write_all(
+                    br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}
+{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "test"}, "capabilities": []}}
+"#,
+                )
+                .await
+                .expect("greet");
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let request: Value = serde_json::from_str(&line).expect("json");
+                let out = format!("{}\n", reply(&request, "{}"));
+                write.write_all(out.as_bytes()).await.expect("write");
+            }
+        });
+        let qmp = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect despite the early event");
+        assert_eq!(qmp.greeting().qmp.version.qemu.major, 10);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
