@@ -820,11 +820,24 @@ mod tests {
         dir: &Path,
         respond: impl Fn(Value) -> Vec<String> + Send + 'static,
     ) -> PathBuf {
+        fake_qemu_after(dir, "", respond).await
+    }
+
+    /// The same, writing `before_greeting` (lines) first.
+    async fn fake_qemu_after(
+        dir: &Path,
+        before_greeting: &'static str,
+        respond: impl Fn(Value) -> Vec<String> + Send + 'static,
+    ) -> PathBuf {
         let path = dir.join("qmp.sock");
         let listener = UnixListener::bind(&path).expect("bind");
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
             let (read, mut write) = stream.into_split();
+            write
+                .write_all(before_greeting.as_bytes())
+                .await
+                .expect("before the greeting");
             write
                 .write_all(
                     br#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "test"}, "capabilities": ["oob"]}}
@@ -902,30 +915,16 @@ mod tests {
     #[tokio::test]
     async fn an_event_before_the_greeting_is_skipped() {
         let dir = tempdir("early-event");
-        let path = dir.join("qmp.sock");
-        let listener = UnixListener::bind(&path).expect("bind");
-        tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
-            let (read, mut write) = stream.into_split();
-            write
-                .write_all(
-                    br#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "RESUME"}
-{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "test"}, "capabilities": []}}
-"#,
-                )
-                .await
-                .expect("greet");
-            let mut lines = BufReader::new(read).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let request: Value = serde_json::from_str(&line).expect("json");
-                let out = format!("{}\n", reply(&request, "{}"));
-                write.write_all(out.as_bytes()).await.expect("write");
-            }
-        });
+        let path = fake_qemu_after(
+            &dir,
+            "{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"RESUME\"}\n",
+            |req| vec![reply(&req, "{}")],
+        )
+        .await;
         let qmp = Qmp::connect(&path, Duration::from_secs(5))
             .await
             .expect("connect despite the early event");
-        assert_eq!(qmp.greeting().qmp.version.qemu.major, 10);
+        assert_eq!(qmp.greeting().qmp.version.qemu.major, 7);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
