@@ -51,8 +51,11 @@ pub enum Counter {
     TunnelOut,
     /// Verdict: GUE from the peer site, decapsulated and sent on.
     TunnelIn,
-    /// Drop: GUE to our port from an address that is not the peer site.
-    DropGueForeignSource,
+    /// Verdict: UDP to our GUE endpoint and port from an address that is not
+    /// the peer site. It is not this node's tunnel, so it is left to the kernel
+    /// untouched, as if movarto were not attached (nothing listens there, so the
+    /// kernel drops it); it never reaches a VM.
+    PassGueForeignSource,
     /// Drop: GUE from the peer site without this migration's token.
     DropGueBadToken,
     /// Drop: GUE that is not movarto's format (version, hlen, flags, proto,
@@ -87,10 +90,31 @@ pub enum Counter {
     /// expired entries, so an evicted entry was live, or had expired only
     /// since the last sweep.
     FlowEvicted,
+    /// Verdict: a packet the parser rejects (truncated, bad header, long IPv6
+    /// extension chain) that is addressed to no service: left to the kernel
+    /// untouched, which decides on it as it would without movarto.
+    PassMalformed,
+    /// Drop (site B, `receive` and `nat`): a packet for `H` that did not come
+    /// through the tunnel. Only GUE from the service's peer with its token may
+    /// reach `H`; traffic from the Internet reaches the VM through `N`.
+    DropNotTunnelled,
+    /// Verdict (site A, `forward`): a packet for `H` whose TTL or hop limit
+    /// would expire here, answered with ICMP time-exceeded as a router does.
+    IcmpTimeExceeded,
+    /// Drop (site A, `forward`): a packet from the tunnel whose TTL or hop
+    /// limit expires at A; no ICMP goes back into the tunnel.
+    DropTtlExceeded,
+    /// An IPv4 packet without DF too big for the tunnel. XDP cannot fragment,
+    /// so it is answered with frag-needed like a DF packet (also counted under
+    /// [`Counter::IcmpTooBig`]); the sender then fragments at the source.
+    TooBigNoDf,
+    /// Flow map: an entry replaced by a new flow with the same key, e.g. a
+    /// connection to `N` at B from a client port a pre-move flow used.
+    FlowReused,
 }
 
 /// Number of slots in the counter array.
-pub const COUNTER_COUNT: u32 = Counter::FlowEvicted as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::FlowReused as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -113,7 +137,7 @@ impl Counter {
         Counter::MssClamped,
         Counter::TunnelOut,
         Counter::TunnelIn,
-        Counter::DropGueForeignSource,
+        Counter::PassGueForeignSource,
         Counter::DropGueBadToken,
         Counter::DropGueMalformed,
         Counter::DropTooBig,
@@ -124,6 +148,12 @@ impl Counter {
         Counter::IcmpTooBig,
         Counter::FlowDeleted,
         Counter::FlowEvicted,
+        Counter::PassMalformed,
+        Counter::DropNotTunnelled,
+        Counter::IcmpTimeExceeded,
+        Counter::DropTtlExceeded,
+        Counter::TooBigNoDf,
+        Counter::FlowReused,
     ];
 
     /// Stable snake_case name, used in `status` output and JSON.
@@ -147,7 +177,7 @@ impl Counter {
             Counter::MssClamped => "mss_clamped",
             Counter::TunnelOut => "tunnel_out",
             Counter::TunnelIn => "tunnel_in",
-            Counter::DropGueForeignSource => "drop_gue_foreign_source",
+            Counter::PassGueForeignSource => "pass_gue_foreign_source",
             Counter::DropGueBadToken => "drop_gue_bad_token",
             Counter::DropGueMalformed => "drop_gue_malformed",
             Counter::DropTooBig => "drop_too_big",
@@ -158,6 +188,12 @@ impl Counter {
             Counter::IcmpTooBig => "icmp_too_big",
             Counter::FlowDeleted => "flow_deleted",
             Counter::FlowEvicted => "flow_evicted",
+            Counter::PassMalformed => "pass_malformed",
+            Counter::DropNotTunnelled => "drop_not_tunnelled",
+            Counter::IcmpTimeExceeded => "icmp_time_exceeded",
+            Counter::DropTtlExceeded => "drop_ttl_exceeded",
+            Counter::TooBigNoDf => "too_big_no_df",
+            Counter::FlowReused => "flow_reused",
         }
     }
 
@@ -174,12 +210,13 @@ impl Counter {
                 | Counter::DropBadIpHeader
                 | Counter::DropBadL4Header
                 | Counter::DropIpv6ExtChain
-                | Counter::DropGueForeignSource
                 | Counter::DropGueBadToken
                 | Counter::DropGueMalformed
                 | Counter::DropTooBig
                 | Counter::DropNoRoute
                 | Counter::DropResizeFailed
+                | Counter::DropNotTunnelled
+                | Counter::DropTtlExceeded
         )
     }
 }
@@ -197,7 +234,7 @@ mod tests {
             let same = Counter::ALL.iter().filter(|b| b.name() == a.name()).count();
             assert_eq!(same, 1, "duplicate name {}", a.name());
         }
-        assert_eq!(Counter::ALL.iter().filter(|c| c.is_drop()).count(), 10);
+        assert_eq!(Counter::ALL.iter().filter(|c| c.is_drop()).count(), 11);
         for c in Counter::ALL {
             assert_eq!(Counter::from_name(c.name()), Some(c));
         }

@@ -182,7 +182,7 @@ pub fn decapsulate(
 #[inline(always)]
 fn strip_outer(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<(), Counter> {
     if pkt.src_addr != cfg.peer_tunnel_addr {
-        return Err(Counter::DropGueForeignSource);
+        return Err(Counter::PassGueForeignSource);
     }
     // Our encapsulation never sends outer options or fragments.
     if pkt.l4_offset != ETH_HLEN + 20 || pkt.fragment {

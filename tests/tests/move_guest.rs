@@ -529,7 +529,7 @@ fn guest_moves_from_a_to_b_and_every_connection_survives() {
     assert!(bc.get(Counter::NatIn) > 0 && bc.get(Counter::NatOut) > 0);
     for counter in [
         Counter::DropGueBadToken,
-        Counter::DropGueForeignSource,
+        Counter::PassGueForeignSource,
         Counter::DropGueMalformed,
         Counter::DropTooBig,
     ] {

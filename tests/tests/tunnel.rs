@@ -590,7 +590,7 @@ fn gue_that_is_not_from_the_peer_or_lacks_the_token_is_dropped_and_counted() {
     assert_dropped(
         &dp,
         &gue_frame(intruder, TOKEN, |_| {}),
-        Counter::DropGueForeignSource,
+        Counter::PassGueForeignSource,
     );
     assert_dropped(
         &dp,

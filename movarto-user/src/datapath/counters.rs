@@ -8,9 +8,18 @@ use movarto_common::counters::{COUNTER_COUNT, Counter};
 use serde::{Serialize, Serializer, ser::SerializeMap as _};
 
 /// The counters summed over all CPUs, at one instant.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CounterSnapshot {
     values: [u64; COUNTER_COUNT as usize],
+}
+
+// Derived Default stops at 32-element arrays.
+impl Default for CounterSnapshot {
+    fn default() -> Self {
+        Self {
+            values: [0; COUNTER_COUNT as usize],
+        }
+    }
 }
 
 impl CounterSnapshot {
