@@ -64,6 +64,31 @@ pub fn record(pkt: &Packet, dir: Direction, origin: u8) {
     }
 }
 
+/// Records `pkt` under `key` as a flow of `origin`, when the packet itself
+/// says which kind of flow it belongs to (traffic to `N` is NAT by
+/// definition). An entry of another origin under the same key is an earlier
+/// connection that used the same 5-tuple, e.g. a pre-move flow from the
+/// client port a newcomer to `N` now uses: keeping its origin would send the
+/// newcomer's replies into the tunnel, so the entry starts afresh.
+#[inline(always)]
+pub fn record_key_as(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8) {
+    if let Some(value) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: a live map value; see `record_key` on races.
+        let value = unsafe { &mut *value };
+        if value.origin != origin {
+            // SAFETY: no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            *value = FlowValue {
+                first_seen_ns: now,
+                origin,
+                ..FlowValue::default()
+            };
+            bump(Counter::FlowReused);
+        }
+    }
+    record_key(key, pkt, dir, origin);
+}
+
 /// Records `pkt` under `key` (for when the key differs from the packet's own
 /// addresses, as after a NAT rewrite). A separate BPF function: the new
 /// entry it builds would otherwise sit in every caller's stack frame.

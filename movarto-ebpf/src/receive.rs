@@ -28,16 +28,24 @@ use crate::{
 const NO_ADDR: [u8; 16] = [0; 16];
 
 /// Uplink ingress, anything but our GUE: traffic to `N` is DNATed to `H`
-/// and delivered to the VM.
+/// and delivered to the VM. Traffic to `H` itself did not come through the
+/// tunnel, so nothing vouches for it: B's kernel would route it straight to
+/// the VM, past the peer and token checks, so it is dropped.
 #[inline(always)]
 pub fn to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
-    if cfg.new_addr == NO_ADDR || pkt.family != cfg.service_family || pkt.dst_addr != cfg.new_addr {
+    if pkt.family != cfg.service_family {
+        return Ok(Outcome::Pass);
+    }
+    if pkt.dst_addr == cfg.home_addr {
+        return Err(Counter::DropNotTunnelled);
+    }
+    if cfg.new_addr == NO_ADDR || pkt.dst_addr != cfg.new_addr {
         return Ok(Outcome::Pass);
     }
     nat::dnat_xdp(ctx, pkt, &cfg.home_addr)?;
     if let Some(mut key) = flows::key_of(pkt, Direction::FromPeer) {
         key.service_addr = cfg.home_addr;
-        flows::record_key(&key, pkt, Direction::FromPeer, origin::NAT);
+        flows::record_key_as(&key, pkt, Direction::FromPeer, origin::NAT);
     }
     Ok(Outcome::Sent(deliver_to_vm(ctx, cfg)?, Counter::NatIn))
 }

@@ -332,3 +332,99 @@ fn nat_mode_rewrites_every_flow_and_no_longer_unwraps_the_tunnel() {
     assert_eq!(ret, XDP_PASS);
     assert_eq!(dp.counters().expect("counters").get(Counter::TunnelIn), 0);
 }
+
+/// A newcomer to `N` from a client port that a pre-move flow used (the other
+/// site's snapshot puts every pre-move flow into B's map as tunnelled) is a NAT
+/// flow: its SYN-ACK must leave as `N`, not go into the tunnel, where the
+/// client would get it from `H` and never connect.
+#[test]
+fn a_newcomer_to_the_new_address_on_a_pre_move_flows_tuple_is_a_nat_flow() {
+    for (home, new, peer) in [
+        (IpAddr::from(HOME4), IpAddr::from(NEW4), IpAddr::from(PEER4)),
+        (IpAddr::from(HOME6), IpAddr::from(NEW6), IpAddr::from(PEER6)),
+    ] {
+        let dp = site_b(Mode::Receive, home, new);
+        let frame = |src: IpAddr, dst: IpAddr, sport, dport, syn, ack: bool| {
+            let b = match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => v4(s.octets(), d.octets()),
+                (IpAddr::V6(s), IpAddr::V6(d)) => v6(s.octets(), d.octets()),
+                _ => unreachable!("one family"),
+            };
+            let mut t = b.tcp(sport, dport, 1, 64240);
+            if syn {
+                t = t.syn();
+            }
+            if ack {
+                t = t.ack(1);
+            }
+            let mut out = Vec::new();
+            t.write(&mut out, b"").expect("build");
+            out
+        };
+        // The pre-move flow: the VM's packet on it is learned as tunnelled (and
+        // takes the tunnel, which has no route in a test run).
+        let (ret, _) = run(
+            &dp,
+            Hook::VmFacing,
+            &frame(home, peer, 80, 40000, false, true),
+        );
+        assert_eq!(ret, TC_ACT_SHOT);
+        let key = FlowKey::new((home, 80), (peer, 40000), proto::TCP).expect("key");
+        assert_eq!(origin_of(&dp, &key), Some(origin::TUNNELLED));
+
+        let (ret, out) = run(&dp, Hook::Uplink, &frame(peer, new, 40000, 80, true, false));
+        assert_eq!(ret, XDP_REDIRECT);
+        assert_eq!(addresses_with_valid_checksums(&out), (peer, home));
+        assert_eq!(origin_of(&dp, &key), Some(origin::NAT), "{home}");
+        let counters = dp.counters().expect("counters");
+        assert_eq!(counters.get(Counter::FlowReused), 1);
+
+        let (ret, out) = run(
+            &dp,
+            Hook::VmFacing,
+            &frame(home, peer, 80, 40000, true, true),
+        );
+        assert_eq!(ret, TC_ACT_OK, "the SYN-ACK is NATed, not tunnelled");
+        assert_eq!(addresses_with_valid_checksums(&out), (new, peer));
+        let counters = dp.counters().expect("counters");
+        assert_eq!(counters.get(Counter::NatOut), 1);
+        assert_eq!(counters.get(Counter::TunnelOut), 0);
+        assert_eq!(counters.get(Counter::FlowReused), 1, "replaced once");
+    }
+}
+
+/// At B, only the tunnel and `N` lead to the VM: a plain packet for `H` from the
+/// Internet would be routed straight to it by B's kernel, past the peer and token
+/// checks, so `receive` and `nat` drop it. In `direct` (move address mode) `H` is
+/// routed to B, and such packets are the normal path.
+#[test]
+fn packets_for_the_home_address_that_did_not_come_through_the_tunnel_are_dropped() {
+    const XDP_DROP: u32 = 1;
+    for (home, new, peer) in [
+        (IpAddr::from(HOME4), IpAddr::from(NEW4), IpAddr::from(PEER4)),
+        (IpAddr::from(HOME6), IpAddr::from(NEW6), IpAddr::from(PEER6)),
+    ] {
+        let plain = |dp: &Datapath| {
+            let b = match (peer, home) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => v4(s.octets(), d.octets()),
+                (IpAddr::V6(s), IpAddr::V6(d)) => v6(s.octets(), d.octets()),
+                _ => unreachable!("one family"),
+            };
+            let mut out = Vec::new();
+            b.udp(5353, 9).write(&mut out, b"spoofed").expect("build");
+            run(dp, Hook::Uplink, &out).0
+        };
+        for (mode, want, dropped) in [
+            (Mode::Receive, XDP_DROP, 1),
+            (Mode::Nat, XDP_DROP, 1),
+            (Mode::Direct, XDP_PASS, 0),
+            (Mode::Idle, XDP_PASS, 0),
+        ] {
+            let dp = site_b(mode, home, new);
+            assert_eq!(plain(&dp), want, "{mode} {home}");
+            let counters = dp.counters().expect("counters");
+            assert_eq!(counters.get(Counter::DropNotTunnelled), dropped, "{mode}");
+            assert_eq!(counters.get(Counter::NatIn), 0);
+        }
+    }
+}
