@@ -93,7 +93,10 @@ fn same_uplink_name_in_two_namespaces_needs_a_pin_name() {
             "{err:#}"
         );
         let mut b = Pinned::open_for(&uplink, &pin_b).expect("B's pins");
-        b.set_mode(Mode::Receive).expect("mode");
+        // Attached in track without a token: no mode that carries the tunnel yet.
+        let err = b.set_mode(Mode::Receive).expect_err("no token");
+        assert!(format!("{err:#}").contains("session token"), "{err:#}");
+        b.set_mode(Mode::Nat).expect("mode");
     }
     {
         let _in = ns_a.enter().expect("enter");
@@ -110,7 +113,7 @@ fn same_uplink_name_in_two_namespaces_needs_a_pin_name() {
             .config()
             .expect("config")
             .mode,
-        Mode::Receive as u8
+        Mode::Nat as u8
     );
 
     // Names that are not one plain path component are refused before anything is made.

@@ -100,11 +100,16 @@ fn guest_spec_with_disk(
     name: &str,
     disk: Option<&Path>,
 ) -> VmSpec {
+    VmSpec::parse(&guest_spec_text(site, scratch, name, disk)).expect("the test's spec is valid")
+}
+
+/// The TOML text of [`guest_spec_with_disk`].
+fn guest_spec_text(site: &Netns, scratch: &TempDir, name: &str, disk: Option<&Path>) -> String {
     let (kernel, initramfs) = movarto_lab::guest_files().expect("the test guest");
     let disk = disk
         .map(|d| format!("disk = \"{}\"\n", d.display()))
         .unwrap_or_default();
-    let text = format!(
+    format!(
         r#"
 name = "{name}"
 memory_mib = 256
@@ -124,8 +129,7 @@ tap = "tap0"
         kernel = kernel.display(),
         initramfs = initramfs.display(),
         ns = site.name(),
-    );
-    VmSpec::parse(&text).expect("the test's spec is valid")
+    )
 }
 
 /// `curl http://GUEST_IP<path>` from inside `site`.
@@ -1009,4 +1013,43 @@ async fn postcopy_brings_every_page_the_guest_wrote_while_busy_and_serving() {
         stale.len(),
         &stale[..stale.len().min(16)]
     );
+}
+
+/// `vm start` with a kernel QEMU cannot boot fails with QEMU's reason, and leaves
+/// neither a QMP socket nor a pid file behind (a later start would trip over them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_start_with_an_unbootable_kernel_fails_and_leaves_no_socket() {
+    require_root();
+    let _one_at_a_time = SERIAL.lock().await;
+    let scratch = scratch("badkernel");
+    let site_a = site("qbad");
+    let (kernel, _) = movarto_lab::guest_files().expect("the test guest");
+    let garbage = scratch.path().join("not-a-kernel");
+    std::fs::write(&garbage, vec![0x5a; 4096]).expect("write");
+    let text = guest_spec_text(&site_a, &scratch, "bad", None).replace(
+        &kernel.display().to_string(),
+        &garbage.display().to_string(),
+    );
+    let spec_path = scratch.path().join("bad.toml");
+    std::fs::write(&spec_path, &text).expect("write spec");
+    let spec = VmSpec::parse(&text).expect("valid spec");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(movarto_lab::movarto_user().expect("the movarto-user binary"))
+            .args(["vm", "start"])
+            .arg(&spec_path)
+            .output(),
+    )
+    .await
+    .expect("vm start ends")
+    .expect("run movarto-user");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("failed to start"), "{stderr}");
+    assert!(
+        !spec.qmp_socket.exists(),
+        "the QMP socket {} is left behind",
+        spec.qmp_socket.display()
+    );
+    assert!(!spec.qmp_socket.with_extension("pid").exists());
 }

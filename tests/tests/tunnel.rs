@@ -694,9 +694,13 @@ fn receive_refuses_gue_without_the_token_and_passes_other_traffic() {
         &reference_gue(TA, TB, &key4(), TOKEN, &stray[14..]),
     );
     assert_dropped(&dp, &stray, Counter::DropGueMalformed);
-    // Plain traffic is the kernel's.
-    let (ret, out) = run(&dp, &inner);
-    assert_eq!((ret, out), (XDP_PASS, inner));
+    // Plain traffic for H did not come through the tunnel: nothing vouches for it.
+    assert_dropped(&dp, &inner, Counter::DropNotTunnelled);
+    // Plain traffic for anyone else is the kernel's.
+    let mut other = inner.clone();
+    other[14 + 19] = 11;
+    let (ret, out) = run(&dp, &other);
+    assert_eq!((ret, out), (XDP_PASS, other));
 }
 
 // ---- site B, receive: the VM's packets into the tunnel (TC) ----

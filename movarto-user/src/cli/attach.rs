@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use aya::programs::XdpMode;
 use clap::{Args, ValueEnum};
 use movarto_common::{
@@ -36,15 +36,17 @@ pub struct AttachArgs {
     /// The new address N (site B).
     #[arg(long)]
     pub new_addr: Option<IpAddr>,
-    /// This site's tunnel endpoint.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub local_tunnel: Ipv4Addr,
-    /// The other site's tunnel endpoint.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub peer_tunnel: Ipv4Addr,
-    /// The migration's session token (hex, as given to both sites).
-    #[arg(long, default_value = "0")]
-    pub token: SessionToken,
+    /// This site's tunnel endpoint (required by the modes that carry the tunnel:
+    /// forward, receive, direct).
+    #[arg(long)]
+    pub local_tunnel: Option<Ipv4Addr>,
+    /// The other site's tunnel endpoint (required by forward, receive, direct).
+    #[arg(long)]
+    pub peer_tunnel: Option<Ipv4Addr>,
+    /// The migration's session token (hex, non-zero, the same at both sites;
+    /// required by forward, receive, direct).
+    #[arg(long)]
+    pub token: Option<SessionToken>,
     #[arg(long, default_value_t = GUE_DEFAULT_PORT)]
     pub gue_port: u16,
     /// Largest outer packet between the sites.
@@ -65,9 +67,28 @@ pub struct AttachArgs {
 }
 
 pub fn run(a: AttachArgs) -> Result<()> {
+    if a.mode.uses_tunnel() {
+        for (missing, flag) in [
+            (a.local_tunnel.is_none(), "--local-tunnel"),
+            (a.peer_tunnel.is_none(), "--peer-tunnel"),
+            (a.token.is_none(), "--token"),
+        ] {
+            if missing {
+                bail!(
+                    "--mode {} carries the tunnel and needs {flag}; GUE is accepted only \
+                     from the peer's endpoint with the migration's token",
+                    a.mode
+                );
+            }
+        }
+    }
     let site = SiteConfig::new(a.mode, a.home)
         .with_new_addr(a.new_addr)
-        .with_tunnel(a.local_tunnel, a.peer_tunnel, a.token)
+        .with_tunnel(
+            a.local_tunnel.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            a.peer_tunnel.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            a.token.unwrap_or(SessionToken(0)),
+        )
         .with_gue_port(a.gue_port)
         .with_tunnel_mtu(a.tunnel_mtu)
         .with_macs(a.vm_mac, a.gateway_mac)

@@ -74,4 +74,53 @@ mod tests {
             assert_eq!(err.exit_code(), 2, "{bad:?}");
         }
     }
+
+    #[test]
+    fn tunnel_modes_refuse_to_attach_without_token_or_endpoints() {
+        let base = [
+            "attach",
+            "up0",
+            "--vm-iface",
+            "veth0",
+            "--home",
+            "192.0.2.10",
+        ];
+        let full = [
+            "--local-tunnel",
+            "203.0.113.2",
+            "--peer-tunnel",
+            "203.0.113.1",
+            "--token",
+            "5eed",
+        ];
+        for mode in ["receive", "forward", "direct"] {
+            // Each of the three left out in turn, and then a zero token.
+            for (skip, named) in [(0, "--local-tunnel"), (2, "--peer-tunnel"), (4, "--token")] {
+                let mut args: Vec<&str> = base.to_vec();
+                args.extend(["--mode", mode]);
+                for (i, pair) in full.chunks(2).enumerate() {
+                    if i * 2 != skip {
+                        args.extend(pair);
+                    }
+                }
+                let parsed = One::<super::attach::AttachArgs>::try_parse_from(&args)
+                    .expect("parses")
+                    .args;
+                let err = super::attach::run(parsed).expect_err("refused before attaching");
+                assert!(err.to_string().contains(named), "{mode}: {err}");
+            }
+            let mut args: Vec<&str> = base.to_vec();
+            args.extend(["--mode", mode]);
+            args.extend(&full[..4]);
+            args.extend(["--token", "0"]);
+            let parsed = One::<super::attach::AttachArgs>::try_parse_from(&args)
+                .expect("parses")
+                .args;
+            let err = super::attach::run(parsed).expect_err("token 0 refused");
+            assert!(
+                format!("{err:#}").contains("token 0 would accept unauthenticated GUE"),
+                "{err:#}"
+            );
+        }
+    }
 }

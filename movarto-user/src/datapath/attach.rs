@@ -162,6 +162,8 @@ pub fn ifindex(name: &str) -> Result<u32> {
 
 /// Whether the kernel forwards on `iface`; the tunnel's routing needs it.
 pub fn forwarding_enabled(iface: &str) -> Result<bool> {
+    // Name the missing interface, not the sysctl file it would have.
+    ifindex(iface)?;
     let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
     let value = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     Ok(value.trim() == "1")
@@ -383,6 +385,7 @@ impl Pinned {
     /// Switches the mode: one map write, no reload.
     pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
         let mut config = self.config()?;
+        super::config::check_map_tunnel(mode, &config)?;
         config.mode = mode as u8;
         self.config
             .set(CONFIG_KEY, config, 0)

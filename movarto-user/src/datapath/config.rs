@@ -114,6 +114,12 @@ impl SiteConfig {
                 self.tunnel_mtu
             );
         }
+        check_tunnel(
+            self.mode,
+            self.token,
+            self.local_tunnel_addr,
+            self.peer_tunnel_addr,
+        )?;
         let (local_tunnel_addr, _) = addr::to_map(IpAddr::V4(self.local_tunnel_addr));
         let (peer_tunnel_addr, _) = addr::to_map(IpAddr::V4(self.peer_tunnel_addr));
         Ok(Config {
@@ -136,6 +142,46 @@ impl SiteConfig {
             netns_cookie: self.netns_cookie,
         })
     }
+}
+
+/// A mode that carries GUE needs both endpoints and the migration's token: the
+/// datapath accepts GUE only from the peer's endpoint with the token, and with
+/// token 0 or no peer anyone who can reach the GUE port could reach the VM.
+pub fn check_tunnel(
+    mode: Mode,
+    token: SessionToken,
+    local: Ipv4Addr,
+    peer: Ipv4Addr,
+) -> Result<()> {
+    if !mode.uses_tunnel() {
+        return Ok(());
+    }
+    if token == SessionToken(0) {
+        bail!(
+            "mode {mode} carries the tunnel and needs the migration's session token,              the same at both sites; token 0 would accept unauthenticated GUE"
+        );
+    }
+    if peer.is_unspecified() {
+        bail!("mode {mode} carries the tunnel and needs the peer site's tunnel endpoint");
+    }
+    if local.is_unspecified() {
+        bail!("mode {mode} carries the tunnel and needs this site's tunnel endpoint");
+    }
+    if local == peer {
+        bail!("this site's tunnel endpoint and the peer's are both {local}");
+    }
+    Ok(())
+}
+
+/// [`check_tunnel`] for a configuration as the map holds it.
+pub fn check_map_tunnel(mode: Mode, config: &Config) -> Result<()> {
+    let v4 = |a: [u8; 16]| Ipv4Addr::new(a[0], a[1], a[2], a[3]);
+    check_tunnel(
+        mode,
+        SessionToken(config.token),
+        v4(config.local_tunnel_addr),
+        v4(config.peer_tunnel_addr),
+    )
 }
 
 #[cfg(test)]
@@ -186,5 +232,32 @@ mod tests {
         let mut site = SiteConfig::new(Mode::Track, "192.0.2.10".parse().expect("addr"));
         site.tunnel_mtu = 500;
         assert!(site.to_map().is_err());
+    }
+
+    #[test]
+    fn tunnel_modes_need_a_token_and_both_endpoints() {
+        let local = Ipv4Addr::new(203, 0, 113, 1);
+        let peer = Ipv4Addr::new(203, 0, 113, 2);
+        let home = "192.0.2.10".parse().expect("addr");
+        for mode in [Mode::Forward, Mode::Receive, Mode::Direct] {
+            let with = |l, p, t| {
+                SiteConfig::new(mode, home)
+                    .with_tunnel(l, p, SessionToken(t))
+                    .checked()
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            assert_eq!(with(local, peer, 7), Ok(()));
+            let err = with(local, peer, 0).expect_err("token 0");
+            assert!(err.contains("session token"), "{err}");
+            let err = with(local, Ipv4Addr::UNSPECIFIED, 7).expect_err("no peer");
+            assert!(err.contains("peer site's tunnel endpoint"), "{err}");
+            let err = with(Ipv4Addr::UNSPECIFIED, peer, 7).expect_err("no local");
+            assert!(err.contains("this site's tunnel endpoint"), "{err}");
+            assert!(with(peer, peer, 7).is_err());
+        }
+        for mode in [Mode::Idle, Mode::Track, Mode::Nat] {
+            assert!(SiteConfig::new(mode, home).checked().is_ok(), "{mode}");
+        }
     }
 }

@@ -92,3 +92,20 @@ impl Status {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_uplink_is_named_not_its_sysctl_file() {
+        for mode in [Mode::Receive, Mode::Forward] {
+            let err = require_forwarding("movarto-gone0", mode).expect_err("no such interface");
+            let text = format!("{err:#}");
+            assert!(text.contains("no interface named movarto-gone0"), "{text}");
+            assert!(!text.contains("/proc/sys"), "{text}");
+        }
+        // Modes that route nothing don't need the interface's forwarding.
+        require_forwarding("movarto-gone0", Mode::Track).expect("track routes nothing");
+    }
+}

@@ -41,12 +41,19 @@ pub async fn start_daemon(spec: &VmSpec, role: Role) -> Result<Started> {
         .arg("-pidfile")
         .arg(&pidfile)
         .stdin(Stdio::null());
+    // A QEMU that fails after binding its QMP socket (an unbootable kernel, say)
+    // leaves the socket file: it must go with the failure.
+    let remove_leftovers = || {
+        let _ = std::fs::remove_file(&spec.qmp_socket);
+        let _ = std::fs::remove_file(&pidfile);
+    };
     // With -daemonize, QEMU's parent exits once the VM is set up (or failed to be).
     let out = tokio::process::Command::from(cmd)
         .output()
         .await
         .context("starting QEMU")?;
     if !out.status.success() {
+        remove_leftovers();
         bail!(
             "QEMU for VM {} failed to start ({}): {}",
             spec.name,
@@ -54,7 +61,13 @@ pub async fn start_daemon(spec: &VmSpec, role: Role) -> Result<Started> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let qmp = Qmp::connect(&spec.qmp_socket, Duration::from_secs(30)).await?;
+    let qmp = match Qmp::connect(&spec.qmp_socket, Duration::from_secs(30)).await {
+        Ok(qmp) => qmp,
+        Err(err) => {
+            remove_leftovers();
+            return Err(err);
+        }
+    };
     let state = qmp.run(&commands::QueryStatus {}).await?;
     let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
     Ok(Started {
