@@ -94,6 +94,11 @@ pub mod timeout {
     /// A SYN younger than this may still become a connection (retransmits come at 1
     /// and 3 s); see [`super::FlowValue::holds_drain`].
     pub const HANDSHAKE_NS: u64 = 5 * 1_000_000_000;
+    /// A half-closed flow (one FIN) holds the drain only while it still carries
+    /// data: idle this long, as long as a closing flow lives, it is taken as over.
+    /// The other side's FIN may never come (a client that exits after its FIN,
+    /// a server that never closes), and the drain must not wait for it.
+    pub const HALF_CLOSED_IDLE_NS: u64 = CLOSING_NS;
 }
 
 /// Value of the flow map. Times are `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
@@ -136,9 +141,11 @@ impl FlowValue {
 
     /// Whether the flow keeps the drain going: a pre-move flow (tracked at A, or handed
     /// over to B) that is still open. For TCP that is an established connection not
-    /// closing, or a handshake seen within [`timeout::HANDSHAKE_NS`]: a SYN nobody
-    /// answered is a failed attempt, not a connection. Other protocols hold it until
-    /// their timeout. Expiry is the caller's ([`FlowValue::is_expired`]).
+    /// closing (both FINs or an RST end it at once; one FIN once the flow is idle for
+    /// [`timeout::HALF_CLOSED_IDLE_NS`]), or a handshake seen within
+    /// [`timeout::HANDSHAKE_NS`]: a SYN nobody answered is a failed attempt, not a
+    /// connection. Other protocols hold it until their timeout. Expiry is the
+    /// caller's ([`FlowValue::is_expired`]).
     pub const fn holds_drain(&self, protocol: u8, idle_ns: u64) -> bool {
         if !matches!(self.origin, origin::TRACKED | origin::TUNNELLED) {
             return false;
@@ -146,8 +153,13 @@ impl FlowValue {
         if protocol != crate::net::proto::TCP {
             return true;
         }
-        !state::is_closing(self.state)
-            && (self.state & state::ESTABLISHED != 0 || idle_ns < timeout::HANDSHAKE_NS)
+        if state::is_closing(self.state) {
+            return false;
+        }
+        if self.state & (state::FIN_PEER | state::FIN_SERVICE) != 0 {
+            return idle_ns < timeout::HALF_CLOSED_IDLE_NS;
+        }
+        self.state & state::ESTABLISHED != 0 || idle_ns < timeout::HANDSHAKE_NS
     }
 }
 
@@ -285,6 +297,22 @@ mod tests {
             !syn.holds_drain(6, 6 * s),
             "an unanswered SYN is not a connection"
         );
+        for fin in [state::FIN_PEER, state::FIN_SERVICE] {
+            let half_closed = FlowValue {
+                state: established.state | fin,
+                ..established
+            };
+            assert!(half_closed.holds_drain(6, 9 * s), "still carrying data");
+            assert!(
+                !half_closed.holds_drain(6, 11 * s),
+                "idle after one FIN: the other may never come"
+            );
+            let both = FlowValue {
+                state: established.state | state::FIN_PEER | state::FIN_SERVICE,
+                ..established
+            };
+            assert!(!both.holds_drain(6, 0), "both FINs end it at once");
+        }
         let nat = FlowValue {
             origin: origin::NAT,
             ..established
