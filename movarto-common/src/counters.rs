@@ -108,8 +108,9 @@ pub enum Counter {
     /// so it is answered with frag-needed like a DF packet (also counted under
     /// [`Counter::IcmpTooBig`]); the sender then fragments at the source.
     TooBigNoDf,
-    /// Flow map: an entry replaced by a new flow with the same key, e.g. a
-    /// connection to `N` at B from a client port a pre-move flow used.
+    /// Flow map: an entry replaced by a new flow with the same key: a
+    /// connection to `N` at B from a client port a pre-move flow used, or a
+    /// SYN on the 5-tuple of a closed connection.
     FlowReused,
 }
 

@@ -101,7 +101,22 @@ pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8) {
         // keeps a flow's packets on one CPU per direction, and a rare race
         // between the two directions loses at most one count or a state bit
         // that the next packet sets again.
-        update(unsafe { &mut *value }, pkt, dir, now);
+        let value = unsafe { &mut *value };
+        // A SYN on a closed flow's 5-tuple opens a new connection: it must not
+        // inherit the closing bits (the sweep would drop it as closing) nor the
+        // old origin.
+        if matches!(pkt.l4, L4::Tcp)
+            && pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
+            && state::is_closing(value.state)
+        {
+            *value = FlowValue {
+                first_seen_ns: now,
+                origin,
+                ..FlowValue::default()
+            };
+            bump(Counter::FlowReused);
+        }
+        update(value, pkt, dir, now);
         return;
     }
     let mut value = FlowValue {

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use etherparse::PacketBuilder;
 use movarto_common::{
     config::Mode,
+    counters::Counter,
     flow::{FlowKey, FlowValue, gue_source_port, origin, state, timeout},
     gue::{OuterV4, encapsulate_v4},
     ids::SessionToken,
@@ -148,6 +149,18 @@ fn both_fins_or_an_rst_end_a_pre_move_flows_hold_on_the_drain_at_once() {
             "port {port} is closing and must not hold the drain: {v:?}"
         );
     }
+
+    // The client reuses a closed flow's port for a new connection (to `H`, with a
+    // stale DNS answer): a new flow, not a closing pre-move one.
+    let reused_before = dp.counters().expect("counters").get(Counter::FlowReused);
+    from_client(&dp, 40001, 2);
+    let v = flow(&dp, 40001);
+    assert_eq!(v.origin, origin::STALE_DNS, "{v:?}");
+    assert!(!state::is_closing(v.state), "{v:?}");
+    assert_eq!(
+        dp.counters().expect("counters").get(Counter::FlowReused),
+        reused_before + 1
+    );
 }
 
 #[test]
