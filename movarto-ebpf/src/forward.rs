@@ -14,7 +14,7 @@ use movarto_common::{
 
 use crate::{
     flows::{self, Direction},
-    icmp, mss,
+    icmp, link_local, mss,
     outcome::Outcome,
     parse, route, tunnel,
 };
@@ -22,6 +22,10 @@ use crate::{
 /// Uplink ingress, anything but our GUE: traffic for `H` goes into the tunnel.
 #[inline(always)]
 pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<Outcome, Counter> {
+    // ND and link-local/multicast traffic is this link's, even for `H`.
+    if link_local::stays_on_link(ctx.data(), ctx.data_end(), pkt) {
+        return Ok(Outcome::Pass);
+    }
     if pkt.family != cfg.service_family || pkt.dst_addr != cfg.home_addr {
         return Ok(Outcome::Pass);
     }

@@ -7,6 +7,7 @@ mod counters;
 mod flows;
 mod forward;
 mod icmp;
+mod link_local;
 mod maps;
 mod mss;
 mod nat;

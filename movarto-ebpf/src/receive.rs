@@ -19,7 +19,7 @@ use movarto_common::{
 use crate::{
     counters::bump,
     flows::{self, Direction},
-    icmp, nat,
+    icmp, link_local, nat,
     outcome::Outcome,
     parse::{Packet, bytes_mut, tcp_flag},
     route, tunnel,
@@ -84,6 +84,11 @@ pub fn from_vm(
     nat_only: bool,
 ) -> Result<Outcome, Counter> {
     if pkt.family != cfg.service_family || pkt.src_addr != cfg.home_addr {
+        return Ok(Outcome::Pass);
+    }
+    // ND and link-local/multicast traffic is for B's kernel, which holds the
+    // anycast gateway: neither the tunnel nor the NAT.
+    if link_local::stays_on_link(ctx.data(), ctx.data_end(), pkt) {
         return Ok(Outcome::Pass);
     }
     let key = flows::key_of(pkt, Direction::ToPeer);
