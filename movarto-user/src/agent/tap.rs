@@ -5,7 +5,10 @@ use std::{net::IpAddr, os::fd::AsRawFd as _};
 
 use anyhow::{Context as _, Result, bail};
 use ipnet::IpNet;
-use rtnetlink::LinkUnspec;
+use rtnetlink::{
+    LinkUnspec,
+    packet_route::address::{AddressAttribute, AddressFlags},
+};
 
 use super::netlink;
 use crate::datapath::ifindex;
@@ -51,11 +54,16 @@ pub async fn ensure_tap(name: &str, mac: [u8; 6], gateway: IpAddr, prefix: u8) -
             .execute()
             .await
             .with_context(|| format!("setting {name}'s MAC and bringing it up"))?;
-        handle
-            .address()
-            .add(index, gateway, prefix)
-            .replace()
-            .execute()
+        let mut add = handle.address().add(index, gateway, prefix).replace();
+        // No DAD for an IPv6 gateway: the same address is on the other site's
+        // tap by design, and a tentative one would not answer the VM's
+        // neighbour solicitations in the seconds after the move.
+        if gateway.is_ipv6() {
+            add.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        add.execute()
             .await
             .with_context(|| format!("adding {gateway}/{prefix} to {name}"))
     })
