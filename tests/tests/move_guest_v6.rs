@@ -12,7 +12,7 @@
 //! ```
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket},
     sync::Mutex,
     thread,
     time::Duration,
@@ -268,6 +268,28 @@ fn guest_moves_and_every_ipv6_connection_survives(flush_guest_neighbours: bool) 
         one_exchange(&l.client, IpAddr::V6(HOME), ECHO_PORT, "stale DNS via H").expect("via H"),
         "stale DNS via H"
     );
+    // B's kernel, which holds the gateway, resolves the VM: its solicitation
+    // goes out of vm0, and the VM's advertisement (from H to the gateway's
+    // address) must reach B's kernel, not the tunnel. A datagram to a socket
+    // the guest holds triggers it without an answer.
+    let _discard = {
+        let _in = l.guest.enter().expect("enter");
+        UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 9)).expect("udp")
+    };
+    // Afresh: B may have learnt H's MAC from an earlier solicitation.
+    sh(&l.b, &["-6", "neigh", "flush", "dev", "vm0"]);
+    {
+        let _in = l.b.enter().expect("enter");
+        UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))
+            .and_then(|s| s.send_to(b"hello", (HOME, 9)))
+            .expect("send to H");
+    }
+    wait_for("B to resolve the VM's MAC", IO_TIMEOUT, || {
+        l.b.run("ip", &["-6", "neigh", "show", &HOME.to_string(), "dev", "vm0"])
+            .is_ok_and(|out| out.contains(&mac(VM_MAC)) && out.contains("REACHABLE"))
+    })
+    .expect("B resolves H");
+
     let worst_gap_ms = w.worst_gap_ms.load(std::sync::atomic::Ordering::Relaxed);
     let report = w
         .finish()
