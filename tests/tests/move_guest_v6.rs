@@ -28,7 +28,9 @@ use movarto_common::{
 use movarto_lab::netns::{Netns, veth};
 use movarto_tests::{
     require_root,
-    workload::{ECHO_PORT, IO_TIMEOUT, Workload, one_exchange, prime_next_hop, serve_guest, wait_for},
+    workload::{
+        ECHO_PORT, IO_TIMEOUT, Workload, one_exchange, prime_next_hop, serve_guest, wait_for,
+    },
 };
 use movarto_user::{
     agent::tap,
@@ -109,17 +111,54 @@ fn lab(run: u32) -> Lab {
     veth(&l.wan, "wb", &l.b, &l.uplink_b).expect("veth");
     veth(&l.guest, "eth0", &l.a, "vm0").expect("veth");
     addr6(&l.client, "2001:db8:c::7/64", "c0");
-    sh(&l.client, &["-6", "route", "add", "default", "via", "2001:db8:c::1"]);
+    sh(
+        &l.client,
+        &["-6", "route", "add", "default", "via", "2001:db8:c::1"],
+    );
     addr6(&l.wan, "2001:db8:c::1/64", "wc");
     addr6(&l.wan, "2001:db8:a::fe/64", "wa");
     addr6(&l.wan, "2001:db8:b::fe/64", "wb");
     sh(&l.wan, &["addr", "add", "203.0.113.126/25", "dev", "wa"]);
     sh(&l.wan, &["addr", "add", "203.0.113.254/25", "dev", "wb"]);
-    sh(&l.wan, &["-6", "route", "add", "2001:db8:1::/64", "via", "2001:db8:a::1"]);
-    sh(&l.wan, &["-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8:b::1"]);
+    sh(
+        &l.wan,
+        &[
+            "-6",
+            "route",
+            "add",
+            "2001:db8:1::/64",
+            "via",
+            "2001:db8:a::1",
+        ],
+    );
+    sh(
+        &l.wan,
+        &[
+            "-6",
+            "route",
+            "add",
+            "2001:db8:2::/64",
+            "via",
+            "2001:db8:b::1",
+        ],
+    );
     for (ns, uplink, v4, v6, gw4, gw6) in [
-        (&l.a, &l.uplink_a, "203.0.113.1/25", "2001:db8:a::1/64", "203.0.113.126", "2001:db8:a::fe"),
-        (&l.b, &l.uplink_b, "203.0.113.129/25", "2001:db8:b::1/64", "203.0.113.254", "2001:db8:b::fe"),
+        (
+            &l.a,
+            &l.uplink_a,
+            "203.0.113.1/25",
+            "2001:db8:a::1/64",
+            "203.0.113.126",
+            "2001:db8:a::fe",
+        ),
+        (
+            &l.b,
+            &l.uplink_b,
+            "203.0.113.129/25",
+            "2001:db8:b::1/64",
+            "203.0.113.254",
+            "2001:db8:b::fe",
+        ),
     ] {
         sh(ns, &["addr", "add", v4, "dev", uplink]);
         addr6(ns, v6, uplink);
@@ -130,7 +169,10 @@ fn lab(run: u32) -> Lab {
     addr6(&l.a, &format!("{GATEWAY}/64"), "vm0");
     sh(&l.guest, &["link", "set", "eth0", "address", &mac(VM_MAC)]);
     addr6(&l.guest, &format!("{HOME}/64"), "eth0");
-    sh(&l.guest, &["-6", "route", "add", "default", "via", &GATEWAY.to_string()]);
+    sh(
+        &l.guest,
+        &["-6", "route", "add", "default", "via", &GATEWAY.to_string()],
+    );
     // Between veths an offloaded checksum stays unfinished (skb metadata), and
     // XDP forwarding turns the frame into bytes: the endpoints must checksum
     // in software, as a real NIC would have finished it on the wire.
@@ -285,8 +327,11 @@ fn guest_moves_and_every_ipv6_connection_survives(flush_guest_neighbours: bool) 
             .expect("send to H");
     }
     wait_for("B to resolve the VM's MAC", IO_TIMEOUT, || {
-        l.b.run("ip", &["-6", "neigh", "show", &HOME.to_string(), "dev", "vm0"])
-            .is_ok_and(|out| out.contains(&mac(VM_MAC)) && out.contains("REACHABLE"))
+        l.b.run(
+            "ip",
+            &["-6", "neigh", "show", &HOME.to_string(), "dev", "vm0"],
+        )
+        .is_ok_and(|out| out.contains(&mac(VM_MAC)) && out.contains("REACHABLE"))
     })
     .expect("B resolves H");
 
@@ -298,7 +343,10 @@ fn guest_moves_and_every_ipv6_connection_survives(flush_guest_neighbours: bool) 
     // The guest resolved its gateway at B, from B's kernel.
     let neighbours = l
         .guest
-        .run("ip", &["-6", "neigh", "show", &GATEWAY.to_string(), "dev", "eth0"])
+        .run(
+            "ip",
+            &["-6", "neigh", "show", &GATEWAY.to_string(), "dev", "eth0"],
+        )
         .expect("neigh");
     assert!(
         neighbours.contains(&mac(GW_MAC)),

@@ -95,22 +95,42 @@ fn site(local: Ipv4Addr, remote: Ipv4Addr, remote_mac: [u8; 6]) -> Site {
         ns.run("sysctl", &["-qw", key]).expect("sysctl");
     }
     veth(&ns, "up0", &wan, "eth0").expect("veth");
-    let ip = |args: &[&str]| {
-        ns.ip(args)
-            .unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"))
-    };
+    let ip = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
     ip(&["link", "set", "up0", "address", &mac(UPLINK_MAC)]);
     ip(&["addr", "add", &format!("{local}/24"), "dev", "up0"]);
-    ip(&["-6", "addr", "add", "2001:db8:ff::1/64", "dev", "up0", "nodad"]);
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:ff::1/64",
+        "dev",
+        "up0",
+        "nodad",
+    ]);
     let remote = remote.to_string();
     let remote_mac = mac(remote_mac);
     let gw_mac = mac(GW_MAC);
     for (addr, lladdr) in [(remote.as_str(), &remote_mac), ("2001:db8:ff::fe", &gw_mac)] {
         ip(&[
-            "neigh", "replace", addr, "lladdr", lladdr, "dev", "up0", "nud", "permanent",
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            lladdr,
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
         ]);
     }
-    ip(&["-6", "route", "add", "2001:db8:1::/64", "via", "2001:db8:ff::fe"]);
+    ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:db8:1::/64",
+        "via",
+        "2001:db8:ff::fe",
+    ]);
     let link = ns.run("ip", &["-o", "link", "show", "up0"]).expect("link");
     let uplink_ifindex = link
         .split(':')
@@ -271,7 +291,12 @@ fn forward_unwraps_site_bs_ipv6_replies_and_routes_them_to_the_client() {
         proto::TCP,
     )
     .expect("key");
-    let frame = ethernet(UPLINK_MAC, TB_MAC, 0x0800, &reference_gue(TB, TA, &key, &tcp));
+    let frame = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TB, TA, &key, &tcp),
+    );
     assert_eq!(frame[14 + 29], 41, "GUE proto 41: IPv6 inside");
     let before = dp.counters().expect("counters");
     let (ret, out) = run_frame_out(&dp, Hook::Uplink, &frame).expect("test run");
@@ -303,9 +328,18 @@ fn forward_unwraps_site_bs_ipv6_replies_and_routes_them_to_the_client() {
         .icmpv6_echo_reply(7, 1)
         .write(&mut pong, b"pong")
         .expect("build");
-    let key = FlowKey::new((IpAddr::from(HOME6), 0), (IpAddr::from(PEER6), 0), proto::ICMPV6)
-        .expect("key");
-    let frame = ethernet(UPLINK_MAC, TB_MAC, 0x0800, &reference_gue(TB, TA, &key, &pong));
+    let key = FlowKey::new(
+        (IpAddr::from(HOME6), 0),
+        (IpAddr::from(PEER6), 0),
+        proto::ICMPV6,
+    )
+    .expect("key");
+    let frame = ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TB, TA, &key, &pong),
+    );
     let before = dp.counters().expect("counters");
     let (ret, out) = run_frame_out(&dp, Hook::Uplink, &frame).expect("test run");
     let after = dp.counters().expect("counters");
@@ -328,7 +362,13 @@ fn forward_never_tunnels_neighbour_discovery_or_link_local_traffic_for_home() {
     let rows: [(&str, Vec<u8>, Counter); 9] = [
         (
             "unicast NS to H (NUD)",
-            icmpv6(GATEWAY6, HOME6, 255, ND_NEIGHBOUR_SOLICIT, &nd_body(HOME6, 1, ANY_MAC)),
+            icmpv6(
+                GATEWAY6,
+                HOME6,
+                255,
+                ND_NEIGHBOUR_SOLICIT,
+                &nd_body(HOME6, 1, ANY_MAC),
+            ),
             Counter::L4Icmp,
         ),
         (
@@ -344,7 +384,13 @@ fn forward_never_tunnels_neighbour_discovery_or_link_local_traffic_for_home() {
         ),
         (
             "NA to H",
-            icmpv6(GATEWAY6, HOME6, 255, ND_NEIGHBOUR_ADVERT, &nd_body(GATEWAY6, 2, ANY_MAC)),
+            icmpv6(
+                GATEWAY6,
+                HOME6,
+                255,
+                ND_NEIGHBOUR_ADVERT,
+                &nd_body(GATEWAY6, 2, ANY_MAC),
+            ),
             Counter::L4Icmp,
         ),
         (
@@ -420,17 +466,35 @@ fn vm_link_traffic() -> Vec<(&'static str, Vec<u8>, Counter)> {
         ),
         (
             "unicast NS from H to the gateway's global address (NUD)",
-            icmpv6(HOME6, GATEWAY6, 255, ND_NEIGHBOUR_SOLICIT, &nd_body(GATEWAY6, 1, VM_MAC)),
+            icmpv6(
+                HOME6,
+                GATEWAY6,
+                255,
+                ND_NEIGHBOUR_SOLICIT,
+                &nd_body(GATEWAY6, 1, VM_MAC),
+            ),
             Counter::L4Icmp,
         ),
         (
             "NA from H to the gateway's global address",
-            icmpv6(HOME6, GATEWAY6, 255, ND_NEIGHBOUR_ADVERT, &nd_body(HOME6, 2, VM_MAC)),
+            icmpv6(
+                HOME6,
+                GATEWAY6,
+                255,
+                ND_NEIGHBOUR_ADVERT,
+                &nd_body(HOME6, 2, VM_MAC),
+            ),
             Counter::L4Icmp,
         ),
         (
             "NA from H to a remote address",
-            icmpv6(HOME6, PEER6, 255, ND_NEIGHBOUR_ADVERT, &nd_body(HOME6, 2, VM_MAC)),
+            icmpv6(
+                HOME6,
+                PEER6,
+                255,
+                ND_NEIGHBOUR_ADVERT,
+                &nd_body(HOME6, 2, VM_MAC),
+            ),
             Counter::L4Icmp,
         ),
         (
