@@ -33,7 +33,11 @@ const NO_ADDR: [u8; 16] = [0; 16];
 /// the VM, past the peer and token checks, so it is dropped.
 #[inline(always)]
 pub fn to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
-    if pkt.family != cfg.service_family {
+    // ND and link-local traffic is the uplink's own business (a router's NUD
+    // probe of `N` must reach B's kernel, not the VM).
+    if pkt.family != cfg.service_family
+        || link_local::stays_on_link(ctx.data(), ctx.data_end(), pkt)
+    {
         return Ok(Outcome::Pass);
     }
     if pkt.dst_addr == cfg.home_addr {

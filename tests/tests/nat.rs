@@ -428,3 +428,34 @@ fn packets_for_the_home_address_that_did_not_come_through_the_tunnel_are_dropped
         }
     }
 }
+
+/// A router's unicast NUD probe of `N` (ICMPv6 neighbour solicitation to `N`) on B's
+/// uplink is the link's business: B's kernel answers it. DNATed to the VM it would go
+/// unanswered, and the router would lose `N`'s neighbour entry.
+#[test]
+fn neighbour_discovery_for_the_new_address_stays_with_bs_kernel() {
+    for mode in [Mode::Receive, Mode::Nat] {
+        let dp = site_b(mode, IpAddr::from(HOME6), IpAddr::from(NEW6));
+        let router = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let mut body = NEW6.to_vec();
+        body.extend_from_slice(&[1, 1]);
+        body.extend_from_slice(&ROUTER_MAC);
+        for src in [PEER6, router] {
+            let mut ns = Vec::new();
+            PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC)
+                .ipv6(src, NEW6, 255)
+                .icmpv6(etherparse::Icmpv6Type::Unknown {
+                    type_u8: 135,
+                    code_u8: 0,
+                    bytes5to8: [0; 4],
+                })
+                .write(&mut ns, &body)
+                .expect("build");
+            let (ret, out) = run(&dp, Hook::Uplink, &ns);
+            assert_eq!((ret, &out), (XDP_PASS, &ns), "{mode}");
+        }
+        let counters = dp.counters().expect("counters");
+        assert_eq!(counters.get(Counter::NatIn), 0);
+        assert_eq!(counters.get(Counter::DropNotTunnelled), 0);
+    }
+}
