@@ -94,7 +94,7 @@ impl SiteDatapath {
     /// Attaches, or rewrites the configuration of what is attached (the flows stay).
     pub fn apply(&self, request: &DatapathRequest) -> Result<DatapathStatus> {
         let site = site_config(request)?;
-        require_forwarding(&self.uplink, site.mode)?;
+        require_forwarding(&self.uplink, site.mode, site.home_addr)?;
         if self.attached() {
             self.open()?.reconfigure(&site)?;
         } else {
@@ -115,6 +115,10 @@ impl SiteDatapath {
 
     pub fn set_mode(&self, mode: Mode) -> Result<DatapathStatus> {
         let mut pinned = self.open()?;
+        let config = pinned.config()?;
+        if let Some(home) = addr::from_map(config.home_addr, config.service_family) {
+            require_forwarding(&self.uplink, mode, home)?;
+        }
         pinned.set_mode(mode)?;
         if mode.uses_tunnel()
             && let Some(IpAddr::V4(peer)) =

@@ -93,7 +93,7 @@ pub fn run(a: AttachArgs) -> Result<()> {
         .with_tunnel_mtu(a.tunnel_mtu)
         .with_macs(a.vm_mac, a.gateway_mac)
         .checked()?;
-    require_forwarding(&a.uplink, site.mode)?;
+    require_forwarding(&a.uplink, site.mode, site.home_addr)?;
     let xdp_mode = match a.xdp_mode {
         XdpModeArg::Auto => XdpMode::Default,
         XdpModeArg::Native => XdpMode::Driver,

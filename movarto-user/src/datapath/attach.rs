@@ -160,11 +160,12 @@ pub fn ifindex(name: &str) -> Result<u32> {
         .map_err(|_| anyhow!("no interface named {name} in this network namespace"))
 }
 
-/// Whether the kernel forwards on `iface`; the tunnel's routing needs it.
-pub fn forwarding_enabled(iface: &str) -> Result<bool> {
+/// Whether the kernel forwards IPv4 (or IPv6) on `iface`; the tunnel's routing needs it.
+pub fn forwarding_enabled(iface: &str, ipv6: bool) -> Result<bool> {
     // Name the missing interface, not the sysctl file it would have.
     ifindex(iface)?;
-    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    let family = if ipv6 { "ipv6" } else { "ipv4" };
+    let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
     let value = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     Ok(value.trim() == "1")
 }

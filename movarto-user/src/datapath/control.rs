@@ -1,27 +1,34 @@
 //! What the verbs and the agent do to an attached datapath: the forwarding check before
 //! a mode that routes, switching modes, detaching, reading its status.
 
-use std::path::PathBuf;
+use std::{net::IpAddr, path::PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use movarto_common::{
     config::{Config, Mode},
     flow::{FlowKey, FlowValue},
+    net::addr,
 };
 
-use super::{CounterSnapshot, Owner, Pinned, detach, forwarding_enabled};
+use super::{CounterSnapshot, Owner, Pinned, detach, forwarding_enabled, ifindex};
 
 /// The datapath's pin name: the one given, or else the uplink's name.
 pub fn pin_name_or<'a>(pin_name: Option<&'a str>, uplink: &'a str) -> &'a str {
     pin_name.unwrap_or(uplink)
 }
 
-/// Fails if `mode` routes packets through `uplink` and the kernel does not forward there.
-pub fn require_forwarding(uplink: &str, mode: Mode) -> Result<()> {
-    if mode.routes_packets() && !forwarding_enabled(uplink)? {
+/// Fails if `mode` routes packets of the service `home` through `uplink` and the kernel
+/// does not forward that family there.
+pub fn require_forwarding(uplink: &str, mode: Mode, home: IpAddr) -> Result<()> {
+    let (name, sysctl) = if home.is_ipv6() {
+        ("IPv6", "net.ipv6.conf.all.forwarding")
+    } else {
+        ("IPv4", "net.ipv4.conf.all.forwarding")
+    };
+    if mode.routes_packets() && !forwarding_enabled(uplink, home.is_ipv6())? {
         bail!(
-            "IPv4 forwarding is off on {uplink}; mode {} routes packets through it \
-             (sysctl -w net.ipv4.conf.all.forwarding=1)",
+            "{name} forwarding is off on {uplink}; mode {} routes the packets of {home} \
+             through it (sysctl -w {sysctl}=1)",
             mode.name()
         );
     }
@@ -31,9 +38,14 @@ pub fn require_forwarding(uplink: &str, mode: Mode) -> Result<()> {
 /// Switches the mode of `uplink`'s datapath in this network namespace; returns the mode
 /// it had (`None` if the map held an unknown one).
 pub fn switch_mode(uplink: &str, pin_name: Option<&str>, mode: Mode) -> Result<Option<Mode>> {
-    require_forwarding(uplink, mode)?;
+    // A deleted uplink is named as such, before anything about its pins.
+    ifindex(uplink)?;
     let mut pinned = Pinned::open_for(uplink, pin_name_or(pin_name, uplink))?;
-    let before = pinned.config()?.mode();
+    let config = pinned.config()?;
+    let home = addr::from_map(config.home_addr, config.service_family)
+        .context("the pinned configuration has no valid home address")?;
+    require_forwarding(uplink, mode, home)?;
+    let before = config.mode();
     pinned.set_mode(mode)?;
     Ok(before)
 }
@@ -100,12 +112,19 @@ mod tests {
     #[test]
     fn a_missing_uplink_is_named_not_its_sysctl_file() {
         for mode in [Mode::Receive, Mode::Forward] {
-            let err = require_forwarding("movarto-gone0", mode).expect_err("no such interface");
+            let err =
+                require_forwarding("movarto-gone0", mode, "2001:db8::10".parse().expect("ip"))
+                    .expect_err("no such interface");
             let text = format!("{err:#}");
             assert!(text.contains("no interface named movarto-gone0"), "{text}");
             assert!(!text.contains("/proc/sys"), "{text}");
         }
         // Modes that route nothing don't need the interface's forwarding.
-        require_forwarding("movarto-gone0", Mode::Track).expect("track routes nothing");
+        require_forwarding(
+            "movarto-gone0",
+            Mode::Track,
+            "192.0.2.10".parse().expect("ip"),
+        )
+        .expect("track routes nothing");
     }
 }
