@@ -32,7 +32,7 @@ use movarto_common::{
 use crate::{
     maps::CONFIG,
     outcome::{Decoded, Encoded},
-    parse::Packet,
+    parse::{Packet, ParseError},
 };
 
 /// Uplink ingress (XDP): every packet arriving from the network.
@@ -43,28 +43,36 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
         ctx.data(),
         ctx.data_end(),
         ctx.data_end() - ctx.data(),
+        Hook::Uplink,
         &mut pkt,
     ) {
         Parsed::Ip => {}
-        Parsed::NonIp => return xdp_action::XDP_PASS,
-        Parsed::Malformed => return xdp_action::XDP_DROP,
+        Parsed::Pass => return xdp_action::XDP_PASS,
+        Parsed::Drop => return xdp_action::XDP_DROP,
     }
     let Some(cfg) = CONFIG.get(CONFIG_KEY) else {
         return pass(&pkt, xdp_action::XDP_PASS);
     };
-    let outcome = match cfg.mode() {
-        Some(Mode::Track) => {
+    let mode = cfg.mode();
+    let gue = match mode {
+        Some(m) if m.uses_tunnel() => gue_of(cfg, &pkt),
+        _ => Gue::No,
+    };
+    let outcome = match (mode, gue) {
+        // Not this node's tunnel: the kernel's, untouched.
+        (_, Gue::Foreign) => {
+            Decoded::Sent(xdp_action::XDP_PASS, Counter::PassGueForeignSource as u32)
+        }
+        (Some(Mode::Track), _) => {
             track::from_uplink(&ctx, cfg, &pkt);
             Decoded::Pass
         }
-        Some(Mode::Forward) if tunnel::is_ours(cfg, &pkt) => {
-            forward_from_tunnel(&ctx, cfg, &pkt).decode()
-        }
-        Some(Mode::Forward) => forward_to_tunnel(&ctx, cfg, &pkt).decode(),
-        Some(Mode::Receive | Mode::Direct) if tunnel::is_ours(cfg, &pkt) => {
+        (Some(Mode::Forward), Gue::Ours) => forward_from_tunnel(&ctx, cfg, &pkt).decode(),
+        (Some(Mode::Forward), _) => forward_to_tunnel(&ctx, cfg, &pkt).decode(),
+        (Some(Mode::Receive | Mode::Direct), Gue::Ours) => {
             receive_from_tunnel(&ctx, cfg, &pkt).decode()
         }
-        Some(Mode::Receive | Mode::Nat) => receive_to_new_addr(&ctx, cfg, &pkt).decode(),
+        (Some(Mode::Receive | Mode::Nat), _) => receive_to_new_addr(&ctx, cfg, &pkt).decode(),
         _ => Decoded::Pass,
     };
     match outcome {
@@ -78,6 +86,30 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
             xdp_action::XDP_DROP
         }
         Decoded::Tunnel => pass(&pkt, xdp_action::XDP_PASS),
+    }
+}
+
+/// Whether a packet is UDP to this site's GUE endpoint, and from whom.
+#[repr(u32)]
+#[derive(Clone, Copy)]
+enum Gue {
+    No,
+    /// From the peer: this node's tunnel.
+    Ours,
+    /// From anyone else: not this node's tunnel.
+    Foreign,
+}
+
+/// Its own BPF function: inlined, the address comparisons cost the entry
+/// point stack, which the mode handlers need.
+#[inline(never)]
+fn gue_of(cfg: &Config, pkt: &Packet) -> Gue {
+    if !tunnel::to_endpoint(cfg, pkt) {
+        Gue::No
+    } else if tunnel::is_ours(cfg, pkt) {
+        Gue::Ours
+    } else {
+        Gue::Foreign
     }
 }
 
@@ -108,10 +140,16 @@ fn receive_to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Encoded 
 #[classifier]
 pub fn vm_ingress(ctx: TcContext) -> i32 {
     let mut pkt = Packet::EMPTY;
-    match parse_counted(ctx.data(), ctx.data_end(), ctx.len() as usize, &mut pkt) {
+    match parse_counted(
+        ctx.data(),
+        ctx.data_end(),
+        ctx.len() as usize,
+        Hook::Vm,
+        &mut pkt,
+    ) {
         Parsed::Ip => {}
-        Parsed::NonIp => return TC_ACT_OK,
-        Parsed::Malformed => return TC_ACT_SHOT,
+        Parsed::Pass => return TC_ACT_OK,
+        Parsed::Drop => return TC_ACT_SHOT,
     }
     let Some(cfg): Option<&Config> = CONFIG.get(CONFIG_KEY) else {
         return pass(&pkt, TC_ACT_OK);
@@ -158,15 +196,29 @@ fn nat_from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Encoded {
     receive::from_vm(ctx, cfg, pkt, true).into()
 }
 
+/// What [`parse_counted`] found; a BPF call returns one register.
+#[repr(u32)]
 enum Parsed {
+    /// A well-formed IP packet, for the mode to decide on.
     Ip,
-    NonIp,
-    Malformed,
+    /// Not IP, or malformed and not movarto's: verdict counted, pass it.
+    Pass,
+    /// Malformed and movarto's: reason counted, drop it.
+    Drop,
 }
 
-/// Parses the frame into `pkt` and counts it: non-IP frames are passed, malformed ones dropped.
-#[inline(always)]
-fn parse_counted(data: usize, data_end: usize, frame_len: usize, pkt: &mut Packet) -> Parsed {
+/// Parses the frame into `pkt` and counts it: the packet, the class of an IP
+/// packet, and the verdict of one that is not a well-formed IP packet (see
+/// [`drops_malformed`]). Its own BPF function, so the malformed path's locals
+/// stay out of the entry points' frames, which the mode handlers need.
+#[inline(never)]
+fn parse_counted(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+    hook: Hook,
+    pkt: &mut Packet,
+) -> Parsed {
     counters::bump(Counter::Packets);
     match parse::parse_frame(data, data_end, frame_len, pkt) {
         Ok(true) => {
@@ -175,12 +227,67 @@ fn parse_counted(data: usize, data_end: usize, frame_len: usize, pkt: &mut Packe
         }
         Ok(false) => {
             counters::bump(Counter::PassNonIp);
-            Parsed::NonIp
+            Parsed::Pass
         }
-        Err(reason) => {
-            counters::bump(reason.counter());
-            Parsed::Malformed
+        Err(reason) if drops_malformed(hook, pkt, reason) => Parsed::Drop,
+        Err(_) => Parsed::Pass,
+    }
+}
+
+/// Which program sees the packet.
+#[derive(Clone, Copy)]
+enum Hook {
+    /// XDP on the uplink: packets from the network.
+    Uplink,
+    /// TC on the VM-facing interface: packets the VM sends.
+    Vm,
+}
+
+const NO_ADDR: [u8; 16] = [0; 16];
+
+/// Whether movarto would act on `pkt` at `hook` in the configured mode: the
+/// packets it rewrites, tunnels, unwraps or delivers. Only those are dropped
+/// when malformed; everything else is the kernel's, whatever its shape. Track
+/// mode only records, so a malformed packet to `H` passes unrecorded there.
+/// One configuration today; per service, this is the service's mode.
+#[inline(always)]
+fn acts_on(cfg: &Config, hook: Hook, pkt: &Packet) -> bool {
+    let Some(mode) = cfg.mode() else {
+        return false;
+    };
+    let service = pkt.family == cfg.service_family;
+    match hook {
+        Hook::Uplink => {
+            let to_home = service && pkt.dst_addr == cfg.home_addr;
+            let to_new = service && cfg.new_addr != NO_ADDR && pkt.dst_addr == cfg.new_addr;
+            let gue = || tunnel::may_be_ours(cfg, pkt);
+            match mode {
+                Mode::Forward => to_home || gue(),
+                Mode::Receive => to_home || to_new || gue(),
+                Mode::Nat => to_home || to_new,
+                Mode::Direct => gue(),
+                Mode::Track | Mode::Idle => false,
+            }
         }
+        Hook::Vm => {
+            matches!(mode, Mode::Receive | Mode::Nat) && service && pkt.src_addr == cfg.home_addr
+        }
+    }
+}
+
+/// The verdict on a packet the parser rejected for `reason`: dropped and
+/// counted under the reason if movarto acts on it, else passed untouched as
+/// [`Counter::PassMalformed`]. A frame whose IP header could not be read has
+/// no addresses (family 0) and is always passed. Returns whether to drop.
+#[inline(always)]
+fn drops_malformed(hook: Hook, pkt: &Packet, reason: ParseError) -> bool {
+    let cfg: Option<&Config> = CONFIG.get(CONFIG_KEY);
+    if cfg.is_some_and(|cfg| acts_on(cfg, hook, pkt)) {
+        counters::bump(reason.counter());
+        true
+    } else {
+        counters::bump(Counter::PassMalformed);
+        false
     }
 }
 

@@ -2,9 +2,10 @@
 //!
 //! Every read is bounds-checked against `data_end` in the form the verifier
 //! understands. A frame is rejected when a header runs past the frame or past
-//! the length the IP header claims, or when a header is wrong in itself; the
-//! kernel's own stack would drop such packets too, so dropping them early is
-//! safe and, once the datapath rewrites packets, necessary.
+//! the length the IP header claims, or when a header is wrong in itself. A
+//! rejection is not a drop: the entry points drop a rejected packet only if
+//! movarto would act on it (see `acts_on` in main.rs) and leave every other
+//! one to the kernel untouched, whatever its shape.
 
 use movarto_common::{
     counters::Counter,
@@ -13,13 +14,6 @@ use movarto_common::{
         TCP_MIN_HLEN, UDP_HLEN, family, proto,
     },
 };
-
-/// A frame the parser accepted.
-pub enum Frame {
-    /// Not IP: ARP, LLDP and the like. Left to the kernel.
-    NonIp,
-    Ip(Packet),
-}
 
 /// An IP packet with everything the datapath decides on.
 #[derive(Clone, Copy)]
@@ -102,7 +96,8 @@ impl L4 {
     }
 }
 
-/// Why a frame was rejected; each reason has its own drop counter.
+/// Why a frame was rejected; each reason has its own drop counter, bumped
+/// when the entry point drops the packet for it.
 #[repr(u32)]
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum ParseError {
@@ -184,8 +179,11 @@ fn be16(b0: u8, b1: u8) -> u16 {
 /// whole frame: for an skb only the linear part lies before `data_end` (a GSO
 /// packet from the VM is mostly in page fragments), and the IP length is
 /// checked against the whole, while headers are read from the linear part.
-/// `Ok(true)` for an IP
-/// packet (then `pkt` is filled), `Ok(false)` for a frame that is not IP.
+/// `Ok(true)` for an IP packet (then `pkt` is filled), `Ok(false)` for a
+/// frame that is not IP. On an error `pkt` holds what was read before it:
+/// family, addresses and protocol once the fixed IP header has been read
+/// (the family stays 0 if it could not be), ports once the transport header
+/// has, so the caller can tell whether the packet is one it acts on.
 /// Filling the caller's `Packet` keeps a single copy on the stack.
 #[inline(always)]
 pub fn parse_frame(
@@ -210,43 +208,45 @@ const STATUS_ERROR: u32 = 2;
 /// fills `out`, since a BPF call returns one register.
 #[inline(never)]
 fn parse_into(data: usize, data_end: usize, frame_len: usize, out: *mut Packet) -> u32 {
-    match parse_any(data, data_end, frame_len) {
-        Ok(Frame::Ip(pkt)) => {
-            // SAFETY: `out` points at the caller's Packet.
-            unsafe { out.write(pkt) };
-            STATUS_IP
-        }
-        Ok(Frame::NonIp) => STATUS_NON_IP,
+    // SAFETY: `out` points at the caller's Packet, borrowed mutably for this call.
+    let pkt = unsafe { &mut *out };
+    match parse_any(data, data_end, frame_len, pkt) {
+        Ok(true) => STATUS_IP,
+        Ok(false) => STATUS_NON_IP,
         Err(e) => STATUS_ERROR + e as u32,
     }
 }
 
 #[inline(always)]
-fn parse_any(data: usize, data_end: usize, frame_len: usize) -> Result<Frame, ParseError> {
+fn parse_any(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+    pkt: &mut Packet,
+) -> Result<bool, ParseError> {
     let eth = bytes::<ETH_HLEN>(data, data_end, 0)?;
     match be16(eth[12], eth[13]) {
-        ETH_P_IP => parse_ipv4(data, data_end, frame_len).map(Frame::Ip),
-        ETH_P_IPV6 => parse_ipv6(data, data_end, frame_len).map(Frame::Ip),
-        _ => Ok(Frame::NonIp),
+        ETH_P_IP => parse_ipv4(data, data_end, frame_len, pkt).map(|()| true),
+        ETH_P_IPV6 => parse_ipv6(data, data_end, frame_len, pkt).map(|()| true),
+        _ => Ok(false),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, ParseError> {
+fn parse_ipv4(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+    pkt: &mut Packet,
+) -> Result<(), ParseError> {
     let ip = bytes::<IPV4_MIN_HLEN>(data, data_end, ETH_HLEN)?;
     if ip[0] >> 4 != 4 {
         return Err(ParseError::BadIpHeader);
     }
     let header_len = usize::from(ip[0] & 0x0f) * 4;
     let total_len = usize::from(be16(ip[2], ip[3]));
-    if header_len < IPV4_MIN_HLEN || total_len < header_len {
-        return Err(ParseError::BadIpHeader);
-    }
-    let l3_end = ETH_HLEN + total_len;
-    if l3_end > frame_len {
-        return Err(ParseError::Truncated);
-    }
-    let mut pkt = Packet {
+    // The fixed header is in: record whom the packet is for before judging it.
+    *pkt = Packet {
         protocol: ip[9],
         l4_offset: ETH_HLEN + header_len,
         fragment: be16(ip[6], ip[7]) & 0x3fff != 0,
@@ -254,27 +254,40 @@ fn parse_ipv4(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, 
     };
     pkt.src_addr[..4].copy_from_slice(&ip[12..16]);
     pkt.dst_addr[..4].copy_from_slice(&ip[16..20]);
+    if header_len < IPV4_MIN_HLEN || total_len < header_len {
+        return Err(ParseError::BadIpHeader);
+    }
+    let l3_end = ETH_HLEN + total_len;
+    if l3_end > frame_len {
+        return Err(ParseError::Truncated);
+    }
     let fragment_offset = be16(ip[6], ip[7]) & 0x1fff;
     if fragment_offset != 0 {
-        return Ok(pkt);
+        return Ok(());
     }
     parse_l4(data, data_end, l3_end, proto::ICMP, pkt)
 }
 
 #[inline(always)]
-fn parse_ipv6(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, ParseError> {
+fn parse_ipv6(
+    data: usize,
+    data_end: usize,
+    frame_len: usize,
+    pkt: &mut Packet,
+) -> Result<(), ParseError> {
     let ip = bytes::<IPV6_HLEN>(data, data_end, ETH_HLEN)?;
     if ip[0] >> 4 != 6 {
         return Err(ParseError::BadIpHeader);
     }
     let ip_len = IPV6_HLEN + usize::from(be16(ip[4], ip[5]));
+    // The protocol is only known once the extension headers have been walked.
+    *pkt = Packet::ip(family::IPV6, ip_len);
+    pkt.src_addr.copy_from_slice(&ip[8..24]);
+    pkt.dst_addr.copy_from_slice(&ip[24..40]);
     let l3_end = ETH_HLEN + ip_len;
     if l3_end > frame_len {
         return Err(ParseError::Truncated);
     }
-    let mut pkt = Packet::ip(family::IPV6, ip_len);
-    pkt.src_addr.copy_from_slice(&ip[8..24]);
-    pkt.dst_addr.copy_from_slice(&ip[24..40]);
     let mut next = ip[6];
     let mut offset = ETH_HLEN + IPV6_HLEN;
     for _ in 0..IPV6_MAX_EXT_HEADERS {
@@ -292,7 +305,7 @@ fn parse_ipv6(data: usize, data_end: usize, frame_len: usize) -> Result<Packet, 
                 if be16(ext[2], ext[3]) >> 3 != 0 {
                     pkt.protocol = next;
                     pkt.l4_offset = offset;
-                    return Ok(pkt);
+                    return Ok(());
                 }
             }
             _ => break,
@@ -321,20 +334,20 @@ fn parse_l4(
     data_end: usize,
     l3_end: usize,
     icmp: u8,
-    mut pkt: Packet,
-) -> Result<Packet, ParseError> {
+    pkt: &mut Packet,
+) -> Result<(), ParseError> {
     let l4_offset = pkt.l4_offset;
     let header_len = match pkt.protocol {
         proto::TCP => {
             let tcp = bytes::<TCP_MIN_HLEN>(data, data_end, l4_offset)?;
             let data_offset = usize::from(tcp[12] >> 4) * 4;
-            if data_offset < TCP_MIN_HLEN {
-                return Err(ParseError::BadL4Header);
-            }
             pkt.l4 = L4::Tcp;
             pkt.src_port = u16::from_ne_bytes([tcp[0], tcp[1]]);
             pkt.dst_port = u16::from_ne_bytes([tcp[2], tcp[3]]);
             pkt.tcp_flags = tcp[13];
+            if data_offset < TCP_MIN_HLEN {
+                return Err(ParseError::BadL4Header);
+            }
             data_offset
         }
         proto::UDP => {
@@ -351,11 +364,11 @@ fn parse_l4(
         }
         _ => {
             pkt.l4 = L4::Other;
-            return Ok(pkt);
+            return Ok(());
         }
     };
     if l4_offset + header_len > l3_end {
         return Err(ParseError::Truncated);
     }
-    Ok(pkt)
+    Ok(())
 }

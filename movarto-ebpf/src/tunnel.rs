@@ -11,8 +11,8 @@ use movarto_common::{
     config::Config,
     counters::Counter,
     flow::gue_source_port,
-    gue::{GUE_FIRST_BYTE, GUE_OVERHEAD_IPV4, OUTER_TTL},
-    net::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, family, proto},
+    gue::{GUE_BASE_LEN, GUE_FIRST_BYTE, GUE_OVERHEAD_IPV4, GUE_PRIVATE_LEN, OUTER_TTL},
+    net::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IPV6_HLEN, UDP_HLEN, family, proto},
 };
 
 use crate::{
@@ -26,13 +26,33 @@ const GUE_PROTO_IPV6: u8 = 41;
 /// Ethernet + outer IPv4 + UDP + GUE + token.
 const ENCAP_HEADERS: usize = ETH_HLEN + GUE_OVERHEAD_IPV4;
 
-/// Whether `pkt` is addressed to this site's GUE endpoint.
+/// Whether `pkt` is UDP to this site's GUE endpoint and port, from anyone.
 #[inline(always)]
-pub fn is_ours(cfg: &Config, pkt: &Packet) -> bool {
+pub fn to_endpoint(cfg: &Config, pkt: &Packet) -> bool {
     pkt.family == family::IPV4
         && matches!(pkt.l4, L4::Udp)
         && pkt.dst_port == cfg.gue_port
         && pkt.dst_addr == cfg.local_tunnel_addr
+}
+
+/// Whether `pkt` is this site's GUE: to its endpoint, from its peer. Only
+/// such packets are decapsulated; GUE from anyone else is not this node's
+/// tunnel and is left to the kernel.
+#[inline(always)]
+pub fn is_ours(cfg: &Config, pkt: &Packet) -> bool {
+    to_endpoint(cfg, pkt) && pkt.src_addr == cfg.peer_tunnel_addr
+}
+
+/// [`is_ours`] for a packet the parser rejected, whose UDP header may not
+/// have been read: UDP from the peer to our endpoint counts as ours unless
+/// its port is known to be another one.
+#[inline(always)]
+pub fn may_be_ours(cfg: &Config, pkt: &Packet) -> bool {
+    pkt.family == family::IPV4
+        && pkt.protocol == proto::UDP
+        && pkt.dst_addr == cfg.local_tunnel_addr
+        && pkt.src_addr == cfg.peer_tunnel_addr
+        && (!matches!(pkt.l4, L4::Udp) || pkt.dst_port == cfg.gue_port)
 }
 
 /// What the outer headers of one packet depend on, read before the packet grows.
@@ -146,10 +166,10 @@ pub fn encapsulate_tc(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<(),
     Ok(())
 }
 
-/// Verifies GUE addressed to us (see [`is_ours`]), strips the outer headers,
-/// leaving an Ethernet frame (MACs still to be set) around the inner packet,
-/// and parses that into `inner`. The tunnel carries the service's traffic
-/// only: its address must be the inner packet's `H` side for `dir`.
+/// Verifies GUE that [`is_ours`] (the caller checked), strips the outer
+/// headers, leaving an Ethernet frame (MACs still to be set) around the inner
+/// packet, and parses that into `inner`. The tunnel carries the service's
+/// traffic only: its address must be the inner packet's `H` side for `dir`.
 #[inline(always)]
 pub fn decapsulate(
     ctx: &XdpContext,
@@ -178,23 +198,39 @@ pub fn decapsulate(
     Ok(())
 }
 
-/// The verification and stripping of [`decapsulate`].
+/// UDP header, GUE header and token: what the UDP length adds to the inner packet.
+const UDP_GUE_LEN: usize = UDP_HLEN + GUE_BASE_LEN + GUE_PRIVATE_LEN;
+/// The headers [`strip_outer`] reads: up to the inner packet's length field
+/// (IPv4 total length at 2, IPv6 payload length at 4).
+const CHECKED_HEADERS: usize = ENCAP_HEADERS + 6;
+
+/// The verification and stripping of [`decapsulate`]. Everything is checked
+/// before the packet is changed, so a refused packet is dropped as it came.
 #[inline(always)]
 fn strip_outer(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<(), Counter> {
-    if pkt.src_addr != cfg.peer_tunnel_addr {
-        return Err(Counter::PassGueForeignSource);
-    }
     // Our encapsulation never sends outer options or fragments.
     if pkt.l4_offset != ETH_HLEN + 20 || pkt.fragment {
         return Err(Counter::DropGueMalformed);
     }
-    let hdr = bytes::<ENCAP_HEADERS>(ctx.data(), ctx.data_end(), 0)
+    let hdr = bytes::<CHECKED_HEADERS>(ctx.data(), ctx.data_end(), 0)
         .map_err(|_| Counter::DropGueMalformed)?;
-    let ethertype = match (hdr[42], hdr[43], hdr[44], hdr[45]) {
-        (GUE_FIRST_BYTE, GUE_PROTO_IPV4, 0, 0) => ETH_P_IP,
-        (GUE_FIRST_BYTE, GUE_PROTO_IPV6, 0, 0) => ETH_P_IPV6,
+    let (ethertype, inner_len) = match (hdr[42], hdr[43], hdr[44], hdr[45]) {
+        (GUE_FIRST_BYTE, GUE_PROTO_IPV4, 0, 0) => (
+            ETH_P_IP,
+            usize::from(u16::from_be_bytes([hdr[56], hdr[57]])),
+        ),
+        (GUE_FIRST_BYTE, GUE_PROTO_IPV6, 0, 0) => (
+            ETH_P_IPV6,
+            IPV6_HLEN + usize::from(u16::from_be_bytes([hdr[58], hdr[59]])),
+        ),
         _ => return Err(Counter::DropGueMalformed),
     };
+    // The UDP length must cover exactly the outer packet's payload, and that
+    // exactly GUE and one inner packet: no empty GUE, no trailing bytes.
+    let udp_len = usize::from(u16::from_be_bytes([hdr[38], hdr[39]]));
+    if udp_len + 20 != pkt.ip_len || inner_len + UDP_GUE_LEN != udp_len {
+        return Err(Counter::DropGueMalformed);
+    }
     let mut token = [0u8; 8];
     token.copy_from_slice(&hdr[46..54]);
     if u64::from_be_bytes(token) != cfg.token {
