@@ -633,7 +633,7 @@ fn run_catalogue(l: &Lab, gue_socket: &UdpSocket) -> Delivered {
                 continue;
             }
             let frame = &buf[..n as usize];
-            if from.sll_pkttype == libc::PACKET_OUTGOING as u8 || !from_sender(frame) {
+            if from.sll_pkttype == libc::PACKET_OUTGOING || !from_sender(frame) {
                 continue;
             }
             if is_end_marker(frame) {
