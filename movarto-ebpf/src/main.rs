@@ -100,8 +100,9 @@ enum Gue {
     Foreign,
 }
 
-/// Its own BPF function: inlined, the address comparisons cost the entry
-/// point stack, which the mode handlers need.
+/// Classifies `pkt` as GUE from the peer, from anyone else, or not UDP to
+/// our endpoint at all. Its own BPF function: inlined, its address
+/// comparisons cost the entry point stack, which the mode handlers need.
 #[inline(never)]
 fn gue_of(cfg: &Config, pkt: &Packet) -> Gue {
     if !tunnel::to_endpoint(cfg, pkt) {
