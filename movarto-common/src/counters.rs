@@ -56,10 +56,12 @@ pub enum Counter {
     /// untouched, as if movarto were not attached (nothing listens there, so the
     /// kernel drops it); it never reaches a VM.
     PassGueForeignSource,
-    /// Drop: GUE from the peer site without this migration's token.
+    /// Drop: GUE from the peer site without this migration's token (or with a
+    /// zero token configured, which authenticates nothing).
     DropGueBadToken,
     /// Drop: GUE that is not movarto's format (version, hlen, flags, proto,
-    /// outer IPv4 options or fragments, or an inner packet that fails to parse).
+    /// outer IPv4 options or fragments, a UDP length that disagrees with the
+    /// outer or the inner packet, or an inner packet that fails to parse).
     DropGueMalformed,
     /// Drop: the encapsulated packet would exceed the tunnel MTU and no ICMP
     /// is sent for it: a frame too short to quote, or a (non-GSO) packet the

@@ -581,16 +581,21 @@ fn assert_dropped(dp: &Datapath, frame: &[u8], reason: Counter) {
 }
 
 #[test]
-fn gue_that_is_not_from_the_peer_or_lacks_the_token_is_dropped_and_counted() {
+fn gue_not_from_the_peer_is_passed_untouched_and_without_the_token_dropped() {
     require_root();
     let s = site(TA, TB, TB_MAC);
     let _in = s.ns.enter().expect("enter");
     let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
     let intruder = Ipv4Addr::new(203, 0, 113, 66);
-    assert_dropped(
-        &dp,
-        &gue_frame(intruder, TOKEN, |_| {}),
-        Counter::PassGueForeignSource,
+    // Not from the peer: not this node's tunnel, so the kernel's, untouched.
+    let foreign = gue_frame(intruder, TOKEN, |_| {});
+    let before = dp.counters().expect("counters");
+    let (ret, out) = run(&dp, &foreign);
+    assert_eq!((ret, &out), (XDP_PASS, &foreign));
+    let after = dp.counters().expect("counters");
+    assert_eq!(
+        after.get(Counter::PassGueForeignSource) - before.get(Counter::PassGueForeignSource),
+        1
     );
     assert_dropped(
         &dp,
