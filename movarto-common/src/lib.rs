@@ -14,3 +14,4 @@ pub mod flow;
 pub mod gue;
 pub mod ids;
 pub mod net;
+pub mod ttl;
