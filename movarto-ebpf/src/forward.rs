@@ -1,5 +1,10 @@
 //! Mode `forward` at site A (from switchover): everything for `H` goes to
 //! `TB` in GUE; GUE from `TB` is unwrapped and routed out from `H`.
+//!
+//! A is a router on both paths, as its kernel was when it routed `H` to the
+//! VM: the TTL (IPv4) or hop limit (IPv6) of the inner packet is decremented
+//! once, at A, and B delivers without touching it, so the VM and the
+//! clients see what they saw before the move.
 
 use core::ffi::c_void;
 
@@ -9,15 +14,22 @@ use movarto_common::{
     counters::Counter,
     flow::origin,
     gue::{GUE_OVERHEAD_IPV4, clamped_mss},
-    net::family,
+    net::{ETH_HLEN, ICMP_HLEN, family},
+    ttl,
 };
 
 use crate::{
+    counters,
     flows::{self, Direction},
-    icmp, link_local, mss,
+    icmp::{self, Message},
+    link_local, mss,
     outcome::Outcome,
-    parse, route, tunnel,
+    parse::{self, bytes, bytes_mut},
+    route, tunnel,
 };
+
+/// IPv4 "don't fragment" in the flags byte (offset 6 of the header).
+const IPV4_DF: u8 = 0x40;
 
 /// Uplink ingress, anything but our GUE: traffic for `H` goes into the tunnel.
 #[inline(always)]
@@ -28,6 +40,11 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
     }
     if pkt.family != cfg.service_family || pkt.dst_addr != cfg.home_addr {
         return Ok(Outcome::Pass);
+    }
+    // As a router, the TTL check comes before anything else; the packet
+    // never reaches the VM, so it is not the flow's.
+    if ttl::expires(hop_limit(ctx, pkt)?) {
+        return time_exceeded(ctx, pkt);
     }
     // Pre-move flows and stale-DNS newcomers alike.
     flows::record(pkt, Direction::FromPeer, origin::STALE_DNS);
@@ -42,12 +59,23 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
         );
     }
     if !tunnel::fits(cfg, pkt, 0) {
-        let action = if pkt.family == family::IPV6 {
-            icmp::too_big_v6(ctx, cfg.tunnel_mtu)?
-        } else {
-            icmp::too_big_v4(ctx, cfg.tunnel_mtu)?
-        };
+        // XDP turns one packet into one packet: it cannot fragment a DF-clear
+        // one. Frag-needed makes the sender fragment at the source instead
+        // (it lowers its path MTU for `H` whatever the socket's DF setting).
+        if pkt.family == family::IPV4 && !dont_fragment(ctx)? {
+            counters::bump(Counter::TooBigNoDf);
+        }
+        // Quoted as it arrived, before the decrement, as a router does.
+        let action = icmp::answer_xdp(
+            ctx,
+            pkt.family,
+            pkt.ip_len,
+            Message::too_big(pkt.family, cfg.tunnel_mtu),
+        )?;
         return Ok(Outcome::Sent(action, Counter::IcmpTooBig));
+    }
+    if !decrement(ctx, pkt)? {
+        return Err(Counter::DropTtlExceeded);
     }
     tunnel::encapsulate(ctx, cfg, pkt, Direction::FromPeer)?;
     let hop = route::lookup(
@@ -65,6 +93,75 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
     ))
 }
 
+/// A packet for `H` whose TTL or hop limit expires at A: ICMP time-exceeded
+/// to its source, as the router before `H` answers. Never about an ICMP
+/// error or a non-first fragment (RFC 1812 4.3.2.7, RFC 4443 2.4): those are
+/// dropped.
+#[inline(always)]
+fn time_exceeded(ctx: &XdpContext, pkt: &parse::Packet) -> Result<Outcome, Counter> {
+    if matches!(pkt.l4, parse::L4::Fragment) || is_icmp_error(ctx, pkt)? {
+        return Err(Counter::DropTtlExceeded);
+    }
+    let action = icmp::answer_xdp(
+        ctx,
+        pkt.family,
+        pkt.ip_len,
+        Message::time_exceeded(pkt.family),
+    )?;
+    Ok(Outcome::Sent(action, Counter::IcmpTimeExceeded))
+}
+
+/// Whether `pkt` is an ICMP error message (IPv4 types 3, 4, 5, 11, 12;
+/// ICMPv6 types below 128).
+#[inline(always)]
+fn is_icmp_error(ctx: &XdpContext, pkt: &parse::Packet) -> Result<bool, Counter> {
+    if !matches!(pkt.l4, parse::L4::Icmp) {
+        return Ok(false);
+    }
+    // The parser checked the whole ICMP header is there.
+    let kind = bytes::<ICMP_HLEN>(ctx.data(), ctx.data_end(), pkt.l4_offset)
+        .map_err(|_| Counter::DropTruncated)?[0];
+    Ok(if pkt.family == family::IPV6 {
+        kind < 128
+    } else {
+        matches!(kind, 3 | 4 | 5 | 11 | 12)
+    })
+}
+
+/// The TTL or hop limit of the frame's IP packet.
+#[inline(always)]
+fn hop_limit(ctx: &XdpContext, pkt: &parse::Packet) -> Result<u8, Counter> {
+    let at = if pkt.family == family::IPV6 {
+        ttl::IPV6_HOP_LIMIT
+    } else {
+        ttl::IPV4_TTL
+    };
+    let h = bytes::<12>(ctx.data(), ctx.data_end(), ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
+    Ok(h[at])
+}
+
+/// Whether the frame's IPv4 packet has DF set.
+#[inline(always)]
+fn dont_fragment(ctx: &XdpContext) -> Result<bool, Counter> {
+    let h = bytes::<12>(ctx.data(), ctx.data_end(), ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
+    Ok(h[6] & IPV4_DF != 0)
+}
+
+/// Decrements the TTL (and fixes the IPv4 checksum) or the hop limit of the
+/// frame's IP packet; `false` if it expires here.
+#[inline(always)]
+fn decrement(ctx: &XdpContext, pkt: &parse::Packet) -> Result<bool, Counter> {
+    if pkt.family == family::IPV6 {
+        let h = bytes_mut::<8>(ctx.data(), ctx.data_end(), ETH_HLEN)
+            .map_err(|_| Counter::DropTruncated)?;
+        Ok(ttl::decrement_ipv6(h))
+    } else {
+        let h = bytes_mut::<12>(ctx.data(), ctx.data_end(), ETH_HLEN)
+            .map_err(|_| Counter::DropTruncated)?;
+        Ok(ttl::decrement_ipv4(h))
+    }
+}
+
 /// Uplink ingress, GUE to our endpoint: the VM's replies from `TB`, to be
 /// sent from `H` as before the move.
 #[inline(always)]
@@ -75,6 +172,13 @@ pub fn from_tunnel(
 ) -> Result<Outcome, Counter> {
     let mut inner = parse::Packet::EMPTY;
     tunnel::decapsulate(ctx, cfg, outer, Direction::ToPeer, &mut inner)?;
+    // A routes the reply, so it decrements. One that expires here is dropped
+    // without an answer: the VM is behind the tunnel, and an ICMP to it would
+    // have to be encapsulated back toward B (its TTL 1 came from the VM
+    // itself, which B does not decrement: a traceroute's first hop).
+    if !decrement(ctx, &inner)? {
+        return Err(Counter::DropTtlExceeded);
+    }
     flows::record(&inner, Direction::ToPeer, origin::STALE_DNS);
     let hop = route::lookup(
         ctx.ctx as *mut c_void,
