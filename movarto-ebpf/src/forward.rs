@@ -136,14 +136,16 @@ fn hop_limit(ctx: &XdpContext, pkt: &parse::Packet) -> Result<u8, Counter> {
     } else {
         ttl::IPV4_TTL
     };
-    let h = bytes::<12>(ctx.data(), ctx.data_end(), ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
+    let h =
+        bytes::<12>(ctx.data(), ctx.data_end(), ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
     Ok(h[at])
 }
 
 /// Whether the frame's IPv4 packet has DF set.
 #[inline(always)]
 fn dont_fragment(ctx: &XdpContext) -> Result<bool, Counter> {
-    let h = bytes::<12>(ctx.data(), ctx.data_end(), ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
+    let h =
+        bytes::<12>(ctx.data(), ctx.data_end(), ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
     Ok(h[6] & IPV4_DF != 0)
 }
 

@@ -180,9 +180,14 @@ fn load(cfg: &SiteConfig) -> Datapath {
 
 /// Client -> H, TCP with `payload`.
 fn client_to_home4(payload: &[u8]) -> Vec<u8> {
+    client_to_home4_ttl(payload, 64)
+}
+
+/// Client -> H, TCP with `payload` and TTL `ttl`.
+fn client_to_home4_ttl(payload: &[u8], ttl: u8) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(ANY_MAC, UPLINK_MAC)
-        .ipv4(PEER4, HOME4, 64)
+        .ipv4(PEER4, HOME4, ttl)
         .tcp(40000, 80, 1, 64240)
         .ack(1)
         .write(&mut out, payload)
@@ -192,8 +197,13 @@ fn client_to_home4(payload: &[u8]) -> Vec<u8> {
 
 /// H -> client, TCP with `payload` (the VM's reply), as an IP packet.
 fn home_to_client4_ip(payload: &[u8]) -> Vec<u8> {
+    home_to_client4_ip_ttl(payload, 64)
+}
+
+/// H -> client, TCP with `payload` and TTL `ttl`, as an IP packet.
+fn home_to_client4_ip_ttl(payload: &[u8], ttl: u8) -> Vec<u8> {
     let mut out = Vec::new();
-    PacketBuilder::ipv4(HOME4, PEER4, 64)
+    PacketBuilder::ipv4(HOME4, PEER4, ttl)
         .tcp(80, 40000, 1, 64240)
         .ack(1)
         .write(&mut out, payload)
@@ -234,6 +244,35 @@ fn run(dp: &Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
     run_frame_out(dp, Hook::Uplink, frame).expect("test run")
 }
 
+/// The one's-complement sum of `parts` as big-endian 16-bit words (only the
+/// last part may be odd; it is padded with a zero), folded to 16 bits.
+fn ones_sum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for part in parts {
+        for w in part.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w.get(1).copied().unwrap_or(0)]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Checks the IPv4 header at the start of `ip` from scratch: its words,
+/// checksum included, sum to all ones.
+fn assert_ipv4_checksum(ip: &[u8]) {
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    assert_eq!(ones_sum(&[&ip[..ihl]]), 0xffff, "IPv4 header checksum");
+}
+
+/// Recomputes the IPv4 header checksum of `ip` (after a test edited the header).
+fn fix_ipv4_checksum(ip: &mut [u8]) {
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let check = !ones_sum(&[&ip[..20]]);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+}
+
 // ---- site A, forward ----
 
 #[test]
@@ -246,13 +285,17 @@ fn forward_encapsulates_traffic_for_home_exactly_like_the_reference() {
     let before = dp.counters().expect("counters");
     let (ret, out) = run(&dp, &frame);
     assert_eq!(ret, XDP_REDIRECT, "leaves by the uplink found in the FIB");
+    // A routes H's packets: the inner packet is the client's, one hop older.
+    let inner = client_to_home4_ttl(&[0x5a; 200], 63);
     let want = ethernet(
         TB_MAC,
         UPLINK_MAC,
         0x0800,
-        &reference_gue(TA, TB, &key4(), TOKEN, &frame[14..]),
+        &reference_gue(TA, TB, &key4(), TOKEN, &inner[14..]),
     );
     assert_eq!(out, want);
+    assert_eq!(out[14 + 40 + 8], 63, "inner TTL");
+    assert_ipv4_checksum(&out[14 + 40..]);
     let after = dp.counters().expect("counters");
     assert_counter_delta(
         &before,
@@ -313,11 +356,13 @@ fn forward_encapsulates_ipv6_inner_with_proto_41() {
         proto::UDP,
     )
     .expect("key");
+    let mut inner = frame[14..].to_vec();
+    inner[7] = 63; // the hop limit, decremented by A as the router before H
     let want = ethernet(
         TB_MAC,
         UPLINK_MAC,
         0x0800,
-        &reference_gue(TA, TB, &key, TOKEN, &frame[14..]),
+        &reference_gue(TA, TB, &key, TOKEN, &inner),
     );
     assert_eq!(out, want);
     assert_eq!(out[14 + 1], 0xb8, "outer TOS copied from the traffic class");
@@ -357,6 +402,7 @@ fn too_big_for_the_tunnel_is_answered_with_icmp_frag_needed() {
         after.get(Counter::TunnelOut),
         before.get(Counter::TunnelOut)
     );
+    assert_eq!(after.get(Counter::TooBigNoDf), 0, "DF is set");
 
     // Addressed back to the sender's MAC, from H to the client.
     assert_eq!(&out[..6], &big[6..12]);
@@ -545,9 +591,16 @@ fn replies_from_site_b_are_unwrapped_and_routed_to_the_client() {
     assert_eq!(ret, XDP_REDIRECT);
     assert_eq!(
         out,
-        ethernet(GW_MAC, UPLINK_MAC, 0x0800, &inner),
-        "the inner packet, addressed to the gateway"
+        ethernet(
+            GW_MAC,
+            UPLINK_MAC,
+            0x0800,
+            &home_to_client4_ip_ttl(&[0x42; 300], 63)
+        ),
+        "the inner packet, one hop older, addressed to the gateway"
     );
+    assert_eq!(out[14 + 8], 63, "TTL 64 leaves A as 63");
+    assert_ipv4_checksum(&out[14..]);
     assert_eq!(dp.counters().expect("counters").get(Counter::TunnelIn), 1);
     let flows = dp.flows().expect("flows");
     assert_eq!(flows[0].1.packets_to_peer, 1);
@@ -647,6 +700,363 @@ fn malformed_gue_is_dropped_and_counted() {
     // A GUE hlen that runs past the packet: truncated frame.
     let short = gue_frame(TB, TOKEN, |_| {});
     assert_eq!(run(&dp, &short[..14 + 28 + 6]).0, XDP_DROP);
+}
+
+// ---- site A, forward: A is the router before H ----
+
+/// Checks `out` is the ICMP error `kind`/`code`/`rest` from H back to the
+/// sender of `sent` (a client -> H frame): addresses, lengths, both checksums
+/// (summed from scratch) and the quote, the first bytes of `sent`'s IP
+/// packet as it arrived (84 at most). Returns the quote's length.
+fn assert_icmp4_answer(sent: &[u8], out: &[u8], kind: u8, code: u8, rest: [u8; 4]) -> usize {
+    let ip_len = usize::from(u16::from_be_bytes([sent[14 + 2], sent[14 + 3]]));
+    let quote = ip_len.min(20 + 64);
+    assert_eq!(
+        out.len(),
+        14 + 20 + 8 + quote,
+        "Ethernet + IPv4 + ICMP + quote"
+    );
+    assert_eq!(&out[..6], &sent[6..12], "back to the sender's MAC");
+    assert_eq!(&out[6..12], &sent[..6]);
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    let ip = &out[14..14 + 20];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(usize::from(u16::from_be_bytes([ip[2], ip[3]])), 28 + quote);
+    assert_eq!((ip[8], ip[9]), (64, 1), "TTL 64, ICMP");
+    assert_eq!(
+        (&ip[12..16], &ip[16..20]),
+        (&HOME4[..], &PEER4[..]),
+        "from H to the client"
+    );
+    assert_ipv4_checksum(ip);
+    let icmp = &out[14 + 20..];
+    assert_eq!((icmp[0], icmp[1]), (kind, code), "ICMP type and code");
+    assert_eq!(&icmp[4..8], &rest);
+    assert_eq!(ones_sum(&[icmp]), 0xffff, "ICMP checksum");
+    assert_eq!(&icmp[8..], &sent[14..14 + quote], "the quote");
+    quote
+}
+
+/// [`assert_icmp4_answer`] for ICMPv6 (the checksum over the pseudo-header; 104 bytes of quote at most).
+fn assert_icmp6_answer(sent: &[u8], out: &[u8], kind: u8, code: u8, rest: [u8; 4]) -> usize {
+    let ip_len = 40 + usize::from(u16::from_be_bytes([sent[14 + 4], sent[14 + 5]]));
+    let quote = ip_len.min(40 + 64);
+    assert_eq!(
+        out.len(),
+        14 + 40 + 8 + quote,
+        "Ethernet + IPv6 + ICMPv6 + quote"
+    );
+    assert_eq!(&out[..6], &sent[6..12], "back to the sender's MAC");
+    assert_eq!(&out[6..12], &sent[..6]);
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    let ip = &out[14..14 + 40];
+    assert_eq!(&ip[..4], &[0x60, 0, 0, 0]);
+    assert_eq!(usize::from(u16::from_be_bytes([ip[4], ip[5]])), 8 + quote);
+    assert_eq!((ip[6], ip[7]), (58, 64), "ICMPv6, hop limit 64");
+    assert_eq!(
+        (&ip[8..24], &ip[24..40]),
+        (&HOME6[..], &PEER6[..]),
+        "from H to the client"
+    );
+    let icmp = &out[14 + 40..];
+    assert_eq!((icmp[0], icmp[1]), (kind, code), "ICMPv6 type and code");
+    assert_eq!(&icmp[4..8], &rest);
+    let length = (icmp.len() as u32).to_be_bytes();
+    assert_eq!(
+        ones_sum(&[&ip[8..40], &length, &[0, 0, 0, 58], icmp]),
+        0xffff,
+        "ICMPv6 checksum over the pseudo-header"
+    );
+    assert_eq!(&icmp[8..], &sent[14..14 + quote], "the quote");
+    quote
+}
+
+/// Client -> H, UDP (a traceroute probe) with `payload` and TTL `ttl`.
+fn probe4(payload: &[u8], ttl: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(ANY_MAC, UPLINK_MAC)
+        .ipv4(PEER4, HOME4, ttl)
+        .udp(40001, 33434)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+/// The same over IPv6, with hop limit `hop_limit`.
+fn probe6(payload: &[u8], hop_limit: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(ANY_MAC, UPLINK_MAC)
+        .ipv6(PEER6, HOME6, hop_limit)
+        .udp(40001, 33434)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+#[test]
+fn a_packet_for_home_whose_ttl_expires_at_a_is_answered_with_time_exceeded() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    // A short probe (an odd length, quoted whole), a long segment (84 bytes
+    // quoted), and TTL 0 in a frame with Ethernet padding (not quoted).
+    let mut padded = probe4(b"hi", 0);
+    padded.extend_from_slice(&[0xee; 16]);
+    for (frame, class, quote) in [
+        (probe4(&[0x61; 31], 1), Counter::L4Udp, 59),
+        (client_to_home4_ttl(&[0x5a; 200], 1), Counter::L4Tcp, 84),
+        (padded, Counter::L4Udp, 30),
+    ] {
+        let before = dp.counters().expect("counters");
+        let (ret, out) = run(&dp, &frame);
+        assert_eq!(ret, XDP_TX, "back where it came from");
+        assert_counter_delta(
+            &before,
+            &dp.counters().expect("counters"),
+            &[
+                (Counter::Packets, 1),
+                (class, 1),
+                (Counter::IcmpTimeExceeded, 1),
+            ],
+        );
+        assert_eq!(assert_icmp4_answer(&frame, &out, 11, 0, [0; 4]), quote);
+        let sliced = etherparse::SlicedPacket::from_ethernet(&out).expect("parse ICMP");
+        let Some(etherparse::TransportSlice::Icmpv4(icmp)) = sliced.transport else {
+            panic!("not ICMP")
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv4Type::TimeExceeded(
+                etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit
+            )
+        );
+    }
+    assert!(
+        dp.flows().expect("flows").is_empty(),
+        "expired packets never reached the VM: no flow"
+    );
+}
+
+#[test]
+fn ipv6_hop_limit_expiring_at_a_is_answered_with_time_exceeded() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME6)));
+    let mut long = client_to_home6(&[0x5a; 200]);
+    long[14 + 7] = 1;
+    for (frame, class, quote) in [
+        (probe6(&[0x61; 21], 1), Counter::L4Udp, 69),
+        (long, Counter::L4Tcp, 104),
+        (probe6(b"x", 0), Counter::L4Udp, 49),
+    ] {
+        let before = dp.counters().expect("counters");
+        let (ret, out) = run(&dp, &frame);
+        assert_eq!(ret, XDP_TX, "back where it came from");
+        assert_counter_delta(
+            &before,
+            &dp.counters().expect("counters"),
+            &[
+                (Counter::Packets, 1),
+                (class, 1),
+                (Counter::IcmpTimeExceeded, 1),
+            ],
+        );
+        assert_eq!(assert_icmp6_answer(&frame, &out, 3, 0, [0; 4]), quote);
+        let sliced = etherparse::SlicedPacket::from_ethernet(&out).expect("parse ICMPv6");
+        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = sliced.transport else {
+            panic!("not ICMPv6")
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv6Type::TimeExceeded(
+                etherparse::icmpv6::TimeExceededCode::HopLimitExceeded
+            )
+        );
+        assert!(icmp.is_checksum_valid(HOME6, PEER6));
+    }
+    assert!(dp.flows().expect("flows").is_empty());
+}
+
+#[test]
+fn no_time_exceeded_about_an_icmp_error_or_a_non_first_fragment() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    let icmp4 = |icmp_type| {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(ANY_MAC, UPLINK_MAC)
+            .ipv4(PEER4, HOME4, 1)
+            .icmpv4(icmp_type)
+            .write(&mut out, &[0x45; 28])
+            .expect("build");
+        out
+    };
+    let unreachable = icmp4(etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::Port,
+    ));
+    let mut fragment = probe4(&[0x61; 40], 1);
+    fragment[14 + 6..14 + 8].copy_from_slice(&[0, 16]); // offset 128 bytes
+    fix_ipv4_checksum(&mut fragment[14..]);
+    for (frame, class) in [
+        (unreachable, Counter::L4Icmp),
+        (fragment, Counter::L4Fragment),
+    ] {
+        let before = dp.counters().expect("counters");
+        let (ret, _) = run(&dp, &frame);
+        assert_eq!(ret, XDP_DROP);
+        assert_counter_delta(
+            &before,
+            &dp.counters().expect("counters"),
+            &[
+                (Counter::Packets, 1),
+                (class, 1),
+                (Counter::DropTtlExceeded, 1),
+            ],
+        );
+    }
+    // An echo request is no error: it gets its time-exceeded (ping -t 1).
+    let echo = icmp4(etherparse::Icmpv4Type::EchoRequest(
+        etherparse::IcmpEchoHeader { id: 1, seq: 1 },
+    ));
+    let (ret, out) = run(&dp, &echo);
+    assert_eq!(ret, XDP_TX);
+    assert_icmp4_answer(&echo, &out, 11, 0, [0; 4]);
+
+    // IPv6: not about an ICMPv6 error (types below 128) either.
+    let dp6 = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME6)));
+    let mut too_big = Vec::new();
+    PacketBuilder::ethernet2(ANY_MAC, UPLINK_MAC)
+        .ipv6(PEER6, HOME6, 1)
+        .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
+        .write(&mut too_big, &[0x60; 48])
+        .expect("build");
+    let before = dp6.counters().expect("counters");
+    assert_eq!(run(&dp6, &too_big).0, XDP_DROP);
+    assert_counter_delta(
+        &before,
+        &dp6.counters().expect("counters"),
+        &[
+            (Counter::Packets, 1),
+            (Counter::L4Icmp, 1),
+            (Counter::DropTtlExceeded, 1),
+        ],
+    );
+}
+
+/// A GUE frame from TB carrying `inner`, a reply from H.
+fn reply_frame(inner: &[u8], key: &FlowKey) -> Vec<u8> {
+    ethernet(
+        UPLINK_MAC,
+        TB_MAC,
+        0x0800,
+        &reference_gue(TB, TA, key, TOKEN, inner),
+    )
+}
+
+fn key6() -> FlowKey {
+    FlowKey::new(
+        (IpAddr::from(HOME6), 53),
+        (IpAddr::from(PEER6), 5353),
+        proto::UDP,
+    )
+    .expect("key")
+}
+
+/// H -> client over IPv6, UDP, as an IP packet.
+fn home_to_client6_ip(payload: &[u8], hop_limit: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv6(HOME6, PEER6, hop_limit)
+        .udp(53, 5353)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+#[test]
+fn an_ipv6_reply_from_the_tunnel_leaves_with_its_hop_limit_decremented() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME6)));
+    let frame = reply_frame(&home_to_client6_ip(b"answer", 64), &key6());
+    let (ret, out) = run(&dp, &frame);
+    assert_eq!(ret, XDP_REDIRECT);
+    assert_eq!(
+        out,
+        ethernet(
+            GW_MAC,
+            UPLINK_MAC,
+            0x86dd,
+            &home_to_client6_ip(b"answer", 63)
+        )
+    );
+}
+
+#[test]
+fn a_reply_whose_ttl_expires_at_a_is_dropped_not_answered_into_the_tunnel() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    let dp6 = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME6)));
+    for (dp, frame) in [
+        (&dp, reply_frame(&home_to_client4_ip_ttl(b"r", 1), &key4())),
+        (&dp, reply_frame(&home_to_client4_ip_ttl(b"r", 0), &key4())),
+        (&dp6, reply_frame(&home_to_client6_ip(b"r", 1), &key6())),
+        (&dp6, reply_frame(&home_to_client6_ip(b"r", 0), &key6())),
+    ] {
+        let before = dp.counters().expect("counters");
+        let (ret, _) = run(dp, &frame);
+        assert_eq!(ret, XDP_DROP);
+        assert_counter_delta(
+            &before,
+            &dp.counters().expect("counters"),
+            &[
+                (Counter::Packets, 1),
+                (Counter::L4Udp, 1),
+                (Counter::DropTtlExceeded, 1),
+            ],
+        );
+        assert!(dp.flows().expect("flows").is_empty());
+    }
+}
+
+#[test]
+fn too_big_without_df_is_answered_with_frag_needed_and_counted() {
+    require_root();
+    let s = site(TA, TB, TB_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let dp = load(&site_a_config(&s, Mode::Forward, IpAddr::from(HOME4)));
+    let mut big = client_to_home4(&vec![1; 1500 - 40 - 40 + 1]);
+    big[14 + 6] &= !0x40; // DF clear
+    fix_ipv4_checksum(&mut big[14..]);
+    let before = dp.counters().expect("counters");
+    let (ret, out) = run(&dp, &big);
+    assert_eq!(
+        ret, XDP_TX,
+        "XDP can't fragment: frag-needed, back to the sender"
+    );
+    assert_counter_delta(
+        &before,
+        &dp.counters().expect("counters"),
+        &[
+            (Counter::Packets, 1),
+            (Counter::L4Tcp, 1),
+            (Counter::FlowCreated, 1),
+            (Counter::IcmpTooBig, 1),
+            (Counter::TooBigNoDf, 1),
+        ],
+    );
+    let mtu = 1460u16.to_be_bytes();
+    // Quoted as it arrived: TTL 64, DF clear.
+    assert_eq!(
+        assert_icmp4_answer(&big, &out, 3, 4, [0, 0, mtu[0], mtu[1]]),
+        84
+    );
+    assert_eq!((out[14 + 28 + 6], out[14 + 28 + 8]), (0, 64));
 }
 
 // ---- site B, receive ----
