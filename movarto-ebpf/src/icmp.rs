@@ -87,127 +87,200 @@ impl Message {
 }
 
 /// IPv4: the quote is the IP header and 64 bytes after it (RFC 1812 asks
-/// for at least 8), or the whole packet if it is shorter.
+/// for at least 8), or the whole of a shorter packet (down to whole words).
 const QUOTE: usize = IPV4_MIN_HLEN + 64;
 /// New IPv4 + ICMP headers.
 const PREPEND: usize = IPV4_MIN_HLEN + 8;
-/// ICMP header and the longest quote: what the ICMP checksum covers (a multiple of 4).
-const ICMP_LEN: usize = 8 + QUOTE;
-const FRAME: usize = ETH_HLEN + IPV4_MIN_HLEN + ICMP_LEN;
+/// What the IPv4 writer reads and writes in place: Ethernet, the new
+/// headers and the quoted IPv4 header (its addresses).
+const HEAD: usize = ETH_HLEN + PREPEND + IPV4_MIN_HLEN;
 
 /// IPv6: the IPv6 header and 64 bytes after it (RFC 4443 allows less than
-/// the 1280-byte maximum), or the whole packet if it is shorter.
+/// the 1280-byte maximum), or the whole of a shorter packet (down to whole words).
 const QUOTE6: usize = IPV6_HLEN + 64;
 /// New IPv6 + ICMPv6 headers.
 const PREPEND6: usize = IPV6_HLEN + 8;
-/// ICMPv6 header and the longest quote (a multiple of 4).
-const ICMP6_LEN: usize = 8 + QUOTE6;
-const FRAME6: usize = ETH_HLEN + IPV6_HLEN + ICMP6_LEN;
+const HEAD6: usize = ETH_HLEN + PREPEND6 + IPV6_HLEN;
 
 /// XDP: turns the frame, whose IP packet of `fam` is `ip_len` bytes long,
 /// into `msg` to its sender, back out of the port it came in on.
 #[inline(always)]
 pub fn answer_xdp(ctx: &XdpContext, fam: u8, ip_len: usize, msg: Message) -> Result<u32, Counter> {
-    let padding = if fam == family::IPV6 {
-        let quote = resize_xdp(ctx, ip_len, QUOTE6, PREPEND6)?;
-        let f = bytes_mut::<FRAME6>(ctx.data(), ctx.data_end(), 0)
-            .map_err(|_| Counter::DropResizeFailed)?;
-        // The old Ethernet header now sits at PREPEND6: answer from its destination to its source.
-        answer_macs(f, PREPEND6);
-        write_v6(f, msg, quote)?;
-        QUOTE6 - quote
+    let (max_quote, prepend) = if fam == family::IPV6 {
+        (QUOTE6, PREPEND6)
     } else {
-        let quote = resize_xdp(ctx, ip_len, QUOTE, PREPEND)?;
-        let f = bytes_mut::<FRAME>(ctx.data(), ctx.data_end(), 0)
-            .map_err(|_| Counter::DropResizeFailed)?;
-        answer_macs(f, PREPEND);
-        write_v4(f, msg, quote)?;
-        QUOTE - quote
+        (QUOTE, PREPEND)
     };
-    // SAFETY: plain helper call on our own context.
-    if padding > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(padding as i32)) } != 0 {
-        return Err(Counter::DropResizeFailed);
-    }
-    Ok(xdp_action::XDP_TX)
-}
-
-/// Cuts the frame to Ethernet and the quote (the first `max_quote` bytes of
-/// its `ip_len`-byte IP packet, or all of a shorter one), pads it with zeros
-/// to `max_quote` and makes `prepend` bytes of room in front. The writers
-/// checksum the longest quote, which the zeros leave as if it were cut
-/// there; the caller then trims them. Returns the quote's length.
-#[inline(always)]
-fn resize_xdp(
-    ctx: &XdpContext,
-    ip_len: usize,
-    max_quote: usize,
-    prepend: usize,
-) -> Result<usize, Counter> {
+    // Whole words only, so the checksum runs in fixed-size chunks: a packet
+    // shorter than the quote loses up to 3 bytes of it, never its
+    // transport header's first 8 (TCP, UDP and ICMP packets are longer).
     let quote = if ip_len < max_quote {
-        ip_len
+        ip_len & !3
     } else {
         max_quote
     };
-    let frame_len = ctx.data_end() - ctx.data();
-    // The parser checked the IP packet lies within the frame.
-    let cut = frame_len
+    // The parser checked the IP packet lies within the frame; what follows
+    // the quote (the rest, any Ethernet padding) goes.
+    let cut = (ctx.data_end() - ctx.data())
         .checked_sub(ETH_HLEN + quote)
         .ok_or(Counter::DropTruncated)?;
-    let padding = max_quote - quote;
-    // SAFETY: plain helper calls on our own context. A grown tail is zeroed
-    // by the kernel (bpf_xdp_adjust_tail clears what it adds).
+    // SAFETY: plain helper calls on our own context.
     let resized = unsafe {
         (cut == 0 || bpf_xdp_adjust_tail(ctx.ctx, -(cut as i32)) == 0)
-            && (padding == 0 || bpf_xdp_adjust_tail(ctx.ctx, padding as i32) == 0)
             && bpf_xdp_adjust_head(ctx.ctx, -(prepend as i32)) == 0
     };
     if !resized {
         return Err(Counter::DropResizeFailed);
     }
-    Ok(quote)
+    // The old Ethernet header now sits at `prepend`: answer from its destination to its source.
+    write(ctx.data(), ctx.data_end(), fam, msg, quote, prepend)?;
+    Ok(xdp_action::XDP_TX)
 }
 
 /// TC, for an IPv4 packet the VM sent: frag-needed back to the VM, out of
 /// the VM-facing interface (`vm_ifindex`).
 #[inline(always)]
 pub fn too_big_v4_tc(ctx: &TcContext, tunnel_mtu: u16, vm_ifindex: u32) -> Result<u32, Counter> {
-    shrink_tc(ctx, ETH_HLEN + QUOTE, PREPEND, FRAME)?;
-    let f =
-        bytes_mut::<FRAME>(ctx.data(), ctx.data_end(), 0).map_err(|_| Counter::DropResizeFailed)?;
-    answer_macs(f, 0);
-    write_v4(f, Message::too_big(family::IPV4, tunnel_mtu), QUOTE)?;
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(vm_ifindex, 0) } as u32)
+    too_big_tc(ctx, family::IPV4, tunnel_mtu, vm_ifindex)
 }
 
 /// TC, for an IPv6 packet the VM sent: packet-too-big back to the VM.
 #[inline(always)]
 pub fn too_big_v6_tc(ctx: &TcContext, tunnel_mtu: u16, vm_ifindex: u32) -> Result<u32, Counter> {
-    shrink_tc(ctx, ETH_HLEN + QUOTE6, PREPEND6, FRAME6)?;
-    let f = bytes_mut::<FRAME6>(ctx.data(), ctx.data_end(), 0)
-        .map_err(|_| Counter::DropResizeFailed)?;
-    answer_macs(f, 0);
-    write_v6(f, Message::too_big(family::IPV6, tunnel_mtu), QUOTE6)?;
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect(vm_ifindex, 0) } as u32)
+    too_big_tc(ctx, family::IPV6, tunnel_mtu, vm_ifindex)
 }
 
-/// Cuts the skb to `keep` bytes, makes `prepend` bytes of room after the
-/// Ethernet header and makes the first `frame` bytes directly accessible.
-/// A packet too big for the tunnel is always longer than the quote.
+/// Room is made after the Ethernet header, which stays where it is. A
+/// packet too big for the tunnel is always longer than the quote.
 #[inline(always)]
-fn shrink_tc(ctx: &TcContext, keep: usize, prepend: usize, frame: usize) -> Result<(), Counter> {
-    if (ctx.len() as usize) < keep {
+fn too_big_tc(ctx: &TcContext, fam: u8, tunnel_mtu: u16, vm_ifindex: u32) -> Result<u32, Counter> {
+    let (quote, prepend) = if fam == family::IPV6 {
+        (QUOTE6, PREPEND6)
+    } else {
+        (QUOTE, PREPEND)
+    };
+    if (ctx.len() as usize) < ETH_HLEN + quote {
         return Err(Counter::DropTooBig);
     }
     // SAFETY: plain helper call on our own context.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, keep as u32, 0) } != 0 {
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + quote) as u32, 0) } != 0 {
         return Err(Counter::DropResizeFailed);
     }
     ctx.adjust_room(prepend as i32, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, 0)
         .map_err(|_| Counter::DropResizeFailed)?;
-    ctx.pull_data(frame as u32)
-        .map_err(|_| Counter::DropResizeFailed)
+    ctx.pull_data((ETH_HLEN + prepend + quote) as u32)
+        .map_err(|_| Counter::DropResizeFailed)?;
+    write(
+        ctx.data(),
+        ctx.data_end(),
+        fam,
+        Message::too_big(fam, tunnel_mtu),
+        quote,
+        0,
+    )?;
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect(vm_ifindex, 0) } as u32)
+}
+
+/// Writes Ethernet, IP and ICMP headers of `msg` in front of the quote of
+/// `quote` bytes in the packet `[data, data_end)`; the offending frame's
+/// Ethernet header is at `old_eth`.
+#[inline(always)]
+fn write(
+    data: usize,
+    data_end: usize,
+    fam: u8,
+    msg: Message,
+    quote: usize,
+    old_eth: usize,
+) -> Result<(), Counter> {
+    let (at, seed) = if fam == family::IPV6 {
+        (
+            ETH_HLEN + IPV6_HLEN,
+            write_v6(data, data_end, msg, quote, old_eth)?,
+        )
+    } else {
+        (
+            ETH_HLEN + IPV4_MIN_HLEN,
+            write_v4(data, data_end, msg, quote, old_eth)?,
+        )
+    };
+    let check = u16::from_be(checksum::fold(sum_packet(
+        data,
+        data_end,
+        at,
+        8 + quote,
+        seed,
+    )?));
+    let h = bytes_mut::<8>(data, data_end, at).map_err(|_| Counter::DropResizeFailed)?;
+    h[2..4].copy_from_slice(&check.to_be_bytes());
+    Ok(())
+}
+
+#[inline(always)]
+fn write_v4(
+    data: usize,
+    data_end: usize,
+    msg: Message,
+    quote: usize,
+    old_eth: usize,
+) -> Result<u32, Counter> {
+    let ip = ETH_HLEN;
+    let icmp = ip + IPV4_MIN_HLEN;
+    let mut header = [0u8; IPV4_MIN_HLEN];
+    let f = bytes_mut::<HEAD>(data, data_end, 0).map_err(|_| Counter::DropResizeFailed)?;
+    answer_macs(f, old_eth);
+    f[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    let quoted = ETH_HLEN + PREPEND;
+    let mut addrs = [0u8; 8];
+    addrs.copy_from_slice(&f[quoted + 12..quoted + 20]);
+
+    f[ip] = 0x45;
+    f[ip + 1] = 0;
+    f[ip + 2..ip + 4].copy_from_slice(&((PREPEND + quote) as u16).to_be_bytes());
+    f[ip + 4..ip + 10].copy_from_slice(&[0, 0, 0, 0, 64, proto::ICMP]);
+    f[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
+    f[ip + 12..ip + 16].copy_from_slice(&addrs[4..8]); // from the original destination
+    f[ip + 16..ip + 20].copy_from_slice(&addrs[..4]); // to the original source
+    header.copy_from_slice(&f[ip..ip + IPV4_MIN_HLEN]);
+    f[ip + 10..ip + 12].copy_from_slice(&checksum::ipv4_header(&header).to_be_bytes());
+    write_icmp_header(&mut f[icmp..icmp + 8], msg);
+    Ok(0)
+}
+
+#[inline(always)]
+fn write_v6(
+    data: usize,
+    data_end: usize,
+    msg: Message,
+    quote: usize,
+    old_eth: usize,
+) -> Result<u32, Counter> {
+    let ip = ETH_HLEN;
+    let icmp = ip + IPV6_HLEN;
+    let upper_len = (8 + quote) as u16;
+    let f = bytes_mut::<HEAD6>(data, data_end, 0).map_err(|_| Counter::DropResizeFailed)?;
+    answer_macs(f, old_eth);
+    f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    let quoted = ETH_HLEN + PREPEND6;
+    let mut addrs = [0u8; 32];
+    addrs.copy_from_slice(&f[quoted + 8..quoted + 40]);
+
+    f[ip..ip + 4].copy_from_slice(&[0x60, 0, 0, 0]);
+    f[ip + 4..ip + 6].copy_from_slice(&upper_len.to_be_bytes());
+    f[ip + 6] = proto::ICMPV6;
+    f[ip + 7] = 64;
+    f[ip + 8..ip + 24].copy_from_slice(&addrs[16..]); // from the original destination
+    f[ip + 24..ip + 40].copy_from_slice(&addrs[..16]); // to the original source
+    write_icmp_header(&mut f[icmp..icmp + 8], msg);
+    // The pseudo-header: both addresses, the upper-layer length and the next
+    // header (16-bit big-endian words), summed as `sum_packet` loads words.
+    let mut pseudo =
+        u32::from(upper_len.swap_bytes()) + u32::from(u16::from(proto::ICMPV6).swap_bytes());
+    for pair in addrs.chunks_exact(2) {
+        pseudo += u32::from(u16::from_le_bytes([pair[0], pair[1]]));
+    }
+    Ok(pseudo)
 }
 
 /// The answer's MACs: from the offending frame's destination to its source,
@@ -220,68 +293,6 @@ fn answer_macs(f: &mut [u8], old: usize) {
     f[..12].copy_from_slice(&macs);
 }
 
-/// Writes the IPv4 and ICMP headers of `msg` in front of the quote of
-/// `quote` bytes (at ETH_HLEN + PREPEND, zeros after it up to QUOTE).
-#[inline(always)]
-fn write_v4(f: &mut [u8; FRAME], msg: Message, quote: usize) -> Result<(), Counter> {
-    f[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    let quoted = ETH_HLEN + PREPEND;
-    let mut addrs = [0u8; 8];
-    addrs.copy_from_slice(&f[quoted + 12..quoted + 20]);
-
-    let ip = ETH_HLEN;
-    f[ip] = 0x45;
-    f[ip + 1] = 0;
-    f[ip + 2..ip + 4].copy_from_slice(&((PREPEND + quote) as u16).to_be_bytes());
-    f[ip + 4..ip + 10].copy_from_slice(&[0, 0, 0, 0, 64, proto::ICMP]);
-    f[ip + 10..ip + 12].copy_from_slice(&[0, 0]);
-    f[ip + 12..ip + 16].copy_from_slice(&addrs[4..8]); // from the original destination
-    f[ip + 16..ip + 20].copy_from_slice(&addrs[..4]); // to the original source
-
-    let icmp = ip + IPV4_MIN_HLEN;
-    write_icmp_header(&mut f[icmp..icmp + 8], msg);
-    let icmp_sum = sum(&mut f[icmp..icmp + ICMP_LEN])?;
-    f[icmp + 2..icmp + 4].copy_from_slice(&icmp_sum.to_be_bytes());
-    let ip_sum = sum(&mut f[ip..ip + IPV4_MIN_HLEN])?;
-    f[ip + 10..ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
-    Ok(())
-}
-
-/// Writes the IPv6 and ICMPv6 headers of `msg` in front of the quote of
-/// `quote` bytes (at ETH_HLEN + PREPEND6, zeros after it up to QUOTE6).
-#[inline(always)]
-fn write_v6(f: &mut [u8; FRAME6], msg: Message, quote: usize) -> Result<(), Counter> {
-    f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
-    let quoted = ETH_HLEN + PREPEND6;
-    let mut addrs = [0u8; 32];
-    addrs.copy_from_slice(&f[quoted + 8..quoted + 40]);
-
-    let ip = ETH_HLEN;
-    let upper_len = (8 + quote) as u16;
-    f[ip..ip + 4].copy_from_slice(&[0x60, 0, 0, 0]);
-    f[ip + 4..ip + 6].copy_from_slice(&upper_len.to_be_bytes());
-    f[ip + 6] = proto::ICMPV6;
-    f[ip + 7] = 64;
-    f[ip + 8..ip + 24].copy_from_slice(&addrs[16..]); // from the original destination
-    f[ip + 24..ip + 40].copy_from_slice(&addrs[..16]); // to the original source
-
-    let icmp = ip + IPV6_HLEN;
-    write_icmp_header(&mut f[icmp..icmp + 8], msg);
-    // The pseudo-header: both addresses (summed where they lie), then the
-    // upper-layer length and the next header, each a 32-bit big-endian word
-    // (their sum fits one); the helper sums words as loaded, so the seed is
-    // that word as loaded too.
-    let length_and_next =
-        u32::from_ne_bytes((u32::from(upper_len) + u32::from(proto::ICMPV6)).to_be_bytes());
-    let pseudo = partial(&mut f[ip + 8..ip + 40], length_and_next)?;
-    let icmp_sum = u16::from_be(checksum::fold(partial(
-        &mut f[icmp..icmp + ICMP6_LEN],
-        pseudo,
-    )?));
-    f[icmp + 2..icmp + 4].copy_from_slice(&icmp_sum.to_be_bytes());
-    Ok(())
-}
-
 /// Type, code, a zero checksum and the message's four bytes.
 #[inline(always)]
 fn write_icmp_header(h: &mut [u8], msg: Message) {
@@ -292,16 +303,57 @@ fn write_icmp_header(h: &mut [u8], msg: Message) {
     h[4..8].copy_from_slice(&msg.rest);
 }
 
-/// The Internet checksum of `bytes` (a multiple of 4 long), computed by the
-/// kernel over packet memory so nothing is copied to the stack.
+/// The one's-complement sum of the `len` bytes (a multiple of 4, below 128)
+/// at `at` of the packet, words as loaded on this little-endian machine,
+/// plus `seed`; not folded. The verifier needs fixed sizes for packet memory
+/// and the quote's length varies, so it is summed in chunks of the sizes the
+/// bits of `len` say.
 #[inline(always)]
-fn sum(bytes: &mut [u8]) -> Result<u16, Counter> {
-    // The helper returns a 32-bit one's-complement sum; fold it as the network order value.
-    Ok(u16::from_be(checksum::fold(partial(bytes, 0)?)))
+fn sum_packet(
+    data: usize,
+    data_end: usize,
+    at: usize,
+    len: usize,
+    seed: u32,
+) -> Result<u32, Counter> {
+    let mut sum = seed;
+    let mut off = at;
+    if len & 64 != 0 {
+        sum = chunk::<64>(data, data_end, off, sum)?;
+        off += 64;
+    }
+    if len & 32 != 0 {
+        sum = chunk::<32>(data, data_end, off, sum)?;
+        off += 32;
+    }
+    if len & 16 != 0 {
+        sum = chunk::<16>(data, data_end, off, sum)?;
+        off += 16;
+    }
+    if len & 8 != 0 {
+        sum = chunk::<8>(data, data_end, off, sum)?;
+        off += 8;
+    }
+    if len & 4 != 0 {
+        sum = chunk::<4>(data, data_end, off, sum)?;
+    }
+    Ok(sum)
+}
+
+/// `sum` plus the `N` bytes (a multiple of 4) at `off` of the packet.
+#[inline(always)]
+fn chunk<const N: usize>(
+    data: usize,
+    data_end: usize,
+    off: usize,
+    sum: u32,
+) -> Result<u32, Counter> {
+    let bytes = bytes_mut::<N>(data, data_end, off).map_err(|_| Counter::DropTruncated)?;
+    partial(bytes, sum)
 }
 
 /// The 32-bit one's-complement sum of `bytes` (a multiple of 4 long, words
-/// as loaded on this little-endian machine) plus `seed`, not yet folded.
+/// as loaded) plus `seed`, not yet folded; computed by the kernel.
 #[inline(always)]
 fn partial(bytes: &mut [u8], seed: u32) -> Result<u32, Counter> {
     // SAFETY: `bytes` is packet memory of the given, verified length.
