@@ -184,7 +184,8 @@ fn too_big_tc(ctx: &TcContext, fam: u8, tunnel_mtu: u16, vm_ifindex: u32) -> Res
 
 /// Writes Ethernet, IP and ICMP headers of `msg` in front of the quote of
 /// `quote` bytes in the packet `[data, data_end)`; the offending frame's
-/// Ethernet header is at `old_eth`.
+/// Ethernet header is at `old_eth`. The quote starts at ETH_HLEN + PREPEND
+/// (IPv4) or ETH_HLEN + PREPEND6 (IPv6).
 #[inline(always)]
 fn write(
     data: usize,
@@ -194,17 +195,23 @@ fn write(
     quote: usize,
     old_eth: usize,
 ) -> Result<(), Counter> {
-    let (at, seed) = if fam == family::IPV6 {
-        (
-            ETH_HLEN + IPV6_HLEN,
-            write_v6(data, data_end, msg, quote, old_eth)?,
-        )
+    // First the MACs: the new headers overwrite the old Ethernet header.
+    let (at, ethertype) = if fam == family::IPV6 {
+        (ETH_HLEN + IPV6_HLEN, ETH_P_IPV6)
     } else {
-        (
-            ETH_HLEN + IPV4_MIN_HLEN,
-            write_v4(data, data_end, msg, quote, old_eth)?,
-        )
+        (ETH_HLEN + IPV4_MIN_HLEN, ETH_P_IP)
     };
+    let eth = bytes_mut::<{ ETH_HLEN + PREPEND6 }>(data, data_end, 0)
+        .map_err(|_| Counter::DropResizeFailed)?;
+    answer_macs(eth, old_eth);
+    eth[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    let seed = if fam == family::IPV6 {
+        write_v6(data, data_end, quote)?
+    } else {
+        write_v4(data, data_end, quote)?
+    };
+    let h = bytes_mut::<8>(data, data_end, at).map_err(|_| Counter::DropResizeFailed)?;
+    write_icmp_header(h, msg);
     let check = u16::from_be(checksum::fold(sum_packet(
         data,
         data_end,
@@ -217,20 +224,12 @@ fn write(
     Ok(())
 }
 
+/// The IPv4 header of an answer quoting `quote` bytes; no pseudo-header (0).
 #[inline(always)]
-fn write_v4(
-    data: usize,
-    data_end: usize,
-    msg: Message,
-    quote: usize,
-    old_eth: usize,
-) -> Result<u32, Counter> {
+fn write_v4(data: usize, data_end: usize, quote: usize) -> Result<u32, Counter> {
     let ip = ETH_HLEN;
-    let icmp = ip + IPV4_MIN_HLEN;
     let mut header = [0u8; IPV4_MIN_HLEN];
     let f = bytes_mut::<HEAD>(data, data_end, 0).map_err(|_| Counter::DropResizeFailed)?;
-    answer_macs(f, old_eth);
-    f[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
     let quoted = ETH_HLEN + PREPEND;
     let mut addrs = [0u8; 8];
     addrs.copy_from_slice(&f[quoted + 12..quoted + 20]);
@@ -244,24 +243,16 @@ fn write_v4(
     f[ip + 16..ip + 20].copy_from_slice(&addrs[..4]); // to the original source
     header.copy_from_slice(&f[ip..ip + IPV4_MIN_HLEN]);
     f[ip + 10..ip + 12].copy_from_slice(&checksum::ipv4_header(&header).to_be_bytes());
-    write_icmp_header(&mut f[icmp..icmp + 8], msg);
     Ok(0)
 }
 
+/// The IPv6 header of an answer quoting `quote` bytes; returns the sum of
+/// the ICMPv6 pseudo-header.
 #[inline(always)]
-fn write_v6(
-    data: usize,
-    data_end: usize,
-    msg: Message,
-    quote: usize,
-    old_eth: usize,
-) -> Result<u32, Counter> {
+fn write_v6(data: usize, data_end: usize, quote: usize) -> Result<u32, Counter> {
     let ip = ETH_HLEN;
-    let icmp = ip + IPV6_HLEN;
     let upper_len = (8 + quote) as u16;
     let f = bytes_mut::<HEAD6>(data, data_end, 0).map_err(|_| Counter::DropResizeFailed)?;
-    answer_macs(f, old_eth);
-    f[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
     let quoted = ETH_HLEN + PREPEND6;
     let mut addrs = [0u8; 32];
     addrs.copy_from_slice(&f[quoted + 8..quoted + 40]);
@@ -272,7 +263,6 @@ fn write_v6(
     f[ip + 7] = 64;
     f[ip + 8..ip + 24].copy_from_slice(&addrs[16..]); // from the original destination
     f[ip + 24..ip + 40].copy_from_slice(&addrs[..16]); // to the original source
-    write_icmp_header(&mut f[icmp..icmp + 8], msg);
     // The pseudo-header: both addresses, the upper-layer length and the next
     // header (16-bit big-endian words), summed as `sum_packet` loads words.
     let mut pseudo =
@@ -316,40 +306,30 @@ fn sum_packet(
     len: usize,
     seed: u32,
 ) -> Result<u32, Counter> {
-    let mut sum = seed;
-    let mut off = at;
-    if len & 64 != 0 {
-        sum = chunk::<64>(data, data_end, off, sum)?;
-        off += 64;
-    }
-    if len & 32 != 0 {
-        sum = chunk::<32>(data, data_end, off, sum)?;
-        off += 32;
-    }
-    if len & 16 != 0 {
-        sum = chunk::<16>(data, data_end, off, sum)?;
-        off += 16;
-    }
-    if len & 8 != 0 {
-        sum = chunk::<8>(data, data_end, off, sum)?;
-        off += 8;
-    }
-    if len & 4 != 0 {
-        sum = chunk::<4>(data, data_end, off, sum)?;
-    }
-    Ok(sum)
+    let mut acc = (at, seed);
+    acc = chunk::<64>(data, data_end, len, acc)?;
+    acc = chunk::<32>(data, data_end, len, acc)?;
+    acc = chunk::<16>(data, data_end, len, acc)?;
+    acc = chunk::<8>(data, data_end, len, acc)?;
+    acc = chunk::<4>(data, data_end, len, acc)?;
+    Ok(acc.1)
 }
 
-/// `sum` plus the `N` bytes (a multiple of 4) at `off` of the packet.
+/// If `len` has the bit `N` (a multiple of 4), the `N` bytes at the offset
+/// in `acc` are added to its sum and the offset moves past them.
 #[inline(always)]
 fn chunk<const N: usize>(
     data: usize,
     data_end: usize,
-    off: usize,
-    sum: u32,
-) -> Result<u32, Counter> {
+    len: usize,
+    acc: (usize, u32),
+) -> Result<(usize, u32), Counter> {
+    let (off, sum) = acc;
+    if len & N == 0 {
+        return Ok(acc);
+    }
     let bytes = bytes_mut::<N>(data, data_end, off).map_err(|_| Counter::DropTruncated)?;
-    partial(bytes, sum)
+    Ok((off + N, partial(bytes, sum)?))
 }
 
 /// The 32-bit one's-complement sum of `bytes` (a multiple of 4 long, words

@@ -780,6 +780,16 @@ fn assert_icmp6_answer(sent: &[u8], out: &[u8], kind: u8, code: u8, rest: [u8; 4
     quote
 }
 
+/// Runs `frame` through `dp`'s uplink program; asserts the verdict `ret`
+/// and exactly the counter changes `delta`; returns the frame as it left.
+fn run_expecting(dp: &Datapath, frame: &[u8], ret: u32, delta: &[(Counter, u64)]) -> Vec<u8> {
+    let before = dp.counters().expect("counters");
+    let (got, out) = run(dp, frame);
+    assert_eq!(got, ret, "verdict");
+    assert_counter_delta(&before, &dp.counters().expect("counters"), delta);
+    out
+}
+
 /// Client -> H, UDP (a traceroute probe) with `payload` and TTL `ttl`.
 fn probe4(payload: &[u8], ttl: u8) -> Vec<u8> {
     let mut out = Vec::new();
@@ -817,12 +827,10 @@ fn a_packet_for_home_whose_ttl_expires_at_a_is_answered_with_time_exceeded() {
         (client_to_home4_ttl(&[0x5a; 200], 1), Counter::L4Tcp, 84),
         (padded, Counter::L4Udp, 28),
     ] {
-        let before = dp.counters().expect("counters");
-        let (ret, out) = run(&dp, &frame);
-        assert_eq!(ret, XDP_TX, "back where it came from");
-        assert_counter_delta(
-            &before,
-            &dp.counters().expect("counters"),
+        let out = run_expecting(
+            &dp,
+            &frame,
+            XDP_TX,
             &[
                 (Counter::Packets, 1),
                 (class, 1),
@@ -860,12 +868,10 @@ fn ipv6_hop_limit_expiring_at_a_is_answered_with_time_exceeded() {
         (long, Counter::L4Tcp, 104),
         (probe6(b"x", 0), Counter::L4Udp, 48),
     ] {
-        let before = dp.counters().expect("counters");
-        let (ret, out) = run(&dp, &frame);
-        assert_eq!(ret, XDP_TX, "back where it came from");
-        assert_counter_delta(
-            &before,
-            &dp.counters().expect("counters"),
+        let out = run_expecting(
+            &dp,
+            &frame,
+            XDP_TX,
             &[
                 (Counter::Packets, 1),
                 (class, 1),
@@ -913,12 +919,10 @@ fn no_time_exceeded_about_an_icmp_error_or_a_non_first_fragment() {
         (unreachable, Counter::L4Icmp),
         (fragment, Counter::L4Fragment),
     ] {
-        let before = dp.counters().expect("counters");
-        let (ret, _) = run(&dp, &frame);
-        assert_eq!(ret, XDP_DROP);
-        assert_counter_delta(
-            &before,
-            &dp.counters().expect("counters"),
+        run_expecting(
+            &dp,
+            &frame,
+            XDP_DROP,
             &[
                 (Counter::Packets, 1),
                 (class, 1),
@@ -942,11 +946,10 @@ fn no_time_exceeded_about_an_icmp_error_or_a_non_first_fragment() {
         .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
         .write(&mut too_big, &[0x60; 48])
         .expect("build");
-    let before = dp6.counters().expect("counters");
-    assert_eq!(run(&dp6, &too_big).0, XDP_DROP);
-    assert_counter_delta(
-        &before,
-        &dp6.counters().expect("counters"),
+    run_expecting(
+        &dp6,
+        &too_big,
+        XDP_DROP,
         &[
             (Counter::Packets, 1),
             (Counter::L4Icmp, 1),
@@ -1017,12 +1020,10 @@ fn a_reply_whose_ttl_expires_at_a_is_dropped_not_answered_into_the_tunnel() {
         (&dp6, reply_frame(&home_to_client6_ip(b"r", 1), &key6())),
         (&dp6, reply_frame(&home_to_client6_ip(b"r", 0), &key6())),
     ] {
-        let before = dp.counters().expect("counters");
-        let (ret, _) = run(dp, &frame);
-        assert_eq!(ret, XDP_DROP);
-        assert_counter_delta(
-            &before,
-            &dp.counters().expect("counters"),
+        run_expecting(
+            dp,
+            &frame,
+            XDP_DROP,
             &[
                 (Counter::Packets, 1),
                 (Counter::L4Udp, 1),
@@ -1042,15 +1043,11 @@ fn too_big_without_df_is_answered_with_frag_needed_and_counted() {
     let mut big = client_to_home4(&vec![1; 1500 - 40 - 40 + 1]);
     big[14 + 6] &= !0x40; // DF clear
     fix_ipv4_checksum(&mut big[14..]);
-    let before = dp.counters().expect("counters");
-    let (ret, out) = run(&dp, &big);
-    assert_eq!(
-        ret, XDP_TX,
-        "XDP can't fragment: frag-needed, back to the sender"
-    );
-    assert_counter_delta(
-        &before,
-        &dp.counters().expect("counters"),
+    // XDP can't fragment: frag-needed, back to the sender.
+    let out = run_expecting(
+        &dp,
+        &big,
+        XDP_TX,
         &[
             (Counter::Packets, 1),
             (Counter::L4Tcp, 1),
