@@ -11,7 +11,8 @@
 //!
 //! The answer comes from the offending packet's destination (`H`, or the
 //! client for the VM's packets): XDP has no address of the node's to pick,
-//! and `H` is the one address the sender surely routes back through A.
+//! and a stateful firewall before the sender lets it through as part of the
+//! sender's flow. A traceroute to `H` so shows `H` at A's hop too.
 
 use core::ffi::c_void;
 
