@@ -103,8 +103,10 @@ pub enum Counter {
     /// Verdict (site A, `forward`): a packet for `H` whose TTL or hop limit
     /// would expire here, answered with ICMP time-exceeded as a router does.
     IcmpTimeExceeded,
-    /// Drop (site A, `forward`): a packet from the tunnel whose TTL or hop
-    /// limit expires at A; no ICMP goes back into the tunnel.
+    /// Drop (site A, `forward`): a packet whose TTL or hop limit expires at A
+    /// and that gets no answer: one from the tunnel (no ICMP goes back into
+    /// the tunnel), or one for `H` that a router may not answer (an ICMP error,
+    /// a non-first fragment).
     DropTtlExceeded,
     /// An IPv4 packet without DF too big for the tunnel. XDP cannot fragment,
     /// so it is answered with frag-needed like a DF packet (also counted under
