@@ -11,94 +11,34 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     thread,
     time::{Duration, Instant},
 };
 
-use aya::programs::XdpMode;
-use movarto_common::{config::Mode, counters::Counter};
-use movarto_lab::netns::{Netns, veth};
-use movarto_tests::require_root;
-use movarto_user::datapath::{AttachOptions, Datapath, Pinned, SiteConfig, attach, detach};
+use movarto_common::{
+    config::Mode,
+    counters::Counter,
+    ids::{MacAddr, SessionToken},
+};
+use movarto_lab::netns::Netns;
+use movarto_tests::{
+    require_root,
+    site::{Triangle, attach_in},
+};
+use movarto_user::datapath::SiteConfig;
 
-const HOME: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const TA: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-const TB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 129);
+const HOME: Ipv4Addr = Triangle::HOME;
+const TA: Ipv4Addr = Triangle::TA;
+const TB: Ipv4Addr = Triangle::TB;
 const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const TOKEN: u64 = 0x0b0b_0b0b_6d6f_7665;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// The bulk transfer: 24 MiB.
 const BULK: u64 = 24 << 20;
 
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(13).wrapping_add(5) % 251) as u8
-}
-
-fn sh(ns: &Netns, args: &[&str]) {
-    ns.ip(args)
-        .unwrap_or_else(|e| panic!("ip {args:?} in {}: {e:#}", ns.name()));
-}
-
-/// Detaches a site's datapath on drop (also when the test fails).
-struct Attached(String);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = detach(&self.0);
-    }
-}
-
-fn attach_in(
-    ns: &Netns,
-    uplink: &str,
-    vm_iface: &str,
-    mode: Mode,
-    local: Ipv4Addr,
-    peer: Ipv4Addr,
-) -> Attached {
-    let mut site = SiteConfig::new(mode, IpAddr::V4(HOME));
-    site.local_tunnel_addr = local;
-    site.peer_tunnel_addr = peer;
-    site.token = movarto_common::ids::SessionToken(TOKEN);
-    site.tunnel_mtu = 1500;
-    site.vm_mac = movarto_common::ids::MacAddr(VM_MAC);
-    site.gateway_mac = movarto_common::ids::MacAddr(GW_MAC);
-    let _in = ns.enter().expect("enter");
-    attach(&AttachOptions {
-        uplink: uplink.to_owned(),
-        vm_iface: vm_iface.to_owned(),
-        xdp_mode: XdpMode::Default,
-        site,
-        pin_name: None,
-    })
-    .unwrap_or_else(|e| panic!("attach in {}: {e:#}", ns.name()));
-    Attached(uplink.to_owned())
-}
-
-/// Makes the kernel resolve the next hop toward `peer` (XDP can't wait for ARP).
-fn prime_next_hop(ns: &Netns, peer: Ipv4Addr, gateway: &str) {
-    {
-        let _in = ns.enter().expect("enter");
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("udp");
-        socket.send_to(b"prime", (peer, 9)).expect("send");
-    }
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while !ns
-        .run("ip", &["neigh", "show", gateway])
-        .is_ok_and(|out| out.contains("lladdr"))
-    {
-        assert!(Instant::now() < deadline, "next hop {gateway} unresolved");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn offload(ns: &Netns, dev: &str, feature: &str) -> String {
@@ -112,41 +52,16 @@ fn offload(ns: &Netns, dev: &str, feature: &str) -> String {
 #[test]
 fn bulk_sent_with_tso_arrives_intact_through_the_tunnel() {
     require_root();
-    let tag = std::process::id() % 100_000;
-    let (uplink_a, uplink_b) = (format!("ga{tag}"), format!("gb{tag}"));
-    let client = Netns::new("gclient").expect("netns");
-    let wan = Netns::new("gwan").expect("netns");
-    let a = Netns::new("gsitea").expect("netns");
-    let b = Netns::new("gsiteb").expect("netns");
-    let guest = Netns::new("gguest").expect("netns");
-    for ns in [&wan, &a, &b] {
-        ns.run("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
-            .expect("sysctl");
-    }
-    veth(&client, "c0", &wan, "wc").expect("veth");
-    veth(&wan, "wa", &a, &uplink_a).expect("veth");
-    veth(&wan, "wb", &b, &uplink_b).expect("veth");
-    veth(&guest, "eth0", &b, "vm0").expect("veth");
-    // A has no VM; its TC program needs some interface.
-    veth(&a, "vm0", &wan, "xa").expect("veth");
-    sh(&client, &["addr", "add", "198.51.100.7/24", "dev", "c0"]);
-    sh(&client, &["route", "add", "default", "via", "198.51.100.1"]);
-    sh(&wan, &["addr", "add", "198.51.100.1/24", "dev", "wc"]);
-    sh(&wan, &["addr", "add", "203.0.113.126/25", "dev", "wa"]);
-    sh(&wan, &["addr", "add", "203.0.113.254/25", "dev", "wb"]);
-    sh(
-        &wan,
-        &["route", "add", "192.0.2.0/24", "via", "203.0.113.1"],
-    );
-    sh(&a, &["addr", "add", "203.0.113.1/25", "dev", &uplink_a]);
-    sh(&a, &["route", "add", "default", "via", "203.0.113.126"]);
-    sh(&b, &["addr", "add", "203.0.113.129/25", "dev", &uplink_b]);
-    sh(&b, &["route", "add", "default", "via", "203.0.113.254"]);
-    sh(&b, &["link", "set", "vm0", "address", &mac(GW_MAC)]);
-    sh(&b, &["addr", "add", "192.0.2.1/24", "dev", "vm0"]);
-    sh(&guest, &["link", "set", "eth0", "address", &mac(VM_MAC)]);
-    sh(&guest, &["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
-    sh(&guest, &["route", "add", "default", "via", "192.0.2.1"]);
+    let hosts = Triangle::new("g", VM_MAC);
+    let Triangle {
+        client,
+        a,
+        b,
+        guest,
+        uplink_a,
+        uplink_b,
+        ..
+    } = &hosts;
     // The guest offloads: checksums, TSO and GSO on, as a virtio-net guest does.
     guest
         .run(
@@ -154,8 +69,8 @@ fn bulk_sent_with_tso_arrives_intact_through_the_tunnel() {
             &["-K", "eth0", "tx", "on", "tso", "on", "gso", "on"],
         )
         .expect("ethtool");
-    assert!(offload(&guest, "eth0", "tcp-segmentation-offload").ends_with(": on"));
-    assert!(offload(&guest, "eth0", "generic-segmentation-offload").ends_with(": on"));
+    assert!(offload(guest, "eth0", "tcp-segmentation-offload").ends_with(": on"));
+    assert!(offload(guest, "eth0", "generic-segmentation-offload").ends_with(": on"));
     // The client checksums in software: A's XDP turns its replies' frames
     // into bytes (see docs/building.md).
     client
@@ -164,31 +79,17 @@ fn bulk_sent_with_tso_arrives_intact_through_the_tunnel() {
     // B's uplink stands for a NIC that finishes checksums on the wire: the
     // segments of the guest's super-packets leave it with the inner TCP
     // checksum done, not left to skb metadata that A's XDP would drop.
-    b.run("ethtool", &["-K", &uplink_b, "tx", "off"])
+    b.run("ethtool", &["-K", uplink_b, "tx", "off"])
         .expect("ethtool");
 
-    // veths deliver what XDP on their peer transmits only to an XDP program.
-    let _wan_xdp = {
-        let _in = wan.enter().expect("enter");
-        let mut pass = Datapath::load().expect("load");
-        for dev in ["wa", "wb"] {
-            pass.attach_xdp(dev, XdpMode::Default)
-                .expect("pass-through XDP");
-        }
-        pass
+    let site = |mode, local, peer| {
+        SiteConfig::new(mode, IpAddr::V4(HOME))
+            .with_tunnel(local, peer, SessionToken(TOKEN))
+            .with_macs(MacAddr(VM_MAC), MacAddr(Triangle::GW_MAC))
     };
-    let _guest_xdp = {
-        let _in = guest.enter().expect("enter");
-        let mut pass = Datapath::load().expect("load");
-        pass.attach_xdp("eth0", XdpMode::Default)
-            .expect("pass-through XDP");
-        pass
-    };
-
-    let site_a = attach_in(&a, &uplink_a, "vm0", Mode::Forward, TA, TB);
-    let site_b = attach_in(&b, &uplink_b, "vm0", Mode::Receive, TB, TA);
-    prime_next_hop(&a, TB, "203.0.113.126");
-    prime_next_hop(&b, TA, "203.0.113.254");
+    let site_a = attach_in(a, uplink_a, "vm0", site(Mode::Forward, TA, TB));
+    let site_b = attach_in(b, uplink_b, "vm0", site(Mode::Receive, TB, TA));
+    hosts.prime_tunnel();
 
     // The guest's server: BULK bytes of the pattern in 64 KiB writes, then close.
     let listener = {
@@ -219,15 +120,10 @@ fn bulk_sent_with_tso_arrives_intact_through_the_tunnel() {
     let mut at = 0u64;
     loop {
         let n = conn.read(&mut buf).unwrap_or_else(|e| {
-            let nonzero = |p: &Attached| {
-                Pinned::open(&p.0)
-                    .and_then(|p| p.counters())
-                    .map(|c| c.nonzero())
-            };
             panic!(
                 "read after {at} bytes: {e}; A: {:?}; B: {:?}",
-                nonzero(&site_a),
-                nonzero(&site_b)
+                site_a.counters().nonzero(),
+                site_b.counters().nonzero()
             )
         });
         if n == 0 {
@@ -247,14 +143,7 @@ fn bulk_sent_with_tso_arrives_intact_through_the_tunnel() {
     server.join().expect("server");
     assert_eq!(at, BULK, "every byte, in order");
 
-    let ca = Pinned::open(&site_a.0)
-        .expect("A")
-        .counters()
-        .expect("counters");
-    let cb = Pinned::open(&site_b.0)
-        .expect("B")
-        .counters()
-        .expect("counters");
+    let (ca, cb) = (site_a.counters(), site_b.counters());
     let drops = |c: &movarto_user::datapath::CounterSnapshot| {
         c.iter()
             .filter(|(k, v)| k.is_drop() && *v != 0)

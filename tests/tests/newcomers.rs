@@ -16,7 +16,6 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::XdpMode;
 use movarto_common::{
     config::Mode,
     counters::Counter,
@@ -25,10 +24,11 @@ use movarto_common::{
     net::proto,
 };
 use movarto_lab::netns::{Netns, veth};
-use movarto_tests::require_root;
-use movarto_user::datapath::{
-    AttachOptions, Datapath, Pinned, SiteConfig, attach, detach, flows::monotonic_ns,
+use movarto_tests::{
+    require_root,
+    site::{attach_in, mac, pass_through_xdp, sh},
 };
+use movarto_user::datapath::{SiteConfig, flows::monotonic_ns};
 
 const HOME: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 const NEW: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
@@ -42,23 +42,6 @@ const PORT: u16 = 7;
 const REUSED: std::ops::Range<u16> = 41_000..41_040;
 const FRESH: std::ops::Range<u16> = 42_000..42_040;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-struct Attached(String);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = detach(&self.0);
-    }
-}
-
-fn sh(ns: &Netns, args: &[&str]) {
-    ns.ip(args)
-        .unwrap_or_else(|e| panic!("ip {args:?} in {}: {e:#}", ns.name()));
-}
-
-fn mac(m: [u8; 6]) -> String {
-    MacAddr(m).to_string()
-}
 
 #[test]
 fn every_newcomer_to_the_new_address_connects_also_on_a_pre_move_flows_port() {
@@ -96,32 +79,14 @@ fn every_newcomer_to_the_new_address_connects_also_on_a_pre_move_flows_port() {
             .expect("ethtool");
     }
 
-    // B's XDP redirects into vm0, whose guest end then needs NAPI: an XDP program
-    // (movarto's, unconfigured, passes everything) gives it that.
-    let _guest_xdp = {
-        let _in = guest.enter().expect("enter");
-        let mut pass = Datapath::load().expect("load");
-        pass.attach_xdp("eth0", XdpMode::Default)
-            .expect("pass-through XDP");
-        pass
-    };
+    // B's XDP redirects into vm0, whose guest end then needs NAPI.
+    let _guest_xdp = pass_through_xdp(&guest, &["eth0"]);
 
     let site = SiteConfig::new(Mode::Receive, IpAddr::V4(HOME))
         .with_new_addr(Some(IpAddr::V4(NEW)))
         .with_tunnel(TB, TA, SessionToken(0x5eed))
         .with_macs(MacAddr(VM_MAC), MacAddr(GW_MAC));
-    let _attached = {
-        let _in = b.enter().expect("enter");
-        attach(&AttachOptions {
-            uplink: uplink.clone(),
-            vm_iface: "vm0".to_owned(),
-            xdp_mode: XdpMode::Default,
-            site,
-            pin_name: None,
-        })
-        .expect("attach at B");
-        Attached(uplink.clone())
-    };
+    let site_b = attach_in(&b, &uplink, "vm0", site);
 
     // The handed-over pre-move flows: established, live, one per reused port.
     let now = monotonic_ns().expect("clock");
@@ -146,13 +111,10 @@ fn every_newcomer_to_the_new_address_connects_also_on_a_pre_move_flows_port() {
             (key, value)
         })
         .collect();
-    {
-        let _in = b.enter().expect("enter");
-        Pinned::open(&uplink)
-            .expect("pins")
-            .insert_flows(&premove)
-            .expect("hand over the pre-move flows");
-    }
+    site_b
+        .pinned()
+        .insert_flows(&premove)
+        .expect("hand over the pre-move flows");
 
     let listener = {
         let _in = guest.enter().expect("enter");
@@ -193,8 +155,7 @@ fn every_newcomer_to_the_new_address_connects_also_on_a_pre_move_flows_port() {
         REUSED.len() + FRESH.len()
     );
 
-    let _in = b.enter().expect("enter");
-    let pinned = Pinned::open(&uplink).expect("pins");
+    let pinned = site_b.pinned();
     let counters = pinned.counters().expect("counters");
     assert_eq!(
         counters.get(Counter::FlowReused),

@@ -14,59 +14,34 @@ use std::{
     net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use aya::programs::XdpMode;
-use movarto_common::{config::Mode, counters::Counter};
-use movarto_lab::netns::{Netns, veth};
-use movarto_tests::require_root;
-use movarto_user::datapath::{
-    AttachOptions, CounterSnapshot, Datapath, Pinned, SiteConfig, attach, detach,
+use movarto_common::{
+    config::Mode,
+    counters::Counter,
+    ids::{MacAddr, SessionToken},
 };
+use movarto_lab::netns::Netns;
+use movarto_tests::{
+    require_root,
+    site::{Attached, Triangle, attach_in},
+    workload,
+};
+use movarto_user::datapath::SiteConfig;
 
-const HOME: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const TA: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-const TB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 129);
+const HOME: Ipv4Addr = Triangle::HOME;
+const TA: Ipv4Addr = Triangle::TA;
+const TB: Ipv4Addr = Triangle::TB;
 const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x58];
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const TOKEN: u64 = 0x7277_7277_6d6f_7665;
 /// Smaller than the client's path (1500): what fits inside is 1240 bytes.
 const TUNNEL_MTU: u16 = 1280;
 const INNER_MTU: u32 = TUNNEL_MTU as u32 - 40;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(11).wrapping_add(7) % 251) as u8
-}
-
-fn sh(ns: &Netns, args: &[&str]) {
-    ns.ip(args)
-        .unwrap_or_else(|e| panic!("ip {args:?} in {}: {e:#}", ns.name()));
-}
-
-/// Detaches a site's datapath on drop (also when the test fails).
-struct Attached(String);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = detach(&self.0);
-    }
-}
-
-impl Attached {
-    fn counters(&self) -> CounterSnapshot {
-        Pinned::open(&self.0)
-            .and_then(|p| p.counters())
-            .expect("counters")
-    }
 }
 
 /// The hosts, A forwarding and B receiving from the start (the guest has
@@ -74,119 +49,43 @@ impl Attached {
 struct Lab {
     site_a: Attached,
     site_b: Attached,
-    _pass: Vec<Datapath>,
-    client: Netns,
-    guest: Netns,
-    _hosts: Vec<Netns>,
+    hosts: Triangle,
 }
 
-fn attach_in(ns: &Netns, uplink: &str, mode: Mode, local: Ipv4Addr, peer: Ipv4Addr) -> Attached {
-    let mut site = SiteConfig::new(mode, IpAddr::V4(HOME));
-    site.local_tunnel_addr = local;
-    site.peer_tunnel_addr = peer;
-    site.token = movarto_common::ids::SessionToken(TOKEN);
-    site.tunnel_mtu = TUNNEL_MTU;
-    site.vm_mac = movarto_common::ids::MacAddr(VM_MAC);
-    site.gateway_mac = movarto_common::ids::MacAddr(GW_MAC);
-    let _in = ns.enter().expect("enter");
-    attach(&AttachOptions {
-        uplink: uplink.to_owned(),
-        vm_iface: "vm0".to_owned(),
-        xdp_mode: XdpMode::Default,
-        site,
-        pin_name: None,
-    })
-    .unwrap_or_else(|e| panic!("attach in {}: {e:#}", ns.name()));
-    Attached(uplink.to_owned())
+fn attach_in_site(
+    ns: &Netns,
+    uplink: &str,
+    mode: Mode,
+    local: Ipv4Addr,
+    peer: Ipv4Addr,
+) -> Attached {
+    let site = SiteConfig::new(mode, IpAddr::V4(HOME))
+        .with_tunnel(local, peer, SessionToken(TOKEN))
+        .with_tunnel_mtu(TUNNEL_MTU)
+        .with_macs(MacAddr(VM_MAC), MacAddr(Triangle::GW_MAC));
+    attach_in(ns, uplink, "vm0", site)
 }
 
-/// Makes the kernel resolve the next hop toward `peer` (XDP can't wait for ARP).
-fn prime_next_hop(ns: &Netns, peer: Ipv4Addr, gateway: &str) {
-    {
-        let _in = ns.enter().expect("enter");
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("udp");
-        socket.send_to(b"prime", (peer, 9)).expect("send");
-    }
-    wait_for("the tunnel next hop's MAC", || {
-        ns.run("ip", &["neigh", "show", gateway])
-            .is_ok_and(|out| out.contains("lladdr"))
-    });
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(what: &str, ok: impl FnMut() -> bool) {
+    workload::wait_for(what, IO_TIMEOUT, ok).expect("condition");
 }
 
 /// `letter` keeps each test's uplink names, and so its bpffs pins, apart.
 fn lab(letter: char) -> Lab {
-    let tag = std::process::id() % 100_000;
-    let (uplink_a, uplink_b) = (format!("r{letter}a{tag}"), format!("r{letter}b{tag}"));
-    let client = Netns::new("rclient").expect("netns");
-    let wan = Netns::new("rwan").expect("netns");
-    let a = Netns::new("rsitea").expect("netns");
-    let b = Netns::new("rsiteb").expect("netns");
-    let guest = Netns::new("rguest").expect("netns");
-    for ns in [&wan, &a, &b] {
-        ns.run("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])
-            .expect("sysctl");
-    }
-    veth(&client, "c0", &wan, "wc").expect("veth");
-    veth(&wan, "wa", &a, &uplink_a).expect("veth");
-    veth(&wan, "wb", &b, &uplink_b).expect("veth");
-    veth(&guest, "eth0", &b, "vm0").expect("veth");
-    // A has no VM any more; its TC program needs some interface.
-    veth(&a, "vm0", &wan, "xa").expect("veth");
-    sh(&client, &["addr", "add", "198.51.100.7/24", "dev", "c0"]);
-    sh(&client, &["route", "add", "default", "via", "198.51.100.1"]);
-    sh(&wan, &["addr", "add", "198.51.100.1/24", "dev", "wc"]);
-    sh(&wan, &["addr", "add", "203.0.113.126/25", "dev", "wa"]);
-    sh(&wan, &["addr", "add", "203.0.113.254/25", "dev", "wb"]);
-    sh(
-        &wan,
-        &["route", "add", "192.0.2.0/24", "via", "203.0.113.1"],
-    );
-    sh(&a, &["addr", "add", "203.0.113.1/25", "dev", &uplink_a]);
-    sh(&a, &["route", "add", "default", "via", "203.0.113.126"]);
-    sh(&b, &["addr", "add", "203.0.113.129/25", "dev", &uplink_b]);
-    sh(&b, &["route", "add", "default", "via", "203.0.113.254"]);
-    sh(&b, &["link", "set", "vm0", "address", &mac(GW_MAC)]);
-    sh(&b, &["addr", "add", "192.0.2.1/24", "dev", "vm0"]);
-    sh(&guest, &["link", "set", "eth0", "address", &mac(VM_MAC)]);
-    sh(&guest, &["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
-    sh(&guest, &["route", "add", "default", "via", "192.0.2.1"]);
+    let hosts = Triangle::new(&format!("r{letter}"), VM_MAC);
     // The endpoints checksum in software: A's XDP turns frames into bytes,
     // and an offloaded checksum left to skb metadata would be lost.
-    for (ns, dev) in [(&client, "c0"), (&guest, "eth0")] {
+    for (ns, dev) in [(&hosts.client, "c0"), (&hosts.guest, "eth0")] {
         ns.run("ethtool", &["-K", dev, "tx", "off"])
             .expect("ethtool");
     }
-
-    // veths deliver what XDP on their peer transmits only to an XDP program.
-    let mut pass = Vec::new();
-    for (ns, devs) in [(&wan, &["wa", "wb"][..]), (&guest, &["eth0"][..])] {
-        let _in = ns.enter().expect("enter");
-        let mut dp = Datapath::load().expect("load");
-        for dev in devs {
-            dp.attach_xdp(dev, XdpMode::Default)
-                .expect("pass-through XDP");
-        }
-        pass.push(dp);
-    }
-    let site_a = attach_in(&a, &uplink_a, Mode::Forward, TA, TB);
-    let site_b = attach_in(&b, &uplink_b, Mode::Receive, TB, TA);
-    prime_next_hop(&a, TB, "203.0.113.126");
-    prime_next_hop(&b, TA, "203.0.113.254");
+    let site_a = attach_in_site(&hosts.a, &hosts.uplink_a, Mode::Forward, TA, TB);
+    let site_b = attach_in_site(&hosts.b, &hosts.uplink_b, Mode::Receive, TB, TA);
+    hosts.prime_tunnel();
     Lab {
         site_a,
         site_b,
-        _pass: pass,
-        client,
-        guest,
-        _hosts: vec![wan, a, b],
+        hosts,
     }
 }
 
@@ -246,7 +145,7 @@ fn a_tcp_sender_without_df_gets_every_byte_through_a_smaller_tunnel() {
     let lab = lab('t');
     // The guest checks the pattern and answers "ok <n>" at EOF.
     let listener = {
-        let _in = lab.guest.enter().expect("enter");
+        let _in = lab.hosts.guest.enter().expect("enter");
         TcpListener::bind((Ipv4Addr::UNSPECIFIED, 5001)).expect("bind")
     };
     let server = thread::spawn(move || -> Result<u64, String> {
@@ -274,7 +173,7 @@ fn a_tcp_sender_without_df_gets_every_byte_through_a_smaller_tunnel() {
     });
 
     let mut conn = {
-        let _in = lab.client.enter().expect("enter");
+        let _in = lab.hosts.client.enter().expect("enter");
         TcpStream::connect_timeout(&SocketAddr::from((HOME, 5001)), IO_TIMEOUT).expect("connect H")
     };
     conn.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
@@ -324,14 +223,14 @@ fn udp_datagrams_without_df_arrive_whole_after_the_first_frag_needed() {
     const SIZE: usize = 1400;
     const COUNT: u64 = 20;
     let receiver = {
-        let _in = lab.guest.enter().expect("enter");
+        let _in = lab.hosts.guest.enter().expect("enter");
         UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 5005)).expect("bind")
     };
     receiver
         .set_read_timeout(Some(IO_TIMEOUT))
         .expect("timeout");
     let sender = {
-        let _in = lab.client.enter().expect("enter");
+        let _in = lab.hosts.client.enter().expect("enter");
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
         s.connect((HOME, 5005)).expect("connect");
         s
@@ -380,7 +279,7 @@ fn a_packet_whose_ttl_expires_at_a_gets_time_exceeded_from_there() {
     require_root();
     let lab = lab('x');
     let socket = {
-        let _in = lab.client.enter().expect("enter");
+        let _in = lab.hosts.client.enter().expect("enter");
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
         s.connect((HOME, 33434)).expect("connect");
         s
