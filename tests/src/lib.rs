@@ -5,6 +5,7 @@
 //! the test fails and says why, in CI and on a developer's machine alike.
 
 pub mod site;
+pub mod uplink;
 pub mod workload;
 
 use std::path::Path;

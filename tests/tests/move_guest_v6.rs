@@ -18,7 +18,6 @@ use std::{
     time::Duration,
 };
 
-use aya::programs::XdpMode;
 use movarto_common::{
     config::Mode,
     counters::Counter,
@@ -28,13 +27,14 @@ use movarto_common::{
 use movarto_lab::netns::{Netns, veth};
 use movarto_tests::{
     require_root,
+    site::{attach_in, mac, pass_through_xdp, sh},
     workload::{
         ECHO_PORT, IO_TIMEOUT, Workload, one_exchange, prime_next_hop, serve_guest, wait_for,
     },
 };
 use movarto_user::{
     agent::tap,
-    datapath::{AttachOptions, Datapath, Pinned, SiteConfig, attach, detach},
+    datapath::{Pinned, SiteConfig},
 };
 
 const HOME: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x10);
@@ -51,22 +51,6 @@ const TOKEN: u64 = 0x005e_ed0f_6d6f_7636;
 /// One lab at a time: both tests build the same topology, and the machine is shared.
 static ONE_LAB: Mutex<()> = Mutex::new(());
 
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Detaches a site's datapath on drop (also when the test fails).
-struct Attached(String);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = detach(&self.0);
-    }
-}
-
 struct Lab {
     client: Netns,
     wan: Netns,
@@ -75,11 +59,6 @@ struct Lab {
     guest: Netns,
     uplink_a: String,
     uplink_b: String,
-}
-
-fn sh(ns: &Netns, args: &[&str]) {
-    ns.ip(args)
-        .unwrap_or_else(|e| panic!("ip {args:?} in {}: {e:#}", ns.name()));
 }
 
 /// Adds an IPv6 address without DAD, so it is usable at once.
@@ -195,19 +174,6 @@ fn site_config(mode: Mode, local: Ipv4Addr, peer: Ipv4Addr) -> SiteConfig {
     site
 }
 
-fn attach_in(ns: &Netns, uplink: &str, site: SiteConfig) -> Attached {
-    let _in = ns.enter().expect("enter");
-    attach(&AttachOptions {
-        uplink: uplink.to_owned(),
-        vm_iface: "vm0".to_owned(),
-        xdp_mode: XdpMode::Default,
-        site,
-        pin_name: None,
-    })
-    .unwrap_or_else(|e| panic!("attach in {}: {e:#}", ns.name()));
-    Attached(uplink.to_owned())
-}
-
 /// Sets up the anycast gateway on `dev` of `ns` as the agent does on a tap:
 /// the gateway MAC, the gateway's IPv6 address (without DAD), up.
 fn anycast_gateway(ns: &Netns, dev: &str) {
@@ -221,13 +187,6 @@ fn anycast_gateway(ns: &Netns, dev: &str) {
         .unwrap_or_else(|e| panic!("gateway on {dev} in {}: {e:#}", ns.name()));
 }
 
-fn counters(pin: &str) -> movarto_user::datapath::CounterSnapshot {
-    Pinned::open(pin)
-        .expect("pins")
-        .counters()
-        .expect("counters")
-}
-
 /// The move, with or without flushing the guest's neighbour cache right after it.
 fn guest_moves_and_every_ipv6_connection_survives(flush_guest_neighbours: bool) {
     require_root();
@@ -235,28 +194,12 @@ fn guest_moves_and_every_ipv6_connection_survives(flush_guest_neighbours: bool) 
     let l = lab(u32::from(flush_guest_neighbours));
     serve_guest(&l.guest).expect("servers");
 
-    // A veth delivers what XDP on its peer transmits (XDP_TX, redirect) only
-    // when it has NAPI, which an XDP program gives it.
-    let _wan_xdp = {
-        let _in = l.wan.enter().expect("enter");
-        let mut pass = Datapath::load().expect("load");
-        for dev in ["wa", "wb"] {
-            pass.attach_xdp(dev, XdpMode::Default)
-                .expect("pass-through XDP");
-        }
-        pass
-    };
-    // Likewise the guest's end of vm0, which site B's XDP redirects into.
-    let _guest_xdp = {
-        let _in = l.guest.enter().expect("enter");
-        let mut pass = Datapath::load().expect("load");
-        pass.attach_xdp("eth0", XdpMode::Default)
-            .expect("pass-through XDP");
-        pass
-    };
+    // The wan's veths and the guest's end of vm0 must deliver what XDP transmits.
+    let _wan_xdp = pass_through_xdp(&l.wan, &["wa", "wb"]);
+    let _guest_xdp = pass_through_xdp(&l.guest, &["eth0"]);
 
     // Before the move: A tracks.
-    let site_a = attach_in(&l.a, &l.uplink_a, site_config(Mode::Track, TA, TB));
+    let site_a = attach_in(&l.a, &l.uplink_a, "vm0", site_config(Mode::Track, TA, TB));
     let w = Workload::start(&l.client, IpAddr::V6(HOME)).expect("workload");
     wait_for("traffic before the move", IO_TIMEOUT, || {
         let (down, chat) = w.progress();
@@ -281,7 +224,7 @@ fn guest_moves_and_every_ipv6_connection_survives(flush_guest_neighbours: bool) 
     pinned_a.release_vm_iface().expect("release A's vm0");
     sh(&l.a, &["link", "set", "vm0", "netns", l.b.name()]);
     anycast_gateway(&l.b, "vm0");
-    let site_b = attach_in(&l.b, &l.uplink_b, site_config(Mode::Receive, TB, TA));
+    let site_b = attach_in(&l.b, &l.uplink_b, "vm0", site_config(Mode::Receive, TB, TA));
     // The next hops XDP uses must be resolved before it uses them.
     prime_next_hop(&l.a, IpAddr::V4(TB), "203.0.113.126".parse().expect("ip")).expect("A to TB");
     prime_next_hop(&l.a, IpAddr::V6(CLIENT), IpAddr::V6(WAN_AT_A)).expect("A to the client");
@@ -353,8 +296,8 @@ fn guest_moves_and_every_ipv6_connection_survives(flush_guest_neighbours: bool) 
         "the guest knows its gateway: {neighbours:?}"
     );
 
-    let a = counters(&site_a.0);
-    let bc = counters(&site_b.0);
+    let a = site_a.counters();
+    let bc = site_b.counters();
     eprintln!(
         "move_guest_v6 (flush {flush_guest_neighbours}): worst stall {worst_gap_ms} ms; {}; A: {:?}; B: {:?}",
         report.join("; "),

@@ -20,7 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::XdpMode;
 use etherparse::PacketBuilder;
 use movarto_common::{
     config::Mode,
@@ -29,8 +28,11 @@ use movarto_common::{
     net::proto,
 };
 use movarto_lab::netns::{Netns, in_netns, veth};
-use movarto_tests::require_root;
-use movarto_user::datapath::{AttachOptions, CounterSnapshot, Pinned, SiteConfig, attach, detach};
+use movarto_tests::{
+    require_root,
+    site::{attach_in, mac, sh},
+};
+use movarto_user::datapath::{CounterSnapshot, Pinned, SiteConfig};
 
 const SENDER4: [u8; 4] = [198, 51, 100, 7];
 const OTHER4: [u8; 4] = [192, 0, 2, 50];
@@ -52,27 +54,6 @@ const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 /// Bound on one run: the end marker arrives in milliseconds.
 const RUN_TIMEOUT: Duration = Duration::from_secs(10);
 const END_MARKER: &[u8] = b"movarto passthrough: end of run";
-
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-fn sh(ns: &Netns, args: &[&str]) {
-    ns.ip(args)
-        .unwrap_or_else(|e| panic!("ip {args:?} in {}: {e:#}", ns.name()));
-}
-
-/// Detaches the datapath on drop (also when the test fails).
-struct Attached(String);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = detach(&self.0);
-    }
-}
 
 struct Lab {
     sender: Netns,
@@ -744,18 +725,7 @@ fn other_tenants_frames_arrive_as_without_movarto_in_every_mode() {
     }
     assert_eq!(baseline.at_a_gue_port.len(), 1, "{baseline:?}");
 
-    let _attached = {
-        let _in = l.a.enter().expect("enter");
-        attach(&AttachOptions {
-            uplink: l.uplink.clone(),
-            vm_iface: "vm0".to_owned(),
-            xdp_mode: XdpMode::Default,
-            site: site(Mode::Idle),
-            pin_name: None,
-        })
-        .unwrap_or_else(|e| panic!("attach: {e:#}"));
-        Attached(l.uplink.clone())
-    };
+    let _attached = attach_in(&l.a, &l.uplink, "vm0", site(Mode::Idle));
     let mut pinned = Pinned::open(&l.uplink).expect("open pins");
     for mode in Mode::ALL {
         pinned.reconfigure(&site(mode)).expect("switch mode");

@@ -13,8 +13,10 @@ use movarto_common::{
     gue::{OuterV4, encapsulate_v4},
     net::proto,
 };
-use movarto_lab::netns::{Netns, veth};
-use movarto_tests::{Hook, assert_counter_delta, require_root, run_frame_out};
+use movarto_tests::{
+    Hook, assert_counter_delta, require_root, run_frame_out,
+    uplink::{GW_MAC, Site, UPLINK_MAC, site},
+};
 use movarto_user::datapath::{Datapath, SiteConfig};
 
 const XDP_DROP: u32 = 1;
@@ -24,7 +26,6 @@ const XDP_REDIRECT: u32 = 4;
 
 const TA: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 const TB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
-const WAN_GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);
 const HOME4: [u8; 4] = [192, 0, 2, 10];
 const PEER4: [u8; 4] = [198, 51, 100, 7];
 const HOME6: [u8; 16] = [
@@ -35,121 +36,10 @@ const PEER6: [u8; 16] = [
 ];
 const TOKEN: u64 = 0x6d6f_7661_7274_6f21;
 
-const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa1];
 const TB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
 const ANYCAST_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const ANY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
-
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// A site's uplink: `up0` with address `local`, a permanent neighbour for the
-/// other tunnel endpoint and a gateway toward the clients' network.
-struct Site {
-    _wan: Netns,
-    ns: Netns,
-    uplink_ifindex: u32,
-}
-
-fn site(local: Ipv4Addr, remote: Ipv4Addr, remote_mac: [u8; 6]) -> Site {
-    let ns = Netns::new("site").expect("netns");
-    let wan = Netns::new("wan").expect("netns");
-    // A site forwards (decapsulated replies leave toward the clients).
-    for key in [
-        "net.ipv4.conf.all.forwarding=1",
-        "net.ipv6.conf.all.forwarding=1",
-    ] {
-        ns.run("sysctl", &["-qw", key])
-            .expect("sysctl in the site namespace");
-    }
-    veth(&ns, "up0", &wan, "eth0").expect("veth");
-    ns.ip(&["link", "set", "up0", "address", &mac(UPLINK_MAC)])
-        .expect("mac");
-    ns.ip(&["addr", "add", &format!("{local}/24"), "dev", "up0"])
-        .expect("addr");
-    ns.ip(&[
-        "-6",
-        "addr",
-        "add",
-        "2001:db8:ff::1/64",
-        "dev",
-        "up0",
-        "nodad",
-    ])
-    .expect("addr6");
-    let remote = remote.to_string();
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &remote,
-        "lladdr",
-        &mac(remote_mac),
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ])
-    .expect("neigh");
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &WAN_GW.to_string(),
-        "lladdr",
-        &mac(GW_MAC),
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ])
-    .expect("neigh gw");
-    ns.ip(&[
-        "route",
-        "add",
-        "198.51.100.0/24",
-        "via",
-        &WAN_GW.to_string(),
-    ])
-    .expect("route");
-    ns.ip(&[
-        "-6",
-        "neigh",
-        "replace",
-        "2001:db8:ff::fe",
-        "lladdr",
-        &mac(GW_MAC),
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ])
-    .expect("neigh6");
-    ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        "2001:db8:1::/64",
-        "via",
-        "2001:db8:ff::fe",
-    ])
-    .expect("route6");
-    let link = ns.run("ip", &["-o", "link", "show", "up0"]).expect("link");
-    let uplink_ifindex = link
-        .split(':')
-        .next()
-        .and_then(|i| i.trim().parse().ok())
-        .expect("ifindex");
-    Site {
-        _wan: wan,
-        ns,
-        uplink_ifindex,
-    }
-}
 
 fn site_a_config(s: &Site, mode: Mode, home: IpAddr) -> SiteConfig {
     let mut cfg = SiteConfig::new(mode, home);

@@ -15,8 +15,10 @@ use movarto_common::{
     ids::{MacAddr, SessionToken},
     net::proto,
 };
-use movarto_lab::netns::{Netns, veth};
-use movarto_tests::{Hook, assert_counter_delta, require_root, run_frame_out};
+use movarto_tests::{
+    Hook, assert_counter_delta, require_root, run_frame_out,
+    uplink::{GW_MAC, Site, UPLINK_MAC, site},
+};
 use movarto_user::datapath::{Datapath, SiteConfig};
 
 const XDP_PASS: u32 = 2;
@@ -43,10 +45,8 @@ const SOLICITED_GATEWAY: [u8; 16] = v6([0xff02, 0, 0, 0, 0, 1, 0xff00, 1]);
 const SOLICITED_HOME: [u8; 16] = v6([0xff02, 0, 0, 0, 0, 1, 0xff00, 0x10]);
 const TOKEN: u64 = 0x6d6f_7661_7274_6f36;
 
-const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa1];
 const TB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
 const TA_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa9];
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x10];
 const ANYCAST_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const ANY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
@@ -67,81 +67,6 @@ const fn v6(words: [u16; 8]) -> [u8; 16] {
         i += 1;
     }
     out
-}
-
-fn mac(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// A site's uplink `up0` (IPv4 `local`, IPv6 2001:db8:ff::1) with permanent
-/// neighbours for the other tunnel endpoint and for the gateway toward the
-/// clients (2001:db8:1::/64 via 2001:db8:ff::fe).
-struct Site {
-    _wan: Netns,
-    ns: Netns,
-    uplink_ifindex: u32,
-}
-
-fn site(local: Ipv4Addr, remote: Ipv4Addr, remote_mac: [u8; 6]) -> Site {
-    let ns = Netns::new("site6").expect("netns");
-    let wan = Netns::new("wan6").expect("netns");
-    for key in [
-        "net.ipv4.conf.all.forwarding=1",
-        "net.ipv6.conf.all.forwarding=1",
-    ] {
-        ns.run("sysctl", &["-qw", key]).expect("sysctl");
-    }
-    veth(&ns, "up0", &wan, "eth0").expect("veth");
-    let ip = |args: &[&str]| ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e:#}"));
-    ip(&["link", "set", "up0", "address", &mac(UPLINK_MAC)]);
-    ip(&["addr", "add", &format!("{local}/24"), "dev", "up0"]);
-    ip(&[
-        "-6",
-        "addr",
-        "add",
-        "2001:db8:ff::1/64",
-        "dev",
-        "up0",
-        "nodad",
-    ]);
-    let remote = remote.to_string();
-    let remote_mac = mac(remote_mac);
-    let gw_mac = mac(GW_MAC);
-    for (addr, lladdr) in [(remote.as_str(), &remote_mac), ("2001:db8:ff::fe", &gw_mac)] {
-        ip(&[
-            "neigh",
-            "replace",
-            addr,
-            "lladdr",
-            lladdr,
-            "dev",
-            "up0",
-            "nud",
-            "permanent",
-        ]);
-    }
-    ip(&[
-        "-6",
-        "route",
-        "add",
-        "2001:db8:1::/64",
-        "via",
-        "2001:db8:ff::fe",
-    ]);
-    let link = ns.run("ip", &["-o", "link", "show", "up0"]).expect("link");
-    let uplink_ifindex = link
-        .split(':')
-        .next()
-        .and_then(|i| i.trim().parse().ok())
-        .expect("ifindex");
-    Site {
-        _wan: wan,
-        ns,
-        uplink_ifindex,
-    }
 }
 
 fn site_a_config(s: &Site) -> SiteConfig {

@@ -51,7 +51,7 @@ fn retry_interrupted(
 ) -> Result<(), aya::programs::ProgramError> {
     let mut attempt = 1;
     loop {
-        match load() {
+        match with_signals_blocked(&mut load) {
             Err(aya::programs::ProgramError::LoadError { io_error, .. })
                 if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
             {
@@ -61,6 +61,22 @@ fn retry_interrupted(
             other => return other,
         }
     }
+}
+
+/// Runs `f` with this thread's signals blocked (SIGKILL and SIGSTOP can't be), so
+/// that the process's signals go to other threads, or wait, and don't cut the
+/// verification short: a busy test process loading several programs at once
+/// exhausted the retries once.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+    let mut old = SigSet::empty();
+    let blocked =
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old)).is_ok();
+    let result = f();
+    if blocked {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    }
+    result
 }
 
 /// The datapath loaded into the kernel (verified), not yet attached anywhere.
