@@ -605,3 +605,98 @@ fn kill_destination_qemu_once(
         0
     );
 }
+
+/// Ctrl-C on `migrate` during the RAM copy rolls back as a failure does: the
+/// migration is cancelled before the guest ever stops, the VM keeps serving at A with
+/// its connection, DNS is unchanged and B is left empty.
+#[test]
+fn ctrl_c_during_the_ram_copy_rolls_back_and_the_guest_never_stops() {
+    require_root();
+    let mut l = Lab::build().expect("the lab");
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let chat = l.connect(ECHO_PORT).expect("connect to H");
+    let worker = {
+        let (stats, stop) = (stats.clone(), stop.clone());
+        thread::spawn(move || stats.chat(chat, &stop))
+    };
+    wait_until(IO_TIMEOUT, "traffic before the move", || {
+        stats.exchanges.load(Ordering::Relaxed) > 10
+    })
+    .expect("traffic before the move");
+
+    // A slow copy (8 MiB/s), so the operator's Ctrl-C lands in the middle of it.
+    let mut migrate = l
+        .migrate_command(&["--max-bandwidth", "8"])
+        .expect("the migrate command");
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !l
+        .with_agents(async |a, _| {
+            a.migration("web")
+                .await
+                .is_ok_and(|m| m.progress.is_some_and(|p| p.transferred > 8 << 20))
+        })
+        .expect("the agents")
+    {
+        assert!(Instant::now() < deadline, "the RAM copy did not start");
+        assert!(
+            orchestrator.try_wait().expect("wait").is_none(),
+            "migrate ended before the RAM copy"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: our own child, the orchestrator, by its PID.
+    assert_eq!(
+        unsafe { libc::kill(orchestrator.id() as i32, libc::SIGINT) },
+        0
+    );
+
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(60), || {})
+        .expect("migrate finished");
+    assert!(!status.success(), "an interrupted migrate fails");
+    assert_eq!(report["succeeded"], false);
+    let error = report["error"].as_str().expect("error");
+    assert!(error.contains("interrupted by SIGINT"), "{error}");
+    let rolled_back = report["rolled_back"].as_str().expect("rollback summary");
+    assert!(
+        rolled_back.contains("VM running at the source") && !rolled_back.contains("NOT undone"),
+        "{rolled_back}"
+    );
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["step"].as_str())
+        .collect();
+    assert!(
+        !steps.contains(&"switchover"),
+        "the guest never stopped: {steps:?}"
+    );
+
+    // The VM never left A: same instance, the connection kept going, DNS unchanged.
+    assert_eq!(l.http_get(H, "/id").expect("GET"), boot_id);
+    let exchanged = stats.exchanges.load(Ordering::Relaxed);
+    wait_until(IO_TIMEOUT, "traffic after the rollback", || {
+        stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
+    })
+    .expect("traffic after the rollback");
+    stop.store(true, Ordering::Relaxed);
+    worker.join().expect("worker");
+    assert!(stats.failures().is_empty(), "{:?}", stats.failures());
+    eprintln!(
+        "ctrl-c: worst stall of the connection {} ms",
+        stats.worst_stall_ms.load(Ordering::Relaxed)
+    );
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
+    assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
+    let (a_status, b_status) = l
+        .with_agents(async |a, b| (a.status().await.expect("A"), b.status().await.expect("B")))
+        .expect("the agents");
+    assert_eq!(a_status.datapath.expect("A attached").mode, Mode::Track);
+    assert!(b_status.datapath.is_none(), "B detached");
+    assert!(b_status.vms.is_empty(), "no VM at B: {:?}", b_status.vms);
+    l.stop_agent("b");
+}

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result, bail};
 use movarto_common::{counters::Counter, flow::FlowKey};
 use tokio::time::Instant;
 
-use super::{plan::Plan, timeline::Say};
+use super::{interrupt::Interrupt, plan::Plan, timeline::Say};
 use crate::agent::{
     AgentError,
     api::{DatapathStatus, FlowEntry},
@@ -34,6 +34,7 @@ pub(super) async fn drain(
     switchover_flows: &[FlowEntry],
     grace: Duration,
     rerouted: bool,
+    interrupt: &Interrupt,
 ) -> Result<(Option<Drained>, String)> {
     let started = Instant::now();
     let mut last_activity = Instant::now();
@@ -45,7 +46,23 @@ pub(super) async fn drain(
     let baseline: u64 = bytes_seen.values().sum();
     let mut unreachable_since: Option<Instant> = None;
     let mut last_said = Instant::now();
+    let mut told_interrupted = false;
     loop {
+        // The VM runs at the destination: a first signal only says so, a second one
+        // leaves the drain (and the teardown) to the operator.
+        match interrupt.count() {
+            0 => {}
+            1 if !told_interrupted => {
+                told_interrupted = true;
+                say.line(
+                    "interrupted: the VM already runs at the destination, so nothing is rolled \
+                     back; draining and tearing down as planned (interrupt again to leave \
+                     them to you)",
+                );
+            }
+            1 => {}
+            _ => interrupt.check()?,
+        }
         let Some(dp) = source_datapath(p, say, &mut unreachable_since).await? else {
             if started.elapsed() >= p.max_drain {
                 bail!("the source's agent stayed unreachable through --max-drain");

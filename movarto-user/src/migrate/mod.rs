@@ -9,12 +9,14 @@
 //! | [`plan`] | [`MigrateOptions`] (what the caller asks) and the checked [`Plan`] |
 //! | `steps` | the run: its phases, one function per step, [`run_plan`] |
 //! | `drain` | step 9: watching A until the pre-move flows are gone |
+//! | `interrupt` | Ctrl-C and SIGTERM: roll back before switchover |
 //! | `rollback` | what was changed, and undoing it before switchover |
 //! | `timeline` | progress on stderr (text or JSON) and the step records |
 //! | [`progress`] | the [`Step`] enum and the [`ProgressEvent`]s |
 //! | [`report`] | the report: step table and figures |
 
 mod drain;
+mod interrupt;
 pub mod plan;
 pub mod progress;
 pub mod report;

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::{
     drain::{Drained, drain},
+    interrupt::{Interrupt, Interrupted},
     plan::{DNS_VERIFY, Plan},
     progress::Step,
     report::Report,
@@ -44,6 +45,8 @@ struct Run<'a> {
     changed: Changed,
     /// A's pre-move flows at switchover.
     switchover_flows: Vec<FlowEntry>,
+    /// Ctrl-C and SIGTERM: before switchover they roll back.
+    interrupt: Interrupt,
 }
 
 /// Runs the whole migration; never panics, and always returns a report.
@@ -71,6 +74,7 @@ pub async fn run_plan(plan: &Plan, progress: ProgressFormat) -> Report {
         },
         changed: Changed::default(),
         switchover_flows: Vec::new(),
+        interrupt: Interrupt::listen(),
     };
     let outcome = run.all_steps().await;
     match outcome {
@@ -149,18 +153,22 @@ impl Run<'_> {
                 .await
                 .with_context(|| format!("checking the agent at {}", agent.base()))?;
         }
+        self.interrupt.check()?;
         let lowered = self.timeline.step(Step::LowerTtl, lower_ttl(p)).await?;
         if let Some(old_ttl) = lowered {
             self.changed.ttl_lowered_from = Some(old_ttl);
-            wait_out_ttl(p, self.say, old_ttl).await;
+            wait_out_ttl(p, self.say, old_ttl, &self.interrupt).await?;
         }
+        self.interrupt.check()?;
         self.timeline
             .step(
                 Step::PrepareDestination,
                 prepare_destination(p, self.token, &mut self.changed),
             )
             .await?;
+        self.interrupt.check()?;
         self.timeline.step(Step::MirrorDisk, mirror_disk(p)).await?;
+        self.interrupt.check()?;
         Ok(())
     }
 
@@ -169,8 +177,10 @@ impl Run<'_> {
         let (p, say) = (self.plan, self.say);
         self.changed.migration_started = true;
         self.timeline
-            .step(Step::MigrateRam, migrate_ram(p, say))
+            .step(Step::MigrateRam, migrate_ram(p, say, &self.interrupt))
             .await?;
+        // The guest is paused at pre-switchover here: still the source's to resume.
+        self.interrupt.check()?;
         let premove = self
             .timeline
             .step(Step::Switchover, flip(p))
@@ -213,7 +223,14 @@ impl Run<'_> {
             .timeline
             .step(
                 Step::Drain,
-                drain(p, say, &self.switchover_flows, grace, rerouted),
+                drain(
+                    p,
+                    say,
+                    &self.switchover_flows,
+                    grace,
+                    rerouted,
+                    &self.interrupt,
+                ),
             )
             .await?;
         let Drained { cut, premove_bytes } = drained.unwrap_or_default();
@@ -248,14 +265,22 @@ async fn lower_ttl(p: &Plan) -> StepResult<u32> {
 }
 
 /// Between steps 1 and 2: caches forget the old answer.
-async fn wait_out_ttl(p: &Plan, say: Say, old_ttl: u32) {
+async fn wait_out_ttl(
+    p: &Plan,
+    say: Say,
+    old_ttl: u32,
+    interrupt: &Interrupt,
+) -> Result<(), Interrupted> {
     let wait = p.dns.as_ref().is_some_and(|d| d.wait_old_ttl);
     if wait && old_ttl > 0 {
         say.line(&format!(
             "waiting out the old TTL: {old_ttl} s (--skip-ttl-wait skips this)"
         ));
-        tokio::time::sleep(Duration::from_secs(u64::from(old_ttl))).await;
+        interrupt
+            .sleep(Duration::from_secs(u64::from(old_ttl)))
+            .await?;
     }
+    Ok(())
 }
 
 /// Step 2: the destination (tap, datapath, QEMU listening), and the source's datapath
@@ -356,7 +381,7 @@ async fn mirror_disk(p: &Plan) -> StepResult<()> {
 }
 
 /// Step 4: RAM, until the source stops at `pre-switchover`.
-async fn migrate_ram(p: &Plan, say: Say) -> StepResult<()> {
+async fn migrate_ram(p: &Plan, say: Say, interrupt: &Interrupt) -> StepResult<()> {
     p.source
         .start_migration(
             &p.vm,
@@ -394,7 +419,7 @@ async fn migrate_ram(p: &Plan, say: Say) -> StepResult<()> {
             last_said = Instant::now();
             say.ram(progress);
         }
-        tokio::time::sleep(MIGRATION_POLL).await;
+        interrupt.sleep(MIGRATION_POLL).await?;
     }
 }
 
