@@ -585,3 +585,28 @@ fn forged_or_unsigned_responses_are_rejected() {
         assert!(err.to_string().contains(":5300"), "{err}");
     }
 }
+
+/// A re-run after a crash finds its DNS work done: lowering a TTL that is already low
+/// and switching to addresses the name already has succeed at once, without an update
+/// (which would change no serial, so its verification would wait for ever).
+#[test]
+fn an_update_already_applied_is_verified_not_repeated() {
+    require_root();
+    let bind = Bind9::start("again").expect("named");
+    let key_file = bind.key_file();
+    let key_file = key_file.to_str().expect("utf-8");
+    let common = ["-s", SERVER_IP, "-z", ZONE, "-k", key_file];
+    for args in [
+        &["update", SERVICE, "--ttl", "20", "--no-wait"][..],
+        &["update", SERVICE, "--to", NEW_V4, "--to", NEW_V6][..],
+    ] {
+        // Before, the second one failed: its verification timed out.
+        for attempt in ["first", "again"] {
+            cli(&bind, &[args, &common[..]].concat())
+                .unwrap_or_else(|e| panic!("{args:?} {attempt}: {e:#}"));
+        }
+    }
+    assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
+    assert_eq!(bind.dig(SERVICE, "AAAA").expect("dig"), [NEW_V6]);
+    assert_eq!(bind.dig_ttls(SERVICE, "A").expect("dig"), [20]);
+}

@@ -230,6 +230,16 @@ fn apply(
     start: Instant,
     verify_timeout: Duration,
 ) -> Result<UpdateReport> {
+    // An update that changes nothing leaves the serial where it is, so its verification
+    // would wait for ever; a re-run (after a crash, say) finds it already applied.
+    if already_applied(&before, changes) {
+        tracing::debug!(%name, ?changes, "the records already hold the update; nothing sent");
+        return Ok(UpdateReport {
+            after: before.clone(),
+            before,
+            answer_changed_after_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        });
+    }
     let message = update_message(&server.zone, changes)?;
     tracing::debug!(server = %server.server, zone = %server.zone, %name, ?changes, "sending signed DNS UPDATE");
     server.exchange(message, true)?;
@@ -257,6 +267,18 @@ fn apply(
         before,
         after,
         answer_changed_after_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// Whether the server already holds every change: the same addresses, and the same TTL
+/// where any remain.
+fn already_applied(before: &ServiceRecords, changes: &[RrsetChange]) -> bool {
+    changes.iter().all(|c| {
+        let now = before.rrset(c.record_type);
+        let mut want = c.new.clone();
+        want.sort();
+        want.dedup();
+        now.addresses == want && (want.is_empty() || now.ttl == c.ttl)
     })
 }
 
@@ -321,6 +343,33 @@ mod tests {
             a: rrset("A", a),
             aaaa: rrset("AAAA", aaaa),
         }
+    }
+
+    #[test]
+    fn an_update_the_records_already_hold_is_not_sent_again() {
+        let before = records((20, &["198.51.100.10"]), (20, &["2001:db8::10"]));
+        let change = |rt, addrs: &[&str], ttl| RrsetChange {
+            name: Name::from_ascii("svc.example.test.").expect("name"),
+            record_type: rt,
+            current: Vec::new(),
+            new: addrs.iter().map(|a| a.parse().expect("ip")).collect(),
+            ttl,
+        };
+        let same = [
+            change(RecordType::A, &["198.51.100.10"], 20),
+            change(RecordType::AAAA, &["2001:db8::10"], 20),
+        ];
+        assert!(already_applied(&before, &same));
+        assert!(!already_applied(
+            &before,
+            &[change(RecordType::A, &["198.51.100.10"], 300)]
+        ));
+        assert!(!already_applied(
+            &before,
+            &[change(RecordType::A, &["198.18.0.10"], 20)]
+        ));
+        let none = records((0, &[]), (20, &["2001:db8::10"]));
+        assert!(already_applied(&none, &[change(RecordType::A, &[], 20)]));
     }
 
     #[test]
