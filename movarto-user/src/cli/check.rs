@@ -2,7 +2,10 @@
 
 use anyhow::Result;
 use clap::Args;
-use movarto_user::datapath::Datapath;
+use movarto_user::datapath::{
+    Datapath,
+    budget::{ALLOWED_GROWTH_PERCENT, over_budget, verifier_budget},
+};
 use serde::Serialize;
 
 #[derive(Args, Debug)]
@@ -23,19 +26,36 @@ struct ProgramReport {
     id: u32,
     btf_id: Option<u32>,
     verified_instructions: Option<u32>,
+    /// The checked-in budget (`movarto-ebpf/verifier-budget.toml`).
+    instruction_budget: Option<u32>,
+    /// More than the allowed growth over the budget (CI fails then; here it is a warning).
+    over_budget: bool,
 }
 
 /// Nothing is attached; everything is unloaded when the datapath is dropped.
 pub fn run(a: CheckArgs) -> Result<()> {
     let datapath = Datapath::load()?;
+    let budget = verifier_budget()?;
     let programs = datapath
         .program_infos()?
         .into_iter()
-        .map(|(name, info)| ProgramReport {
-            name,
-            id: info.id(),
-            btf_id: info.btf_id(),
-            verified_instructions: info.verified_instruction_count(),
+        .map(|(name, info)| {
+            let verified = info.verified_instruction_count();
+            let instruction_budget = budget.get(&name).copied();
+            let over = verified
+                .zip(instruction_budget)
+                .and_then(|(n, b)| over_budget(&name, n, b));
+            if let Some(why) = &over {
+                tracing::warn!("{why}");
+            }
+            ProgramReport {
+                id: info.id(),
+                btf_id: info.btf_id(),
+                verified_instructions: verified,
+                instruction_budget,
+                over_budget: over.is_some(),
+                name,
+            }
         })
         .collect();
     let report = CheckReport { programs };
@@ -51,8 +71,15 @@ pub fn run(a: CheckArgs) -> Result<()> {
         let insns = p
             .verified_instructions
             .map_or_else(|| "?".to_owned(), |n| n.to_string());
+        let budget = match (p.instruction_budget, p.over_budget) {
+            (Some(b), false) => format!(" (budget {b})"),
+            (Some(b), true) => {
+                format!(" (OVER its budget of {b} by more than {ALLOWED_GROWTH_PERCENT} %)")
+            }
+            (None, _) => String::new(),
+        };
         println!(
-            "  {:<16} id {:<6} btf {:<6} {insns} instructions verified",
+            "  {:<16} id {:<6} btf {:<6} {insns} instructions verified{budget}",
             p.name, p.id, btf
         );
     }

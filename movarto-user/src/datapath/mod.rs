@@ -1,6 +1,7 @@
 //! Loading movarto's eBPF object and reading its state.
 
 mod attach;
+pub mod budget;
 mod config;
 mod control;
 mod counters;
