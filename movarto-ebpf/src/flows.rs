@@ -56,44 +56,35 @@ pub fn origin_of(key: &FlowKey) -> Option<u8> {
     FLOWS.get_ptr(key).map(|v| unsafe { (*v).origin })
 }
 
+/// Whose word decides a flow's origin when its entry already exists.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The entry's: it keeps the origin it was created with.
+    Entry,
+    /// The packet's, which says itself what kind of flow it belongs to (traffic to
+    /// `N` is NAT by definition). An entry of another origin is an earlier
+    /// connection on the same 5-tuple, e.g. a pre-move flow from the client port a
+    /// newcomer to `N` now uses; keeping its origin would send the newcomer's
+    /// replies into the tunnel.
+    Packet,
+}
+
 /// Records `pkt` in the flow map, creating the entry with `origin` if needed.
 #[inline(always)]
 pub fn record(pkt: &Packet, dir: Direction, origin: u8) {
     if let Some(key) = key_of(pkt, dir) {
-        record_key(&key, pkt, dir, origin);
+        record_key(&key, pkt, dir, origin, Origin::Entry);
     }
-}
-
-/// Records `pkt` under `key` as a flow of `origin`, when the packet itself
-/// says which kind of flow it belongs to (traffic to `N` is NAT by
-/// definition). An entry of another origin under the same key is an earlier
-/// connection that used the same 5-tuple, e.g. a pre-move flow from the
-/// client port a newcomer to `N` now uses: keeping its origin would send the
-/// newcomer's replies into the tunnel, so the entry starts afresh.
-#[inline(always)]
-pub fn record_key_as(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8) {
-    if let Some(value) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: a live map value; see `record_key` on races.
-        let value = unsafe { &mut *value };
-        if value.origin != origin {
-            // SAFETY: no preconditions.
-            let now = unsafe { bpf_ktime_get_ns() };
-            *value = FlowValue {
-                first_seen_ns: now,
-                origin,
-                ..FlowValue::default()
-            };
-            bump(Counter::FlowReused);
-        }
-    }
-    record_key(key, pkt, dir, origin);
 }
 
 /// Records `pkt` under `key` (for when the key differs from the packet's own
-/// addresses, as after a NAT rewrite). A separate BPF function: the new
-/// entry it builds would otherwise sit in every caller's stack frame.
+/// addresses, as after a NAT rewrite), creating the entry with `origin` if
+/// needed. An existing entry starts afresh, counted as [`Counter::FlowReused`],
+/// when the packet opens a new connection on its 5-tuple: a SYN on a closed
+/// flow (which must not inherit the closing bits, or the sweep drops it), or a
+/// packet whose `decides` origin differs from the entry's.
 #[inline(always)]
-pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8) {
+pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decides: Origin) {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(value) = FLOWS.get_ptr_mut(key) {
@@ -102,19 +93,11 @@ pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8) {
         // between the two directions loses at most one count or a state bit
         // that the next packet sets again.
         let value = unsafe { &mut *value };
-        // A SYN on a closed flow's 5-tuple opens a new connection: it must not
-        // inherit the closing bits (the sweep would drop it as closing) nor the
-        // old origin.
-        if matches!(pkt.l4, L4::Tcp)
+        let reopened = matches!(pkt.l4, L4::Tcp)
             && pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
-            && state::is_closing(value.state)
-        {
-            *value = FlowValue {
-                first_seen_ns: now,
-                origin,
-                ..FlowValue::default()
-            };
-            bump(Counter::FlowReused);
+            && state::is_closing(value.state);
+        if reopened || (decides == Origin::Packet && value.origin != origin) {
+            start_afresh(value, origin, now);
         }
         update(value, pkt, dir, now);
         return;
@@ -136,6 +119,18 @@ pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8) {
             }
         }
     }
+}
+
+/// Turns an existing entry into a new flow's. Its own BPF function: inlined, the
+/// rewrite multiplies the paths the verifier walks through every caller.
+#[inline(never)]
+fn start_afresh(value: &mut FlowValue, origin: u8, now: u64) {
+    *value = FlowValue {
+        first_seen_ns: now,
+        origin,
+        ..FlowValue::default()
+    };
+    bump(Counter::FlowReused);
 }
 
 #[inline(always)]

@@ -107,7 +107,7 @@ enum Gue {
 fn gue_of(cfg: &Config, pkt: &Packet) -> Gue {
     if !tunnel::to_endpoint(cfg, pkt) {
         Gue::No
-    } else if tunnel::is_ours(cfg, pkt) {
+    } else if pkt.src_addr == cfg.peer_tunnel_addr {
         Gue::Ours
     } else {
         Gue::Foreign

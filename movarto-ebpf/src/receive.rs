@@ -18,7 +18,7 @@ use movarto_common::{
 
 use crate::{
     counters::bump,
-    flows::{self, Direction},
+    flows::{self, Direction, Origin},
     icmp, link_local, nat,
     outcome::Outcome,
     parse::{Packet, bytes_mut, tcp_flag},
@@ -49,7 +49,7 @@ pub fn to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outco
     nat::dnat_xdp(ctx, pkt, &cfg.home_addr)?;
     if let Some(mut key) = flows::key_of(pkt, Direction::FromPeer) {
         key.service_addr = cfg.home_addr;
-        flows::record_key_as(&key, pkt, Direction::FromPeer, origin::NAT);
+        flows::record_key(&key, pkt, Direction::FromPeer, origin::NAT, Origin::Packet);
     }
     Ok(Outcome::Sent(deliver_to_vm(ctx, cfg)?, Counter::NatIn))
 }

@@ -26,7 +26,10 @@ const GUE_PROTO_IPV6: u8 = 41;
 /// Ethernet + outer IPv4 + UDP + GUE + token.
 const ENCAP_HEADERS: usize = ETH_HLEN + GUE_OVERHEAD_IPV4;
 
-/// Whether `pkt` is UDP to this site's GUE endpoint and port, from anyone.
+/// Whether `pkt` is UDP to this site's GUE endpoint and port, from anyone. It is
+/// this site's GUE when it also comes from the peer's endpoint: only such packets
+/// are decapsulated; GUE from anyone else is not this node's tunnel and is left to
+/// the kernel.
 #[inline(always)]
 pub fn to_endpoint(cfg: &Config, pkt: &Packet) -> bool {
     pkt.family == family::IPV4
@@ -35,17 +38,9 @@ pub fn to_endpoint(cfg: &Config, pkt: &Packet) -> bool {
         && pkt.dst_addr == cfg.local_tunnel_addr
 }
 
-/// Whether `pkt` is this site's GUE: to its endpoint, from its peer. Only
-/// such packets are decapsulated; GUE from anyone else is not this node's
-/// tunnel and is left to the kernel.
-#[inline(always)]
-pub fn is_ours(cfg: &Config, pkt: &Packet) -> bool {
-    to_endpoint(cfg, pkt) && pkt.src_addr == cfg.peer_tunnel_addr
-}
-
-/// [`is_ours`] for a packet the parser rejected, whose UDP header may not
-/// have been read: UDP from the peer to our endpoint counts as ours unless
-/// its port is known to be another one.
+/// Whether a packet the parser rejected, whose UDP header may not have been
+/// read, is this site's GUE: UDP from the peer to our endpoint counts as ours
+/// unless its port is known to be another one.
 #[inline(always)]
 pub fn may_be_ours(cfg: &Config, pkt: &Packet) -> bool {
     pkt.family == family::IPV4
@@ -166,7 +161,7 @@ pub fn encapsulate_tc(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<(),
     Ok(())
 }
 
-/// Verifies GUE that [`is_ours`] (the caller checked), strips the outer
+/// Verifies GUE from the peer to our endpoint (the caller checked), strips the outer
 /// headers, leaving an Ethernet frame (MACs still to be set) around the inner
 /// packet, and parses that into `inner`. The tunnel carries the service's
 /// traffic only: its address must be the inner packet's `H` side for `dir`.
