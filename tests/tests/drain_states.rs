@@ -25,11 +25,15 @@ const TOKEN: u64 = 0x5eed;
 const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa1];
 const MAC_R: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 
+/// Site A in `mode`, with the tunnel configured.
+fn site(mode: Mode) -> SiteConfig {
+    SiteConfig::new(mode, IpAddr::from(HOME)).with_tunnel(TA, TB, SessionToken(TOKEN))
+}
+
 fn datapath(mode: Mode) -> Datapath {
     require_root();
-    let cfg = SiteConfig::new(mode, IpAddr::from(HOME)).with_tunnel(TA, TB, SessionToken(TOKEN));
     let mut dp = Datapath::load().expect("load datapath");
-    dp.set_config(&cfg).expect("config");
+    dp.set_config(&site(mode)).expect("config");
     dp
 }
 
@@ -101,8 +105,7 @@ fn flow(dp: &Datapath, peer_port: u16) -> FlowValue {
 
 /// Opens a pre-move flow while tracking: handshake and one segment each way.
 fn track_connection(dp: &mut Datapath, peer_port: u16) {
-    dp.set_config(&SiteConfig::new(Mode::Track, IpAddr::from(HOME)))
-        .expect("track");
+    dp.set_config(&site(Mode::Track)).expect("track");
     from_client(dp, peer_port, 2);
     from_client(dp, peer_port, 0);
     run_frame(dp, Hook::VmFacing, &segment(HOME, CLIENT, 80, peer_port, 0)).expect("run");
@@ -117,14 +120,7 @@ fn both_fins_or_an_rst_end_a_pre_move_flows_hold_on_the_drain_at_once() {
         assert_eq!(v.origin, origin::TRACKED);
         assert!(v.holds_drain(proto::TCP, 0), "port {port}: {v:?}");
     }
-    dp.set_config(
-        &SiteConfig::new(Mode::Forward, IpAddr::from(HOME)).with_tunnel(
-            TA,
-            TB,
-            SessionToken(TOKEN),
-        ),
-    )
-    .expect("forward");
+    dp.set_config(&site(Mode::Forward)).expect("forward");
 
     // The client closes first, the VM answers through the tunnel.
     from_client(&dp, 40001, 1);
@@ -168,14 +164,7 @@ fn a_half_closed_pre_move_flow_holds_the_drain_only_while_it_carries_data() {
     let mut dp = datapath(Mode::Track);
     track_connection(&mut dp, 40010);
     track_connection(&mut dp, 40011);
-    dp.set_config(
-        &SiteConfig::new(Mode::Forward, IpAddr::from(HOME)).with_tunnel(
-            TA,
-            TB,
-            SessionToken(TOKEN),
-        ),
-    )
-    .expect("forward");
+    dp.set_config(&site(Mode::Forward)).expect("forward");
     from_client(&dp, 40010, 1);
     from_vm_through_tunnel(&dp, 40011, 1);
     for (port, fin) in [(40010, state::FIN_PEER), (40011, state::FIN_SERVICE)] {

@@ -210,23 +210,9 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
     require_root();
     let mut l = Lab::build().expect("the lab");
     let boot_id = l.boot_at_a().expect("the guest boots at A");
-    let stats = Arc::new(Stats::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let chat = l.connect(ECHO_PORT).expect("connect to H");
-    let worker = {
-        let (stats, stop) = (stats.clone(), stop.clone());
-        thread::spawn(move || stats.chat(chat, &stop))
-    };
-    wait_until(IO_TIMEOUT, "traffic before the move", || {
-        stats.exchanges.load(Ordering::Relaxed) > 10
-    })
-    .expect("traffic before the move");
+    let chat = Chat::start(&l);
 
-    // A slow copy (8 MiB/s for ~80 MiB), so the destination can die in the middle of it.
-    let mut migrate = l
-        .migrate_command(&["--max-bandwidth", "8"])
-        .expect("the migrate command");
-    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let mut orchestrator = slow_migrate(&l);
     kill_destination_qemu_once(&l, &mut orchestrator, "the RAM copy", |m| {
         m.progress.is_some_and(|p| p.transferred > 8 << 20)
     });
@@ -235,40 +221,13 @@ fn a_destination_failing_during_the_ram_copy_rolls_everything_back() {
         .finish_migrate(&mut orchestrator, Duration::from_secs(60), || {})
         .expect("migrate finished");
     assert!(!status.success(), "migrate must fail");
-    assert_eq!(report["succeeded"], false);
-    let rolled_back = report["rolled_back"].as_str().expect("rollback summary");
-    assert!(
-        rolled_back.contains("VM running at the source") && !rolled_back.contains("NOT undone"),
-        "{rolled_back}"
-    );
-
-    // The VM never left A: same instance, the connection kept going, DNS unchanged.
-    assert_eq!(l.http_get(H, "/id").expect("GET"), boot_id);
-    let exchanged = stats.exchanges.load(Ordering::Relaxed);
-    wait_until(IO_TIMEOUT, "traffic after the rollback", || {
-        stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
-    })
-    .expect("traffic after the rollback");
-    stop.store(true, Ordering::Relaxed);
-    worker.join().expect("worker");
-    let failures = stats.failed.lock().expect("lock").clone();
-    assert!(failures.is_empty(), "the connection broke: {failures:?}");
-    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
-    assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
-
-    // A tracks again; B has nothing left: no VM, no datapath, no tap.
-    let (a_status, b_status) = l
-        .with_agents(async |a, b| (a.status().await.expect("A"), b.status().await.expect("B")))
-        .expect("the agents");
-    assert_eq!(a_status.datapath.expect("A attached").mode, Mode::Track);
+    let a_status = assert_rolled_back_to_a(&l, &report, &boot_id, chat);
     assert!(
         a_status
             .vms
             .iter()
             .any(|vm| vm.run_state == RunState::Running)
     );
-    assert!(b_status.datapath.is_none(), "B detached");
-    assert!(b_status.vms.is_empty(), "no VM at B: {:?}", b_status.vms);
     assert!(!pin_dir(&l.uplink_b).exists());
     assert!(
         l.b.run("ip", &["link", "show", "tap0"]).is_err(),
@@ -579,18 +538,30 @@ fn kill_destination_qemu_once(
     stage: &str,
     reached: impl Fn(MigrationState) -> bool + Send + Sync + Copy,
 ) {
+    wait_for_source_migration(l, orchestrator, stage, reached);
+    let destination_pid = l
+        .with_agents(async |_, b| b.vm("web").await.ok().and_then(|vm| vm.pid))
+        .expect("the agents")
+        .expect("the destination's QEMU runs");
+    // SAFETY: the destination QEMU, started by the test's own agent, by its PID.
+    assert_eq!(
+        unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
+        0
+    );
+}
+
+/// Waits until A's migration of the VM reaches `stage` (`reached`), while `migrate` runs.
+fn wait_for_source_migration(
+    l: &Lab,
+    orchestrator: &mut ChildGuard,
+    stage: &str,
+    reached: impl Fn(MigrationState) -> bool + Send + Sync + Copy,
+) {
     let deadline = Instant::now() + Duration::from_secs(90);
-    let destination_pid = loop {
-        let ready = l
-            .with_agents(async |a, b| {
-                let at_stage = a.migration("web").await.is_ok_and(reached);
-                let pid = b.vm("web").await.ok().and_then(|vm| vm.pid);
-                at_stage.then_some(pid).flatten()
-            })
-            .expect("the agents");
-        if let Some(pid) = ready {
-            break pid;
-        }
+    while !l
+        .with_agents(async |a, _| a.migration("web").await.is_ok_and(reached))
+        .expect("the agents")
+    {
         assert!(Instant::now() < deadline, "{stage} did not start");
         assert!(
             orchestrator.try_wait().expect("wait").is_none(),
@@ -598,12 +569,87 @@ fn kill_destination_qemu_once(
             l.agent_log("a")
         );
         thread::sleep(Duration::from_millis(100));
-    };
-    // SAFETY: the destination QEMU, started by the test's own agent, by its PID.
-    assert_eq!(
-        unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
-        0
+    }
+}
+
+/// `migrate` with a slow copy (8 MiB/s for ~80 MiB), so that something can happen in
+/// the middle of it.
+fn slow_migrate(l: &Lab) -> ChildGuard {
+    let mut migrate = l
+        .migrate_command(&["--max-bandwidth", "8"])
+        .expect("the migrate command");
+    l.bind.client.spawn(&mut migrate).expect("migrate")
+}
+
+/// A byte-checked interactive connection to `H`, already carrying traffic.
+struct Chat {
+    stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    worker: thread::JoinHandle<()>,
+}
+
+impl Chat {
+    fn start(l: &Lab) -> Chat {
+        let stats = Arc::new(Stats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let conn = l.connect(ECHO_PORT).expect("connect to H");
+        let worker = {
+            let (stats, stop) = (stats.clone(), stop.clone());
+            thread::spawn(move || stats.chat(conn, &stop))
+        };
+        wait_until(IO_TIMEOUT, "traffic before the move", || {
+            stats.exchanges.load(Ordering::Relaxed) > 10
+        })
+        .expect("traffic before the move");
+        Chat {
+            stats,
+            stop,
+            worker,
+        }
+    }
+}
+
+/// After a migration that failed before switchover: the rollback says the VM runs at
+/// the source, and it does (the same instance, its connection kept, DNS unchanged); A
+/// tracks again and B has no VM and no datapath left. Returns A's status.
+fn assert_rolled_back_to_a(
+    l: &Lab,
+    report: &serde_json::Value,
+    boot_id: &str,
+    chat: Chat,
+) -> movarto_user::agent::api::SiteStatus {
+    assert_eq!(report["succeeded"], false);
+    let rolled_back = report["rolled_back"].as_str().expect("rollback summary");
+    assert!(
+        rolled_back.contains("VM running at the source") && !rolled_back.contains("NOT undone"),
+        "{rolled_back}"
     );
+    assert_eq!(l.http_get(H, "/id").expect("GET"), boot_id);
+    let exchanged = chat.stats.exchanges.load(Ordering::Relaxed);
+    wait_until(IO_TIMEOUT, "traffic after the rollback", || {
+        chat.stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
+    })
+    .expect("traffic after the rollback");
+    chat.stop.store(true, Ordering::Relaxed);
+    chat.worker.join().expect("worker");
+    let failures = chat.stats.failures();
+    assert!(failures.is_empty(), "the connection broke: {failures:?}");
+    eprintln!(
+        "rollback: worst stall of the connection {} ms",
+        chat.stats.worst_stall_ms.load(Ordering::Relaxed)
+    );
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
+    assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
+    let (a_status, b_status) = l
+        .with_agents(async |a, b| (a.status().await.expect("A"), b.status().await.expect("B")))
+        .expect("the agents");
+    assert_eq!(
+        a_status.datapath.as_ref().expect("A attached").mode,
+        Mode::Track
+    );
+    assert!(b_status.datapath.is_none(), "B detached");
+    assert!(b_status.vms.is_empty(), "no VM at B: {:?}", b_status.vms);
+    a_status
 }
 
 /// Ctrl-C on `migrate` during the RAM copy rolls back as a failure does: the
@@ -614,39 +660,12 @@ fn ctrl_c_during_the_ram_copy_rolls_back_and_the_guest_never_stops() {
     require_root();
     let mut l = Lab::build().expect("the lab");
     let boot_id = l.boot_at_a().expect("the guest boots at A");
-    let stats = Arc::new(Stats::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let chat = l.connect(ECHO_PORT).expect("connect to H");
-    let worker = {
-        let (stats, stop) = (stats.clone(), stop.clone());
-        thread::spawn(move || stats.chat(chat, &stop))
-    };
-    wait_until(IO_TIMEOUT, "traffic before the move", || {
-        stats.exchanges.load(Ordering::Relaxed) > 10
-    })
-    .expect("traffic before the move");
+    let chat = Chat::start(&l);
 
-    // A slow copy (8 MiB/s), so the operator's Ctrl-C lands in the middle of it.
-    let mut migrate = l
-        .migrate_command(&["--max-bandwidth", "8"])
-        .expect("the migrate command");
-    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !l
-        .with_agents(async |a, _| {
-            a.migration("web")
-                .await
-                .is_ok_and(|m| m.progress.is_some_and(|p| p.transferred > 8 << 20))
-        })
-        .expect("the agents")
-    {
-        assert!(Instant::now() < deadline, "the RAM copy did not start");
-        assert!(
-            orchestrator.try_wait().expect("wait").is_none(),
-            "migrate ended before the RAM copy"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    let mut orchestrator = slow_migrate(&l);
+    wait_for_source_migration(&l, &mut orchestrator, "the RAM copy", |m| {
+        m.progress.is_some_and(|p| p.transferred > 8 << 20)
+    });
     // SAFETY: our own child, the orchestrator, by its PID.
     assert_eq!(
         unsafe { libc::kill(orchestrator.id() as i32, libc::SIGINT) },
@@ -657,14 +676,8 @@ fn ctrl_c_during_the_ram_copy_rolls_back_and_the_guest_never_stops() {
         .finish_migrate(&mut orchestrator, Duration::from_secs(60), || {})
         .expect("migrate finished");
     assert!(!status.success(), "an interrupted migrate fails");
-    assert_eq!(report["succeeded"], false);
     let error = report["error"].as_str().expect("error");
     assert!(error.contains("interrupted by SIGINT"), "{error}");
-    let rolled_back = report["rolled_back"].as_str().expect("rollback summary");
-    assert!(
-        rolled_back.contains("VM running at the source") && !rolled_back.contains("NOT undone"),
-        "{rolled_back}"
-    );
     let steps: Vec<&str> = report["steps"]
         .as_array()
         .expect("steps")
@@ -675,28 +688,6 @@ fn ctrl_c_during_the_ram_copy_rolls_back_and_the_guest_never_stops() {
         !steps.contains(&"switchover"),
         "the guest never stopped: {steps:?}"
     );
-
-    // The VM never left A: same instance, the connection kept going, DNS unchanged.
-    assert_eq!(l.http_get(H, "/id").expect("GET"), boot_id);
-    let exchanged = stats.exchanges.load(Ordering::Relaxed);
-    wait_until(IO_TIMEOUT, "traffic after the rollback", || {
-        stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
-    })
-    .expect("traffic after the rollback");
-    stop.store(true, Ordering::Relaxed);
-    worker.join().expect("worker");
-    assert!(stats.failures().is_empty(), "{:?}", stats.failures());
-    eprintln!(
-        "ctrl-c: worst stall of the connection {} ms",
-        stats.worst_stall_ms.load(Ordering::Relaxed)
-    );
-    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
-    assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
-    let (a_status, b_status) = l
-        .with_agents(async |a, b| (a.status().await.expect("A"), b.status().await.expect("B")))
-        .expect("the agents");
-    assert_eq!(a_status.datapath.expect("A attached").mode, Mode::Track);
-    assert!(b_status.datapath.is_none(), "B detached");
-    assert!(b_status.vms.is_empty(), "no VM at B: {:?}", b_status.vms);
+    assert_rolled_back_to_a(&l, &report, &boot_id, chat);
     l.stop_agent("b");
 }
