@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use movarto_lab::netns::{Netns, veth};
 
-use crate::site::mac;
+use crate::site::{mac, sh};
 
 /// `up0`'s MAC.
 pub const UPLINK_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xa1];
@@ -48,61 +48,45 @@ pub fn site(local: Ipv4Addr, remote: Ipv4Addr, remote_mac: [u8; 6]) -> Site {
         "nodad",
     ])
     .expect("addr6");
-    let remote = remote.to_string();
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &remote,
-        "lladdr",
-        &mac(remote_mac),
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ])
-    .expect("neigh");
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &WAN_GW.to_string(),
-        "lladdr",
-        &mac(GW_MAC),
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ])
-    .expect("neigh gw");
-    ns.ip(&[
-        "route",
-        "add",
-        "198.51.100.0/24",
-        "via",
-        &WAN_GW.to_string(),
-    ])
-    .expect("route");
-    ns.ip(&[
-        "-6",
-        "neigh",
-        "replace",
-        "2001:db8:ff::fe",
-        "lladdr",
-        &mac(GW_MAC),
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ])
-    .expect("neigh6");
-    ns.ip(&[
-        "-6",
-        "route",
-        "add",
-        "2001:db8:1::/64",
-        "via",
-        "2001:db8:ff::fe",
-    ])
-    .expect("route6");
+    // The other tunnel endpoint and the gateway toward the clients, both families.
+    let (remote, remote_mac, wan_gw, gw_mac) = (
+        remote.to_string(),
+        mac(remote_mac),
+        WAN_GW.to_string(),
+        mac(GW_MAC),
+    );
+    for (addr, lladdr) in [
+        (remote.as_str(), &remote_mac),
+        (wan_gw.as_str(), &gw_mac),
+        ("2001:db8:ff::fe", &gw_mac),
+    ] {
+        sh(
+            &ns,
+            &[
+                "neigh",
+                "replace",
+                addr,
+                "lladdr",
+                lladdr,
+                "dev",
+                "up0",
+                "nud",
+                "permanent",
+            ],
+        );
+    }
+    sh(&ns, &["route", "add", "198.51.100.0/24", "via", &wan_gw]);
+    sh(
+        &ns,
+        &[
+            "-6",
+            "route",
+            "add",
+            "2001:db8:1::/64",
+            "via",
+            "2001:db8:ff::fe",
+        ],
+    );
     let link = ns.run("ip", &["-o", "link", "show", "up0"]).expect("link");
     let uplink_ifindex = link
         .split(':')
