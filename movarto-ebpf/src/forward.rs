@@ -34,11 +34,11 @@ const IPV4_DF: u8 = 0x40;
 /// Uplink ingress, anything but our GUE: traffic for `H` goes into the tunnel.
 #[inline(always)]
 pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<Outcome, Counter> {
-    // ND and link-local/multicast traffic is this link's, even for `H`.
-    if link_local::stays_on_link(ctx.data(), ctx.data_end(), pkt) {
+    if pkt.family != cfg.service_family || pkt.dst_addr != cfg.home_addr {
         return Ok(Outcome::Pass);
     }
-    if pkt.family != cfg.service_family || pkt.dst_addr != cfg.home_addr {
+    // ND and link-local/multicast traffic is this link's, even for `H`.
+    if link_local::stays_on_link(ctx.data(), ctx.data_end(), pkt) {
         return Ok(Outcome::Pass);
     }
     // As a router, the TTL check comes before anything else; the packet

@@ -33,18 +33,19 @@ const NO_ADDR: [u8; 16] = [0; 16];
 /// the VM, past the peer and token checks, so it is dropped.
 #[inline(always)]
 pub fn to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, Counter> {
-    // ND and link-local traffic is the uplink's own business (a router's NUD
-    // probe of `N` must reach B's kernel, not the VM).
-    if pkt.family != cfg.service_family
-        || link_local::stays_on_link(ctx.data(), ctx.data_end(), pkt)
-    {
+    if pkt.family != cfg.service_family {
         return Ok(Outcome::Pass);
     }
-    if pkt.dst_addr == cfg.home_addr {
+    let to_home = pkt.dst_addr == cfg.home_addr;
+    let to_new = cfg.new_addr != NO_ADDR && pkt.dst_addr == cfg.new_addr;
+    // Other tenants' packets cost the two comparisons only. ND is the uplink's
+    // own business even for `H` or `N` (a router's NUD probe of `N` must reach
+    // B's kernel, not the VM).
+    if !(to_home || to_new) || link_local::stays_on_link(ctx.data(), ctx.data_end(), pkt) {
+        return Ok(Outcome::Pass);
+    }
+    if to_home {
         return Err(Counter::DropNotTunnelled);
-    }
-    if cfg.new_addr == NO_ADDR || pkt.dst_addr != cfg.new_addr {
-        return Ok(Outcome::Pass);
     }
     nat::dnat_xdp(ctx, pkt, &cfg.home_addr)?;
     if let Some(mut key) = flows::key_of(pkt, Direction::FromPeer) {
