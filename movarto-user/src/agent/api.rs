@@ -22,14 +22,19 @@
 //! | POST | `/v1/vms` | [`VmRequest`] → [`VmStatus`] (same spec again: no-op) | yes |
 //! | GET | `/v1/vms/{name}` | → [`VmStatus`] | yes |
 //! | DELETE | `/v1/vms/{name}` | → `{}` | yes |
-//! | POST | `/v1/vms/{name}/incoming` | [`IncomingRequest`] → `{}` | yes |
-//! | POST | `/v1/vms/{name}/finish-incoming` | → [`VmStatus`] | yes |
 //! | POST | `/v1/vms/{name}/announce` | → `{}` | yes |
-//! | POST | `/v1/vms/{name}/mirror` | [`MirrorSettings`] → `MirrorReady` (at READY) | no |
-//! | POST | `/v1/vms/{name}/migration` | [`OutgoingRequest`] → [`MigrationState`] | no |
-//! | GET | `/v1/vms/{name}/migration` | → [`MigrationState`] | yes |
-//! | POST | `/v1/vms/{name}/migration/continue` | [`ContinueRequest`] → [`MigrationState`] | yes |
-
+//! | GET | `/v1/vms/{name}/migration` | → [`MigrationState`] (QEMU's side: progress) | yes |
+//! | POST | `/v1/migrations` | [`MigrationSpec`] → [`MigrationRecord`] (at the source; the same id again: the one there is) | yes |
+//! | GET | `/v1/migrations` | → [`MigrationRecord`]s | yes |
+//! | GET | `/v1/migrations/{id}` | → [`MigrationRecord`] | yes |
+//! | POST | `/v1/migrations/{id}/incoming` | [`IncomingHalf`] → [`MigrationRecord`] (the source's agent makes the destination's half) | yes |
+//! | POST | `/v1/migrations/{id}/abort` | → [`MigrationRecord`] (source: roll back, 409 past switchover; destination: clean up once the source runs the VM again) | yes |
+//! | POST | `/v1/migrations/{id}/tunnel-over` | → [`MigrationRecord`] (destination: `nat`, or detach) | yes |
+//! | POST | `/v1/migrations/{id}/dns` | [`DnsDone`] → [`MigrationRecord`] (the orchestrator did owed DNS work) | yes |
+//!
+//! Migrations are the agents' own (agent/migrations): the orchestrator creates one at the
+//! source and follows it; the agents carry it on without the orchestrator, and after
+//! their own restarts. Records returned by the API have the peers' tokens blanked.
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
@@ -44,6 +49,10 @@ use movarto_common::{
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use super::migrations::record::{
+    DnsDone, DnsOwed, DnsPlan, DrainRule, Figures, IncomingHalf, MigrationId, MigrationRecord,
+    MigrationSpec, PeerAgent, Role, Stage, StageChange, unix_ms,
+};
 pub use super::snapshot::{
     FLOW_SNAPSHOT_VERSION, FlowEntry, FlowFlag, FlowOrigin, FlowSnapshot, IpFamily, SnapshotError,
 };
@@ -298,7 +307,8 @@ pub struct MigrationSettings {
     pub auto_converge: bool,
     pub postcopy: PostcopySetting,
     pub timeout_s: u64,
-    /// The longest the source waits, stopped at `pre-switchover`, for the orchestrator.
+    /// At `pre-switchover` (the source stopped), how long the source's agent tries to hand
+    /// the flows to the destination before it cancels and resumes the VM at the source.
     pub switchover_wait_s: u64,
 }
 
@@ -313,7 +323,7 @@ impl Default for MigrationSettings {
             auto_converge: false,
             postcopy: PostcopySetting::Off,
             timeout_s: options.timeout.as_secs(),
-            switchover_wait_s: 30,
+            switchover_wait_s: 5,
         }
     }
 }
@@ -415,12 +425,6 @@ impl MirrorSettings {
             ..DiskMirror::new(&self.nbd_host, self.nbd_port)
         }
     }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct ContinueRequest {
-    /// `false` aborts: the migration is cancelled and the VM resumes at the source.
-    pub proceed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

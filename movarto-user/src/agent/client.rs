@@ -6,19 +6,50 @@ use anyhow::{Context as _, Result};
 use reqwest::Method;
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::api::{
-    ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowSnapshot, GarpRequest, Health,
-    IncomingRequest, MigrationState, MirrorSettings, ModeRequest, OutgoingRequest, SiteStatus,
-    TapRequest, VmRequest, VmStatus,
+use super::{
+    api::{
+        ApiError, DatapathRequest, DatapathStatus, DnsDone, FlowSnapshot, GarpRequest, Health,
+        IncomingHalf, MigrationId, MigrationRecord, MigrationSpec, MigrationState, ModeRequest,
+        PeerAgent, SiteStatus, TapRequest, VmRequest, VmStatus,
+    },
 };
 use movarto_common::config::Mode;
 
-use crate::qemu::mirror::MirrorReady;
-
 /// How long one call may take (starting QEMU and loading the datapath included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// The disk mirror's first full copy (the agent's own bound is `DiskMirror::ready_timeout`).
-const MIRROR_TIMEOUT: Duration = Duration::from_secs(660);
+/// The first pause between retries of an unreachable agent, and the longest.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LONGEST_RETRY: Duration = Duration::from_secs(2);
+
+/// Calls `call` until it reaches the agent, with backoff, for up to `limit`: an agent
+/// that restarts is back within seconds. What the agent answers (an error too) is final.
+/// Every call retried this way must be safe to repeat.
+pub async fn retry_unreachable<T, F, Fut>(limit: Duration, mut call: F) -> Result<T, AgentError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, AgentError>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = FIRST_RETRY;
+    loop {
+        match call().await {
+            Err(AgentError::Unreachable { agent, reason })
+                if tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(%agent, "unreachable ({reason}); retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LONGEST_RETRY);
+            }
+            Err(AgentError::Unreachable { agent, reason }) => {
+                return Err(AgentError::Unreachable {
+                    agent,
+                    reason: format!("{reason} (retried for {limit:?})"),
+                });
+            }
+            other => return other,
+        }
+    }
+}
 
 /// What went wrong talking to an agent.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +87,21 @@ impl AgentClient {
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
+            http: builder.build().context("building the HTTP client")?,
+        })
+    }
+
+    /// A client of the other site's agent, as a migration's spec names it.
+    pub fn from_peer(peer: &PeerAgent) -> Result<Self> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+        if let Some(pem) = &peer.ca_pem {
+            let cert = reqwest::Certificate::from_pem(pem.as_bytes())
+                .context("parsing the peer's CA certificate")?;
+            builder = builder.add_root_certificate(cert);
+        }
+        Ok(Self {
+            base: peer.url.trim_end_matches('/').to_owned(),
+            token: peer.token.clone(),
             http: builder.build().context("building the HTTP client")?,
         })
     }
@@ -209,28 +255,7 @@ impl AgentClient {
             .map(drop)
     }
 
-    pub async fn prepare_incoming(
-        &self,
-        name: &str,
-        request: &IncomingRequest,
-    ) -> Result<(), AgentError> {
-        self.call::<serde_json::Value>(
-            Method::POST,
-            &format!("/v1/vms/{name}/incoming"),
-            Some(request),
-        )
-        .await
-        .map(drop)
-    }
 
-    pub async fn finish_incoming(&self, name: &str) -> Result<VmStatus, AgentError> {
-        self.call(
-            Method::POST,
-            &format!("/v1/vms/{name}/finish-incoming"),
-            None::<&()>,
-        )
-        .await
-    }
 
     pub async fn announce(&self, name: &str) -> Result<(), AgentError> {
         self.call::<serde_json::Value>(
@@ -242,50 +267,62 @@ impl AgentClient {
         .map(drop)
     }
 
-    /// Starts the disk mirror and returns at READY (a full copy: may take long).
-    pub async fn start_mirror(
-        &self,
-        name: &str,
-        settings: &MirrorSettings,
-    ) -> Result<MirrorReady, AgentError> {
-        self.call_with_timeout(
-            Method::POST,
-            &format!("/v1/vms/{name}/mirror"),
-            Some(settings),
-            MIRROR_TIMEOUT,
-        )
-        .await
-    }
 
-    pub async fn start_migration(
-        &self,
-        name: &str,
-        request: &OutgoingRequest,
-    ) -> Result<MigrationState, AgentError> {
-        self.call(
-            Method::POST,
-            &format!("/v1/vms/{name}/migration"),
-            Some(request),
-        )
-        .await
-    }
 
+    /// QEMU's side of a VM's migration (progress), as the VM's QEMU reports it.
     pub async fn migration(&self, name: &str) -> Result<MigrationState, AgentError> {
         self.get(&format!("/v1/vms/{name}/migration")).await
     }
 
-    pub async fn continue_migration(
+    /// Creates the migration at its source (the same id again: the one there is).
+    pub async fn create_migration(
         &self,
-        name: &str,
-        proceed: bool,
-    ) -> Result<MigrationState, AgentError> {
+        spec: &MigrationSpec,
+    ) -> Result<MigrationRecord, AgentError> {
+        self.call(Method::POST, "/v1/migrations", Some(spec)).await
+    }
+
+    pub async fn migrations(&self) -> Result<Vec<MigrationRecord>, AgentError> {
+        self.get("/v1/migrations").await
+    }
+
+    pub async fn migration_record(&self, id: &MigrationId) -> Result<MigrationRecord, AgentError> {
+        self.get(&format!("/v1/migrations/{id}")).await
+    }
+
+    /// The source's agent makes the destination's half.
+    pub async fn create_incoming(&self, half: &IncomingHalf) -> Result<MigrationRecord, AgentError> {
         self.call(
             Method::POST,
-            &format!("/v1/vms/{name}/migration/continue"),
-            Some(&ContinueRequest { proceed }),
+            &format!("/v1/migrations/{}/incoming", half.spec.id),
+            Some(half),
         )
         .await
     }
+
+    pub async fn abort_migration(&self, id: &MigrationId) -> Result<MigrationRecord, AgentError> {
+        self.call(Method::POST, &format!("/v1/migrations/{id}/abort"), None::<&()>)
+            .await
+    }
+
+    pub async fn end_tunnel(&self, id: &MigrationId) -> Result<MigrationRecord, AgentError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/migrations/{id}/tunnel-over"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn dns_done(
+        &self,
+        id: &MigrationId,
+        done: &DnsDone,
+    ) -> Result<MigrationRecord, AgentError> {
+        self.call(Method::POST, &format!("/v1/migrations/{id}/dns"), Some(done))
+            .await
+    }
+
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

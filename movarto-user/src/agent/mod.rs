@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod garp;
+mod migrations;
 pub mod netlink;
 mod server;
 mod site;

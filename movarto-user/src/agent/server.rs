@@ -19,16 +19,16 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     api::{
-        ApiError, ContinueRequest, DatapathRequest, DatapathStatus, FlowSnapshot, GarpRequest,
-        Health, IncomingRequest, Loaded, MigrationState, MirrorSettings, ModeRequest,
-        OutgoingRequest, SiteStatus, SnapshotError, TapRequest, VmRequest, VmStatus,
+        ApiError, DatapathRequest, DatapathStatus, DnsDone, FlowSnapshot, GarpRequest, Health,
+        IncomingHalf, Loaded, MigrationId, MigrationRecord, MigrationSpec, MigrationState,
+        ModeRequest, SiteStatus, SnapshotError, TapRequest, VmRequest, VmStatus,
     },
+    migrations::{MigrationError, Migrations},
     site::SiteDatapath,
     tap,
     token::Token,
     vms::{VmError, Vms},
 };
-use crate::qemu::mirror::MirrorReady;
 
 pub struct AgentConfig {
     pub site: String,
@@ -45,11 +45,13 @@ pub struct AgentConfig {
     pub stop_vms_on_exit: bool,
 }
 
-struct Agent {
-    site: String,
+/// What the handlers and the migrations' drivers share.
+pub(crate) struct Agent {
+    pub(crate) site: String,
     token: Token,
-    datapath: SiteDatapath,
-    vms: Vms,
+    pub(crate) datapath: SiteDatapath,
+    pub(crate) vms: Vms,
+    pub(crate) migrations: Migrations,
 }
 
 /// An error reply: the status, and the whole context chain as the message.
@@ -58,11 +60,15 @@ struct Failure(StatusCode, anyhow::Error);
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(err: E) -> Self {
         let err = err.into();
-        let status = match err.downcast_ref::<VmError>() {
-            Some(VmError::NotFound(_)) => StatusCode::NOT_FOUND,
-            Some(VmError::Conflict(_)) => StatusCode::CONFLICT,
-            None if err.is::<SnapshotError>() => StatusCode::BAD_REQUEST,
-            None => StatusCode::INTERNAL_SERVER_ERROR,
+        let status = match (err.downcast_ref::<VmError>(), err.downcast_ref::<MigrationError>()) {
+            (Some(VmError::NotFound(_)), _) | (_, Some(MigrationError::NotFound(_))) => {
+                StatusCode::NOT_FOUND
+            }
+            (Some(VmError::Conflict(_)), _) | (_, Some(MigrationError::Conflict(_))) => {
+                StatusCode::CONFLICT
+            }
+            _ if err.is::<SnapshotError>() => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, err)
     }
@@ -96,6 +102,7 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
             config.established_idle,
         ),
         vms: Vms::new(config.state_dir.clone())?,
+        migrations: Migrations::new(&config.state_dir),
     });
     match agent.vms.adopt_all().await {
         Ok(0) => {}
@@ -109,6 +116,10 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
         ),
         Ok(None) => tracing::info!(uplink = %config.uplink, "no datapath attached yet"),
         Err(err) => tracing::warn!("the pinned datapath is unreadable: {err:#}"),
+    }
+    match Migrations::resume_all(&agent).await {
+        0 => {}
+        n => tracing::info!(migrations = n, "resumed unfinished migrations"),
     }
     let sweeper = tokio::spawn(sweep_forever(agent.clone(), config.sweep_interval));
     let app = router(agent.clone());
@@ -190,12 +201,14 @@ fn routes() -> (OpenApiRouter<Arc<Agent>>, OpenApiRouter<Arc<Agent>>) {
         .routes(routes!(ensure_tap, delete_tap))
         .routes(routes!(start_vm))
         .routes(routes!(vm, stop_vm))
-        .routes(routes!(prepare_incoming))
-        .routes(routes!(finish_incoming))
         .routes(routes!(announce))
-        .routes(routes!(start_mirror))
-        .routes(routes!(start_migration, migration))
-        .routes(routes!(continue_migration));
+        .routes(routes!(migration))
+        .routes(routes!(create_migration, migrations))
+        .routes(routes!(migration_record))
+        .routes(routes!(create_incoming))
+        .routes(routes!(abort_migration))
+        .routes(routes!(end_tunnel))
+        .routes(routes!(dns_done));
     (public, protected)
 }
 
@@ -532,43 +545,6 @@ async fn stop_vm(
 
 #[utoipa::path(
     post,
-    path = "/v1/vms/{name}/incoming",
-    tag = "agent",
-    params(("name" = String, Path, description = "the VM's or the tap's name")),
-    request_body = IncomingRequest,
-    responses(
-        (status = 200, description = "the destination listens for the migration; `{}`"),
-        (status = "default", description = "an error, with its whole context chain", body = ApiError),
-    ),
-)]
-async fn prepare_incoming(
-    State(agent): State<Arc<Agent>>,
-    Path(name): Path<String>,
-    Json(request): Json<IncomingRequest>,
-) -> Reply<serde_json::Value> {
-    agent.vms.prepare_incoming(&name, &request).await?;
-    Ok(empty())
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{name}/finish-incoming",
-    tag = "agent",
-    params(("name" = String, Path, description = "the VM's or the tap's name")),
-    responses(
-        (status = 200, description = "the migrated VM runs here", body = VmStatus),
-        (status = "default", description = "an error, with its whole context chain", body = ApiError),
-    ),
-)]
-async fn finish_incoming(
-    State(agent): State<Arc<Agent>>,
-    Path(name): Path<String>,
-) -> Reply<VmStatus> {
-    Ok(Json(agent.vms.finish_incoming(&name).await?))
-}
-
-#[utoipa::path(
-    post,
     path = "/v1/vms/{name}/announce",
     tag = "agent",
     params(("name" = String, Path, description = "the VM's or the tap's name")),
@@ -583,44 +559,6 @@ async fn announce(
 ) -> Reply<serde_json::Value> {
     agent.vms.announce(&name).await?;
     Ok(empty())
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{name}/mirror",
-    tag = "agent",
-    params(("name" = String, Path, description = "the VM's or the tap's name")),
-    request_body = MirrorSettings,
-    responses(
-        (status = 200, description = "the disk mirror reached READY (not retry-safe)", body = MirrorReady),
-        (status = "default", description = "an error, with its whole context chain", body = ApiError),
-    ),
-)]
-async fn start_mirror(
-    State(agent): State<Arc<Agent>>,
-    Path(name): Path<String>,
-    Json(request): Json<MirrorSettings>,
-) -> Reply<MirrorReady> {
-    Ok(Json(agent.vms.start_mirror(&name, &request).await?))
-}
-
-#[utoipa::path(
-    post,
-    path = "/v1/vms/{name}/migration",
-    tag = "agent",
-    params(("name" = String, Path, description = "the VM's or the tap's name")),
-    request_body = OutgoingRequest,
-    responses(
-        (status = 200, description = "the migration started (not retry-safe)", body = MigrationState),
-        (status = "default", description = "an error, with its whole context chain", body = ApiError),
-    ),
-)]
-async fn start_migration(
-    State(agent): State<Arc<Agent>>,
-    Path(name): Path<String>,
-    Json(request): Json<OutgoingRequest>,
-) -> Reply<MigrationState> {
-    Ok(Json(agent.vms.start_migration(&name, &request).await?))
 }
 
 #[utoipa::path(
@@ -640,25 +578,145 @@ async fn migration(
     Ok(Json(agent.vms.migration(&name).await?))
 }
 
+/// A record as the API shows it: the peers' tokens blanked.
+fn shown(mut record: MigrationRecord) -> Json<MigrationRecord> {
+    record.spec.source_agent.token.clear();
+    record.spec.destination_agent.token.clear();
+    Json(record)
+}
+
+fn migration_id(id: &str) -> Result<MigrationId, Failure> {
+    MigrationId::new(id).map_err(|why| Failure(StatusCode::BAD_REQUEST, anyhow::anyhow!(why)))
+}
+
 #[utoipa::path(
     post,
-    path = "/v1/vms/{name}/migration/continue",
-    tag = "agent",
-    params(("name" = String, Path, description = "the VM's or the tap's name")),
-    request_body = ContinueRequest,
+    path = "/v1/migrations",
+    tag = "migrations",
+    request_body = MigrationSpec,
     responses(
-        (status = 200, description = "released at pre-switchover, or aborted", body = MigrationState),
+        (status = 200, description = "the migration, created at its source and driven by this agent (the same id again: the one there is)", body = MigrationRecord),
         (status = "default", description = "an error, with its whole context chain", body = ApiError),
     ),
 )]
-async fn continue_migration(
+async fn create_migration(
     State(agent): State<Arc<Agent>>,
-    Path(name): Path<String>,
-    Json(request): Json<ContinueRequest>,
-) -> Reply<MigrationState> {
-    Ok(Json(
-        agent.vms.continue_migration(&name, request.proceed).await?,
-    ))
+    Json(spec): Json<MigrationSpec>,
+) -> Reply<MigrationRecord> {
+    Ok(shown(Migrations::create_outgoing(&agent, spec).await?))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/migrations",
+    tag = "migrations",
+    responses(
+        (status = 200, description = "every migration this agent holds, oldest first", body = Vec<MigrationRecord>),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn migrations(State(agent): State<Arc<Agent>>) -> Reply<Vec<MigrationRecord>> {
+    let all = agent.migrations.all().await;
+    Ok(Json(all.into_iter().map(|r| shown(r).0).collect()))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/migrations/{id}",
+    tag = "migrations",
+    params(("id" = String, Path, description = "the migration's id")),
+    responses(
+        (status = 200, description = "the migration", body = MigrationRecord),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn migration_record(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Reply<MigrationRecord> {
+    let id = migration_id(&id)?;
+    Ok(shown(agent.migrations.get(&id).await?.snapshot()))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/{id}/incoming",
+    tag = "migrations",
+    params(("id" = String, Path, description = "the migration's id")),
+    request_body = IncomingHalf,
+    responses(
+        (status = 200, description = "the destination's half, which this agent prepares and drives", body = MigrationRecord),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn create_incoming(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Json(half): Json<IncomingHalf>,
+) -> Reply<MigrationRecord> {
+    if migration_id(&id)? != half.spec.id {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            anyhow::anyhow!("the path names {id}, the body {}", half.spec.id),
+        ));
+    }
+    Ok(shown(Migrations::create_incoming(&agent, half).await?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/{id}/abort",
+    tag = "migrations",
+    params(("id" = String, Path, description = "the migration's id")),
+    responses(
+        (status = 200, description = "source: the rollback is asked for (409 past the switchover); destination: it cleans up once the source runs the VM again", body = MigrationRecord),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn abort_migration(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Reply<MigrationRecord> {
+    let id = migration_id(&id)?;
+    Ok(shown(agent.migrations.abort(&id).await?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/{id}/tunnel-over",
+    tag = "migrations",
+    params(("id" = String, Path, description = "the migration's id")),
+    responses(
+        (status = 200, description = "destination: the drain is over; the datapath is in nat (or detached)", body = MigrationRecord),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn end_tunnel(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Reply<MigrationRecord> {
+    let id = migration_id(&id)?;
+    Ok(shown(Migrations::tunnel_over(&agent, &id).await?))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/migrations/{id}/dns",
+    tag = "migrations",
+    params(("id" = String, Path, description = "the migration's id")),
+    request_body = DnsDone,
+    responses(
+        (status = 200, description = "the DNS work the orchestrator did is recorded", body = MigrationRecord),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn dns_done(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Json(done): Json<DnsDone>,
+) -> Reply<MigrationRecord> {
+    let id = migration_id(&id)?;
+    Ok(shown(agent.migrations.dns_done(&id, done).await?))
 }
 
 #[cfg(test)]
@@ -705,6 +763,7 @@ mod tests {
             token: Token::new("a-token-for-the-route-test").expect("token"),
             datapath: SiteDatapath::new("lo".to_owned(), None, Duration::from_secs(1)),
             vms: Vms::new(state_dir.clone()).expect("state dir"),
+            migrations: Migrations::new(&state_dir),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -716,7 +775,10 @@ mod tests {
         let description = openapi();
         assert!(description.paths.paths.len() > 10);
         for (path, item) in &description.paths.paths {
-            let url = format!("http://{addr}{}", path.replace("{name}", "web"));
+            let url = format!(
+                "http://{addr}{}",
+                path.replace("{name}", "web").replace("{id}", "web-1")
+            );
             let described = [
                 (Method::GET, item.get.is_some()),
                 (Method::PUT, item.put.is_some()),

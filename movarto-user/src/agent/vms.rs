@@ -1,10 +1,9 @@
 //! The QEMU VMs an agent runs, and the migration halves it drives for them.
 //!
-//! Source side: [`Vms::start_migration`] runs [`migrate_outgoing`] in a task; at
-//! `pre-switchover` the source stays stopped until the orchestrator says
-//! [`Vms::continue_migration`] (or a bound passes, and the source resumes).
-//! Destination side: [`Vms::prepare_incoming`], then [`Vms::finish_incoming`] and
-//! [`Vms::announce`].
+//! Source side: [`Vms::run_outgoing`] runs (or follows) [`migrate_outgoing`] with the
+//! caller's switchover hook. Destination side: [`Vms::prepare_incoming`], then
+//! [`Vms::finish_incoming`] and [`Vms::announce`]. The migration's stages are the
+//! agent's migrations' (`agent/migrations`).
 
 use std::{
     collections::HashMap,
@@ -17,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::api::{
     IncomingRequest, MigrationPhase, MigrationState, MirrorSettings, OutgoingRequest, RunState,
@@ -25,15 +24,15 @@ use super::api::{
 };
 use crate::qemu::{
     migrate::{
-        FailedInPostcopy, SwitchoverHook, abandon_incoming, finish_incoming, migrate_outgoing,
-        prepare_incoming,
+        FailedInPostcopy, MigrationReport, Progress, SwitchoverHook, abandon_incoming,
+        finish_incoming, follow_outgoing, migrate_outgoing, prepare_incoming, roll_back_source,
     },
     mirror::{
         DiskMirror, MirrorHook, MirrorReady, abort_mirror, export_disk, start_mirror, unexport_disk,
     },
     qmp::{
         Qmp,
-        commands::{AnnounceSelf, MigrateCancel, QueryStatus},
+        commands::{AnnounceSelf, Cont, QueryStatus},
     },
     spec::{Role, VmSpec},
     vm::Vm,
@@ -59,8 +58,6 @@ struct ManagedVm {
     incoming_uri: Mutex<Option<String>>,
     /// The NBD export a destination serves for the source's mirror.
     exported: Mutex<Option<DiskMirror>>,
-    /// The mirror a source runs toward the destination.
-    mirroring: Mutex<Option<DiskMirror>>,
     migration: Mutex<Option<Migration>>,
 }
 
@@ -74,7 +71,6 @@ impl ManagedVm {
             incoming: record.incoming,
             incoming_uri: Mutex::new(None),
             exported: Mutex::new(None),
-            mirroring: Mutex::new(None),
             migration: Mutex::new(None),
         }
     }
@@ -82,7 +78,6 @@ impl ManagedVm {
 
 struct Migration {
     state: Arc<Mutex<MigrationState>>,
-    release: Option<oneshot::Sender<bool>>,
 }
 
 pub struct Vms {
@@ -282,9 +277,7 @@ impl Vms {
     pub async fn start_mirror(&self, name: &str, settings: &MirrorSettings) -> Result<MirrorReady> {
         let managed = self.get(name).await?;
         let mirror = settings.disk_mirror();
-        let ready = start_mirror(&managed.qmp, &mirror).await?;
-        *lock(&managed.mirroring) = Some(mirror);
-        Ok(ready)
+        start_mirror(&managed.qmp, &mirror).await
     }
 
     /// Waits until the incoming VM runs (after the source completed).
@@ -313,106 +306,70 @@ impl Vms {
         Ok(())
     }
 
-    pub async fn start_migration(
+    /// The source's half of the migration, until QEMU completes it (or it fails: then
+    /// the VM runs at the source again, unless post-copy had begun). `follow`: QEMU runs
+    /// the migration already (a restarted agent), so it is followed, not started.
+    pub async fn run_outgoing(
         &self,
         name: &str,
         request: &OutgoingRequest,
-    ) -> Result<MigrationState> {
+        hook: &mut dyn SwitchoverHook,
+        follow: bool,
+        on_progress: impl Fn(Progress) + Send + 'static,
+    ) -> Result<MigrationReport> {
         let managed = self.get(name).await?;
         let options = request.settings.options();
-        let wait = Duration::from_secs(request.settings.switchover_wait_s);
-        let mirror = match &request.mirror {
-            None => None,
-            Some(settings) => {
-                let running = lock(&managed.mirroring).clone();
-                match running {
-                    Some(m)
-                        if m.nbd_host == settings.nbd_host && m.nbd_port == settings.nbd_port =>
-                    {
-                        Some(m)
-                    }
-                    _ => bail!(VmError::Conflict(format!(
-                        "VM {name} has no disk mirror toward {}:{}; start it first",
-                        settings.nbd_host, settings.nbd_port
-                    ))),
-                }
+        let state = Arc::new(Mutex::new(MigrationState {
+            phase: MigrationPhase::Running,
+            progress: None,
+            report: None,
+            error: None,
+            split: false,
+        }));
+        *lock(&managed.migration) = Some(Migration {
+            state: state.clone(),
+        });
+        let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(16);
+        let progress_state = state.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(progress) = progress_rx.recv().await {
+                lock(&progress_state).progress = Some(progress.clone());
+                on_progress(progress);
             }
+        });
+        let qmp = managed.qmp.clone();
+        let mut watched = WatchedSwitchover {
+            state: state.clone(),
+            inner: hook,
         };
-        let state = {
-            let mut slot = lock(&managed.migration);
-            if let Some(current) = slot.as_ref() {
-                let phase = lock(&current.state).phase;
-                if matches!(
-                    phase,
-                    MigrationPhase::Running | MigrationPhase::AwaitingSwitchover
-                ) {
-                    bail!(VmError::Conflict(format!("VM {name} is already migrating")));
+        let result = match request.mirror.as_ref().map(MirrorSettings::disk_mirror) {
+            // The mirror completes (a consistent copy) first, with the VM stopped.
+            Some(mirror) => {
+                let mut hook = MirrorHook::new(&qmp, &mirror, &mut watched);
+                let result = outgoing(&qmp, &request.uri, &options, &mut hook, progress_tx, follow)
+                    .await;
+                if result.is_err() {
+                    abort_mirror(&qmp, &mirror).await;
                 }
+                result
             }
-            let state = Arc::new(Mutex::new(MigrationState {
-                phase: MigrationPhase::Running,
-                progress: None,
-                report: None,
-                error: None,
-                split: false,
-            }));
-            let (release, released) = oneshot::channel();
-            *slot = Some(Migration {
-                state: state.clone(),
-                release: Some(release),
-            });
-            let qmp = managed.qmp.clone();
-            let uri = request.uri.clone();
-            let task_state = state.clone();
-            tokio::spawn(async move {
-                let (progress_tx, mut progress_rx) = mpsc::channel(16);
-                let progress_state = task_state.clone();
-                let forward = tokio::spawn(async move {
-                    while let Some(progress) = progress_rx.recv().await {
-                        lock(&progress_state).progress = Some(progress);
-                    }
-                });
-                let mut orchestrated = OrchestratedSwitchover {
-                    state: task_state.clone(),
-                    released: Some(released),
-                    wait,
-                };
-                let result = match &mirror {
-                    // The mirror completes (a consistent copy) first, with the VM stopped.
-                    Some(mirror) => {
-                        let mut hook = MirrorHook::new(&qmp, mirror, &mut orchestrated);
-                        let result =
-                            migrate_outgoing(&qmp, &uri, &options, &mut hook, Some(progress_tx))
-                                .await;
-                        if result.is_err() {
-                            abort_mirror(&qmp, mirror).await;
-                        }
-                        result
-                    }
-                    None => {
-                        migrate_outgoing(&qmp, &uri, &options, &mut orchestrated, Some(progress_tx))
-                            .await
-                    }
-                };
-                let _ = forward.await;
-                let mut state = lock(&task_state);
-                match result {
-                    Ok(report) => {
-                        state.phase = MigrationPhase::Completed;
-                        state.report = Some(report);
-                    }
-                    Err(err) => {
-                        tracing::warn!("migration failed: {err:#}");
-                        state.phase = MigrationPhase::Failed;
-                        state.error = Some(format!("{err:#}"));
-                        state.split = err.downcast_ref::<FailedInPostcopy>().is_some();
-                    }
-                }
-            });
-            state
+            None => outgoing(&qmp, &request.uri, &options, &mut watched, progress_tx, follow).await,
         };
-        let snapshot = lock(&state).clone();
-        Ok(snapshot)
+        let _ = forward.await;
+        let mut state = lock(&state);
+        match &result {
+            Ok(report) => {
+                state.phase = MigrationPhase::Completed;
+                state.report = Some(report.clone());
+            }
+            Err(err) => {
+                tracing::warn!("migration failed: {err:#}");
+                state.phase = MigrationPhase::Failed;
+                state.error = Some(format!("{err:#}"));
+                state.split = err.downcast_ref::<FailedInPostcopy>().is_some();
+            }
+        }
+        result
     }
 
     pub async fn migration(&self, name: &str) -> Result<MigrationState> {
@@ -425,42 +382,42 @@ impl Vms {
         Ok(snapshot)
     }
 
-    /// Lets a source stopped at `pre-switchover` go on (`proceed`) or roll back. Aborting a
-    /// migration still in its passes cancels it. Repeating the call is harmless.
-    pub async fn continue_migration(&self, name: &str, proceed: bool) -> Result<MigrationState> {
+    /// Leaves the VM running here: QEMU's outgoing migration (and the disk mirror) is
+    /// cancelled, and a stopped source resumed. Fine when nothing migrates.
+    pub async fn cancel_outgoing(&self, name: &str, mirror: Option<&MirrorSettings>) -> Result<()> {
         let managed = self.get(name).await?;
-        let (phase, release) = {
-            let mut slot = lock(&managed.migration);
-            let migration = slot
-                .as_mut()
-                .ok_or_else(|| anyhow!(VmError::NotFound(format!("{name}'s migration"))))?;
-            let phase = lock(&migration.state).phase;
-            let release = if phase == MigrationPhase::AwaitingSwitchover || !proceed {
-                migration.release.take()
-            } else {
-                None
-            };
-            (phase, release)
-        };
-        match (phase, proceed, release) {
-            (MigrationPhase::AwaitingSwitchover, _, Some(release)) => {
-                let _ = release.send(proceed);
-            }
-            (MigrationPhase::Running, false, _) => {
-                managed
-                    .qmp
-                    .run(&MigrateCancel {})
-                    .await
-                    .context("migrate_cancel")?;
-            }
-            (MigrationPhase::Running, true, _) => {
-                bail!(VmError::Conflict(format!(
-                    "VM {name}'s migration is not at pre-switchover yet"
-                )));
-            }
-            _ => {}
+        roll_back_source(&managed.qmp).await?;
+        if let Some(mirror) = mirror {
+            abort_mirror(&managed.qmp, &mirror.disk_mirror()).await;
         }
-        self.migration(name).await
+        Ok(())
+    }
+
+    /// `cont`: the VM runs again here (after a completed migration whose destination lost it).
+    pub async fn resume(&self, name: &str) -> Result<()> {
+        let managed = self.get(name).await?;
+        managed.qmp.run(&Cont {}).await.context("cont")?;
+        let status = managed.qmp.run(&QueryStatus {}).await.context("query-status")?;
+        if !status.running {
+            bail!("the VM is {} after cont", status.status);
+        }
+        Ok(())
+    }
+}
+
+/// Starts (or, `follow`, follows) the source's half.
+async fn outgoing(
+    qmp: &Qmp,
+    uri: &str,
+    options: &crate::qemu::migrate::MigrationOptions,
+    hook: &mut dyn SwitchoverHook,
+    progress: mpsc::Sender<Progress>,
+    follow: bool,
+) -> Result<MigrationReport> {
+    if follow {
+        follow_outgoing(qmp, options, hook, Some(progress)).await
+    } else {
+        migrate_outgoing(qmp, uri, options, hook, Some(progress)).await
     }
 }
 
@@ -487,34 +444,20 @@ async fn status_of(name: &str, managed: &ManagedVm) -> VmStatus {
     }
 }
 
-/// Holds the stopped source at `pre-switchover` until the orchestrator has flipped the
-/// datapaths and says go, or a bound passes (then the source resumes: a lost orchestrator
-/// must not leave the VM stopped).
-struct OrchestratedSwitchover {
+/// Shows `awaiting-switchover` on `GET /v1/vms/{name}/migration` while the caller's hook
+/// runs (the source stopped at `pre-switchover`).
+struct WatchedSwitchover<'a> {
     state: Arc<Mutex<MigrationState>>,
-    released: Option<oneshot::Receiver<bool>>,
-    wait: Duration,
+    inner: &'a mut dyn SwitchoverHook,
 }
 
-impl SwitchoverHook for OrchestratedSwitchover {
+impl SwitchoverHook for WatchedSwitchover<'_> {
     fn at_switchover(&mut self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
         Box::pin(async move {
             lock(&self.state).phase = MigrationPhase::AwaitingSwitchover;
-            let released = self
-                .released
-                .take()
-                .ok_or_else(|| anyhow!("pre-switchover reached twice"))?;
-            let proceed = tokio::time::timeout(self.wait, released).await;
+            let result = self.inner.at_switchover().await;
             lock(&self.state).phase = MigrationPhase::Running;
-            match proceed {
-                Ok(Ok(true)) => Ok(()),
-                Ok(Ok(false)) => bail!("the orchestrator aborted the migration at switchover"),
-                Ok(Err(_)) => bail!("the switchover was abandoned"),
-                Err(_) => bail!(
-                    "no word from the orchestrator within {:?} at switchover",
-                    self.wait
-                ),
-            }
+            result
         })
     }
 }

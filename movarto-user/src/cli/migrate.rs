@@ -14,8 +14,13 @@ use clap::{
 };
 use movarto_common::ids::MacAddr;
 use movarto_user::{
-    agent::api::PostcopySetting,
-    migrate::{AddressMode, MigrateOptions, Plan, ProgressFormat, run_plan},
+    agent::{
+        AgentClient,
+        api::{MigrationId, PostcopySetting},
+        token::Token,
+    },
+    dns::key::TsigKey,
+    migrate::{AddressMode, MigrateOptions, Plan, ProgressFormat, resume, run_plan},
 };
 
 use super::units::{parse_bandwidth, parse_duration};
@@ -23,27 +28,27 @@ use super::units::{parse_bandwidth, parse_duration};
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
     /// The VM's name at the source agent.
-    #[arg(long)]
-    pub vm: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub vm: Option<String>,
     /// The source site's agent, e.g. https://203.0.113.1:7878.
     #[arg(long)]
     pub source: String,
     /// The destination site's agent.
-    #[arg(long)]
-    pub destination: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub destination: Option<String>,
     #[arg(long)]
     pub source_token_file: PathBuf,
-    #[arg(long)]
-    pub destination_token_file: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub destination_token_file: Option<PathBuf>,
     /// A CA certificate (PEM) the agents' TLS certificates chain to.
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,
     /// The VM spec at the destination (TOML; paths as the destination host sees them).
-    #[arg(long)]
-    pub destination_spec: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub destination_spec: Option<PathBuf>,
     /// The home address H (the VM keeps it).
-    #[arg(long)]
-    pub home: IpAddr,
+    #[arg(long, required_unless_present = "resume")]
+    pub home: Option<IpAddr>,
     /// The new address N at the destination (nat address mode).
     #[arg(long, required_if_eq("address_mode", "nat"))]
     pub new_addr: Option<IpAddr>,
@@ -62,10 +67,10 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub on_switch: Option<String>,
     /// The tunnel endpoints TA (source) and TB (destination).
-    #[arg(long)]
-    pub source_tunnel: Ipv4Addr,
-    #[arg(long)]
-    pub destination_tunnel: Ipv4Addr,
+    #[arg(long, required_unless_present = "resume")]
+    pub source_tunnel: Option<Ipv4Addr>,
+    #[arg(long, required_unless_present = "resume")]
+    pub destination_tunnel: Option<Ipv4Addr>,
     /// The TCP port the destination QEMU listens on for the migration (on TB).
     #[arg(long, default_value_t = 4444)]
     pub migration_port: u16,
@@ -73,10 +78,10 @@ pub struct MigrateArgs {
     #[arg(long, default_value = "tap0")]
     pub vm_iface: String,
     /// The anycast gateway on the tap: the same MAC and address at both sites.
-    #[arg(long)]
-    pub gateway_mac: MacAddr,
-    #[arg(long)]
-    pub gateway_cidr: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub gateway_mac: Option<MacAddr>,
+    #[arg(long, required_unless_present = "resume")]
+    pub gateway_cidr: Option<String>,
     /// The largest outer packet between the sites.
     #[arg(long, default_value_t = 1500)]
     pub tunnel_mtu: u16,
@@ -142,28 +147,42 @@ pub struct MigrateArgs {
     /// Print the report as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     pub json: bool,
+    /// Follow a migration the agents already run (after this command was killed or
+    /// interrupted), and do the DNS work it owes. Needs only --source, its token file and
+    /// (if DNS work is owed) --dns-key-file: the rest is in the migration's record.
+    #[arg(long, value_name = "ID")]
+    pub resume: Option<MigrationId>,
+    /// How long an unreachable agent is retried, with backoff, before a step fails
+    /// (a number with a unit: 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub agent_timeout: Duration,
+    /// At `pre-switchover` (the guest paused), how long the source's agent may try to hand
+    /// the flows to the destination before it cancels and resumes the guest at the source.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub switchover_wait: Duration,
 }
 
 impl MigrateArgs {
-    fn options(&self) -> MigrateOptions {
-        MigrateOptions {
-            vm: self.vm.clone(),
+    fn options(&self) -> Result<MigrateOptions> {
+        let need = |what: &str| anyhow::anyhow!("--{what} is required (without --resume)");
+        Ok(MigrateOptions {
+            vm: self.vm.clone().ok_or_else(|| need("vm"))?,
             source: self.source.clone(),
-            destination: self.destination.clone(),
+            destination: self.destination.clone().ok_or_else(|| need("destination"))?,
             source_token_file: self.source_token_file.clone(),
-            destination_token_file: self.destination_token_file.clone(),
+            destination_token_file: self.destination_token_file.clone().ok_or_else(|| need("destination-token-file"))?,
             ca_cert: self.ca_cert.clone(),
-            destination_spec: self.destination_spec.clone(),
-            home: self.home,
+            destination_spec: self.destination_spec.clone().ok_or_else(|| need("destination-spec"))?,
+            home: self.home.ok_or_else(|| need("home"))?,
             new_addr: self.new_addr,
             address_mode: self.address_mode,
             on_switch: self.on_switch.clone(),
-            source_tunnel: self.source_tunnel,
-            destination_tunnel: self.destination_tunnel,
+            source_tunnel: self.source_tunnel.ok_or_else(|| need("source-tunnel"))?,
+            destination_tunnel: self.destination_tunnel.ok_or_else(|| need("destination-tunnel"))?,
             migration_port: self.migration_port,
             vm_iface: self.vm_iface.clone(),
-            gateway_mac: self.gateway_mac,
-            gateway_cidr: self.gateway_cidr.clone(),
+            gateway_mac: self.gateway_mac.ok_or_else(|| need("gateway-mac"))?,
+            gateway_cidr: self.gateway_cidr.clone().ok_or_else(|| need("gateway-cidr"))?,
             tunnel_mtu: self.tunnel_mtu,
             dns_server: self.dns_server.clone(),
             zone: self.zone.clone(),
@@ -182,17 +201,39 @@ impl MigrateArgs {
             mirror_speed: self.mirror_speed,
             max_drain: self.max_drain,
             drain_grace: self.drain_grace,
-        }
+            agent_timeout: self.agent_timeout,
+            switchover_wait: self.switchover_wait,
+        })
     }
 }
 
 pub fn run(args: &MigrateArgs) -> Result<ExitCode> {
-    let plan = Plan::from_options(&args.options())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let report = runtime.block_on(run_plan(&plan, args.progress));
+    let report = match &args.resume {
+        Some(id) => {
+            let token = Token::from_file(&args.source_token_file)?;
+            let source = AgentClient::new(&args.source, token.as_str(), args.ca_cert.as_deref())?;
+            let key = args
+                .dns_key_file
+                .as_deref()
+                .map(TsigKey::from_file)
+                .transpose()?;
+            runtime.block_on(resume(
+                &source,
+                id.clone(),
+                key,
+                args.agent_timeout,
+                args.progress,
+            ))
+        }
+        None => {
+            let plan = Plan::from_options(&args.options()?)?;
+            runtime.block_on(run_plan(&plan, args.progress))
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -255,13 +296,37 @@ mod tests {
         assert_eq!(defaults.progress, ProgressFormat::Text);
         assert_eq!(defaults.address_mode, AddressMode::Nat);
         assert_eq!(defaults.downtime_limit, Duration::from_millis(300));
+        assert_eq!(defaults.agent_timeout, Duration::from_secs(30));
+        assert!(defaults.options().is_ok());
         for bad in [
             "--max-drain=300",
             "--downtime-limit=300",
             "--postcopy=sometimes",
             "--progress=xml",
+            "--resume=../x",
+            "--agent-timeout=5",
         ] {
             assert!(parse(&[bad]).is_err(), "{bad}");
         }
+    }
+
+    /// `--resume ID` needs only the source's agent: the rest is in the record.
+    #[test]
+    fn resume_needs_only_the_source() {
+        let args = Cli::try_parse_from([
+            "migrate",
+            "--resume=web-1764600000-ab12",
+            "--source=http://a",
+            "--source-token-file=a",
+        ])
+        .expect("parses")
+        .migrate;
+        assert_eq!(
+            args.resume.as_ref().map(MigrationId::as_str),
+            Some("web-1764600000-ab12")
+        );
+        let without = Cli::try_parse_from(["migrate", "--source=http://a", "--source-token-file=a"]);
+        let err = without.err().expect("refused").to_string();
+        assert!(err.contains("--vm"), "{err}");
     }
 }

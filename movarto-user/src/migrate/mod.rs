@@ -1,30 +1,28 @@
-//! The orchestrator (`movarto-user migrate`). It drives both sites' agents through the
-//! sequence of DESIGN.md as named, timed steps, and reports.
+//! The orchestrator (`movarto-user migrate`). It lowers the TTL, creates the migration at
+//! the source's agent and follows it through DESIGN.md's steps, doing the DNS work as it
+//! falls due, and reports. The agents own the migration (agent/migrations): this process
+//! may die, and `migrate --resume ID` follows it again.
 //!
-//! Before switchover any failure rolls back: the VM keeps running at A, DNS is unchanged
-//! (the TTL restored), B is cleaned up and A goes back to `track`.
+//! Before switchover any failure rolls back (the source's agent does it): the VM keeps
+//! running at A, DNS is unchanged (the TTL restored), B is cleaned up and A tracks again.
 //!
 //! | module | what it holds |
 //! | --- | --- |
 //! | [`plan`] | [`MigrateOptions`] (what the caller asks) and the checked [`Plan`] |
-//! | `steps` | the run: its phases, one function per step, [`run_plan`] |
-//! | `drain` | step 9: watching A until the pre-move flows are gone |
-//! | `interrupt` | Ctrl-C and SIGTERM: roll back before switchover |
-//! | `rollback` | what was changed, and undoing it before switchover |
+//! | `steps` | the run: create, follow step by step, DNS; [`run_plan`] and [`resume`] |
+//! | `interrupt` | Ctrl-C and SIGTERM: roll back before switchover, detach after |
 //! | `timeline` | progress on stderr (text or JSON) and the step records |
 //! | [`progress`] | the [`Step`] enum and the [`ProgressEvent`]s |
 //! | [`report`] | the report: step table and figures |
 
-mod drain;
 mod interrupt;
 pub mod plan;
 pub mod progress;
 pub mod report;
-mod rollback;
 mod steps;
 mod timeline;
 
 pub use plan::{AddressMode, DnsTarget, MigrateOptions, Plan};
 pub use progress::{ProgressEvent, Step};
-pub use steps::run_plan;
+pub use steps::{resume, run_plan};
 pub use timeline::ProgressFormat;

@@ -9,15 +9,15 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use hickory_proto::rr::Name;
-use movarto_common::{
-    config::Mode,
-    ids::{MacAddr, SessionToken},
-};
+use movarto_common::ids::MacAddr;
 
 use crate::{
     agent::{
         AgentClient,
-        api::{DatapathRequest, MigrationSettings, MirrorSettings, PostcopySetting},
+        api::{
+            DnsPlan, DrainRule, MigrationId, MigrationSettings, MigrationSpec, MirrorSettings,
+            PeerAgent, PostcopySetting, TapRequest,
+        },
         token::Token,
     },
     dns::{client::ZoneServer, key::TsigKey, records},
@@ -98,6 +98,11 @@ pub struct MigrateOptions {
     pub mirror_speed: u64,
     pub max_drain: Duration,
     pub drain_grace: Option<Duration>,
+    /// How long an unreachable agent is retried (with backoff) before a step fails.
+    pub agent_timeout: Duration,
+    /// At `pre-switchover`: how long the source may try to hand over the flows before it
+    /// cancels and resumes the VM at the source.
+    pub switchover_wait: Duration,
 }
 
 /// The authoritative server and the record the move changes.
@@ -111,6 +116,18 @@ pub struct DnsTarget {
 }
 
 impl DnsTarget {
+    /// The target a migration's record names, with the operator's key.
+    pub fn from_record(plan: &DnsPlan, key: TsigKey) -> Result<Self> {
+        Ok(Self {
+            server: plan.server,
+            zone: crate::dns::parse_name(&plan.zone).context("the record's zone")?,
+            name: crate::dns::parse_name(&plan.name).context("the record's name")?,
+            key,
+            low_ttl: 0,
+            wait_old_ttl: false,
+        })
+    }
+
     pub(super) fn zone_server(&self) -> ZoneServer {
         ZoneServer::new(self.server, self.zone.clone(), Some(self.key.clone()))
     }
@@ -153,6 +170,10 @@ pub struct Plan {
     pub urgent: bool,
     pub max_drain: Duration,
     pub drain_grace: Option<Duration>,
+    pub agent_timeout: Duration,
+    /// How each agent reaches the other (the same URLs and tokens this run uses).
+    pub source_agent: PeerAgent,
+    pub destination_agent: PeerAgent,
 }
 
 impl Plan {
@@ -164,37 +185,43 @@ impl Plan {
         }
     }
 
-    /// Site B's mode while the tunnel lives.
-    pub(super) fn destination_mode(&self) -> Mode {
-        match self.address_mode() {
-            AddressMode::Nat => Mode::Receive,
-            AddressMode::Move => Mode::Direct,
-        }
-    }
-
-    /// The datapath configuration of one site for this migration.
-    pub(super) fn datapath_request(
-        &self,
-        token: SessionToken,
-        mode: Mode,
-        at_source: bool,
-    ) -> DatapathRequest {
-        let (local, peer) = if at_source {
-            (self.source_tunnel, self.destination_tunnel)
-        } else {
-            (self.destination_tunnel, self.source_tunnel)
-        };
-        DatapathRequest {
-            vm_iface: self.vm_iface.clone(),
-            mode,
-            home_addr: self.home,
-            new_addr: if at_source { None } else { self.new_addr },
-            local_tunnel_addr: local,
-            peer_tunnel_addr: peer,
-            token,
-            tunnel_mtu: self.tunnel_mtu,
+    /// What the source's agent is asked to run (`POST /v1/migrations`).
+    pub(super) fn spec(&self, id: MigrationId, original_ttl: u32) -> MigrationSpec {
+        let grace = self
+            .drain_grace
+            .unwrap_or_else(|| Duration::from_secs(u64::from(original_ttl)));
+        MigrationSpec {
+            id,
+            vm: self.vm.clone(),
+            source_agent: self.source_agent.clone(),
+            destination_agent: self.destination_agent.clone(),
+            destination_spec_toml: self.destination_spec_toml.clone(),
             vm_mac: self.vm_mac,
-            gateway_mac: self.gateway_mac,
+            home: self.home,
+            new_addr: self.new_addr,
+            on_switch: self.on_switch.clone(),
+            source_tunnel: self.source_tunnel,
+            destination_tunnel: self.destination_tunnel,
+            migration_uri: self.migration_uri.clone(),
+            vm_iface: self.vm_iface.clone(),
+            tap: TapRequest {
+                gateway_mac: self.gateway_mac,
+                gateway_cidr: self.gateway_cidr.clone(),
+            },
+            tunnel_mtu: self.tunnel_mtu,
+            settings: self.settings.clone(),
+            mirror: self.mirror.clone(),
+            drain: DrainRule {
+                grace_ms: grace.as_millis() as u64,
+                max_drain_ms: self.max_drain.as_millis() as u64,
+            },
+            dns: self.dns.as_ref().map(|d| DnsPlan {
+                server: d.server,
+                zone: d.zone.to_string(),
+                name: d.name.to_string(),
+                original_ttl,
+            }),
+            agent_timeout_ms: self.agent_timeout.as_millis() as u64,
         }
     }
 
@@ -244,7 +271,23 @@ impl Plan {
         } else {
             (o.max_bandwidth, o.max_postcopy_bandwidth, o.postcopy)
         };
+        if o.agent_timeout.is_zero() || o.switchover_wait.is_zero() {
+            bail!("--agent-timeout and --switchover-wait must be positive");
+        }
+        let ca_pem = o
+            .ca_cert
+            .as_deref()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the CA certificate {}", path.display()))
+            })
+            .transpose()?;
+        let (source_token, destination_token) = (
+            read_token(&o.source_token_file)?,
+            read_token(&o.destination_token_file)?,
+        );
         let settings = MigrationSettings {
+            switchover_wait_s: o.switchover_wait.as_secs().max(1),
             max_bandwidth,
             max_postcopy_bandwidth,
             downtime_limit_ms: o.downtime_limit.as_millis() as u64,
@@ -255,16 +298,23 @@ impl Plan {
         };
         Ok(Self {
             vm: o.vm.clone(),
-            source: AgentClient::new(
-                &o.source,
-                &read_token(&o.source_token_file)?,
-                o.ca_cert.as_deref(),
-            )?,
+            source: AgentClient::new(&o.source, &source_token, o.ca_cert.as_deref())?,
             destination: AgentClient::new(
                 &o.destination,
-                &read_token(&o.destination_token_file)?,
+                &destination_token,
                 o.ca_cert.as_deref(),
             )?,
+            source_agent: PeerAgent {
+                url: o.source.clone(),
+                token: source_token,
+                ca_pem: ca_pem.clone(),
+            },
+            destination_agent: PeerAgent {
+                url: o.destination.clone(),
+                token: destination_token,
+                ca_pem,
+            },
+            agent_timeout: o.agent_timeout,
             destination_spec_toml: spec_toml,
             vm_mac: spec
                 .nic

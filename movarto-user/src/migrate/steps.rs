@@ -1,255 +1,250 @@
-//! The migration's steps, in DESIGN.md's order, each timed and recorded: the phases
-//! (before switchover, switchover, completion, after switchover), each step a function.
+//! The orchestrator's run: it lowers the TTL, creates the migration at the source's
+//! agent, and then follows it, showing each of DESIGN.md's steps as the agents reach it.
+//! The agents own the migration: if this process dies, they carry it on, and
+//! `migrate --resume ID` (or the same `migrate` again) follows it from where it is and does
+//! the DNS work it owes. The orchestrator holds the DNS key; the agents hold none.
 
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use movarto_common::{config::Mode, counters::Counter, ids::SessionToken};
 use tokio::time::Instant;
 
 use super::{
-    drain::{Drained, drain},
-    interrupt::{Interrupt, Interrupted},
-    plan::{DNS_VERIFY, Plan},
+    interrupt::Interrupt,
+    plan::{DNS_VERIFY, DnsTarget, Plan},
     progress::Step,
     report::Report,
-    rollback::{Changed, roll_back},
     timeline::{ProgressFormat, Say, Timeline},
 };
 use crate::{
     agent::{
-        api::{
-            FlowEntry, FlowSnapshot, IncomingRequest, MigrationPhase, OutgoingRequest, RunState,
-            TapRequest, VmRequest,
-        },
-        token::random_session_token,
+        AgentClient,
+        api::{DnsDone, MigrationId, MigrationRecord, Stage, unix_ms},
+        client::retry_unreachable,
+        token::random_hex,
     },
     dns::records,
     qemu::migrate::MigrationReport,
 };
 
-/// How often the orchestrator polls a running migration.
-pub(super) const MIGRATION_POLL: Duration = Duration::from_millis(100);
-/// How often the RAM copy's progress is shown.
-const RAM_NOTE: Duration = Duration::from_secs(1);
+/// How often the orchestrator looks at the migration.
+const POLL: Duration = Duration::from_millis(100);
+/// How often the RAM copy's and the drain's progress are shown.
+const NOTE_EVERY: Duration = Duration::from_secs(2);
+/// How long a rollback may take once the source's agent has begun it.
+const ROLLBACK_WAIT: Duration = Duration::from_secs(90);
 
-/// What a step's body returns: a value (`None`: skipped) and the detail for the report.
+/// What step a body returns: a value (`None`: skipped) and the detail for the report.
 type StepResult<T> = Result<(Option<T>, String)>;
 
-struct Run<'a> {
-    plan: &'a Plan,
-    token: SessionToken,
-    say: Say,
-    timeline: Timeline,
-    report: Report,
-    changed: Changed,
-    /// A's pre-move flows at switchover.
-    switchover_flows: Vec<FlowEntry>,
-    /// Ctrl-C and SIGTERM: before switchover they roll back.
-    interrupt: Interrupt,
-}
-
-/// Runs the whole migration; never panics, and always returns a report.
-pub async fn run_plan(plan: &Plan, progress: ProgressFormat) -> Report {
-    let token = match random_session_token() {
-        Ok(token) => token,
-        Err(err) => {
-            return Report {
-                vm: plan.vm.clone(),
-                error: Some(format!("{err:#}")),
-                ..Report::default()
-            };
-        }
-    };
-    let say = Say::new(progress);
-    let mut run = Run {
-        plan,
-        token,
-        say,
-        timeline: Timeline::new(say),
-        report: Report {
-            vm: plan.vm.clone(),
-            address_mode: plan.address_mode().name().to_owned(),
-            ..Report::default()
-        },
-        changed: Changed::default(),
-        switchover_flows: Vec::new(),
-        interrupt: Interrupt::listen(),
-    };
-    let outcome = run.all_steps().await;
-    match outcome {
-        Ok(()) => run.report.succeeded = true,
-        Err(Failure::BeforeSwitchover(err)) => {
-            run.report.error = Some(format!("{err:#}"));
-            run.report.rolled_back = Some(roll_back(plan, &run.changed).await);
-        }
-        Err(Failure::Split(err)) => {
-            run.report.error = Some(format!("{err:#}. {SPLIT_GUIDANCE}"));
-        }
-        Err(Failure::AfterSwitchover(err)) => {
-            let finish = match plan.new_addr {
-                Some(new) => format!(
-                    "DNS to {new}, drain, then `movarto-user detach` at the source and \
-                     `movarto-user mode <uplink> nat` at the destination"
-                ),
-                None => "drain, then `movarto-user detach` at both sites".to_owned(),
-            };
-            run.report.error = Some(format!(
-                "{err:#}. The VM runs at the destination; the steps above show what is done. \
-                 Finish by hand: {finish}"
-            ));
-        }
-    }
-    run.report.steps = std::mem::take(&mut run.timeline.steps);
-    run.report.total_ms = say.ms();
-    run.report
-}
-
-enum Failure {
-    BeforeSwitchover(anyhow::Error),
-    AfterSwitchover(anyhow::Error),
-    /// Post-copy broke: the VM has run at B, and A holds pages B never got.
-    Split(anyhow::Error),
-}
-
-/// The migration stream broke after post-copy began (QEMU's `postcopy-paused`, or B died).
+/// Why the run stopped following before the migration's end.
 #[derive(Debug, thiserror::Error)]
-#[error("post-copy broke after the VM started at the destination ({0})")]
-struct PostcopyBroke(String);
+enum Stopped {
+    /// The migration rolled back, split or stopped safely; the record says why.
+    #[error("the migration is {}", .0.stage)]
+    Migration(Box<MigrationRecord>),
+    /// Ctrl-C or SIGTERM after the switchover: the agents go on without us.
+    #[error("interrupted by {0} after the switchover")]
+    Detached(&'static str),
+}
 
-/// What the operator reads when post-copy broke: undoing anything would lose the VM.
-const SPLIT_GUIDANCE: &str = "Nothing was rolled back: the VM's memory is split between the \
-    source (paused, holding the pages the destination lacks) and the destination, so stopping \
-    either loses it. If QEMU at the destination still runs, mend the link and resume with QMP \
-    `migrate-recover` at the destination and `migrate` with `resume: true` at the source; \
-    if it exited, the VM's RAM is lost: quit the source's QEMU and boot the VM again from \
-    its disk. Both datapaths are left as they are (source forwards, destination receives)";
+/// Everything a run follows the migration with.
+struct Follow<'a> {
+    source: &'a AgentClient,
+    dns: Option<&'a DnsTarget>,
+    id: MigrationId,
+    say: Say,
+    interrupt: &'a Interrupt,
+    /// The abort was sent (Ctrl-C before the switchover), for this signal.
+    abort_sent: Option<&'static str>,
+}
 
-impl Run<'_> {
-    async fn all_steps(&mut self) -> Result<(), Failure> {
-        self.before_switchover()
-            .await
-            .map_err(Failure::BeforeSwitchover)?;
-        // The source still runs until `continue`; a failure up to completion resumes it.
-        let switchover = self.switchover().await.map_err(Failure::BeforeSwitchover)?;
-        self.complete().await.map_err(|err| {
-            if err.is::<PostcopyBroke>() {
-                Failure::Split(err)
-            } else {
-                Failure::BeforeSwitchover(err)
+/// Runs (or, when the source's agent already has one for this VM, follows) the
+/// migration; never panics, and always returns a report.
+pub async fn run_plan(plan: &Plan, progress: ProgressFormat) -> Report {
+    let say = Say::new(progress);
+    let mut report = Report {
+        vm: plan.vm.clone(),
+        address_mode: plan.address_mode().name().to_owned(),
+        ..Report::default()
+    };
+    let mut timeline = Timeline::new(say);
+    let interrupt = Interrupt::listen();
+    let outcome = start_or_find(plan, say, &mut timeline, &interrupt).await;
+    let result = match outcome {
+        Ok(id) => {
+            let mut follow = Follow {
+                source: &plan.source,
+                dns: plan.dns.as_ref(),
+                id,
+                say,
+                interrupt: &interrupt,
+                abort_sent: None,
+            };
+            follow.run(&mut timeline, &mut report).await
+        }
+        Err((err, lowered_from)) => {
+            if let (Some(dns), Some(ttl)) = (&plan.dns, lowered_from) {
+                report.rolled_back = Some(match dns.set_ttl(ttl).await {
+                    Ok(_) => format!("nothing was started; DNS TTL restored to {ttl} s"),
+                    Err(e) => format!("nothing was started; DNS TTL NOT undone: {e:#}"),
+                });
             }
-        })?;
-        self.after_switchover(switchover)
+            Err(err)
+        }
+    };
+    finish(report, timeline, say, result)
+}
+
+/// `migrate --resume ID`: follows a migration the agents run, from wherever it is.
+pub async fn resume(
+    source: &AgentClient,
+    id: MigrationId,
+    dns_key: Option<crate::dns::key::TsigKey>,
+    agent_timeout: Duration,
+    progress: ProgressFormat,
+) -> Report {
+    let say = Say::new(progress);
+    let mut timeline = Timeline::new(say);
+    let interrupt = Interrupt::listen();
+    let mut report = Report::default();
+    let record = match retry_unreachable(agent_timeout, || source.migration_record(&id)).await {
+        Ok(record) => record,
+        Err(err) => {
+            report.error = Some(format!("{err:#}"));
+            return report;
+        }
+    };
+    report.vm = record.spec.vm.clone();
+    report.address_mode = if record.spec.new_addr.is_some() { "nat" } else { "move" }.to_owned();
+    let dns = match (&record.spec.dns, dns_key) {
+        (Some(plan), Some(key)) => match DnsTarget::from_record(plan, key) {
+            Ok(dns) => Some(dns),
+            Err(err) => {
+                report.error = Some(format!("{err:#}"));
+                return report;
+            }
+        },
+        (Some(_), None) if record.dns_owed.switch || record.dns_owed.restore_ttl => {
+            report.error = Some(format!(
+                "migration {id} owes DNS work ({}): give --dns-key-file",
+                owed_text(&record)
+            ));
+            return report;
+        }
+        _ => None,
+    };
+    say.line(&format!("following migration {id} ({})", record.stage));
+    let mut follow = Follow {
+        source,
+        dns: dns.as_ref(),
+        id,
+        say,
+        interrupt: &interrupt,
+        abort_sent: None,
+    };
+    let result = follow.run(&mut timeline, &mut report).await;
+    finish(report, timeline, say, result)
+}
+
+fn owed_text(record: &MigrationRecord) -> String {
+    let mut owed = Vec::new();
+    if record.dns_owed.switch {
+        owed.push("the switch to N");
+    }
+    if record.dns_owed.restore_ttl {
+        owed.push("the TTL's restoration");
+    }
+    owed.join(" and ")
+}
+
+/// Step 1 and the migration's creation, or the migration the source already runs for
+/// this VM. Errors carry the TTL this run lowered, to restore.
+async fn start_or_find(
+    plan: &Plan,
+    say: Say,
+    timeline: &mut Timeline,
+    interrupt: &Interrupt,
+) -> Result<MigrationId, (anyhow::Error, Option<u32>)> {
+    let fail = |err: anyhow::Error| (err, None);
+    for agent in [&plan.source, &plan.destination] {
+        retry_unreachable(plan.agent_timeout, || agent.health())
             .await
-            .map_err(Failure::AfterSwitchover)
+            .with_context(|| format!("checking the agent at {}", agent.base()))
+            .map_err(fail)?;
     }
-
-    /// 1 to 3: nothing has stopped yet.
-    async fn before_switchover(&mut self) -> Result<()> {
-        let p = self.plan;
-        for agent in [&p.source, &p.destination] {
-            agent
-                .health()
-                .await
-                .with_context(|| format!("checking the agent at {}", agent.base()))?;
-        }
-        self.interrupt.check()?;
-        let lowered = self.timeline.step(Step::LowerTtl, lower_ttl(p)).await?;
-        if let Some(old_ttl) = lowered {
-            self.changed.ttl_lowered_from = Some(old_ttl);
-            wait_out_ttl(p, self.say, old_ttl, &self.interrupt).await?;
-        }
-        self.interrupt.check()?;
-        self.timeline
-            .step(
-                Step::PrepareDestination,
-                prepare_destination(p, self.token, &mut self.changed),
-            )
-            .await?;
-        self.interrupt.check()?;
-        self.timeline.step(Step::MirrorDisk, mirror_disk(p)).await?;
-        self.interrupt.check()?;
-        Ok(())
+    let known = retry_unreachable(plan.agent_timeout, || plan.source.migrations())
+        .await
+        .map_err(|e| fail(e.into()))?;
+    let of_vm: Vec<&MigrationRecord> = known.iter().filter(|r| r.spec.vm == plan.vm).collect();
+    // The same migrate again: the one in progress (or finished, with DNS work owed).
+    if let Some(current) = of_vm.iter().rev().find(|r| {
+        !r.stage.is_final()
+            || (r.stage == Stage::Done && (r.dns_owed.switch || r.dns_owed.restore_ttl))
+    }) {
+        say.line(&format!(
+            "migration {} of {} is {} already: following it (resume it elsewhere with \
+             --resume {})",
+            current.id(),
+            plan.vm,
+            current.stage,
+            current.id()
+        ));
+        return Ok(current.id().clone());
     }
-
-    /// 4 and 5: RAM until `pre-switchover`, then the flip. Returns the switchover instant.
-    async fn switchover(&mut self) -> Result<Instant> {
-        let (p, say) = (self.plan, self.say);
-        self.changed.migration_started = true;
-        self.timeline
-            .step(Step::MigrateRam, migrate_ram(p, say, &self.interrupt))
-            .await?;
-        // The guest is paused at pre-switchover here: still the source's to resume.
-        self.interrupt.check()?;
-        let premove = self
-            .timeline
-            .step(Step::Switchover, flip(p))
-            .await?
-            .unwrap_or_default();
-        self.report.flows_at_switchover = premove.iter().filter(|f| f.holds_drain()).count();
-        self.switchover_flows = premove;
-        Ok(Instant::now())
+    interrupt.check().map_err(|e| fail(e.into()))?;
+    // A TTL already at the low value may be an earlier, dead run's: its record knows
+    // the TTL to restore.
+    let remembered = of_vm
+        .iter()
+        .rev()
+        .find_map(|r| r.spec.dns.as_ref().map(|d| d.original_ttl));
+    let lowered = timeline
+        .step(Step::LowerTtl, lower_ttl(plan))
+        .await
+        .map_err(fail)?;
+    let original_ttl = match (lowered, &plan.dns) {
+        (Some(old), Some(dns)) if old == dns.low_ttl => remembered.unwrap_or(old),
+        (Some(old), _) => old,
+        (None, _) => 0,
+    };
+    let undo = lowered.map(|_| original_ttl);
+    let ttl_wait = plan.dns.as_ref().is_some_and(|d| d.wait_old_ttl);
+    if let Some(old) = lowered
+        && ttl_wait
+        && old > 0
+    {
+        say.line(&format!(
+            "waiting out the old TTL: {old} s (--skip-ttl-wait skips this)"
+        ));
+        interrupt
+            .sleep(Duration::from_secs(u64::from(old)))
+            .await
+            .map_err(|e| (e.into(), undo))?;
     }
+    interrupt.check().map_err(|e| (e.into(), undo))?;
+    let id = new_id(&plan.vm).map_err(|e| (e, undo))?;
+    let spec = plan.spec(id.clone(), original_ttl);
+    retry_unreachable(plan.agent_timeout, || plan.source.create_migration(&spec))
+        .await
+        .with_context(|| format!("creating the migration at {}", plan.source.base()))
+        .map_err(|e| (e, undo))?;
+    say.line(&format!(
+        "migration {id} created; the agents run it (if this command stops, resume with \
+         --resume {id})"
+    ));
+    Ok(id)
+}
 
-    /// 6: the source completes; the VM runs at the destination.
-    async fn complete(&mut self) -> Result<()> {
-        self.report.qemu = self
-            .timeline
-            .step(Step::Complete, complete(self.plan))
-            .await?;
-        Ok(())
-    }
-
-    /// 7 to 11: the VM runs at B. Nothing here can give it back to A.
-    async fn after_switchover(&mut self, switchover: Instant) -> Result<()> {
-        let (p, say) = (self.plan, self.say);
-        // The source's QEMU (paused in postmigrate) and its tap hook go.
-        p.source.release_vm_iface().await?;
-        p.source.stop_vm(&p.vm).await?;
-        p.source.delete_tap(&p.vm_iface).await?;
-
-        self.report.dns_switch_ms = self
-            .timeline
-            .step(Step::DnsUpdate, update_dns(p, switchover))
-            .await?;
-        self.timeline.step(Step::Announce, announce(p)).await?;
-
-        let grace = p.drain_grace.unwrap_or_else(|| {
-            Duration::from_secs(u64::from(self.changed.ttl_lowered_from.unwrap_or(0)))
-        });
-        let drain_started = Instant::now();
-        let rerouted = p.new_addr.is_none();
-        let drained = self
-            .timeline
-            .step(
-                Step::Drain,
-                drain(
-                    p,
-                    say,
-                    &self.switchover_flows,
-                    grace,
-                    rerouted,
-                    &self.interrupt,
-                ),
-            )
-            .await?;
-        let Drained { cut, premove_bytes } = drained.unwrap_or_default();
-        let report = &mut self.report;
-        report.tunnel.premove_bytes = premove_bytes;
-        report.drain_ms = Some(drain_started.elapsed().as_millis() as u64);
-        report.flows_drained = report.flows_at_switchover.saturating_sub(cut.len());
-        report.flows_cut = cut;
-
-        let restore = self.changed.ttl_lowered_from;
-        self.timeline
-            .step(Step::Teardown, teardown(p, restore, report))
-            .await?;
-        report.teardown_after_switchover_ms = Some(switchover.elapsed().as_millis() as u64);
-        self.timeline
-            .step(Step::Report, async { Ok((Some(()), String::new())) })
-            .await?;
-        Ok(())
-    }
+/// `<vm>-<unix seconds>-<4 random hex>`, cut to the id's 64 characters.
+fn new_id(vm: &str) -> Result<MigrationId> {
+    let secs = unix_ms() / 1000;
+    let mut vm: String = vm
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect();
+    vm.truncate(40);
+    MigrationId::new(&format!("{vm}-{secs}-{}", random_hex(2)?)).map_err(|e| anyhow!(e))
 }
 
 /// Step 1: lowers the TTL; returns the old one.
@@ -264,326 +259,359 @@ async fn lower_ttl(p: &Plan) -> StepResult<u32> {
     ))
 }
 
-/// Between steps 1 and 2: caches forget the old answer.
-async fn wait_out_ttl(
-    p: &Plan,
-    say: Say,
-    old_ttl: u32,
-    interrupt: &Interrupt,
-) -> Result<(), Interrupted> {
-    let wait = p.dns.as_ref().is_some_and(|d| d.wait_old_ttl);
-    if wait && old_ttl > 0 {
-        say.line(&format!(
-            "waiting out the old TTL: {old_ttl} s (--skip-ttl-wait skips this)"
-        ));
-        interrupt
-            .sleep(Duration::from_secs(u64::from(old_ttl)))
+impl Follow<'_> {
+    /// The source's record, retried while its agent is unreachable (it restarts).
+    async fn record(&self) -> Result<MigrationRecord> {
+        let limit = Duration::from_secs(60);
+        Ok(retry_unreachable(limit, || self.source.migration_record(&self.id)).await?)
+    }
+
+    /// Waits until the migration has passed `stage` (or reached `Done`); a rollback, a
+    /// split or a safe stop ends the wait with [`Stopped::Migration`].
+    async fn past(&mut self, stage: Stage) -> Result<MigrationRecord> {
+        let mut last_note = Instant::now();
+        loop {
+            let record = self.record().await?;
+            if matches!(
+                record.stage,
+                Stage::RollingBack | Stage::RolledBack | Stage::Split | Stage::Stopped
+            ) {
+                return Err(Stopped::Migration(Box::new(record)).into());
+            }
+            if record.stage > stage || record.stage == Stage::Done {
+                return Ok(record);
+            }
+            if let Err(interrupted) = self.interrupt.check() {
+                if record.stage.past_switchover() {
+                    return Err(Stopped::Detached(interrupted.0).into());
+                }
+                if self.abort_sent.is_none() {
+                    self.say.line(&format!(
+                        "{interrupted}: rolling back (the VM keeps running at the source)"
+                    ));
+                    match self.source.abort_migration(&self.id).await {
+                        Ok(_) => self.abort_sent = Some(interrupted.0),
+                        // Refused: the switchover came first; the next look says so.
+                        Err(err) => tracing::debug!("abort: {err}"),
+                    }
+                }
+            }
+            if last_note.elapsed() >= NOTE_EVERY {
+                last_note = Instant::now();
+                match record.stage {
+                    Stage::CopyingRam => {
+                        if let Some(progress) = &record.progress {
+                            self.say.ram(progress);
+                        }
+                    }
+                    Stage::Draining => self.say.line(&format!(
+                        "  drain: {} bytes of pre-move flows since the switchover{}",
+                        record.figures.premove_bytes,
+                        if record.dns_owed.switch {
+                            "; the DNS switch is owed"
+                        } else {
+                            ""
+                        }
+                    )),
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Follows steps 2 to 11, doing the DNS work as it falls due.
+    async fn all_steps(&mut self, timeline: &mut Timeline, report: &mut Report) -> Result<()> {
+        let prepared = timeline
+            .step(Step::PrepareDestination, async {
+                let r = self.past(Stage::PreparingDestination).await?;
+                Ok((Some(()), details(&r, &[Stage::Accepted, Stage::PreparingDestination])))
+            })
             .await?;
-    }
-    Ok(())
-}
-
-/// Step 2: the destination (tap, datapath, QEMU listening), and the source's datapath
-/// with the session token.
-async fn prepare_destination(
-    p: &Plan,
-    token: SessionToken,
-    changed: &mut Changed,
-) -> StepResult<()> {
-    let source_status = p.source.status().await?;
-    let source_vm = p
-        .source
-        .vm(&p.vm)
-        .await
-        .with_context(|| format!("the VM {} at the source", p.vm))?;
-    if source_vm.run_state != RunState::Running {
-        bail!(
-            "the VM {} at the source is {}, not running",
-            p.vm,
-            source_vm.run_state
-        );
-    }
-    let mut detail = Vec::new();
-    match &source_status.datapath {
-        Some(dp) if dp.mode == Mode::Track => {
-            detail.push(format!("source tracking {} flows", dp.flows));
-        }
-        Some(dp) => bail!(
-            "the source's datapath is in mode {}, not track: another migration?",
-            dp.mode
-        ),
-        None => {
-            changed.source_attached_by_us = true;
-            detail.push(
-                "source datapath attached now (connections opened before were not \
-                 MSS-clamped)"
-                    .to_owned(),
-            );
-        }
-    }
-    changed.source_reconfigured = true;
-    p.source
-        .apply_datapath(&p.datapath_request(token, Mode::Track, true))
-        .await?;
-    changed.destination_touched = true;
-    p.destination
-        .ensure_tap(
-            &p.vm_iface,
-            &TapRequest {
-                gateway_mac: p.gateway_mac,
-                gateway_cidr: p.gateway_cidr.clone(),
-            },
-        )
-        .await?;
-    p.destination
-        .apply_datapath(&p.datapath_request(token, p.destination_mode(), false))
-        .await?;
-    let vm = p
-        .destination
-        .start_vm(&VmRequest {
-            spec_toml: p.destination_spec_toml.clone(),
-            incoming: true,
-        })
-        .await?;
-    p.destination
-        .prepare_incoming(
-            &p.vm,
-            &IncomingRequest {
-                uri: p.migration_uri.clone(),
-                settings: p.settings.clone(),
-                mirror: p.mirror.clone(),
-            },
-        )
-        .await?;
-    detail.push(format!(
-        "destination QEMU pid {} listening on {}, datapath in {}",
-        vm.pid.unwrap_or_default(),
-        p.migration_uri,
-        p.destination_mode()
-    ));
-    Ok((Some(()), detail.join("; ")))
-}
-
-/// Step 3: the disk's full copy before RAM, so the switchover only adds what is still
-/// dirty.
-async fn mirror_disk(p: &Plan) -> StepResult<()> {
-    let Some(mirror) = &p.mirror else {
-        return Ok((None, "no disk in the VM spec".to_owned()));
-    };
-    let ready = p.source.start_mirror(&p.vm, mirror).await?;
-    Ok((
-        Some(()),
-        format!(
-            "{} bytes to nbd://{}:{}, READY after {} ms",
-            ready.len, mirror.nbd_host, mirror.nbd_port, ready.ready_ms
-        ),
-    ))
-}
-
-/// Step 4: RAM, until the source stops at `pre-switchover`.
-async fn migrate_ram(p: &Plan, say: Say, interrupt: &Interrupt) -> StepResult<()> {
-    p.source
-        .start_migration(
-            &p.vm,
-            &OutgoingRequest {
-                uri: p.migration_uri.clone(),
-                settings: p.settings.clone(),
-                mirror: p.mirror.clone(),
-            },
-        )
-        .await?;
-    let mut last_said = Instant::now();
-    loop {
-        let state = p.source.migration(&p.vm).await?;
-        match state.phase {
-            MigrationPhase::AwaitingSwitchover => {
-                let detail = state.progress.map_or_else(String::new, |pr| {
+        let _ = prepared;
+        timeline
+            .step(Step::MirrorDisk, async {
+                let r = self.past(Stage::MirroringDisk).await?;
+                if r.spec.mirror.is_none() {
+                    return Ok((None, "no disk in the VM spec".to_owned()));
+                }
+                Ok((Some(()), details(&r, &[Stage::MirroringDisk])))
+            })
+            .await?;
+        timeline
+            .step(Step::MigrateRam, async {
+                let r = self.past(Stage::CopyingRam).await?;
+                let detail = r.progress.as_ref().map_or_else(String::new, |pr| {
                     format!(
                         "{} bytes in {} passes, {:.0} Mbit/s",
                         pr.transferred, pr.passes, pr.mbps
                     )
                 });
-                return Ok((Some(()), detail));
-            }
-            MigrationPhase::Failed => {
-                bail!("the migration failed: {}", state.error.unwrap_or_default())
-            }
-            MigrationPhase::Completed => {
-                bail!("the migration completed without stopping at pre-switchover")
-            }
-            MigrationPhase::Running => {}
+                Ok((Some(()), detail))
+            })
+            .await?;
+        timeline
+            .step(Step::Switchover, async {
+                let r = self.past(Stage::SwitchingOver).await?;
+                Ok((Some(()), details(&r, &[Stage::SwitchingOver])))
+            })
+            .await?;
+        let completed = timeline
+            .step(Step::Complete, async {
+                let r = self.past(Stage::Continued).await?;
+                let qemu = r.figures.qemu.clone().map(|q| MigrationReport {
+                    destination_status: r.figures.destination_status.clone().unwrap_or_default(),
+                    ..q
+                });
+                let detail = qemu.as_ref().map_or_else(String::new, |q| {
+                    format!(
+                        "downtime {} ms, total {} ms; destination {}",
+                        q.downtime_ms, q.total_time_ms, q.destination_status
+                    )
+                });
+                Ok((Some(qemu), detail))
+            })
+            .await?;
+        report.qemu = completed.flatten();
+        report.dns_switch_ms = timeline
+            .step(Step::DnsUpdate, self.switch_dns())
+            .await?;
+        timeline
+            .step(Step::Announce, async {
+                let r = self.past(Stage::Running).await?;
+                let detail = if r.spec.new_addr.is_some() {
+                    "announce-self (RARP) from the destination".to_owned()
+                } else {
+                    format!(
+                        "announce-self (RARP) from the VM; gratuitous ARP for {} from the \
+                         destination's uplink",
+                        r.spec.home
+                    )
+                };
+                Ok((Some(()), detail))
+            })
+            .await?;
+        let drained = timeline
+            .step(Step::Drain, async {
+                let r = self.past(Stage::Draining).await?;
+                Ok((Some(r.clone()), details(&r, &[Stage::Draining])))
+            })
+            .await?;
+        if let Some(r) = &drained {
+            fill_figures(report, r);
         }
-        if let Some(progress) = &state.progress
-            && last_said.elapsed() >= RAM_NOTE
-        {
-            last_said = Instant::now();
-            say.ram(progress);
+        timeline
+            .step(Step::Teardown, async {
+                let r = self.record().await?;
+                let mut detail = details(&r, &[Stage::Done]);
+                if r.dns_owed.restore_ttl {
+                    detail.push_str(&self.restore_ttl(&r).await?);
+                }
+                Ok((Some(()), detail))
+            })
+            .await?;
+        timeline
+            .step(Step::Report, async { Ok((Some(()), String::new())) })
+            .await?;
+        Ok(())
+    }
+
+    /// Step 7: `H` → `N` at the authoritative server, if the move still owes it; returns
+    /// how long after the switchover its answer changed.
+    async fn switch_dns(&mut self) -> StepResult<u64> {
+        let r = self.past(Stage::Continued).await?;
+        let Some(new) = r.spec.new_addr else {
+            return Ok((
+                None,
+                "move address mode: the address moved, DNS unchanged".to_owned(),
+            ));
+        };
+        if !r.dns_owed.switch {
+            return match r.figures.dns_switch_ms {
+                Some(ms) => Ok((Some(ms), "switched by an earlier run".to_owned())),
+                None => Ok((None, "no DNS server given".to_owned())),
+            };
         }
-        interrupt.sleep(MIGRATION_POLL).await?;
-    }
-}
-
-/// Step 5: the pre-move flows to B, A forwards, the re-routing hook, and `continue`.
-/// Returns the pre-move flows.
-async fn flip(p: &Plan) -> StepResult<Vec<FlowEntry>> {
-    let mut snapshot = p.source.flows().await?;
-    snapshot.flows.retain(FlowEntry::is_tracked);
-    p.destination.load_flows(&snapshot).await?;
-    let FlowSnapshot { flows: premove, .. } = snapshot;
-    p.source.set_mode(Mode::Forward).await?;
-    if let Some(hook) = &p.on_switch {
-        run_on_switch(p, hook).await?;
-    }
-    p.source.continue_migration(&p.vm, true).await?;
-    let detail = format!(
-        "{} pre-move flows handed to the destination; source forwards",
-        premove.len()
-    );
-    Ok((Some(premove), detail))
-}
-
-/// Step 6: waits for the source to complete, then resumes the VM at the destination.
-async fn complete(p: &Plan) -> StepResult<MigrationReport> {
-    let report = loop {
-        let state = p.source.migration(&p.vm).await?;
-        match state.phase {
-            MigrationPhase::Completed => {
-                break state
-                    .report
-                    .context("a completed migration without report")?;
-            }
-            MigrationPhase::Failed if state.split => {
-                return Err(anyhow!(PostcopyBroke(state.error.unwrap_or_default())));
-            }
-            MigrationPhase::Failed => bail!(
-                "the migration failed after the flip: {}",
-                state.error.unwrap_or_default()
-            ),
-            MigrationPhase::Running | MigrationPhase::AwaitingSwitchover => {
-                tokio::time::sleep(MIGRATION_POLL).await
-            }
-        }
-    };
-    let vm = p.destination.finish_incoming(&p.vm).await?;
-    // The source's QEMU reports the migration; only B knows how its VM runs.
-    let report = MigrationReport {
-        destination_status: vm.run_state.to_string(),
-        ..report
-    };
-    let detail = format!(
-        "downtime {} ms, total {} ms; destination {}",
-        report.downtime_ms, report.total_time_ms, vm.run_state
-    );
-    Ok((Some(report), detail))
-}
-
-/// Step 7: `H` → `N` at the authoritative server; returns how long after the switchover
-/// its answer changed.
-async fn update_dns(p: &Plan, switchover: Instant) -> StepResult<u64> {
-    let Some(new) = p.new_addr else {
-        return Ok((
-            None,
-            "move address mode: the address moved, DNS unchanged".to_owned(),
-        ));
-    };
-    let Some(dns) = &p.dns else {
-        return Ok((None, "no DNS server given".to_owned()));
-    };
-    let (server, name) = (dns.zone_server(), dns.name.clone());
-    let home = p.home;
-    let start = std::time::Instant::now()
-        .checked_sub(switchover.elapsed())
-        .unwrap_or_else(std::time::Instant::now);
-    let update = tokio::task::spawn_blocking(move || {
-        records::replace_addresses(
-            &server,
-            &name,
-            Some(&[home]),
-            &[new],
-            None,
-            start,
-            DNS_VERIFY,
-        )
-    })
-    .await
-    .context("the DNS task panicked")??;
-    Ok((
-        Some(update.answer_changed_after_ms),
-        format!(
-            "{} {home} → {new}, serial {} → {}; authoritative answer changed {} ms after \
-             switchover",
-            dns.name, update.before.serial, update.after.serial, update.answer_changed_after_ms
-        ),
-    ))
-}
-
-/// Step 8: the VM announces itself at B; in move address mode B's uplink claims `H`.
-async fn announce(p: &Plan) -> StepResult<()> {
-    p.destination.announce(&p.vm).await?;
-    if p.new_addr.is_none() {
-        p.destination.garp(p.home).await?;
-        return Ok((
-            Some(()),
-            format!(
-                "announce-self (RARP) from the VM; gratuitous ARP for {} from the \
-                 destination's uplink",
-                p.home
-            ),
-        ));
-    }
-    Ok((
-        Some(()),
-        "announce-self (RARP) from the destination".to_owned(),
-    ))
-}
-
-/// Step 10: the tunnel goes; B keeps its NAT for `N` (the VM keeps `H` inside).
-async fn teardown(p: &Plan, restore_ttl: Option<u32>, report: &mut Report) -> StepResult<()> {
-    let last = p.source.status().await?;
-    if let Some(dp) = &last.datapath {
-        report.tunnel.packets_to_b = dp.counter(Counter::TunnelOut);
-        report.tunnel.packets_from_b = dp.counter(Counter::TunnelIn);
-    }
-    p.source.detach_datapath().await?;
-    let mut detail = if p.new_addr.is_some() {
-        p.destination.set_mode(Mode::Nat).await?;
-        "source detached; destination in nat".to_owned()
-    } else {
-        p.destination.detach_datapath().await?;
-        "both sites detached".to_owned()
-    };
-    if let (Some(dns), Some(ttl)) = (&p.dns, restore_ttl) {
-        dns.set_ttl(ttl).await?;
-        detail.push_str(&format!("; TTL restored to {ttl} s"));
-    }
-    Ok((Some(()), detail))
-}
-
-/// Runs the operator's re-routing command (move address mode) while the source is
-/// stopped at switchover; it gets the move's facts in its environment.
-async fn run_on_switch(p: &Plan, hook: &str) -> Result<()> {
-    let output = tokio::process::Command::new("sh")
-        .args(["-c", hook])
-        .env("MOVARTO_VM", &p.vm)
-        .env("MOVARTO_HOME", p.home.to_string())
-        .env("MOVARTO_SOURCE_TUNNEL", p.source_tunnel.to_string())
-        .env(
-            "MOVARTO_DESTINATION_TUNNEL",
-            p.destination_tunnel.to_string(),
-        )
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        let dns = self
+            .dns
+            .context("the DNS switch is owed, but no DNS server and key were given")?;
+        // The VM must run at the destination first: N leads nowhere before.
+        let r = self.past(Stage::Continued).await?;
+        let switchover_ms = r.figures.switchover_unix_ms.unwrap_or_else(unix_ms);
+        let since = Duration::from_millis(unix_ms().saturating_sub(switchover_ms));
+        let start = std::time::Instant::now()
+            .checked_sub(since)
+            .unwrap_or_else(std::time::Instant::now);
+        let (server, name, home) = (dns.zone_server(), dns.name.clone(), r.spec.home);
+        let update = tokio::task::spawn_blocking(move || {
+            records::replace_addresses(
+                &server,
+                &name,
+                Some(&[home]),
+                &[new],
+                None,
+                start,
+                DNS_VERIFY,
+            )
+        })
         .await
-        .map_err(|_| anyhow!("--on-switch did not finish within 30 s: {hook}"))?
-        .with_context(|| format!("running --on-switch {hook:?}"))?;
-    if !output.status.success() {
-        bail!(
-            "--on-switch {hook:?} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        .context("the DNS task panicked")??;
+        let done = DnsDone {
+            switched: true,
+            ttl_restored: false,
+            switch_ms: Some(update.answer_changed_after_ms),
+        };
+        retry_unreachable(Duration::from_secs(60), || {
+            self.source.dns_done(&self.id, &done)
+        })
+        .await?;
+        Ok((
+            Some(update.answer_changed_after_ms),
+            format!(
+                "{} {home} → {new}, serial {} → {}; authoritative answer changed {} ms after \
+                 switchover",
+                dns.name, update.before.serial, update.after.serial, update.answer_changed_after_ms
+            ),
+        ))
     }
-    Ok(())
+
+    /// The TTL back to what it was before the move; says so for the report.
+    async fn restore_ttl(&self, r: &MigrationRecord) -> Result<String> {
+        let (Some(dns), Some(plan)) = (self.dns, &r.spec.dns) else {
+            bail!("the TTL's restoration is owed, but no DNS key was given");
+        };
+        dns.set_ttl(plan.original_ttl).await?;
+        let done = DnsDone {
+            switched: false,
+            ttl_restored: true,
+            switch_ms: None,
+        };
+        retry_unreachable(Duration::from_secs(60), || {
+            self.source.dns_done(&self.id, &done)
+        })
+        .await?;
+        Ok(format!("; TTL restored to {} s", plan.original_ttl))
+    }
+
+    /// After a rollback: waits until it is done, then restores the TTL.
+    async fn after_rollback(&self, mut record: MigrationRecord) -> String {
+        let deadline = Instant::now() + ROLLBACK_WAIT;
+        while (record.stage == Stage::RollingBack
+            || (record.stage == Stage::RolledBack && !record.figures.rollback_finished))
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(POLL).await;
+            match self.record().await {
+                Ok(r) => record = r,
+                Err(err) => return format!("NOT undone: the rollback's end unknown: {err:#}"),
+            }
+        }
+        let mut summary = record
+            .figures
+            .rolled_back
+            .clone()
+            .unwrap_or_else(|| format!("NOT undone: the migration is {}", record.stage));
+        if record.dns_owed.restore_ttl && self.dns.is_some() {
+            match self.restore_ttl(&record).await {
+                Ok(text) => summary.push_str(&text.replace("; TTL", "; DNS TTL")),
+                Err(err) => summary.push_str(&format!("; DNS TTL NOT undone: {err:#}")),
+            }
+        }
+        summary
+    }
+}
+
+/// The record's notes for these stages.
+fn details(r: &MigrationRecord, stages: &[Stage]) -> String {
+    r.history
+        .iter()
+        .filter(|c| stages.contains(&c.stage) && !c.detail.is_empty())
+        .map(|c| c.detail.clone())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn fill_figures(report: &mut Report, r: &MigrationRecord) {
+    let f = &r.figures;
+    report.flows_at_switchover = f.flows_at_switchover;
+    report.flows_cut = f.flows_cut.clone();
+    report.flows_drained = f.flows_at_switchover.saturating_sub(f.flows_cut.len());
+    report.tunnel.packets_to_b = f.packets_to_b;
+    report.tunnel.packets_from_b = f.packets_from_b;
+    report.tunnel.premove_bytes = f.premove_bytes;
+    report.drain_ms = f.drain_ms;
+    if let (Some(switchover), Some(teardown)) = (f.switchover_unix_ms, f.teardown_unix_ms) {
+        report.teardown_after_switchover_ms = Some(teardown.saturating_sub(switchover));
+    }
+    if report.dns_switch_ms.is_none() {
+        report.dns_switch_ms = f.dns_switch_ms;
+    }
+}
+
+/// What the operator reads when post-copy broke: undoing anything would lose the VM.
+const SPLIT_GUIDANCE: &str = "Nothing was rolled back: the VM's memory is split between the \
+    source (paused, holding the pages the destination lacks) and the destination, so stopping \
+    either loses it. If QEMU at the destination still runs, mend the link and resume with QMP \
+    `migrate-recover` at the destination and `migrate` with `resume: true` at the source; \
+    if it exited, the VM's RAM is lost: quit the source's QEMU and boot the VM again from \
+    its disk. Both datapaths are left as they are (source forwards, destination receives)";
+
+fn finish(mut report: Report, mut timeline: Timeline, say: Say, result: Result<()>) -> Report {
+    match result {
+        Ok(()) => report.succeeded = true,
+        Err(err) => report.error = Some(format!("{err:#}")),
+    }
+    report.steps = std::mem::take(&mut timeline.steps);
+    report.total_ms = say.ms();
+    report
+}
+
+impl Follow<'_> {
+    /// Follows the migration to its end; a stop is explained for the report.
+    async fn run(&mut self, timeline: &mut Timeline, report: &mut Report) -> Result<()> {
+        match self.all_steps(timeline, report).await {
+            Ok(()) => Ok(()),
+            Err(err) => Err(self.explain(err, report).await),
+        }
+    }
+
+    /// Turns a stop into the report's words (and finishes a rollback's DNS work).
+    async fn explain(&self, err: anyhow::Error, report: &mut Report) -> anyhow::Error {
+        match err.downcast::<Stopped>() {
+            Ok(Stopped::Migration(record)) => {
+                let mut why = record.error.clone().unwrap_or_default();
+                if let Some(signal) = self.abort_sent {
+                    why = format!("interrupted by {signal} ({why})");
+                }
+                match record.stage {
+                    Stage::RollingBack | Stage::RolledBack => {
+                        report.rolled_back = Some(self.after_rollback(*record).await);
+                        anyhow!("{why}")
+                    }
+                    Stage::Split => anyhow!("{why}. {SPLIT_GUIDANCE}"),
+                    stage => anyhow!(
+                        "the migration {} is {stage}: {why}. Nothing more is done by itself; \
+                         the agents' records (GET /v1/migrations/{}) show both halves",
+                        self.id,
+                        self.id
+                    ),
+                }
+            }
+            Ok(Stopped::Detached(signal)) => anyhow!(
+                "interrupted by {signal} after the switchover: the migration goes on in the \
+                 agents (the VM runs at the destination). Follow it again, and do the DNS work \
+                 it owes, with `movarto-user migrate --resume {} --source {} \
+                 --source-token-file FILE [--dns-key-file FILE]`",
+                self.id,
+                self.source.base()
+            ),
+            Err(err) => anyhow!(
+                "{err:#}. The migration itself goes on in the agents; follow it again with \
+                 `movarto-user migrate --resume {} --source {} --source-token-file FILE \
+                 [--dns-key-file FILE]`",
+                self.id,
+                self.source.base()
+            ),
+        }
+    }
 }

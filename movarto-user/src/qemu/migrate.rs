@@ -226,6 +226,28 @@ pub async fn migrate_outgoing(
     hook: &mut dyn SwitchoverHook,
     progress: Option<mpsc::Sender<Progress>>,
 ) -> Result<MigrationReport> {
+    outgoing(source, Some(uri), options, hook, progress).await
+}
+
+/// The source's half of a migration QEMU already runs (the agent that started it died):
+/// follows it from wherever it is, as [`migrate_outgoing`] would have.
+pub async fn follow_outgoing(
+    source: &Qmp,
+    options: &MigrationOptions,
+    hook: &mut dyn SwitchoverHook,
+    progress: Option<mpsc::Sender<Progress>>,
+) -> Result<MigrationReport> {
+    outgoing(source, None, options, hook, progress).await
+}
+
+/// `uri`: start the migration there; `None`: follow the one that runs.
+async fn outgoing(
+    source: &Qmp,
+    uri: Option<&str>,
+    options: &MigrationOptions,
+    hook: &mut dyn SwitchoverHook,
+    progress: Option<mpsc::Sender<Progress>>,
+) -> Result<MigrationReport> {
     let mut observed = Observed::default();
     let result = run(source, uri, options, hook, progress, &mut observed).await;
     match result {
@@ -294,21 +316,38 @@ pub async fn abandon_incoming(destination: &Qmp) {
 
 async fn run(
     source: &Qmp,
-    uri: &str,
+    uri: Option<&str>,
     options: &MigrationOptions,
     hook: &mut dyn SwitchoverHook,
     progress: Option<mpsc::Sender<Progress>>,
     observed: &mut Observed,
 ) -> Result<MigrationReport> {
     let mut source_events = source.subscribe()?;
-    configure_source(source, options).await?;
     let started = Instant::now();
-    source
-        .run(&super::qmp::commands::Migrate {
-            uri: uri.to_owned(),
-        })
-        .await
-        .context("source: migrate")?;
+    match uri {
+        Some(uri) => {
+            configure_source(source, options).await?;
+            source
+                .run(&super::qmp::commands::Migrate {
+                    uri: uri.to_owned(),
+                })
+                .await
+                .context("source: migrate")?;
+        }
+        None => {
+            let info = source
+                .run(&QueryMigrate {})
+                .await
+                .context("source: query-migrate")?;
+            // Post-copy may have begun under the agent that died: treat it as such.
+            if info.status.as_deref() == Some("postcopy-active") {
+                observed.postcopy_started_ms = Some(0);
+            }
+            if matches!(info.status.as_deref(), None | Some("none")) {
+                bail!("the source's QEMU runs no migration to follow");
+            }
+        }
+    }
 
     let deadline = started + options.timeout;
     let mut ticker = tokio::time::interval(options.progress_interval);
@@ -519,7 +558,7 @@ fn source_report(info: MigrationInfo, observed: &Observed) -> MigrationReport {
 }
 
 /// Leaves the VM running at the source.
-async fn roll_back_source(source: &Qmp) -> Result<()> {
+pub async fn roll_back_source(source: &Qmp) -> Result<()> {
     if !source.is_closed() {
         let info = source.run(&QueryMigrate {}).await.unwrap_or_default();
         let active = !matches!(

@@ -1,0 +1,189 @@
+//! The destination's half: the tap with the anycast gateway, the datapath in `receive`
+//! (or `direct`), QEMU listening; then, once QEMU runs the VM here, the announcement; at
+//! the end of the drain, `nat` (or detached). It never discards its QEMU unless the
+//! source's agent says the VM runs there again (`rolled-back`).
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use movarto_common::config::Mode;
+
+use super::{
+    Handle, RETRY_PAUSE, blocking,
+    record::{Role, Stage},
+};
+use crate::agent::{
+    api::{RunState, VmRequest},
+    server::Agent,
+    tap,
+};
+
+/// How often the destination looks at its QEMU while it waits for the VM.
+const VM_POLL: Duration = Duration::from_millis(100);
+/// How often it asks the source how the migration goes (a rollback, or the drain's end).
+const SOURCE_POLL: Duration = Duration::from_secs(2);
+
+pub(super) async fn drive(agent: Arc<Agent>, m: Arc<Handle>) {
+    loop {
+        let stage = m.stage();
+        if stage.is_final() {
+            return;
+        }
+        let result = match stage {
+            Stage::Accepted => prepare(&agent, &m).await,
+            Stage::Listening => wait_for_the_vm(&agent, &m).await,
+            Stage::Running => wait_for_the_drain(&agent, &m).await,
+            other => Err(anyhow::anyhow!("a destination never is in stage {other}")),
+        };
+        if let Err(err) = result {
+            tracing::warn!(migration = %m.snapshot().id(), %stage, "{err:#}");
+            let _ = m.update(|r| r.error = Some(format!("{stage}: {err:#}")));
+            // The source decides: it rolls back (and we then clean up) or goes on.
+            m.nap(RETRY_PAUSE).await;
+        }
+    }
+}
+
+/// Tap, datapath, QEMU `-incoming defer`, `migrate-incoming`. A restart in this stage
+/// starts over: the source starts copying only once this half listens.
+async fn prepare(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    let record = m.snapshot();
+    let spec = &record.spec;
+    if source_rolled_back(m).await {
+        return clean_up(agent, m).await;
+    }
+    let (ip, prefix) = tap::parse_cidr(&spec.tap.gateway_cidr)?;
+    tap::ensure_tap(&spec.vm_iface, spec.tap.gateway_mac.0, ip, prefix).await?;
+    let token = record.token.context("no session token")?;
+    let request = spec.datapath_request(token, spec.destination_mode(), Role::Destination);
+    let datapath = agent.clone();
+    blocking(move || datapath.datapath.apply(&request)).await?;
+    // A QEMU left by an agent that died in this stage may never have listened; a VM of
+    // that name that runs is someone's only copy, and is never touched.
+    if let Ok(there) = agent.vms.status(&spec.vm).await {
+        if there.run_state == RunState::Running || !there.incoming {
+            anyhow::bail!("a VM named {} runs here already", spec.vm);
+        }
+        agent.vms.stop(&spec.vm).await?;
+    }
+    let vm = agent
+        .vms
+        .start(&VmRequest {
+            spec_toml: spec.destination_spec_toml.clone(),
+            incoming: true,
+        })
+        .await?;
+    agent
+        .vms
+        .prepare_incoming(&spec.vm, &spec.incoming_request())
+        .await?;
+    m.note(format!(
+        "destination QEMU pid {} listening on {}, datapath in {}",
+        vm.pid.unwrap_or_default(),
+        spec.migration_uri,
+        spec.destination_mode()
+    ))?;
+    m.enter(Stage::Listening)
+}
+
+/// Until QEMU runs the VM here (then: NBD export ended, announce-self, and in move
+/// address mode gratuitous ARP for `H`), or the source has rolled back.
+async fn wait_for_the_vm(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    let record = m.snapshot();
+    let spec = &record.spec;
+    let mut asked = tokio::time::Instant::now();
+    loop {
+        let vm = agent.vms.status(&spec.vm).await;
+        if let Ok(vm) = &vm
+            && vm.run_state == RunState::Running
+        {
+            break;
+        }
+        if asked.elapsed() >= SOURCE_POLL || vm.is_err() {
+            asked = tokio::time::Instant::now();
+            if source_rolled_back(m).await {
+                return clean_up(agent, m).await;
+            }
+        }
+        m.nap(VM_POLL).await;
+    }
+    agent.vms.finish_incoming(&spec.vm).await?;
+    agent.vms.announce(&spec.vm).await?;
+    let mut detail = "the VM runs here; announce-self (RARP)".to_owned();
+    if spec.new_addr.is_none()
+        && let std::net::IpAddr::V4(home) = spec.home
+    {
+        crate::agent::garp::send(&agent.datapath.uplink, home, 3)?;
+        detail.push_str(&format!("; gratuitous ARP for {home} from the uplink"));
+    }
+    m.update(|r| {
+        r.figures.destination_status = Some(RunState::Running.to_string());
+        r.note(detail);
+        r.enter(Stage::Running);
+    })
+}
+
+/// Until the source says the tunnel is over (or its record says `done`).
+async fn wait_for_the_drain(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    loop {
+        if m.snapshot().tunnel_over {
+            return end_tunnel(agent, m).await;
+        }
+        let peer = m.peer()?;
+        if let Ok(there) = peer.migration_record(m.snapshot().id()).await
+            && there.stage == Stage::Done
+        {
+            return end_tunnel(agent, m).await;
+        }
+        m.nap(SOURCE_POLL).await;
+    }
+}
+
+/// The tunnel is over: `nat` keeps `N` served, or (move address mode) nothing is left.
+pub(super) async fn end_tunnel(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    if m.stage() == Stage::Done {
+        return Ok(());
+    }
+    if m.stage() != Stage::Running {
+        anyhow::bail!("the VM does not run here yet ({})", m.stage());
+    }
+    m.update(|r| r.tunnel_over = true)?;
+    let nat = m.snapshot().spec.new_addr.is_some();
+    let datapath = agent.clone();
+    blocking(move || {
+        if nat {
+            datapath.datapath.set_mode(Mode::Nat).map(drop)
+        } else {
+            datapath.datapath.detach()
+        }
+    })
+    .await?;
+    m.update(|r| {
+        r.note(if nat { "datapath in nat" } else { "datapath detached" });
+        r.enter(Stage::Done);
+    })
+}
+
+/// Whether the source's agent says the VM runs there again. Unreachable, or any other
+/// answer: no.
+async fn source_rolled_back(m: &Handle) -> bool {
+    let Ok(peer) = m.peer() else { return false };
+    // Not even a 404: the source wrote its record before it made this half, so a source
+    // that forgot it has lost its state, not the migration (QEMU may still copy).
+    peer.migration_record(m.snapshot().id())
+        .await
+        .is_ok_and(|there| there.stage == Stage::RolledBack)
+}
+
+/// The source runs the VM again: this half goes (QEMU, datapath, tap).
+async fn clean_up(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    let spec = m.snapshot().spec;
+    agent.vms.stop(&spec.vm).await?;
+    let datapath = agent.clone();
+    blocking(move || datapath.datapath.detach()).await?;
+    tap::delete_tap(&spec.vm_iface).await?;
+    m.update(|r| {
+        r.note("the source runs the VM again: QEMU stopped, datapath detached, tap removed");
+        r.enter(Stage::Aborted);
+    })
+}

@@ -1,0 +1,349 @@
+//! The migrations this agent owns: each a state machine ([`record`]) persisted in the
+//! state directory ([`journal`]) and driven by a task of its own, at the source
+//! ([`source`]) or the destination ([`destination`]). A restarted agent reloads the
+//! records and carries each migration on from the stage it had reached, without waiting
+//! for the orchestrator; the orchestrator only creates a migration and follows it.
+//!
+//! The rule that never loses the VM (docs/failures.md): before `migrate-continue` nothing
+//! discards the source's VM; after it, nothing stops the destination's QEMU unless the
+//! source's VM verifiably runs again (its agent says `rolled-back`, having asked QEMU).
+
+mod destination;
+mod drain;
+mod journal;
+pub mod record;
+mod source;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use tokio::sync::Notify;
+
+use self::{
+    journal::Journal,
+    record::{DnsDone, IncomingHalf, MigrationId, MigrationRecord, MigrationSpec, Role, Stage},
+};
+use super::{
+    AgentClient, AgentError,
+    server::Agent,
+    vms::VmError,
+};
+
+/// How long a driver waits before it tries a failed step again, after switchover (when
+/// there is nothing to roll back, only to finish).
+const RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+/// One migration: its record (saved on every stage change) and a wake-up for its driver.
+pub struct Handle {
+    record: Mutex<MigrationRecord>,
+    journal: Arc<Journal>,
+    wake: Notify,
+}
+
+impl Handle {
+    pub fn snapshot(&self) -> MigrationRecord {
+        self.record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn stage(&self) -> Stage {
+        self.record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .stage
+    }
+
+    /// Changes the record and saves it before returning: what follows may act on it.
+    pub fn update<T>(&self, change: impl FnOnce(&mut MigrationRecord) -> T) -> Result<T> {
+        let mut record = self.record.lock().unwrap_or_else(PoisonError::into_inner);
+        let out = change(&mut record);
+        self.journal.save(&record)?;
+        Ok(out)
+    }
+
+    /// Enters `stage`, durably.
+    pub fn enter(&self, stage: Stage) -> Result<()> {
+        tracing::info!(migration = %self.snapshot().id(), %stage, "stage");
+        self.update(|r| r.enter(stage))
+    }
+
+    /// Notes what the current stage found (saved).
+    pub fn note(&self, detail: impl Into<String>) -> Result<()> {
+        self.update(|r| r.note(detail))
+    }
+
+    /// In memory only: the RAM copy's progress.
+    pub fn set_progress(&self, progress: crate::qemu::migrate::Progress) {
+        self.record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .progress = Some(progress);
+    }
+
+    /// The other site's agent.
+    pub fn peer(&self) -> Result<AgentClient> {
+        let record = self.snapshot();
+        let peer = match record.role {
+            Role::Source => &record.spec.destination_agent,
+            Role::Destination => &record.spec.source_agent,
+        };
+        AgentClient::from_peer(peer)
+    }
+
+    /// Waits for a wake-up (an API call about this migration) or `limit`.
+    pub async fn nap(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.wake.notified()).await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("no migration {0} at this site")]
+    NotFound(MigrationId),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+pub struct Migrations {
+    journal: Arc<Journal>,
+    live: tokio::sync::Mutex<HashMap<MigrationId, Arc<Handle>>>,
+}
+
+impl Migrations {
+    pub fn new(state_dir: &std::path::Path) -> Self {
+        Self {
+            journal: Arc::new(Journal::new(state_dir)),
+            live: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Reloads the records an earlier agent left and drives the unfinished ones on.
+    pub async fn resume_all(agent: &Arc<Agent>) -> usize {
+        let mut resumed = 0;
+        for record in agent.migrations.journal.load_all() {
+            let final_ = record.stage.is_final();
+            let (id, stage) = (record.id().clone(), record.stage);
+            let handle = agent.migrations.insert(record).await;
+            if !final_ {
+                tracing::info!(migration = %id, %stage, "resuming a migration");
+                spawn_driver(agent.clone(), handle);
+                resumed += 1;
+            }
+        }
+        resumed
+    }
+
+    async fn insert(&self, record: MigrationRecord) -> Arc<Handle> {
+        let id = record.id().clone();
+        let handle = Arc::new(Handle {
+            record: Mutex::new(record),
+            journal: self.journal.clone(),
+            wake: Notify::new(),
+        });
+        self.live.lock().await.insert(id, handle.clone());
+        handle
+    }
+
+    pub async fn get(&self, id: &MigrationId) -> Result<Arc<Handle>> {
+        self.live
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| MigrationError::NotFound(id.clone()).into())
+    }
+
+    pub async fn all(&self) -> Vec<MigrationRecord> {
+        let mut out: Vec<MigrationRecord> = self
+            .live
+            .lock()
+            .await
+            .values()
+            .map(|h| h.snapshot())
+            .collect();
+        out.sort_by_key(|r| r.history.first().map_or(0, |c| c.at_unix_ms));
+        out
+    }
+
+    /// The live (unfinished) migration of `vm`, if any.
+    pub async fn live_for(&self, vm: &str) -> Option<MigrationRecord> {
+        self.all()
+            .await
+            .into_iter()
+            .find(|r| r.spec.vm == vm && !r.stage.is_final())
+    }
+
+    /// A new migration in `role`; the same id again returns the one there is.
+    async fn create(
+        agent: &Arc<Agent>,
+        spec: MigrationSpec,
+        role: Role,
+        token: Option<movarto_common::ids::SessionToken>,
+    ) -> Result<MigrationRecord> {
+        let migrations = &agent.migrations;
+        if let Ok(existing) = migrations.get(&spec.id).await {
+            let existing = existing.snapshot();
+            if existing.role != role || existing.spec.vm != spec.vm {
+                return Err(MigrationError::Conflict(format!(
+                    "migration {} exists here already, for another VM or role",
+                    spec.id
+                ))
+                .into());
+            }
+            return Ok(existing);
+        }
+        if let Some(other) = migrations.live_for(&spec.vm).await {
+            return Err(MigrationError::Conflict(format!(
+                "VM {} is in migration {} already ({})",
+                spec.vm,
+                other.id(),
+                other.stage
+            ))
+            .into());
+        }
+        let mut record = MigrationRecord::new(spec, role);
+        record.token = token;
+        migrations.journal.save(&record)?;
+        let handle = migrations.insert(record).await;
+        spawn_driver(agent.clone(), handle.clone());
+        Ok(handle.snapshot())
+    }
+
+    /// `POST /v1/migrations`: this agent is the source.
+    pub async fn create_outgoing(agent: &Arc<Agent>, spec: MigrationSpec) -> Result<MigrationRecord> {
+        // Refused at once, with nothing recorded: a VM that isn't here and running.
+        if agent.migrations.get(&spec.id).await.is_err() {
+            let vm = agent.vms.status(&spec.vm).await?;
+            if vm.run_state != super::api::RunState::Running {
+                return Err(MigrationError::Conflict(format!(
+                    "the VM {} is {} here, not running",
+                    spec.vm, vm.run_state
+                ))
+                .into());
+            }
+        }
+        Self::create(agent, spec, Role::Source, None).await
+    }
+
+    /// `POST /v1/migrations/{id}/incoming`: the source's agent makes this the destination.
+    pub async fn create_incoming(agent: &Arc<Agent>, half: IncomingHalf) -> Result<MigrationRecord> {
+        if half.token.is_zero() {
+            return Err(MigrationError::Conflict("the session token must not be zero".into()).into());
+        }
+        Self::create(agent, half.spec, Role::Destination, Some(half.token)).await
+    }
+
+    /// `POST /v1/migrations/{id}/abort`. At the source: a rollback, refused once
+    /// `migrate-continue` may have been sent. At the destination: it asks the source
+    /// whether the VM runs there again, and cleans up only if it does.
+    pub async fn abort(&self, id: &MigrationId) -> Result<MigrationRecord> {
+        let handle = self.get(id).await?;
+        let record = handle.snapshot();
+        if record.role == Role::Source {
+            if record.stage.past_switchover() {
+                return Err(MigrationError::Conflict(format!(
+                    "migration {id} is past the switchover ({}): the VM may run at the \
+                     destination, so it can't be rolled back",
+                    record.stage
+                ))
+                .into());
+            }
+            if !record.stage.is_final() {
+                handle.update(|r| r.abort_requested = true)?;
+            }
+        }
+        handle.wake.notify_waiters();
+        Ok(handle.snapshot())
+    }
+
+    /// `POST /v1/migrations/{id}/tunnel-over`, from the source at teardown.
+    pub async fn tunnel_over(agent: &Arc<Agent>, id: &MigrationId) -> Result<MigrationRecord> {
+        let handle = agent.migrations.get(id).await?;
+        if handle.snapshot().role != Role::Destination {
+            return Err(MigrationError::Conflict(format!("{id} is not incoming here")).into());
+        }
+        destination::end_tunnel(agent, &handle).await?;
+        Ok(handle.snapshot())
+    }
+
+    /// `POST /v1/migrations/{id}/dns`: the orchestrator did DNS work the move owed.
+    pub async fn dns_done(&self, id: &MigrationId, done: DnsDone) -> Result<MigrationRecord> {
+        let handle = self.get(id).await?;
+        handle.update(|r| {
+            if done.switched {
+                r.dns_owed.switch = false;
+                r.figures.dns_switch_ms = done.switch_ms.or(r.figures.dns_switch_ms);
+            }
+            if done.ttl_restored {
+                r.dns_owed.restore_ttl = false;
+            }
+        })?;
+        handle.wake.notify_waiters();
+        Ok(handle.snapshot())
+    }
+}
+
+fn spawn_driver(agent: Arc<Agent>, handle: Arc<Handle>) {
+    tokio::spawn(async move {
+        let role = handle.snapshot().role;
+        match role {
+            Role::Source => source::drive(agent, handle).await,
+            Role::Destination => destination::drive(agent, handle).await,
+        }
+    });
+}
+
+/// Whether an agent error is "not found" (the other side has no such migration or VM).
+fn is_not_found(err: &AgentError) -> bool {
+    matches!(err, AgentError::Refused { status: 404, .. })
+}
+
+impl From<&VmError> for MigrationError {
+    fn from(err: &VmError) -> Self {
+        MigrationError::Conflict(err.to_string())
+    }
+}
+
+/// Runs a blocking datapath call (the verifier, map walks) off the async threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("the datapath task panicked")?
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    /// A record as an agent saves it, for the journal's test.
+    pub(crate) const RECORD: &str = r#"{
+        "spec": {
+            "id": "web-1-ab", "vm": "web",
+            "source_agent": {"url": "http://203.0.113.1:7878", "token": "a"},
+            "destination_agent": {"url": "http://203.0.113.129:7878", "token": "b"},
+            "destination_spec_toml": "", "vm_mac": "52:54:00:00:00:10",
+            "home": "192.0.2.10", "new_addr": "198.18.0.10",
+            "source_tunnel": "203.0.113.1", "destination_tunnel": "203.0.113.129",
+            "migration_uri": "tcp:203.0.113.129:4444", "vm_iface": "tap0",
+            "tap": {"gateway_mac": "02:00:00:00:00:01", "gateway_cidr": "192.0.2.1/24"},
+            "tunnel_mtu": 1500,
+            "settings": {"max_bandwidth": 1, "downtime_limit_ms": 300, "multifd_channels": null,
+                "auto_converge": false, "postcopy": "off", "timeout_s": 300,
+                "switchover_wait_s": 5},
+            "drain": {"grace_ms": 1000, "max_drain_ms": 60000},
+            "agent_timeout_ms": 30000
+        },
+        "role": "source", "stage": "copying-ram", "token": "00000000000000aa",
+        "dns_owed": {"switch": false, "restore_ttl": false},
+        "figures": {"qemu": null, "flows_at_switchover": 0, "flows_cut": [],
+            "packets_to_b": 0, "packets_from_b": 0, "premove_bytes": 0,
+            "switchover_unix_ms": null, "drain_ms": null, "teardown_unix_ms": null,
+            "dns_switch_ms": null},
+        "error": null,
+        "history": [{"stage": "accepted", "at_unix_ms": 1}]
+    }"#;
+}

@@ -1,0 +1,453 @@
+//! The source's half: A tracks, B is prepared (by its own agent), the disk mirror, the
+//! RAM copy, the switchover (done here, on QMP's `pre-switchover`, with no round trip to
+//! the orchestrator), completion, A's release, the drain and the teardown. Before
+//! `migrate-continue` any failure rolls back; after it the driver only retries forward.
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use movarto_common::{config::Mode, counters::Counter};
+use tokio::time::Instant;
+
+use super::{
+    Handle, RETRY_PAUSE, blocking, drain, is_not_found,
+    record::{IncomingHalf, MigrationRecord, Role, Stage, unix_ms},
+};
+use crate::{
+    agent::{
+        AgentClient,
+        api::{FlowEntry, RunState},
+        client::retry_unreachable,
+        server::Agent,
+        tap,
+        token::random_session_token,
+    },
+    qemu::migrate::{FailedInPostcopy, SwitchoverHook},
+};
+
+/// How long the destination may take to start QEMU and listen.
+const DESTINATION_READY: Duration = Duration::from_secs(120);
+/// How often the destination is asked whether its VM runs, after completion.
+const DESTINATION_POLL: Duration = Duration::from_millis(200);
+/// A rollback that can't verify the VM runs at A tries this often before a safe stop.
+const ROLLBACK_TRIES: u32 = 5;
+
+/// Carries the migration on from its recorded stage until a final one.
+pub(super) async fn drive(agent: Arc<Agent>, m: Arc<Handle>) {
+    let mut rollback_tries = 0;
+    loop {
+        let stage = m.stage();
+        if stage.is_final() {
+            return;
+        }
+        let result = match stage {
+            Stage::Accepted => accept(&agent, &m).await,
+            Stage::PreparingDestination => prepare_destination(&m).await,
+            Stage::MirroringDisk => mirror_disk(&agent, &m).await,
+            Stage::CopyingRam | Stage::SwitchingOver | Stage::Continued => {
+                copy_and_switch(&agent, &m).await
+            }
+            Stage::Running => release(&agent, &m).await,
+            Stage::Draining => drain::drain_and_tear_down(&agent, &m).await,
+            Stage::RollingBack => {
+                rollback_tries += 1;
+                roll_back(&agent, &m).await
+            }
+            other => Err(anyhow!("a source never is in stage {other}")),
+        };
+        let Err(err) = result else { continue };
+        tracing::warn!(migration = %m.snapshot().id(), %stage, "{err:#}");
+        let stage = m.stage();
+        let saved = if stage == Stage::RollingBack {
+            if rollback_tries >= ROLLBACK_TRIES {
+                m.update(|r| {
+                    r.error = Some(format!(
+                        "{}; the rollback could not verify the VM runs at the source: {err:#}",
+                        r.error.clone().unwrap_or_default()
+                    ));
+                    r.enter(Stage::Stopped);
+                })
+            } else {
+                Ok(())
+            }
+        } else if stage.past_switchover() || stage == Stage::Split {
+            // Nothing to roll back: only finishing is left, so try again.
+            m.update(|r| r.error = Some(format!("{stage}: {err:#} (retrying)")))
+        } else if err.downcast_ref::<FailedInPostcopy>().is_some() {
+            m.update(|r| {
+                r.error = Some(format!("{err:#}"));
+                r.enter(Stage::Split);
+            })
+        } else {
+            m.update(|r| {
+                r.error = Some(format!("{stage}: {err:#}"));
+                r.enter(Stage::RollingBack);
+            })
+        };
+        if let Err(err) = saved {
+            tracing::error!("saving the migration record: {err:#}");
+        }
+        if matches!(m.stage(), Stage::RollingBack) || m.stage().past_switchover() {
+            m.nap(RETRY_PAUSE).await;
+        }
+    }
+}
+
+fn aborted(m: &Handle) -> Result<()> {
+    if m.snapshot().abort_requested {
+        bail!("aborted by the orchestrator");
+    }
+    Ok(())
+}
+
+/// The VM runs at A; the token is drawn; A tracks the service with it.
+async fn accept(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    aborted(m)?;
+    let record = m.snapshot();
+    let vm = agent
+        .vms
+        .status(&record.spec.vm)
+        .await
+        .with_context(|| format!("the VM {} at the source", record.spec.vm))?;
+    if vm.run_state != RunState::Running {
+        bail!(
+            "the VM {} at the source is {}, not running",
+            record.spec.vm,
+            vm.run_state
+        );
+    }
+    let token = match record.token {
+        Some(token) => token,
+        None => {
+            let token = random_session_token()?;
+            m.update(|r| r.token = Some(token))?;
+            token
+        }
+    };
+    let status = agent.datapath.status()?;
+    let detail = match &status {
+        Some(dp) if dp.mode == Mode::Track => format!("source tracking {} flows", dp.flows),
+        Some(dp) => bail!(
+            "the source's datapath is in mode {}, not track: another migration?",
+            dp.mode
+        ),
+        None => {
+            m.update(|r| r.attached_for_us = true)?;
+            "source datapath attached now (connections opened before were not MSS-clamped)"
+                .to_owned()
+        }
+    };
+    let request = record.spec.datapath_request(token, Mode::Track, Role::Source);
+    let datapath = agent.clone();
+    blocking(move || datapath.datapath.apply(&request)).await?;
+    m.note(detail)?;
+    m.enter(Stage::PreparingDestination)
+}
+
+/// The destination's agent prepares its half (tap, datapath, QEMU listening).
+async fn prepare_destination(m: &Handle) -> Result<()> {
+    aborted(m)?;
+    let record = m.snapshot();
+    let peer = m.peer()?;
+    let limit = record.spec.agent_timeout();
+    let half = IncomingHalf {
+        spec: record.spec.clone(),
+        token: record.token.context("no session token")?,
+    };
+    retry_unreachable(limit, || peer.create_incoming(&half)).await?;
+    let deadline = Instant::now() + DESTINATION_READY;
+    let there = loop {
+        aborted(m)?;
+        let there = retry_unreachable(limit, || peer.migration_record(record.id())).await?;
+        match there.stage {
+            Stage::Accepted => {}
+            Stage::Listening => break there,
+            other => bail!(
+                "the destination's half is {other}: {}",
+                there.error.unwrap_or_default()
+            ),
+        }
+        if Instant::now() > deadline {
+            bail!("the destination did not listen within {DESTINATION_READY:?}");
+        }
+        m.nap(Duration::from_millis(200)).await;
+    };
+    m.note(
+        there
+            .history
+            .last()
+            .map(|c| c.detail.clone())
+            .unwrap_or_default(),
+    )?;
+    m.enter(if record.spec.mirror.is_some() {
+        Stage::MirroringDisk
+    } else {
+        Stage::CopyingRam
+    })
+}
+
+/// The disk's full copy to B's export, before RAM.
+async fn mirror_disk(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    aborted(m)?;
+    let record = m.snapshot();
+    let mirror = record.spec.mirror.clone().context("no mirror")?;
+    let ready = agent.vms.start_mirror(&record.spec.vm, &mirror).await?;
+    m.note(format!(
+        "{} bytes to nbd://{}:{}, READY after {} ms",
+        ready.len, mirror.nbd_host, mirror.nbd_port, ready.ready_ms
+    ))?;
+    m.enter(Stage::CopyingRam)
+}
+
+/// RAM, the switchover at `pre-switchover`, and completion. A restarted agent follows
+/// the migration QEMU still runs instead of starting another.
+async fn copy_and_switch(agent: &Arc<Agent>, m: &Arc<Handle>) -> Result<()> {
+    aborted(m)?;
+    let record = m.snapshot();
+    let follow = record.migrate_sent;
+    if !follow {
+        m.update(|r| r.migrate_sent = true)?;
+    }
+    let mut hook = LocalSwitchover {
+        agent: agent.clone(),
+        m: m.clone(),
+    };
+    let progress_handle = m.clone();
+    let outcome = agent
+        .vms
+        .run_outgoing(
+            &record.spec.vm,
+            &record.spec.outgoing_request(),
+            &mut hook,
+            follow,
+            move |p| progress_handle.set_progress(p),
+        )
+        .await;
+    let report = match outcome {
+        Ok(report) => report,
+        Err(err) => {
+            // After `continue` the outcome is QEMU's to tell: a pre-copy failure left the
+            // VM at A (QEMU resumed it), and B never got the whole state.
+            if m.stage().past_switchover() && err.downcast_ref::<FailedInPostcopy>().is_none() {
+                let at_a = agent.vms.status(&record.spec.vm).await?;
+                if at_a.run_state == RunState::Running {
+                    m.update(|r| {
+                        r.error = Some(format!("{err:#}"));
+                        r.enter(Stage::RollingBack);
+                    })?;
+                    return Ok(());
+                }
+            }
+            return Err(err);
+        }
+    };
+    m.update(|r| r.figures.qemu = Some(report.clone()))?;
+    confirm_destination_runs(agent, m).await
+}
+
+/// After `completed`: the VM must run at B before anything at A goes. If B's QEMU is
+/// verifiably gone (it never ran the VM), A's paused VM is resumed instead.
+async fn confirm_destination_runs(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    let record = m.snapshot();
+    let peer = m.peer()?;
+    loop {
+        match peer.vm(&record.spec.vm).await {
+            Ok(vm) if vm.run_state == RunState::Running => {
+                m.update(|r| {
+                    r.figures.destination_status = Some(vm.run_state.to_string());
+                    r.enter(Stage::Running);
+                })?;
+                return Ok(());
+            }
+            Ok(vm) if vm.run_state == RunState::Exited => {
+                return resume_at_source(agent, m, "the destination's QEMU exited").await;
+            }
+            Err(err) if is_not_found(&err) => {
+                return resume_at_source(agent, m, "the destination has no QEMU").await;
+            }
+            Ok(_) | Err(_) => {}
+        }
+        m.nap(DESTINATION_POLL).await;
+    }
+}
+
+/// QEMU completed but the destination lost the VM: A's copy (paused in `postmigrate`)
+/// is the only one left; it runs again, and the migration rolls back.
+async fn resume_at_source(agent: &Arc<Agent>, m: &Handle, why: &str) -> Result<()> {
+    let vm = m.snapshot().spec.vm;
+    agent.vms.resume(&vm).await.with_context(|| {
+        format!("{why} after completion, and the source's VM could not be resumed")
+    })?;
+    m.update(|r| {
+        r.error = Some(format!("{why} after completion; the VM runs at the source again"));
+        r.enter(Stage::RollingBack);
+    })
+}
+
+/// The VM runs at B: A's QEMU (paused in `postmigrate`), its tap and its tap hook go.
+async fn release(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    let record = m.snapshot();
+    let datapath = agent.clone();
+    blocking(move || datapath.datapath.release_vm_iface()).await?;
+    agent.vms.stop(&record.spec.vm).await?;
+    tap::delete_tap(&record.spec.vm_iface).await?;
+    m.update(|r| {
+        r.note("the source's QEMU and tap are gone");
+        r.enter(Stage::Draining);
+    })
+}
+
+/// Runs at `pre-switchover` (the source stopped): the pre-move flows to B, A forwards,
+/// the re-routing hook in move address mode; then QEMU gets `migrate-continue`.
+struct LocalSwitchover {
+    agent: Arc<Agent>,
+    m: Arc<Handle>,
+}
+
+impl SwitchoverHook for LocalSwitchover {
+    fn at_switchover(&mut self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
+        Box::pin(async move {
+            let (agent, m) = (&self.agent, &self.m);
+            // A restarted agent found QEMU still at pre-switchover after the flip: the
+            // flip is done, only `migrate-continue` is left.
+            if m.stage() == Stage::Continued {
+                return Ok(());
+            }
+            aborted(m)?;
+            m.enter(Stage::SwitchingOver)?;
+            let record = m.snapshot();
+            // Forward first: what reaches A from now on waits in B's tap for the VM.
+            let datapath = agent.clone();
+            let mut snapshot = blocking(move || {
+                datapath.datapath.set_mode(Mode::Forward)?;
+                datapath.datapath.flows()
+            })
+            .await?;
+            snapshot.flows.retain(FlowEntry::is_tracked);
+            let flows = snapshot.flows.len();
+            let live = snapshot.flows.iter().filter(|f| f.holds_drain()).count();
+            let peer = m.peer()?;
+            let wait = Duration::from_secs(record.spec.settings.switchover_wait_s);
+            retry_unreachable(wait, || peer.load_flows(&snapshot))
+                .await
+                .context("handing the pre-move flows to the destination")?;
+            if let Some(hook) = &record.spec.on_switch {
+                run_on_switch(&record, hook).await?;
+            }
+            aborted(m)?;
+            m.update(|r| {
+                r.figures.flows_at_switchover = live;
+                r.figures.switchover_unix_ms = Some(unix_ms());
+                r.dns_owed.switch = r.spec.dns.is_some() && r.spec.new_addr.is_some();
+                r.note(format!(
+                    "{flows} pre-move flows handed to the destination; source forwards"
+                ));
+                r.enter(Stage::Continued);
+            })?;
+            Ok(())
+        })
+    }
+}
+
+/// Runs the operator's re-routing command (move address mode) while the source is
+/// stopped at switchover; it gets the move's facts in its environment.
+async fn run_on_switch(record: &MigrationRecord, hook: &str) -> Result<()> {
+    let spec = &record.spec;
+    let output = tokio::process::Command::new("sh")
+        .args(["-c", hook])
+        .env("MOVARTO_VM", &spec.vm)
+        .env("MOVARTO_HOME", spec.home.to_string())
+        .env("MOVARTO_SOURCE_TUNNEL", spec.source_tunnel.to_string())
+        .env(
+            "MOVARTO_DESTINATION_TUNNEL",
+            spec.destination_tunnel.to_string(),
+        )
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .map_err(|_| anyhow!("--on-switch did not finish within 30 s: {hook}"))?
+        .with_context(|| format!("running --on-switch {hook:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "--on-switch {hook:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Undoes a migration that stopped before `migrate-continue`: QEMU's migration is
+/// cancelled and the VM verified running at A, A tracks again (or is detached if the
+/// migration attached it), and the destination is told (it cleans up once it has asked
+/// us and seen `rolled-back`).
+async fn roll_back(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    let record = m.snapshot();
+    let vm = &record.spec.vm;
+    let mut done = Vec::new();
+    agent.vms.cancel_outgoing(vm, record.spec.mirror.as_ref()).await?;
+    let at_a = agent.vms.status(vm).await?;
+    if at_a.run_state != RunState::Running {
+        bail!("the VM at the source is {}, not running", at_a.run_state);
+    }
+    done.push("migration cancelled, VM running at the source".to_owned());
+    let datapath = agent.clone();
+    if record.attached_for_us {
+        blocking(move || datapath.datapath.detach()).await?;
+        done.push("source datapath detached".to_owned());
+    } else if agent.datapath.status()?.is_some() {
+        blocking(move || datapath.datapath.set_mode(Mode::Track)).await?;
+        done.push("source datapath back to track".to_owned());
+    }
+    m.update(|r| {
+        r.figures.rolled_back = Some(done.join("; "));
+        r.dns_owed.restore_ttl = r.spec.dns.is_some();
+        r.enter(Stage::RolledBack);
+    })?;
+    // Best effort: the destination also asks by itself.
+    if let Ok(peer) = m.peer() {
+        let cleaned = tell_destination_to_abort(&peer, m).await;
+        m.update(|r| {
+            let summary = r.figures.rolled_back.get_or_insert_with(String::new);
+            match cleaned {
+                Ok(()) => summary.push_str("; destination VM stopped, datapath detached, tap removed"),
+                Err(err) => summary.push_str(&format!(
+                    "; destination NOT cleaned yet (it cleans up once it reaches us): {err:#}"
+                )),
+            }
+        })?;
+    }
+    m.update(|r| r.figures.rollback_finished = true)
+}
+
+/// Asks the destination to abort and waits (bounded) until it has.
+async fn tell_destination_to_abort(peer: &AgentClient, m: &Handle) -> Result<()> {
+    let record = m.snapshot();
+    let limit = record.spec.agent_timeout();
+    match retry_unreachable(limit, || peer.abort_migration(record.id())).await {
+        Ok(_) => {}
+        Err(err) if is_not_found(&err) => return Ok(()),
+        Err(err) => return Err(err.into()),
+    }
+    let deadline = Instant::now() + limit;
+    loop {
+        let there = retry_unreachable(limit, || peer.migration_record(record.id())).await?;
+        if there.stage == Stage::Aborted {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the destination is still {}", there.stage);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A's counters for the report, read just before the teardown.
+pub(super) fn tunnel_counters(agent: &Agent) -> (u64, u64) {
+    match agent.datapath.status() {
+        Ok(Some(dp)) => (dp.counter(Counter::TunnelOut), dp.counter(Counter::TunnelIn)),
+        _ => (0, 0),
+    }
+}
