@@ -102,7 +102,7 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
             config.established_idle,
         ),
         vms: Vms::new(config.state_dir.clone())?,
-        migrations: Migrations::new(&config.state_dir),
+        migrations: Migrations::new(&config.state_dir)?,
     });
     match agent.vms.adopt_all().await {
         Ok(0) => {}
@@ -763,7 +763,7 @@ mod tests {
             token: Token::new("a-token-for-the-route-test").expect("token"),
             datapath: SiteDatapath::new("lo".to_owned(), None, Duration::from_secs(1)),
             vms: Vms::new(state_dir.clone()).expect("state dir"),
-            migrations: Migrations::new(&state_dir),
+            migrations: Migrations::new(&state_dir).expect("journal"),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

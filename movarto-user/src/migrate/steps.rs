@@ -403,11 +403,12 @@ impl Follow<'_> {
         timeline
             .step(Step::Teardown, async {
                 let r = self.record().await?;
-                let mut detail = details(&r, &[Stage::Done]);
+                let mut detail = vec![details(&r, &[Stage::Done])];
                 if r.dns_owed.restore_ttl {
-                    detail.push_str(&self.restore_ttl(&r).await?);
+                    detail.push(self.restore_ttl(&r).await?);
                 }
-                Ok((Some(()), detail))
+                detail.retain(|d| !d.is_empty());
+                Ok((Some(()), detail.join("; ")))
             })
             .await?;
         timeline
@@ -490,7 +491,7 @@ impl Follow<'_> {
             self.source.dns_done(&self.id, &done)
         })
         .await?;
-        Ok(format!("; TTL restored to {} s", plan.original_ttl))
+        Ok(format!("TTL restored to {} s", plan.original_ttl))
     }
 
     /// After a rollback: waits until it is done, then restores the TTL.
@@ -513,7 +514,7 @@ impl Follow<'_> {
             .unwrap_or_else(|| format!("NOT undone: the migration is {}", record.stage));
         if record.dns_owed.restore_ttl && self.dns.is_some() {
             match self.restore_ttl(&record).await {
-                Ok(text) => summary.push_str(&text.replace("; TTL", "; DNS TTL")),
+                Ok(text) => summary.push_str(&format!("; DNS {text}")),
                 Err(err) => summary.push_str(&format!("; DNS TTL NOT undone: {err:#}")),
             }
         }

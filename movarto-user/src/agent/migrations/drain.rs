@@ -143,7 +143,7 @@ async fn tear_down(
         } else {
             "destination detached"
         };
-        r.note(format!("source detached; {b}"));
         r.enter(Stage::Done);
+        r.note(format!("source detached; {b}"));
     })
 }

@@ -1,5 +1,5 @@
-//! The migrations' records on disk: one `<id>.migration.json` per migration in the
-//! agent's state directory, replaced atomically (written to a temporary file, fsync'd,
+//! The migrations' records on disk: one `<id>.migration.json` per migration in
+//! `migrations/` under the agent's state directory, replaced atomically (written to a temporary file, fsync'd,
 //! renamed, the directory fsync'd), so a crash leaves either the old record or the new.
 
 use std::{
@@ -20,10 +20,11 @@ pub struct Journal {
 }
 
 impl Journal {
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-        }
+    /// The journal in `state_dir/migrations` (made if missing).
+    pub fn new(state_dir: &Path) -> Result<Self> {
+        let dir = state_dir.join("migrations");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir })
     }
 
     fn path(&self, id: &MigrationId) -> PathBuf {
@@ -84,12 +85,12 @@ mod tests {
     fn a_saved_record_loads_back_and_a_torn_one_is_skipped() {
         let dir = std::env::temp_dir().join(format!("movarto-journal-{}", std::process::id()));
         fs::create_dir_all(&dir).expect("dir");
-        let journal = Journal::new(&dir);
+        let journal = Journal::new(&dir).expect("journal");
         let record: MigrationRecord =
             serde_json::from_str(super::super::tests::RECORD).expect("record");
         journal.save(&record).expect("save");
         journal.save(&record).expect("save again");
-        fs::write(dir.join("torn.migration.json"), b"{\"spec\":").expect("torn");
+        fs::write(dir.join("migrations/torn.migration.json"), b"{\"spec\":").expect("torn");
         let loaded = journal.load_all();
         assert_eq!(loaded.len(), 1);
         assert_eq!(loaded[0].id(), record.id());

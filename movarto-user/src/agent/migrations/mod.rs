@@ -116,11 +116,11 @@ pub struct Migrations {
 }
 
 impl Migrations {
-    pub fn new(state_dir: &std::path::Path) -> Self {
-        Self {
-            journal: Arc::new(Journal::new(state_dir)),
+    pub fn new(state_dir: &std::path::Path) -> Result<Self> {
+        Ok(Self {
+            journal: Arc::new(Journal::new(state_dir)?),
             live: tokio::sync::Mutex::default(),
-        }
+        })
     }
 
     /// Reloads the records an earlier agent left and drives the unfinished ones on.
