@@ -260,6 +260,14 @@ impl Lab {
         Ok(())
     }
 
+    /// The PID of site `site`'s agent, while it runs.
+    pub fn agent_pid(&self, site: &str) -> Option<u32> {
+        self.agents
+            .iter()
+            .find(|(s, _)| s == site)
+            .map(|(_, agent)| agent.pid())
+    }
+
     /// Kills site `site`'s agent (SIGKILL), as a crash would: its VMs keep running.
     pub fn crash_agent(&mut self, site: &str) {
         if let Some(at) = self.agents.iter().position(|(s, _)| s == site) {
@@ -455,6 +463,25 @@ checksum_offload = false
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         Ok(migrate)
+    }
+
+    /// `movarto-user migrate --resume ID`, as an operator runs it after the first
+    /// `migrate` died: only the source's agent and the DNS key are given.
+    pub fn resume_command(&self, id: &str) -> Result<Command> {
+        let mut resume = Command::new("nsenter");
+        resume
+            .arg(format!("--net=/run/netns/{}", self.bind.client.name()))
+            .arg(movarto_user()?)
+            .args(["migrate", "--json", "--resume", id])
+            .arg("--source")
+            .arg(format!("http://{TA}:{AGENT_PORT}"))
+            .arg("--source-token-file")
+            .arg(self.scratch.join("token-a"))
+            .arg("--dns-key-file")
+            .arg(self.bind.key_file())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(resume)
     }
 
     /// Waits up to `limit` for `migrate` (spawned with stdout piped) to exit, calling `tick`

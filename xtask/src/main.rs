@@ -26,7 +26,11 @@ enum Task {
         check: bool,
     },
     /// Run setup, formatting and lint checks, unit tests and the root-only integration tests.
-    Test,
+    Test {
+        /// Also the long tests CI leaves out (the whole fault matrix, the soak).
+        #[arg(long)]
+        full: bool,
+    },
     /// Build the test guest (Debian kernel, busybox initramfs, test server) into target/guest/.
     Guest,
     /// Build the lab, move a VM with live connections from site A to site B, report (root).
@@ -46,7 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup { check: false } => setup::run().map(|_| ExitCode::SUCCESS),
         Task::Setup { check: true } => setup::check().map(|()| ExitCode::SUCCESS),
-        Task::Test => test::run().map(|()| ExitCode::SUCCESS),
+        Task::Test { full } => test::run(full).map(|()| ExitCode::SUCCESS),
         Task::Guest => guest::build().map(|()| ExitCode::SUCCESS),
         Task::Demo { args } => demo::run(&args),
     };

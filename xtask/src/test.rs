@@ -24,7 +24,8 @@ const UNIT_TEST_PACKAGES: &[&str] = &[
 /// The integration-test crate; its tests need root and never skip.
 const ROOT_TEST_PACKAGE: &str = "movarto-tests";
 
-pub fn run() -> Result<()> {
+/// `full`: the ignored root tests too (the whole fault matrix, the soak).
+pub fn run(full: bool) -> Result<()> {
     let mut timeline: Vec<(String, Duration)> = Vec::new();
 
     let started = Instant::now();
@@ -43,6 +44,9 @@ pub fn run() -> Result<()> {
     }
     let mut root_tests = cargo();
     root_tests.args(["test", "--no-fail-fast", "-p", ROOT_TEST_PACKAGE]);
+    if full {
+        root_tests.args(["--", "--include-ignored"]);
+    }
 
     let stages: Vec<(&str, Stage)> = vec![
         ("rustfmt", {

@@ -589,7 +589,10 @@ impl Follow<'_> {
                         report.rolled_back = Some(self.after_rollback(*record).await);
                         anyhow!("{why}")
                     }
-                    Stage::Split => anyhow!("{why}. {SPLIT_GUIDANCE}"),
+                    Stage::Split => anyhow!(
+                        "post-copy broke after the VM started at the destination ({why}). \
+                         {SPLIT_GUIDANCE}"
+                    ),
                     stage => anyhow!(
                         "the migration {} is {stage}: {why}. Nothing more is done by itself; \
                          the agents' records (GET /v1/migrations/{}) show both halves",

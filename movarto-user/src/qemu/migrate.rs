@@ -340,7 +340,11 @@ async fn run(
                 .await
                 .context("source: query-migrate")?;
             // Post-copy may have begun under the agent that died: treat it as such.
-            if info.status.as_deref() == Some("postcopy-active") {
+            if info
+                .status
+                .as_deref()
+                .is_some_and(|status| status.starts_with("postcopy"))
+            {
                 observed.postcopy_started_ms = Some(0);
             }
             if matches!(info.status.as_deref(), None | Some("none")) {

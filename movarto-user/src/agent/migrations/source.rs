@@ -70,14 +70,15 @@ pub(super) async fn drive(agent: Arc<Agent>, m: Arc<Handle>) {
             } else {
                 Ok(())
             }
-        } else if stage.past_switchover() || stage == Stage::Split {
-            // Nothing to roll back: only finishing is left, so try again.
-            m.update(|r| r.error = Some(format!("{stage}: {err:#} (retrying)")))
         } else if err.downcast_ref::<FailedInPostcopy>().is_some() {
+            // Undoing anything now would lose the VM: a safe stop for a person.
             m.update(|r| {
                 r.error = Some(format!("{err:#}"));
                 r.enter(Stage::Split);
             })
+        } else if stage.past_switchover() {
+            // Nothing to roll back: only finishing is left, so try again.
+            m.update(|r| r.error = Some(format!("{stage}: {err:#} (retrying)")))
         } else {
             m.update(|r| {
                 r.error = Some(format!("{stage}: {err:#}"));
@@ -328,8 +329,11 @@ impl SwitchoverHook for LocalSwitchover {
             let live = snapshot.flows.iter().filter(|f| f.holds_drain()).count();
             let peer = m.peer()?;
             let wait = Duration::from_secs(record.spec.settings.switchover_wait_s);
-            retry_unreachable(wait, || peer.load_flows(&snapshot))
+            // One bound for the whole hand-over: a hung destination counts as a dead one.
+            tokio::time::timeout(wait, retry_unreachable(wait, || peer.load_flows(&snapshot)))
                 .await
+                .map_err(|_| anyhow!("no answer within {wait:?}"))
+                .and_then(|loaded| loaded.map_err(Into::into))
                 .context("handing the pre-move flows to the destination")?;
             if let Some(hook) = &record.spec.on_switch {
                 run_on_switch(&record, hook).await?;
