@@ -427,31 +427,39 @@ checksum_offload = false
     /// `movarto-user migrate` for the guest from A to B, run in the ops namespace, with
     /// DNS, JSON output and the TTL wait skipped; `extra` adds or overrides options.
     pub fn migrate_command(&self, extra: &[&str]) -> Result<Command> {
-        let spec_b_path = self.scratch.join("web-b.toml");
-        fs::write(&spec_b_path, self.guest_spec("b")?)
-            .with_context(|| format!("writing {}", spec_b_path.display()))?;
+        self.migrate_command_from("a", extra)
+    }
+
+    /// [`Lab::migrate_command`] from site `from` (`a` or `b`) to the other one.
+    pub fn migrate_command_from(&self, from: &str, extra: &[&str]) -> Result<Command> {
+        let to = if from == "a" { "b" } else { "a" };
+        let tunnel = |site: &str| if site == "a" { TA } else { TB };
+        let spec_path = self.scratch.join(format!("web-{to}.toml"));
+        fs::write(&spec_path, self.guest_spec(to)?)
+            .with_context(|| format!("writing {}", spec_path.display()))?;
         let mut migrate = Command::new("nsenter");
         migrate
             .arg(format!("--net=/run/netns/{}", self.bind.client.name()))
             .arg(movarto_user()?)
             .args(["migrate", "--vm", "web", "--json"])
             .arg("--source")
-            .arg(format!("http://{TA}:{AGENT_PORT}"))
+            .arg(format!("http://{}:{AGENT_PORT}", tunnel(from)))
             .arg("--destination")
-            .arg(format!("http://{TB}:{AGENT_PORT}"))
+            .arg(format!("http://{}:{AGENT_PORT}", tunnel(to)))
             .arg("--source-token-file")
-            .arg(self.scratch.join("token-a"))
+            .arg(self.scratch.join(format!("token-{from}")))
             .arg("--destination-token-file")
-            .arg(self.scratch.join("token-b"))
+            .arg(self.scratch.join(format!("token-{to}")))
             .arg("--destination-spec")
-            .arg(&spec_b_path)
+            .arg(&spec_path)
             .args(["--home", H])
             .args(if extra.contains(&"move") {
                 &[][..]
             } else {
                 &["--new-addr", N][..]
             })
-            .args(["--source-tunnel", TA, "--destination-tunnel", TB])
+            .args(["--source-tunnel", tunnel(from)])
+            .args(["--destination-tunnel", tunnel(to)])
             .args(["--gateway-mac", GATEWAY_MAC, "--gateway-cidr", GATEWAY_CIDR])
             .arg("--dns-server")
             .arg(self.bind.server_addr().to_string())

@@ -75,13 +75,25 @@ const CI_CELLS: &[Cell] = &[
 
 /// The rest of the matrix (`--full`).
 const MORE_CELLS: &[Cell] = &[
-    cell(Victim::Orchestrator, Stage::PreparingDestination, Expect::AtB),
+    cell(
+        Victim::Orchestrator,
+        Stage::PreparingDestination,
+        Expect::AtB,
+    ),
     cell(Victim::Orchestrator, Stage::SwitchingOver, Expect::AtB),
     cell(Victim::Orchestrator, Stage::Running, Expect::AtB),
-    cell(Victim::SourceAgent, Stage::PreparingDestination, Expect::AtB),
+    cell(
+        Victim::SourceAgent,
+        Stage::PreparingDestination,
+        Expect::AtB,
+    ),
     cell(Victim::SourceAgent, Stage::Continued, Expect::AtB),
     cell(Victim::SourceAgent, Stage::Draining, Expect::AtB),
-    cell(Victim::DestinationAgent, Stage::PreparingDestination, Expect::AtB),
+    cell(
+        Victim::DestinationAgent,
+        Stage::PreparingDestination,
+        Expect::AtB,
+    ),
     cell(Victim::DestinationAgent, Stage::CopyingRam, Expect::AtB),
     cell(Victim::DestinationAgent, Stage::Continued, Expect::AtB),
     cell(Victim::DestinationAgent, Stage::Draining, Expect::AtB),
@@ -255,12 +267,26 @@ fn run_cell(cell: Cell, seed: u64) {
         }
     };
     let mut follower = resumed.unwrap_or(orchestrator);
+    // The drain lasts while the connection does: it is checked and closed once the VM
+    // runs at B (or the migration rolled back).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let stage = source_record(&l).map(|r| r.stage);
+        if stage.is_some_and(|s| s >= Stage::Draining) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration is {stage:?} after 180 s\n{}",
+            l.stall_report()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let failures = chat.stop();
     let (status, report) = l
-        .finish_migrate(&mut follower, Duration::from_secs(240), || {})
+        .finish_migrate(&mut follower, Duration::from_secs(120), || {})
         .expect("migrate finished");
     eprintln!("migrate exited {status}");
-
-    let failures = chat.stop();
     let settled = settle(&l);
     match cell.expect {
         Expect::AtB => {
@@ -318,7 +344,11 @@ fn assert_at_b(l: &Lab, boot_id: &str, record: &MigrationRecord) {
         "DNS work left: {:?}",
         record.dns_owed
     );
-    assert_eq!(l.http_get(N, "/id").expect("GET N"), boot_id, "the same VM at N");
+    assert_eq!(
+        l.http_get(N, "/id").expect("GET N"),
+        boot_id,
+        "the same VM at N"
+    );
     assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [N]);
     assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
     let (a, b) = l
@@ -327,27 +357,45 @@ fn assert_at_b(l: &Lab, boot_id: &str, record: &MigrationRecord) {
     assert!(a.datapath.is_none(), "A is detached");
     assert!(!pin_dir(&l.uplink_a).exists());
     assert!(a.vms.is_empty(), "no VM left at A: {:?}", a.vms);
-    assert!(l.a.run("ip", &["link", "show", "tap0"]).is_err(), "A's tap is gone");
+    assert!(
+        l.a.run("ip", &["link", "show", "tap0"]).is_err(),
+        "A's tap is gone"
+    );
     assert_eq!(b.datapath.expect("B attached").mode, Mode::Nat);
-    let running: Vec<_> = b.vms.iter().filter(|v| v.run_state == RunState::Running).collect();
+    let running: Vec<_> = b
+        .vms
+        .iter()
+        .filter(|v| v.run_state == RunState::Running)
+        .collect();
     assert_eq!(running.len(), 1, "{:?}", b.vms);
 }
 
 fn assert_at_a(l: &Lab, boot_id: &str, record: &MigrationRecord) {
     assert_eq!(record.stage, Stage::RolledBack, "{record:?}");
     assert!(record.figures.rollback_finished);
-    assert_eq!(l.http_get(H, "/id").expect("GET H"), boot_id, "the same VM at H");
+    assert_eq!(
+        l.http_get(H, "/id").expect("GET H"),
+        boot_id,
+        "the same VM at H"
+    );
     assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
     assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
     let (a, b) = l
         .with_agents(async |a, b| (a.status().await.expect("A"), b.status().await.expect("B")))
         .expect("the agents");
     assert_eq!(a.datapath.expect("A attached").mode, Mode::Track);
-    let running: Vec<_> = a.vms.iter().filter(|v| v.run_state == RunState::Running).collect();
+    let running: Vec<_> = a
+        .vms
+        .iter()
+        .filter(|v| v.run_state == RunState::Running)
+        .collect();
     assert_eq!(running.len(), 1, "{:?}", a.vms);
     assert!(b.datapath.is_none(), "B detached");
     assert!(b.vms.is_empty(), "no VM at B: {:?}", b.vms);
-    assert!(l.b.run("ip", &["link", "show", "tap0"]).is_err(), "B's tap is gone");
+    assert!(
+        l.b.run("ip", &["link", "show", "tap0"]).is_err(),
+        "B's tap is gone"
+    );
 }
 
 /// Waits until the copy is well under way (so the switchover is near but not yet there).
@@ -356,13 +404,22 @@ fn wait_for_source_progress(l: &Lab, orchestrator: &mut ChildGuard) {
     loop {
         let far = source_record(l).is_some_and(|r| {
             r.stage == Stage::CopyingRam
-                && r.progress.as_ref().is_some_and(|p| p.remaining < 8 << 20 && p.passes >= 1)
+                && r.progress
+                    .as_ref()
+                    .is_some_and(|p| p.remaining < 8 << 20 && p.passes >= 1)
         });
         if far {
             return;
         }
-        assert!(Instant::now() < deadline, "the copy did not get far\n{}", l.stall_report());
-        assert!(orchestrator.try_wait().expect("wait").is_none(), "migrate ended early");
+        assert!(
+            Instant::now() < deadline,
+            "the copy did not get far\n{}",
+            l.stall_report()
+        );
+        assert!(
+            orchestrator.try_wait().expect("wait").is_none(),
+            "migrate ended early"
+        );
         thread::sleep(Duration::from_millis(10));
     }
 }

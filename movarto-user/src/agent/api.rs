@@ -31,6 +31,8 @@
 //! | POST | `/v1/migrations/{id}/abort` | → [`MigrationRecord`] (source: roll back, 409 past switchover; destination: clean up once the source runs the VM again) | yes |
 //! | POST | `/v1/migrations/{id}/tunnel-over` | → [`MigrationRecord`] (destination: `nat`, or detach) | yes |
 //! | POST | `/v1/migrations/{id}/dns` | [`DnsDone`] → [`MigrationRecord`] (the orchestrator did owed DNS work) | yes |
+//! | GET | `/v1/leftovers` | → [`Leftovers`] (dry run: what ended migrations left that nothing needs) | yes |
+//! | DELETE | `/v1/leftovers` | → [`Leftovers`] (removed) | yes |
 //!
 //! Migrations are the agents' own (agent/migrations): the orchestrator creates one at the
 //! source and follows it; the agents carry it on without the orchestrator, and after
@@ -49,6 +51,7 @@ use movarto_common::{
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+pub use super::migrations::leftovers::Leftovers;
 pub use super::migrations::record::{
     DnsDone, DnsOwed, DnsPlan, DrainRule, Figures, IncomingHalf, MigrationId, MigrationRecord,
     MigrationSpec, PeerAgent, Role, Stage, StageChange, unix_ms,

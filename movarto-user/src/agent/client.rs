@@ -6,12 +6,10 @@ use anyhow::{Context as _, Result};
 use reqwest::Method;
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::{
-    api::{
-        ApiError, DatapathRequest, DatapathStatus, DnsDone, FlowSnapshot, GarpRequest, Health,
-        IncomingHalf, MigrationId, MigrationRecord, MigrationSpec, MigrationState, ModeRequest,
-        PeerAgent, SiteStatus, TapRequest, VmRequest, VmStatus,
-    },
+use super::api::{
+    ApiError, DatapathRequest, DatapathStatus, DnsDone, FlowSnapshot, GarpRequest, Health,
+    IncomingHalf, Leftovers, MigrationId, MigrationRecord, MigrationSpec, MigrationState,
+    ModeRequest, PeerAgent, SiteStatus, TapRequest, VmRequest, VmStatus,
 };
 use movarto_common::config::Mode;
 
@@ -255,8 +253,6 @@ impl AgentClient {
             .map(drop)
     }
 
-
-
     pub async fn announce(&self, name: &str) -> Result<(), AgentError> {
         self.call::<serde_json::Value>(
             Method::POST,
@@ -266,8 +262,6 @@ impl AgentClient {
         .await
         .map(drop)
     }
-
-
 
     /// QEMU's side of a VM's migration (progress), as the VM's QEMU reports it.
     pub async fn migration(&self, name: &str) -> Result<MigrationState, AgentError> {
@@ -291,7 +285,10 @@ impl AgentClient {
     }
 
     /// The source's agent makes the destination's half.
-    pub async fn create_incoming(&self, half: &IncomingHalf) -> Result<MigrationRecord, AgentError> {
+    pub async fn create_incoming(
+        &self,
+        half: &IncomingHalf,
+    ) -> Result<MigrationRecord, AgentError> {
         self.call(
             Method::POST,
             &format!("/v1/migrations/{}/incoming", half.spec.id),
@@ -301,8 +298,12 @@ impl AgentClient {
     }
 
     pub async fn abort_migration(&self, id: &MigrationId) -> Result<MigrationRecord, AgentError> {
-        self.call(Method::POST, &format!("/v1/migrations/{id}/abort"), None::<&()>)
-            .await
+        self.call(
+            Method::POST,
+            &format!("/v1/migrations/{id}/abort"),
+            None::<&()>,
+        )
+        .await
     }
 
     pub async fn end_tunnel(&self, id: &MigrationId) -> Result<MigrationRecord, AgentError> {
@@ -314,15 +315,29 @@ impl AgentClient {
         .await
     }
 
+    /// What ended migrations left here (a dry run).
+    pub async fn leftovers(&self) -> Result<Leftovers, AgentError> {
+        self.get("/v1/leftovers").await
+    }
+
+    /// Removes the leftovers; returns what was removed.
+    pub async fn remove_leftovers(&self) -> Result<Leftovers, AgentError> {
+        self.call(Method::DELETE, "/v1/leftovers", None::<&()>)
+            .await
+    }
+
     pub async fn dns_done(
         &self,
         id: &MigrationId,
         done: &DnsDone,
     ) -> Result<MigrationRecord, AgentError> {
-        self.call(Method::POST, &format!("/v1/migrations/{id}/dns"), Some(done))
-            .await
+        self.call(
+            Method::POST,
+            &format!("/v1/migrations/{id}/dns"),
+            Some(done),
+        )
+        .await
     }
-
 }
 
 fn error_chain(err: &dyn std::error::Error) -> String {

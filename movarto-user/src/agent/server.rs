@@ -23,7 +23,10 @@ use super::{
         IncomingHalf, Loaded, MigrationId, MigrationRecord, MigrationSpec, MigrationState,
         ModeRequest, SiteStatus, SnapshotError, TapRequest, VmRequest, VmStatus,
     },
-    migrations::{MigrationError, Migrations},
+    migrations::{
+        MigrationError, Migrations,
+        leftovers::{self, Leftovers},
+    },
     site::SiteDatapath,
     tap,
     token::Token,
@@ -60,7 +63,10 @@ struct Failure(StatusCode, anyhow::Error);
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(err: E) -> Self {
         let err = err.into();
-        let status = match (err.downcast_ref::<VmError>(), err.downcast_ref::<MigrationError>()) {
+        let status = match (
+            err.downcast_ref::<VmError>(),
+            err.downcast_ref::<MigrationError>(),
+        ) {
             (Some(VmError::NotFound(_)), _) | (_, Some(MigrationError::NotFound(_))) => {
                 StatusCode::NOT_FOUND
             }
@@ -120,6 +126,17 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
     match Migrations::resume_all(&agent).await {
         0 => {}
         n => tracing::info!(migrations = n, "resumed unfinished migrations"),
+    }
+    // What ended migrations left behind: listed first, then removed.
+    match leftovers::find(&agent).await {
+        Ok(found) if found.is_empty() => {}
+        Ok(found) => {
+            tracing::info!(?found, "leftovers of ended migrations; removing them");
+            if let Err(err) = leftovers::remove(&agent).await {
+                tracing::warn!("removing leftovers: {err:#}");
+            }
+        }
+        Err(err) => tracing::warn!("looking for leftovers: {err:#}"),
     }
     let sweeper = tokio::spawn(sweep_forever(agent.clone(), config.sweep_interval));
     let app = router(agent.clone());
@@ -208,7 +225,8 @@ fn routes() -> (OpenApiRouter<Arc<Agent>>, OpenApiRouter<Arc<Agent>>) {
         .routes(routes!(create_incoming))
         .routes(routes!(abort_migration))
         .routes(routes!(end_tunnel))
-        .routes(routes!(dns_done));
+        .routes(routes!(dns_done))
+        .routes(routes!(find_leftovers, remove_leftovers));
     (public, protected)
 }
 
@@ -717,6 +735,32 @@ async fn dns_done(
 ) -> Reply<MigrationRecord> {
     let id = migration_id(&id)?;
     Ok(shown(agent.migrations.dns_done(&id, done).await?))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/leftovers",
+    tag = "migrations",
+    responses(
+        (status = 200, description = "the dry run: what ended migrations left that nothing needs (QEMUs, taps, a datapath in a tunnel mode)", body = Leftovers),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn find_leftovers(State(agent): State<Arc<Agent>>) -> Reply<Leftovers> {
+    Ok(Json(leftovers::find(&agent).await?))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/leftovers",
+    tag = "migrations",
+    responses(
+        (status = 200, description = "removed; what was removed", body = Leftovers),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn remove_leftovers(State(agent): State<Arc<Agent>>) -> Reply<Leftovers> {
+    Ok(Json(leftovers::remove(&agent).await?))
 }
 
 #[cfg(test)]

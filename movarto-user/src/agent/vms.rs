@@ -199,6 +199,15 @@ impl Vms {
         Ok(status_of(&spec.name, &managed).await)
     }
 
+    /// The spec a VM here was started with.
+    pub async fn spec_toml(&self, name: &str) -> Option<String> {
+        self.vms
+            .lock()
+            .await
+            .get(name)
+            .map(|managed| managed.spec_toml.clone())
+    }
+
     pub async fn status(&self, name: &str) -> Result<VmStatus> {
         let managed = self.get(name).await?;
         Ok(status_of(name, &managed).await)
@@ -346,14 +355,24 @@ impl Vms {
             // The mirror completes (a consistent copy) first, with the VM stopped.
             Some(mirror) => {
                 let mut hook = MirrorHook::new(&qmp, &mirror, &mut watched);
-                let result = outgoing(&qmp, &request.uri, &options, &mut hook, progress_tx, follow)
-                    .await;
+                let result =
+                    outgoing(&qmp, &request.uri, &options, &mut hook, progress_tx, follow).await;
                 if result.is_err() {
                     abort_mirror(&qmp, &mirror).await;
                 }
                 result
             }
-            None => outgoing(&qmp, &request.uri, &options, &mut watched, progress_tx, follow).await,
+            None => {
+                outgoing(
+                    &qmp,
+                    &request.uri,
+                    &options,
+                    &mut watched,
+                    progress_tx,
+                    follow,
+                )
+                .await
+            }
         };
         let _ = forward.await;
         let mut state = lock(&state);
@@ -393,11 +412,35 @@ impl Vms {
         Ok(())
     }
 
+    /// The VM's QEMU died: boots it again from the spec it was started with (a fresh boot:
+    /// its RAM, and so its connections, are gone). Only for a VM started here (not
+    /// `-incoming`).
+    pub async fn reboot(&self, name: &str) -> Result<VmStatus> {
+        let managed = self.get(name).await?;
+        if managed.incoming {
+            bail!(VmError::Conflict(format!(
+                "VM {name} was started as a migration destination"
+            )));
+        }
+        let spec_toml = managed.spec_toml.clone();
+        drop(managed);
+        self.stop(name).await?;
+        self.start(&VmRequest {
+            spec_toml,
+            incoming: false,
+        })
+        .await
+    }
+
     /// `cont`: the VM runs again here (after a completed migration whose destination lost it).
     pub async fn resume(&self, name: &str) -> Result<()> {
         let managed = self.get(name).await?;
         managed.qmp.run(&Cont {}).await.context("cont")?;
-        let status = managed.qmp.run(&QueryStatus {}).await.context("query-status")?;
+        let status = managed
+            .qmp
+            .run(&QueryStatus {})
+            .await
+            .context("query-status")?;
         if !status.running {
             bail!("the VM is {} after cont", status.status);
         }

@@ -168,21 +168,35 @@ impl MigrateArgs {
         Ok(MigrateOptions {
             vm: self.vm.clone().ok_or_else(|| need("vm"))?,
             source: self.source.clone(),
-            destination: self.destination.clone().ok_or_else(|| need("destination"))?,
+            destination: self
+                .destination
+                .clone()
+                .ok_or_else(|| need("destination"))?,
             source_token_file: self.source_token_file.clone(),
-            destination_token_file: self.destination_token_file.clone().ok_or_else(|| need("destination-token-file"))?,
+            destination_token_file: self
+                .destination_token_file
+                .clone()
+                .ok_or_else(|| need("destination-token-file"))?,
             ca_cert: self.ca_cert.clone(),
-            destination_spec: self.destination_spec.clone().ok_or_else(|| need("destination-spec"))?,
+            destination_spec: self
+                .destination_spec
+                .clone()
+                .ok_or_else(|| need("destination-spec"))?,
             home: self.home.ok_or_else(|| need("home"))?,
             new_addr: self.new_addr,
             address_mode: self.address_mode,
             on_switch: self.on_switch.clone(),
             source_tunnel: self.source_tunnel.ok_or_else(|| need("source-tunnel"))?,
-            destination_tunnel: self.destination_tunnel.ok_or_else(|| need("destination-tunnel"))?,
+            destination_tunnel: self
+                .destination_tunnel
+                .ok_or_else(|| need("destination-tunnel"))?,
             migration_port: self.migration_port,
             vm_iface: self.vm_iface.clone(),
             gateway_mac: self.gateway_mac.ok_or_else(|| need("gateway-mac"))?,
-            gateway_cidr: self.gateway_cidr.clone().ok_or_else(|| need("gateway-cidr"))?,
+            gateway_cidr: self
+                .gateway_cidr
+                .clone()
+                .ok_or_else(|| need("gateway-cidr"))?,
             tunnel_mtu: self.tunnel_mtu,
             dns_server: self.dns_server.clone(),
             zone: self.zone.clone(),
@@ -325,7 +339,8 @@ mod tests {
             args.resume.as_ref().map(MigrationId::as_str),
             Some("web-1764600000-ab12")
         );
-        let without = Cli::try_parse_from(["migrate", "--source=http://a", "--source-token-file=a"]);
+        let without =
+            Cli::try_parse_from(["migrate", "--source=http://a", "--source-token-file=a"]);
         let err = without.err().expect("refused").to_string();
         assert!(err.contains("--vm"), "{err}");
     }

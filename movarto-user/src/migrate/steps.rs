@@ -116,7 +116,12 @@ pub async fn resume(
         }
     };
     report.vm = record.spec.vm.clone();
-    report.address_mode = if record.spec.new_addr.is_some() { "nat" } else { "move" }.to_owned();
+    report.address_mode = if record.spec.new_addr.is_some() {
+        "nat"
+    } else {
+        "move"
+    }
+    .to_owned();
     let dns = match (&record.spec.dns, dns_key) {
         (Some(plan), Some(key)) => match DnsTarget::from_record(plan, key) {
             Ok(dns) => Some(dns),
@@ -241,7 +246,13 @@ fn new_id(vm: &str) -> Result<MigrationId> {
     let secs = unix_ms() / 1000;
     let mut vm: String = vm
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     vm.truncate(40);
     MigrationId::new(&format!("{vm}-{secs}-{}", random_hex(2)?)).map_err(|e| anyhow!(e))
@@ -325,7 +336,10 @@ impl Follow<'_> {
         let prepared = timeline
             .step(Step::PrepareDestination, async {
                 let r = self.past(Stage::PreparingDestination).await?;
-                Ok((Some(()), details(&r, &[Stage::Accepted, Stage::PreparingDestination])))
+                Ok((
+                    Some(()),
+                    details(&r, &[Stage::Accepted, Stage::PreparingDestination]),
+                ))
             })
             .await?;
         let _ = prepared;
@@ -373,9 +387,7 @@ impl Follow<'_> {
             })
             .await?;
         report.qemu = completed.flatten();
-        report.dns_switch_ms = timeline
-            .step(Step::DnsUpdate, self.switch_dns())
-            .await?;
+        report.dns_switch_ms = timeline.step(Step::DnsUpdate, self.switch_dns()).await?;
         timeline
             .step(Step::Announce, async {
                 let r = self.past(Stage::Running).await?;

@@ -159,20 +159,29 @@ pub(super) async fn end_tunnel(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     })
     .await?;
     m.update(|r| {
-        r.note(if nat { "datapath in nat" } else { "datapath detached" });
+        r.note(if nat {
+            "datapath in nat"
+        } else {
+            "datapath detached"
+        });
         r.enter(Stage::Done);
     })
 }
 
-/// Whether the source's agent says the VM runs there again. Unreachable, or any other
-/// answer: no.
+/// Whether this half may go: the source's agent says the VM runs there again
+/// (`rolled-back`), or it stopped before `migrate-continue` was ever sent (so this QEMU
+/// holds nothing of the VM). Unreachable, or any other answer: no.
 async fn source_rolled_back(m: &Handle) -> bool {
     let Ok(peer) = m.peer() else { return false };
     // Not even a 404: the source wrote its record before it made this half, so a source
     // that forgot it has lost its state, not the migration (QEMU may still copy).
     peer.migration_record(m.snapshot().id())
         .await
-        .is_ok_and(|there| there.stage == Stage::RolledBack)
+        .is_ok_and(|there| match there.stage {
+            Stage::RolledBack => true,
+            Stage::Stopped => there.entered(Stage::Continued).is_none(),
+            _ => false,
+        })
 }
 
 /// The source runs the VM again: this half goes (QEMU, datapath, tap).

@@ -122,11 +122,7 @@ async fn tear_down(
     })?;
     let record = m.snapshot();
     let peer = m.peer()?;
-    match retry_unreachable(record.spec.agent_timeout(), || {
-        peer.end_tunnel(record.id())
-    })
-    .await
-    {
+    match retry_unreachable(record.spec.agent_timeout(), || peer.end_tunnel(record.id())).await {
         Ok(there) if there.stage == Stage::Done => {}
         Ok(there) => bail!("the destination is {} after the tunnel ended", there.stage),
         // The destination forgot the migration: nothing of it is left to end there.

@@ -11,6 +11,7 @@
 mod destination;
 mod drain;
 mod journal;
+pub mod leftovers;
 pub mod record;
 mod source;
 
@@ -27,11 +28,7 @@ use self::{
     journal::Journal,
     record::{DnsDone, IncomingHalf, MigrationId, MigrationRecord, MigrationSpec, Role, Stage},
 };
-use super::{
-    AgentClient, AgentError,
-    server::Agent,
-    vms::VmError,
-};
+use super::{AgentClient, AgentError, server::Agent, vms::VmError};
 
 /// How long a driver waits before it tries a failed step again, after switchover (when
 /// there is nothing to roll back, only to finish).
@@ -216,7 +213,10 @@ impl Migrations {
     }
 
     /// `POST /v1/migrations`: this agent is the source.
-    pub async fn create_outgoing(agent: &Arc<Agent>, spec: MigrationSpec) -> Result<MigrationRecord> {
+    pub async fn create_outgoing(
+        agent: &Arc<Agent>,
+        spec: MigrationSpec,
+    ) -> Result<MigrationRecord> {
         // Refused at once, with nothing recorded: a VM that isn't here and running.
         if agent.migrations.get(&spec.id).await.is_err() {
             let vm = agent.vms.status(&spec.vm).await?;
@@ -232,9 +232,14 @@ impl Migrations {
     }
 
     /// `POST /v1/migrations/{id}/incoming`: the source's agent makes this the destination.
-    pub async fn create_incoming(agent: &Arc<Agent>, half: IncomingHalf) -> Result<MigrationRecord> {
+    pub async fn create_incoming(
+        agent: &Arc<Agent>,
+        half: IncomingHalf,
+    ) -> Result<MigrationRecord> {
         if half.token.is_zero() {
-            return Err(MigrationError::Conflict("the session token must not be zero".into()).into());
+            return Err(
+                MigrationError::Conflict("the session token must not be zero".into()).into(),
+            );
         }
         Self::create(agent, half.spec, Role::Destination, Some(half.token)).await
     }
@@ -311,7 +316,9 @@ impl From<&VmError> for MigrationError {
 }
 
 /// Runs a blocking datapath call (the verifier, map walks) off the async threads.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(work)
         .await
         .context("the datapath task panicked")?

@@ -279,12 +279,7 @@ impl MigrationSpec {
     }
 
     /// One site's datapath for this migration.
-    pub fn datapath_request(
-        &self,
-        token: SessionToken,
-        mode: Mode,
-        role: Role,
-    ) -> DatapathRequest {
+    pub fn datapath_request(&self, token: SessionToken, mode: Mode, role: Role) -> DatapathRequest {
         let at_source = role == Role::Source;
         let (local, peer) = if at_source {
             (self.source_tunnel, self.destination_tunnel)

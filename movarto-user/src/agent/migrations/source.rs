@@ -138,7 +138,9 @@ async fn accept(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
                 .to_owned()
         }
     };
-    let request = record.spec.datapath_request(token, Mode::Track, Role::Source);
+    let request = record
+        .spec
+        .datapath_request(token, Mode::Track, Role::Source);
     let datapath = agent.clone();
     blocking(move || datapath.datapath.apply(&request)).await?;
     m.note(detail)?;
@@ -230,11 +232,27 @@ async fn copy_and_switch(agent: &Arc<Agent>, m: &Arc<Handle>) -> Result<()> {
             // After `continue` the outcome is QEMU's to tell: a pre-copy failure left the
             // VM at A (QEMU resumed it), and B never got the whole state.
             if m.stage().past_switchover() && err.downcast_ref::<FailedInPostcopy>().is_none() {
-                let at_a = agent.vms.status(&record.spec.vm).await?;
-                if at_a.run_state == RunState::Running {
+                let at_a = agent.vms.status(&record.spec.vm).await;
+                if at_a.is_ok_and(|vm| vm.run_state == RunState::Running) {
                     m.update(|r| {
                         r.error = Some(format!("{err:#}"));
                         r.enter(Stage::RollingBack);
+                    })?;
+                    return Ok(());
+                }
+                // A's QEMU died after it sent the state: B may run the VM now.
+                if let Ok(peer) = m.peer()
+                    && peer
+                        .vm(&record.spec.vm)
+                        .await
+                        .is_ok_and(|vm| vm.run_state == RunState::Running)
+                {
+                    m.update(|r| {
+                        r.note(format!(
+                            "the source's QEMU failed ({err:#}); the VM runs at the destination"
+                        ));
+                        r.figures.destination_status = Some(RunState::Running.to_string());
+                        r.enter(Stage::Running);
                     })?;
                     return Ok(());
                 }
@@ -276,11 +294,23 @@ async fn confirm_destination_runs(agent: &Arc<Agent>, m: &Handle) -> Result<()> 
 /// is the only one left; it runs again, and the migration rolls back.
 async fn resume_at_source(agent: &Arc<Agent>, m: &Handle, why: &str) -> Result<()> {
     let vm = m.snapshot().spec.vm;
-    agent.vms.resume(&vm).await.with_context(|| {
-        format!("{why} after completion, and the source's VM could not be resumed")
-    })?;
+    let exited = agent
+        .vms
+        .status(&vm)
+        .await
+        .is_ok_and(|s| s.run_state == RunState::Exited);
+    if exited {
+        // Both copies are gone: the VM can only boot again, here.
+        agent.vms.reboot(&vm).await?;
+    } else {
+        agent.vms.resume(&vm).await.with_context(|| {
+            format!("{why} after completion, and the source's VM could not be resumed")
+        })?;
+    }
     m.update(|r| {
-        r.error = Some(format!("{why} after completion; the VM runs at the source again"));
+        r.error = Some(format!(
+            "{why} after completion; the VM runs at the source again"
+        ));
         r.enter(Stage::RollingBack);
     })
 }
@@ -391,7 +421,18 @@ async fn roll_back(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     let record = m.snapshot();
     let vm = &record.spec.vm;
     let mut done = Vec::new();
-    agent.vms.cancel_outgoing(vm, record.spec.mirror.as_ref()).await?;
+    let before = agent.vms.status(vm).await?;
+    if before.run_state == RunState::Exited {
+        // The running copy crashed before `continue`: B holds nothing of it, so the
+        // VM can only boot again here.
+        agent.vms.reboot(vm).await?;
+        done.push("the source's QEMU had died: the VM booted again from its spec".to_owned());
+    } else {
+        agent
+            .vms
+            .cancel_outgoing(vm, record.spec.mirror.as_ref())
+            .await?;
+    }
     let at_a = agent.vms.status(vm).await?;
     if at_a.run_state != RunState::Running {
         bail!("the VM at the source is {}, not running", at_a.run_state);
@@ -416,7 +457,9 @@ async fn roll_back(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
         m.update(|r| {
             let summary = r.figures.rolled_back.get_or_insert_with(String::new);
             match cleaned {
-                Ok(()) => summary.push_str("; destination VM stopped, datapath detached, tap removed"),
+                Ok(()) => {
+                    summary.push_str("; destination VM stopped, datapath detached, tap removed")
+                }
                 Err(err) => summary.push_str(&format!(
                     "; destination NOT cleaned yet (it cleans up once it reaches us): {err:#}"
                 )),
@@ -451,7 +494,10 @@ async fn tell_destination_to_abort(peer: &AgentClient, m: &Handle) -> Result<()>
 /// A's counters for the report, read just before the teardown.
 pub(super) fn tunnel_counters(agent: &Agent) -> (u64, u64) {
     match agent.datapath.status() {
-        Ok(Some(dp)) => (dp.counter(Counter::TunnelOut), dp.counter(Counter::TunnelIn)),
+        Ok(Some(dp)) => (
+            dp.counter(Counter::TunnelOut),
+            dp.counter(Counter::TunnelIn),
+        ),
         _ => (0, 0),
     }
 }
