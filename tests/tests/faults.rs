@@ -1,5 +1,5 @@
-//! The fault matrix: a process of the move is killed (SIGKILL) at a chosen stage of a
-//! nat-mode migration, with byte-checked connections on the VM, and (for the agents and
+//! The fault matrix: a process of the move is killed (SIGKILL), or the link between the
+//! sites cut for 5 s, at a chosen stage of a nat-mode migration, with byte-checked connections on the VM, and (for the agents and
 //! the orchestrator) started again after a seeded 0.5–3 s. For every cell: the VM runs in
 //! exactly one place and answers there, the connections are kept (or the migration rolled
 //! back with the VM serving at A), DNS and both datapaths agree with where the VM is,
@@ -37,6 +37,8 @@ enum Victim {
     SourceAgent,
     DestinationAgent,
     DestinationQemu,
+    /// Not a process: the link between the sites is cut for 5 s.
+    Link,
 }
 
 /// Where the VM must end up.
@@ -71,6 +73,7 @@ const CI_CELLS: &[Cell] = &[
     cell(Victim::SourceAgent, Stage::CopyingRam, Expect::AtB),
     cell(Victim::SourceAgent, Stage::SwitchingOver, Expect::AtB),
     cell(Victim::DestinationAgent, Stage::SwitchingOver, Expect::AtB),
+    cell(Victim::Link, Stage::CopyingRam, Expect::AtB),
 ];
 
 /// The rest of the matrix (`--full`).
@@ -252,6 +255,19 @@ fn run_cell(cell: Cell, seed: u64) {
             l.crash_agent("b");
             thread::sleep(down);
             l.start_agent("b").expect("agent b restarts");
+            None
+        }
+        Victim::Link => {
+            // B's side of the wan: A and B can't reach each other, the client still
+            // reaches A. QEMU's stream and the agents' calls wait it out.
+            l.wan
+                .run("ip", &["link", "set", "wb", "down"])
+                .expect("cut");
+            thread::sleep(Duration::from_secs(5));
+            l.wan.run("ip", &["link", "set", "wb", "up"]).expect("mend");
+            if inside_switchover {
+                freeze(b_pid, false);
+            }
             None
         }
         Victim::DestinationQemu => {

@@ -55,6 +55,8 @@ struct Follow<'a> {
     id: MigrationId,
     say: Say,
     interrupt: &'a Interrupt,
+    /// How long an unreachable agent is retried before a step fails.
+    agent_timeout: Duration,
     /// The abort was sent (Ctrl-C before the switchover), for this signal.
     abort_sent: Option<&'static str>,
 }
@@ -79,6 +81,7 @@ pub async fn run_plan(plan: &Plan, progress: ProgressFormat) -> Report {
                 id,
                 say,
                 interrupt: &interrupt,
+                agent_timeout: plan.agent_timeout,
                 abort_sent: None,
             };
             follow.run(&mut timeline, &mut report).await
@@ -146,6 +149,7 @@ pub async fn resume(
         id,
         say,
         interrupt: &interrupt,
+        agent_timeout,
         abort_sent: None,
     };
     let result = follow.run(&mut timeline, &mut report).await;
@@ -273,8 +277,10 @@ async fn lower_ttl(p: &Plan) -> StepResult<u32> {
 impl Follow<'_> {
     /// The source's record, retried while its agent is unreachable (it restarts).
     async fn record(&self) -> Result<MigrationRecord> {
-        let limit = Duration::from_secs(60);
-        Ok(retry_unreachable(limit, || self.source.migration_record(&self.id)).await?)
+        Ok(retry_unreachable(self.agent_timeout, || {
+            self.source.migration_record(&self.id)
+        })
+        .await?)
     }
 
     /// Waits until the migration has passed `stage` (or reached `Done`); a rollback, a
@@ -474,10 +480,7 @@ impl Follow<'_> {
             ttl_restored: false,
             switch_ms: Some(update.answer_changed_after_ms),
         };
-        retry_unreachable(Duration::from_secs(60), || {
-            self.source.dns_done(&self.id, &done)
-        })
-        .await?;
+        retry_unreachable(self.agent_timeout, || self.source.dns_done(&self.id, &done)).await?;
         Ok((
             Some(update.answer_changed_after_ms),
             format!(
@@ -499,10 +502,7 @@ impl Follow<'_> {
             ttl_restored: true,
             switch_ms: None,
         };
-        retry_unreachable(Duration::from_secs(60), || {
-            self.source.dns_done(&self.id, &done)
-        })
-        .await?;
+        retry_unreachable(self.agent_timeout, || self.source.dns_done(&self.id, &done)).await?;
         Ok(format!("TTL restored to {} s", plan.original_ttl))
     }
 
