@@ -656,6 +656,65 @@ impl Stats {
     }
 }
 
+/// A byte-checked interactive connection to `H`, already carrying traffic.
+pub struct Chat {
+    pub stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    worker: Option<thread::JoinHandle<()>>,
+}
+
+impl Chat {
+    /// Connects from the client and waits until it carries traffic.
+    pub fn start(l: &Lab) -> Result<Chat> {
+        let stats = Arc::new(Stats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let conn = l.connect(ECHO_PORT)?;
+        let worker = {
+            let (stats, stop) = (stats.clone(), stop.clone());
+            thread::spawn(move || stats.chat(conn, &stop))
+        };
+        let chat = Chat {
+            stats,
+            stop,
+            worker: Some(worker),
+        };
+        wait_until(IO_TIMEOUT, "traffic before the move", || {
+            chat.stats.exchanges.load(Ordering::Relaxed) > 10
+        })?;
+        Ok(chat)
+    }
+
+    /// Checks it still carries traffic, stops it, and returns what broke.
+    pub fn stop(mut self) -> Vec<String> {
+        let exchanged = self.stats.exchanges.load(Ordering::Relaxed);
+        let flowing = wait_until(IO_TIMEOUT, "traffic after the move", || {
+            self.stats.exchanges.load(Ordering::Relaxed) > exchanged + 5
+        });
+        self.halt();
+        let mut failures = self.stats.failures();
+        if let Err(err) = flowing {
+            failures.push(format!("{err:#}"));
+        }
+        failures
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            self.stats
+                .fail("the connection's worker panicked".to_owned());
+        }
+    }
+}
+
+impl Drop for Chat {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
 /// The pre-move connections the migration tests watch: a byte-checked stream and an
 /// interactive echo, both running, and an idle echo connection that has said hello.
 pub struct Connections {

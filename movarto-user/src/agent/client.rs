@@ -350,3 +350,57 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn unreachable() -> AgentError {
+        AgentError::Unreachable {
+            agent: "http://203.0.113.1:7878".into(),
+            reason: "refused".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_agents_are_retried_until_they_answer_or_the_limit() {
+        let calls = AtomicUsize::new(0);
+        let answer = retry_unreachable(Duration::from_secs(30), || async {
+            match calls.fetch_add(1, Ordering::Relaxed) {
+                0..3 => Err(unreachable()),
+                _ => Ok(7),
+            }
+        })
+        .await;
+        assert_eq!(answer.ok(), Some(7));
+        assert_eq!(calls.load(Ordering::Relaxed), 4);
+
+        let started = tokio::time::Instant::now();
+        let never = retry_unreachable(Duration::from_secs(1), || async {
+            Err::<(), _>(unreachable())
+        })
+        .await;
+        let err = never.expect_err("given up").to_string();
+        assert!(err.contains("retried for 1s"), "{err}");
+        assert!(started.elapsed() <= Duration::from_secs(1));
+
+        // What an agent answers is final: no retry.
+        let calls = AtomicUsize::new(0);
+        let refused = retry_unreachable(Duration::from_secs(30), || async {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Err::<(), _>(AgentError::Refused {
+                agent: "a".into(),
+                status: 409,
+                message: "no".into(),
+            })
+        })
+        .await;
+        assert!(matches!(
+            refused,
+            Err(AgentError::Refused { status: 409, .. })
+        ));
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+    }
+}

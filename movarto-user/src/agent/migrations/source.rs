@@ -439,10 +439,13 @@ async fn roll_back(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     }
     done.push("migration cancelled, VM running at the source".to_owned());
     let datapath = agent.clone();
-    if record.attached_for_us {
+    // A migration that never got past `accepted` never configured the datapath: what is
+    // there is someone else's.
+    let configured = record.entered(Stage::PreparingDestination).is_some();
+    if configured && record.attached_for_us {
         blocking(move || datapath.datapath.detach()).await?;
         done.push("source datapath detached".to_owned());
-    } else if agent.datapath.status()?.is_some() {
+    } else if configured && agent.datapath.status()?.is_some() {
         blocking(move || datapath.datapath.set_mode(Mode::Track)).await?;
         done.push("source datapath back to track".to_owned());
     }
