@@ -6,7 +6,8 @@
 //! nothing is left behind, and (in some cells) a later migration of the VM succeeds.
 //!
 //! CI runs the cells in [`CI_CELLS`]; `cargo xtask test --full` runs the whole matrix
-//! (the ignored test here). Each cell prints its seed; MOVARTO_FAULT_SEED=<n> repeats a run.
+//! (the ignored test here). Each run prints its seed: MOVARTO_FAULT_SEED=<n> repeats it,
+//! and MOVARTO_FAULT_CELL=<text> runs only the cells whose description contains it.
 //! docs/failures.md holds the outcome table.
 
 use std::{
@@ -177,9 +178,14 @@ fn wait_for_stage(l: &Lab, stage: Stage, orchestrator: &mut ChildGuard) -> Migra
     }
 }
 
-fn run_cell(cell: Cell, seed: u64) {
-    eprintln!("==> cell {cell:?}, seed {seed} (MOVARTO_FAULT_SEED={seed} repeats it)");
-    let mut rng = Rng(seed);
+fn run_cell(cell: Cell, base_seed: u64) {
+    eprintln!("==> cell {cell:?} (MOVARTO_FAULT_SEED={base_seed} repeats it)");
+    // The cell's own stream: the same seed gives the same moments, whichever cells run.
+    let described = format!("{cell:?}");
+    let mut rng = Rng(described
+        .bytes()
+        .fold(base_seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+        | 1);
     let mut l = Lab::build().expect("the lab");
     let boot_id = l.boot_at_a().expect("the guest boots at A");
     let chat = Chat::start(&l).expect("the connection");
@@ -468,14 +474,14 @@ fn run_cells(cells: &[Cell]) {
     let base = seed();
     // MOVARTO_FAULT_CELL=<text>: only the cells whose description contains it.
     let only = std::env::var("MOVARTO_FAULT_CELL").ok();
-    for (i, cell) in cells.iter().enumerate() {
+    for cell in cells {
         if only
             .as_deref()
             .is_some_and(|only| !format!("{cell:?}").contains(only))
         {
             continue;
         }
-        run_cell(*cell, base.wrapping_add(i as u64 * 0x9e37_79b9));
+        run_cell(*cell, base);
     }
 }
 
