@@ -182,10 +182,9 @@ fn run_cell(cell: Cell, base_seed: u64) {
     eprintln!("==> cell {cell:?} (MOVARTO_FAULT_SEED={base_seed} repeats it)");
     // The cell's own stream: the same seed gives the same moments, whichever cells run.
     let described = format!("{cell:?}");
-    let mut rng = Rng(described
-        .bytes()
-        .fold(base_seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-        | 1);
+    let mut rng = Rng(described.bytes().fold(base_seed, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    }) | 1);
     let mut l = Lab::build().expect("the lab");
     let boot_id = l.boot_at_a().expect("the guest boots at A");
     let chat = Chat::start(&l).expect("the connection");

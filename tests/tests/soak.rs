@@ -136,5 +136,8 @@ fn twenty_moves_back_and_forth_lose_nothing_and_leak_nothing() {
         );
     }
     // Move address mode leaves no datapath at either site once a move is over.
-    assert!(figures.iter().all(|row| row.5 == 0), "pins left: {figures:?}");
+    assert!(
+        figures.iter().all(|row| row.5 == 0),
+        "pins left: {figures:?}"
+    );
 }
