@@ -284,6 +284,13 @@ fn run_cell(cell: Cell, base_seed: u64) {
                 .expect("cut");
             thread::sleep(Duration::from_secs(5));
             l.wan.run("ip", &["link", "set", "wb", "up"]).expect("mend");
+            // The link's going down took the wan's route to N with it.
+            wait_until(Duration::from_secs(10), "the wan's route to N", || {
+                l.wan
+                    .run("ip", &["route", "replace", "198.18.0.0/15", "via", TB])
+                    .is_ok()
+            })
+            .expect("the route to N");
             if inside_switchover {
                 freeze(b_pid, false);
             }

@@ -23,7 +23,7 @@ use movarto_lab::{
 };
 use movarto_tests::require_root;
 use movarto_user::{
-    agent::api::{MigrationState, RunState},
+    agent::api::{MigrationState, RunState, Stage},
     datapath::pin_dir,
 };
 
@@ -656,4 +656,73 @@ fn ctrl_c_during_the_ram_copy_rolls_back_and_the_guest_never_stops() {
     );
     assert_rolled_back_to_a(&l, &report, &boot_id, chat);
     l.stop_agent("b");
+}
+
+/// Ctrl-C on `migrate` after the switchover detaches it: it says how to follow again
+/// and exits, while the agents drain and tear down by themselves; `--resume` then finds
+/// the move done and restores the TTL it owes.
+#[test]
+fn ctrl_c_after_the_switchover_detaches_and_resume_finishes_the_dns_work() {
+    require_root();
+    let l = Lab::build().expect("the lab");
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
+    let chat = Chat::start(&l).expect("the connection");
+    let mut migrate = l
+        .migrate_command(&["--drain-grace", "1s", "--max-drain", "60s"])
+        .expect("the migrate command");
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    // The open connection holds the drain open until it closes.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let id = loop {
+        let draining = l
+            .with_agents(async |a, _| a.migrations().await.ok())
+            .expect("the agents")
+            .and_then(|all| all.into_iter().find(|r| r.stage == Stage::Draining));
+        if let Some(record) = draining {
+            break record.id().to_string();
+        }
+        assert!(Instant::now() < deadline, "no drain\n{}", l.stall_report());
+        thread::sleep(Duration::from_millis(100));
+    };
+    // SAFETY: our own child, the orchestrator, by its PID.
+    assert_eq!(
+        unsafe { libc::kill(orchestrator.id() as i32, libc::SIGINT) },
+        0
+    );
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(30), || {})
+        .expect("migrate finished");
+    assert!(
+        !status.success(),
+        "a detached migrate does not claim success"
+    );
+    let error = report["error"].as_str().expect("error");
+    assert!(
+        error.contains("after the switchover") && error.contains(&format!("--resume {id}")),
+        "{error}"
+    );
+    // The agents finish alone once the connection closes.
+    let failures = chat.stop();
+    assert!(failures.is_empty(), "the connection broke: {failures:?}");
+    wait_until(Duration::from_secs(60), "the agents' teardown", || {
+        l.with_agents(async |a, _| a.migrations().await.ok())
+            .ok()
+            .flatten()
+            .is_some_and(|all| all.iter().any(|r| r.stage == Stage::Done))
+    })
+    .expect("the teardown without an orchestrator");
+    assert_eq!(
+        l.bind.dig_ttls(SERVICE, "A").expect("dig"),
+        [5],
+        "the TTL is owed"
+    );
+    let mut resume = l.resume_command(&id).expect("resume");
+    let mut follower = l.bind.client.spawn(&mut resume).expect("resume");
+    let (status, report) = l
+        .finish_migrate(&mut follower, Duration::from_secs(60), || {})
+        .expect("resume finished");
+    assert!(status.success(), "resume: {report}");
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [N]);
+    assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
+    assert_eq!(l.http_get(N, "/id").expect("GET N"), boot_id);
 }
