@@ -90,6 +90,7 @@ const MORE_CELLS: &[Cell] = &[
         Stage::PreparingDestination,
         Expect::AtB,
     ),
+    cell(Victim::SourceAgent, Stage::MirroringDisk, Expect::AtB),
     cell(Victim::SourceAgent, Stage::Continued, Expect::AtB),
     cell(Victim::SourceAgent, Stage::Draining, Expect::AtB),
     cell(
@@ -186,12 +187,18 @@ fn run_cell(cell: Cell, base_seed: u64) {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     }) | 1);
     let mut l = Lab::build().expect("the lab");
+    // The mirror's stage needs a disk (64 MiB, copied at 8 MiB/s: seconds).
+    if cell.stage == Stage::MirroringDisk {
+        l.add_disk(64).expect("the disks");
+    }
     let boot_id = l.boot_at_a().expect("the guest boots at A");
     let chat = Chat::start(&l).expect("the connection");
 
     // A slow copy (8 MiB/s), so that the RAM copy lasts seconds.
     let mut migrate = l
         .migrate_command(&[
+            "--mirror-speed",
+            "8",
             "--max-bandwidth",
             "8",
             "--drain-grace",
@@ -480,6 +487,7 @@ fn run_cells(cells: &[Cell]) {
     let base = seed();
     // MOVARTO_FAULT_CELL=<text>: only the cells whose description contains it.
     let only = std::env::var("MOVARTO_FAULT_CELL").ok();
+    let mut ran = 0;
     for cell in cells {
         if only
             .as_deref()
@@ -487,8 +495,13 @@ fn run_cells(cells: &[Cell]) {
         {
             continue;
         }
+        ran += 1;
         run_cell(*cell, base);
     }
+    assert!(
+        ran > 0,
+        "MOVARTO_FAULT_CELL={only:?} names no cell of this test"
+    );
 }
 
 #[test]

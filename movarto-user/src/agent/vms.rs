@@ -283,9 +283,12 @@ impl Vms {
     }
 
     /// The source's disk mirror toward the destination's export, up to READY.
+    /// A mirror job left by an agent that died mid-copy is cancelled first: the copy
+    /// starts afresh (the VM runs on meanwhile).
     pub async fn start_mirror(&self, name: &str, settings: &MirrorSettings) -> Result<MirrorReady> {
         let managed = self.get(name).await?;
         let mirror = settings.disk_mirror();
+        abort_mirror(&managed.qmp, &mirror).await;
         start_mirror(&managed.qmp, &mirror).await
     }
 
