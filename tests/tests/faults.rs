@@ -71,8 +71,8 @@ const CI_CELLS: &[Cell] = &[
     cell(Victim::Orchestrator, Stage::CopyingRam, Expect::AtB),
     cell(Victim::Orchestrator, Stage::Draining, Expect::AtB),
     cell(Victim::SourceAgent, Stage::CopyingRam, Expect::AtB),
-    cell(Victim::SourceAgent, Stage::SwitchingOver, Expect::AtB),
-    cell(Victim::DestinationAgent, Stage::SwitchingOver, Expect::AtB),
+    cell(Victim::SourceAgent, Stage::Continued, Expect::AtB),
+    cell(Victim::DestinationAgent, Stage::Continued, Expect::AtB),
     cell(Victim::Link, Stage::CopyingRam, Expect::AtB),
 ];
 
@@ -83,7 +83,7 @@ const MORE_CELLS: &[Cell] = &[
         Stage::PreparingDestination,
         Expect::AtB,
     ),
-    cell(Victim::Orchestrator, Stage::SwitchingOver, Expect::AtB),
+    cell(Victim::Orchestrator, Stage::Continued, Expect::AtB),
     cell(Victim::Orchestrator, Stage::Running, Expect::AtB),
     cell(
         Victim::SourceAgent,
@@ -91,7 +91,6 @@ const MORE_CELLS: &[Cell] = &[
         Expect::AtB,
     ),
     cell(Victim::SourceAgent, Stage::MirroringDisk, Expect::AtB),
-    cell(Victim::SourceAgent, Stage::Continued, Expect::AtB),
     cell(Victim::SourceAgent, Stage::Draining, Expect::AtB),
     cell(
         Victim::DestinationAgent,
@@ -99,10 +98,8 @@ const MORE_CELLS: &[Cell] = &[
         Expect::AtB,
     ),
     cell(Victim::DestinationAgent, Stage::CopyingRam, Expect::AtB),
-    cell(Victim::DestinationAgent, Stage::Continued, Expect::AtB),
     cell(Victim::DestinationAgent, Stage::Draining, Expect::AtB),
     cell(Victim::DestinationQemu, Stage::CopyingRam, Expect::AtA),
-    cell(Victim::DestinationQemu, Stage::SwitchingOver, Expect::AtA),
     cell(Victim::SourceQemu, Stage::CopyingRam, Expect::RebootedAtA),
 ];
 
@@ -205,17 +202,15 @@ fn run_cell(cell: Cell, base_seed: u64) {
             "1s",
             "--max-drain",
             "60s",
-            // A source waiting for a dead destination at switchover waits for its restart.
-            "--switchover-wait",
-            "30s",
         ])
         .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
 
     let b_pid = l.agent_pid("b").expect("B's agent");
-    // The switchover lasts milliseconds: to die inside it, B's agent is frozen late in
-    // the copy, so the source waits (up to --switchover-wait) to hand over the flows.
-    let inside_switchover = cell.stage == Stage::SwitchingOver;
+    // The flip and the completion last milliseconds: to die between `migrate-continue`
+    // and the VM running at B, B's agent is frozen late in the copy, so the source waits
+    // in `continued` for B to say its VM runs.
+    let held_after_flip = cell.stage == Stage::Continued;
     let qemu_pid = |l: &Lab| {
         let at_b = cell.victim == Victim::DestinationQemu;
         l.with_agents(async |a, b| {
@@ -226,7 +221,7 @@ fn run_cell(cell: Cell, base_seed: u64) {
         .expect("the QEMU")
     };
     let mut early_qemu_pid = None;
-    if inside_switchover {
+    if held_after_flip {
         wait_for_source_progress(&l, &mut orchestrator);
         // Asked now: a frozen agent answers nothing.
         if matches!(cell.victim, Victim::SourceQemu | Victim::DestinationQemu) {
@@ -235,7 +230,7 @@ fn run_cell(cell: Cell, base_seed: u64) {
         freeze(b_pid, true);
     }
     let at = wait_for_stage(&l, cell.stage, &mut orchestrator);
-    let delay = if inside_switchover {
+    let delay = if held_after_flip {
         rng.millis(0, 1000)
     } else {
         rng.millis(0, 300)
@@ -252,7 +247,7 @@ fn run_cell(cell: Cell, base_seed: u64) {
         Victim::Orchestrator => {
             kill(orchestrator.id());
             let _ = orchestrator.child_mut().wait();
-            if inside_switchover {
+            if held_after_flip {
                 freeze(b_pid, false);
             }
             thread::sleep(down);
@@ -267,7 +262,7 @@ fn run_cell(cell: Cell, base_seed: u64) {
         }
         Victim::SourceAgent => {
             l.crash_agent("a");
-            if inside_switchover {
+            if held_after_flip {
                 freeze(b_pid, false);
             }
             thread::sleep(down);
@@ -275,7 +270,7 @@ fn run_cell(cell: Cell, base_seed: u64) {
             None
         }
         Victim::DestinationAgent => {
-            if inside_switchover {
+            if held_after_flip {
                 freeze(b_pid, false);
             }
             l.crash_agent("b");
@@ -298,7 +293,7 @@ fn run_cell(cell: Cell, base_seed: u64) {
                     .is_ok()
             })
             .expect("the route to N");
-            if inside_switchover {
+            if held_after_flip {
                 freeze(b_pid, false);
             }
             None
@@ -306,7 +301,7 @@ fn run_cell(cell: Cell, base_seed: u64) {
         Victim::SourceQemu | Victim::DestinationQemu => {
             let pid = early_qemu_pid.unwrap_or_else(|| qemu_pid(&l));
             kill(pid);
-            if inside_switchover {
+            if held_after_flip {
                 freeze(b_pid, false);
             }
             None

@@ -310,9 +310,6 @@ pub struct MigrationSettings {
     pub auto_converge: bool,
     pub postcopy: PostcopySetting,
     pub timeout_s: u64,
-    /// At `pre-switchover` (the source stopped), how long the source's agent tries to hand
-    /// the flows to the destination before it cancels and resumes the VM at the source.
-    pub switchover_wait_s: u64,
 }
 
 impl Default for MigrationSettings {
@@ -326,7 +323,6 @@ impl Default for MigrationSettings {
             auto_converge: false,
             postcopy: PostcopySetting::Off,
             timeout_s: options.timeout.as_secs(),
-            switchover_wait_s: 5,
         }
     }
 }

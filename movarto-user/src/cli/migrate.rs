@@ -156,10 +156,6 @@ pub struct MigrateArgs {
     /// (a number with a unit: 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub agent_timeout: Duration,
-    /// At `pre-switchover` (the guest paused), how long the source's agent may try to hand
-    /// the flows to the destination before it cancels and resumes the guest at the source.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub switchover_wait: Duration,
 }
 
 impl MigrateArgs {
@@ -216,7 +212,6 @@ impl MigrateArgs {
             max_drain: self.max_drain,
             drain_grace: self.drain_grace,
             agent_timeout: self.agent_timeout,
-            switchover_wait: self.switchover_wait,
         })
     }
 }

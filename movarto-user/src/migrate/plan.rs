@@ -100,9 +100,6 @@ pub struct MigrateOptions {
     pub drain_grace: Option<Duration>,
     /// How long an unreachable agent is retried (with backoff) before a step fails.
     pub agent_timeout: Duration,
-    /// At `pre-switchover`: how long the source may try to hand over the flows before it
-    /// cancels and resumes the VM at the source.
-    pub switchover_wait: Duration,
 }
 
 /// The authoritative server and the record the move changes.
@@ -271,8 +268,8 @@ impl Plan {
         } else {
             (o.max_bandwidth, o.max_postcopy_bandwidth, o.postcopy)
         };
-        if o.agent_timeout.is_zero() || o.switchover_wait.is_zero() {
-            bail!("--agent-timeout and --switchover-wait must be positive");
+        if o.agent_timeout.is_zero() {
+            bail!("--agent-timeout must be positive");
         }
         let ca_pem = o
             .ca_cert
@@ -287,7 +284,6 @@ impl Plan {
             read_token(&o.destination_token_file)?,
         );
         let settings = MigrationSettings {
-            switchover_wait_s: o.switchover_wait.as_secs().max(1),
             max_bandwidth,
             max_postcopy_bandwidth,
             downtime_limit_ms: o.downtime_limit.as_millis() as u64,

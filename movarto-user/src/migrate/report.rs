@@ -49,6 +49,9 @@ pub struct Report {
     pub qemu: Option<MigrationReport>,
     /// From the switchover to the authoritative answer showing `N`.
     pub dns_switch_ms: Option<u64>,
+    /// From the source's stop at `pre-switchover` to `migrate-continue`, in µs.
+    #[serde(default)]
+    pub flip_us: Option<u64>,
     pub flows_at_switchover: usize,
     pub flows_drained: usize,
     /// Flows still live when `--max-drain` forced the teardown.
@@ -118,6 +121,13 @@ impl Report {
                 q.postcopy_started_ms
                     .map(|at| format!(", post-copy after {}", ms(at)))
                     .unwrap_or_default()
+            );
+        }
+        if let Some(us) = self.flip_us {
+            let _ = writeln!(
+                out,
+                "flip:     migrate-continue {:.1} ms after the source stopped",
+                us as f64 / 1000.0
             );
         }
         if let Some(dns) = self.dns_switch_ms {

@@ -370,12 +370,20 @@ impl Follow<'_> {
                 Ok((Some(()), detail))
             })
             .await?;
-        timeline
+        report.flip_us = timeline
             .step(Step::Switchover, async {
                 let r = self.past(Stage::SwitchingOver).await?;
-                Ok((Some(()), details(&r, &[Stage::SwitchingOver])))
+                let mut detail = details(&r, &[Stage::SwitchingOver]);
+                if let Some(us) = r.figures.flip_us {
+                    detail.push_str(&format!(
+                        "; migrate-continue {:.1} ms after the source stopped",
+                        us as f64 / 1000.0
+                    ));
+                }
+                Ok((Some(r.figures.flip_us), detail))
             })
-            .await?;
+            .await?
+            .flatten();
         let completed = timeline
             .step(Step::Complete, async {
                 let r = self.past(Stage::Continued).await?;

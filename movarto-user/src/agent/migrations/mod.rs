@@ -339,8 +339,7 @@ pub(crate) mod tests {
             "tap": {"gateway_mac": "02:00:00:00:00:01", "gateway_cidr": "192.0.2.1/24"},
             "tunnel_mtu": 1500,
             "settings": {"max_bandwidth": 1, "downtime_limit_ms": 300, "multifd_channels": null,
-                "auto_converge": false, "postcopy": "off", "timeout_s": 300,
-                "switchover_wait_s": 5},
+                "auto_converge": false, "postcopy": "off", "timeout_s": 300},
             "drain": {"grace_ms": 1000, "max_drain_ms": 60000},
             "agent_timeout_ms": 30000
         },

@@ -12,8 +12,8 @@
 //! | source | `preparing-destination` | creates the destination's half, waits until it listens | no | yes |
 //! | source | `mirroring-disk` | the disk's full copy to B's NBD export | no | yes |
 //! | source | `copying-ram` | QEMU's RAM passes, until `pre-switchover` | no | yes |
-//! | source | `switching-over` | flows to B, A forwards, then `migrate-continue` | no | only once A runs again |
-//! | source | `continued` | `migrate-continue` sent; waiting for `completed` and B running | no | only once A runs again |
+//! | source | `switching-over` | A forwards (one map write), then `migrate-continue` | no | only once A runs again |
+//! | source | `continued` | `migrate-continue` sent; the flows go to B; waiting for `completed` and B running | no | only once A runs again |
 //! | source | `draining` | A's QEMU and tap are gone; the drain rule runs | (gone) | no |
 //! | source | `done` | A detached, B in `nat` (or detached) | (gone) | no |
 //! | source | `rolling-back` / `rolled-back` | cancel, VM running at A, A tracks, B cleaned | no | yes, once A runs |
@@ -364,6 +364,12 @@ pub struct Figures {
     #[serde(default)]
     pub destination_status: Option<String>,
     pub flows_at_switchover: usize,
+    /// The flows reached the destination (after `continue`).
+    #[serde(default)]
+    pub flows_handed: bool,
+    /// From the source's stop at `pre-switchover` to `migrate-continue`, in µs.
+    #[serde(default)]
+    pub flip_us: Option<u64>,
     pub flows_cut: Vec<FlowEntry>,
     pub packets_to_b: u64,
     pub packets_from_b: u64,

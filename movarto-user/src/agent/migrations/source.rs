@@ -328,8 +328,11 @@ async fn release(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     })
 }
 
-/// Runs at `pre-switchover` (the source stopped): the pre-move flows to B, A forwards,
-/// the re-routing hook in move address mode; then QEMU gets `migrate-continue`.
+/// Runs at `pre-switchover` (the source stopped), and does only what must happen
+/// before `migrate-continue`: A forwards (one map write), the re-routing hook in move
+/// address mode, and the record says `continued` (one fsync). The pre-move flows go to B
+/// after `continue`: B tunnels a flow it has never seen back to A anyway, so the VM
+/// needs no snapshot to resume, and no WAN round trip lengthens the blackout.
 struct LocalSwitchover {
     agent: Arc<Agent>,
     m: Arc<Handle>,
@@ -339,47 +342,69 @@ impl SwitchoverHook for LocalSwitchover {
     fn at_switchover(&mut self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
         Box::pin(async move {
             let (agent, m) = (&self.agent, &self.m);
+            let stopped = tokio::time::Instant::now();
             // A restarted agent found QEMU still at pre-switchover after the flip: the
             // flip is done, only `migrate-continue` is left.
-            if m.stage() == Stage::Continued {
-                return Ok(());
+            if m.stage() != Stage::Continued {
+                aborted(m)?;
+                let record = m.snapshot();
+                // What reaches A from now on waits in B's tap for the VM.
+                agent.datapath.set_mode(Mode::Forward)?;
+                if let Some(hook) = &record.spec.on_switch {
+                    run_on_switch(&record, hook).await?;
+                }
+                aborted(m)?;
+                let flip_us = stopped.elapsed().as_micros() as u64;
+                m.update(|r| {
+                    r.enter(Stage::SwitchingOver);
+                    r.figures.switchover_unix_ms = Some(unix_ms());
+                    r.dns_owed.switch = r.spec.dns.is_some() && r.spec.new_addr.is_some();
+                    r.note("source forwards");
+                    r.enter(Stage::Continued);
+                    r.figures.flip_us = Some(flip_us);
+                })?;
             }
-            aborted(m)?;
-            m.enter(Stage::SwitchingOver)?;
-            let record = m.snapshot();
-            // Forward first: what reaches A from now on waits in B's tap for the VM.
-            let datapath = agent.clone();
-            let mut snapshot = blocking(move || {
-                datapath.datapath.set_mode(Mode::Forward)?;
-                datapath.datapath.flows()
-            })
-            .await?;
-            snapshot.flows.retain(FlowEntry::is_tracked);
-            let flows = snapshot.flows.len();
-            let live = snapshot.flows.iter().filter(|f| f.holds_drain()).count();
-            let peer = m.peer()?;
-            let wait = Duration::from_secs(record.spec.settings.switchover_wait_s);
-            // One bound for the whole hand-over: a hung destination counts as a dead one.
-            tokio::time::timeout(wait, retry_unreachable(wait, || peer.load_flows(&snapshot)))
-                .await
-                .map_err(|_| anyhow!("no answer within {wait:?}"))
-                .and_then(|loaded| loaded.map_err(Into::into))
-                .context("handing the pre-move flows to the destination")?;
-            if let Some(hook) = &record.spec.on_switch {
-                run_on_switch(&record, hook).await?;
-            }
-            aborted(m)?;
-            m.update(|r| {
-                r.figures.flows_at_switchover = live;
-                r.figures.switchover_unix_ms = Some(unix_ms());
-                r.dns_owed.switch = r.spec.dns.is_some() && r.spec.new_addr.is_some();
-                r.note(format!(
-                    "{flows} pre-move flows handed to the destination; source forwards"
-                ));
-                r.enter(Stage::Continued);
-            })?;
+            tokio::spawn(hand_over_flows(agent.clone(), m.clone()));
             Ok(())
         })
+    }
+}
+
+/// After `continue`: A's pre-move flows to B (they count for B's own status; B forwards
+/// what it has not seen to A in any case). Retried for `--agent-timeout`; a failure is
+/// noted, never fatal.
+async fn hand_over_flows(agent: Arc<Agent>, m: Arc<Handle>) {
+    if m.snapshot().figures.flows_handed {
+        return;
+    }
+    let handed = async {
+        let datapath = agent.clone();
+        let mut snapshot = blocking(move || datapath.datapath.flows()).await?;
+        snapshot.flows.retain(FlowEntry::is_tracked);
+        let live = snapshot.flows.iter().filter(|f| f.holds_drain()).count();
+        let peer = m.peer()?;
+        let limit = m.snapshot().spec.agent_timeout();
+        tokio::time::timeout(
+            limit,
+            retry_unreachable(limit, || peer.load_flows(&snapshot)),
+        )
+        .await
+        .map_err(|_| anyhow!("no answer within {limit:?}"))??;
+        anyhow::Ok((snapshot.flows.len(), live))
+    }
+    .await;
+    let saved = m.update(|r| match handed {
+        Ok((flows, live)) => {
+            r.figures.flows_handed = true;
+            r.figures.flows_at_switchover = live;
+            r.note(format!(
+                "{flows} pre-move flows handed to the destination after continue"
+            ));
+        }
+        Err(err) => r.note(format!("the flows did not reach the destination: {err:#}")),
+    });
+    if let Err(err) = saved {
+        tracing::warn!("saving the migration record: {err:#}");
     }
 }
 
