@@ -473,6 +473,15 @@ checksum_offload = false
         Ok(migrate)
     }
 
+    /// The move address mode's `--on-switch` command: the wan router sends `H`'s subnet
+    /// to `tunnel` (the destination site), as a routing change would.
+    pub fn reroute_hook(&self, tunnel: &str) -> String {
+        format!(
+            "ip netns exec {} ip route replace 192.0.2.0/24 via {tunnel}",
+            self.wan.name()
+        )
+    }
+
     /// `movarto-user migrate --resume ID`, as an operator runs it after the first
     /// `migrate` died: only the source's agent and the DNS key are given.
     pub fn resume_command(&self, id: &str) -> Result<Command> {

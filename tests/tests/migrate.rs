@@ -335,10 +335,7 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
     let stats = conns.stats.clone();
 
     // The operator's hook re-routes H at the wan router, as a routing change would.
-    let hook = format!(
-        "ip netns exec {} ip route replace 192.0.2.0/24 via $MOVARTO_DESTINATION_TUNNEL",
-        l.wan.name()
-    );
+    let hook = l.reroute_hook("$MOVARTO_DESTINATION_TUNNEL");
     let mut migrate = l
         .migrate_command(&[
             "--address-mode",

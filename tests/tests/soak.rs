@@ -63,10 +63,7 @@ fn twenty_moves_back_and_forth_lose_nothing_and_leak_nothing() {
     let started = Instant::now();
     for n in 0..MOVES {
         let (from, to) = if n % 2 == 0 { ("a", TB) } else { ("b", TA) };
-        let hook = format!(
-            "ip netns exec {} ip route replace 192.0.2.0/24 via {to}",
-            l.wan.name()
-        );
+        let hook = l.reroute_hook(to);
         let mut migrate = l
             .migrate_command_from(
                 from,

@@ -339,7 +339,7 @@ impl Follow<'_> {
 
     /// Follows steps 2 to 11, doing the DNS work as it falls due.
     async fn all_steps(&mut self, timeline: &mut Timeline, report: &mut Report) -> Result<()> {
-        let prepared = timeline
+        timeline
             .step(Step::PrepareDestination, async {
                 let r = self.past(Stage::PreparingDestination).await?;
                 Ok((
@@ -348,7 +348,6 @@ impl Follow<'_> {
                 ))
             })
             .await?;
-        let _ = prepared;
         timeline
             .step(Step::MirrorDisk, async {
                 let r = self.past(Stage::MirroringDisk).await?;
@@ -462,8 +461,6 @@ impl Follow<'_> {
         let dns = self
             .dns
             .context("the DNS switch is owed, but no DNS server and key were given")?;
-        // The VM must run at the destination first: N leads nowhere before.
-        let r = self.past(Stage::Continued).await?;
         let switchover_ms = r.figures.switchover_unix_ms.unwrap_or_else(unix_ms);
         let since = Duration::from_millis(unix_ms().saturating_sub(switchover_ms));
         let start = std::time::Instant::now()

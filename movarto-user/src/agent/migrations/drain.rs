@@ -16,7 +16,6 @@ use tokio::time::Instant;
 use super::{
     Handle, blocking, is_not_found,
     record::{Stage, unix_ms},
-    source::tunnel_counters,
 };
 use crate::agent::{api::FlowEntry, client::retry_unreachable, server::Agent};
 
@@ -142,4 +141,15 @@ async fn tear_down(
         r.enter(Stage::Done);
         r.note(format!("source detached; {b}"));
     })
+}
+
+/// A's counters for the report, read just before the teardown.
+fn tunnel_counters(agent: &Agent) -> (u64, u64) {
+    match agent.datapath.status() {
+        Ok(Some(dp)) => (
+            dp.counter(Counter::TunnelOut),
+            dp.counter(Counter::TunnelIn),
+        ),
+        _ => (0, 0),
+    }
 }

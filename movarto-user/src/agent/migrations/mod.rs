@@ -28,7 +28,7 @@ use self::{
     journal::Journal,
     record::{DnsDone, IncomingHalf, MigrationId, MigrationRecord, MigrationSpec, Role, Stage},
 };
-use super::{AgentClient, AgentError, server::Agent, vms::VmError};
+use super::{AgentClient, AgentError, server::Agent};
 
 /// How long a driver waits before it tries a failed step again, after switchover (when
 /// there is nothing to roll back, only to finish).
@@ -307,12 +307,6 @@ fn spawn_driver(agent: Arc<Agent>, handle: Arc<Handle>) {
 /// Whether an agent error is "not found" (the other side has no such migration or VM).
 fn is_not_found(err: &AgentError) -> bool {
     matches!(err, AgentError::Refused { status: 404, .. })
-}
-
-impl From<&VmError> for MigrationError {
-    fn from(err: &VmError) -> Self {
-        MigrationError::Conflict(err.to_string())
-    }
 }
 
 /// Runs a blocking datapath call (the verifier, map walks) off the async threads.

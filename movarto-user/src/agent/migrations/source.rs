@@ -6,7 +6,7 @@
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use movarto_common::{config::Mode, counters::Counter};
+use movarto_common::config::Mode;
 use tokio::time::Instant;
 
 use super::{
@@ -516,16 +516,5 @@ async fn tell_destination_to_abort(peer: &AgentClient, m: &Handle) -> Result<()>
             bail!("the destination is still {}", there.stage);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A's counters for the report, read just before the teardown.
-pub(super) fn tunnel_counters(agent: &Agent) -> (u64, u64) {
-    match agent.datapath.status() {
-        Ok(Some(dp)) => (
-            dp.counter(Counter::TunnelOut),
-            dp.counter(Counter::TunnelIn),
-        ),
-        _ => (0, 0),
     }
 }
