@@ -31,6 +31,10 @@ use movarto_common::{
 /// The eBPF object movarto-user's build.rs compiled from movarto-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/movarto"));
 
+/// The no-op programs the bench measures against (`movarto-ebpf/src/bin/noop.rs`).
+pub static NOOP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/movarto-noop"));
+
 /// XDP program on the uplink's ingress.
 pub const UPLINK_INGRESS: &str = "uplink_ingress";
 /// TC program on the VM-facing interface's ingress.
@@ -47,7 +51,7 @@ const LOAD_ATTEMPTS: usize = 5;
 
 /// The verifier gives up with EAGAIN when a signal arrives mid-verification
 /// (a busy process gets SIGCHLD and timers); libbpf retries such loads too.
-fn retry_interrupted(
+pub(crate) fn retry_interrupted(
     mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
 ) -> Result<(), aya::programs::ProgramError> {
     let mut attempt = 1;
@@ -202,6 +206,35 @@ impl Datapath {
         map.iter()
             .map(|entry| entry.context("reading the flow map"))
             .collect()
+    }
+
+    /// How many flows the flow map holds at most, as the kernel created it.
+    pub fn flows_capacity(&self) -> Result<u32> {
+        match self.ebpf.map(FLOWS_MAP) {
+            Some(aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data)) => Ok(data
+                .info()
+                .context("reading the flow map's information")?
+                .max_entries()),
+            _ => bail!("map {FLOWS_MAP} missing from the eBPF object, or not a hash map"),
+        }
+    }
+
+    /// Inserts (or overwrites) flows in the flow map.
+    pub fn insert_flows(
+        &mut self,
+        flows: impl IntoIterator<Item = (FlowKey, FlowValue)>,
+    ) -> Result<()> {
+        let mut map: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(
+            self.ebpf
+                .map_mut(FLOWS_MAP)
+                .ok_or_else(|| anyhow!("map {FLOWS_MAP} missing from the eBPF object"))?,
+        )
+        .context("FLOWS is not a hash map")?;
+        for (key, value) in flows {
+            map.insert(key, value, 0)
+                .context("inserting into the flow map")?;
+        }
+        Ok(())
     }
 
     /// Pins every map and program under `dir` (which must be on a bpffs).
