@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub sweep_interval: Duration,
     pub established_idle: Duration,
+    /// The flow map's capacity when the agent attaches its datapath.
+    pub flows_capacity: Option<u32>,
     /// Where VM records and QEMU logs live, for adoption after a restart.
     pub state_dir: PathBuf,
     /// Stop the VMs when the agent exits (by default they keep running).
@@ -106,6 +108,7 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
             config.uplink.clone(),
             config.pin_name.clone(),
             config.established_idle,
+            config.flows_capacity,
         ),
         vms: Vms::new(config.state_dir.clone())?,
         migrations: Migrations::new(&config.state_dir)?,
@@ -805,7 +808,7 @@ mod tests {
         let agent = Arc::new(Agent {
             site: "test".to_owned(),
             token: Token::new("a-token-for-the-route-test").expect("token"),
-            datapath: SiteDatapath::new("lo".to_owned(), None, Duration::from_secs(1)),
+            datapath: SiteDatapath::new("lo".to_owned(), None, Duration::from_secs(1), None),
             vms: Vms::new(state_dir.clone()).expect("state dir"),
             migrations: Migrations::new(&state_dir).expect("journal"),
         });

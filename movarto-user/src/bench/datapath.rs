@@ -38,7 +38,8 @@ use super::{
     scratch::{self, Scratch},
 };
 use crate::datapath::{
-    Datapath, LoadOptions, NOOP_OBJECT, SiteConfig, flows::monotonic_ns, retry_interrupted,
+    ATTACHED_FLOWS_CAPACITY, Datapath, LoadOptions, NOOP_OBJECT, SiteConfig, flows::monotonic_ns,
+    retry_interrupted,
 };
 
 /// How the bench runs.
@@ -50,7 +51,7 @@ pub struct Options {
     pub repeat: u32,
     /// Calls per round for the paths that run once per call.
     pub calls: u32,
-    /// Capacity of the flow map (`None`: the datapath's default).
+    /// Capacity of the flow map (`None`: what `attach` gives it).
     pub flows_capacity: Option<u32>,
     /// The flow map's states to measure in.
     pub flow_maps: Vec<FlowMap>,
@@ -361,6 +362,7 @@ pub struct Report {
     pub repeat: u32,
     pub calls: u32,
     pub flows_capacity: u32,
+    pub pending_flows_capacity: u32,
     pub rows: Vec<Row>,
 }
 
@@ -466,6 +468,17 @@ fn established(origin: u8, now: u64) -> FlowValue {
     }
 }
 
+/// A SYN nobody answered yet, seen `now`: what a flood leaves in the pending map.
+fn handshake(now: u64) -> FlowValue {
+    FlowValue {
+        first_seen_ns: now,
+        last_seen_ns: now,
+        state: state::SYN_SEEN | state::SEEN_FROM_PEER,
+        origin: origin::TRACKED,
+        ..FlowValue::default()
+    }
+}
+
 /// Runs the bench. Root only; everything it loads and builds is gone when it returns
 /// (the programs, the maps) or when the process exits (its network namespace).
 pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
@@ -480,15 +493,20 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
         opts.paths.clone()
     };
     let mut rows = Vec::new();
-    let mut capacity = 0;
+    let (mut capacity, mut pending_capacity) = (0, 0);
     for &fill in &opts.flow_maps {
         // A fresh datapath per state of the map: nothing carries over.
         let mut dp = Datapath::load_with(&LoadOptions {
-            flows_capacity: opts.flows_capacity,
+            flows_capacity: Some(opts.flows_capacity.unwrap_or(ATTACHED_FLOWS_CAPACITY)),
+            ..LoadOptions::default()
         })?;
         capacity = dp.flows_capacity()?;
+        pending_capacity = dp.pending_flows_capacity()?;
         if fill == FlowMap::Full {
-            progress(&format!("filling the flow map with {capacity} flows"));
+            progress(&format!(
+                "filling the flow maps with {capacity} established and {pending_capacity} \
+                 pending flows"
+            ));
             let now = monotonic_ns()?;
             dp.insert_flows((0..capacity).map(|n| {
                 let (peer, port) = frames::flood_client(n);
@@ -496,6 +514,10 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
                     frames::flow_key(peer, port),
                     established(origin::TRACKED, now),
                 )
+            }))?;
+            dp.insert_flows((capacity..capacity + pending_capacity).map(|n| {
+                let (peer, port) = frames::flood_client(n);
+                (frames::flow_key(peer, port), handshake(now))
             }))?;
         }
         for &path in &paths {
@@ -510,6 +532,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
         repeat: opts.repeat,
         calls: opts.calls,
         flows_capacity: capacity,
+        pending_flows_capacity: pending_capacity,
         rows,
     })
 }

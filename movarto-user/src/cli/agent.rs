@@ -44,6 +44,11 @@ pub struct AgentArgs {
     #[arg(long, default_value = "300s", value_parser = parse_duration,
           help = format!("When an established, idle pre-move flow counts as gone: {DURATION_HELP}"))]
     pub established_idle: Duration,
+    /// How many flows the flow map holds when the agent attaches the datapath
+    /// (default 1048576, Cilium's TCP conntrack default; about 160 bytes each,
+    /// preallocated, plus a quarter as many pending flows).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub flows_capacity: Option<u32>,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -64,5 +69,6 @@ pub fn run(args: AgentArgs) -> Result<()> {
         tls: args.tls_cert.zip(args.tls_key),
         sweep_interval: args.sweep_interval,
         established_idle: args.established_idle,
+        flows_capacity: args.flows_capacity,
     })
 }

@@ -23,7 +23,7 @@ pub struct DatapathArgs {
     /// Calls per round for the paths that rewrite the frame (one run per call).
     #[arg(long, default_value_t = 20_000)]
     pub calls: u32,
-    /// Capacity of the flow map (default: the datapath's).
+    /// Capacity of the flow map (default: what `attach` gives it, 1048576).
     #[arg(long)]
     pub flows_capacity: Option<u32>,
     /// The flow map's states to measure in (repeat it; default both).
@@ -95,8 +95,8 @@ fn datapath_bench(a: DatapathArgs) -> Result<()> {
 fn print_table(r: &Report) {
     println!(
         "datapath cost per packet: kernel {}, {} CPUs, {} rounds, repeat loop {} runs, \
-         {} calls per round otherwise, flow map capacity {}",
-        r.kernel, r.cpus, r.rounds, r.repeat, r.calls, r.flows_capacity
+         {} calls per round otherwise, flow maps of {} confirmed and {} pending flows",
+        r.kernel, r.cpus, r.rounds, r.repeat, r.calls, r.flows_capacity, r.pending_flows_capacity
     );
     println!(
         "{:<22} {:<8} {:<6} {:<16} {:<15} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7}",
