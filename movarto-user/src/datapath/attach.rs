@@ -444,15 +444,10 @@ impl Pinned {
             anyhow::Ok(())
         });
         // Counted also when an insert failed part way: what went in must be known.
-        let before = self.counters()?;
-        self.set_userspace_counter(
-            Counter::FlowInserted,
-            before.get(Counter::FlowInserted) + inserted,
-        )?;
-        self.set_userspace_counter(
-            Counter::FlowInsertedConfirmed,
-            before.get(Counter::FlowInsertedConfirmed) + confirmed,
-        )?;
+        self.add_to_userspace_counters(&[
+            (Counter::FlowInserted, inserted),
+            (Counter::FlowInsertedConfirmed, confirmed),
+        ])?;
         result
     }
 
@@ -523,16 +518,20 @@ impl Pinned {
                 deleted += 1;
             }
         }
-        let before = self.counters()?;
-        self.set_userspace_counter(
-            Counter::FlowDeleted,
-            before.get(Counter::FlowDeleted) + deleted,
-        )?;
-        self.set_userspace_counter(
-            Counter::FlowDeletedConfirmed,
-            before.get(Counter::FlowDeletedConfirmed) + deleted_confirmed,
-        )?;
+        self.add_to_userspace_counters(&[
+            (Counter::FlowDeleted, deleted),
+            (Counter::FlowDeletedConfirmed, deleted_confirmed),
+        ])?;
         Ok(expired)
+    }
+
+    /// Adds to counters only userspace writes.
+    fn add_to_userspace_counters(&mut self, deltas: &[(Counter, u64)]) -> Result<()> {
+        let before = self.counters()?;
+        for &(counter, delta) in deltas {
+            self.set_userspace_counter(counter, before.get(counter) + delta)?;
+        }
+        Ok(())
     }
 
     /// Sets a counter only userspace writes to `total` (in the first CPU's slot).

@@ -66,6 +66,8 @@ pub fn flow_json(k: &FlowKey, v: &FlowValue, now: u64) -> serde_json::Value {
         "origin": origin_name(v.origin),
         "state": state_names(v.state),
         "closing": state::is_closing(v.state),
+        // In the confirmed map, out of a flood's reach (else pending).
+        "confirmed": v.is_confirmed(),
         "packets_from_peer": v.packets_from_peer,
         "bytes_from_peer": v.bytes_from_peer,
         "packets_to_peer": v.packets_to_peer,
