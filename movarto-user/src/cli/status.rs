@@ -55,6 +55,9 @@ pub fn run(a: StatusArgs) -> Result<()> {
             "attached_here": status.attached_here,
             "config": config_json(config),
             "flows": status.flows.len(),
+            "flows_confirmed": status.flows.iter().filter(|(_, v)| v.is_confirmed()).count(),
+            "flows_capacity": status.flows_capacity,
+            "pending_flows_capacity": status.pending_flows_capacity,
             "counters": status.counters,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -83,7 +86,17 @@ pub fn run(a: StatusArgs) -> Result<()> {
         u16::from_be(config.gue_port),
         config.tunnel_mtu
     );
-    println!("  flows    {}", status.flows.len());
+    let confirmed = status
+        .flows
+        .iter()
+        .filter(|(_, v)| v.is_confirmed())
+        .count();
+    println!(
+        "  flows    {confirmed} confirmed of {} at most, {} pending of {} at most",
+        status.flows_capacity,
+        status.flows.len() - confirmed,
+        status.pending_flows_capacity
+    );
     println!("counters:");
     let nonzero = status.counters.nonzero();
     if nonzero.is_empty() {

@@ -305,6 +305,9 @@ pub struct Pinned {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     /// Flows not confirmed yet.
     pending: HashMap<MapData, FlowKey, FlowValue>,
+    /// How many flows each map holds at most.
+    pub flows_capacity: u32,
+    pub pending_flows_capacity: u32,
 }
 
 impl Pinned {
@@ -377,13 +380,22 @@ impl Pinned {
     /// Opens the maps pinned in `dir` (as [`Datapath::pin`] leaves them).
     pub fn open_at(dir: &Path) -> Result<Self> {
         let dir = dir.to_path_buf();
-        let map = |name: &str| -> Result<aya::maps::Map> {
+        let map_data = |name: &str| -> Result<MapData> {
             let path = dir.join(name);
-            let data =
-                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
-            aya::maps::Map::from_map_data(data).with_context(|| format!("map {name}"))
+            MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+        };
+        let map = |name: &str| -> Result<aya::maps::Map> {
+            aya::maps::Map::from_map_data(map_data(name)?).with_context(|| format!("map {name}"))
+        };
+        let capacity = |name: &str| -> Result<u32> {
+            Ok(map_data(name)?
+                .info()
+                .with_context(|| format!("reading {name}'s information"))?
+                .max_entries())
         };
         Ok(Self {
+            flows_capacity: capacity(FLOWS_MAP)?,
+            pending_flows_capacity: capacity(PENDING_FLOWS_MAP)?,
             config: Array::try_from(map(CONFIG_MAP)?).context("CONFIG")?,
             counters: PerCpuArray::try_from(map(COUNTERS_MAP)?).context("COUNTERS")?,
             flows: HashMap::try_from(map(FLOWS_MAP)?).context("FLOWS")?,

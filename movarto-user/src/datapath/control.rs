@@ -87,6 +87,9 @@ pub struct Status {
     pub config: Config,
     pub counters: CounterSnapshot,
     pub flows: Vec<(FlowKey, FlowValue)>,
+    /// How many flows the flow map and the pending flows' map hold at most.
+    pub flows_capacity: u32,
+    pub pending_flows_capacity: u32,
 }
 
 impl Status {
@@ -101,6 +104,8 @@ impl Status {
             config: pinned.config()?,
             counters,
             flows,
+            flows_capacity: pinned.flows_capacity,
+            pending_flows_capacity: pinned.pending_flows_capacity,
             pinned_at: pinned.dir,
         })
     }
