@@ -63,6 +63,7 @@ fn check_counters(
     first: &HashMap<String, f64>,
     status: &SiteStatus,
     second: &HashMap<String, f64>,
+    min_flows: f64,
 ) {
     let dp = status.datapath.as_ref().expect("attached");
     let labels = format!(r#"{{uplink="{uplink}",service="{H}"}}"#);
@@ -77,7 +78,7 @@ fn check_counters(
     }
     assert!(first[&format!("movarto_datapath_packets_total{labels}")] > 0.0);
     let flows = second[&format!("movarto_flows{labels}")];
-    assert!(flows >= 1.0, "the chat's flow is in the map: {flows}");
+    assert!(flows >= min_flows, "flows in the map: {flows}");
     assert_eq!(second[&format!("movarto_datapath_attached{labels}")], 1.0);
 }
 
@@ -122,7 +123,7 @@ fn metrics_during_a_migration_agree_with_the_status() {
     let started = Instant::now();
     let (first, status, second) = scrape_status_scrape(&l, "a");
     eprintln!("scrape, status, scrape at A: {:?}", started.elapsed());
-    check_counters(&l.uplink_a, &first, &status, &second);
+    check_counters(&l.uplink_a, &first, &status, &second, 1.0);
     let mode = format!(
         r#"movarto_datapath_mode{{uplink="{}",service="{H}",mode="track"}}"#,
         l.uplink_a
@@ -145,7 +146,8 @@ fn metrics_during_a_migration_agree_with_the_status() {
     assert!(total >= 64.0 * 1048576.0, "RAM {total}");
 
     let (first, status, second) = scrape_status_scrape(&l, "b");
-    check_counters(&l.uplink_b, &first, &status, &second);
+    // B learns the flows after the switchover.
+    check_counters(&l.uplink_b, &first, &status, &second, 0.0);
     let (stage, _) = only(&first, "movarto_migration_stage{");
     assert!(stage.contains(r#"role="destination",stage="#), "{stage}");
 
@@ -168,7 +170,7 @@ fn metrics_during_a_migration_agree_with_the_status() {
     }
     thread::sleep(Duration::from_millis(500));
     let (first, status, second) = scrape_status_scrape(&l, "a");
-    check_counters(&l.uplink_a, &first, &status, &second);
+    check_counters(&l.uplink_a, &first, &status, &second, 1.0);
     let (stage, _) = only(&second, "movarto_migration_stage{");
     assert!(stage.contains(r#"stage="draining""#), "{stage}");
     let tunnelled = format!(
