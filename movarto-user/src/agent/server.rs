@@ -231,14 +231,12 @@ async fn sweep_forever(agent: Arc<Agent>, every: Duration) {
     }
 }
 
+type Routes = OpenApiRouter<Arc<Agent>>;
+
 /// The agent's routes, with their OpenAPI description: one table for both, so the
 /// router and `docs/agent-api.openapi.json` can't disagree. `(public, protected,
 /// metrics)`: the metrics go with one or the other, by the agent's option.
-fn routes() -> (
-    OpenApiRouter<Arc<Agent>>,
-    OpenApiRouter<Arc<Agent>>,
-    OpenApiRouter<Arc<Agent>>,
-) {
+fn routes() -> (Routes, Routes, Routes) {
     let public = OpenApiRouter::with_openapi(ApiDoc::openapi()).routes(routes!(health));
     let protected = OpenApiRouter::new()
         .routes(routes!(status))
