@@ -10,7 +10,7 @@ use std::{
 
 use movarto_common::counters::Counter;
 use movarto_lab::lab::*;
-use movarto_tests::require_root;
+use movarto_tests::{migration::wait_for_source_migration, require_root};
 use movarto_user::agent::api::{SiteStatus, Stage};
 
 /// A scrape: each series (name and labels, as written) and its value.
@@ -101,23 +101,9 @@ fn metrics_during_a_migration_agree_with_the_status() {
         ])
         .expect("the migrate command");
     let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !l
-        .with_agents(async |a, _| {
-            a.migration("web")
-                .await
-                .is_ok_and(|m| m.progress.is_some_and(|p| p.transferred > 4 << 20))
-        })
-        .expect("the agents")
-    {
-        assert!(Instant::now() < deadline, "the RAM copy did not start");
-        assert!(
-            orchestrator.try_wait().expect("wait").is_none(),
-            "migrate ended before the RAM copy: {}",
-            l.agent_log("a")
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_source_migration(&l, &mut orchestrator, "the RAM copy", |m| {
+        m.progress.is_some_and(|p| p.transferred > 4 << 20)
+    });
 
     // During the RAM copy, at A (tracking) and at B (receiving).
     let started = Instant::now();
