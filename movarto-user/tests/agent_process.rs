@@ -1,6 +1,8 @@
-//! `--log-format json`: every line the agent and the orchestrator write on stderr is
-//! one JSON object, log lines with `level` and `fields`; the default stays human. Runs
-//! the real binary, unprivileged: an agent on the loopback with no datapath attached.
+//! The binary as a process, unprivileged (an agent on the loopback with no datapath
+//! attached): with `--log-format json` every line the agent and the orchestrator write
+//! on stderr is one JSON object, log lines with `level` and `fields`, and the default
+//! stays human; under systemd (`NOTIFY_SOCKET`) the agent says READY=1 once it serves
+//! and STOPPING=1 when stopped.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -44,6 +46,8 @@ impl Drop for Scratch {
 /// The agent, on the loopback; its pin name is this test's own, so no datapath is found.
 fn agent(scratch: &Path, format: Option<&str>) -> Child {
     let mut command = Command::new(BIN);
+    // systemd's socket, as Type=notify sets it; the notification test reads it.
+    command.env("NOTIFY_SOCKET", scratch.join("notify"));
     if let Some(format) = format {
         command.args(["--log-format", format]);
     }
@@ -62,9 +66,14 @@ fn agent(scratch: &Path, format: Option<&str>) -> Child {
         .expect("starting the agent")
 }
 
-/// Runs the agent until it serves, stops it with SIGTERM; its stderr lines.
-fn agent_lines(format: Option<&str>) -> Vec<String> {
+/// Runs the agent until it serves, stops it with SIGTERM; its stderr lines, and what
+/// it told systemd.
+fn agent_lines(format: Option<&str>) -> (Vec<String>, Vec<String>) {
     let scratch = Scratch::new(&format!("log-{}", format.unwrap_or("default")));
+    let notify = std::os::unix::net::UnixDatagram::bind(scratch.0.join("notify")).expect("socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
     let mut child = agent(&scratch.0, format);
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
@@ -85,7 +94,15 @@ fn agent_lines(format: Option<&str>) -> Vec<String> {
     let lines = reader.join().expect("reader");
     assert!(served.is_ok(), "the agent did not serve: {lines:#?}");
     assert!(status.success(), "the agent exited {status}: {lines:#?}");
-    lines
+    let mut told = Vec::new();
+    let mut buf = [0u8; 256];
+    while told.len() < 2 {
+        match notify.recv(&mut buf) {
+            Ok(n) => told.push(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned()),
+            Err(_) => break,
+        }
+    }
+    (lines, told)
 }
 
 /// Every line is a JSON log event; returns them.
@@ -107,7 +124,7 @@ fn is_log_event(event: &Value) -> bool {
 
 #[test]
 fn the_agent_logs_one_json_object_per_line() {
-    let events = json_lines(&agent_lines(Some("json")));
+    let events = json_lines(&agent_lines(Some("json")).0);
     for event in &events {
         assert!(is_log_event(event), "not a log event: {event}");
     }
@@ -134,7 +151,8 @@ fn the_agent_logs_one_json_object_per_line() {
 
 #[test]
 fn the_default_stays_human() {
-    let lines = agent_lines(None);
+    let (lines, told) = agent_lines(None);
+    assert_eq!(told, ["READY=1", "STOPPING=1"], "what systemd was told");
     let serving = lines
         .iter()
         .find(|l| l.contains("agent serving"))
