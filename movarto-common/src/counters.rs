@@ -82,15 +82,16 @@ pub enum Counter {
     /// userspace, not the datapath, into the first CPU's slot.
     FlowDeleted,
     /// Flow map: entries the kernel's LRU evicted to make room for new flows,
-    /// as of userspace's last sweep. The LRU evicts silently, in batches, and
-    /// even for an insert that then fails, so the datapath can't count it;
-    /// userspace derives it from the only other ways an entry leaves:
-    /// `flow_created - flow_deleted - entries present`. Written by userspace
-    /// into the first CPU's slot at each sweep; it never decreases, never
-    /// over-counts, and is exact when no packet creates a flow during the
-    /// sweep (otherwise it catches up at the next one). The sweep removes
-    /// expired entries, so an evicted entry was live, or had expired only
-    /// since the last sweep.
+    /// from either map, as of userspace's last read of the maps. The LRU evicts
+    /// silently, in batches, and even for an insert that then fails, so the
+    /// datapath can't count it; userspace derives it from the only other ways
+    /// an entry comes and leaves: `flow_created + flow_inserted -
+    /// flow_deleted - entries present` (see `flow`). Written by userspace into the first
+    /// CPU's slot at each sweep and each read that asks (`status`, `flows`);
+    /// it never decreases, never over-counts, and is exact when no packet
+    /// creates a flow during the read (otherwise it catches up at the next
+    /// one). The sweep removes expired entries, so an evicted entry was live,
+    /// or had expired only since the last sweep.
     FlowEvicted,
     /// Verdict: a packet the parser rejects (truncated, bad header, long IPv6
     /// extension chain) that is addressed to no service: left to the kernel
@@ -116,10 +117,26 @@ pub enum Counter {
     /// connection to `N` at B from a client port a pre-move flow used, or a
     /// SYN on the 5-tuple of a closed connection.
     FlowReused,
+    /// Flow map: a pending flow was confirmed (established, not closing) and
+    /// moved into the confirmed map, out of a flood's reach (see `flow`).
+    FlowConfirmed,
+    /// Flow map: flows userspace inserted (the snapshot handed over at
+    /// switchover), into either map. Written by userspace.
+    FlowInserted,
+    /// Flow map: of [`Counter::FlowInserted`], those that went into the
+    /// confirmed map. Written by userspace.
+    FlowInsertedConfirmed,
+    /// Flow map: of [`Counter::FlowDeleted`], those deleted from the confirmed
+    /// map. Written by userspace.
+    FlowDeletedConfirmed,
+    /// Flow map: of [`Counter::FlowEvicted`], confirmed flows the LRU evicted:
+    /// only more real connections than the map holds can cause one. Derived by
+    /// userspace like [`Counter::FlowEvicted`].
+    FlowEvictedConfirmed,
 }
 
 /// Number of slots in the counter array.
-pub const COUNTER_COUNT: u32 = Counter::FlowReused as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::FlowEvictedConfirmed as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -159,6 +176,11 @@ impl Counter {
         Counter::DropTtlExceeded,
         Counter::TooBigNoDf,
         Counter::FlowReused,
+        Counter::FlowConfirmed,
+        Counter::FlowInserted,
+        Counter::FlowInsertedConfirmed,
+        Counter::FlowDeletedConfirmed,
+        Counter::FlowEvictedConfirmed,
     ];
 
     /// Stable snake_case name, used in `status` output and JSON.
@@ -199,6 +221,11 @@ impl Counter {
             Counter::DropTtlExceeded => "drop_ttl_exceeded",
             Counter::TooBigNoDf => "too_big_no_df",
             Counter::FlowReused => "flow_reused",
+            Counter::FlowConfirmed => "flow_confirmed",
+            Counter::FlowInserted => "flow_inserted",
+            Counter::FlowInsertedConfirmed => "flow_inserted_confirmed",
+            Counter::FlowDeletedConfirmed => "flow_deleted_confirmed",
+            Counter::FlowEvictedConfirmed => "flow_evicted_confirmed",
         }
     }
 

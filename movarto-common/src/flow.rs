@@ -4,22 +4,45 @@
 //! in the first 4 bytes and the rest is zero. Ports are in network byte order,
 //! exactly as they appear on the wire, so the datapath never swaps them.
 //!
-//! The map is an LRU hash. Entries leave it in exactly two ways:
+//! Two LRU hash maps hold the flows, so that a flood cannot push out a real
+//! connection (a SYN flood of new 5-tuples is MOVARTO's CDN case, and the drain
+//! watches these maps: an evicted pre-move flow would let it tear the tunnel
+//! down under a live connection):
+//! - `PENDING_FLOWS`: every new flow starts here: a SYN, a datagram one way, a
+//!   mid-stream packet of a connection older than the tracking. A flood churns
+//!   this map and nothing else.
+//! - `FLOWS`: a flow moves here once it is confirmed
+//!   ([`FlowValue::is_confirmed`]: established and not closing), which a spoofed
+//!   sender can't make happen. Only more real connections than its capacity can
+//!   evict one.
+//!
+//! The pending map is a quarter of the flow map's size by default (Cilium's
+//! split of its TCP and other conntrack maps is similar). Each entry is a
+//! 40-byte key and a 56-byte value; with the kernel's per-element overhead
+//! (`struct htab_elem`, 48 bytes, and rounding) an entry takes about 160 bytes,
+//! all preallocated: the default million flows (Cilium's TCP conntrack
+//! default) and a quarter million pending take about 200 MB of kernel memory.
+//!
+//! Entries leave a map in exactly three ways:
+//! - a pending flow is confirmed and moves to `FLOWS`
+//!   (`Counter::FlowConfirmed`);
 //! - userspace deletes them: its sweep removes the entries expired under
-//!   [`timeout`] (and whatever else the manager decides to remove);
+//!   [`timeout`] (`Counter::FlowDeleted`, of which
+//!   `Counter::FlowDeletedConfirmed` from `FLOWS`);
 //! - the kernel evicts them to make room when a new flow is inserted into a
 //!   full map. The kernel's LRU evicts in batches (up to 128 entries into a
 //!   CPU's free list), possibly before the map is strictly full and even for
-//!   an insert that then fails, and tells nobody. So evictions are derived:
-//!   the datapath counts every entry it creates (`Counter::FlowCreated`,
-//!   exact: a successful `BPF_NOEXIST` insert), userspace counts what it
-//!   deletes (`Counter::FlowDeleted`), and at each sweep
-//!   `Counter::FlowEvicted = created - deleted - present`. Evictions of
-//!   live flows are what matters; the sweep removes expired entries, so an
-//!   evicted entry was live or had expired only since the last sweep. A
-//!   tracing program on the kernel's eviction callback
-//!   (`htab_lru_map_delete_node`) would count at the moment of eviction, but
-//!   this machine's kernel refuses to load tracing programs (EPERM).
+//!   an insert that then fails, and tells nobody. So evictions are derived
+//!   from what entered and what is present, on every read of the counters
+//!   that asks for it (`status`, `flows`, the agent's sweep and status):
+//!   `FlowEvicted = created + inserted - deleted - present` over both maps, and
+//!   `FlowEvictedConfirmed = confirmed + inserted confirmed -
+//!   deleted confirmed - present in FLOWS`, where `created` counts the datapath's new flows
+//!   (exact: a successful `BPF_NOEXIST` insert) and `inserted` the flows
+//!   userspace put in (a snapshot handed over at switchover). A tracing program
+//!   on the kernel's eviction callback (`htab_lru_map_delete_node`) would count
+//!   at the moment of eviction, but this machine's kernel refuses to load
+//!   tracing programs (EPERM).
 
 /// Key of the flow map.
 #[repr(C)]
@@ -137,6 +160,15 @@ impl FlowValue {
             established_idle_ns
         };
         idle > limit
+    }
+
+    /// Whether the flow has shown it is a real connection, and so belongs in the
+    /// confirmed flow map, out of a flood's reach: established (for TCP, packets
+    /// without SYN both ways; for other protocols, packets both ways) and not closing.
+    /// A spoofed SYN never gets there: its sender can't complete the handshake, and
+    /// the service's RST to a spoofed ACK closes the flow.
+    pub const fn is_confirmed(&self) -> bool {
+        self.state & state::ESTABLISHED != 0 && !state::is_closing(self.state)
     }
 
     /// Whether the flow keeps the drain going: a pre-move flow (tracked at A, or handed

@@ -8,7 +8,7 @@ use movarto_common::{
 
 use crate::{
     counters::bump,
-    maps::FLOWS,
+    maps::{FLOW_SCRATCH, FLOWS, PENDING_FLOWS},
     parse::{L4, Packet, tcp_flag},
 };
 
@@ -49,11 +49,14 @@ pub fn tuple_of(pkt: &Packet, dir: Direction) -> FlowKey {
     }
 }
 
-/// The origin of the flow `key`, if the map has it.
+/// The origin of the flow `key`, if either map has it.
 #[inline(always)]
 pub fn origin_of(key: &FlowKey) -> Option<u8> {
     // SAFETY: the value is only read, and only its origin, which is set once at creation.
-    FLOWS.get_ptr(key).map(|v| unsafe { (*v).origin })
+    FLOWS
+        .get_ptr(key)
+        .or_else(|| PENDING_FLOWS.get_ptr(key))
+        .map(|v| unsafe { (*v).origin })
 }
 
 /// Whose word decides a flow's origin when its entry already exists.
@@ -93,30 +96,84 @@ pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decid
         // between the two directions loses at most one count or a state bit
         // that the next packet sets again.
         let value = unsafe { &mut *value };
-        let reopened = matches!(pkt.l4, L4::Tcp)
-            && pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
-            && state::is_closing(value.state);
-        if reopened || (decides == Origin::Packet && value.origin != origin) {
+        if reopens(value, pkt) || (decides == Origin::Packet && value.origin != origin) {
             start_afresh(value, origin, now);
         }
         update(value, pkt, dir, now);
         return;
     }
-    let mut value = FlowValue {
+    record_pending(key, pkt, dir, origin, decides);
+}
+
+/// Records a flow the confirmed map does not hold: in [`PENDING_FLOWS`], where every
+/// new flow starts, and moves it to [`FLOWS`] once the packet confirms it (see
+/// [`FlowValue::is_confirmed`]).
+#[inline(always)]
+fn record_pending(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decides: Origin) {
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(value) = PENDING_FLOWS.get_ptr_mut(key) {
+        // SAFETY: a live map value; the same reasoning as in `record_key`.
+        let value = unsafe { &mut *value };
+        if reopens(value, pkt) || (decides == Origin::Packet && value.origin != origin) {
+            start_afresh(value, origin, now);
+        }
+        update(value, pkt, dir, now);
+        if value.is_confirmed() {
+            confirm(key, value);
+        }
+        return;
+    }
+    // The new entry is built in this CPU's scratch slot, not on the stack: the
+    // callers' frames leave this function little of the 512 bytes.
+    let Some(scratch) = FLOW_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot of the scratch map. movarto's programs run in
+    // softirq context (XDP) or with bottom halves off (TC), so none interrupts
+    // another on this CPU while the slot is in use.
+    let value = unsafe { &mut *scratch };
+    *value = FlowValue {
         first_seen_ns: now,
         origin,
         ..FlowValue::default()
     };
-    update(&mut value, pkt, dir, now);
-    match FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
+    update(value, pkt, dir, now);
+    match PENDING_FLOWS.insert(key, &*value, u64::from(BPF_NOEXIST)) {
         Ok(()) => bump(Counter::FlowCreated),
         Err(_) => {
             // Another CPU created it first: add this packet to theirs.
             bump(Counter::FlowInsertFailed);
-            if let Some(existing) = FLOWS.get_ptr_mut(key) {
+            if let Some(existing) = PENDING_FLOWS.get_ptr_mut(key) {
                 // SAFETY: as above.
                 update(unsafe { &mut *existing }, pkt, dir, now);
             }
+        }
+    }
+}
+
+/// Whether `pkt` opens a new connection on a closed flow's 5-tuple: a SYN on a
+/// flow that is closing, which must not inherit the closing bits (the sweep would
+/// drop it, and a pending flow would never be confirmed).
+#[inline(always)]
+fn reopens(value: &FlowValue, pkt: &Packet) -> bool {
+    matches!(pkt.l4, L4::Tcp)
+        && pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN
+        && state::is_closing(value.state)
+}
+
+/// Moves a pending flow that is now confirmed into [`FLOWS`].
+#[inline(always)]
+fn confirm(key: &FlowKey, value: &FlowValue) {
+    match FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {
+            bump(Counter::FlowConfirmed);
+            let _ = PENDING_FLOWS.remove(key);
+        }
+        // Another CPU confirmed it first; its entry holds the flow now.
+        Err(_) => {
+            bump(Counter::FlowInsertFailed);
+            let _ = PENDING_FLOWS.remove(key);
         }
     }
 }

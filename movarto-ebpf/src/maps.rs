@@ -12,6 +12,9 @@ use movarto_common::{
 
 /// Default flow-map capacity; the loader can change it (`max_entries`) before loading.
 pub const FLOWS_DEFAULT_CAPACITY: usize = 1 << 16;
+/// Default capacity of the pending flows' map (a quarter of the flow map's); the loader
+/// changes it with the flow map's.
+pub const PENDING_FLOWS_DEFAULT_CAPACITY: usize = FLOWS_DEFAULT_CAPACITY / 4;
 
 /// Per-CPU verdict and drop counters, indexed by `movarto_common::counters::Counter`.
 #[btf_map]
@@ -21,6 +24,19 @@ pub static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray:
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
-/// Flows keyed from the service's side; see `movarto_common::flow`.
+/// Confirmed flows (established, or answered), keyed from the service's side; see
+/// `movarto_common::flow`. Only a flow confirmed in [`PENDING_FLOWS`] enters it, so a
+/// flood of new 5-tuples never evicts one.
 #[btf_map]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue, FLOWS_DEFAULT_CAPACITY> = LruHashMap::new();
+
+/// Where a new flow's entry is built before it is inserted (one per CPU): a map
+/// value, not the stack, which the callers' frames need.
+#[btf_map]
+pub static FLOW_SCRATCH: PerCpuArray<FlowValue, 1> = PerCpuArray::new();
+
+/// Flows not confirmed yet: a SYN, or packets one way only. Every new flow starts
+/// here; a flood churns this map and nothing else.
+#[btf_map]
+pub static PENDING_FLOWS: LruHashMap<FlowKey, FlowValue, PENDING_FLOWS_DEFAULT_CAPACITY> =
+    LruHashMap::new();

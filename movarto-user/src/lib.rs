@@ -1,5 +1,6 @@
 //! movarto's manager. Split by concern; this foundation has the datapath loader.
 pub mod agent;
+pub mod bench;
 pub mod datapath;
 pub mod dns;
 pub mod migrate;

@@ -38,6 +38,11 @@ enum Command {
     /// Load the datapath through the kernel's verifier and report what was loaded.
     /// Nothing is attached; everything is unloaded on exit.
     Check(cli::check::CheckArgs),
+    /// Measure the datapath on this machine.
+    Bench {
+        #[command(subcommand)]
+        command: cli::bench::BenchCommand,
+    },
     /// Show or update the service's DNS records (RFC 2136 with TSIG).
     Dns {
         #[command(subcommand)]
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
         Command::Flows(args) => cli::flows::run(args),
         Command::Mode(args) => cli::mode::run(args),
         Command::Check(args) => cli::check::run(args),
+        Command::Bench { command } => cli::bench::run(command),
         Command::Dns { command } => cli::dns::run(command),
         Command::Vm { command } => cli::vm::run(command),
         Command::Agent(args) => cli::agent::run(args),

@@ -50,6 +50,7 @@ pub fn attach_in(ns: &Netns, uplink: &str, vm_iface: &str, site: SiteConfig) -> 
         xdp_mode: XdpMode::Default,
         site,
         pin_name: None,
+        flows_capacity: None,
     })
     .unwrap_or_else(|e| panic!("attach in {}: {e:#}", ns.name()));
     Attached(uplink.to_owned())

@@ -17,6 +17,8 @@ const CAPACITY: u32 = 256;
 fn tracking(capacity: Option<u32>) -> Datapath {
     let mut dp = Datapath::load_with(&LoadOptions {
         flows_capacity: capacity,
+        // One-way datagrams are pending flows: that map is the one measured here.
+        pending_flows_capacity: capacity,
     })
     .expect("load datapath");
     dp.set_config(&SiteConfig::new(Mode::Track, IpAddr::from(HOME4)))

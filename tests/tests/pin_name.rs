@@ -37,6 +37,7 @@ fn options(uplink: &str, pin_name: Option<&str>) -> AttachOptions {
         xdp_mode: XdpMode::Default,
         site: SiteConfig::new(Mode::Track, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))),
         pin_name: pin_name.map(str::to_owned),
+        flows_capacity: None,
     }
 }
 

@@ -45,6 +45,8 @@ pub struct AgentConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub sweep_interval: Duration,
     pub established_idle: Duration,
+    /// The flow map's capacity when the agent attaches its datapath.
+    pub flows_capacity: Option<u32>,
     /// Where VM records and QEMU logs live, for adoption after a restart.
     pub state_dir: PathBuf,
     /// Stop the VMs when the agent exits (by default they keep running).
@@ -112,6 +114,7 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
             config.uplink.clone(),
             config.pin_name.clone(),
             config.established_idle,
+            config.flows_capacity,
         ),
         vms: Vms::new(config.state_dir.clone())?,
         migrations: Migrations::new(&config.state_dir)?,
@@ -867,6 +870,7 @@ mod tests {
                 "lo".to_owned(),
                 Some(format!("mvt-route-test-{}", std::process::id())),
                 Duration::from_secs(1),
+                None,
             ),
             vms: Vms::new(state_dir.to_owned()).expect("state dir"),
             migrations: Migrations::new(state_dir).expect("journal"),

@@ -32,12 +32,20 @@ pub struct SiteDatapath {
     /// Where the pins live (bpffs is shared by every network namespace on the host).
     pub pin_name: String,
     established_idle_ns: u64,
+    /// The flow map's capacity when the agent attaches (`None`: the attach default).
+    flows_capacity: Option<u32>,
     swept: AtomicU64,
 }
 
 impl SiteDatapath {
-    pub fn new(uplink: String, pin_name: Option<String>, established_idle: Duration) -> Self {
+    pub fn new(
+        uplink: String,
+        pin_name: Option<String>,
+        established_idle: Duration,
+        flows_capacity: Option<u32>,
+    ) -> Self {
         Self {
+            flows_capacity,
             pin_name: pin_name.unwrap_or_else(|| uplink.clone()),
             uplink,
             established_idle_ns: established_idle.as_nanos() as u64,
@@ -58,9 +66,9 @@ impl SiteDatapath {
         if !self.attached() {
             return Ok(None);
         }
-        let pinned = self.open()?;
+        let mut pinned = self.open()?;
         let now = monotonic_ns()?;
-        let flows = pinned.flows()?;
+        let (flows, counters) = pinned.read_now()?;
         let live_premove_flows = flows
             .iter()
             .filter(|(k, v)| {
@@ -72,7 +80,7 @@ impl SiteDatapath {
             .iter()
             .map(|(_, v)| now.saturating_sub(v.last_seen_ns) / 1_000_000)
             .min();
-        let counters = pinned.counters()?.nonzero().into_iter().collect();
+        let counters = counters.nonzero().into_iter().collect();
         let config = pinned.config()?;
         let mode = config.mode().with_context(|| {
             format!(
@@ -105,6 +113,7 @@ impl SiteDatapath {
                 vm_iface: request.vm_iface.clone(),
                 xdp_mode: XdpMode::Default,
                 site: site.clone(),
+                flows_capacity: self.flows_capacity,
             })?;
         }
         if site.mode.uses_tunnel() {

@@ -49,6 +49,11 @@ pub struct AgentArgs {
     /// whole API does; the TLS settings apply either way.
     #[arg(long)]
     pub metrics_without_token: bool,
+    /// How many flows the flow map holds when the agent attaches the datapath
+    /// (default 1048576, Cilium's TCP conntrack default; about 160 bytes each,
+    /// preallocated, plus a quarter as many pending flows).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub flows_capacity: Option<u32>,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -70,5 +75,6 @@ pub fn run(args: AgentArgs) -> Result<()> {
         sweep_interval: args.sweep_interval,
         established_idle: args.established_idle,
         metrics_without_token: args.metrics_without_token,
+        flows_capacity: args.flows_capacity,
     })
 }

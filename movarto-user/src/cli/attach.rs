@@ -64,6 +64,12 @@ pub struct AttachArgs {
     /// needed when another network namespace's uplink has the same name.
     #[arg(long, value_name = "NAME")]
     pub pin_name: Option<String>,
+    /// How many flows the flow map holds (default 1048576, Cilium's TCP conntrack
+    /// default). Each takes about 160 bytes of kernel memory, preallocated; a map a
+    /// quarter that size holds the flows not confirmed yet (SYNs, one-way traffic),
+    /// so that a flood of new 5-tuples never pushes out an established connection.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub flows_capacity: Option<u32>,
 }
 
 pub fn run(a: AttachArgs) -> Result<()> {
@@ -105,6 +111,7 @@ pub fn run(a: AttachArgs) -> Result<()> {
         xdp_mode,
         site,
         pin_name: a.pin_name,
+        flows_capacity: a.flows_capacity,
     })?;
     println!(
         "attached to {} (XDP) and {} (TC ingress) in mode {}; pinned at {}",

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod bench;
 pub mod check;
 pub mod detach;
 pub mod dns;

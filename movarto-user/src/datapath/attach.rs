@@ -29,8 +29,8 @@ use movarto_common::{
 };
 
 use super::{
-    CONFIG_MAP, COUNTERS_MAP, CounterSnapshot, Datapath, FLOWS_MAP, SiteConfig, UPLINK_INGRESS,
-    VM_INGRESS,
+    CONFIG_MAP, COUNTERS_MAP, CounterSnapshot, Datapath, FLOWS_MAP, LoadOptions, PENDING_FLOWS_MAP,
+    SiteConfig, UPLINK_INGRESS, VM_INGRESS, flowmaps,
 };
 
 /// Root of movarto's pins.
@@ -66,7 +66,15 @@ pub struct AttachOptions {
     pub site: SiteConfig,
     /// The directory under [`PIN_ROOT`]; the uplink's name if `None`.
     pub pin_name: Option<String>,
+    /// Capacity of the flow map; [`ATTACHED_FLOWS_CAPACITY`] if `None`. The pending
+    /// flows' map gets a quarter of it.
+    pub flows_capacity: Option<u32>,
 }
+
+/// The flow map's capacity on an attached uplink unless told otherwise: a million
+/// flows, Cilium's default for TCP conntrack; about 200 MB of kernel memory with
+/// the pending map (see `movarto_common::flow`).
+pub const ATTACHED_FLOWS_CAPACITY: u32 = 1 << 20;
 
 impl AttachOptions {
     /// The pin name in effect.
@@ -217,7 +225,10 @@ pub fn attach(opts: &AttachOptions) -> Result<PathBuf> {
     site.uplink_ifindex = ifindex(&opts.uplink)?;
     site.vm_ifindex = ifindex(&opts.vm_iface)?;
     site.netns_cookie = netns_cookie()?;
-    let mut datapath = Datapath::load()?;
+    let mut datapath = Datapath::load_with(&LoadOptions {
+        flows_capacity: Some(opts.flows_capacity.unwrap_or(ATTACHED_FLOWS_CAPACITY)),
+        ..LoadOptions::default()
+    })?;
     datapath.set_config(&site)?;
 
     fs::create_dir_all(&dir).with_context(|| {
@@ -290,7 +301,10 @@ pub struct Pinned {
     pub dir: PathBuf,
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, u64>,
+    /// Confirmed flows.
     flows: HashMap<MapData, FlowKey, FlowValue>,
+    /// Flows not confirmed yet.
+    pending: HashMap<MapData, FlowKey, FlowValue>,
 }
 
 impl Pinned {
@@ -373,6 +387,12 @@ impl Pinned {
             config: Array::try_from(map(CONFIG_MAP)?).context("CONFIG")?,
             counters: PerCpuArray::try_from(map(COUNTERS_MAP)?).context("COUNTERS")?,
             flows: HashMap::try_from(map(FLOWS_MAP)?).context("FLOWS")?,
+            pending: HashMap::try_from(map(PENDING_FLOWS_MAP)?).with_context(|| {
+                format!(
+                    "{PENDING_FLOWS_MAP} (pins made by a movarto before the pending flows' map: \
+                     detach and attach again)"
+                )
+            })?,
             dir,
         })
     }
@@ -406,55 +426,112 @@ impl Pinned {
             .context("writing the configuration")
     }
 
-    /// Inserts (or overwrites) flows, e.g. the other site's snapshot at switchover.
+    /// Inserts (or overwrites) flows, e.g. the other site's snapshot at switchover:
+    /// the confirmed ones in the flow map, the others in the pending map, so that a
+    /// snapshot taken during a flood cannot push B's own connections out.
     pub fn insert_flows(&mut self, flows: &[(FlowKey, FlowValue)]) -> Result<()> {
-        for (key, value) in flows {
-            self.flows
-                .insert(key, value, 0)
+        let (mut inserted, mut confirmed) = (0u64, 0u64);
+        let result = flows.iter().try_for_each(|(key, value)| {
+            let map = if value.is_confirmed() {
+                &mut self.flows
+            } else {
+                &mut self.pending
+            };
+            map.insert(key, value, 0)
                 .context("inserting into the flow map")?;
-        }
-        Ok(())
+            inserted += 1;
+            confirmed += u64::from(value.is_confirmed());
+            anyhow::Ok(())
+        });
+        // Counted also when an insert failed part way: what went in must be known.
+        let before = self.counters()?;
+        self.set_userspace_counter(
+            Counter::FlowInserted,
+            before.get(Counter::FlowInserted) + inserted,
+        )?;
+        self.set_userspace_counter(
+            Counter::FlowInsertedConfirmed,
+            before.get(Counter::FlowInsertedConfirmed) + confirmed,
+        )?;
+        result
     }
 
+    /// The counters as the datapath and userspace left them; `flow_evicted` and
+    /// `flow_evicted_confirmed` as of the last sweep or [`Pinned::read_now`].
     pub fn counters(&self) -> Result<CounterSnapshot> {
         CounterSnapshot::sum(&self.counters)
     }
 
+    /// Every flow, and the counters with the evictions brought up to date from
+    /// them: what `status` and `flows` show.
+    pub fn read_now(&mut self) -> Result<(Vec<(FlowKey, FlowValue)>, CounterSnapshot)> {
+        let flows = self.read_flows_counting_evictions()?;
+        Ok((flows, self.counters()?))
+    }
+
+    /// Reads both flow maps and derives the evictions from what entered and what
+    /// is present (see `Counter::FlowEvicted`); returns the flows.
+    fn read_flows_counting_evictions(&mut self) -> Result<Vec<(FlowKey, FlowValue)>> {
+        // Read before the maps: flows created meanwhile can only make the
+        // eviction estimate smaller, never larger.
+        let before = self.counters()?;
+        let mut flows = flowmaps::Collected::default();
+        let confirmed = flows.add(&self.flows)?;
+        let pending = flows.add(&self.pending)?;
+        let evicted = (before.get(Counter::FlowCreated) + before.get(Counter::FlowInserted))
+            .saturating_sub(before.get(Counter::FlowDeleted))
+            .saturating_sub(confirmed + pending);
+        let evicted_confirmed = (before.get(Counter::FlowConfirmed)
+            + before.get(Counter::FlowInsertedConfirmed))
+        .saturating_sub(before.get(Counter::FlowDeletedConfirmed))
+        .saturating_sub(confirmed);
+        for (counter, value) in [
+            (Counter::FlowEvicted, evicted),
+            (Counter::FlowEvictedConfirmed, evicted_confirmed),
+        ] {
+            if value > before.get(counter) {
+                self.set_userspace_counter(counter, value)?;
+            }
+        }
+        Ok(flows.into_vec())
+    }
+
     /// Removes the flows expired at `now_ns` (CLOCK_MONOTONIC, the datapath's
     /// clock) under the timeouts of `movarto_common::flow::timeout`; returns
-    /// them. Also does the flow map's bookkeeping: adds what it deleted to
-    /// `flow_deleted` and brings `flow_evicted` up to date (see
-    /// `Counter::FlowEvicted`). One manager sweeps a datapath at a time.
+    /// them. Also does the flow maps' bookkeeping: adds what it deleted to
+    /// `flow_deleted` (and `flow_deleted_confirmed`) and brings the evictions up
+    /// to date (see `Counter::FlowEvicted`). One manager sweeps a datapath at a time.
     pub fn sweep(
         &mut self,
         now_ns: u64,
         established_idle_ns: u64,
     ) -> Result<Vec<(FlowKey, FlowValue)>> {
-        // Read before the map: flows created meanwhile can only make the
-        // eviction estimate smaller, never larger.
-        let before = self.counters()?;
-        let present = self.flows()?;
+        let present = self.read_flows_counting_evictions()?;
         let expired: Vec<_> = present
             .iter()
             .filter(|(k, v)| v.is_expired(k.protocol, now_ns, established_idle_ns))
             .copied()
             .collect();
-        let mut deleted = 0u64;
+        let (mut deleted, mut deleted_confirmed) = (0u64, 0u64);
         for (key, _) in &expired {
-            // A flow that went away meanwhile was evicted; the next sweep counts it.
+            // Wherever it is now. One that went away meanwhile was evicted (or
+            // confirmed); the next read counts it.
             if self.flows.remove(key).is_ok() {
+                deleted += 1;
+                deleted_confirmed += 1;
+            } else if self.pending.remove(key).is_ok() {
                 deleted += 1;
             }
         }
-        let deleted_total = before.get(Counter::FlowDeleted) + deleted;
-        self.set_userspace_counter(Counter::FlowDeleted, deleted_total)?;
-        let evicted = before
-            .get(Counter::FlowCreated)
-            .saturating_sub(before.get(Counter::FlowDeleted))
-            .saturating_sub(present.len() as u64);
-        if evicted > before.get(Counter::FlowEvicted) {
-            self.set_userspace_counter(Counter::FlowEvicted, evicted)?;
-        }
+        let before = self.counters()?;
+        self.set_userspace_counter(
+            Counter::FlowDeleted,
+            before.get(Counter::FlowDeleted) + deleted,
+        )?;
+        self.set_userspace_counter(
+            Counter::FlowDeletedConfirmed,
+            before.get(Counter::FlowDeletedConfirmed) + deleted_confirmed,
+        )?;
         Ok(expired)
     }
 
@@ -486,17 +563,11 @@ impl Pinned {
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
     }
 
-    /// Every flow in the map, each once (iterating a hash map that changes
-    /// meanwhile can restart and return a key twice).
+    /// Every flow in both maps, each once (confirmed first).
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        let mut seen = std::collections::HashSet::new();
-        let mut flows = Vec::new();
-        for entry in self.flows.iter() {
-            let (key, value) = entry.map_err(|e| anyhow!("reading the flow map: {e}"))?;
-            if seen.insert(key) {
-                flows.push((key, value));
-            }
-        }
-        Ok(flows)
+        let mut flows = flowmaps::Collected::default();
+        flows.add(&self.flows)?;
+        flows.add(&self.pending)?;
+        Ok(flows.into_vec())
     }
 }

@@ -77,8 +77,8 @@ pub fn detach_uplink(uplink: &str, pin_name: Option<&str>) -> Result<Detached> {
     Ok(Detached::Uplink)
 }
 
-/// A datapath's state at one instant, read from its pins. Read-only, so it works from
-/// any namespace, and says whose datapath it is.
+/// A datapath's state at one instant, read from its pins, from any namespace; says
+/// whose datapath it is. The only write is the derived eviction counters.
 pub struct Status {
     pub pinned_at: PathBuf,
     pub owner: Owner,
@@ -92,14 +92,15 @@ pub struct Status {
 impl Status {
     /// The status of the datapath pinned for `uplink` (under `pin_name`, if given).
     pub fn read(uplink: &str, pin_name: Option<&str>) -> Result<Self> {
-        let pinned = Pinned::open(pin_name_or(pin_name, uplink))?;
+        let mut pinned = Pinned::open(pin_name_or(pin_name, uplink))?;
         let owner = pinned.owner()?;
+        let (flows, counters) = pinned.read_now()?;
         Ok(Self {
             attached_here: owner.is(uplink).unwrap_or(false),
             owner,
             config: pinned.config()?,
-            counters: pinned.counters()?,
-            flows: pinned.flows()?,
+            counters,
+            flows,
             pinned_at: pinned.dir,
         })
     }

@@ -5,6 +5,7 @@ pub mod budget;
 mod config;
 mod control;
 mod counters;
+mod flowmaps;
 pub mod flows;
 
 use std::path::Path;
@@ -17,8 +18,8 @@ use aya::{
 };
 
 pub use attach::{
-    AttachOptions, Owner, PIN_ROOT, Pinned, attach, check_pin_name, detach, forwarding_enabled,
-    ifindex, netns_cookie, pin_dir,
+    ATTACHED_FLOWS_CAPACITY, AttachOptions, Owner, PIN_ROOT, Pinned, attach, check_pin_name,
+    detach, forwarding_enabled, ifindex, netns_cookie, pin_dir,
 };
 pub use config::SiteConfig;
 pub use control::{Detached, Status, detach_uplink, pin_name_or, require_forwarding, switch_mode};
@@ -31,6 +32,10 @@ use movarto_common::{
 /// The eBPF object movarto-user's build.rs compiled from movarto-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/movarto"));
 
+/// The no-op programs the bench measures against (`movarto-ebpf/src/bin/noop.rs`).
+pub static NOOP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/movarto-noop"));
+
 /// XDP program on the uplink's ingress.
 pub const UPLINK_INGRESS: &str = "uplink_ingress";
 /// TC program on the VM-facing interface's ingress.
@@ -39,15 +44,17 @@ pub const VM_INGRESS: &str = "vm_ingress";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// The site configuration (one entry).
 pub const CONFIG_MAP: &str = "CONFIG";
-/// The flow map.
+/// The flow map (confirmed flows).
 pub const FLOWS_MAP: &str = "FLOWS";
+/// The pending flows' map (see `movarto_common::flow`).
+pub const PENDING_FLOWS_MAP: &str = "PENDING_FLOWS";
 
 /// How often a program load interrupted by a signal is tried again.
 const LOAD_ATTEMPTS: usize = 5;
 
 /// The verifier gives up with EAGAIN when a signal arrives mid-verification
 /// (a busy process gets SIGCHLD and timers); libbpf retries such loads too.
-fn retry_interrupted(
+pub(crate) fn retry_interrupted(
     mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
 ) -> Result<(), aya::programs::ProgramError> {
     let mut attempt = 1;
@@ -88,8 +95,23 @@ pub struct Datapath {
 /// How to load the datapath.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
-    /// Capacity of the flow map; the object's default (65536) if `None`.
+    /// Capacity of the (confirmed) flow map; the object's default (65536) if `None`.
     pub flows_capacity: Option<u32>,
+    /// Capacity of the pending flows' map; a quarter of the flow map's if `None`.
+    pub pending_flows_capacity: Option<u32>,
+}
+
+impl LoadOptions {
+    /// The flow maps' capacities as the kernel will create them: (confirmed, pending).
+    pub fn capacities(&self) -> Result<(Option<u32>, Option<u32>)> {
+        if self.flows_capacity == Some(0) || self.pending_flows_capacity == Some(0) {
+            bail!("the flow maps need a capacity of at least 1");
+        }
+        let pending = self
+            .pending_flows_capacity
+            .or_else(|| self.flows_capacity.map(|c| (c / 4).max(1)));
+        Ok((self.flows_capacity, pending))
+    }
 }
 
 impl Datapath {
@@ -101,11 +123,12 @@ impl Datapath {
     /// [`Datapath::load`] with options.
     pub fn load_with(opts: &LoadOptions) -> Result<Self> {
         let mut loader = EbpfLoader::new();
-        if let Some(capacity) = opts.flows_capacity {
-            if capacity == 0 {
-                bail!("the flow map needs a capacity of at least 1");
-            }
+        let (confirmed, pending) = opts.capacities()?;
+        if let Some(capacity) = confirmed {
             loader.map_max_entries(FLOWS_MAP, capacity);
+        }
+        if let Some(capacity) = pending {
+            loader.map_max_entries(PENDING_FLOWS_MAP, capacity);
         }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -191,17 +214,62 @@ impl Datapath {
             .context("reading the site configuration")
     }
 
-    /// Every flow in the flow map.
+    /// Every flow in the flow maps, confirmed first.
     pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>> {
-        let map: HashMap<&MapData, FlowKey, FlowValue> = HashMap::try_from(
+        let mut flows = flowmaps::Collected::default();
+        for name in [FLOWS_MAP, PENDING_FLOWS_MAP] {
+            flows.add(&self.flow_map(name)?)?;
+        }
+        Ok(flows.into_vec())
+    }
+
+    fn flow_map(&self, name: &str) -> Result<HashMap<&MapData, FlowKey, FlowValue>> {
+        HashMap::try_from(
             self.ebpf
-                .map(FLOWS_MAP)
-                .ok_or_else(|| anyhow!("map {FLOWS_MAP} missing from the eBPF object"))?,
+                .map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?,
         )
-        .context("FLOWS is not a hash map")?;
-        map.iter()
-            .map(|entry| entry.context("reading the flow map"))
-            .collect()
+        .with_context(|| format!("{name} is not a hash map"))
+    }
+
+    /// How many flows the flow map holds at most, as the kernel created it.
+    pub fn flows_capacity(&self) -> Result<u32> {
+        self.capacity_of(FLOWS_MAP)
+    }
+
+    /// How many flows the pending flows' map holds at most.
+    pub fn pending_flows_capacity(&self) -> Result<u32> {
+        self.capacity_of(PENDING_FLOWS_MAP)
+    }
+
+    fn capacity_of(&self, name: &str) -> Result<u32> {
+        match self.ebpf.map(name) {
+            Some(aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data)) => Ok(data
+                .info()
+                .with_context(|| format!("reading {name}'s information"))?
+                .max_entries()),
+            _ => bail!("map {name} missing from the eBPF object, or not a hash map"),
+        }
+    }
+
+    /// Inserts (or overwrites) flows: the confirmed ones in the flow map, the others
+    /// in the pending flows' map, as the datapath would hold them.
+    pub fn insert_flows(
+        &mut self,
+        flows: impl IntoIterator<Item = (FlowKey, FlowValue)>,
+    ) -> Result<()> {
+        for (key, value) in flows {
+            let name = flowmaps::map_for(&value);
+            let mut map: HashMap<&mut MapData, FlowKey, FlowValue> = HashMap::try_from(
+                self.ebpf
+                    .map_mut(name)
+                    .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?,
+            )
+            .with_context(|| format!("{name} is not a hash map"))?;
+            map.insert(key, value, 0)
+                .with_context(|| format!("inserting into {name}"))?;
+        }
+        Ok(())
     }
 
     /// Pins every map and program under `dir` (which must be on a bpffs).

@@ -1,0 +1,642 @@
+//! `movarto-user bench datapath`: what each path of the datapath costs per packet.
+//!
+//! Every path of DESIGN.md's table runs through BPF_PROG_TEST_RUN beside a no-op
+//! program of the same kind (XDP or TC) in the same run, interleaved, so a busy
+//! or slow machine moves both and the ratio stays meaningful. Two methods:
+//! - [`Method::RepeatLoop`]: one call, the kernel runs the frame `repeat` times
+//!   and reports the mean. Only for paths that leave the frame as they found
+//!   it: the loop does not restore it between runs, so a rewritten frame would
+//!   take another path from the second run on.
+//! - [`Method::OneRunPerCall`]: the paths that rewrite the frame (encapsulate,
+//!   decapsulate, NAT, clamp a SYN's MSS), one run per call on a fresh copy; the
+//!   figure is the median of the kernel's time for each run, which includes its
+//!   timer's overhead, so read these against the no-op timed the same way.
+//!
+//! Each path's verdict and counter are checked on every run: a figure is only
+//! reported for the path it names.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
+use movarto_common::{
+    config::Mode,
+    counters::Counter,
+    flow::{FlowValue, origin, state},
+    ids::{MacAddr, SessionToken},
+};
+use serde::Serialize;
+
+use super::{
+    frames::{
+        self, CLIENT, CLIENT_PORT, GATEWAY_MAC, HOME, NEW, OTHER_TENANT, SERVICE_PORT, Segment, TA,
+        TB, TOKEN, VM_MAC,
+    },
+    scratch::{self, Scratch},
+};
+use crate::datapath::{
+    ATTACHED_FLOWS_CAPACITY, Datapath, LoadOptions, NOOP_OBJECT, SiteConfig, flows::monotonic_ns,
+    retry_interrupted,
+};
+
+/// How the bench runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Rounds of every path; min, median and max are over the rounds.
+    pub rounds: u32,
+    /// Runs per call of the kernel's repeat loop.
+    pub repeat: u32,
+    /// Calls per round for the paths that run once per call.
+    pub calls: u32,
+    /// Capacity of the flow map (`None`: what `attach` gives it).
+    pub flows_capacity: Option<u32>,
+    /// The flow map's states to measure in.
+    pub flow_maps: Vec<FlowMap>,
+    /// Only these paths (all if empty).
+    pub paths: Vec<PathId>,
+}
+
+/// The state of the flow map a path is measured in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FlowMap {
+    /// Only the measured flow.
+    Empty,
+    /// Filled to capacity with other established flows first.
+    Full,
+}
+
+impl FlowMap {
+    pub const fn name(self) -> &'static str {
+        match self {
+            FlowMap::Empty => "empty",
+            FlowMap::Full => "full",
+        }
+    }
+}
+
+/// How a path was timed (see the module's documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    RepeatLoop,
+    OneRunPerCall,
+}
+
+impl Method {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Method::RepeatLoop => "repeat-loop",
+            Method::OneRunPerCall => "one-run-per-call",
+        }
+    }
+}
+
+/// Which program a path runs through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Program {
+    /// XDP on the uplink.
+    UplinkIngress,
+    /// TC on the VM-facing interface.
+    VmIngress,
+}
+
+/// The measured paths: DESIGN.md's table, by site and mode, and the packets
+/// of other tenants that every path must leave alone cheaply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathId {
+    /// Site A, `track`: a packet for another tenant's address.
+    NotAServiceTrack,
+    /// Site A, `track`: an established flow's packet to `H`.
+    TrackToHome,
+    /// Site A, `track`: a SYN to `H` on a new 5-tuple each run (insert, MSS clamp).
+    TrackSynNew,
+    /// Site A, `track`: the VM's packet on an established flow.
+    TrackFromVm,
+    /// Site A, `forward`: a packet to `H`, encapsulated to `TB`, routed, sent.
+    ForwardToTunnel,
+    /// Site A, `forward`: the VM's reply from `TB`, decapsulated and routed out.
+    ForwardFromTunnel,
+    /// Site B, `receive`: a packet for another tenant's address.
+    NotAServiceReceive,
+    /// Site B, `receive`: GUE from `TA`, decapsulated and delivered to the VM.
+    ReceiveFromTunnel,
+    /// Site B, `receive`: a packet to `N`, rewritten to `H` and delivered.
+    NatIn,
+    /// Site B, `receive`: the VM's reply on a NAT flow, rewritten to `N`, routed.
+    NatOut,
+    /// Site B, `receive`: the VM's reply on a pre-move flow, encapsulated to `TA`.
+    VmToTunnel,
+}
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// A return value's name.
+fn verdict_name(program: Program, value: u32) -> String {
+    match (program, value) {
+        (Program::UplinkIngress, XDP_PASS) => "XDP_PASS".into(),
+        (Program::UplinkIngress, XDP_TX) => "XDP_TX".into(),
+        (Program::UplinkIngress, XDP_REDIRECT) => "XDP_REDIRECT".into(),
+        (Program::VmIngress, TC_ACT_OK) => "TC_ACT_OK".into(),
+        (Program::VmIngress, TC_ACT_REDIRECT) => "TC_ACT_REDIRECT".into(),
+        (_, other) => format!("return value {other}"),
+    }
+}
+
+impl PathId {
+    pub const ALL: [PathId; 11] = [
+        PathId::NotAServiceTrack,
+        PathId::TrackToHome,
+        PathId::TrackSynNew,
+        PathId::TrackFromVm,
+        PathId::ForwardToTunnel,
+        PathId::ForwardFromTunnel,
+        PathId::NotAServiceReceive,
+        PathId::ReceiveFromTunnel,
+        PathId::NatIn,
+        PathId::NatOut,
+        PathId::VmToTunnel,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            PathId::NotAServiceTrack => "not-a-service-track",
+            PathId::TrackToHome => "track-to-home",
+            PathId::TrackSynNew => "track-syn-new",
+            PathId::TrackFromVm => "track-from-vm",
+            PathId::ForwardToTunnel => "forward-to-tunnel",
+            PathId::ForwardFromTunnel => "forward-from-tunnel",
+            PathId::NotAServiceReceive => "not-a-service-receive",
+            PathId::ReceiveFromTunnel => "receive-from-tunnel",
+            PathId::NatIn => "nat-in",
+            PathId::NatOut => "nat-out",
+            PathId::VmToTunnel => "vm-to-tunnel",
+        }
+    }
+
+    /// The path by its name.
+    pub fn from_name(name: &str) -> Option<PathId> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    const fn program(self) -> Program {
+        match self {
+            PathId::TrackFromVm | PathId::NatOut | PathId::VmToTunnel => Program::VmIngress,
+            _ => Program::UplinkIngress,
+        }
+    }
+
+    const fn mode(self) -> Mode {
+        match self {
+            PathId::NotAServiceTrack
+            | PathId::TrackToHome
+            | PathId::TrackSynNew
+            | PathId::TrackFromVm => Mode::Track,
+            PathId::ForwardToTunnel | PathId::ForwardFromTunnel => Mode::Forward,
+            _ => Mode::Receive,
+        }
+    }
+
+    /// Whether the path leaves the frame as it found it, so the repeat loop can time it.
+    const fn method(self) -> Method {
+        match self {
+            PathId::NotAServiceTrack
+            | PathId::TrackToHome
+            | PathId::TrackFromVm
+            | PathId::NotAServiceReceive => Method::RepeatLoop,
+            _ => Method::OneRunPerCall,
+        }
+    }
+
+    /// The counter every run of the path adds one to: the proof it took the path.
+    const fn counter(self) -> Counter {
+        match self {
+            PathId::NotAServiceTrack
+            | PathId::TrackToHome
+            | PathId::TrackFromVm
+            | PathId::NotAServiceReceive => Counter::PassIpv4,
+            PathId::TrackSynNew => Counter::MssClamped,
+            PathId::ForwardToTunnel | PathId::VmToTunnel => Counter::TunnelOut,
+            PathId::ForwardFromTunnel | PathId::ReceiveFromTunnel => Counter::TunnelIn,
+            PathId::NatIn => Counter::NatIn,
+            PathId::NatOut => Counter::NatOut,
+        }
+    }
+
+    /// The return values the path may end in.
+    const fn verdicts(self) -> &'static [u32] {
+        match self {
+            PathId::NotAServiceTrack
+            | PathId::TrackToHome
+            | PathId::TrackSynNew
+            | PathId::NotAServiceReceive => &[XDP_PASS],
+            PathId::TrackFromVm => &[TC_ACT_OK],
+            PathId::ForwardToTunnel
+            | PathId::ForwardFromTunnel
+            | PathId::ReceiveFromTunnel
+            | PathId::NatIn => &[XDP_TX, XDP_REDIRECT],
+            PathId::NatOut | PathId::VmToTunnel => &[TC_ACT_OK, TC_ACT_REDIRECT],
+        }
+    }
+
+    /// The frames the path runs: one, or (for [`PathId::TrackSynNew`]) one per
+    /// run, each a new 5-tuple.
+    fn frames(self, runs: u32) -> Result<Vec<Vec<u8>>> {
+        let client = (CLIENT, CLIENT_PORT);
+        let frame = match self {
+            PathId::NotAServiceTrack | PathId::NotAServiceReceive => {
+                frames::to_uplink(client, (OTHER_TENANT, SERVICE_PORT), Segment::Data)?
+            }
+            PathId::TrackToHome | PathId::ForwardToTunnel => {
+                frames::to_uplink(client, (HOME, SERVICE_PORT), Segment::Data)?
+            }
+            PathId::TrackSynNew => {
+                return (0..runs)
+                    .map(|n| {
+                        frames::to_uplink(
+                            frames::flood_client(SYN_CLIENTS + n),
+                            (HOME, SERVICE_PORT),
+                            Segment::Syn,
+                        )
+                    })
+                    .collect();
+            }
+            PathId::TrackFromVm | PathId::NatOut | PathId::VmToTunnel => {
+                frames::from_vm(Segment::Data)?
+            }
+            PathId::ForwardFromTunnel => frames::gue(TB, TA, &frames::from_vm(Segment::Data)?),
+            PathId::ReceiveFromTunnel => frames::gue(
+                TA,
+                TB,
+                &frames::to_uplink(client, (HOME, SERVICE_PORT), Segment::Data)?,
+            ),
+            PathId::NatIn => frames::to_uplink(client, (NEW, SERVICE_PORT), Segment::Data)?,
+        };
+        Ok(vec![frame])
+    }
+
+    /// The flow the path finds in the map: the measured flow, established, of
+    /// the origin the path expects (none for other tenants' packets and new SYNs).
+    fn seeded_origin(self) -> Option<u8> {
+        match self {
+            PathId::NotAServiceTrack | PathId::NotAServiceReceive | PathId::TrackSynNew => None,
+            PathId::TrackToHome
+            | PathId::TrackFromVm
+            | PathId::ForwardToTunnel
+            | PathId::ForwardFromTunnel => Some(origin::TRACKED),
+            PathId::ReceiveFromTunnel | PathId::VmToTunnel => Some(origin::TUNNELLED),
+            PathId::NatIn | PathId::NatOut => Some(origin::NAT),
+        }
+    }
+}
+
+/// Where the SYN flood's clients start in [`frames::flood_client`]'s sequence,
+/// past the flows that fill the map.
+const SYN_CLIENTS: u32 = 1 << 31;
+
+/// min, median and max.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(values: &mut [f64]) -> Spread {
+        values.sort_by(f64::total_cmp);
+        Spread {
+            min: values.first().copied().unwrap_or(0.0),
+            median: median(values),
+            max: values.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// The median of sorted `values`.
+fn median(values: &[f64]) -> f64 {
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// One path's figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub path: PathId,
+    pub program: Program,
+    pub mode: Mode,
+    pub flow_map: FlowMap,
+    /// Services configured on the uplink (one until the datapath is per service).
+    pub services: u32,
+    pub method: Method,
+    /// What the path returned (checked on every run).
+    pub verdict: String,
+    /// Nanoseconds per packet over the rounds.
+    pub ns: Spread,
+    /// The no-op program of the same kind, timed the same way in the same rounds.
+    pub noop_ns: Spread,
+    /// Median over the no-op's median.
+    pub ratio_to_noop: f64,
+    /// Median minus the no-op's median: the path's own cost.
+    pub over_noop_ns: f64,
+}
+
+/// The whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub cpus: usize,
+    pub rounds: u32,
+    pub repeat: u32,
+    pub calls: u32,
+    pub flows_capacity: u32,
+    pub pending_flows_capacity: u32,
+    pub rows: Vec<Row>,
+}
+
+/// The no-op XDP and TC programs, loaded.
+struct Baseline {
+    ebpf: Ebpf,
+}
+
+impl Baseline {
+    fn load() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .load(NOOP_OBJECT)
+            .context("loading the no-op programs")?;
+        for name in ["noop_xdp", "noop_tc"] {
+            let prog = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?;
+            match prog {
+                aya::programs::Program::Xdp(p) => retry_interrupted(|| p.load()),
+                aya::programs::Program::SchedClassifier(p) => retry_interrupted(|| p.load()),
+                _ => bail!("{name} is neither XDP nor TC"),
+            }
+            .with_context(|| format!("the verifier rejected {name}"))?;
+        }
+        Ok(Self { ebpf })
+    }
+
+    fn run(&self, program: Program, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+        let name = match program {
+            Program::UplinkIngress => "noop_xdp",
+            Program::VmIngress => "noop_tc",
+        };
+        let prog = self
+            .ebpf
+            .program(name)
+            .with_context(|| format!("program {name} missing"))?;
+        let opts = options(frame, repeat);
+        let result = match prog {
+            aya::programs::Program::Xdp(p) => p.test_run(opts),
+            aya::programs::Program::SchedClassifier(p) => p.test_run(opts),
+            _ => bail!("{name} is neither XDP nor TC"),
+        }
+        .with_context(|| format!("BPF_PROG_TEST_RUN of {name}"))?;
+        Ok((result.return_value, result.duration))
+    }
+}
+
+fn options(frame: &[u8], repeat: u32) -> TestRunOptions<'_> {
+    TestRunOptions {
+        data_in: Some(frame),
+        repeat,
+        ..Default::default()
+    }
+}
+
+fn run_datapath(
+    dp: &Datapath,
+    program: Program,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, Duration)> {
+    let opts = options(frame, repeat);
+    let result = match program {
+        Program::UplinkIngress => {
+            let xdp: &Xdp = dp.uplink_ingress()?;
+            xdp.test_run(opts)
+        }
+        Program::VmIngress => {
+            let tc: &SchedClassifier = dp.vm_ingress()?;
+            tc.test_run(opts)
+        }
+    }
+    .context("BPF_PROG_TEST_RUN of the datapath")?;
+    Ok((result.return_value, result.duration))
+}
+
+/// The site configuration a mode is measured in.
+fn site(mode: Mode, scratch: &Scratch) -> SiteConfig {
+    let token = SessionToken(TOKEN);
+    let mut site = match mode {
+        Mode::Receive | Mode::Nat | Mode::Direct => SiteConfig::new(mode, HOME.into())
+            .with_new_addr(Some(NEW.into()))
+            .with_tunnel(TB, TA, token),
+        _ => SiteConfig::new(mode, HOME.into()).with_tunnel(TA, TB, token),
+    }
+    .with_macs(MacAddr(VM_MAC), MacAddr(GATEWAY_MAC));
+    site.uplink_ifindex = scratch.uplink_ifindex;
+    site.vm_ifindex = scratch.vm_ifindex;
+    site
+}
+
+/// An established flow of `origin`, last seen `now`.
+fn established(origin: u8, now: u64) -> FlowValue {
+    FlowValue {
+        first_seen_ns: now,
+        last_seen_ns: now,
+        state: state::SYN_SEEN
+            | state::ESTABLISHED
+            | state::SEEN_FROM_PEER
+            | state::SEEN_FROM_SERVICE,
+        origin,
+        ..FlowValue::default()
+    }
+}
+
+/// A SYN nobody answered yet, seen `now`: what a flood leaves in the pending map.
+fn handshake(now: u64) -> FlowValue {
+    FlowValue {
+        first_seen_ns: now,
+        last_seen_ns: now,
+        state: state::SYN_SEEN | state::SEEN_FROM_PEER,
+        origin: origin::TRACKED,
+        ..FlowValue::default()
+    }
+}
+
+/// Runs the bench. Root only; everything it loads and builds is gone when it returns
+/// (the programs, the maps) or when the process exits (its network namespace).
+pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
+    if opts.rounds == 0 || opts.repeat == 0 || opts.calls == 0 {
+        bail!("--rounds, --repeat and --calls must each be at least 1");
+    }
+    let scratch = scratch::enter()?;
+    let baseline = Baseline::load()?;
+    let paths: Vec<PathId> = if opts.paths.is_empty() {
+        PathId::ALL.to_vec()
+    } else {
+        opts.paths.clone()
+    };
+    let mut rows = Vec::new();
+    let (mut capacity, mut pending_capacity) = (0, 0);
+    for &fill in &opts.flow_maps {
+        // A fresh datapath per state of the map: nothing carries over.
+        let mut dp = Datapath::load_with(&LoadOptions {
+            flows_capacity: Some(opts.flows_capacity.unwrap_or(ATTACHED_FLOWS_CAPACITY)),
+            ..LoadOptions::default()
+        })?;
+        capacity = dp.flows_capacity()?;
+        pending_capacity = dp.pending_flows_capacity()?;
+        if fill == FlowMap::Full {
+            progress(&format!(
+                "filling the flow maps with {capacity} established and {pending_capacity} \
+                 pending flows"
+            ));
+            let now = monotonic_ns()?;
+            dp.insert_flows((0..capacity).map(|n| {
+                let (peer, port) = frames::flood_client(n);
+                (
+                    frames::flow_key(peer, port),
+                    established(origin::TRACKED, now),
+                )
+            }))?;
+            dp.insert_flows((capacity..capacity + pending_capacity).map(|n| {
+                let (peer, port) = frames::flood_client(n);
+                (frames::flow_key(peer, port), handshake(now))
+            }))?;
+        }
+        for &path in &paths {
+            progress(&format!("{} (flow map {})", path.name(), fill.name()));
+            rows.push(measure(&mut dp, &baseline, &scratch, path, fill, opts)?);
+        }
+    }
+    Ok(Report {
+        kernel: kernel_release(),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        rounds: opts.rounds,
+        repeat: opts.repeat,
+        calls: opts.calls,
+        flows_capacity: capacity,
+        pending_flows_capacity: pending_capacity,
+        rows,
+    })
+}
+
+fn measure(
+    dp: &mut Datapath,
+    baseline: &Baseline,
+    scratch: &Scratch,
+    path: PathId,
+    fill: FlowMap,
+    opts: &Options,
+) -> Result<Row> {
+    dp.set_config(&site(path.mode(), scratch))?;
+    if let Some(origin) = path.seeded_origin() {
+        dp.insert_flows([(
+            frames::measured_flow(),
+            established(origin, monotonic_ns()?),
+        )])?;
+    }
+    let program = path.program();
+    let method = path.method();
+    let per_round = match method {
+        Method::RepeatLoop => 1,
+        Method::OneRunPerCall => opts.calls,
+    };
+    let frames = path.frames(per_round * opts.rounds)?;
+    let before = dp.counters()?;
+    let mut runs: u64 = 0;
+    let mut verdict = None;
+    let mut check = |value: u32| -> Result<()> {
+        if !path.verdicts().contains(&value) {
+            bail!(
+                "{} ended in {}, not its path's verdict; the bench did not measure it",
+                path.name(),
+                verdict_name(program, value)
+            );
+        }
+        verdict.get_or_insert(value);
+        Ok(())
+    };
+    let (mut ours, mut noop) = (Vec::new(), Vec::new());
+    for round in 0..opts.rounds {
+        match method {
+            Method::RepeatLoop => {
+                let frame = frames.first().context("no frame")?;
+                let (value, took) = run_datapath(dp, program, frame, opts.repeat)?;
+                check(value)?;
+                runs += u64::from(opts.repeat);
+                let (_, base) = baseline.run(program, frame, opts.repeat)?;
+                ours.push(took.as_nanos() as f64);
+                noop.push(base.as_nanos() as f64);
+            }
+            Method::OneRunPerCall => {
+                let mut ours_round = Vec::with_capacity(per_round as usize);
+                let mut noop_round = Vec::with_capacity(per_round as usize);
+                for i in 0..per_round {
+                    let n = (round * per_round + i) as usize;
+                    let frame = frames.get(n).or(frames.first()).context("no frame")?;
+                    let (value, took) = run_datapath(dp, program, frame, 1)?;
+                    check(value)?;
+                    runs += 1;
+                    let (_, base) = baseline.run(program, frame, 1)?;
+                    ours_round.push(took.as_nanos() as f64);
+                    noop_round.push(base.as_nanos() as f64);
+                }
+                ours_round.sort_by(f64::total_cmp);
+                noop_round.sort_by(f64::total_cmp);
+                ours.push(median(&ours_round));
+                noop.push(median(&noop_round));
+            }
+        }
+    }
+    let counted = dp.counters()?.get(path.counter()) - before.get(path.counter());
+    if counted != runs {
+        bail!(
+            "{}: counter {} grew by {counted} in {runs} runs; the frame did not take the path \
+             every time",
+            path.name(),
+            path.counter().name()
+        );
+    }
+    let ns = Spread::of(&mut ours);
+    let noop_ns = Spread::of(&mut noop);
+    Ok(Row {
+        path,
+        program,
+        mode: path.mode(),
+        flow_map: fill,
+        services: 1,
+        method,
+        verdict: verdict_name(program, verdict.unwrap_or_default()),
+        ratio_to_noop: if noop_ns.median > 0.0 {
+            ns.median / noop_ns.median
+        } else {
+            f64::NAN
+        },
+        over_noop_ns: ns.median - noop_ns.median,
+        ns,
+        noop_ns,
+    })
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
