@@ -4,7 +4,9 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+use cli::logging::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -13,6 +15,10 @@ use clap::{Parser, Subcommand};
     about = "Live-migrate a server across a WAN without breaking its TCP connections"
 )]
 struct Cli {
+    /// How log lines on stderr look: `human`, or `json` (one object per line, for log
+    /// collectors; `migrate`'s progress then defaults to JSON too).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,17 +57,14 @@ enum Command {
         #[command(subcommand)]
         command: cli::vm::VmCommand,
     },
+    /// Write man pages or shell completions (packaging: `cargo xtask dist`).
+    #[command(hide = true)]
+    Generate(cli::generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Attach(args) => cli::attach::run(args),
         Command::Detach(args) => cli::detach::run(args),
@@ -73,7 +76,8 @@ fn main() -> ExitCode {
         Command::Dns { command } => cli::dns::run(command),
         Command::Vm { command } => cli::vm::run(command),
         Command::Agent(args) => cli::agent::run(args),
-        Command::Migrate(args) => match cli::migrate::run(&args) {
+        Command::Generate(args) => cli::generate::run(&args, Cli::command()),
+        Command::Migrate(args) => match cli::migrate::run(&args, cli.log_format) {
             Ok(code) => return code,
             Err(err) => Err(err),
         },
@@ -81,7 +85,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("movarto-user: {err:#}");
+            match cli.log_format {
+                LogFormat::Human => eprintln!("movarto-user: {err:#}"),
+                // A log collector gets the failure as one more JSON line.
+                LogFormat::Json => tracing::error!(error = format!("{err:#}"), "failed"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -21,7 +21,7 @@ use movarto_lab::{
     netns::{ChildGuard, wait_until},
     workload::echo_once,
 };
-use movarto_tests::require_root;
+use movarto_tests::{migration::wait_for_source_migration, require_root};
 use movarto_user::{
     agent::api::{MigrationState, RunState, Stage},
     datapath::pin_dir,
@@ -545,28 +545,6 @@ fn kill_destination_qemu_once(
         unsafe { libc::kill(destination_pid as i32, libc::SIGKILL) },
         0
     );
-}
-
-/// Waits until A's migration of the VM reaches `stage` (`reached`), while `migrate` runs.
-fn wait_for_source_migration(
-    l: &Lab,
-    orchestrator: &mut ChildGuard,
-    stage: &str,
-    reached: impl Fn(MigrationState) -> bool + Send + Sync + Copy,
-) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !l
-        .with_agents(async |a, _| a.migration("web").await.is_ok_and(reached))
-        .expect("the agents")
-    {
-        assert!(Instant::now() < deadline, "{stage} did not start");
-        assert!(
-            orchestrator.try_wait().expect("wait").is_none(),
-            "migrate ended before {stage}: {}",
-            l.agent_log("a")
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// `migrate` with a slow copy (8 MiB/s for ~80 MiB), so that something can happen in

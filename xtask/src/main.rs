@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's setup and test entry points.
 
 mod demo;
+mod dist;
 mod guest;
 mod run;
 mod setup;
@@ -31,6 +32,12 @@ enum Task {
         #[arg(long)]
         full: bool,
     },
+    /// Render man pages and shell completions from movarto-user's CLI into target/dist/
+    /// (what the .deb ships); `--deb` then builds the .deb there too (cargo-deb).
+    Dist {
+        #[arg(long)]
+        deb: bool,
+    },
     /// Build the test guest (Debian kernel, busybox initramfs, test server) into target/guest/.
     Guest,
     /// Build the lab, move a VM with live connections from site A to site B, report (root).
@@ -51,6 +58,7 @@ fn main() -> ExitCode {
         Task::Setup { check: false } => setup::run().map(|_| ExitCode::SUCCESS),
         Task::Setup { check: true } => setup::check().map(|()| ExitCode::SUCCESS),
         Task::Test { full } => test::run(full).map(|()| ExitCode::SUCCESS),
+        Task::Dist { deb } => dist::run(deb).map(|()| ExitCode::SUCCESS),
         Task::Guest => guest::build().map(|()| ExitCode::SUCCESS),
         Task::Demo { args } => demo::run(&args),
     };

@@ -44,6 +44,8 @@ const QEMU_MAJOR: &str = "10";
 const BACKPORTS_SOURCE_FILE: &str = "/etc/apt/sources.list.d/movarto-bookworm-backports.sources";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Builds the .deb (`cargo xtask dist --deb`, and the package test); ~2.5 min to build.
+const CARGO_DEB_VERSION: &str = "3.8.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 struct Step {
@@ -83,6 +85,11 @@ const STEPS: &[Step] = &[
         name: "bpf-linker 0.13.0 built against LLVM 22",
         missing: bpf_linker_missing,
         apply: bpf_linker_install,
+    },
+    Step {
+        name: "cargo-deb 3.8.0",
+        missing: cargo_deb_missing,
+        apply: cargo_deb_install,
     },
 ];
 
@@ -287,6 +294,26 @@ fn bpf_linker_install() -> Result<()> {
             .env("PATH", format!("{LLVM_PREFIX}/bin:{path}"))
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
+}
+
+fn cargo_deb_missing() -> Result<Option<String>> {
+    let found = output(run::cargo().args(["deb", "--version"]))?
+        .filter(|out| out.status.success())
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    Ok(match found {
+        Some(version) if version.ends_with(CARGO_DEB_VERSION) => None,
+        Some(version) => Some(format!("cargo-deb {CARGO_DEB_VERSION} (found `{version}`)")),
+        None => Some("cargo-deb".to_owned()),
+    })
+}
+
+fn cargo_deb_install() -> Result<()> {
+    status(run::cargo().args([
+        "install",
+        &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+        "--locked",
+        "--force",
+    ]))
 }
 
 /// Every apt source file: the one-line list and the deb822 `.sources` files.

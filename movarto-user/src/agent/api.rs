@@ -1,7 +1,8 @@
 //! The agent's control API: paths and JSON bodies, shared by the server and the client.
 //!
 //! Every path is under `/v1` and needs `Authorization: Bearer <site token>`, except
-//! `GET /v1/health`. Errors come back as [`ApiError`] with a non-2xx status. The
+//! `GET /v1/health`; Prometheus' `GET /metrics` needs it too unless the agent runs with
+//! `--metrics-without-token`. Errors come back as [`ApiError`] with a non-2xx status. The
 //! machine-readable description is `docs/agent-api.openapi.json`, generated from the
 //! handlers' `#[utoipa::path]` (agent/server.rs), which also build the router.
 //!
@@ -33,6 +34,7 @@
 //! | POST | `/v1/migrations/{id}/dns` | [`DnsDone`] → [`MigrationRecord`] (the orchestrator did owed DNS work) | yes |
 //! | GET | `/v1/leftovers` | → [`Leftovers`] (dry run: what ended migrations left that nothing needs) | yes |
 //! | DELETE | `/v1/leftovers` | → [`Leftovers`] (removed) | yes |
+//! | GET | `/metrics` | → OpenMetrics text for Prometheus (the token too, unless the agent runs with `--metrics-without-token`) | yes |
 //!
 //! Migrations are the agents' own (agent/migrations): the orchestrator creates one at the
 //! source and follows it; the agents carry it on without the orchestrator, and after
@@ -120,6 +122,10 @@ pub struct ModeRequest {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct DatapathStatus {
     pub pin_dir: String,
+    /// The service's home address `H` (absent from older agents).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "192.0.2.10")]
+    pub home_addr: Option<IpAddr>,
     #[schema(value_type = String, example = "track")]
     pub mode: Mode,
     /// Every non-zero counter, by its snake_case name.

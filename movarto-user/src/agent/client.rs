@@ -125,6 +125,22 @@ impl AgentClient {
         body: Option<&(impl Serialize + ?Sized)>,
         limit: Duration,
     ) -> Result<T, AgentError> {
+        let (status, text) = self.call_text(method.clone(), path, body, limit).await?;
+        serde_json::from_str(&text).map_err(|err| AgentError::Refused {
+            agent: self.base.clone(),
+            status,
+            message: format!("{method} {path}: unexpected reply ({err}): {text}"),
+        })
+    }
+
+    /// The reply's status and body, when it is a success.
+    async fn call_text(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+        limit: Duration,
+    ) -> Result<(u16, String), AgentError> {
         let mut request = self
             .http
             .request(method.clone(), format!("{}{path}", self.base))
@@ -158,11 +174,7 @@ impl AgentClient {
                 message: format!("{method} {path}: {message}"),
             });
         }
-        serde_json::from_str(&text).map_err(|err| AgentError::Refused {
-            agent: self.base.clone(),
-            status: status.as_u16(),
-            message: format!("{method} {path}: unexpected reply ({err}): {text}"),
-        })
+        Ok((status.as_u16(), text))
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, AgentError> {
@@ -175,6 +187,13 @@ impl AgentClient {
 
     pub async fn status(&self) -> Result<SiteStatus, AgentError> {
         self.get("/v1/status").await
+    }
+
+    /// `GET /metrics`: the OpenMetrics text Prometheus scrapes.
+    pub async fn metrics(&self) -> Result<String, AgentError> {
+        self.call_text(Method::GET, "/metrics", None::<&()>, CALL_TIMEOUT)
+            .await
+            .map(|(_, text)| text)
     }
 
     pub async fn apply_datapath(

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod client;
 pub mod garp;
+pub mod metrics;
 mod migrations;
 pub mod netlink;
 mod server;

@@ -6,7 +6,10 @@ use anyhow::{Context as _, Result};
 use axum::{
     Json, Router,
     extract::{Path, Request, State},
-    http::{StatusCode, header::AUTHORIZATION},
+    http::{
+        StatusCode,
+        header::{AUTHORIZATION, CONTENT_TYPE},
+    },
     middleware::{self, Next},
     response::{IntoResponse, Response},
 };
@@ -48,6 +51,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Stop the VMs when the agent exits (by default they keep running).
     pub stop_vms_on_exit: bool,
+    /// Serve `GET /metrics` without the token (by default it needs it, as the API does).
+    pub metrics_without_token: bool,
 }
 
 /// What the handlers and the migrations' drivers share.
@@ -57,6 +62,7 @@ pub(crate) struct Agent {
     pub(crate) datapath: SiteDatapath,
     pub(crate) vms: Vms,
     pub(crate) migrations: Migrations,
+    metrics_without_token: bool,
 }
 
 /// An error reply: the status, and the whole context chain as the message.
@@ -112,6 +118,7 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
         ),
         vms: Vms::new(config.state_dir.clone())?,
         migrations: Migrations::new(&config.state_dir)?,
+        metrics_without_token: config.metrics_without_token,
     });
     match agent.vms.adopt_all().await {
         Ok(0) => {}
@@ -143,13 +150,18 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
     }
     let sweeper = tokio::spawn(sweep_forever(agent.clone(), config.sweep_interval));
     let app = router(agent.clone());
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("SIGTERM handler")?;
+    // Installed now, before the agent says it serves (and systemd may stop it): a
+    // signal handler made lazily inside the future would leave SIGTERM fatal until the
+    // future is first polled.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
             _ = term.recv() => {}
         }
+        notify_systemd(sd_notify::NotifyState::Stopping);
         anyhow::Ok(())
     };
     let served = match &config.tls {
@@ -168,6 +180,13 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
             let server = axum_server::bind_rustls(config.listen, tls)
                 .handle(handle.clone())
                 .serve(app.into_make_service());
+            let listening = handle.clone();
+            tokio::spawn(async move {
+                // Ready only once the socket is bound (axum-server binds inside serve).
+                if listening.listening().await.is_some() {
+                    notify_systemd(sd_notify::NotifyState::Ready);
+                }
+            });
             tracing::info!(listen = %config.listen, site = %config.site, "agent serving (TLS)");
             tokio::select! {
                 served = server => served.context("serving"),
@@ -179,6 +198,7 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
                 .await
                 .with_context(|| format!("listening on {}", config.listen))?;
             tracing::info!(listen = %config.listen, site = %config.site, "agent serving");
+            notify_systemd(sd_notify::NotifyState::Ready);
             tokio::select! {
                 served = axum::serve(listener, app) => served.context("serving"),
                 stop = shutdown => stop,
@@ -195,6 +215,13 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
     served
 }
 
+/// Tells systemd (Type=notify) where the agent is; nothing without `NOTIFY_SOCKET`.
+fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if let Err(err) = sd_notify::notify(&[state]) {
+        tracing::warn!("telling systemd: {err}");
+    }
+}
+
 async fn sweep_forever(agent: Arc<Agent>, every: Duration) {
     let mut ticker = tokio::time::interval(every);
     loop {
@@ -207,9 +234,12 @@ async fn sweep_forever(agent: Arc<Agent>, every: Duration) {
     }
 }
 
+type Routes = OpenApiRouter<Arc<Agent>>;
+
 /// The agent's routes, with their OpenAPI description: one table for both, so the
-/// router and `docs/agent-api.openapi.json` can't disagree. `(public, protected)`.
-fn routes() -> (OpenApiRouter<Arc<Agent>>, OpenApiRouter<Arc<Agent>>) {
+/// router and `docs/agent-api.openapi.json` can't disagree. `(public, protected,
+/// metrics)`: the metrics go with one or the other, by the agent's option.
+fn routes() -> (Routes, Routes, Routes) {
     let public = OpenApiRouter::with_openapi(ApiDoc::openapi()).routes(routes!(health));
     let protected = OpenApiRouter::new()
         .routes(routes!(status))
@@ -230,15 +260,18 @@ fn routes() -> (OpenApiRouter<Arc<Agent>>, OpenApiRouter<Arc<Agent>>) {
         .routes(routes!(end_tunnel))
         .routes(routes!(dns_done))
         .routes(routes!(find_leftovers, remove_leftovers));
-    (public, protected)
+    let metrics = OpenApiRouter::new().routes(routes!(metrics));
+    (public, protected, metrics)
 }
 
 /// The agent API's OpenAPI description (`docs/agent-api.openapi.json`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let (public, protected) = routes();
+    let (public, protected, metrics) = routes();
     let (_, mut description) = public.split_for_parts();
     let (_, protected) = protected.split_for_parts();
+    let (_, metrics) = metrics.split_for_parts();
     description.merge(protected);
+    description.merge(metrics);
     description
 }
 
@@ -248,7 +281,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         title = "movarto agent API",
         version = "1",
         description = "The per-site agent's control API, which `movarto-user migrate` drives. \
-            Every path but /v1/health needs `Authorization: Bearer <site token>`."
+            Every path but /v1/health needs `Authorization: Bearer <site token>`; \
+            /metrics needs it unless the agent runs with `--metrics-without-token`."
     ),
     modifiers(&SiteToken),
     security(("site_token" = []))
@@ -269,9 +303,15 @@ impl Modify for SiteToken {
 }
 
 fn router(agent: Arc<Agent>) -> Router {
-    let (public, protected) = routes();
-    let (public, _) = public.split_for_parts();
-    let (protected, _) = protected.split_for_parts();
+    let (public, protected, metrics) = routes();
+    let (mut public, _) = public.split_for_parts();
+    let (mut protected, _) = protected.split_for_parts();
+    let (metrics, _) = metrics.split_for_parts();
+    if agent.metrics_without_token {
+        public = public.merge(metrics);
+    } else {
+        protected = protected.merge(metrics);
+    }
     let protected =
         protected.route_layer(middleware::from_fn_with_state(agent.clone(), require_token));
     public.merge(protected).with_state(agent)
@@ -330,6 +370,30 @@ async fn status(State(agent): State<Arc<Agent>>) -> Reply<SiteStatus> {
         datapath: agent.datapath.status()?,
         vms: agent.vms.all().await,
     }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "agent",
+    responses(
+        (status = 200, description = "Prometheus' scrape: the datapath's counters by uplink and service, the flows, the tunnel, each migration's stage, progress, bandwidth and downtime (docs/operations.md)",
+         body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn metrics(State(agent): State<Arc<Agent>>) -> Result<Response, Failure> {
+    // The status walks the flow map: off the async threads.
+    let reader = agent.clone();
+    let datapath = blocking(move || reader.datapath.status()).await?;
+    let migrations = agent.migrations.all().await;
+    let body = super::metrics::render(&super::metrics::Scrape {
+        site: &agent.site,
+        uplink: &agent.datapath.uplink,
+        datapath: datapath.as_ref(),
+        migrations: &migrations,
+    })?;
+    Ok(([(CONTENT_TYPE, super::metrics::CONTENT_TYPE)], body).into_response())
 }
 
 #[utoipa::path(
@@ -797,6 +861,77 @@ mod tests {
         );
     }
 
+    /// An agent on `lo` with a pin name no datapath has.
+    fn test_agent(state_dir: &Path, metrics_without_token: bool) -> Arc<Agent> {
+        Arc::new(Agent {
+            site: "test".to_owned(),
+            token: Token::new("a-token-for-the-route-test").expect("token"),
+            datapath: SiteDatapath::new(
+                "lo".to_owned(),
+                Some(format!("mvt-route-test-{}", std::process::id())),
+                Duration::from_secs(1),
+                None,
+            ),
+            vms: Vms::new(state_dir.to_owned()).expect("state dir"),
+            migrations: Migrations::new(state_dir).expect("journal"),
+            metrics_without_token,
+        })
+    }
+
+    /// `/metrics` needs the token by default; `--metrics-without-token` serves it to
+    /// anyone (and only it: the API still needs the token).
+    #[tokio::test]
+    async fn metrics_need_the_token_unless_the_agent_is_told_otherwise() {
+        for (without_token, expected) in [(false, Status::UNAUTHORIZED), (true, Status::OK)] {
+            let state_dir = std::env::temp_dir().join(format!(
+                "movarto-metrics-{}-{without_token}",
+                std::process::id()
+            ));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("listen");
+            let addr = listener.local_addr().expect("addr");
+            let app = router(test_agent(&state_dir, without_token));
+            let server = tokio::spawn(axum::serve(listener, app).into_future());
+            let http = reqwest::Client::new();
+            let anonymous = http
+                .get(format!("http://{addr}/metrics"))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(
+                anonymous.status(),
+                expected,
+                "without_token={without_token}"
+            );
+            let with_token = http
+                .get(format!("http://{addr}/metrics"))
+                .bearer_auth("a-token-for-the-route-test")
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(with_token.status(), Status::OK);
+            assert!(
+                with_token
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("application/openmetrics-text"))
+            );
+            let body = with_token.text().await.expect("body");
+            assert!(body.contains(r#"movarto_agent{site="test""#), "{body}");
+            assert!(body.ends_with("# EOF\n"), "{body}");
+            let status = http
+                .get(format!("http://{addr}/v1/status"))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(status.status(), Status::UNAUTHORIZED);
+            server.abort();
+            let _ = std::fs::remove_dir_all(&state_dir);
+        }
+    }
+
     /// Every described path is routed (without a token the check answers 401, where an
     /// unrouted path is 404), and every other method on it is refused by the router
     /// (405 with the token, so no handler runs). The router and the description are
@@ -805,13 +940,7 @@ mod tests {
     async fn the_router_serves_exactly_the_described_paths_and_methods() {
         let state_dir =
             std::env::temp_dir().join(format!("movarto-openapi-{}", std::process::id()));
-        let agent = Arc::new(Agent {
-            site: "test".to_owned(),
-            token: Token::new("a-token-for-the-route-test").expect("token"),
-            datapath: SiteDatapath::new("lo".to_owned(), None, Duration::from_secs(1), None),
-            vms: Vms::new(state_dir.clone()).expect("state dir"),
-            migrations: Migrations::new(&state_dir).expect("journal"),
-        });
+        let agent = test_agent(&state_dir, false);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("listen");

@@ -90,6 +90,7 @@ impl SiteDatapath {
         })?;
         Ok(Some(DatapathStatus {
             pin_dir: pinned.dir.display().to_string(),
+            home_addr: addr::from_map(config.home_addr, config.service_family),
             mode,
             counters,
             flows: flows.len(),

@@ -44,6 +44,11 @@ pub struct AgentArgs {
     #[arg(long, default_value = "300s", value_parser = parse_duration,
           help = format!("When an established, idle pre-move flow counts as gone: {DURATION_HELP}"))]
     pub established_idle: Duration,
+    /// Serve Prometheus' `GET /metrics` without the site token (e.g. to a scraper on a
+    /// management network that has no token). By default it needs the token, as the
+    /// whole API does; the TLS settings apply either way.
+    #[arg(long)]
+    pub metrics_without_token: bool,
     /// How many flows the flow map holds when the agent attaches the datapath
     /// (default 1048576, Cilium's TCP conntrack default; about 160 bytes each,
     /// preallocated, plus a quarter as many pending flows).
@@ -69,6 +74,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         tls: args.tls_cert.zip(args.tls_key),
         sweep_interval: args.sweep_interval,
         established_idle: args.established_idle,
+        metrics_without_token: args.metrics_without_token,
         flows_capacity: args.flows_capacity,
     })
 }

@@ -23,7 +23,10 @@ use movarto_user::{
     migrate::{AddressMode, MigrateOptions, Plan, ProgressFormat, resume, run_plan},
 };
 
-use super::units::{parse_bandwidth, parse_duration};
+use super::{
+    logging::LogFormat,
+    units::{parse_bandwidth, parse_duration},
+};
 
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
@@ -136,14 +139,14 @@ pub struct MigrateArgs {
     /// old DNS TTL.
     #[arg(long, value_parser = parse_duration)]
     pub drain_grace: Option<Duration>,
-    /// Progress on stderr: `text` for people, `json` for one event per line.
+    /// Progress on stderr: `text` for people, `json` for one event per line (default:
+    /// `json` with `--log-format json`, so that every stderr line is JSON; else `text`).
     #[arg(
         long,
-        default_value = "text",
         value_parser = PossibleValuesParser::new(["text", "json"])
             .try_map(|s| s.parse::<ProgressFormat>()),
     )]
-    pub progress: ProgressFormat,
+    pub progress: Option<ProgressFormat>,
     /// Print the report as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     pub json: bool,
@@ -159,6 +162,14 @@ pub struct MigrateArgs {
 }
 
 impl MigrateArgs {
+    /// `--progress`, or what suits the log format: JSON logs get JSON progress.
+    pub fn progress_format(&self, logs: LogFormat) -> ProgressFormat {
+        self.progress.unwrap_or(match logs {
+            LogFormat::Human => ProgressFormat::Text,
+            LogFormat::Json => ProgressFormat::Json,
+        })
+    }
+
     fn options(&self) -> Result<MigrateOptions> {
         let need = |what: &str| anyhow::anyhow!("--{what} is required (without --resume)");
         Ok(MigrateOptions {
@@ -216,7 +227,8 @@ impl MigrateArgs {
     }
 }
 
-pub fn run(args: &MigrateArgs) -> Result<ExitCode> {
+pub fn run(args: &MigrateArgs, logs: LogFormat) -> Result<ExitCode> {
+    let progress = args.progress_format(logs);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -235,18 +247,29 @@ pub fn run(args: &MigrateArgs) -> Result<ExitCode> {
                 id.clone(),
                 key,
                 args.agent_timeout,
-                args.progress,
+                progress,
             ))
         }
         None => {
             let plan = Plan::from_options(&args.options()?)?;
-            runtime.block_on(run_plan(&plan, args.progress))
+            runtime.block_on(run_plan(&plan, progress))
         }
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.render());
+    }
+    // A log collector sees the outcome too, not only whoever reads stdout.
+    if logs == LogFormat::Json {
+        match &report.error {
+            None => {
+                tracing::info!(vm = %report.vm, total_ms = report.total_ms, "migration succeeded")
+            }
+            Some(error) => {
+                tracing::error!(vm = %report.vm, error = %error, rolled_back = ?report.rolled_back, "migration failed")
+            }
+        }
     }
     Ok(if report.succeeded {
         ExitCode::SUCCESS
@@ -300,9 +323,18 @@ mod tests {
         assert_eq!(args.downtime_limit, Duration::from_millis(250));
         assert_eq!(args.max_drain, Duration::from_secs(120));
         assert_eq!(args.postcopy, PostcopySetting::WithinMs(1500));
-        assert_eq!(args.progress, ProgressFormat::Json);
+        assert_eq!(args.progress_format(LogFormat::Human), ProgressFormat::Json);
         let defaults = parse(&[]).expect("parses");
-        assert_eq!(defaults.progress, ProgressFormat::Text);
+        assert_eq!(
+            defaults.progress_format(LogFormat::Human),
+            ProgressFormat::Text
+        );
+        assert_eq!(
+            defaults.progress_format(LogFormat::Json),
+            ProgressFormat::Json
+        );
+        let text = parse(&["--progress=text"]).expect("parses");
+        assert_eq!(text.progress_format(LogFormat::Json), ProgressFormat::Text);
         assert_eq!(defaults.address_mode, AddressMode::Nat);
         assert_eq!(defaults.downtime_limit, Duration::from_millis(300));
         assert_eq!(defaults.agent_timeout, Duration::from_secs(30));

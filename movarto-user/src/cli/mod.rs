@@ -8,6 +8,8 @@ pub mod check;
 pub mod detach;
 pub mod dns;
 pub mod flows;
+pub mod generate;
+pub mod logging;
 pub mod migrate;
 pub mod mode;
 pub mod status;
