@@ -47,14 +47,20 @@ impl Drop for Attached {
     }
 }
 
-/// Attaches the datapath in `ns` to `uplink` (XDP) and `vm_iface` (TC), pinned under
-/// the uplink's name.
-pub fn attach_in(ns: &Netns, uplink: &str, vm_iface: &str, site: SiteConfig) -> Result<Attached> {
+/// Attaches the datapath in `ns` to `uplink` (XDP in `xdp_mode`) and `vm_iface` (TC),
+/// pinned under the uplink's name.
+pub fn attach_in(
+    ns: &Netns,
+    uplink: &str,
+    vm_iface: &str,
+    site: SiteConfig,
+    xdp_mode: XdpMode,
+) -> Result<Attached> {
     let _in = ns.enter()?;
     attach(&AttachOptions {
         uplink: uplink.to_owned(),
         vm_iface: vm_iface.to_owned(),
-        xdp_mode: XdpMode::Default,
+        xdp_mode,
         site,
         pin_name: None,
         flows_capacity: None,

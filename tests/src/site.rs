@@ -17,7 +17,8 @@ pub fn sh(ns: &Netns, args: &[&str]) {
 /// Attaches the datapath in `ns` to `uplink` (XDP) and `vm_iface` (TC), pinned under
 /// the uplink's name; the test fails if it can't.
 pub fn attach_in(ns: &Netns, uplink: &str, vm_iface: &str, site: SiteConfig) -> Attached {
-    movarto_lab::triangle::attach_in(ns, uplink, vm_iface, site).unwrap_or_else(|e| panic!("{e:#}"))
+    movarto_lab::triangle::attach_in(ns, uplink, vm_iface, site, aya::programs::XdpMode::Default)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// movarto's programs, unconfigured (they pass everything), on `devs` in `ns`; see

@@ -95,6 +95,9 @@ pub fn run(path: &Path, seconds: u32, streams: u32, direction: Direction) -> Res
         if let Some(status) = client.try_wait()? {
             break status;
         }
+        if crate::demo::interrupted() {
+            bail!("interrupted (Ctrl-C); cleaning up");
+        }
         if Instant::now() > deadline {
             bail!("iperf3 did not finish within {seconds} s plus {GRACE:?}");
         }

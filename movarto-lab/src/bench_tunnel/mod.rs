@@ -21,13 +21,18 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use aya::programs::XdpMode;
 use movarto_common::counters::Counter;
 use serde::Serialize;
 
 pub use self::{
     iperf::Sample,
-    paths::{PassThrough, Tunnel},
+    paths::{Gro, PassThrough, Tunnel},
 };
+
+/// Names the benchmark's namespaces (`mvt-bt-<host>-<pid>-<n>`) and its uplinks
+/// (`bt-a<pid>`, `bt-b<pid>`, which are also its pin names under /sys/fs/bpf/movarto).
+pub const PREFIX: &str = "bt-";
 
 /// Which way the bulk data goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -58,7 +63,10 @@ pub struct Variant {
     pub pass_through: PassThrough,
     pub queues: u32,
     pub underlay_mtu: Option<u32>,
-    pub gro: bool,
+    pub gro: Gro,
+    /// How movarto's XDP attaches to the uplinks.
+    #[serde(serialize_with = "mode_name")]
+    pub xdp_mode: XdpMode,
     pub threaded_napi: bool,
     pub qdisc: bool,
 }
@@ -74,7 +82,8 @@ const fn variant(name: &'static str, about: &'static str, tunnel: Tunnel) -> Var
         },
         queues: 1,
         underlay_mtu: None,
-        gro: false,
+        gro: Gro::Off,
+        xdp_mode: XdpMode::Default,
         threaded_napi: false,
         qdisc: false,
     }
@@ -121,8 +130,29 @@ pub fn variants() -> Vec<Variant> {
             )
         },
         Variant {
-            gro: true,
-            ..variant("movarto-gro", "movarto, GRO on at every veth end", Movarto)
+            gro: Gro::Endpoints,
+            ..variant(
+                "movarto-gro",
+                "movarto, GRO on the client's c0 and B's vm0",
+                Movarto,
+            )
+        },
+        Variant {
+            gro: Gro::All,
+            ..variant(
+                "movarto-gro-all",
+                "movarto, GRO on every veth end (the wan's too)",
+                Movarto,
+            )
+        },
+        Variant {
+            xdp_mode: XdpMode::Skb,
+            pass_through: PassThrough::None,
+            ..variant(
+                "movarto-generic",
+                "movarto in generic (skb) XDP, no pass-through XDP",
+                Movarto,
+            )
         },
         Variant {
             queues: 2,
@@ -149,6 +179,16 @@ pub fn variants() -> Vec<Variant> {
             )
         },
         Variant {
+            qdisc: true,
+            gro: Gro::Endpoints,
+            pass_through: PassThrough::Needed,
+            ..variant(
+                "movarto-tuned",
+                "movarto-less-xdp + movarto-gro + movarto-qdisc",
+                Movarto,
+            )
+        },
+        Variant {
             underlay_mtu: Some(1540),
             ..variant(
                 "movarto-mtu1540",
@@ -157,6 +197,15 @@ pub fn variants() -> Vec<Variant> {
             )
         },
     ]
+}
+
+fn mode_name<S: serde::Serializer>(mode: &XdpMode, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match mode {
+        XdpMode::Default => "default",
+        XdpMode::Skb => "skb",
+        XdpMode::Driver => "driver",
+        XdpMode::Hardware => "hardware",
+    })
 }
 
 /// What to run.
@@ -282,11 +331,14 @@ pub fn run(opts: &Options) -> Result<Report> {
     let mut counters: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>> = BTreeMap::new();
     for round in 1..=opts.rounds {
         for (i, v) in chosen.iter().enumerate() {
+            if crate::demo::interrupted() {
+                bail!("interrupted (Ctrl-C); cleaned up");
+            }
             if opts.verbose {
                 eprintln!("bench tunnel: round {round}/{}: {}", opts.rounds, v.name);
             }
             let path =
-                paths::Path::build("bt", v).with_context(|| format!("building {}", v.name))?;
+                paths::Path::build(PREFIX, v).with_context(|| format!("building {}", v.name))?;
             for &streams in &opts.streams {
                 for &direction in &opts.directions {
                     let entry = results.entry((i, streams, direction)).or_default();

@@ -53,6 +53,19 @@ pub enum PassThrough {
     LikeMovarto,
 }
 
+/// Where GRO is turned on (`ethtool -K <dev> gro on`; a veth with XDP has it already).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gro {
+    Off,
+    /// The ends that deliver to the endpoints' neighbours and feed no XDP: the client's
+    /// c0 and B's vm0.
+    Endpoints,
+    /// Every veth end, the wan's included: the wan then forwards GRO super-packets into
+    /// A's XDP.
+    All,
+}
+
 /// A built path: the hosts and whatever keeps the tunnel up.
 pub struct Path {
     // Drop order: the tunnel's processes and pins before the namespaces.
@@ -141,12 +154,14 @@ impl Path {
             &h.uplink_a,
             "vm0",
             site(Mode::Forward, Triangle::TA, Triangle::TB),
+            variant.xdp_mode,
         )?;
         let b = attach_in(
             &h.b,
             &h.uplink_b,
             "vm0",
             site(Mode::Receive, Triangle::TB, Triangle::TA),
+            variant.xdp_mode,
         )?;
         self.sites = Some((a, b));
         self.hosts.prime_tunnel()
@@ -273,8 +288,14 @@ impl Path {
             (&h.b, "vm0"),
             (&h.guest, "eth0"),
         ];
-        if variant.gro {
-            for (ns, dev) in all {
+        let endpoints: [(&Netns, &str); 2] = [(&h.client, "c0"), (&h.b, "vm0")];
+        let gro_on: &[(&Netns, &str)] = match variant.gro {
+            Gro::Off => &[],
+            Gro::Endpoints => &endpoints,
+            Gro::All => &all,
+        };
+        {
+            for &(ns, dev) in gro_on {
                 ns.run("ethtool", &["-K", dev, "gro", "on"])
                     .with_context(|| format!("GRO on {dev}"))?;
             }

@@ -54,6 +54,8 @@ fn run(cli: &Cli) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark builds network namespaces and loads eBPF: run it as root");
     }
+    // Ctrl-C sets a flag the benchmark checks, so its guards remove what it made.
+    movarto_lab::demo::install_interrupt_handler()?;
     let directions = cli
         .directions
         .iter()
