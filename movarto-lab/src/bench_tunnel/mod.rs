@@ -326,8 +326,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             })
             .collect::<Result<_>>()?
     };
-    let mut results: BTreeMap<(usize, u32, Direction), (Vec<Sample>, Vec<String>)> =
-        BTreeMap::new();
+    let mut results = Results::new();
     let mut counters: BTreeMap<String, BTreeMap<String, BTreeMap<String, u64>>> = BTreeMap::new();
     for round in 1..=opts.rounds {
         for (i, v) in chosen.iter().enumerate() {
@@ -391,6 +390,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     })
 }
 
+/// By variant (index), streams and direction: the samples and the failed runs.
 type Results = BTreeMap<(usize, u32, Direction), (Vec<Sample>, Vec<String>)>;
 
 fn rows(chosen: &[Variant], results: Results) -> Vec<Row> {
