@@ -274,8 +274,8 @@ pub struct Row {
     pub ratio_to_direct: Option<f64>,
     pub cpu_s: Spread,
     pub softirq_s: Spread,
-    /// Median busy CPU-seconds per GB received.
-    pub cpu_s_per_gb: f64,
+    /// Median busy CPU-seconds per GB received; none when next to nothing was received.
+    pub cpu_s_per_gb: Option<f64>,
     pub retransmits: Spread,
     pub veth_drops: Spread,
     pub samples: Vec<Sample>,
@@ -408,7 +408,7 @@ fn rows(chosen: &[Variant], results: Results) -> Vec<Row> {
                 ratio_to_direct: None,
                 cpu_s,
                 softirq_s: Spread::of(samples.iter().map(|s| s.softirq_s)),
-                cpu_s_per_gb: if gb > 0.0 { cpu_s.median / gb } else { 0.0 },
+                cpu_s_per_gb: (gb >= 0.01).then(|| cpu_s.median / gb),
                 retransmits: Spread::of(samples.iter().map(|s| s.retransmits as f64)),
                 veth_drops: Spread::of(samples.iter().map(|s| s.veth_drops as f64)),
                 samples,
@@ -456,7 +456,7 @@ impl Report {
             let g = r.gbit_s;
             let _ = writeln!(
                 s,
-                "{:<18} {:>3} {:<4} {:>20} {:>6} {:>7.1} {:>8.1} {:>7.2} {:>9.0} {:>9.0}{}",
+                "{:<18} {:>3} {:<4} {:>20} {:>6} {:>7.1} {:>8.1} {:>7} {:>9.0} {:>9.0}{}",
                 r.variant,
                 r.streams,
                 r.direction.name(),
@@ -464,7 +464,7 @@ impl Report {
                 r.ratio_to_direct.map_or("-".into(), |x| format!("{x:.2}")),
                 r.cpu_s.median,
                 r.softirq_s.median,
-                r.cpu_s_per_gb,
+                r.cpu_s_per_gb.map_or("-".into(), |x| format!("{x:.2}")),
                 r.retransmits.median,
                 r.veth_drops.median,
                 if r.errors.is_empty() {

@@ -143,26 +143,15 @@ impl Path {
     fn movarto(&mut self, variant: &Variant) -> Result<()> {
         let h = &self.hosts;
         let mtu = variant.underlay_mtu.unwrap_or(1500);
-        let site = |mode, local, peer| {
-            SiteConfig::new(mode, IpAddr::V4(Triangle::HOME))
+        let site = |ns, uplink, mode, local, peer| {
+            let config = SiteConfig::new(mode, IpAddr::V4(Triangle::HOME))
                 .with_tunnel(local, peer, SessionToken(TOKEN))
                 .with_tunnel_mtu(u16::try_from(mtu).unwrap_or(u16::MAX))
-                .with_macs(MacAddr(VM_MAC), MacAddr(Triangle::GW_MAC))
+                .with_macs(MacAddr(VM_MAC), MacAddr(Triangle::GW_MAC));
+            attach_in(ns, uplink, "vm0", config, variant.xdp_mode)
         };
-        let a = attach_in(
-            &h.a,
-            &h.uplink_a,
-            "vm0",
-            site(Mode::Forward, Triangle::TA, Triangle::TB),
-            variant.xdp_mode,
-        )?;
-        let b = attach_in(
-            &h.b,
-            &h.uplink_b,
-            "vm0",
-            site(Mode::Receive, Triangle::TB, Triangle::TA),
-            variant.xdp_mode,
-        )?;
+        let a = site(&h.a, &h.uplink_a, Mode::Forward, Triangle::TA, Triangle::TB)?;
+        let b = site(&h.b, &h.uplink_b, Mode::Receive, Triangle::TB, Triangle::TA)?;
         self.sites = Some((a, b));
         self.hosts.prime_tunnel()
     }
