@@ -512,3 +512,43 @@ impl Report {
         chart::draw(&json.with_extension("svg"), self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_takes_the_middle_or_the_mean_of_the_two_middles() {
+        let s = Spread::of([3.0, 1.0, 2.0]);
+        assert_eq!((s.min, s.median, s.max), (1.0, 2.0, 3.0));
+        assert_eq!(Spread::of([4.0, 1.0, 2.0, 3.0]).median, 2.5);
+        assert_eq!(Spread::of([]).median, 0.0);
+    }
+
+    #[test]
+    fn ratios_are_to_direct_with_the_same_streams_and_direction() {
+        let chosen: Vec<Variant> = variants()
+            .into_iter()
+            .filter(|v| v.name == "direct" || v.name == "movarto")
+            .collect();
+        let sample = |gbit_s: f64| Sample {
+            bytes: 1_000_000_000,
+            gbit_s,
+            ..Sample::default()
+        };
+        let mut results = Results::new();
+        for (i, up, down) in [(0, 4.0, 8.0), (1, 2.0, 2.0)] {
+            results.insert((i, 1, Direction::Up), (vec![sample(up)], vec![]));
+            results.insert((i, 1, Direction::Down), (vec![sample(down)], vec![]));
+        }
+        let rows = rows(&chosen, results);
+        let ratio = |v: &str, d| {
+            rows.iter()
+                .find(|r| r.variant == v && r.direction == d)
+                .and_then(|r| r.ratio_to_direct)
+        };
+        assert_eq!(ratio("direct", Direction::Up), Some(1.0));
+        assert_eq!(ratio("movarto", Direction::Up), Some(0.5));
+        assert_eq!(ratio("movarto", Direction::Down), Some(0.25));
+    }
+}
