@@ -283,11 +283,9 @@ impl Path {
             Gro::Endpoints => &endpoints,
             Gro::All => &all,
         };
-        {
-            for &(ns, dev) in gro_on {
-                ns.run("ethtool", &["-K", dev, "gro", "on"])
-                    .with_context(|| format!("GRO on {dev}"))?;
-            }
+        for &(ns, dev) in gro_on {
+            ns.run("ethtool", &["-K", dev, "gro", "on"])
+                .with_context(|| format!("GRO on {dev}"))?;
         }
         if variant.threaded_napi {
             // Only ends with NAPI (XDP or GRO) accept it; /sys is the namespace's under
