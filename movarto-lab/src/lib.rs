@@ -4,12 +4,15 @@
 //! integration tests (movarto-tests) `expect` at the call site. Every namespace, process,
 //! pin and directory the lab makes is removed by a guard on drop, on failure too.
 
+pub mod bench_tunnel;
 pub mod delay;
 pub mod demo;
 pub mod dns_server;
 pub mod lab;
 pub mod netns;
+pub mod svg;
 pub mod tempdir;
+pub mod triangle;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

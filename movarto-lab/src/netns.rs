@@ -139,19 +139,21 @@ impl Drop for Entered {
 /// Connects `a` and `b` with a veth pair, `a_if` in `a` and `b_if` in `b`, both up.
 /// The pair is created inside `a`, so the host's namespace never sees it.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    a.ip(&[
-        "link",
-        "add",
-        a_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ])
-    .with_context(|| format!("veth {}:{a_if} <-> {}:{b_if}", a.name(), b.name()))?;
+    veth_queues(a, a_if, b, b_if, 1)
+}
+
+/// [`veth`] with `queues` TX and RX queues at each end (a veth's XDP ring and NAPI are
+/// per RX queue).
+pub fn veth_queues(a: &Netns, a_if: &str, b: &Netns, b_if: &str, queues: u32) -> Result<()> {
+    let q = queues.max(1).to_string();
+    let queues = ["numtxqueues", &q, "numrxqueues", &q];
+    let mut args = vec!["link", "add", a_if];
+    args.extend(queues);
+    args.extend(["type", "veth", "peer", "name", b_if]);
+    args.extend(queues);
+    args.extend(["netns", b.name()]);
+    a.ip(&args)
+        .with_context(|| format!("veth {}:{a_if} <-> {}:{b_if}", a.name(), b.name()))?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])
 }

@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -287,28 +287,6 @@ pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> 
     Ok(())
 }
 
-/// Makes the kernel of `ns` resolve its next hop toward `peer` (XDP can't
-/// wait for ARP or ND): one datagram to the discard port, then waits until
-/// `next_hop` has a link-layer address.
-pub fn prime_next_hop(ns: &Netns, peer: IpAddr, next_hop: IpAddr) -> Result<()> {
-    {
-        let _in = ns.enter()?;
-        let unspecified: IpAddr = match peer {
-            IpAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-            IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-        };
-        let socket = UdpSocket::bind((unspecified, 0))?;
-        socket
-            .send_to(b"prime", (peer, 9))
-            .with_context(|| format!("priming the next hop toward {peer}"))?;
-    }
-    let hop = next_hop.to_string();
-    wait_for(
-        &format!("the link-layer address of {hop} in {}", ns.name()),
-        IO_TIMEOUT,
-        || {
-            ns.run("ip", &["neigh", "show", &hop])
-                .is_ok_and(|out| out.contains("lladdr"))
-        },
-    )
-}
+/// Makes the kernel of `ns` resolve its next hop toward `peer` (XDP can't wait for ARP
+/// or ND); shared with the lab's triangle.
+pub use movarto_lab::triangle::prime_next_hop;

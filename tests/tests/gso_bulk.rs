@@ -52,7 +52,7 @@ fn offload(ns: &Netns, dev: &str, feature: &str) -> String {
 #[test]
 fn bulk_sent_with_tso_arrives_intact_through_the_tunnel() {
     require_root();
-    let hosts = Triangle::new("g", VM_MAC);
+    let hosts = Triangle::new("g", VM_MAC).expect("triangle");
     let Triangle {
         client,
         a,
@@ -89,7 +89,7 @@ fn bulk_sent_with_tso_arrives_intact_through_the_tunnel() {
     };
     let site_a = attach_in(a, uplink_a, "vm0", site(Mode::Forward, TA, TB));
     let site_b = attach_in(b, uplink_b, "vm0", site(Mode::Receive, TB, TA));
-    hosts.prime_tunnel();
+    hosts.prime_tunnel().expect("prime the tunnel");
 
     // The guest's server: BULK bytes of the pattern in 64 KiB writes, then close.
     let listener = {
@@ -122,8 +122,8 @@ fn bulk_sent_with_tso_arrives_intact_through_the_tunnel() {
         let n = conn.read(&mut buf).unwrap_or_else(|e| {
             panic!(
                 "read after {at} bytes: {e}; A: {:?}; B: {:?}",
-                site_a.counters().nonzero(),
-                site_b.counters().nonzero()
+                site_a.counters().expect("counters").nonzero(),
+                site_b.counters().expect("counters").nonzero()
             )
         });
         if n == 0 {
@@ -143,7 +143,10 @@ fn bulk_sent_with_tso_arrives_intact_through_the_tunnel() {
     server.join().expect("server");
     assert_eq!(at, BULK, "every byte, in order");
 
-    let (ca, cb) = (site_a.counters(), site_b.counters());
+    let (ca, cb) = (
+        site_a.counters().expect("counters"),
+        site_b.counters().expect("counters"),
+    );
     let drops = |c: &movarto_user::datapath::CounterSnapshot| {
         c.iter()
             .filter(|(k, v)| k.is_drop() && *v != 0)

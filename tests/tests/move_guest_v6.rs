@@ -296,8 +296,8 @@ fn guest_moves_and_every_ipv6_connection_survives(flush_guest_neighbours: bool) 
         "the guest knows its gateway: {neighbours:?}"
     );
 
-    let a = site_a.counters();
-    let bc = site_b.counters();
+    let a = site_a.counters().expect("counters");
+    let bc = site_b.counters().expect("counters");
     eprintln!(
         "move_guest_v6 (flush {flush_guest_neighbours}): worst stall {worst_gap_ms} ms; {}; A: {:?}; B: {:?}",
         report.join("; "),

@@ -113,6 +113,7 @@ fn every_newcomer_to_the_new_address_connects_also_on_a_pre_move_flows_port() {
         .collect();
     site_b
         .pinned()
+        .expect("pins")
         .insert_flows(&premove)
         .expect("hand over the pre-move flows");
 
@@ -155,7 +156,7 @@ fn every_newcomer_to_the_new_address_connects_also_on_a_pre_move_flows_port() {
         REUSED.len() + FRESH.len()
     );
 
-    let pinned = site_b.pinned();
+    let pinned = site_b.pinned().expect("pins");
     let counters = pinned.counters().expect("counters");
     assert_eq!(
         counters.get(Counter::FlowReused),

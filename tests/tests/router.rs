@@ -72,7 +72,7 @@ fn wait_for(what: &str, ok: impl FnMut() -> bool) {
 
 /// `letter` keeps each test's uplink names, and so its bpffs pins, apart.
 fn lab(letter: char) -> Lab {
-    let hosts = Triangle::new(&format!("r{letter}"), VM_MAC);
+    let hosts = Triangle::new(&format!("r{letter}"), VM_MAC).expect("triangle");
     // The endpoints checksum in software: A's XDP turns frames into bytes,
     // and an offloaded checksum left to skb metadata would be lost.
     for (ns, dev) in [(&hosts.client, "c0"), (&hosts.guest, "eth0")] {
@@ -81,7 +81,7 @@ fn lab(letter: char) -> Lab {
     }
     let site_a = attach_in_site(&hosts.a, &hosts.uplink_a, Mode::Forward, TA, TB);
     let site_b = attach_in_site(&hosts.b, &hosts.uplink_b, Mode::Receive, TB, TA);
-    hosts.prime_tunnel();
+    hosts.prime_tunnel().expect("prime the tunnel");
     Lab {
         site_a,
         site_b,
@@ -129,7 +129,10 @@ fn path_mtu(socket: &impl AsRawFd) -> u32 {
 
 /// Nothing was dropped at either site.
 fn assert_no_drops(lab: &Lab) {
-    for (site, c) in [("A", lab.site_a.counters()), ("B", lab.site_b.counters())] {
+    for (site, c) in [
+        ("A", lab.site_a.counters().expect("counters")),
+        ("B", lab.site_b.counters().expect("counters")),
+    ] {
         let drops: Vec<_> = c
             .iter()
             .filter(|(k, v)| k.is_drop() && *v != 0)
@@ -201,7 +204,7 @@ fn a_tcp_sender_without_df_gets_every_byte_through_a_smaller_tunnel() {
     assert_eq!(answer.trim(), format!("ok {BYTES}"), "every byte, in order");
     assert_eq!(server.join().expect("server"), Ok(BYTES));
 
-    let a = lab.site_a.counters();
+    let a = lab.site_a.counters().expect("counters");
     eprintln!("router tcp: A {:?}", a.nonzero());
     assert!(
         a.get(Counter::TooBigNoDf) > 0,
@@ -251,7 +254,7 @@ fn udp_datagrams_without_df_arrive_whole_after_the_first_frag_needed() {
     wait_for("the client to learn the tunnel's MTU", || {
         path_mtu(&sender) == INNER_MTU
     });
-    let a = lab.site_a.counters();
+    let a = lab.site_a.counters().expect("counters");
     assert_eq!(a.get(Counter::TooBigNoDf), 1);
     assert_eq!(a.get(Counter::IcmpTooBig), 1);
 
@@ -264,7 +267,7 @@ fn udp_datagrams_without_df_arrive_whole_after_the_first_frag_needed() {
             .unwrap_or_else(|e| panic!("datagram {seq}: {e}"));
         assert_eq!(&buf[..n], &datagram(seq)[..], "datagram {seq}, whole");
     }
-    let a = lab.site_a.counters();
+    let a = lab.site_a.counters().expect("counters");
     eprintln!("router udp: A {:?}", a.nonzero());
     assert_eq!(a.get(Counter::TooBigNoDf), 1, "only the first was too big");
     assert!(
@@ -295,15 +298,15 @@ fn a_packet_whose_ttl_expires_at_a_gets_time_exceeded_from_there() {
         .expect_err("an ICMP error, not a reply");
     eprintln!(
         "router ttl: A {:?} B {:?}",
-        lab.site_a.counters().nonzero(),
-        lab.site_b.counters().nonzero()
+        lab.site_a.counters().expect("counters").nonzero(),
+        lab.site_b.counters().expect("counters").nonzero()
     );
     assert_eq!(
         err.raw_os_error(),
         Some(libc::EHOSTUNREACH),
         "time exceeded (not port unreachable from the guest): {err}"
     );
-    let a = lab.site_a.counters();
+    let a = lab.site_a.counters().expect("counters");
     assert_eq!(a.get(Counter::IcmpTimeExceeded), 1);
     assert_eq!(a.get(Counter::TunnelOut), 0, "nothing went into the tunnel");
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: the project's setup and test entry points.
 
+mod bench;
 mod demo;
 mod dist;
 mod guest;
@@ -49,11 +50,20 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Build and run a benchmark as root: `tunnel` (iperf3 through movarto's tunnel, VXLAN,
+    /// OpenVPN and the direct path) or `datapath` (cost per packet, release build).
+    ///
+    /// Options go to the benchmark (`cargo xtask bench tunnel -- --help` lists them).
+    Bench {
+        what: bench::Bench,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo's exit code is its own (2: connections lost); the other tasks succeed or fail.
+    // The demo's and the benchmarks' exit codes are their own (2: connections lost); the other tasks succeed or fail.
     let result = match cli.task {
         Task::Setup { check: false } => setup::run().map(|_| ExitCode::SUCCESS),
         Task::Setup { check: true } => setup::check().map(|()| ExitCode::SUCCESS),
@@ -61,6 +71,7 @@ fn main() -> ExitCode {
         Task::Dist { deb } => dist::run(deb).map(|()| ExitCode::SUCCESS),
         Task::Guest => guest::build().map(|()| ExitCode::SUCCESS),
         Task::Demo { args } => demo::run(&args),
+        Task::Bench { what, args } => bench::run(what, &args),
     };
     match result {
         Ok(code) => code,

@@ -2,7 +2,7 @@
 
 use std::{
     path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::{Command, ExitCode, ExitStatus, Output, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -69,4 +69,44 @@ pub fn nightly_cargo() -> Command {
         cmd.env_remove(key);
     }
     cmd
+}
+
+/// Runs `cmd` with its stdout sent to our stderr (a report owns our stdout); fails unless
+/// it exits 0.
+pub fn to_stderr(cmd: &mut Command) -> Result<()> {
+    let what = describe(cmd);
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(std::io::stderr()))
+        .status()
+        .with_context(|| format!("could not start `{what}`"))?;
+    if !status.success() {
+        bail!("`{what}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cargo xtask setup` first if `setup --check` finds anything missing; `task` names
+/// who asks.
+pub fn ensure_setup(task: &str) -> Result<()> {
+    let xtask = std::env::current_exe().context("finding the xtask binary")?;
+    let check = Command::new(&xtask)
+        .args(["setup", "--check"])
+        .stdin(Stdio::null())
+        .output()
+        .context("running `cargo xtask setup --check`")?;
+    if !check.status.success() {
+        eprintln!("{task}: the machine is not set up yet; running `cargo xtask setup`");
+        to_stderr(Command::new(&xtask).arg("setup"))?;
+    }
+    Ok(())
+}
+
+/// A program's exit status as ours (a signal: failure).
+pub fn exit_code(status: ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
 }

@@ -1,21 +1,22 @@
 //! The demo's picture: per-connection throughput over time, with the migration's events
-//! (switchover, DNS switch, teardown) as vertical lines. SVG only, with text as SVG text,
-//! so nothing depends on the machine's fonts.
+//! (switchover, DNS switch, teardown) as vertical lines (see [`crate::svg`]).
 
 use std::{
-    fs,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use anyhow::{Context as _, Result, anyhow};
+use anyhow::Result;
 use plotters::{
     prelude::*,
     style::text_anchor::{HPos, Pos, VPos},
 };
 
 use super::report::Event;
-use crate::workload::{Sample, Tracked};
+use crate::{
+    svg::{self, err},
+    workload::{Sample, Tracked},
+};
 
 /// Draws the throughput of every connection but the idle ones into `path`; returns its
 /// absolute path.
@@ -36,8 +37,6 @@ pub fn draw(
         })
         .collect();
     throughput_svg(path, samples, &series, events)
-        .with_context(|| format!("drawing {}", path.display()))?;
-    Ok(fs::canonicalize(path).unwrap_or_else(|_| path.to_owned()))
 }
 
 /// Each series: its name, its index in the samples' byte counts, and the number of samples
@@ -47,10 +46,7 @@ fn throughput_svg(
     samples: &[Sample],
     series: &[(String, usize, usize)],
     events: &[Event],
-) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+) -> Result<PathBuf> {
     // KiB/s per series, over a sliding window.
     let lines: Vec<(String, Vec<(f64, f64)>)> = series
         .iter()
@@ -80,77 +76,75 @@ fn throughput_svg(
         .fold(1.0, f64::max)
         * 1.15;
 
-    let err = |e: &dyn std::fmt::Display| anyhow!("drawing: {e}");
-    let root = SVGBackend::new(path, (1100, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "movarto: per-connection throughput across the move",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.0..x_end, 0.0..y_max)
-        .map_err(|e| err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since the workload started")
-        .y_desc("KiB/s")
-        .draw()
-        .map_err(|e| err(&e))?;
-    let palette = [&BLUE, &GREEN, &MAGENTA, &CYAN, &RGBColor(230, 140, 0)];
-    for (n, (name, points)) in lines.iter().enumerate() {
-        let color = palette[n % palette.len()];
+    svg::draw(path, (1100, 560), |root| {
+        let mut chart = ChartBuilder::on(root)
+            .caption(
+                "movarto: per-connection throughput across the move",
+                ("sans-serif", 22),
+            )
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..x_end, 0.0..y_max)
+            .map_err(err)?;
         chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                color.stroke_width(2),
-            ))
-            .map_err(|e| err(&e))?
-            .label(name.as_str())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    for (n, e) in events.iter().enumerate() {
-        let color = match e.name.as_str() {
-            "switchover" => RED,
-            "teardown" => BLACK,
-            "DNS switch" => RGBColor(120, 0, 160),
-            _ => RGBColor(128, 128, 128),
-        };
+            .configure_mesh()
+            .x_desc("seconds since the workload started")
+            .y_desc("KiB/s")
+            .draw()
+            .map_err(err)?;
+        let palette = [&BLUE, &GREEN, &MAGENTA, &CYAN, &RGBColor(230, 140, 0)];
+        for (n, (name, points)) in lines.iter().enumerate() {
+            let color = palette[n % palette.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        for (n, e) in events.iter().enumerate() {
+            let color = match e.name.as_str() {
+                "switchover" => RED,
+                "teardown" => BLACK,
+                "DNS switch" => RGBColor(120, 0, 160),
+                _ => RGBColor(128, 128, 128),
+            };
+            chart
+                .draw_series(LineSeries::new(
+                    [(e.at_s, 0.0), (e.at_s, y_max)],
+                    color.stroke_width(1),
+                ))
+                .map_err(err)?;
+            // Staggered, so close events stay readable.
+            let y = y_max * (0.97 - 0.05 * (n % 4) as f64);
+            // Labels of events near the right edge go to the left of their line.
+            let right = e.at_s > x_end * 0.75;
+            let style = ("sans-serif", 14).into_font().color(&color).pos(Pos::new(
+                if right { HPos::Right } else { HPos::Left },
+                VPos::Top,
+            ));
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!(" {} ({:.2}s) ", e.name, e.at_s),
+                    (e.at_s, y),
+                    style,
+                )))
+                .map_err(err)?;
+        }
         chart
-            .draw_series(LineSeries::new(
-                [(e.at_s, 0.0), (e.at_s, y_max)],
-                color.stroke_width(1),
-            ))
-            .map_err(|e| err(&e))?;
-        // Staggered, so close events stay readable.
-        let y = y_max * (0.97 - 0.05 * (n % 4) as f64);
-        // Labels of events near the right edge go to the left of their line.
-        let right = e.at_s > x_end * 0.75;
-        let style = ("sans-serif", 14).into_font().color(&color).pos(Pos::new(
-            if right { HPos::Right } else { HPos::Left },
-            VPos::Top,
-        ));
-        chart
-            .draw_series(std::iter::once(Text::new(
-                format!(" {} ({:.2}s) ", e.name, e.at_s),
-                (e.at_s, y),
-                style,
-            )))
-            .map_err(|e| err(&e))?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]
