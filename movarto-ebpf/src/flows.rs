@@ -139,7 +139,7 @@ fn record_pending(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decid
         ..FlowValue::default()
     };
     update(value, pkt, dir, now);
-    match PENDING_FLOWS.insert(key, &*value, u64::from(BPF_NOEXIST)) {
+    match PENDING_FLOWS.insert(key, value, u64::from(BPF_NOEXIST)) {
         Ok(()) => bump(Counter::FlowCreated),
         Err(_) => {
             // Another CPU created it first: add this packet to theirs.
