@@ -12,6 +12,7 @@ pub mod generate;
 pub mod logging;
 pub mod migrate;
 pub mod mode;
+pub mod monitor;
 pub mod status;
 pub mod units;
 pub mod vm;
