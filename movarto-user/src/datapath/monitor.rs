@@ -329,7 +329,9 @@ impl Listener {
         Ok(self.totals()?.since(self.start))
     }
 
-    fn totals(&self) -> Result<Stats> {
+    /// What happened to the monitored verdicts since the datapath was loaded, over
+    /// every listener: while nobody listens it does not move.
+    pub fn totals(&self) -> Result<Stats> {
         let per_cpu = self
             .state
             .get(&0, 0)
