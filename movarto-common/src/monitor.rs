@@ -6,7 +6,7 @@
 //!   ICMP answer) read [`MonitorControl`] and see `until_ns == 0`: one array lookup and
 //!   a compare. Packets left to the kernel (every other tenant's) never look.
 //! - Listening: a per-CPU sample counter, a per-CPU rate limit, a filter on the
-//!   service, and an 80-byte reservation in the ring buffer.
+//!   service, and a 72-byte reservation in the ring buffer.
 //!
 //! A listener that dies without clearing the control costs nothing for long: the
 //! control holds a deadline (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) that the listener
@@ -138,7 +138,7 @@ mod tests {
 
     #[test]
     fn layouts_are_fixed() {
-        assert_eq!(core::mem::size_of::<MonitorEvent>(), 80);
+        assert_eq!(core::mem::size_of::<MonitorEvent>(), 72);
         assert_eq!(core::mem::size_of::<MonitorControl>(), 40);
         assert_eq!(core::mem::size_of::<MonitorState>(), 56);
     }

@@ -50,7 +50,7 @@ pub static MONITOR_CONTROL: Array<MonitorControl, 1> = Array::new();
 #[btf_map]
 pub static MONITOR_STATE: PerCpuArray<MonitorState, 1> = PerCpuArray::new();
 
-/// Size of the monitor's ring buffer: about 3,000 events of 80 bytes (plus the
+/// Size of the monitor's ring buffer: about 3,200 events of 72 bytes (plus the
 /// kernel's 8-byte header each) between two reads by the listener.
 pub const MONITOR_EVENTS_BYTES: usize = 256 * 1024;
 

@@ -346,8 +346,7 @@ fn logged_lines(options: &LoadOptions) -> Vec<String> {
         aya_log::EbpfLogger::init_from_id_with_logger(info.id(), captured.clone()).expect("logger");
     run(&dp, &ethernet(&tcp_to(HOME)), XDP_DROP);
     logger.flush();
-    let lines = captured.0.lock().expect("lock").clone();
-    lines
+    captured.0.lock().expect("lock").clone()
 }
 
 #[test]

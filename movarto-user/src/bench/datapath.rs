@@ -90,7 +90,7 @@ impl Instrument {
 /// What reads the instrument's output between calls.
 enum Reader {
     None,
-    Monitor(Listener),
+    Monitor(Box<Listener>),
     DebugLog(aya_log::EbpfLogger<NullLog>),
 }
 
@@ -98,7 +98,9 @@ impl Reader {
     fn start(dp: &Datapath, instrument: Instrument) -> Result<Self> {
         Ok(match instrument {
             Instrument::None => Reader::None,
-            Instrument::Monitor => Reader::Monitor(Listener::loaded(dp, Filter::default())?),
+            Instrument::Monitor => {
+                Reader::Monitor(Box::new(Listener::loaded(dp, Filter::default())?))
+            }
             Instrument::DebugLog => {
                 let id = dp
                     .program_infos()?

@@ -2,6 +2,7 @@
 //! reason, tunnel, NAT, ICMP answers), like `cilium monitor --type drop`.
 
 use std::{
+    io::Write as _,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -146,7 +147,12 @@ async fn listen(
             } } => return Ok(shown),
         };
         for verdict in listener.drain() {
-            print_verdict(&mut out, a.json, &verdict)?;
+            match print_verdict(&mut out, a.json, &verdict) {
+                Ok(()) => {}
+                // The reader went away (`monitor ... | head`): the end, not a failure.
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => return Ok(shown),
+                Err(err) => return Err(err).context("writing the events"),
+            }
             shown += 1;
             if a.count.is_some_and(|count| shown >= count) {
                 return Ok(shown);
@@ -165,7 +171,11 @@ async fn listen(
     }
 }
 
-fn print_verdict(out: &mut impl std::io::Write, as_json: bool, verdict: &Verdict) -> Result<()> {
+fn print_verdict(
+    out: &mut impl std::io::Write,
+    as_json: bool,
+    verdict: &Verdict,
+) -> std::io::Result<()> {
     if as_json {
         let mut line = serde_json::to_value(verdict)?;
         line["record"] = json!("verdict");
@@ -173,8 +183,7 @@ fn print_verdict(out: &mut impl std::io::Write, as_json: bool, verdict: &Verdict
     } else {
         writeln!(out, "{} {}", clock(verdict.unix_us), verdict.line())?;
     }
-    out.flush()?;
-    Ok(())
+    out.flush()
 }
 
 /// `HH:MM:SS.micro`, UTC.
@@ -191,7 +200,9 @@ fn clock(unix_us: u64) -> String {
 
 fn print_summary(as_json: bool, shown: u64, stats: Stats) {
     if as_json {
-        println!(
+        // A closed stdout (`| head`) is no failure of the monitor's.
+        let _ = writeln!(
+            std::io::stdout(),
             "{}",
             json!({"record": "summary", "shown": shown, "programs": stats})
         );
@@ -215,19 +226,18 @@ impl log::Log for LogPrinter {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        if self.json {
-            println!(
+        let level = record.level().as_str().to_lowercase();
+        let mut out = std::io::stdout();
+        // As for the events, a closed stdout ends nothing here.
+        let _ = if self.json {
+            writeln!(
+                out,
                 "{}",
-                json!({"record": "log", "level": record.level().as_str().to_lowercase(),
-                       "message": record.args().to_string()})
-            );
+                json!({"record": "log", "level": level, "message": record.args().to_string()})
+            )
         } else {
-            println!(
-                "log {} {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            );
-        }
+            writeln!(out, "log {level} {}", record.args())
+        };
     }
 
     fn flush(&self) {}
