@@ -86,7 +86,9 @@ fn jobs_lists_the_ram_copy_and_abort_rolls_it_back_but_not_after_the_switchover(
     assert_eq!(copying["abortable"], true);
     assert_eq!(copying["stage"], "copying-ram");
     // The 8 MiB/s cap, as QEMU measures it (bursts included).
-    let bandwidth = copying["bandwidth_bytes_per_s"].as_u64().expect("bandwidth");
+    let bandwidth = copying["bandwidth_bytes_per_s"]
+        .as_u64()
+        .expect("bandwidth");
     assert!(bandwidth < 16 << 20, "{copying}");
     let id = copying["id"].as_str().expect("id").to_owned();
 
@@ -94,8 +96,9 @@ fn jobs_lists_the_ram_copy_and_abort_rolls_it_back_but_not_after_the_switchover(
     let said = String::from_utf8_lossy(&aborted.stdout);
     assert!(aborted.status.success(), "abort: {said}");
     assert!(
-        said.contains(&format!("migration {id} of web rolled back (aborted in copying-ram)"))
-            && said.contains("VM running at the source")
+        said.contains(&format!(
+            "migration {id} of web rolled back (aborted in copying-ram)"
+        )) && said.contains("VM running at the source")
             && said.contains("source datapath back to track")
             && said.contains("destination VM stopped"),
         "{said}"
@@ -144,7 +147,10 @@ fn jobs_lists_the_ram_copy_and_abort_rolls_it_back_but_not_after_the_switchover(
         thread::sleep(Duration::from_millis(100));
     }
     let refused = run_with_agents(&l, &["abort", "web"]);
-    assert!(!refused.status.success(), "abort after the switchover fails");
+    assert!(
+        !refused.status.success(),
+        "abort after the switchover fails"
+    );
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(
         said.contains("past the switchover (draining)")
@@ -163,7 +169,10 @@ fn jobs_lists_the_ram_copy_and_abort_rolls_it_back_but_not_after_the_switchover(
     let (status, report) = l
         .finish_migrate(&mut orchestrator, Duration::from_secs(90), || {})
         .expect("migrate finished");
-    assert!(status.success(), "migrate after the refused abort: {report}");
+    assert!(
+        status.success(),
+        "migrate after the refused abort: {report}"
+    );
     let b = l
         .with_agents(async |_, b| b.status().await.expect("B"))
         .expect("the agents");

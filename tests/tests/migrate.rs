@@ -572,8 +572,9 @@ fn ctrl_c_during_the_ram_copy_rolls_back_and_the_guest_never_stops() {
     let mut orchestrator = slow_migrate(&l);
     // Well inside the copy: 8 MiB sent at 8 MiB/s, and more than that still to send.
     wait_for_source_migration(&l, &mut orchestrator, "the RAM copy", |m| {
-        m.progress
-            .is_some_and(|p| p.status == "active" && p.transferred > 8 << 20 && p.remaining > 16 << 20)
+        m.progress.is_some_and(|p| {
+            p.status == "active" && p.transferred > 8 << 20 && p.remaining > 16 << 20
+        })
     });
     // SAFETY: our own child, the orchestrator, by its PID.
     assert_eq!(

@@ -25,9 +25,7 @@ pub enum AbortError {
         /// `; it knows: …`, or nothing.
         known: String,
     },
-    #[error(
-        "{id} is the destination's half at {agent}: abort at the source's agent (--source)"
-    )]
+    #[error("{id} is the destination's half at {agent}: abort at the source's agent (--source)")]
     NotSource { id: MigrationId, agent: String },
     #[error(
         "migration {id} of {vm} is past the switchover ({stage}): the VM already runs at the \

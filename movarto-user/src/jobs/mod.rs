@@ -9,9 +9,12 @@ pub mod abort;
 
 use serde::{Deserialize, Serialize};
 
-use crate::agent::{
-    AgentClient,
-    api::{MigrationId, MigrationRecord, Role, Stage, unix_ms},
+use crate::{
+    agent::{
+        AgentClient,
+        api::{MigrationId, MigrationRecord, Role, Stage, unix_ms},
+    },
+    qemu::migrate::Progress,
 };
 
 /// Where a migration is, in an operator's words (the [`Stage`]s, grouped).
@@ -108,14 +111,14 @@ impl Job {
         let progress = record.progress.as_ref();
         let copying = stage == Stage::CopyingRam;
         let past_copy = stage.past_switchover() && stage != Stage::Split;
+        let live = progress.filter(|_| copying);
         let percent = if past_copy {
             Some(100.0)
         } else {
-            progress
-                .filter(|p| copying && p.total > 0)
-                .map(|p| 100.0 * p.total.saturating_sub(p.remaining) as f64 / p.total as f64)
+            live.and_then(Progress::done_ratio).map(|r| 100.0 * r)
         };
-        let live = progress.filter(|_| copying);
+        // Without RAM figures (before the first, or a cancelled copy's last) there is none.
+        let ram = progress.filter(|p| p.total > 0);
         let bandwidth = live.map(|p| p.bytes_per_second() as u64);
         let eta_ms = live.and_then(|p| {
             let rate = p.bytes_per_second();
@@ -143,19 +146,15 @@ impl Job {
             phase: Phase::of(stage),
             stage,
             finished: stage.is_final(),
-            abortable: record.role == Role::Source
-                && !stage.is_final()
-                && !stage.past_switchover(),
+            abortable: record.role == Role::Source && !stage.is_final() && !stage.past_switchover(),
             percent,
             eta_ms,
             bandwidth_bytes_per_s: bandwidth,
             dirty_rate_bytes_per_s: live.map(|p| p.dirty_bytes_per_second()),
-            ram_total: progress.map(|p| p.total),
-            ram_remaining: progress.map(|p| p.remaining),
-            ram_transferred: qemu
-                .map(|q| q.transferred)
-                .or(progress.map(|p| p.transferred)),
-            passes: qemu.map(|q| q.passes).or(progress.map(|p| p.passes)),
+            ram_total: ram.map(|p| p.total),
+            ram_remaining: ram.map(|p| p.remaining),
+            ram_transferred: qemu.map(|q| q.transferred).or(ram.map(|p| p.transferred)),
+            passes: qemu.map(|q| q.passes).or(ram.map(|p| p.passes)),
             expected_downtime_ms: live.and_then(|p| p.expected_downtime_ms),
             downtime_ms,
             elapsed_ms: ended.saturating_sub(started),
@@ -289,7 +288,6 @@ fn mib_per_s(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qemu::migrate::Progress;
 
     fn record(stage: Stage, progress: Option<Progress>) -> MigrationRecord {
         let mut record: MigrationRecord =
@@ -333,7 +331,10 @@ mod tests {
             ..Listing::default()
         }
         .render();
-        assert!(text.contains("active") && text.contains("8.00MiB/s"), "{text}");
+        assert!(
+            text.contains("active") && text.contains("8.00MiB/s"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -133,6 +133,12 @@ impl Progress {
         self.dirty_pages_rate.saturating_mul(self.page_size)
     }
 
+    /// How much of this pass over RAM is sent, 0 to 1 (`None` without RAM figures).
+    pub fn done_ratio(&self) -> Option<f64> {
+        (self.total > 0)
+            .then(|| self.total.saturating_sub(self.remaining) as f64 / self.total as f64)
+    }
+
     /// The copy's bandwidth, in bytes per second.
     pub fn bytes_per_second(&self) -> f64 {
         self.mbps * 1e6 / 8.0

@@ -77,10 +77,12 @@ impl Handle {
 
     /// In memory only: the RAM copy's progress.
     pub fn set_progress(&self, progress: crate::qemu::migrate::Progress) {
-        self.record
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .progress = Some(progress);
+        let mut record = self.record.lock().unwrap_or_else(PoisonError::into_inner);
+        // QEMU has no RAM figures once cancelled or failed: keep how far the copy got.
+        if progress.total == 0 && record.progress.as_ref().is_some_and(|p| p.total > 0) {
+            return;
+        }
+        record.progress = Some(progress);
     }
 
     /// The other site's agent.

@@ -228,13 +228,11 @@ async fn copy_and_switch(agent: &Arc<Agent>, m: &Arc<Handle>) -> Result<()> {
     };
     let progress_handle = m.clone();
     let request = record.spec.outgoing_request();
-    let copy = agent.vms.run_outgoing(
-        &record.spec.vm,
-        &request,
-        &mut hook,
-        follow,
-        move |p| progress_handle.set_progress(p),
-    );
+    let copy = agent
+        .vms
+        .run_outgoing(&record.spec.vm, &request, &mut hook, follow, move |p| {
+            progress_handle.set_progress(p)
+        });
     tokio::pin!(copy);
     // An abort during the RAM copy cancels QEMU's migration at once, before the guest
     // ever stops (the hook refuses it from `pre-switchover` on, and an abort is refused
