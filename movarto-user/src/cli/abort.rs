@@ -51,3 +51,41 @@ pub fn run(args: &AbortArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        abort: AbortArgs,
+    }
+
+    #[test]
+    fn abort_names_the_source_agent_with_its_token() {
+        let args =
+            Cli::try_parse_from(["abort", "web", "--source=http://a", "--source-token-file=a"])
+                .expect("parses")
+                .abort;
+        assert_eq!(args.target, "web");
+        assert_eq!(args.wait, Duration::from_secs(120));
+        let err = Cli::try_parse_from(["abort", "web", "--source=http://a"])
+            .err()
+            .expect("a URL without its token file is refused");
+        assert!(err.to_string().contains("--source-token-file"), "{err}");
+        let only_b = Cli::try_parse_from([
+            "abort",
+            "web",
+            "--destination=http://b",
+            "--destination-token-file=b",
+        ])
+        .expect("parses")
+        .abort;
+        let err = run(&only_b).expect_err("no source");
+        assert!(err.to_string().contains("--source URL"), "{err}");
+        assert!(Cli::try_parse_from(["abort", "web", "--wait=5"]).is_err());
+    }
+}
