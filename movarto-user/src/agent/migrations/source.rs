@@ -237,7 +237,11 @@ async fn copy_and_switch(agent: &Arc<Agent>, m: &Arc<Handle>) -> Result<()> {
     // An abort during the RAM copy cancels QEMU's migration at once, before the guest
     // ever stops (the hook refuses it from `pre-switchover` on, and an abort is refused
     // once `continued`); the copy then ends in an error and the driver rolls back.
+    // The agent always pauses before switchover, so with an abort asked for QEMU can't
+    // complete (the hook refuses to continue): cancelling never resumes a VM that moved.
+    // `biased`: a copy that has ended is taken as it ended.
     let outcome = tokio::select! {
+        biased;
         outcome = &mut copy => outcome,
         () = abort_asked(m) => {
             let cancelled = agent.vms.cancel_outgoing(&record.spec.vm, None).await;
