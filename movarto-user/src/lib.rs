@@ -3,5 +3,6 @@ pub mod agent;
 pub mod bench;
 pub mod datapath;
 pub mod dns;
+pub mod jobs;
 pub mod migrate;
 pub mod qemu;

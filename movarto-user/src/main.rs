@@ -53,6 +53,11 @@ enum Command {
     },
     /// Move a VM from one site to another, with its connections: the whole sequence.
     Migrate(Box<cli::migrate::MigrateArgs>),
+    /// List the migrations the agents know: phase, percent, ETA, bandwidth, dirty rate,
+    /// downtime (`virsh domjobinfo`'s figures).
+    Jobs(cli::jobs::JobsArgs),
+    /// Cancel a migration before its switchover: it rolls back as a failure does.
+    Abort(cli::abort::AbortArgs),
     /// Run this site's agent: the control API the orchestrator drives.
     Agent(cli::agent::AgentArgs),
     /// Start, stop or inspect a QEMU VM described by a TOML spec.
@@ -80,6 +85,8 @@ fn main() -> ExitCode {
         Command::Dns { command } => cli::dns::run(command),
         Command::Vm { command } => cli::vm::run(command),
         Command::Agent(args) => cli::agent::run(args),
+        Command::Jobs(args) => cli::jobs::run(&args),
+        Command::Abort(args) => cli::abort::run(&args),
         Command::Generate(args) => cli::generate::run(&args, Cli::command()),
         Command::Migrate(args) => match cli::migrate::run(&args, cli.log_format) {
             Ok(code) => return code,
