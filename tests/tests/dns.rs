@@ -610,3 +610,90 @@ fn an_update_already_applied_is_verified_not_repeated() {
     assert_eq!(bind.dig(SERVICE, "AAAA").expect("dig"), [NEW_V6]);
     assert_eq!(bind.dig_ttls(SERVICE, "A").expect("dig"), [20]);
 }
+
+const SECOND: &str = "shop.example.test.";
+const SECOND_HOME: &str = "198.51.100.11";
+const SECOND_NEW: &str = "203.0.113.21";
+
+/// An evacuation switches several names of one zone: one UPDATE (the serial moves by
+/// one), each RRset still guarded by its own prerequisite; a name someone else changed
+/// fails alone, and the others are switched all the same.
+#[test]
+fn several_names_switch_in_one_update_and_a_changed_one_holds_up_no_other() {
+    require_root();
+    let bind = Bind9::start("batch").expect("named");
+    bind.nsupdate(&format!("update add {SECOND} 300 A {SECOND_HOME}"))
+        .expect("nsupdate");
+    let server = zone_server(&bind, Some(good_key(&bind)));
+    let switch = |n: &str, from: &str, to: &str| records::Switch {
+        name: name(n),
+        expected: Some(vec![ip(from)]),
+        new: vec![ip(to)],
+        ttl: None,
+    };
+    let (serial_before, outcomes, serial_after) = bind
+        .in_client(|| {
+            let before = records::soa_serial(&server).expect("serial");
+            let outcomes = records::replace_many(
+                &server,
+                &[
+                    switch(SERVICE, HOME_V4, NEW_V4),
+                    switch(SECOND, SECOND_HOME, SECOND_NEW),
+                ],
+                Instant::now(),
+                VERIFY,
+            );
+            (
+                before,
+                outcomes,
+                records::soa_serial(&server).expect("serial"),
+            )
+        })
+        .expect("the client namespace");
+    for outcome in &outcomes {
+        let report = outcome.result.as_ref().expect("switched");
+        assert!(outcome.batched, "{}", outcome.name);
+        assert_ne!(report.before.serial, report.after.serial);
+    }
+    assert_eq!(serial_after, serial_before + 1, "one UPDATE, one serial");
+    assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [NEW_V4]);
+    // AAAA was not named in the switch: left alone.
+    assert_eq!(bind.dig(SERVICE, "AAAA").expect("dig"), [HOME_V6]);
+    assert_eq!(bind.dig(SECOND, "A").expect("dig"), [SECOND_NEW]);
+
+    // Someone else moves the second name; switching both back: the first goes, the
+    // second is refused by its prerequisite and keeps what the other party set.
+    bind.nsupdate(&format!(
+        "update delete {SECOND} A\nupdate add {SECOND} 300 A 198.51.100.99"
+    ))
+    .expect("nsupdate");
+    let outcomes = bind
+        .in_client(|| {
+            records::replace_many(
+                &server,
+                &[
+                    switch(SERVICE, NEW_V4, HOME_V4),
+                    switch(SECOND, SECOND_NEW, SECOND_HOME),
+                ],
+                Instant::now(),
+                VERIFY,
+            )
+        })
+        .expect("the client namespace");
+    let by_name = |n: &str| {
+        outcomes
+            .iter()
+            .find(|o| o.name == name(n))
+            .unwrap_or_else(|| panic!("no outcome for {n}"))
+    };
+    let first = by_name(SERVICE);
+    first.result.as_ref().expect("the first name switched");
+    assert!(!first.batched, "sent alone after the batch was refused");
+    let err = by_name(SECOND).result.as_ref().expect_err("refused");
+    assert!(
+        matches!(dns_error(err).kind, DnsErrorKind::PrerequisiteFailed { .. }),
+        "{err:#}"
+    );
+    assert_eq!(bind.dig(SERVICE, "A").expect("dig"), [HOME_V4]);
+    assert_eq!(bind.dig(SECOND, "A").expect("dig"), ["198.51.100.99"]);
+}

@@ -137,6 +137,18 @@ pub fn replace_addresses(
     verify_timeout: Duration,
 ) -> Result<UpdateReport> {
     let before = show(server, name)?;
+    let changes = address_changes(&before, name, expected, new, ttl)?;
+    apply(server, name, &changes, before, start, verify_timeout)
+}
+
+/// The RRset changes that make `name`'s addresses `new` (see [`replace_addresses`]).
+fn address_changes(
+    before: &ServiceRecords,
+    name: &Name,
+    expected: Option<&[IpAddr]>,
+    new: &[IpAddr],
+    ttl: Option<u32>,
+) -> Result<Vec<RrsetChange>> {
     let mut changes = Vec::new();
     for record_type in ADDRESS_TYPES {
         let new_addrs = of_type(new, record_type);
@@ -148,7 +160,7 @@ pub fn replace_addresses(
         if !touched {
             continue;
         }
-        let ttl = ttl.unwrap_or_else(|| default_ttl(&before, record_type));
+        let ttl = ttl.unwrap_or_else(|| default_ttl(before, record_type));
         changes.push(RrsetChange {
             name: name.clone(),
             record_type,
@@ -158,9 +170,170 @@ pub fn replace_addresses(
         });
     }
     if changes.is_empty() {
-        bail!("no new addresses given");
+        bail!("no new addresses given for {name}");
     }
-    apply(server, name, &changes, before, start, verify_timeout)
+    Ok(changes)
+}
+
+/// One name's switch in [`replace_many`]: as the arguments of [`replace_addresses`].
+#[derive(Clone, Debug)]
+pub struct Switch {
+    pub name: Name,
+    /// The addresses it must hold now; `None`: what the server holds at the start.
+    pub expected: Option<Vec<IpAddr>>,
+    pub new: Vec<IpAddr>,
+    pub ttl: Option<u32>,
+}
+
+/// What [`replace_many`] did for one name.
+#[derive(Debug)]
+pub struct SwitchOutcome {
+    pub name: Name,
+    pub result: Result<UpdateReport>,
+    /// It went in the one UPDATE with the others (or needed none); `false`: it was sent
+    /// alone after the batch was refused.
+    pub batched: bool,
+}
+
+/// Replaces the addresses of several names of one zone in one UPDATE: evacuating a host
+/// switches many services at once, and one message is one round trip and one serial.
+/// Every RRset stays guarded by its own prerequisite. A refused prerequisite refuses the
+/// whole message (RFC 2136 §3.2), so a batch refused for one is sent again name by name:
+/// a name someone else changed fails alone and holds up no other.
+pub fn replace_many(
+    server: &ZoneServer,
+    switches: &[Switch],
+    start: Instant,
+    verify_timeout: Duration,
+) -> Vec<SwitchOutcome> {
+    let mut outcomes = Vec::new();
+    // (switch, records before, changes) of the names that need the update.
+    let mut pending = Vec::new();
+    for switch in switches {
+        let planned = show(server, &switch.name)
+            .map_err(anyhow::Error::from)
+            .and_then(|before| {
+                let changes = address_changes(
+                    &before,
+                    &switch.name,
+                    switch.expected.as_deref(),
+                    &switch.new,
+                    switch.ttl,
+                )?;
+                Ok((before, changes))
+            });
+        match planned {
+            Err(err) => outcomes.push(SwitchOutcome {
+                name: switch.name.clone(),
+                result: Err(err),
+                batched: false,
+            }),
+            Ok((before, changes)) if already_applied(&before, &changes) => {
+                outcomes.push(SwitchOutcome {
+                    name: switch.name.clone(),
+                    result: Ok(unchanged(before, start)),
+                    batched: true,
+                })
+            }
+            Ok((before, changes)) => pending.push((switch, before, changes)),
+        }
+    }
+    if pending.is_empty() {
+        return outcomes;
+    }
+    let all: Vec<RrsetChange> = pending.iter().flat_map(|(_, _, c)| c.clone()).collect();
+    let sent = update_message(&server.zone, &all).and_then(|message| {
+        tracing::debug!(server = %server.server, zone = %server.zone, names = pending.len(), "sending one signed DNS UPDATE for several names");
+        Ok(server.exchange(message, true)?)
+    });
+    match sent {
+        Ok(_) => {
+            for (switch, before, changes) in pending {
+                let serial = before.serial;
+                let result = verify(
+                    server,
+                    &switch.name,
+                    &expected_rrsets(&changes),
+                    serial,
+                    start,
+                    verify_timeout,
+                )
+                .map(|(after, elapsed)| UpdateReport {
+                    before,
+                    after,
+                    answer_changed_after_ms: millis(elapsed),
+                });
+                outcomes.push(SwitchOutcome {
+                    name: switch.name.clone(),
+                    result,
+                    batched: true,
+                });
+            }
+        }
+        Err(err) if is_prerequisite_failure(&err) => {
+            tracing::info!(
+                "the batched DNS UPDATE was refused for a prerequisite; sending each name alone"
+            );
+            for (switch, before, changes) in pending {
+                outcomes.push(SwitchOutcome {
+                    name: switch.name.clone(),
+                    result: apply(
+                        server,
+                        &switch.name,
+                        &changes,
+                        before,
+                        start,
+                        verify_timeout,
+                    ),
+                    batched: false,
+                });
+            }
+        }
+        Err(err) => {
+            for (switch, _, _) in pending {
+                outcomes.push(SwitchOutcome {
+                    name: switch.name.clone(),
+                    result: Err(anyhow::anyhow!("{err:#}")),
+                    batched: true,
+                });
+            }
+        }
+    }
+    outcomes
+}
+
+fn is_prerequisite_failure(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<DnsError>()
+        .is_some_and(|dns| matches!(dns.kind, DnsErrorKind::PrerequisiteFailed { .. }))
+}
+
+fn millis(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The report of an update the records already held.
+fn unchanged(before: ServiceRecords, start: Instant) -> UpdateReport {
+    UpdateReport {
+        after: before.clone(),
+        before,
+        answer_changed_after_ms: millis(start.elapsed()),
+    }
+}
+
+/// The RRsets `changes` leave, as [`verify`] expects them.
+fn expected_rrsets(changes: &[RrsetChange]) -> Vec<Rrset> {
+    changes
+        .iter()
+        .map(|c| {
+            let mut addresses = c.new.clone();
+            addresses.sort();
+            Rrset {
+                record_type: c.record_type.to_string(),
+                ttl: if addresses.is_empty() { 0 } else { c.ttl },
+                addresses,
+            }
+        })
+        .collect()
 }
 
 /// Sets the TTL of `name`'s existing A and AAAA RRsets, keeping their addresses.
@@ -234,31 +407,15 @@ fn apply(
     // would wait for ever; a re-run (after a crash, say) finds it already applied.
     if already_applied(&before, changes) {
         tracing::debug!(%name, ?changes, "the records already hold the update; nothing sent");
-        return Ok(UpdateReport {
-            after: before.clone(),
-            before,
-            answer_changed_after_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
-        });
+        return Ok(unchanged(before, start));
     }
     let message = update_message(&server.zone, changes)?;
     tracing::debug!(server = %server.server, zone = %server.zone, %name, ?changes, "sending signed DNS UPDATE");
     server.exchange(message, true)?;
-    let expected: Vec<Rrset> = changes
-        .iter()
-        .map(|c| {
-            let mut addresses = c.new.clone();
-            addresses.sort();
-            Rrset {
-                record_type: c.record_type.to_string(),
-                ttl: if addresses.is_empty() { 0 } else { c.ttl },
-                addresses,
-            }
-        })
-        .collect();
     let (after, elapsed) = verify(
         server,
         name,
-        &expected,
+        &expected_rrsets(changes),
         before.serial,
         start,
         verify_timeout,
@@ -266,7 +423,7 @@ fn apply(
     Ok(UpdateReport {
         before,
         after,
-        answer_changed_after_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        answer_changed_after_ms: millis(elapsed),
     })
 }
 
