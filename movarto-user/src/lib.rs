@@ -3,5 +3,7 @@ pub mod agent;
 pub mod bench;
 pub mod datapath;
 pub mod dns;
+pub mod inventory;
 pub mod migrate;
 pub mod qemu;
+pub mod units;

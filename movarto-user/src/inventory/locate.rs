@@ -1,0 +1,158 @@
+//! Where a VM runs, when `--from` is not given: ask the agents of the inventory's sites,
+//! and fall back on the service's `home_site`.
+
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use super::{Inventory, SourceSite};
+use crate::agent::{
+    AgentClient,
+    api::{MigrationId, Role, RunState},
+    token::Token,
+};
+
+/// How long one agent may take to say whether it runs the VM.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one site's agent said about the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sighting {
+    pub site: String,
+    /// `Ok(None)`: the agent has no such VM; `Err`: the agent could not be asked.
+    pub state: Result<Option<RunState>, String>,
+}
+
+/// The source site from what the agents said (pure, so the rule is tested on its own):
+/// 1. the one site other than `to` whose QEMU runs the VM (`running`);
+/// 2. else the one other site that still holds it outside a migration's incoming half
+///    (`postmigrate`, `paused`, ...: a move from there is under way, and `migrate`
+///    follows it);
+/// 3. else the service's `home_site`, unless that is `to`.
+pub fn source_from_sightings(
+    vm: &str,
+    to: &str,
+    sightings: &[Sighting],
+    home_site: Option<&str>,
+) -> Result<SourceSite, String> {
+    let others = || sightings.iter().filter(|s| s.site != to);
+    let pick = |keep: &dyn Fn(RunState) -> bool| -> Vec<&str> {
+        others()
+            .filter(|s| matches!(s.state, Ok(Some(state)) if keep(state)))
+            .map(|s| s.site.as_str())
+            .collect()
+    };
+    for found in [
+        pick(&|state| state == RunState::Running),
+        pick(&|state| !matches!(state, RunState::Inmigrate | RunState::Exited | RunState::Unknown)),
+    ] {
+        match found[..] {
+            [site] => return Ok(SourceSite::Agents(site.to_owned())),
+            [] => {}
+            _ => {
+                return Err(format!(
+                    "the agents of sites {} all hold VM {vm}: say which with --from SITE",
+                    found.join(", ")
+                ));
+            }
+        }
+    }
+    let at_to = sightings
+        .iter()
+        .any(|s| s.site == to && s.state == Ok(Some(RunState::Running)));
+    if at_to {
+        return Err(format!("VM {vm} already runs at site {to}"));
+    }
+    let unasked: Vec<String> = others()
+        .filter_map(|s| s.state.as_ref().err().map(|e| format!("{}: {e}", s.site)))
+        .collect();
+    match home_site {
+        Some(home) if home != to => Ok(SourceSite::HomeSite(home.to_owned())),
+        _ => Err(format!(
+            "no agent says where VM {vm} runs{}, and its service has no home_site other than \
+             {to}: give --from SITE",
+            if unasked.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} could not be asked)", unasked.join("; "))
+            }
+        )),
+    }
+}
+
+fn client(inventory: &Inventory, site: &str) -> Result<AgentClient, String> {
+    let s = inventory.site(site)?;
+    let (Some(url), Some(token)) = (&s.agent, &s.token_file) else {
+        return Err("no agent or token_file".to_owned());
+    };
+    let token = Token::from_file(&inventory.path(token)).map_err(|e| format!("{e:#}"))?;
+    let ca = s
+        .ca_cert
+        .as_ref()
+        .or(inventory.defaults.ca_cert.as_ref())
+        .map(|p| inventory.path(p));
+    AgentClient::new(url, token.as_str(), ca.as_deref()).map_err(|e| format!("{e:#}"))
+}
+
+/// Asks every site's agent (at once, [`ASK_TIMEOUT`] each) whether it runs `vm`.
+pub async fn sightings(inventory: &Inventory, vm: &str) -> Vec<Sighting> {
+    let mut asks = JoinSet::new();
+    for site in inventory.sites.keys() {
+        let (site, vm) = (site.clone(), vm.to_owned());
+        let agent = client(inventory, &site);
+        asks.spawn(async move {
+            let state = match agent {
+                Err(err) => Err(err),
+                Ok(agent) => match tokio::time::timeout(ASK_TIMEOUT, agent.vm(&vm)).await {
+                    Err(_) => Err(format!("no answer within {ASK_TIMEOUT:?}")),
+                    Ok(Ok(status)) => Ok(Some(status.run_state)),
+                    Ok(Err(crate::agent::AgentError::Refused { status: 404, .. })) => Ok(None),
+                    Ok(Err(err)) => Err(err.to_string()),
+                },
+            };
+            Sighting { site, state }
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(done) = asks.join_next().await {
+        if let Ok(sighting) = done {
+            out.push(sighting);
+        }
+    }
+    out.sort_by(|a, b| a.site.cmp(&b.site));
+    out
+}
+
+/// The source site of `migrate NAME --to TO` without `--from` ([`source_from_sightings`]).
+pub async fn find_source(
+    inventory: &Inventory,
+    vm: &str,
+    to: &str,
+    home_site: Option<&str>,
+) -> Result<SourceSite, String> {
+    let seen = sightings(inventory, vm).await;
+    source_from_sightings(vm, to, &seen, home_site)
+}
+
+/// `--resume ID` without `--from`: the site whose agent holds that migration.
+pub async fn locate_migration(inventory: &Inventory, id: &MigrationId) -> Result<String, String> {
+    let mut asks = JoinSet::new();
+    for site in inventory.sites.keys() {
+        let (site, id) = (site.clone(), id.clone());
+        let agent = client(inventory, &site);
+        asks.spawn(async move {
+            let agent = agent.ok()?;
+            let record = tokio::time::timeout(ASK_TIMEOUT, agent.migration_record(&id)).await;
+            // The source's half is the one `--resume` follows.
+            matches!(record, Ok(Ok(r)) if r.role == Role::Source).then_some(site)
+        });
+    }
+    while let Some(done) = asks.join_next().await {
+        if let Ok(Some(site)) = done {
+            return Ok(site);
+        }
+    }
+    Err(format!(
+        "no site's agent holds migration {id} as its source: give --from SITE or --source URL"
+    ))
+}
