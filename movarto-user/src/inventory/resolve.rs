@@ -122,6 +122,7 @@ pub struct ResumeTarget {
     pub source_token_file: PathBuf,
     pub ca_cert: Option<PathBuf>,
     pub dns_key_file: Option<PathBuf>,
+    pub agent_timeout: std::time::Duration,
 }
 
 /// The inventory's entries one migration uses.
@@ -459,6 +460,7 @@ impl MigrateFlags {
                 l.path(l.svc(|s| s.dns_key_file.clone()).as_ref())
                     .or_else(|| l.path(d.dns_key_file.as_ref()))
             }),
+            agent_timeout: d.agent_timeout.unwrap_or(builtin::AGENT_TIMEOUT),
         })
     }
 
