@@ -13,11 +13,7 @@ use std::{
 
 use movarto_common::config::Mode;
 use movarto_lab::{
-    dns_server::SERVICE,
-    lab::*,
-    netns::wait_until,
-    tempdir::TempDir,
-    workload::echo_once,
+    dns_server::SERVICE, lab::*, netns::wait_until, tempdir::TempDir, workload::echo_once,
 };
 use movarto_tests::{
     inventory::{short_migrate_command, write_lab_inventory},
@@ -33,8 +29,8 @@ fn the_short_form_with_the_lab_inventory_does_what_the_long_form_does() {
     let mut conns = Connections::open(&l).expect("the pre-move connections");
     let stats = conns.stats.clone();
     // The drain rules come from the inventory's [defaults], not from flags.
-    let config = write_lab_inventory(&l, "drain_grace = \"2s\"\nmax_drain = \"60s\"")
-        .expect("lab.toml");
+    let config =
+        write_lab_inventory(&l, "drain_grace = \"2s\"\nmax_drain = \"60s\"").expect("lab.toml");
     let check = Command::new(movarto_lab::movarto_user().expect("the binary"))
         .args(["config", "check", "--config"])
         .arg(&config)
@@ -81,7 +77,11 @@ fn the_short_form_with_the_lab_inventory_does_what_the_long_form_does() {
         echo_once(&mut conns.idle, "hello after").expect("echo"),
         "hello after"
     );
-    assert_eq!(l.http_get(N, "/id").expect("GET"), boot_id, "the guest at N");
+    assert_eq!(
+        l.http_get(N, "/id").expect("GET"),
+        boot_id,
+        "the guest at N"
+    );
     let failures = conns.close();
 
     let (status, report) = l
@@ -100,7 +100,10 @@ fn the_short_form_with_the_lab_inventory_does_what_the_long_form_does() {
     // The same report the long form gives.
     assert_eq!(report["succeeded"], true);
     assert_eq!(report["vm"], "web");
-    assert_eq!(report["flows_at_switchover"], 3, "stream, interactive, idle");
+    assert_eq!(
+        report["flows_at_switchover"], 3,
+        "stream, interactive, idle"
+    );
     assert_eq!(report["flows_drained"], 3);
     assert_eq!(report["flows_cut"].as_array().map(Vec::len), Some(0));
     assert_eq!(report["qemu"]["status"], "completed");
@@ -130,7 +133,11 @@ fn the_short_form_with_the_lab_inventory_does_what_the_long_form_does() {
         .expect("B attached")
         .mode;
     assert_eq!(b_mode, Mode::Nat);
-    assert_eq!(l.http_get(N, "/id").expect("GET"), boot_id, "N after teardown");
+    assert_eq!(
+        l.http_get(N, "/id").expect("GET"),
+        boot_id,
+        "N after teardown"
+    );
 }
 
 /// A bad inventory: `config check` exits 1 and names every problem at its line, in text

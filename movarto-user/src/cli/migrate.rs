@@ -20,9 +20,7 @@ use movarto_user::{
         token::Token,
     },
     dns::key::TsigKey,
-    inventory::{
-        Defaults, Inventory, MigrateFlags, SourceSite, find_source, locate_migration,
-    },
+    inventory::{Defaults, Inventory, MigrateFlags, SourceSite, find_source, locate_migration},
     migrate::{AddressMode, Plan, ProgressFormat, resume, run_plan},
 };
 
@@ -437,9 +435,10 @@ mod tests {
             args.resume.as_ref().map(MigrationId::as_str),
             Some("web-1764600000-ab12")
         );
-        let without = Cli::try_parse_from(["migrate", "--source=http://a", "--source-token-file=a"])
-            .expect("parses")
-            .migrate;
+        let without =
+            Cli::try_parse_from(["migrate", "--source=http://a", "--source-token-file=a"])
+                .expect("parses")
+                .migrate;
         let err = without.flags().resolve(None, None).expect_err("refused");
         assert!(err.to_string().contains("--vm"), "{err}");
         let both = Cli::try_parse_from(["migrate", "web", "--vm=web"]);

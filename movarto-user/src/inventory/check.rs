@@ -101,12 +101,18 @@ fn sites(p: &mut Problems<'_>, inventory: &Inventory, open_files: bool) {
                 Ok(url) if ["http", "https"].contains(&url.scheme()) => {}
                 Ok(url) => p.at(
                     &key("agent"),
-                    format!("{agent:?}: expected http:// or https://, not {}:", url.scheme()),
+                    format!(
+                        "{agent:?}: expected http:// or https://, not {}:",
+                        url.scheme()
+                    ),
                 ),
                 Err(err) => p.at(&key("agent"), format!("{agent:?} is not a URL: {err}")),
             }
             if let Some(first) = agents.insert(agent.clone(), name.clone()) {
-                p.at(&key("agent"), format!("{agent} is also site {first}'s agent"));
+                p.at(
+                    &key("agent"),
+                    format!("{agent} is also site {first}'s agent"),
+                );
             }
         }
         if let Some(tunnel) = site.tunnel
@@ -136,7 +142,10 @@ fn sites(p: &mut Problems<'_>, inventory: &Inventory, open_files: bool) {
         }
         if open_files {
             if let Some(path) = &site.token_file {
-                p.check(&key("token_file"), Token::from_file(&inventory.path(path)).map_err(alt));
+                p.check(
+                    &key("token_file"),
+                    Token::from_file(&inventory.path(path)).map_err(alt),
+                );
             }
             if let Some(path) = &site.ca_cert {
                 readable(p, &key("ca_cert"), &inventory.path(path));
@@ -156,7 +165,13 @@ fn sites(p: &mut Problems<'_>, inventory: &Inventory, open_files: bool) {
 fn defaults(p: &mut Problems<'_>, inventory: &Inventory, open_files: bool) {
     let d = &inventory.defaults;
     let key = |k: &'static str| ["defaults", k];
-    dns_keys(p, &["defaults"], d.dns_server.as_deref(), d.zone.as_deref(), None);
+    dns_keys(
+        p,
+        &["defaults"],
+        d.dns_server.as_deref(),
+        d.zone.as_deref(),
+        None,
+    );
     if d.agent_timeout.is_some_and(|t| t.is_zero()) {
         p.at(&key("agent_timeout"), "must be positive");
     }
@@ -168,7 +183,10 @@ fn defaults(p: &mut Problems<'_>, inventory: &Inventory, open_files: bool) {
             readable(p, &key("ca_cert"), &inventory.path(path));
         }
         if let Some(path) = &d.dns_key_file {
-            p.check(&key("dns_key_file"), TsigKey::from_file(&inventory.path(path)).map_err(alt));
+            p.check(
+                &key("dns_key_file"),
+                TsigKey::from_file(&inventory.path(path)).map_err(alt),
+            );
         }
     }
 }
@@ -194,11 +212,17 @@ fn service(p: &mut Problems<'_>, inventory: &Inventory, name: &str, s: &Service,
     for (site, at) in &s.at {
         let at_key = |k: &'static str| ["services", name, "at", site.as_str(), k];
         if !inventory.sites.contains_key(site) {
-            p.at(&["services", name, "at", site], format!("no site {site:?} in [sites]"));
+            p.at(
+                &["services", name, "at", site],
+                format!("no site {site:?} in [sites]"),
+            );
         }
         if let Some(new) = at.new_addr {
             if mode == AddressMode::Move {
-                p.at(&at_key("new_addr"), "move address mode keeps H: no `new_addr`");
+                p.at(
+                    &at_key("new_addr"),
+                    "move address mode keeps H: no `new_addr`",
+                );
             }
             match s.home {
                 Some(home) if home.is_ipv4() != new.is_ipv4() => p.at(
@@ -257,7 +281,10 @@ fn service(p: &mut Problems<'_>, inventory: &Inventory, name: &str, s: &Service,
         }
     }
     if open_files && let Some(path) = &s.dns_key_file {
-        p.check(&key("dns_key_file"), TsigKey::from_file(&inventory.path(path)).map_err(alt));
+        p.check(
+            &key("dns_key_file"),
+            TsigKey::from_file(&inventory.path(path)).map_err(alt),
+        );
     }
 }
 
@@ -309,7 +336,10 @@ fn dns_keys(
 ) {
     let key = |k: &'static str| [prefix, &[k]].concat();
     if let Some(server) = server {
-        p.check(&key("dns_server"), crate::dns::parse_server(server).map_err(alt));
+        p.check(
+            &key("dns_server"),
+            crate::dns::parse_server(server).map_err(alt),
+        );
     }
     if let Some(zone) = zone {
         p.check(&key("zone"), crate::dns::parse_name(zone).map_err(alt));
@@ -321,7 +351,10 @@ fn dns_keys(
 
 fn mtu_in_range(p: &mut Problems<'_>, key: &[&str], mtu: u16) {
     if mtu < 576 {
-        p.at(key, format!("{mtu} is below 576, the least IPv4 guarantees"));
+        p.at(
+            key,
+            format!("{mtu} is below 576, the least IPv4 guarantees"),
+        );
     }
 }
 

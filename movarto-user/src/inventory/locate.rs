@@ -44,7 +44,12 @@ pub fn source_from_sightings(
     };
     for found in [
         pick(&|state| state == RunState::Running),
-        pick(&|state| !matches!(state, RunState::Inmigrate | RunState::Exited | RunState::Unknown)),
+        pick(&|state| {
+            !matches!(
+                state,
+                RunState::Inmigrate | RunState::Exited | RunState::Unknown
+            )
+        }),
     ] {
         match found[..] {
             [site] => return Ok(SourceSite::Agents(site.to_owned())),

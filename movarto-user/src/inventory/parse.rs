@@ -5,8 +5,8 @@
 
 use std::{collections::BTreeMap, ops::Range, path::Path, str::FromStr, time::Duration};
 
-use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use serde::de::IntoDeserializer as _;
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use toml_edit::{ImDocument, InlineTable, Item, TableLike, Value};
 
 use super::{Defaults, Inventory, Problem, Service, ServiceAt, Site};
@@ -25,7 +25,12 @@ pub(super) fn position(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-pub(super) fn problem(doc: &Doc, key: &str, span: Option<Range<usize>>, message: String) -> Problem {
+pub(super) fn problem(
+    doc: &Doc,
+    key: &str,
+    span: Option<Range<usize>>,
+    message: String,
+) -> Problem {
     let (line, column) = position(doc.raw(), span.map_or(0, |s| s.start));
     Problem {
         key: key.to_owned(),
@@ -191,8 +196,7 @@ fn entry_of<T: DeserializeOwned>(
     all: InlineTable,
     problems: &mut Vec<Problem>,
 ) -> Option<T> {
-    if let Ok(typed) = T::deserialize(Value::InlineTable(all.clone()).into_deserializer())
-    {
+    if let Ok(typed) = T::deserialize(Value::InlineTable(all.clone()).into_deserializer()) {
         return Some(typed);
     }
     let before = problems.len();

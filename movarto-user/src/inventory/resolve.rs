@@ -139,22 +139,27 @@ impl<'a> Layers<'a> {
         inventory: Option<&'a Inventory>,
         from: Option<&str>,
     ) -> Result<Self, ResolveError> {
-        let site = |name: Option<&str>, flag: &str| -> Result<Option<(&'a str, &'a Site)>, ResolveError> {
-            let Some(name) = name else { return Ok(None) };
-            let inventory = inventory.ok_or_else(|| {
+        let site =
+            |name: Option<&str>, flag: &str| -> Result<Option<(&'a str, &'a Site)>, ResolveError> {
+                let Some(name) = name else { return Ok(None) };
+                let inventory = inventory.ok_or_else(|| {
                 ResolveError::Invalid(format!(
                     "{flag} {name} names a site of the inventory, and there is none (--config PATH)"
                 ))
             })?;
-            inventory
-                .sites
-                .get_key_value(name)
-                .map(|(n, s)| Some((n.as_str(), s)))
-                .ok_or_else(|| ResolveError::Invalid(inventory.site(name).err().unwrap_or_default()))
-        };
+                inventory
+                    .sites
+                    .get_key_value(name)
+                    .map(|(n, s)| Some((n.as_str(), s)))
+                    .ok_or_else(|| {
+                        ResolveError::Invalid(inventory.site(name).err().unwrap_or_default())
+                    })
+            };
         let layers = Layers {
             inventory,
-            service: inventory.zip(flags.name.as_deref()).and_then(|(i, n)| i.service(n)),
+            service: inventory
+                .zip(flags.name.as_deref())
+                .and_then(|(i, n)| i.service(n)),
             from: site(from, "--from")?,
             to: site(flags.to.as_deref(), "--to")?,
         };
@@ -173,11 +178,11 @@ impl<'a> Layers<'a> {
         format!("services.{name}.{key}")
     }
 
-    fn from_key(&self, key: &str) -> String {
+    fn source_key(&self, key: &str) -> String {
         format!("sites.{}.{key}", self.from.map_or("<from>", |(n, _)| n))
     }
 
-    fn to_key(&self, key: &str) -> String {
+    fn dest_key(&self, key: &str) -> String {
         format!("sites.{}.{key}", self.to.map_or("<to>", |(n, _)| n))
     }
 
@@ -186,11 +191,11 @@ impl<'a> Layers<'a> {
         self.service_key(&format!("at.{to}.{key}"))
     }
 
-    fn from_site<T>(&self, get: impl Fn(&Site) -> Option<T>) -> Option<T> {
+    fn source_site<T>(&self, get: impl Fn(&Site) -> Option<T>) -> Option<T> {
         self.from.and_then(|(_, s)| get(s))
     }
 
-    fn to_site<T>(&self, get: impl Fn(&Site) -> Option<T>) -> Option<T> {
+    fn dest_site<T>(&self, get: impl Fn(&Site) -> Option<T>) -> Option<T> {
         self.to.and_then(|(_, s)| get(s))
     }
 
@@ -211,7 +216,9 @@ impl<'a> Layers<'a> {
     }
 
     fn inventory_defaults(&self) -> Defaults {
-        self.inventory.map(|i| i.defaults.clone()).unwrap_or_default()
+        self.inventory
+            .map(|i| i.defaults.clone())
+            .unwrap_or_default()
     }
 
     /// One value both sites may give: they must agree (one CA, one anycast gateway).
@@ -220,11 +227,11 @@ impl<'a> Layers<'a> {
         key: &str,
         get: impl Fn(&Site) -> Option<T>,
     ) -> Result<Option<T>, ResolveError> {
-        match (self.from_site(&get), self.to_site(&get)) {
+        match (self.source_site(&get), self.dest_site(&get)) {
             (Some(a), Some(b)) if a != b => Err(ResolveError::Invalid(format!(
                 "{} is {a} but {} is {b}: both sites must give the same",
-                self.from_key(key),
-                self.to_key(key)
+                self.source_key(key),
+                self.dest_key(key)
             ))),
             (a, b) => Ok(b.or(a)),
         }
@@ -249,9 +256,10 @@ impl MigrateFlags {
         from: Option<&str>,
     ) -> Result<MigrateOptions, ResolveError> {
         let l = Layers::new(self, inventory, from)?;
-        let name = self.name.clone().ok_or_else(|| {
-            missing("VM", "NAME (or --vm)", "services.<name>")
-        })?;
+        let name = self
+            .name
+            .clone()
+            .ok_or_else(|| missing("VM", "NAME (or --vm)", "services.<name>"))?;
         let vm = l
             .service
             .map_or(name.clone(), |(n, s)| s.vm_name(n).to_owned());
@@ -273,14 +281,14 @@ impl MigrateFlags {
             .clone()
             .or_else(|| l.path(l.at(|a| a.spec.clone()).as_ref()))
             .or_else(|| {
-                l.path(l.to_site(|s| s.spec_dir.clone()).as_ref())
+                l.path(l.dest_site(|s| s.spec_dir.clone()).as_ref())
                     .map(|dir| dir.join(format!("{vm}.toml")))
             })
             .ok_or_else(|| {
                 missing(
                     "destination VM spec",
                     "--destination-spec",
-                    format!("{} (or {})", l.at_key("spec"), l.to_key("spec_dir")),
+                    format!("{} (or {})", l.at_key("spec"), l.dest_key("spec_dir")),
                 )
             })?;
         let ca_cert = match &self.defaults.ca_cert {
@@ -297,24 +305,37 @@ impl MigrateFlags {
             Some(mac) => mac,
             None => l
                 .both_sites("gateway_mac", |s| s.gateway_mac)?
-                .ok_or_else(|| missing("anycast gateway MAC", "--gateway-mac", l.to_key("gateway_mac")))?,
+                .ok_or_else(|| {
+                    missing(
+                        "anycast gateway MAC",
+                        "--gateway-mac",
+                        l.dest_key("gateway_mac"),
+                    )
+                })?,
         };
         let gateway_cidr = match &self.gateway_cidr {
             Some(cidr) => cidr.clone(),
             None => l
                 .both_sites("gateway_cidr", |s| s.gateway_cidr.clone())?
                 .ok_or_else(|| {
-                    missing("anycast gateway address", "--gateway-cidr", l.to_key("gateway_cidr"))
+                    missing(
+                        "anycast gateway address",
+                        "--gateway-cidr",
+                        l.dest_key("gateway_cidr"),
+                    )
                 })?,
         };
         let tunnel_mtu = self
             .defaults
             .tunnel_mtu
             .or_else(|| {
-                [l.from_site(|s| s.tunnel_mtu), l.to_site(|s| s.tunnel_mtu)]
-                    .into_iter()
-                    .flatten()
-                    .min()
+                [
+                    l.source_site(|s| s.tunnel_mtu),
+                    l.dest_site(|s| s.tunnel_mtu),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
             })
             .or(d.tunnel_mtu)
             .unwrap_or(builtin::TUNNEL_MTU);
@@ -331,7 +352,10 @@ impl MigrateFlags {
             .clone()
             .or_else(|| l.svc(|s| s.zone.clone()))
             .or(d.zone.clone());
-        let dns_name = self.dns_name.clone().or_else(|| l.svc(|s| s.dns_name.clone()));
+        let dns_name = self
+            .dns_name
+            .clone()
+            .or_else(|| l.svc(|s| s.dns_name.clone()));
         if dns_server.is_some() {
             zone.as_ref()
                 .ok_or_else(|| missing("DNS zone", "--zone", l.service_key("zone")))?;
@@ -348,27 +372,49 @@ impl MigrateFlags {
         let source = self
             .source
             .clone()
-            .or_else(|| l.from_site(|s| s.agent.clone()))
-            .ok_or_else(|| missing("source agent", "--source (or --from SITE)", l.from_key("agent")))?;
+            .or_else(|| l.source_site(|s| s.agent.clone()))
+            .ok_or_else(|| {
+                missing(
+                    "source agent",
+                    "--source (or --from SITE)",
+                    l.source_key("agent"),
+                )
+            })?;
         Ok(MigrateOptions {
             vm,
             source,
             destination: self
                 .destination
                 .clone()
-                .or_else(|| l.to_site(|s| s.agent.clone()))
-                .ok_or_else(|| missing("destination agent", "--destination (or --to SITE)", l.to_key("agent")))?,
+                .or_else(|| l.dest_site(|s| s.agent.clone()))
+                .ok_or_else(|| {
+                    missing(
+                        "destination agent",
+                        "--destination (or --to SITE)",
+                        l.dest_key("agent"),
+                    )
+                })?,
             source_token_file: self
                 .source_token_file
                 .clone()
-                .or_else(|| l.path(l.from_site(|s| s.token_file.clone()).as_ref()))
-                .ok_or_else(|| missing("source token", "--source-token-file", l.from_key("token_file")))?,
+                .or_else(|| l.path(l.source_site(|s| s.token_file.clone()).as_ref()))
+                .ok_or_else(|| {
+                    missing(
+                        "source token",
+                        "--source-token-file",
+                        l.source_key("token_file"),
+                    )
+                })?,
             destination_token_file: self
                 .destination_token_file
                 .clone()
-                .or_else(|| l.path(l.to_site(|s| s.token_file.clone()).as_ref()))
+                .or_else(|| l.path(l.dest_site(|s| s.token_file.clone()).as_ref()))
                 .ok_or_else(|| {
-                    missing("destination token", "--destination-token-file", l.to_key("token_file"))
+                    missing(
+                        "destination token",
+                        "--destination-token-file",
+                        l.dest_key("token_file"),
+                    )
                 })?,
             ca_cert,
             destination_spec,
@@ -378,20 +424,33 @@ impl MigrateFlags {
                 .ok_or_else(|| missing("home address H", "--home", l.service_key("home")))?,
             new_addr,
             address_mode,
-            on_switch: self.on_switch.clone().or_else(|| l.svc(|s| s.on_switch.clone())),
+            on_switch: self
+                .on_switch
+                .clone()
+                .or_else(|| l.svc(|s| s.on_switch.clone())),
             source_tunnel: self
                 .source_tunnel
-                .or_else(|| l.from_site(|s| s.tunnel))
-                .ok_or_else(|| missing("source tunnel endpoint", "--source-tunnel", l.from_key("tunnel")))?,
+                .or_else(|| l.source_site(|s| s.tunnel))
+                .ok_or_else(|| {
+                    missing(
+                        "source tunnel endpoint",
+                        "--source-tunnel",
+                        l.source_key("tunnel"),
+                    )
+                })?,
             destination_tunnel: self
                 .destination_tunnel
-                .or_else(|| l.to_site(|s| s.tunnel))
+                .or_else(|| l.dest_site(|s| s.tunnel))
                 .ok_or_else(|| {
-                    missing("destination tunnel endpoint", "--destination-tunnel", l.to_key("tunnel"))
+                    missing(
+                        "destination tunnel endpoint",
+                        "--destination-tunnel",
+                        l.dest_key("tunnel"),
+                    )
                 })?,
             migration_port: self
                 .migration_port
-                .or_else(|| l.to_site(|s| s.migration_port))
+                .or_else(|| l.dest_site(|s| s.migration_port))
                 .unwrap_or(builtin::MIGRATION_PORT),
             vm_iface: self
                 .defaults
@@ -423,7 +482,7 @@ impl MigrateFlags {
             auto_converge: d.auto_converge.unwrap_or(false),
             nbd_port: self
                 .nbd_port
-                .or_else(|| l.to_site(|s| s.nbd_port))
+                .or_else(|| l.dest_site(|s| s.nbd_port))
                 .unwrap_or(builtin::NBD_PORT),
             mirror_speed: d.mirror_speed.unwrap_or(0),
             max_drain: d.max_drain.unwrap_or(builtin::MAX_DRAIN),
@@ -445,15 +504,27 @@ impl MigrateFlags {
             source: self
                 .source
                 .clone()
-                .or_else(|| l.from_site(|s| s.agent.clone()))
-                .ok_or_else(|| missing("source agent", "--source (or --from SITE)", l.from_key("agent")))?,
+                .or_else(|| l.source_site(|s| s.agent.clone()))
+                .ok_or_else(|| {
+                    missing(
+                        "source agent",
+                        "--source (or --from SITE)",
+                        l.source_key("agent"),
+                    )
+                })?,
             source_token_file: self
                 .source_token_file
                 .clone()
-                .or_else(|| l.path(l.from_site(|s| s.token_file.clone()).as_ref()))
-                .ok_or_else(|| missing("source token", "--source-token-file", l.from_key("token_file")))?,
+                .or_else(|| l.path(l.source_site(|s| s.token_file.clone()).as_ref()))
+                .ok_or_else(|| {
+                    missing(
+                        "source token",
+                        "--source-token-file",
+                        l.source_key("token_file"),
+                    )
+                })?,
             ca_cert: self.defaults.ca_cert.clone().or_else(|| {
-                l.path(l.from_site(|s| s.ca_cert.clone()).as_ref())
+                l.path(l.source_site(|s| s.ca_cert.clone()).as_ref())
                     .or_else(|| l.path(d.ca_cert.as_ref()))
             }),
             dns_key_file: self.defaults.dns_key_file.clone().or_else(|| {

@@ -11,7 +11,10 @@ fn problems(text: &str) -> Vec<Problem> {
 
 /// (line, key) of each problem, for asserting where they are.
 fn places(text: &str) -> Vec<(usize, String)> {
-    problems(text).into_iter().map(|p| (p.line, p.key)).collect()
+    problems(text)
+        .into_iter()
+        .map(|p| (p.line, p.key))
+        .collect()
 }
 
 #[test]
@@ -22,7 +25,10 @@ fn the_packaged_example_is_a_good_file() {
     assert_eq!(inventory.sites.len(), 2);
     let (name, web) = inventory.service("web").expect("web");
     assert_eq!(name, "web");
-    assert_eq!(web.at["b"].new_addr, Some("198.18.0.10".parse().expect("ip")));
+    assert_eq!(
+        web.at["b"].new_addr,
+        Some("198.18.0.10".parse().expect("ip"))
+    );
     assert_eq!(inventory.defaults.max_bandwidth, Some(125 << 20));
     assert_eq!(inventory.defaults.max_drain, Some(Duration::from_secs(300)));
 }
@@ -108,7 +114,9 @@ dns_name = "db.example.test"
     assert!(message("services.web.at.d.new_addr").contains("also services.api.home"));
     assert!(message("services.db").contains("missing `home`"));
     assert_eq!(
-        all.iter().find(|p| p.key == "sites.a.uplnk").map(|p| p.column),
+        all.iter()
+            .find(|p| p.key == "sites.a.uplnk")
+            .map(|p| p.column),
         Some(1)
     );
 }
@@ -145,7 +153,11 @@ new_addr = "198.18.0.10"
         "{:#?}",
         problems(text)
     );
-    assert!(problems(text)[0].message.contains("also site a's tunnel endpoint"));
+    assert!(
+        problems(text)[0]
+            .message
+            .contains("also site a's tunnel endpoint")
+    );
 }
 
 #[test]
@@ -160,7 +172,11 @@ fn config_check_opens_the_files_it_names() {
     std::fs::write(dir.join("movarto.toml"), text).expect("inventory");
     let found = check_file(&dir.join("movarto.toml")).expect("read");
     let keys: Vec<(usize, &str)> = found.iter().map(|p| (p.line, p.key.as_str())).collect();
-    assert_eq!(keys, [(3, "sites.a.token_file"), (5, "sites.a.ca_cert")], "{found:#?}");
+    assert_eq!(
+        keys,
+        [(3, "sites.a.token_file"), (5, "sites.a.ca_cert")],
+        "{found:#?}"
+    );
     assert!(found[1].message.contains("missing.pem"), "{found:?}");
     // Readable and private: the token passes; `load` doesn't open files at all.
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -201,9 +217,15 @@ fn the_inventory_completes_the_short_form() {
     assert_eq!(o.destination, "https://203.0.113.129:7878");
     assert_eq!(o.source_token_file, Path::new("/etc/movarto/a.token"));
     assert_eq!(o.destination_token_file, Path::new("/etc/movarto/b.token"));
-    assert_eq!(o.destination_spec, Path::new("/etc/movarto/specs/b/web.toml"));
+    assert_eq!(
+        o.destination_spec,
+        Path::new("/etc/movarto/specs/b/web.toml")
+    );
     assert_eq!(o.home.to_string(), "192.0.2.10");
-    assert_eq!(o.new_addr.map(|n| n.to_string()).as_deref(), Some("198.18.0.10"));
+    assert_eq!(
+        o.new_addr.map(|n| n.to_string()).as_deref(),
+        Some("198.18.0.10")
+    );
     assert_eq!(o.source_tunnel.to_string(), "203.0.113.1");
     assert_eq!(o.destination_tunnel.to_string(), "203.0.113.129");
     assert_eq!(o.gateway_cidr, "192.0.2.1/24");
@@ -228,9 +250,14 @@ fn a_flag_wins_over_the_inventory_which_wins_over_the_default() {
     flags.defaults.max_bandwidth = Some(8 << 20);
     flags.defaults.dns_server = Some("198.51.100.53".to_owned());
     flags.defaults.skip_ttl_wait = Some(true);
-    let o = flags.resolve(Some(&inventory), Some("a")).expect("complete");
+    let o = flags
+        .resolve(Some(&inventory), Some("a"))
+        .expect("complete");
     assert_eq!(o.destination, "http://198.51.100.1:7878");
-    assert_eq!(o.new_addr.map(|n| n.to_string()).as_deref(), Some("198.18.0.99"));
+    assert_eq!(
+        o.new_addr.map(|n| n.to_string()).as_deref(),
+        Some("198.18.0.99")
+    );
     assert_eq!(o.migration_port, 5555);
     assert_eq!(o.max_bandwidth, 8 << 20);
     assert_eq!(o.dns_server.as_deref(), Some("198.51.100.53"));
@@ -273,11 +300,17 @@ fn without_an_inventory_the_flags_alone_decide() {
     assert_eq!(o.dns_server, None);
     let mut partial = flags.clone();
     partial.destination_spec = None;
-    let err = partial.resolve(None, None).expect_err("no spec").to_string();
+    let err = partial
+        .resolve(None, None)
+        .expect_err("no spec")
+        .to_string();
     assert!(err.contains("--destination-spec"), "{err}");
     let mut partial = flags;
     partial.to = Some("b".to_owned());
-    let err = partial.resolve(None, None).expect_err("no inventory").to_string();
+    let err = partial
+        .resolve(None, None)
+        .expect_err("no inventory")
+        .to_string();
     assert!(err.contains("--to b") && err.contains("--config"), "{err}");
 }
 
@@ -320,21 +353,40 @@ fn the_source_is_where_the_agents_say_the_vm_runs_else_its_home() {
     let pick = |sightings: &[Sighting], home: Option<&str>| {
         source_from_sightings("web", "b", sightings, home)
     };
-    let running_at_c = [seen("a", Ok(None)), seen("b", Ok(None)), seen("c", Ok(Some(Running)))];
-    assert_eq!(pick(&running_at_c, Some("a")), Ok(SourceSite::Agents("c".into())));
+    let running_at_c = [
+        seen("a", Ok(None)),
+        seen("b", Ok(None)),
+        seen("c", Ok(Some(Running))),
+    ];
+    assert_eq!(
+        pick(&running_at_c, Some("a")),
+        Ok(SourceSite::Agents("c".into()))
+    );
     // A move from a is under way (a's QEMU is postmigrate, b's runs): follow it from a.
-    let moving = [seen("a", Ok(Some(Postmigrate))), seen("b", Ok(Some(Running)))];
+    let moving = [
+        seen("a", Ok(Some(Postmigrate))),
+        seen("b", Ok(Some(Running))),
+    ];
     assert_eq!(pick(&moving, None), Ok(SourceSite::Agents("a".into())));
     // Nobody answers: the home site.
     let silent = [seen("a", Err("unreachable")), seen("b", Ok(None))];
-    assert_eq!(pick(&silent, Some("a")), Ok(SourceSite::HomeSite("a".into())));
+    assert_eq!(
+        pick(&silent, Some("a")),
+        Ok(SourceSite::HomeSite("a".into()))
+    );
     let err = pick(&silent, None).expect_err("nowhere");
-    assert!(err.contains("--from") && err.contains("a: unreachable"), "{err}");
+    assert!(
+        err.contains("--from") && err.contains("a: unreachable"),
+        "{err}"
+    );
     let twice = [seen("a", Ok(Some(Running))), seen("c", Ok(Some(Running)))];
     assert!(pick(&twice, Some("a")).is_err_and(|e| e.contains("a, c")));
     let there = [seen("a", Ok(None)), seen("b", Ok(Some(Running)))];
     assert!(pick(&there, Some("a")).is_err_and(|e| e.contains("already runs at site b")));
     // An incoming half elsewhere is not a source.
     let incoming = [seen("a", Ok(Some(Inmigrate))), seen("b", Ok(None))];
-    assert_eq!(pick(&incoming, Some("c")), Ok(SourceSite::HomeSite("c".into())));
+    assert_eq!(
+        pick(&incoming, Some("c")),
+        Ok(SourceSite::HomeSite("c".into()))
+    );
 }
