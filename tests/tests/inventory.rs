@@ -5,7 +5,8 @@
 use std::{
     io::{BufRead as _, BufReader},
     os::unix::fs::PermissionsExt as _,
-    process::Command,
+    path::Path,
+    process::{Command, Output},
     sync::atomic::Ordering,
     thread,
     time::Duration,
@@ -21,6 +22,16 @@ use movarto_tests::{
 };
 use movarto_user::datapath::pin_dir;
 
+/// `movarto-user config check --config PATH` with `extra` flags.
+fn config_check(path: &Path, extra: &[&str]) -> Output {
+    Command::new(movarto_lab::movarto_user().expect("the binary"))
+        .args(["config", "check", "--config"])
+        .arg(path)
+        .args(extra)
+        .output()
+        .expect("config check")
+}
+
 #[test]
 fn the_short_form_with_the_lab_inventory_does_what_the_long_form_does() {
     require_root();
@@ -31,11 +42,7 @@ fn the_short_form_with_the_lab_inventory_does_what_the_long_form_does() {
     // The drain rules come from the inventory's [defaults], not from flags.
     let config =
         write_lab_inventory(&l, "drain_grace = \"2s\"\nmax_drain = \"60s\"").expect("lab.toml");
-    let check = Command::new(movarto_lab::movarto_user().expect("the binary"))
-        .args(["config", "check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("config check");
+    let check = config_check(&config, &[]);
     assert!(
         check.status.success(),
         "lab.toml: {}",
@@ -161,12 +168,7 @@ colour = "blue"
 "#,
     )
     .expect("the file");
-    let binary = movarto_lab::movarto_user().expect("the binary");
-    let out = Command::new(&binary)
-        .args(["config", "check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("config check");
+    let out = config_check(&path, &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     for (line, key) in [
@@ -184,11 +186,7 @@ colour = "blue"
     }
     assert!(text.contains("4 problem(s)"), "{text}");
 
-    let out = Command::new(&binary)
-        .args(["config", "check", "--json", "--config"])
-        .arg(&path)
-        .output()
-        .expect("config check --json");
+    let out = config_check(&path, &["--json"]);
     assert_eq!(out.status.code(), Some(1));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(report["ok"], false);
@@ -222,11 +220,7 @@ colour = "blue"
         "[sites.a]\nagent = \"http://203.0.113.1:7878\"\ntoken_file = \"a.token\"\ntunnel = \"203.0.113.1\"\n",
     )
     .expect("the file");
-    let out = Command::new(&binary)
-        .args(["config", "check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("config check");
+    let out = config_check(&path, &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.ends_with(": ok\n"), "{text}");

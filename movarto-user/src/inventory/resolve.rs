@@ -369,17 +369,7 @@ impl MigrateFlags {
             .clone()
             .or_else(|| l.path(l.svc(|s| s.dns_key_file.clone()).as_ref()))
             .or_else(|| l.path(d.dns_key_file.as_ref()));
-        let source = self
-            .source
-            .clone()
-            .or_else(|| l.source_site(|s| s.agent.clone()))
-            .ok_or_else(|| {
-                missing(
-                    "source agent",
-                    "--source (or --from SITE)",
-                    l.source_key("agent"),
-                )
-            })?;
+        let (source, source_token_file) = self.source_agent(&l)?;
         Ok(MigrateOptions {
             vm,
             source,
@@ -394,17 +384,7 @@ impl MigrateFlags {
                         l.dest_key("agent"),
                     )
                 })?,
-            source_token_file: self
-                .source_token_file
-                .clone()
-                .or_else(|| l.path(l.source_site(|s| s.token_file.clone()).as_ref()))
-                .ok_or_else(|| {
-                    missing(
-                        "source token",
-                        "--source-token-file",
-                        l.source_key("token_file"),
-                    )
-                })?,
+            source_token_file,
             destination_token_file: self
                 .destination_token_file
                 .clone()
@@ -500,29 +480,10 @@ impl MigrateFlags {
     ) -> Result<ResumeTarget, ResolveError> {
         let l = Layers::new(self, inventory, from)?;
         let d = self.defaults.clone().or(&l.inventory_defaults());
+        let (source, source_token_file) = self.source_agent(&l)?;
         Ok(ResumeTarget {
-            source: self
-                .source
-                .clone()
-                .or_else(|| l.source_site(|s| s.agent.clone()))
-                .ok_or_else(|| {
-                    missing(
-                        "source agent",
-                        "--source (or --from SITE)",
-                        l.source_key("agent"),
-                    )
-                })?,
-            source_token_file: self
-                .source_token_file
-                .clone()
-                .or_else(|| l.path(l.source_site(|s| s.token_file.clone()).as_ref()))
-                .ok_or_else(|| {
-                    missing(
-                        "source token",
-                        "--source-token-file",
-                        l.source_key("token_file"),
-                    )
-                })?,
+            source,
+            source_token_file,
             ca_cert: self.defaults.ca_cert.clone().or_else(|| {
                 l.path(l.source_site(|s| s.ca_cert.clone()).as_ref())
                     .or_else(|| l.path(d.ca_cert.as_ref()))
@@ -533,6 +494,33 @@ impl MigrateFlags {
             }),
             agent_timeout: d.agent_timeout.unwrap_or(builtin::AGENT_TIMEOUT),
         })
+    }
+
+    /// The source's agent and its token file: the flags, else the source site's.
+    fn source_agent(&self, l: &Layers<'_>) -> Result<(String, PathBuf), ResolveError> {
+        let agent = self
+            .source
+            .clone()
+            .or_else(|| l.source_site(|s| s.agent.clone()))
+            .ok_or_else(|| {
+                missing(
+                    "source agent",
+                    "--source (or --from SITE)",
+                    l.source_key("agent"),
+                )
+            })?;
+        let token_file = self
+            .source_token_file
+            .clone()
+            .or_else(|| l.path(l.source_site(|s| s.token_file.clone()).as_ref()))
+            .ok_or_else(|| {
+                missing(
+                    "source token",
+                    "--source-token-file",
+                    l.source_key("token_file"),
+                )
+            })?;
+        Ok((agent, token_file))
     }
 
     /// `--source URL` with an inventory: the site whose agent that is.
