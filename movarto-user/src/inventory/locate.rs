@@ -6,11 +6,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use super::{Inventory, SourceSite};
-use crate::agent::{
-    AgentClient,
-    api::{MigrationId, Role, RunState},
-    token::Token,
-};
+use crate::agent::api::{MigrationId, Role, RunState};
 
 /// How long one agent may take to say whether it runs the VM.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -85,26 +81,12 @@ pub fn source_from_sightings(
     }
 }
 
-fn client(inventory: &Inventory, site: &str) -> Result<AgentClient, String> {
-    let s = inventory.site(site)?;
-    let (Some(url), Some(token)) = (&s.agent, &s.token_file) else {
-        return Err("no agent or token_file".to_owned());
-    };
-    let token = Token::from_file(&inventory.path(token)).map_err(|e| format!("{e:#}"))?;
-    let ca = s
-        .ca_cert
-        .as_ref()
-        .or(inventory.defaults.ca_cert.as_ref())
-        .map(|p| inventory.path(p));
-    AgentClient::new(url, token.as_str(), ca.as_deref()).map_err(|e| format!("{e:#}"))
-}
-
 /// Asks every site's agent (at once, [`ASK_TIMEOUT`] each) whether it runs `vm`.
 pub async fn sightings(inventory: &Inventory, vm: &str) -> Vec<Sighting> {
     let mut asks = JoinSet::new();
     for site in inventory.sites.keys() {
         let (site, vm) = (site.clone(), vm.to_owned());
-        let agent = client(inventory, &site);
+        let agent = inventory.agent(&site);
         asks.spawn(async move {
             let state = match agent {
                 Err(err) => Err(err),
@@ -144,7 +126,7 @@ pub async fn locate_migration(inventory: &Inventory, id: &MigrationId) -> Result
     let mut asks = JoinSet::new();
     for site in inventory.sites.keys() {
         let (site, id) = (site.clone(), id.clone());
-        let agent = client(inventory, &site);
+        let agent = inventory.agent(&site);
         asks.spawn(async move {
             let agent = agent.ok()?;
             let record = tokio::time::timeout(ASK_TIMEOUT, agent.migration_record(&id)).await;

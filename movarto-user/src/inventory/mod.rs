@@ -24,7 +24,10 @@ use std::{
 use movarto_common::ids::MacAddr;
 use serde::{Deserialize, Serialize};
 
-use crate::{agent::api::PostcopySetting, migrate::AddressMode};
+use crate::{
+    agent::{AgentClient, api::PostcopySetting, token::Token},
+    migrate::AddressMode,
+};
 
 pub use locate::{Sighting, find_source, locate_migration, sightings, source_from_sightings};
 pub use resolve::{MigrateFlags, ResolveError, ResumeTarget, SourceSite, builtin};
@@ -275,6 +278,21 @@ impl Inventory {
                     .find(|(service, s)| s.vm_name(service) == name)
             })
             .map(|(n, s)| (n.as_str(), s))
+    }
+
+    /// A client of site `site`'s agent (its URL, token and CA from the file).
+    pub fn agent(&self, site: &str) -> Result<AgentClient, String> {
+        let s = self.site(site)?;
+        let (Some(url), Some(token)) = (&s.agent, &s.token_file) else {
+            return Err(format!("site {site} has no agent or no token_file"));
+        };
+        let token = Token::from_file(&self.path(token)).map_err(|e| format!("{e:#}"))?;
+        let ca = s
+            .ca_cert
+            .as_ref()
+            .or(self.defaults.ca_cert.as_ref())
+            .map(|p| self.path(p));
+        AgentClient::new(url, token.as_str(), ca.as_deref()).map_err(|e| format!("{e:#}"))
     }
 
     /// The site named `name`.
