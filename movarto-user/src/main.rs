@@ -54,7 +54,7 @@ enum Command {
     },
     /// Move a VM from one site to another, with its connections: the whole sequence.
     Migrate(Box<cli::migrate::MigrateArgs>),
-    /// Check the inventory file (`config check`).
+    /// The inventory file (`config check`; docs/inventory.md).
     Config {
         #[command(subcommand)]
         command: cli::config::ConfigCommand,

@@ -9,9 +9,11 @@ use serde::Serialize;
 
 #[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
-    /// Check the inventory (`--config PATH`, default /etc/movarto/movarto.toml): syntax,
-    /// keys, types, addresses, references between entries, and the files it names. Every
-    /// problem is listed with its line and column; the exit code is 1 if there is any.
+    /// Check the inventory: every problem, each with its line and column.
+    ///
+    /// The file is `--config PATH`, else /etc/movarto/movarto.toml. Checked: syntax, keys,
+    /// types, addresses, references between entries, addresses used twice, and the files
+    /// it names. The exit code is 1 if there is any problem.
     Check(ConfigCheckArgs),
 }
 

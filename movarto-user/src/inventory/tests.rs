@@ -168,20 +168,26 @@ fn config_check_opens_the_files_it_names() {
     std::fs::write(&token, "site-a-token-0123456789abcdef\n").expect("token");
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     let text = "[sites.a]\nagent = \"http://203.0.113.1:7878\"\ntoken_file = \"a.token\"\n\
-                tunnel = \"203.0.113.1\"\nca_cert = \"missing.pem\"\n";
+                tunnel = \"203.0.113.1\"\nca_cert = \"missing.pem\"\n\n\
+                [defaults]\ndns_key_file = \"missing.key\"\n";
     std::fs::write(dir.join("movarto.toml"), text).expect("inventory");
     let found = check_file(&dir.join("movarto.toml")).expect("read");
     let keys: Vec<(usize, &str)> = found.iter().map(|p| (p.line, p.key.as_str())).collect();
     assert_eq!(
         keys,
-        [(3, "sites.a.token_file"), (5, "sites.a.ca_cert")],
+        [
+            (3, "sites.a.token_file"),
+            (5, "sites.a.ca_cert"),
+            (8, "defaults.dns_key_file")
+        ],
         "{found:#?}"
     );
+    assert!(found[0].message.contains("chmod 600"), "{found:?}");
     assert!(found[1].message.contains("missing.pem"), "{found:?}");
     // Readable and private: the token passes; `load` doesn't open files at all.
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let found = check_file(&dir.join("movarto.toml")).expect("read");
-    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found.len(), 2, "{found:?}");
     assert!(Inventory::load(&dir.join("movarto.toml")).is_ok());
     let _ = std::fs::remove_dir_all(&dir);
 }
