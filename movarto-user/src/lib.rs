@@ -4,6 +4,7 @@ pub mod bench;
 pub mod datapath;
 pub mod dns;
 pub mod inventory;
+pub mod jobs;
 pub mod migrate;
 pub mod qemu;
 pub mod units;

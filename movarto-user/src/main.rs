@@ -59,6 +59,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::config::ConfigCommand,
     },
+    /// List the migrations the agents know: phase, percent, ETA, bandwidth, dirty rate,
+    /// downtime (`virsh domjobinfo`'s figures).
+    Jobs(cli::jobs::JobsArgs),
+    /// Cancel a migration before its switchover: it rolls back as a failure does.
+    Abort(cli::abort::AbortArgs),
     /// Run this site's agent: the control API the orchestrator drives.
     Agent(cli::agent::AgentArgs),
     /// Start, stop or inspect a QEMU VM described by a TOML spec.
@@ -85,6 +90,8 @@ fn main() -> ExitCode {
         Command::Dns { command } => cli::dns::run(command),
         Command::Vm { command } => cli::vm::run(command),
         Command::Agent(args) => cli::agent::run(args),
+        Command::Jobs(args) => cli::jobs::run(&args, cli.config.as_deref()),
+        Command::Abort(args) => cli::abort::run(&args, cli.config.as_deref()),
         Command::Generate(args) => cli::generate::run(&args, Cli::command()),
         Command::Migrate(args) => {
             match cli::migrate::run(&args, cli.config.as_deref(), cli.log_format) {

@@ -4,7 +4,7 @@
 use std::{
     fs,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::{Command, Output, Stdio},
 };
 
 use anyhow::{Context as _, Result};
@@ -77,4 +77,25 @@ pub fn short_migrate_command(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     Ok(migrate)
+}
+
+/// `movarto-user ARGS --config PATH` in the ops namespace, with no agent flags: the
+/// inventory names them. Its output, shown on stderr.
+pub fn run_with_inventory(l: &Lab, config: &std::path::Path, args: &[&str]) -> Output {
+    let output = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
+        .arg(movarto_user().expect("the movarto-user binary"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("movarto-user runs");
+    eprintln!(
+        "movarto-user {}: {}\n{}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }

@@ -1,12 +1,20 @@
 //! Following a migration the lab runs, from the test.
 
 use std::{
+    process::{Command, Output},
+    sync::atomic::Ordering,
     thread,
     time::{Duration, Instant},
 };
 
-use movarto_lab::{lab::Lab, netns::ChildGuard};
-use movarto_user::agent::api::MigrationState;
+use movarto_common::config::Mode;
+use movarto_lab::{
+    dns_server::SERVICE,
+    lab::{AGENT_PORT, Chat, H, Lab, TA, TB},
+    movarto_user,
+    netns::ChildGuard,
+};
+use movarto_user::agent::api::{MigrationState, SiteStatus};
 
 /// Waits until A's migration of the VM reaches `stage` (`reached`), while `migrate` runs.
 pub fn wait_for_source_migration(
@@ -28,4 +36,68 @@ pub fn wait_for_source_migration(
         );
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// After a migration that failed before switchover: the rollback says the VM runs at
+/// the source, and it does (the same instance, its connection kept, DNS unchanged); A
+/// tracks again and B has no VM and no datapath left. Returns A's status.
+pub fn assert_rolled_back_to_a(
+    l: &Lab,
+    report: &serde_json::Value,
+    boot_id: &str,
+    chat: Chat,
+) -> SiteStatus {
+    assert_eq!(report["succeeded"], false);
+    let rolled_back = report["rolled_back"].as_str().expect("rollback summary");
+    assert!(
+        rolled_back.contains("VM running at the source") && !rolled_back.contains("NOT undone"),
+        "{rolled_back}"
+    );
+    assert_eq!(l.http_get(H, "/id").expect("GET"), boot_id);
+    let stats = chat.stats.clone();
+    let failures = chat.stop();
+    assert!(failures.is_empty(), "the connection broke: {failures:?}");
+    eprintln!(
+        "rollback: worst stall of the connection {} ms",
+        stats.worst_stall_ms.load(Ordering::Relaxed)
+    );
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
+    assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
+    let (a_status, b_status) = l
+        .with_agents(async |a, b| (a.status().await.expect("A"), b.status().await.expect("B")))
+        .expect("the agents");
+    assert_eq!(
+        a_status.datapath.as_ref().expect("A attached").mode,
+        Mode::Track
+    );
+    assert!(b_status.datapath.is_none(), "B detached");
+    assert!(b_status.vms.is_empty(), "no VM at B: {:?}", b_status.vms);
+    a_status
+}
+
+/// `movarto-user ARGS` in the ops namespace, naming both agents as `migrate` does
+/// (`--source`, `--destination` and their token files); its output, shown on stderr.
+pub fn run_with_agents(l: &Lab, args: &[&str]) -> Output {
+    let output = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
+        .arg(movarto_user().expect("the movarto-user binary"))
+        .args(args)
+        .arg("--source")
+        .arg(format!("http://{TA}:{AGENT_PORT}"))
+        .arg("--source-token-file")
+        .arg(l.scratch.join("token-a"))
+        .arg("--destination")
+        .arg(format!("http://{TB}:{AGENT_PORT}"))
+        .arg("--destination-token-file")
+        .arg(l.scratch.join("token-b"))
+        .output()
+        .expect("movarto-user runs");
+    eprintln!(
+        "movarto-user {}: {}\n{}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
 }

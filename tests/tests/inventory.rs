@@ -17,7 +17,8 @@ use movarto_lab::{
     dns_server::SERVICE, lab::*, netns::wait_until, tempdir::TempDir, workload::echo_once,
 };
 use movarto_tests::{
-    inventory::{short_migrate_command, write_lab_inventory},
+    inventory::{run_with_inventory, short_migrate_command, write_lab_inventory},
+    migration::{assert_rolled_back_to_a, wait_for_source_migration},
     require_root,
 };
 use movarto_user::datapath::pin_dir;
@@ -145,6 +146,50 @@ fn the_short_form_with_the_lab_inventory_does_what_the_long_form_does() {
         boot_id,
         "N after teardown"
     );
+}
+
+/// `jobs` and `abort` without agent flags ask the inventory's sites: `abort web` finds
+/// the agent that holds the source's half and rolls the move back.
+#[test]
+fn jobs_and_abort_take_their_agents_from_the_inventory() {
+    require_root();
+    let l = Lab::build().expect("the lab");
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
+    let chat = Chat::start(&l).expect("the connection");
+    let config = write_lab_inventory(&l, "").expect("lab.toml");
+    // A flag over the inventory: 8 MiB/s for the guest's ~80 MiB, a copy of about 10 s.
+    let mut migrate =
+        short_migrate_command(&l, "b", &config, &["--max-bandwidth", "8"]).expect("command");
+    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    wait_for_source_migration(&l, &mut orchestrator, "the RAM copy", |m| {
+        m.progress.is_some_and(|p| p.transferred > 4 << 20)
+    });
+
+    let listed = run_with_inventory(&l, &config, &["jobs", "--json"]);
+    assert!(listed.status.success(), "jobs");
+    let listing: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("JSON");
+    let roles: Vec<&str> = listing["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter(|j| j["vm"] == "web")
+        .filter_map(|j| j["role"].as_str())
+        .collect();
+    assert_eq!(
+        roles,
+        ["source", "destination"],
+        "both sites asked: {listing}"
+    );
+
+    let aborted = run_with_inventory(&l, &config, &["abort", "web", "--wait", "60s"]);
+    let said = String::from_utf8_lossy(&aborted.stdout);
+    assert!(aborted.status.success(), "abort: {said}");
+    assert!(said.contains("of web rolled back"), "{said}");
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(60), || {})
+        .expect("migrate finished");
+    assert!(!status.success(), "an aborted migrate fails");
+    assert_rolled_back_to_a(&l, &report, &boot_id, chat);
 }
 
 /// A bad inventory: `config check` exits 1 and names every problem at its line, in text

@@ -21,7 +21,10 @@ use movarto_lab::{
     netns::{ChildGuard, wait_until},
     workload::echo_once,
 };
-use movarto_tests::{migration::wait_for_source_migration, require_root};
+use movarto_tests::{
+    migration::{assert_rolled_back_to_a, wait_for_source_migration},
+    require_root,
+};
 use movarto_user::{
     agent::api::{MigrationState, RunState, Stage},
     datapath::pin_dir,
@@ -556,43 +559,6 @@ fn slow_migrate(l: &Lab) -> ChildGuard {
     l.bind.client.spawn(&mut migrate).expect("migrate")
 }
 
-/// After a migration that failed before switchover: the rollback says the VM runs at
-/// the source, and it does (the same instance, its connection kept, DNS unchanged); A
-/// tracks again and B has no VM and no datapath left. Returns A's status.
-fn assert_rolled_back_to_a(
-    l: &Lab,
-    report: &serde_json::Value,
-    boot_id: &str,
-    chat: Chat,
-) -> movarto_user::agent::api::SiteStatus {
-    assert_eq!(report["succeeded"], false);
-    let rolled_back = report["rolled_back"].as_str().expect("rollback summary");
-    assert!(
-        rolled_back.contains("VM running at the source") && !rolled_back.contains("NOT undone"),
-        "{rolled_back}"
-    );
-    assert_eq!(l.http_get(H, "/id").expect("GET"), boot_id);
-    let stats = chat.stats.clone();
-    let failures = chat.stop();
-    assert!(failures.is_empty(), "the connection broke: {failures:?}");
-    eprintln!(
-        "rollback: worst stall of the connection {} ms",
-        stats.worst_stall_ms.load(Ordering::Relaxed)
-    );
-    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
-    assert_eq!(l.bind.dig_ttls(SERVICE, "A").expect("dig"), [300]);
-    let (a_status, b_status) = l
-        .with_agents(async |a, b| (a.status().await.expect("A"), b.status().await.expect("B")))
-        .expect("the agents");
-    assert_eq!(
-        a_status.datapath.as_ref().expect("A attached").mode,
-        Mode::Track
-    );
-    assert!(b_status.datapath.is_none(), "B detached");
-    assert!(b_status.vms.is_empty(), "no VM at B: {:?}", b_status.vms);
-    a_status
-}
-
 /// Ctrl-C on `migrate` during the RAM copy rolls back as a failure does: the
 /// migration is cancelled before the guest ever stops, the VM keeps serving at A with
 /// its connection, DNS is unchanged and B is left empty.
@@ -604,8 +570,11 @@ fn ctrl_c_during_the_ram_copy_rolls_back_and_the_guest_never_stops() {
     let chat = Chat::start(&l).expect("the connection");
 
     let mut orchestrator = slow_migrate(&l);
+    // Well inside the copy: 8 MiB sent at 8 MiB/s, and more than that still to send.
     wait_for_source_migration(&l, &mut orchestrator, "the RAM copy", |m| {
-        m.progress.is_some_and(|p| p.transferred > 8 << 20)
+        m.progress.is_some_and(|p| {
+            p.status == "active" && p.transferred > 8 << 20 && p.remaining > 16 << 20
+        })
     });
     // SAFETY: our own child, the orchestrator, by its PID.
     assert_eq!(
@@ -619,6 +588,14 @@ fn ctrl_c_during_the_ram_copy_rolls_back_and_the_guest_never_stops() {
     assert!(!status.success(), "an interrupted migrate fails");
     let error = report["error"].as_str().expect("error");
     assert!(error.contains("interrupted by SIGINT"), "{error}");
+    // QEMU's copy was cancelled at once, in the copy: the source never reached
+    // `pre-switchover` (where the hook would have refused to go on).
+    assert!(
+        error.contains("copying-ram")
+            && error.contains("cancelled during the RAM copy")
+            && !error.contains("switchover hook"),
+        "{error}"
+    );
     let steps: Vec<&str> = report["steps"]
         .as_array()
         .expect("steps")

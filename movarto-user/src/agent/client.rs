@@ -64,6 +64,18 @@ pub enum AgentError {
     },
 }
 
+impl AgentError {
+    /// The agent has no such migration or VM.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, AgentError::Refused { status: 404, .. })
+    }
+
+    /// The agent refused the call as conflicting with the state it is in.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, AgentError::Refused { status: 409, .. })
+    }
+}
+
 #[derive(Clone)]
 pub struct AgentClient {
     base: String,

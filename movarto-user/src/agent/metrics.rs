@@ -310,14 +310,12 @@ fn migration_metrics(registry: &mut Registry, migrations: &[MigrationRecord]) {
             transferred.get_or_create(&labels).set(p.transferred as i64);
             remaining.get_or_create(&labels).set(p.remaining as i64);
             total.get_or_create(&labels).set(p.total as i64);
-            bandwidth.get_or_create(&labels).set(p.mbps * 1e6 / 8.0);
+            bandwidth.get_or_create(&labels).set(p.bytes_per_second());
             passes.get_or_create(&labels).set(p.passes as i64);
         }
         let ratio = match (&record.progress, report) {
             (_, Some(r)) if r.status == "completed" => Some(1.0),
-            (Some(p), _) if p.total > 0 => {
-                Some(p.total.saturating_sub(p.remaining) as f64 / p.total as f64)
-            }
+            (Some(p), _) => p.done_ratio(),
             _ => None,
         };
         if let Some(ratio) = ratio {

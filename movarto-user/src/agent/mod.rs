@@ -6,7 +6,7 @@ pub mod api;
 pub mod client;
 pub mod garp;
 pub mod metrics;
-mod migrations;
+pub(crate) mod migrations;
 pub mod netlink;
 mod server;
 mod site;

@@ -271,10 +271,12 @@ async fn resume_site(
 ) -> Result<Option<String>> {
     match (&flags.from, inventory) {
         (Some(from), _) => Ok(Some(from.clone())),
-        (None, Some(inventory)) if flags.source.is_none() => locate_migration(inventory, id)
-            .await
-            .map(Some)
-            .map_err(anyhow::Error::msg),
+        (None, Some(inventory)) if flags.source.is_none() => {
+            locate_migration(inventory, id.as_str())
+                .await
+                .map(Some)
+                .map_err(anyhow::Error::msg)
+        }
         (None, Some(inventory)) => Ok(flags.site_of_source(inventory).map(str::to_owned)),
         (None, None) => Ok(None),
     }

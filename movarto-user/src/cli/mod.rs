@@ -1,6 +1,7 @@
 //! The command line: one thin file per verb (parse, call the library, print). The
 //! library (`movarto_user::*`) has no clap types.
 
+pub mod abort;
 pub mod agent;
 pub mod attach;
 pub mod bench;
@@ -10,6 +11,7 @@ pub mod detach;
 pub mod dns;
 pub mod flows;
 pub mod generate;
+pub mod jobs;
 pub mod logging;
 pub mod migrate;
 pub mod mode;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use super::{Inventory, SourceSite};
-use crate::agent::api::{MigrationId, Role, RunState};
+use crate::agent::api::{Role, RunState};
 
 /// How long one agent may take to say whether it runs the VM.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -121,25 +121,39 @@ pub async fn find_source(
     source_from_sightings(vm, to, &seen, home_site)
 }
 
-/// `--resume ID` without `--from`: the site whose agent holds that migration.
-pub async fn locate_migration(inventory: &Inventory, id: &MigrationId) -> Result<String, String> {
+/// The site whose agent holds the source's half of `target` (a migration id, or a VM:
+/// its unfinished migration first): `--resume ID` and `abort NAME` without an agent.
+pub async fn locate_migration(inventory: &Inventory, target: &str) -> Result<String, String> {
     let mut asks = JoinSet::new();
     for site in inventory.sites.keys() {
-        let (site, id) = (site.clone(), id.clone());
+        let (site, target) = (site.clone(), target.to_owned());
         let agent = inventory.agent(&site);
         asks.spawn(async move {
             let agent = agent.ok()?;
-            let record = tokio::time::timeout(ASK_TIMEOUT, agent.migration_record(&id)).await;
-            // The source's half is the one `--resume` follows.
-            matches!(record, Ok(Ok(r)) if r.role == Role::Source).then_some(site)
+            let records = tokio::time::timeout(ASK_TIMEOUT, agent.migrations())
+                .await
+                .ok()?
+                .ok()?;
+            // The source's half is the one `--resume` follows and `abort` rolls back.
+            let ours = records.iter().filter(|r| {
+                r.role == Role::Source && (r.id().as_str() == target || r.spec.vm == target)
+            });
+            let unfinished = ours.clone().any(|r| !r.stage.is_final());
+            ours.clone().next().map(|_| (unfinished, site))
         });
     }
+    let mut found = Vec::new();
     while let Some(done) = asks.join_next().await {
-        if let Ok(Some(site)) = done {
-            return Ok(site);
+        if let Ok(Some(hit)) = done {
+            found.push(hit);
         }
     }
-    Err(format!(
-        "no site's agent holds migration {id} as its source: give --from SITE or --source URL"
-    ))
+    // A site with the move under way beats one with an old, finished one.
+    found.sort();
+    found.pop().map(|(_, site)| site).ok_or_else(|| {
+        format!(
+            "no site's agent holds a migration {target} as its source: give --from SITE or \
+             --source URL"
+        )
+    })
 }

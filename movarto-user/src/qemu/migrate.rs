@@ -98,19 +98,51 @@ impl Default for MigrationOptions {
     }
 }
 
-/// A snapshot of a running migration, for a progress display.
+/// A snapshot of a running migration, for a progress display: QEMU's `query-migrate`
+/// (`MigrationInfo` and its `ram` `MigrationStats`).
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     pub status: String,
     pub elapsed_ms: u64,
+    /// RAM bytes sent so far, over every pass.
     pub transferred: u64,
+    /// RAM bytes still to send in this pass.
     pub remaining: u64,
+    /// The guest's RAM, in bytes.
     pub total: u64,
+    /// Megabits per second (QEMU's `mbps`).
     pub mbps: f64,
     /// Completed passes over memory (`dirty-sync-count`).
     pub passes: u64,
     /// The vCPU throttle auto-converge applies, in percent.
     pub cpu_throttle_percent: u64,
+    /// Pages the guest dirties per second, measured over the last pass (0 in the first).
+    #[serde(default)]
+    pub dirty_pages_rate: u64,
+    /// The bytes per page of the page counts.
+    #[serde(default)]
+    pub page_size: u64,
+    /// The downtime QEMU expects if it switched over now, in ms (while active).
+    #[serde(default)]
+    pub expected_downtime_ms: Option<u64>,
+}
+
+impl Progress {
+    /// The guest's dirtying rate, in bytes per second.
+    pub fn dirty_bytes_per_second(&self) -> u64 {
+        self.dirty_pages_rate.saturating_mul(self.page_size)
+    }
+
+    /// How much of this pass over RAM is sent, 0 to 1 (`None` without RAM figures).
+    pub fn done_ratio(&self) -> Option<f64> {
+        (self.total > 0)
+            .then(|| self.total.saturating_sub(self.remaining) as f64 / self.total as f64)
+    }
+
+    /// The copy's bandwidth, in bytes per second.
+    pub fn bytes_per_second(&self) -> f64 {
+        self.mbps * 1e6 / 8.0
+    }
 }
 
 /// The outcome of a completed migration, as QEMU's source reports it.
@@ -538,6 +570,9 @@ fn progress_of(info: &MigrationInfo, started: Instant) -> Progress {
         mbps: ram.mbps,
         passes: ram.dirty_sync_count,
         cpu_throttle_percent: info.cpu_throttle_percentage.unwrap_or_default(),
+        dirty_pages_rate: ram.dirty_pages_rate,
+        page_size: ram.page_size,
+        expected_downtime_ms: info.expected_downtime,
     }
 }
 

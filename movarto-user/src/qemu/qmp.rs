@@ -632,6 +632,9 @@ pub mod commands {
         pub mbps: f64,
         #[serde(default)]
         pub dirty_pages_rate: u64,
+        /// The bytes per page of the page counts (`page-size`, since QEMU 2.10).
+        #[serde(default)]
+        pub page_size: u64,
         #[serde(default)]
         pub precopy_bytes: u64,
         #[serde(default)]

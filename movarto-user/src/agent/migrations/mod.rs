@@ -77,10 +77,12 @@ impl Handle {
 
     /// In memory only: the RAM copy's progress.
     pub fn set_progress(&self, progress: crate::qemu::migrate::Progress) {
-        self.record
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .progress = Some(progress);
+        let mut record = self.record.lock().unwrap_or_else(PoisonError::into_inner);
+        // QEMU has no RAM figures once cancelled or failed: keep how far the copy got.
+        if progress.total == 0 && record.progress.as_ref().is_some_and(|p| p.total > 0) {
+            return;
+        }
+        record.progress = Some(progress);
     }
 
     /// The other site's agent.
@@ -249,19 +251,24 @@ impl Migrations {
     /// whether the VM runs there again, and cleans up only if it does.
     pub async fn abort(&self, id: &MigrationId) -> Result<MigrationRecord> {
         let handle = self.get(id).await?;
-        let record = handle.snapshot();
-        if record.role == Role::Source {
-            if record.stage.past_switchover() {
-                return Err(MigrationError::Conflict(format!(
-                    "migration {id} is past the switchover ({}): the VM may run at the \
-                     destination, so it can't be rolled back",
-                    record.stage
-                ))
-                .into());
+        // Checked and set under the record's lock: the switchover hook enters `continued`
+        // only if no abort was asked for, so exactly one of the two wins.
+        let past = handle.update(|r| {
+            if r.role != Role::Source || r.stage.is_final() {
+                None
+            } else if r.stage.past_switchover() {
+                Some(r.stage)
+            } else {
+                r.abort_requested = true;
+                None
             }
-            if !record.stage.is_final() {
-                handle.update(|r| r.abort_requested = true)?;
-            }
+        })?;
+        if let Some(stage) = past {
+            return Err(MigrationError::Conflict(format!(
+                "migration {id} is past the switchover ({stage}): the VM may run at the \
+                 destination, so it can't be rolled back"
+            ))
+            .into());
         }
         handle.wake.notify_waiters();
         Ok(handle.snapshot())
@@ -306,7 +313,7 @@ fn spawn_driver(agent: Arc<Agent>, handle: Arc<Handle>) {
 
 /// Whether an agent error is "not found" (the other side has no such migration or VM).
 fn is_not_found(err: &AgentError) -> bool {
-    matches!(err, AgentError::Refused { status: 404, .. })
+    err.is_not_found()
 }
 
 /// Runs a blocking datapath call (the verifier, map walks) off the async threads.

@@ -94,11 +94,22 @@ pub(super) async fn drive(agent: Arc<Agent>, m: Arc<Handle>) {
     }
 }
 
+/// What a rollback asked for with `POST /v1/migrations/{id}/abort` says (`movarto-user
+/// abort`, or Ctrl-C on `migrate`).
+const ABORTED: &str = "aborted on request, before the switchover";
+
 fn aborted(m: &Handle) -> Result<()> {
     if m.snapshot().abort_requested {
-        bail!("aborted by the orchestrator");
+        bail!(ABORTED);
     }
     Ok(())
+}
+
+/// Returns once an abort has been asked for (the API call wakes the nap).
+async fn abort_asked(m: &Handle) {
+    while !m.snapshot().abort_requested {
+        m.nap(Duration::from_millis(500)).await;
+    }
 }
 
 /// The VM runs at A; the token is drawn; A tracks the service with it.
@@ -216,16 +227,36 @@ async fn copy_and_switch(agent: &Arc<Agent>, m: &Arc<Handle>) -> Result<()> {
         m: m.clone(),
     };
     let progress_handle = m.clone();
-    let outcome = agent
+    let request = record.spec.outgoing_request();
+    let copy = agent
         .vms
-        .run_outgoing(
-            &record.spec.vm,
-            &record.spec.outgoing_request(),
-            &mut hook,
-            follow,
-            move |p| progress_handle.set_progress(p),
-        )
-        .await;
+        .run_outgoing(&record.spec.vm, &request, &mut hook, follow, move |p| {
+            progress_handle.set_progress(p)
+        });
+    tokio::pin!(copy);
+    // An abort during the RAM copy cancels QEMU's migration at once, before the guest
+    // ever stops (the hook refuses it from `pre-switchover` on, and an abort is refused
+    // once `continued`); the copy then ends in an error and the driver rolls back.
+    // The agent always pauses before switchover, so with an abort asked for QEMU can't
+    // complete (the hook refuses to continue): cancelling never resumes a VM that moved.
+    // `biased`: a copy that has ended is taken as it ended.
+    let outcome = tokio::select! {
+        biased;
+        outcome = &mut copy => outcome,
+        () = abort_asked(m) => {
+            let cancelled = agent.vms.cancel_outgoing(&record.spec.vm, None).await;
+            let outcome = copy.await;
+            match (outcome, cancelled) {
+                (Ok(report), _) => Ok(report),
+                (Err(_), Ok(())) => Err(anyhow!(
+                    "{ABORTED}: QEMU's migration cancelled during the RAM copy"
+                )),
+                (Err(err), Err(cancel)) => {
+                    Err(err.context(format!("{ABORTED}; migrate_cancel: {cancel:#}")))
+                }
+            }
+        }
+    };
     let report = match outcome {
         Ok(report) => report,
         Err(err) => {
@@ -353,16 +384,24 @@ impl SwitchoverHook for LocalSwitchover {
                 if let Some(hook) = &record.spec.on_switch {
                     run_on_switch(&record, hook).await?;
                 }
-                aborted(m)?;
                 let flip_us = stopped.elapsed().as_micros() as u64;
-                m.update(|r| {
+                // Under the record's lock, as the abort's own check: either the abort
+                // came first (nothing continues) or `continued` did (the abort is refused).
+                let continued = m.update(|r| {
+                    if r.abort_requested {
+                        return false;
+                    }
                     r.enter(Stage::SwitchingOver);
                     r.figures.switchover_unix_ms = Some(unix_ms());
                     r.dns_owed.switch = r.spec.dns.is_some() && r.spec.new_addr.is_some();
                     r.note("source forwards");
                     r.enter(Stage::Continued);
                     r.figures.flip_us = Some(flip_us);
+                    true
                 })?;
+                if !continued {
+                    bail!(ABORTED);
+                }
             }
             tokio::spawn(hand_over_flows(agent.clone(), m.clone()));
             Ok(())
