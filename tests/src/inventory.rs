@@ -2,6 +2,7 @@
 //! `migrate web --to SITE --config lab.toml`, the short form an operator types.
 
 use std::{
+    ffi::OsString,
     fs,
     path::PathBuf,
     process::{Command, Output, Stdio},
@@ -82,20 +83,7 @@ pub fn short_migrate_command(
 /// `movarto-user ARGS --config PATH` in the ops namespace, with no agent flags: the
 /// inventory names them. Its output, shown on stderr.
 pub fn run_with_inventory(l: &Lab, config: &std::path::Path, args: &[&str]) -> Output {
-    let output = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
-        .arg(movarto_user().expect("the movarto-user binary"))
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("movarto-user runs");
-    eprintln!(
-        "movarto-user {}: {}\n{}{}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
+    let mut all: Vec<OsString> = args.iter().map(OsString::from).collect();
+    all.extend(["--config".into(), config.into()]);
+    crate::migration::run_in_ops(l, &all)
 }
