@@ -13,5 +13,6 @@ pub mod counters;
 pub mod flow;
 pub mod gue;
 pub mod ids;
+pub mod monitor;
 pub mod net;
 pub mod ttl;

@@ -9,6 +9,7 @@ mod forward;
 mod icmp;
 mod link_local;
 mod maps;
+mod monitor;
 mod mss;
 mod nat;
 mod outcome;
@@ -26,11 +27,13 @@ use aya_ebpf::{
 use movarto_common::{
     config::{CONFIG_KEY, Config, Mode},
     counters::Counter,
+    monitor::{hook, kind_of},
     net::family,
 };
 
 use crate::{
     maps::CONFIG,
+    monitor::{drop_at, kind_and_hook},
     outcome::{Decoded, Encoded},
     parse::{Packet, ParseError},
 };
@@ -46,9 +49,12 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
         Hook::Uplink,
         &mut pkt,
     ) {
-        Parsed::Ip => {}
-        Parsed::Pass => return xdp_action::XDP_PASS,
-        Parsed::Drop => return xdp_action::XDP_DROP,
+        Parsed::IP => {}
+        Parsed::PASS => return xdp_action::XDP_PASS,
+        Parsed(reason) => {
+            monitor::report(&ctx, drop_at(hook::UPLINK), reason, &pkt);
+            return xdp_action::XDP_DROP;
+        }
     }
     let Some(cfg) = CONFIG.get(CONFIG_KEY) else {
         return pass(&pkt, xdp_action::XDP_PASS);
@@ -76,16 +82,22 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
         _ => Decoded::Pass,
     };
     match outcome {
-        Decoded::Pass => pass(&pkt, xdp_action::XDP_PASS),
+        Decoded::Pass | Decoded::Tunnel => pass(&pkt, xdp_action::XDP_PASS),
         Decoded::Sent(action, verdict) => {
             counters::bump_index(verdict);
+            report_sent(&ctx, hook::UPLINK, verdict, &pkt);
             action
         }
         Decoded::Drop(reason) => {
             counters::bump_index(reason);
+            monitor::report(&ctx, drop_at(hook::UPLINK), reason, &pkt);
             xdp_action::XDP_DROP
         }
-        Decoded::Tunnel => pass(&pkt, xdp_action::XDP_PASS),
+        Decoded::PassAfter(event) => {
+            counters::bump_index(event);
+            report_sent(&ctx, hook::UPLINK, event, &pkt);
+            pass(&pkt, xdp_action::XDP_PASS)
+        }
     }
 }
 
@@ -148,9 +160,12 @@ pub fn vm_ingress(ctx: TcContext) -> i32 {
         Hook::Vm,
         &mut pkt,
     ) {
-        Parsed::Ip => {}
-        Parsed::Pass => return TC_ACT_OK,
-        Parsed::Drop => return TC_ACT_SHOT,
+        Parsed::IP => {}
+        Parsed::PASS => return TC_ACT_OK,
+        Parsed(reason) => {
+            monitor::report(&ctx, drop_at(hook::VM), reason, &pkt);
+            return TC_ACT_SHOT;
+        }
     }
     let Some(cfg): Option<&Config> = CONFIG.get(CONFIG_KEY) else {
         return pass(&pkt, TC_ACT_OK);
@@ -168,17 +183,32 @@ pub fn vm_ingress(ctx: TcContext) -> i32 {
         _ => Decoded::Pass,
     };
     match outcome {
-        Decoded::Pass => pass(&pkt, TC_ACT_OK),
+        // Only the TC decision step asks for the tunnel; it is resolved above.
+        Decoded::Pass | Decoded::Tunnel => pass(&pkt, TC_ACT_OK),
         Decoded::Sent(action, verdict) => {
             counters::bump_index(verdict);
+            report_sent(&ctx, hook::VM, verdict, &pkt);
             action as i32
         }
         Decoded::Drop(reason) => {
             counters::bump_index(reason);
+            monitor::report(&ctx, drop_at(hook::VM), reason, &pkt);
             TC_ACT_SHOT
         }
-        // Only the TC decision step asks for the tunnel; it is resolved above.
-        Decoded::Tunnel => pass(&pkt, TC_ACT_OK),
+        Decoded::PassAfter(event) => {
+            counters::bump_index(event);
+            report_sent(&ctx, hook::VM, event, &pkt);
+            pass(&pkt, TC_ACT_OK)
+        }
+    }
+}
+
+/// Reports a packet movarto sent, or changed and passed on, under `verdict`.
+#[inline(always)]
+fn report_sent<C: monitor::Ingress>(ctx: &C, at: u8, verdict: u32, pkt: &Packet) {
+    let event_kind = kind_of(verdict);
+    if event_kind != 0 {
+        monitor::report(ctx, kind_and_hook(event_kind, at), verdict, pkt);
     }
 }
 
@@ -197,15 +227,18 @@ fn nat_from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Encoded {
     receive::from_vm(ctx, cfg, pkt, true).into()
 }
 
-/// What [`parse_counted`] found; a BPF call returns one register.
-#[repr(u32)]
-enum Parsed {
+/// What [`parse_counted`] found; a BPF call returns one register. Any other
+/// value: malformed and movarto's, so the reason (this counter index) was
+/// counted; drop it.
+#[repr(transparent)]
+#[derive(PartialEq, Eq)]
+struct Parsed(u32);
+
+impl Parsed {
     /// A well-formed IP packet, for the mode to decide on.
-    Ip,
+    const IP: Parsed = Parsed(u32::MAX);
     /// Not IP, or malformed and not movarto's: verdict counted, pass it.
-    Pass,
-    /// Malformed and movarto's: reason counted, drop it.
-    Drop,
+    const PASS: Parsed = Parsed(u32::MAX - 1);
 }
 
 /// Parses the frame into `pkt` and counts it: the packet, the class of an IP
@@ -224,14 +257,14 @@ fn parse_counted(
     match parse::parse_frame(data, data_end, frame_len, pkt) {
         Ok(true) => {
             counters::bump(pkt.l4.counter());
-            Parsed::Ip
+            Parsed::IP
         }
         Ok(false) => {
             counters::bump(Counter::PassNonIp);
-            Parsed::Pass
+            Parsed::PASS
         }
-        Err(reason) if drops_malformed(hook, pkt, reason) => Parsed::Drop,
-        Err(_) => Parsed::Pass,
+        Err(reason) if drops_malformed(hook, pkt, reason) => Parsed(reason.counter() as u32),
+        Err(_) => Parsed::PASS,
     }
 }
 

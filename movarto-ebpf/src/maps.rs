@@ -1,13 +1,14 @@
 //! Every map of the datapath. BTF-defined, so `bpftool map dump` is readable.
 
 use aya_ebpf::{
-    btf_maps::{Array, LruHashMap, PerCpuArray},
+    btf_maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use movarto_common::{
     config::Config,
     counters::COUNTER_COUNT,
     flow::{FlowKey, FlowValue},
+    monitor::{MonitorControl, MonitorEvent, MonitorState},
 };
 
 /// Default flow-map capacity; the loader can change it (`max_entries`) before loading.
@@ -40,3 +41,19 @@ pub static FLOW_SCRATCH: PerCpuArray<FlowValue, 1> = PerCpuArray::new();
 #[btf_map]
 pub static PENDING_FLOWS: LruHashMap<FlowKey, FlowValue, PENDING_FLOWS_DEFAULT_CAPACITY> =
     LruHashMap::new();
+
+/// What `movarto-user monitor` listens for (one entry; all zero: nobody listens).
+#[btf_map]
+pub static MONITOR_CONTROL: Array<MonitorControl, 1> = Array::new();
+
+/// The monitor's sampling and rate-limit bookkeeping, one entry per CPU.
+#[btf_map]
+pub static MONITOR_STATE: PerCpuArray<MonitorState, 1> = PerCpuArray::new();
+
+/// Size of the monitor's ring buffer: about 3,200 events of 72 bytes (plus the
+/// kernel's 8-byte header each) between two reads by the listener.
+pub const MONITOR_EVENTS_BYTES: usize = 256 * 1024;
+
+/// The verdicts `movarto-user monitor` reads, as [`MonitorEvent`]s.
+#[btf_map]
+pub static MONITOR_EVENTS: RingBuf<MonitorEvent, MONITOR_EVENTS_BYTES> = RingBuf::new();

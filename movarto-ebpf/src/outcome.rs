@@ -15,6 +15,9 @@ pub enum Outcome {
     Drop(Counter),
     /// To be encapsulated by the tunnel path, a separate BPF function.
     Tunnel,
+    /// Left to the kernel after movarto changed it (NAT out): the event counter,
+    /// counted by the entry point beside the pass verdict.
+    PassAfter(Counter),
 }
 
 /// An [`Outcome`] in one u64: kind in bits 48.., action in 16..48, counter in 0..16.
@@ -25,6 +28,7 @@ const PASS: u64 = 0;
 const SENT: u64 = 1;
 const DROP: u64 = 2;
 const TUNNEL: u64 = 3;
+const PASS_AFTER: u64 = 4;
 
 impl From<Result<Outcome, Counter>> for Encoded {
     #[inline(always)]
@@ -36,6 +40,7 @@ impl From<Result<Outcome, Counter>> for Encoded {
             }
             Outcome::Drop(counter) => (DROP << 48) | counter as u64,
             Outcome::Tunnel => TUNNEL << 48,
+            Outcome::PassAfter(counter) => (PASS_AFTER << 48) | counter as u64,
         })
     }
 }
@@ -47,6 +52,7 @@ pub enum Decoded {
     Sent(u32, u32),
     Drop(u32),
     Tunnel,
+    PassAfter(u32),
 }
 
 impl Encoded {
@@ -57,6 +63,7 @@ impl Encoded {
             SENT => Decoded::Sent(((self.0 >> 16) & 0xffff_ffff) as u32, counter),
             DROP => Decoded::Drop(counter),
             TUNNEL => Decoded::Tunnel,
+            PASS_AFTER => Decoded::PassAfter(counter),
             _ => Decoded::Pass,
         }
     }

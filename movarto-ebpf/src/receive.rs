@@ -17,7 +17,6 @@ use movarto_common::{
 };
 
 use crate::{
-    counters::bump,
     flows::{self, Direction, Origin},
     icmp, link_local, nat,
     outcome::Outcome,
@@ -106,8 +105,7 @@ pub fn from_vm(
     if is_nat {
         flows::record(pkt, Direction::ToPeer, origin::NAT);
         nat::snat_tc(ctx, pkt, &cfg.new_addr)?;
-        bump(Counter::NatOut);
-        return Ok(Outcome::Pass);
+        return Ok(Outcome::PassAfter(Counter::NatOut));
     }
     if nat_only {
         return Ok(Outcome::Pass);

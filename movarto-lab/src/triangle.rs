@@ -64,6 +64,7 @@ pub fn attach_in(
         site,
         pin_name: None,
         flows_capacity: None,
+        debug_log: false,
     })
     .with_context(|| format!("attach in {}", ns.name()))?;
     Ok(Attached(uplink.to_owned()))

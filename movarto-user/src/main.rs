@@ -39,6 +39,9 @@ enum Command {
     Flows(cli::flows::FlowsArgs),
     /// Switch the datapath's mode (one map write; no reload).
     Mode(cli::mode::ModeArgs),
+    /// Stream the datapath's verdicts as they happen: drops with their reason, tunnel,
+    /// NAT and ICMP answers, with the 5-tuple and the service.
+    Monitor(cli::monitor::MonitorArgs),
     /// Load the datapath through the kernel's verifier and report what was loaded.
     /// Nothing is attached; everything is unloaded on exit.
     Check(cli::check::CheckArgs),
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
         Command::Flows(args) => cli::flows::run(args),
         Command::Mode(args) => cli::mode::run(args),
         Command::Check(args) => cli::check::run(args),
+        Command::Monitor(args) => cli::monitor::run(args),
         Command::Bench { command } => cli::bench::run(command),
         Command::Dns { command } => cli::dns::run(command),
         Command::Vm { command } => cli::vm::run(command),

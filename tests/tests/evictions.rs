@@ -19,6 +19,7 @@ fn tracking(capacity: Option<u32>) -> Datapath {
         flows_capacity: capacity,
         // One-way datagrams are pending flows: that map is the one measured here.
         pending_flows_capacity: capacity,
+        ..LoadOptions::default()
     })
     .expect("load datapath");
     dp.set_config(&SiteConfig::new(Mode::Track, IpAddr::from(HOME4)))

@@ -38,6 +38,7 @@ fn options(uplink: &str, pin_name: Option<&str>) -> AttachOptions {
         site: SiteConfig::new(Mode::Track, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))),
         pin_name: pin_name.map(str::to_owned),
         flows_capacity: None,
+        debug_log: false,
     }
 }
 

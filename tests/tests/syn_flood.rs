@@ -121,6 +121,7 @@ fn a_syn_flood_evicts_no_established_flow_before_or_during_the_drain() {
     let mut dp = Datapath::load_with(&LoadOptions {
         flows_capacity: Some(CAPACITY),
         pending_flows_capacity: Some(PENDING_CAPACITY),
+        ..LoadOptions::default()
     })
     .expect("load");
     let site = |mode| {
@@ -209,6 +210,7 @@ fn a_handed_over_snapshot_keeps_handshakes_out_of_the_confirmed_map() {
     let dp = Datapath::load_with(&LoadOptions {
         flows_capacity: Some(CAPACITY),
         pending_flows_capacity: Some(PENDING_CAPACITY),
+        ..LoadOptions::default()
     })
     .expect("load");
     let mut dp = dp;

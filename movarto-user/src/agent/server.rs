@@ -47,6 +47,8 @@ pub struct AgentConfig {
     pub established_idle: Duration,
     /// The flow map's capacity when the agent attaches its datapath.
     pub flows_capacity: Option<u32>,
+    /// Attach the datapath with the programs' debug logs on.
+    pub debug_log: bool,
     /// Where VM records and QEMU logs live, for adoption after a restart.
     pub state_dir: PathBuf,
     /// Stop the VMs when the agent exits (by default they keep running).
@@ -115,7 +117,8 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
             config.pin_name.clone(),
             config.established_idle,
             config.flows_capacity,
-        ),
+        )
+        .with_debug_log(config.debug_log),
         vms: Vms::new(config.state_dir.clone())?,
         migrations: Migrations::new(&config.state_dir)?,
         metrics_without_token: config.metrics_without_token,

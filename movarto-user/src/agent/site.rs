@@ -34,6 +34,8 @@ pub struct SiteDatapath {
     established_idle_ns: u64,
     /// The flow map's capacity when the agent attaches (`None`: the attach default).
     flows_capacity: Option<u32>,
+    /// Attach with the programs' debug logs on.
+    debug_log: bool,
     swept: AtomicU64,
 }
 
@@ -49,8 +51,15 @@ impl SiteDatapath {
             pin_name: pin_name.unwrap_or_else(|| uplink.clone()),
             uplink,
             established_idle_ns: established_idle.as_nanos() as u64,
+            debug_log: false,
             swept: AtomicU64::new(0),
         }
+    }
+
+    /// Attach with the programs' debug logs on (`monitor --debug-log` reads them).
+    pub fn with_debug_log(mut self, debug_log: bool) -> Self {
+        self.debug_log = debug_log;
+        self
     }
 
     fn attached(&self) -> bool {
@@ -114,6 +123,7 @@ impl SiteDatapath {
                 xdp_mode: XdpMode::Default,
                 site: site.clone(),
                 flows_capacity: self.flows_capacity,
+                debug_log: self.debug_log,
             })?;
         }
         if site.mode.uses_tunnel() {

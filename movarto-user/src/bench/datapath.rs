@@ -38,7 +38,9 @@ use super::{
     scratch::{self, Scratch},
 };
 use crate::datapath::{
-    ATTACHED_FLOWS_CAPACITY, Datapath, LoadOptions, NOOP_OBJECT, SiteConfig, flows::monotonic_ns,
+    ATTACHED_FLOWS_CAPACITY, Datapath, LoadOptions, NOOP_OBJECT, SiteConfig, UPLINK_INGRESS,
+    flows::monotonic_ns,
+    monitor::{Filter, Listener},
     retry_interrupted,
 };
 
@@ -57,6 +59,84 @@ pub struct Options {
     pub flow_maps: Vec<FlowMap>,
     /// Only these paths (all if empty).
     pub paths: Vec<PathId>,
+    /// What to measure each path with besides nothing (the default).
+    pub instruments: Vec<Instrument>,
+}
+
+/// What runs beside the datapath while a path is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Instrument {
+    /// Nothing: nobody listens, no debug logs.
+    None,
+    /// `monitor` listening with its defaults (every kind, 1,000 events per second per
+    /// CPU), read between calls: under load, most verdicts take the rate limit's path.
+    Monitor,
+    /// Loaded with the debug logs on (`attach --debug-log`), read between calls: in
+    /// the repeat loop most records find aya-log's ring buffer full.
+    DebugLog,
+}
+
+impl Instrument {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Instrument::None => "none",
+            Instrument::Monitor => "monitor",
+            Instrument::DebugLog => "debug-log",
+        }
+    }
+}
+
+/// What reads the instrument's output between calls.
+enum Reader {
+    None,
+    Monitor(Box<Listener>),
+    DebugLog(aya_log::EbpfLogger<NullLog>),
+}
+
+impl Reader {
+    fn start(dp: &Datapath, instrument: Instrument) -> Result<Self> {
+        Ok(match instrument {
+            Instrument::None => Reader::None,
+            Instrument::Monitor => {
+                Reader::Monitor(Box::new(Listener::loaded(dp, Filter::default())?))
+            }
+            Instrument::DebugLog => {
+                let id = dp
+                    .program_infos()?
+                    .into_iter()
+                    .find(|(name, _)| name == UPLINK_INGRESS)
+                    .map(|(_, info)| info.id())
+                    .context("the uplink program is not loaded")?;
+                Reader::DebugLog(
+                    aya_log::EbpfLogger::init_from_id_with_logger(id, NullLog)
+                        .map_err(|err| anyhow::anyhow!("reading the debug logs: {err}"))?,
+                )
+            }
+        })
+    }
+
+    /// Empties the ring buffer, outside the kernel's timing.
+    fn read(&mut self) {
+        match self {
+            Reader::None => {}
+            Reader::Monitor(listener) => {
+                listener.drain();
+            }
+            Reader::DebugLog(logger) => logger.flush(),
+        }
+    }
+}
+
+/// Discards the debug logs the bench reads.
+struct NullLog;
+
+impl log::Log for NullLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        false
+    }
+    fn log(&self, _: &log::Record<'_>) {}
+    fn flush(&self) {}
 }
 
 /// The state of the flow map a path is measured in.
@@ -340,6 +420,8 @@ pub struct Row {
     pub flow_map: FlowMap,
     /// Services configured on the uplink (one until the datapath is per service).
     pub services: u32,
+    /// What ran beside the datapath.
+    pub instrument: Instrument,
     pub method: Method,
     /// What the path returned (checked on every run).
     pub verdict: String,
@@ -494,10 +576,21 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
     };
     let mut rows = Vec::new();
     let (mut capacity, mut pending_capacity) = (0, 0);
-    for &fill in &opts.flow_maps {
+    // The monitor is measured beside nothing, in the same rounds (see `measure`); the
+    // debug logs need a datapath loaded with them.
+    let mut instruments = vec![Instrument::None];
+    if opts.instruments.contains(&Instrument::DebugLog) {
+        instruments.push(Instrument::DebugLog);
+    }
+    for (&fill, &instrument) in opts
+        .flow_maps
+        .iter()
+        .flat_map(|fill| instruments.iter().map(move |i| (fill, i)))
+    {
         // A fresh datapath per state of the map: nothing carries over.
         let mut dp = Datapath::load_with(&LoadOptions {
             flows_capacity: Some(opts.flows_capacity.unwrap_or(ATTACHED_FLOWS_CAPACITY)),
+            debug_log: instrument == Instrument::DebugLog,
             ..LoadOptions::default()
         })?;
         capacity = dp.flows_capacity()?;
@@ -521,8 +614,14 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
             }))?;
         }
         for &path in &paths {
-            progress(&format!("{} (flow map {})", path.name(), fill.name()));
-            rows.push(measure(&mut dp, &baseline, &scratch, path, fill, opts)?);
+            progress(&format!(
+                "{} (flow map {}, instrument {})",
+                path.name(),
+                fill.name(),
+                instrument.name()
+            ));
+            let setting = Setting { fill, instrument };
+            rows.extend(measure(&mut dp, &baseline, &scratch, path, setting, opts)?);
         }
     }
     Ok(Report {
@@ -537,14 +636,22 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
     })
 }
 
+/// What a path is measured in.
+#[derive(Clone, Copy)]
+struct Setting {
+    fill: FlowMap,
+    instrument: Instrument,
+}
+
 fn measure(
     dp: &mut Datapath,
     baseline: &Baseline,
     scratch: &Scratch,
     path: PathId,
-    fill: FlowMap,
+    setting: Setting,
     opts: &Options,
-) -> Result<Row> {
+) -> Result<Vec<Row>> {
+    let Setting { fill, instrument } = setting;
     dp.set_config(&site(path.mode(), scratch))?;
     if let Some(origin) = path.seeded_origin() {
         dp.insert_flows([(
@@ -552,13 +659,21 @@ fn measure(
             established(origin, monotonic_ns()?),
         )])?;
     }
+    // The monitor is measured in the same rounds as nothing, run for run: turning it
+    // on and off is one map write, so a noisy machine moves both alike.
+    let mut variants = vec![Variant::start(dp, instrument)?];
+    if instrument == Instrument::None && opts.instruments.contains(&Instrument::Monitor) {
+        variants.push(Variant::start(dp, Instrument::Monitor)?);
+    }
     let program = path.program();
     let method = path.method();
     let per_round = match method {
         Method::RepeatLoop => 1,
         Method::OneRunPerCall => opts.calls,
     };
-    let frames = path.frames(per_round * opts.rounds)?;
+    let variant_count = variants.len() as u32;
+    let runs_per_round = per_round * variant_count;
+    let frames = path.frames(runs_per_round * opts.rounds)?;
     let before = dp.counters()?;
     let mut runs: u64 = 0;
     let mut verdict = None;
@@ -573,34 +688,42 @@ fn measure(
         verdict.get_or_insert(value);
         Ok(())
     };
-    let (mut ours, mut noop) = (Vec::new(), Vec::new());
+    let mut noop = Vec::new();
     for round in 0..opts.rounds {
         match method {
             Method::RepeatLoop => {
                 let frame = frames.first().context("no frame")?;
-                let (value, took) = run_datapath(dp, program, frame, opts.repeat)?;
-                check(value)?;
-                runs += u64::from(opts.repeat);
+                for variant in &mut variants {
+                    let (value, took) = variant.run(dp, program, frame, opts.repeat)?;
+                    check(value)?;
+                    runs += u64::from(opts.repeat);
+                    variant.ns.push(took.as_nanos() as f64);
+                }
                 let (_, base) = baseline.run(program, frame, opts.repeat)?;
-                ours.push(took.as_nanos() as f64);
                 noop.push(base.as_nanos() as f64);
             }
             Method::OneRunPerCall => {
-                let mut ours_round = Vec::with_capacity(per_round as usize);
+                let mut rounds: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
                 let mut noop_round = Vec::with_capacity(per_round as usize);
                 for i in 0..per_round {
-                    let n = (round * per_round + i) as usize;
-                    let frame = frames.get(n).or(frames.first()).context("no frame")?;
-                    let (value, took) = run_datapath(dp, program, frame, 1)?;
-                    check(value)?;
-                    runs += 1;
+                    for (v, variant) in variants.iter_mut().enumerate() {
+                        // A fresh frame for every run: some paths need a new 5-tuple each.
+                        let n = (round * runs_per_round + i * variant_count) as usize + v;
+                        let frame = frames.get(n).or(frames.first()).context("no frame")?;
+                        let (value, took) = variant.run(dp, program, frame, 1)?;
+                        check(value)?;
+                        runs += 1;
+                        rounds[v].push(took.as_nanos() as f64);
+                    }
+                    let frame = frames.first().context("no frame")?;
                     let (_, base) = baseline.run(program, frame, 1)?;
-                    ours_round.push(took.as_nanos() as f64);
                     noop_round.push(base.as_nanos() as f64);
                 }
-                ours_round.sort_by(f64::total_cmp);
+                for (variant, mut times) in variants.iter_mut().zip(rounds) {
+                    times.sort_by(f64::total_cmp);
+                    variant.ns.push(median(&times));
+                }
                 noop_round.sort_by(f64::total_cmp);
-                ours.push(median(&ours_round));
                 noop.push(median(&noop_round));
             }
         }
@@ -614,25 +737,72 @@ fn measure(
             path.counter().name()
         );
     }
-    let ns = Spread::of(&mut ours);
     let noop_ns = Spread::of(&mut noop);
-    Ok(Row {
-        path,
-        program,
-        mode: path.mode(),
-        flow_map: fill,
-        services: 1,
-        method,
-        verdict: verdict_name(program, verdict.unwrap_or_default()),
-        ratio_to_noop: if noop_ns.median > 0.0 {
-            ns.median / noop_ns.median
-        } else {
-            f64::NAN
-        },
-        over_noop_ns: ns.median - noop_ns.median,
-        ns,
-        noop_ns,
-    })
+    let verdict = verdict_name(program, verdict.unwrap_or_default());
+    Ok(variants
+        .into_iter()
+        .map(|mut variant| {
+            let ns = Spread::of(&mut variant.ns);
+            Row {
+                path,
+                program,
+                mode: path.mode(),
+                flow_map: fill,
+                services: 1,
+                instrument: variant.instrument,
+                method,
+                verdict: verdict.clone(),
+                ratio_to_noop: if noop_ns.median > 0.0 {
+                    ns.median / noop_ns.median
+                } else {
+                    f64::NAN
+                },
+                over_noop_ns: ns.median - noop_ns.median,
+                ns,
+                noop_ns,
+            }
+        })
+        .collect())
+}
+
+/// One way of running the datapath in [`measure`], and its times.
+struct Variant {
+    instrument: Instrument,
+    reader: Reader,
+    ns: Vec<f64>,
+}
+
+impl Variant {
+    fn start(dp: &Datapath, instrument: Instrument) -> Result<Self> {
+        let mut reader = Reader::start(dp, instrument)?;
+        if let Reader::Monitor(listener) = &mut reader {
+            listener.stop()?;
+        }
+        Ok(Self {
+            instrument,
+            reader,
+            ns: Vec::new(),
+        })
+    }
+
+    /// Runs the frame with this variant's instrument on, and reads what it wrote.
+    fn run(
+        &mut self,
+        dp: &Datapath,
+        program: Program,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Duration)> {
+        if let Reader::Monitor(listener) = &mut self.reader {
+            listener.renew()?;
+        }
+        let result = run_datapath(dp, program, frame, repeat);
+        self.reader.read();
+        if let Reader::Monitor(listener) = &mut self.reader {
+            listener.stop()?;
+        }
+        result
+    }
 }
 
 fn kernel_release() -> String {

@@ -54,6 +54,11 @@ pub struct AgentArgs {
     /// preallocated, plus a quarter as many pending flows).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub flows_capacity: Option<u32>,
+    /// Attach the datapath with the programs' debug logs on (aya-log), which
+    /// `movarto-user monitor --debug-log` prints. Off, they cost nothing: the
+    /// verifier removes them.
+    #[arg(long)]
+    pub debug_log: bool,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -76,5 +81,6 @@ pub fn run(args: AgentArgs) -> Result<()> {
         established_idle: args.established_idle,
         metrics_without_token: args.metrics_without_token,
         flows_capacity: args.flows_capacity,
+        debug_log: args.debug_log,
     })
 }

@@ -70,6 +70,10 @@ pub struct AttachArgs {
     /// so that a flood of new 5-tuples never pushes out an established connection.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub flows_capacity: Option<u32>,
+    /// Load the programs with their debug logs on (aya-log), which `movarto-user
+    /// monitor --debug-log` prints. Off, they cost nothing: the verifier removes them.
+    #[arg(long)]
+    pub debug_log: bool,
 }
 
 pub fn run(a: AttachArgs) -> Result<()> {
@@ -112,6 +116,7 @@ pub fn run(a: AttachArgs) -> Result<()> {
         site,
         pin_name: a.pin_name,
         flows_capacity: a.flows_capacity,
+        debug_log: a.debug_log,
     })?;
     println!(
         "attached to {} (XDP) and {} (TC ingress) in mode {}; pinned at {}",

@@ -2,7 +2,7 @@
 
 use anyhow::{Result, anyhow};
 use clap::{Args, Subcommand, ValueEnum};
-use movarto_user::bench::datapath::{self, FlowMap, Options, PathId, Report};
+use movarto_user::bench::datapath::{self, FlowMap, Instrument, Options, PathId, Report};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
@@ -32,9 +32,19 @@ pub struct DatapathArgs {
     /// Only this path (repeat it; default all). `--path list` names them.
     #[arg(long = "path")]
     pub paths: Vec<String>,
+    /// Also measure every path with this running beside it (repeat it): `monitor`
+    /// (a listener with its defaults) or `debug-log` (loaded with the debug logs on).
+    #[arg(long = "with", value_enum, value_name = "INSTRUMENT")]
+    pub instruments: Vec<InstrumentArg>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum InstrumentArg {
+    Monitor,
+    DebugLog,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -82,6 +92,14 @@ fn datapath_bench(a: DatapathArgs) -> Result<()> {
         flows_capacity: a.flows_capacity,
         flow_maps,
         paths,
+        instruments: a
+            .instruments
+            .iter()
+            .map(|i| match i {
+                InstrumentArg::Monitor => Instrument::Monitor,
+                InstrumentArg::DebugLog => Instrument::DebugLog,
+            })
+            .collect(),
     };
     let report = datapath::run(&opts, |step| eprintln!("bench: {step}"))?;
     if a.json {
@@ -99,10 +117,11 @@ fn print_table(r: &Report) {
         r.kernel, r.cpus, r.rounds, r.repeat, r.calls, r.flows_capacity, r.pending_flows_capacity
     );
     println!(
-        "{:<22} {:<8} {:<6} {:<16} {:<15} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7}",
+        "{:<22} {:<8} {:<6} {:<10} {:<16} {:<15} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7}",
         "path",
         "mode",
         "flows",
+        "with",
         "method",
         "verdict",
         "min",
@@ -114,10 +133,11 @@ fn print_table(r: &Report) {
     );
     for row in &r.rows {
         println!(
-            "{:<22} {:<8} {:<6} {:<16} {:<15} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x {:>7.1}",
+            "{:<22} {:<8} {:<6} {:<10} {:<16} {:<15} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>5.2}x {:>7.1}",
             row.path.name(),
             row.mode.name(),
             row.flow_map.name(),
+            row.instrument.name(),
             row.method.name(),
             row.verdict,
             row.ns.min,

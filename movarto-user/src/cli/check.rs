@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use movarto_user::datapath::{
-    Datapath,
+    Datapath, LoadOptions,
     budget::{ALLOWED_GROWTH_PERCENT, over_budget, verifier_budget},
 };
 use serde::Serialize;
@@ -13,6 +13,9 @@ pub struct CheckArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Load the programs with their debug logs on, as `attach --debug-log` does.
+    #[arg(long)]
+    pub debug_log: bool,
 }
 
 #[derive(Serialize)]
@@ -34,7 +37,10 @@ struct ProgramReport {
 
 /// Nothing is attached; everything is unloaded when the datapath is dropped.
 pub fn run(a: CheckArgs) -> Result<()> {
-    let datapath = Datapath::load()?;
+    let datapath = Datapath::load_with(&LoadOptions {
+        debug_log: a.debug_log,
+        ..LoadOptions::default()
+    })?;
     let budget = verifier_budget()?;
     let programs = datapath
         .program_infos()?

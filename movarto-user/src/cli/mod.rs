@@ -15,6 +15,7 @@ pub mod jobs;
 pub mod logging;
 pub mod migrate;
 pub mod mode;
+pub mod monitor;
 pub mod status;
 pub mod units;
 pub mod vm;

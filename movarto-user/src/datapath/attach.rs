@@ -69,6 +69,8 @@ pub struct AttachOptions {
     /// Capacity of the flow map; [`ATTACHED_FLOWS_CAPACITY`] if `None`. The pending
     /// flows' map gets a quarter of it.
     pub flows_capacity: Option<u32>,
+    /// Load with the programs' debug logs on ([`super::LoadOptions::debug_log`]).
+    pub debug_log: bool,
 }
 
 /// The flow map's capacity on an attached uplink unless told otherwise: a million
@@ -227,6 +229,7 @@ pub fn attach(opts: &AttachOptions) -> Result<PathBuf> {
     site.netns_cookie = netns_cookie()?;
     let mut datapath = Datapath::load_with(&LoadOptions {
         flows_capacity: Some(opts.flows_capacity.unwrap_or(ATTACHED_FLOWS_CAPACITY)),
+        debug_log: opts.debug_log,
         ..LoadOptions::default()
     })?;
     datapath.set_config(&site)?;

@@ -7,6 +7,7 @@ mod control;
 mod counters;
 mod flowmaps;
 pub mod flows;
+pub mod monitor;
 
 use std::path::Path;
 
@@ -48,6 +49,12 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const FLOWS_MAP: &str = "FLOWS";
 /// The pending flows' map (see `movarto_common::flow`).
 pub const PENDING_FLOWS_MAP: &str = "PENDING_FLOWS";
+/// What `monitor` listens for; see `movarto_common::monitor`.
+pub const MONITOR_CONTROL_MAP: &str = "MONITOR_CONTROL";
+/// The monitor's per-CPU sampling and rate-limit bookkeeping.
+pub const MONITOR_STATE_MAP: &str = "MONITOR_STATE";
+/// The ring buffer of monitor events.
+pub const MONITOR_EVENTS_MAP: &str = "MONITOR_EVENTS";
 
 /// How often a program load interrupted by a signal is tried again.
 const LOAD_ATTEMPTS: usize = 5;
@@ -87,6 +94,9 @@ fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
     result
 }
 
+/// aya-log's level with every statement off (its levels start at 1, error).
+const DEBUG_LOG_OFF: u8 = 0;
+
 /// The datapath loaded into the kernel (verified), not yet attached anywhere.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -99,6 +109,9 @@ pub struct LoadOptions {
     pub flows_capacity: Option<u32>,
     /// Capacity of the pending flows' map; a quarter of the flow map's if `None`.
     pub pending_flows_capacity: Option<u32>,
+    /// Load with the programs' debug logs on (aya-log, read by `monitor --debug-log`).
+    /// Off, the verifier prunes every log statement: they cost nothing.
+    pub debug_log: bool,
 }
 
 impl LoadOptions {
@@ -130,6 +143,12 @@ impl Datapath {
         if let Some(capacity) = pending {
             loader.map_max_entries(PENDING_FLOWS_MAP, capacity);
         }
+        let log_level = if opts.debug_log {
+            aya_log::Level::Debug as u8
+        } else {
+            DEBUG_LOG_OFF
+        };
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the movarto eBPF object (are you root, with BTF-enabled kernel?)")?;
