@@ -3,6 +3,8 @@ pub mod agent;
 pub mod bench;
 pub mod datapath;
 pub mod dns;
+pub mod inventory;
 pub mod jobs;
 pub mod migrate;
 pub mod qemu;
+pub mod units;

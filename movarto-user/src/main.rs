@@ -2,7 +2,7 @@
 
 mod cli;
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
 
@@ -19,6 +19,10 @@ struct Cli {
     /// collectors; `migrate`'s progress then defaults to JSON too).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    /// The inventory (sites, services, defaults; docs/inventory.md) [default:
+    /// /etc/movarto/movarto.toml, if it exists].
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,6 +57,11 @@ enum Command {
     },
     /// Move a VM from one site to another, with its connections: the whole sequence.
     Migrate(Box<cli::migrate::MigrateArgs>),
+    /// The inventory file (`config check`; docs/inventory.md).
+    Config {
+        #[command(subcommand)]
+        command: cli::config::ConfigCommand,
+    },
     /// List the migrations the agents know: phase, percent, ETA, bandwidth, dirty rate,
     /// downtime (`virsh domjobinfo`'s figures).
     Jobs(cli::jobs::JobsArgs),
@@ -85,10 +94,16 @@ fn main() -> ExitCode {
         Command::Dns { command } => cli::dns::run(command),
         Command::Vm { command } => cli::vm::run(command),
         Command::Agent(args) => cli::agent::run(args),
-        Command::Jobs(args) => cli::jobs::run(&args),
-        Command::Abort(args) => cli::abort::run(&args),
+        Command::Jobs(args) => cli::jobs::run(&args, cli.config.as_deref()),
+        Command::Abort(args) => cli::abort::run(&args, cli.config.as_deref()),
         Command::Generate(args) => cli::generate::run(&args, Cli::command()),
-        Command::Migrate(args) => match cli::migrate::run(&args, cli.log_format) {
+        Command::Migrate(args) => {
+            match cli::migrate::run(&args, cli.config.as_deref(), cli.log_format) {
+                Ok(code) => return code,
+                Err(err) => Err(err),
+            }
+        }
+        Command::Config { command } => match cli::config::run(&command, cli.config.as_deref()) {
             Ok(code) => return code,
             Err(err) => Err(err),
         },

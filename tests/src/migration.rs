@@ -1,6 +1,7 @@
 //! Following a migration the lab runs, from the test.
 
 use std::{
+    ffi::OsString,
     process::{Command, Output},
     sync::atomic::Ordering,
     thread,
@@ -78,23 +79,32 @@ pub fn assert_rolled_back_to_a(
 /// `movarto-user ARGS` in the ops namespace, naming both agents as `migrate` does
 /// (`--source`, `--destination` and their token files); its output, shown on stderr.
 pub fn run_with_agents(l: &Lab, args: &[&str]) -> Output {
+    let mut all: Vec<OsString> = args.iter().map(OsString::from).collect();
+    all.extend([
+        "--source".into(),
+        format!("http://{TA}:{AGENT_PORT}").into(),
+        "--source-token-file".into(),
+        l.scratch.join("token-a").into(),
+        "--destination".into(),
+        format!("http://{TB}:{AGENT_PORT}").into(),
+        "--destination-token-file".into(),
+        l.scratch.join("token-b").into(),
+    ]);
+    run_in_ops(l, &all)
+}
+
+/// `movarto-user ARGS` in the ops namespace; its output, shown on stderr.
+pub fn run_in_ops(l: &Lab, args: &[OsString]) -> Output {
     let output = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
         .arg(movarto_user().expect("the movarto-user binary"))
         .args(args)
-        .arg("--source")
-        .arg(format!("http://{TA}:{AGENT_PORT}"))
-        .arg("--source-token-file")
-        .arg(l.scratch.join("token-a"))
-        .arg("--destination")
-        .arg(format!("http://{TB}:{AGENT_PORT}"))
-        .arg("--destination-token-file")
-        .arg(l.scratch.join("token-b"))
         .output()
         .expect("movarto-user runs");
+    let shown: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
     eprintln!(
         "movarto-user {}: {}\n{}{}",
-        args.join(" "),
+        shown.join(" "),
         output.status,
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)

@@ -70,6 +70,8 @@ fn the_deb_holds_the_binary_the_unit_man_pages_and_completions() {
         "./usr/share/zsh/vendor-completions/_movarto-user",
         "./usr/share/fish/vendor_completions.d/movarto-user.fish",
         "./usr/share/doc/movarto/examples/agent.env",
+        "./etc/movarto/movarto.toml.example",
+        "./usr/share/doc/movarto/inventory.md",
         "./usr/share/doc/movarto/copyright",
     ] {
         assert!(has(wanted), "{wanted} is not in the .deb:\n{contents}");
@@ -114,6 +116,12 @@ fn the_deb_holds_the_binary_the_unit_man_pages_and_completions() {
     assert_eq!(
         std::fs::read_to_string(unit).expect("unit"),
         std::fs::read_to_string(root.join("packaging/movarto-agent.service")).expect("unit")
+    );
+    // The example inventory is the one in packaging/ (a unit test keeps it a good file).
+    let example = unpacked.join("etc/movarto/movarto.toml.example");
+    assert_eq!(
+        std::fs::read_to_string(&example).expect("example"),
+        std::fs::read_to_string(root.join("packaging/movarto.toml")).expect("example")
     );
     let _ = std::fs::remove_dir_all(&scratch);
 }

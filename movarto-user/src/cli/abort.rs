@@ -1,11 +1,14 @@
 //! `movarto-user abort`: rolls a migration back before its switchover, as a failure
 //! would, and says what was undone; after the switchover it refuses and says why.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use movarto_user::jobs::abort::abort;
+use movarto_user::{
+    inventory::{Inventory, locate_migration},
+    jobs::abort::abort,
+};
 
 use super::{jobs::AgentFlags, units::parse_duration};
 
@@ -21,16 +24,27 @@ pub struct AbortArgs {
     pub wait: Duration,
 }
 
-pub fn run(args: &AbortArgs) -> Result<()> {
-    if args.agents.source.is_none() {
-        bail!("abort needs the source's agent: --source URL --source-token-file FILE");
-    }
-    let clients = args.agents.clients()?;
-    let source = clients.first().context("no source agent")?;
+pub fn run(args: &AbortArgs, config: Option<&Path>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let source = if args.agents.source.is_some() {
+        let clients = args.agents.clients()?;
+        clients.into_iter().next().context("no source agent")?
+    } else if let Some(inventory) = Inventory::load_optional(config)? {
+        // The site whose agent holds the source's half of the target.
+        let site = runtime
+            .block_on(locate_migration(&inventory, &args.target))
+            .map_err(anyhow::Error::msg)?;
+        inventory.agent(&site).map_err(anyhow::Error::msg)?
+    } else {
+        bail!(
+            "abort needs the source's agent: --source URL --source-token-file FILE (or an \
+             inventory: --config PATH)"
+        );
+    };
+    let source = &source;
     let aborted = runtime.block_on(abort(source, &args.target, args.wait))?;
     let record = &aborted.record;
     println!(
@@ -84,7 +98,7 @@ mod tests {
         ])
         .expect("parses")
         .abort;
-        let err = run(&only_b).expect_err("no source");
+        let err = run(&only_b, None).expect_err("no source");
         assert!(err.to_string().contains("--source URL"), "{err}");
         assert!(Cli::try_parse_from(["abort", "web", "--wait=5"]).is_err());
     }

@@ -1,16 +1,17 @@
 //! `movarto-user jobs`: the migrations the agents know, with the RAM copy's figures
 //! (`virsh domjobinfo`'s). Unfinished ones by default, every one with `--all`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, anyhow};
 use clap::Args;
 use movarto_user::{
     agent::{AgentClient, token::Token},
+    inventory::Inventory,
     jobs,
 };
 
-/// The agents to ask, named as `migrate` names them.
+/// The agents to ask, named as `migrate` names them; without them, the inventory's.
 #[derive(Args, Debug)]
 pub struct AgentFlags {
     /// The source site's agent, e.g. https://203.0.113.1:7878.
@@ -48,6 +49,27 @@ impl AgentFlags {
         }
         Ok(clients)
     }
+
+    /// The agents the flags name, else every site's of the inventory (`--config`, or
+    /// /etc/movarto/movarto.toml if it exists).
+    pub fn clients_or_inventory(&self, config: Option<&Path>) -> Result<Vec<AgentClient>> {
+        let clients = self.clients()?;
+        if !clients.is_empty() {
+            return Ok(clients);
+        }
+        let Some(inventory) = Inventory::load_optional(config)? else {
+            return Ok(clients);
+        };
+        inventory
+            .sites
+            .keys()
+            .map(|site| {
+                inventory
+                    .agent(site)
+                    .map_err(|e| anyhow!("site {site}: {e}"))
+            })
+            .collect()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -61,8 +83,8 @@ pub struct JobsArgs {
     pub json: bool,
 }
 
-pub fn run(args: &JobsArgs) -> Result<()> {
-    let clients = args.agents.clients()?;
+pub fn run(args: &JobsArgs, config: Option<&Path>) -> Result<()> {
+    let clients = args.agents.clients_or_inventory(config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

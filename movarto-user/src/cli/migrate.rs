@@ -2,7 +2,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
 };
@@ -20,7 +20,8 @@ use movarto_user::{
         token::Token,
     },
     dns::key::TsigKey,
-    migrate::{AddressMode, MigrateOptions, Plan, ProgressFormat, resume, run_plan},
+    inventory::{Defaults, Inventory, MigrateFlags, SourceSite, find_source, locate_migration},
+    migrate::{AddressMode, Plan, ProgressFormat, resume, run_plan},
 };
 
 use super::{
@@ -28,68 +29,81 @@ use super::{
     units::{parse_bandwidth, parse_duration},
 };
 
+/// `migrate NAME --to SITE` with an inventory (`--config`, docs/inventory.md), or the
+/// long form with every value as a flag. A flag wins over the inventory, which wins
+/// over the built-in default.
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
-    /// The VM's name at the source agent.
-    #[arg(long, required_unless_present = "resume")]
+    /// The service (or VM) to move, as the inventory names it; the VM's name at the
+    /// agents without an inventory.
+    #[arg(value_name = "NAME", conflicts_with = "vm")]
+    pub name: Option<String>,
+    /// The VM's name at the source agent (the long form's NAME).
+    #[arg(long)]
     pub vm: Option<String>,
+    /// The destination site, from the inventory's [sites].
+    #[arg(long, value_name = "SITE")]
+    pub to: Option<String>,
+    /// The source site (default: the site whose agent runs the VM, else the service's
+    /// home_site).
+    #[arg(long, value_name = "SITE")]
+    pub from: Option<String>,
     /// The source site's agent, e.g. https://203.0.113.1:7878.
     #[arg(long)]
-    pub source: String,
+    pub source: Option<String>,
     /// The destination site's agent.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     pub destination: Option<String>,
     #[arg(long)]
-    pub source_token_file: PathBuf,
-    #[arg(long, required_unless_present = "resume")]
+    pub source_token_file: Option<PathBuf>,
+    #[arg(long)]
     pub destination_token_file: Option<PathBuf>,
     /// A CA certificate (PEM) the agents' TLS certificates chain to.
     #[arg(long)]
     pub ca_cert: Option<PathBuf>,
     /// The VM spec at the destination (TOML; paths as the destination host sees them).
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     pub destination_spec: Option<PathBuf>,
     /// The home address H (the VM keeps it).
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     pub home: Option<IpAddr>,
     /// The new address N at the destination (nat address mode).
-    #[arg(long, required_if_eq("address_mode", "nat"))]
+    #[arg(long)]
     pub new_addr: Option<IpAddr>,
-    /// `nat`: the destination has its own address N and DNS changes (MOVARTO's mode).
-    /// `move`: H itself moves; --on-switch re-routes the network, DNS stays.
+    /// `nat` (default): the destination has its own address N and DNS changes (MOVARTO's
+    /// mode). `move`: H itself moves; --on-switch re-routes the network, DNS stays.
     #[arg(
         long,
-        default_value = "nat",
         value_parser = PossibleValuesParser::new(["nat", "move"])
             .try_map(|s| s.parse::<AddressMode>()),
     )]
-    pub address_mode: AddressMode,
+    pub address_mode: Option<AddressMode>,
     /// Move address mode: a shell command that re-routes H to the destination, run at
     /// switchover with MOVARTO_VM, MOVARTO_HOME, MOVARTO_SOURCE_TUNNEL and
     /// MOVARTO_DESTINATION_TUNNEL set.
     #[arg(long)]
     pub on_switch: Option<String>,
     /// The tunnel endpoints TA (source) and TB (destination).
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     pub source_tunnel: Option<Ipv4Addr>,
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     pub destination_tunnel: Option<Ipv4Addr>,
-    /// The TCP port the destination QEMU listens on for the migration (on TB).
-    #[arg(long, default_value_t = 4444)]
-    pub migration_port: u16,
-    /// The VM's tap at both sites.
-    #[arg(long, default_value = "tap0")]
-    pub vm_iface: String,
+    /// The TCP port the destination QEMU listens on for the migration (on TB) [default: 4444].
+    #[arg(long)]
+    pub migration_port: Option<u16>,
+    /// The VM's tap at both sites [default: tap0].
+    #[arg(long)]
+    pub vm_iface: Option<String>,
     /// The anycast gateway on the tap: the same MAC and address at both sites.
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     pub gateway_mac: Option<MacAddr>,
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     pub gateway_cidr: Option<String>,
-    /// The largest outer packet between the sites.
-    #[arg(long, default_value_t = 1500)]
-    pub tunnel_mtu: u16,
+    /// The largest outer packet between the sites [default: 1500].
+    #[arg(long)]
+    pub tunnel_mtu: Option<u16>,
     /// The authoritative DNS server (ADDRESS[:PORT]); without it DNS is left alone.
-    #[arg(long, requires_all = ["zone", "dns_name"])]
+    #[arg(long)]
     pub dns_server: Option<String>,
     #[arg(long)]
     pub zone: Option<String>,
@@ -99,42 +113,44 @@ pub struct MigrateArgs {
     /// BIND key file (tsig-keygen) to sign the updates.
     #[arg(long)]
     pub dns_key_file: Option<PathBuf>,
-    /// The TTL set before the move, so caches forget the old answer quickly.
-    #[arg(long, default_value_t = 5)]
-    pub low_ttl: u32,
-    /// Lower the TTL but do not wait out the old one.
+    /// The TTL set before the move, so caches forget the old answer quickly [default: 5].
     #[arg(long)]
-    pub skip_ttl_wait: bool,
+    pub low_ttl: Option<u32>,
+    /// Lower the TTL but do not wait out the old one (`=false` undoes the inventory's).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub skip_ttl_wait: Option<bool>,
     /// Disaster recovery: no TTL wait, no bandwidth cap, post-copy after the first pass.
     #[arg(long)]
     pub urgent: bool,
-    /// Migration bandwidth cap, in MiB/s (as virsh counts it).
-    #[arg(long, default_value = "1280", value_parser = parse_bandwidth)]
-    pub max_bandwidth: u64,
+    /// Migration bandwidth cap, in MiB/s (as virsh counts it) [default: 1280].
+    #[arg(long, value_parser = parse_bandwidth)]
+    pub max_bandwidth: Option<u64>,
     /// Post-copy bandwidth cap, in MiB/s; 0 is no cap. The VM at the destination waits
-    /// for its missing pages, so cap post-copy only to spare a shared link.
-    #[arg(long, default_value = "0", value_parser = parse_bandwidth)]
-    pub max_postcopy_bandwidth: u64,
-    /// The longest blackout QEMU may plan for (a number with a unit: 300ms, 1s).
-    #[arg(long, default_value = "300ms", value_parser = parse_duration)]
-    pub downtime_limit: Duration,
-    /// `off`, `after-first-pass`, or `within:<ms>`.
-    #[arg(long, default_value = "off")]
-    pub postcopy: PostcopySetting,
+    /// for its missing pages, so cap post-copy only to spare a shared link [default: 0].
+    #[arg(long, value_parser = parse_bandwidth)]
+    pub max_postcopy_bandwidth: Option<u64>,
+    /// The longest blackout QEMU may plan for (a number with a unit: 300ms, 1s)
+    /// [default: 300ms].
+    #[arg(long, value_parser = parse_duration)]
+    pub downtime_limit: Option<Duration>,
+    /// `off`, `after-first-pass`, or `within:<ms>` [default: off].
+    #[arg(long)]
+    pub postcopy: Option<PostcopySetting>,
     #[arg(long)]
     pub multifd: Option<u8>,
+    /// QEMU's auto-converge (`=false` undoes the inventory's).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+    pub auto_converge: Option<bool>,
+    /// The destination's NBD port for the disk mirror (VMs with a disk) [default: 10809].
     #[arg(long)]
-    pub auto_converge: bool,
-    /// The destination's NBD port for the disk mirror (VMs with a disk).
-    #[arg(long, default_value_t = 10809)]
-    pub nbd_port: u16,
-    /// Disk mirror bandwidth, in MiB/s; 0 is unlimited.
-    #[arg(long, default_value = "0", value_parser = parse_bandwidth)]
-    pub mirror_speed: u64,
+    pub nbd_port: Option<u16>,
+    /// Disk mirror bandwidth, in MiB/s; 0 is unlimited [default: 0].
+    #[arg(long, value_parser = parse_bandwidth)]
+    pub mirror_speed: Option<u64>,
     /// Tear down after this long even if pre-move flows remain (they are cut and listed);
-    /// a number with a unit: 300s, 5m.
-    #[arg(long, default_value = "300s", value_parser = parse_duration)]
-    pub max_drain: Duration,
+    /// a number with a unit: 300s, 5m [default: 300s].
+    #[arg(long, value_parser = parse_duration)]
+    pub max_drain: Option<Duration>,
     /// How long nothing may reach H at A before teardown (300ms, 5s, 2m); default: the
     /// old DNS TTL.
     #[arg(long, value_parser = parse_duration)]
@@ -151,14 +167,15 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub json: bool,
     /// Follow a migration the agents already run (after this command was killed or
-    /// interrupted), and do the DNS work it owes. Needs only --source, its token file and
-    /// (if DNS work is owed) --dns-key-file: the rest is in the migration's record.
+    /// interrupted), and do the DNS work it owes. Needs only the source's agent (--from
+    /// SITE, or --source and its token file; with an inventory, the agent that holds
+    /// it is found) and, if DNS work is owed, the key: the rest is in the record.
     #[arg(long, value_name = "ID")]
     pub resume: Option<MigrationId>,
     /// How long an unreachable agent is retried, with backoff, before a step fails
-    /// (a number with a unit: 30s, 2m).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub agent_timeout: Duration,
+    /// (a number with a unit: 30s, 2m) [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub agent_timeout: Option<Duration>,
 }
 
 impl MigrateArgs {
@@ -170,74 +187,117 @@ impl MigrateArgs {
         })
     }
 
-    fn options(&self) -> Result<MigrateOptions> {
-        let need = |what: &str| anyhow::anyhow!("--{what} is required (without --resume)");
-        Ok(MigrateOptions {
-            vm: self.vm.clone().ok_or_else(|| need("vm"))?,
+    /// The flags as given, for the library to complete from the inventory.
+    fn flags(&self) -> MigrateFlags {
+        MigrateFlags {
+            name: self.name.clone().or_else(|| self.vm.clone()),
+            to: self.to.clone(),
+            from: self.from.clone(),
             source: self.source.clone(),
-            destination: self
-                .destination
-                .clone()
-                .ok_or_else(|| need("destination"))?,
+            destination: self.destination.clone(),
             source_token_file: self.source_token_file.clone(),
-            destination_token_file: self
-                .destination_token_file
-                .clone()
-                .ok_or_else(|| need("destination-token-file"))?,
-            ca_cert: self.ca_cert.clone(),
-            destination_spec: self
-                .destination_spec
-                .clone()
-                .ok_or_else(|| need("destination-spec"))?,
-            home: self.home.ok_or_else(|| need("home"))?,
+            destination_token_file: self.destination_token_file.clone(),
+            destination_spec: self.destination_spec.clone(),
+            home: self.home,
             new_addr: self.new_addr,
             address_mode: self.address_mode,
             on_switch: self.on_switch.clone(),
-            source_tunnel: self.source_tunnel.ok_or_else(|| need("source-tunnel"))?,
-            destination_tunnel: self
-                .destination_tunnel
-                .ok_or_else(|| need("destination-tunnel"))?,
+            source_tunnel: self.source_tunnel,
+            destination_tunnel: self.destination_tunnel,
             migration_port: self.migration_port,
-            vm_iface: self.vm_iface.clone(),
-            gateway_mac: self.gateway_mac.ok_or_else(|| need("gateway-mac"))?,
-            gateway_cidr: self
-                .gateway_cidr
-                .clone()
-                .ok_or_else(|| need("gateway-cidr"))?,
-            tunnel_mtu: self.tunnel_mtu,
-            dns_server: self.dns_server.clone(),
-            zone: self.zone.clone(),
-            dns_name: self.dns_name.clone(),
-            dns_key_file: self.dns_key_file.clone(),
-            low_ttl: self.low_ttl,
-            skip_ttl_wait: self.skip_ttl_wait,
-            urgent: self.urgent,
-            max_bandwidth: self.max_bandwidth,
-            max_postcopy_bandwidth: self.max_postcopy_bandwidth,
-            downtime_limit: self.downtime_limit,
-            postcopy: self.postcopy,
-            multifd: self.multifd,
-            auto_converge: self.auto_converge,
             nbd_port: self.nbd_port,
-            mirror_speed: self.mirror_speed,
-            max_drain: self.max_drain,
-            drain_grace: self.drain_grace,
-            agent_timeout: self.agent_timeout,
-        })
+            gateway_mac: self.gateway_mac,
+            gateway_cidr: self.gateway_cidr.clone(),
+            dns_name: self.dns_name.clone(),
+            urgent: self.urgent,
+            defaults: Defaults {
+                max_bandwidth: self.max_bandwidth,
+                max_postcopy_bandwidth: self.max_postcopy_bandwidth,
+                downtime_limit: self.downtime_limit,
+                postcopy: self.postcopy,
+                multifd: self.multifd,
+                auto_converge: self.auto_converge,
+                mirror_speed: self.mirror_speed,
+                max_drain: self.max_drain,
+                drain_grace: self.drain_grace,
+                agent_timeout: self.agent_timeout,
+                low_ttl: self.low_ttl,
+                skip_ttl_wait: self.skip_ttl_wait,
+                tunnel_mtu: self.tunnel_mtu,
+                vm_iface: self.vm_iface.clone(),
+                ca_cert: self.ca_cert.clone(),
+                dns_server: self.dns_server.clone(),
+                zone: self.zone.clone(),
+                dns_key_file: self.dns_key_file.clone(),
+            },
+        }
     }
 }
 
-pub fn run(args: &MigrateArgs, logs: LogFormat) -> Result<ExitCode> {
+/// The source site: `--from`, the site whose agent `--source` names, or (when a value
+/// of the source's side is still missing) where the agents say the VM runs.
+async fn source_site(
+    flags: &MigrateFlags,
+    inventory: Option<&Inventory>,
+) -> Result<Option<SourceSite>> {
+    if let Some(from) = &flags.from {
+        return Ok(Some(SourceSite::Flag(from.clone())));
+    }
+    let (Some(inventory), Some(to)) = (inventory, flags.to.as_deref()) else {
+        return Ok(None);
+    };
+    if let Some(site) = flags.site_of_source(inventory) {
+        return Ok(Some(SourceSite::AgentUrl(site.to_owned())));
+    }
+    if !flags.needs_source_site() {
+        return Ok(None);
+    }
+    let name = flags.name.as_deref().context("give the VM's name (NAME)")?;
+    let (vm, home_site) = match inventory.service(name) {
+        Some((service, s)) => (s.vm_name(service), s.home_site.as_deref()),
+        None => (name, None),
+    };
+    find_source(inventory, vm, to, home_site)
+        .await
+        .map(Some)
+        .map_err(anyhow::Error::msg)
+}
+
+/// `--resume ID`: the source site, when no flag names its agent.
+async fn resume_site(
+    flags: &MigrateFlags,
+    inventory: Option<&Inventory>,
+    id: &MigrationId,
+) -> Result<Option<String>> {
+    match (&flags.from, inventory) {
+        (Some(from), _) => Ok(Some(from.clone())),
+        (None, Some(inventory)) if flags.source.is_none() => {
+            locate_migration(inventory, id.as_str())
+                .await
+                .map(Some)
+                .map_err(anyhow::Error::msg)
+        }
+        (None, Some(inventory)) => Ok(flags.site_of_source(inventory).map(str::to_owned)),
+        (None, None) => Ok(None),
+    }
+}
+
+pub fn run(args: &MigrateArgs, config: Option<&Path>, logs: LogFormat) -> Result<ExitCode> {
     let progress = args.progress_format(logs);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let inventory = Inventory::load_optional(config)?;
+    let flags = args.flags();
     let report = match &args.resume {
         Some(id) => {
-            let token = Token::from_file(&args.source_token_file)?;
-            let source = AgentClient::new(&args.source, token.as_str(), args.ca_cert.as_deref())?;
-            let key = args
+            let from = runtime.block_on(resume_site(&flags, inventory.as_ref(), id))?;
+            let target = flags.resolve_resume(inventory.as_ref(), from.as_deref())?;
+            let token = Token::from_file(&target.source_token_file)?;
+            let source =
+                AgentClient::new(&target.source, token.as_str(), target.ca_cert.as_deref())?;
+            let key = target
                 .dns_key_file
                 .as_deref()
                 .map(TsigKey::from_file)
@@ -246,12 +306,17 @@ pub fn run(args: &MigrateArgs, logs: LogFormat) -> Result<ExitCode> {
                 &source,
                 id.clone(),
                 key,
-                args.agent_timeout,
+                target.agent_timeout,
                 progress,
             ))
         }
         None => {
-            let plan = Plan::from_options(&args.options()?)?;
+            let from = runtime.block_on(source_site(&flags, inventory.as_ref()))?;
+            if let Some(from) = &from {
+                tracing::info!("the VM leaves {from}");
+            }
+            let options = flags.resolve(inventory.as_ref(), from.as_ref().map(SourceSite::name))?;
+            let plan = Plan::from_options(&options)?;
             runtime.block_on(run_plan(&plan, progress))
         }
     };
@@ -319,10 +384,10 @@ mod tests {
             "--progress=json",
         ])
         .expect("parses");
-        assert_eq!(args.max_bandwidth, 8 << 20);
-        assert_eq!(args.downtime_limit, Duration::from_millis(250));
-        assert_eq!(args.max_drain, Duration::from_secs(120));
-        assert_eq!(args.postcopy, PostcopySetting::WithinMs(1500));
+        assert_eq!(args.max_bandwidth, Some(8 << 20));
+        assert_eq!(args.downtime_limit, Some(Duration::from_millis(250)));
+        assert_eq!(args.max_drain, Some(Duration::from_secs(120)));
+        assert_eq!(args.postcopy, Some(PostcopySetting::WithinMs(1500)));
         assert_eq!(args.progress_format(LogFormat::Human), ProgressFormat::Json);
         let defaults = parse(&[]).expect("parses");
         assert_eq!(
@@ -335,10 +400,16 @@ mod tests {
         );
         let text = parse(&["--progress=text"]).expect("parses");
         assert_eq!(text.progress_format(LogFormat::Json), ProgressFormat::Text);
-        assert_eq!(defaults.address_mode, AddressMode::Nat);
-        assert_eq!(defaults.downtime_limit, Duration::from_millis(300));
-        assert_eq!(defaults.agent_timeout, Duration::from_secs(30));
-        assert!(defaults.options().is_ok());
+        // Without an inventory, the built-in defaults.
+        let options = defaults.flags().resolve(None, None).expect("the long form");
+        assert_eq!(options.address_mode, AddressMode::Nat);
+        assert_eq!(options.downtime_limit, Duration::from_millis(300));
+        assert_eq!(options.agent_timeout, Duration::from_secs(30));
+        assert_eq!(options.max_bandwidth, 1280 << 20);
+        assert!(!options.skip_ttl_wait && !options.auto_converge);
+        let flagged = parse(&["--skip-ttl-wait", "--auto-converge=false"]).expect("parses");
+        assert_eq!(flagged.skip_ttl_wait, Some(true));
+        assert_eq!(flagged.auto_converge, Some(false));
         for bad in [
             "--max-drain=300",
             "--downtime-limit=300",
@@ -367,8 +438,20 @@ mod tests {
             Some("web-1764600000-ab12")
         );
         let without =
-            Cli::try_parse_from(["migrate", "--source=http://a", "--source-token-file=a"]);
-        let err = without.err().expect("refused").to_string();
-        assert!(err.contains("--vm"), "{err}");
+            Cli::try_parse_from(["migrate", "--source=http://a", "--source-token-file=a"])
+                .expect("parses")
+                .migrate;
+        let err = without.flags().resolve(None, None).expect_err("refused");
+        assert!(err.to_string().contains("--vm"), "{err}");
+        let both = Cli::try_parse_from(["migrate", "web", "--vm=web"]);
+        assert!(both.is_err(), "NAME and --vm are one thing");
+        let short = Cli::try_parse_from(["migrate", "web", "--to", "b"])
+            .expect("parses")
+            .migrate
+            .flags();
+        assert_eq!(
+            (short.name.as_deref(), short.to.as_deref()),
+            (Some("web"), Some("b"))
+        );
     }
 }

@@ -6,6 +6,7 @@ pub mod agent;
 pub mod attach;
 pub mod bench;
 pub mod check;
+pub mod config;
 pub mod detach;
 pub mod dns;
 pub mod flows;
