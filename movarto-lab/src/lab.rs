@@ -631,6 +631,19 @@ impl Stats {
             .push(what);
     }
 
+    /// Waits until the connections carry more from now on: 100 kB streamed and ten
+    /// exchanges, within `timeout`.
+    pub fn wait_for_more_traffic(&self, timeout: Duration, what: &str) -> Result<()> {
+        let (streamed, exchanged) = (
+            self.streamed.load(Ordering::Relaxed),
+            self.exchanges.load(Ordering::Relaxed),
+        );
+        wait_until(timeout, what, || {
+            self.streamed.load(Ordering::Relaxed) > streamed + 100_000
+                && self.exchanges.load(Ordering::Relaxed) > exchanged + 10
+        })
+    }
+
     /// What broke so far.
     pub fn failures(&self) -> Vec<String> {
         self.failed

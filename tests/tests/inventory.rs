@@ -7,7 +7,6 @@ use std::{
     os::unix::fs::PermissionsExt as _,
     path::Path,
     process::{Command, Output},
-    sync::atomic::Ordering,
     thread,
     time::Duration,
 };
@@ -72,15 +71,9 @@ fn the_short_form_with_the_lab_inventory_does_what_the_long_form_does() {
         .unwrap_or(false)
     })
     .expect("the switchover");
-    let (streamed, exchanged) = (
-        stats.streamed.load(Ordering::Relaxed),
-        stats.exchanges.load(Ordering::Relaxed),
-    );
-    wait_until(IO_TIMEOUT, "traffic through the tunnel", || {
-        stats.streamed.load(Ordering::Relaxed) > streamed + 100_000
-            && stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
-    })
-    .expect("traffic through the tunnel");
+    stats
+        .wait_for_more_traffic(IO_TIMEOUT, "traffic through the tunnel")
+        .expect("traffic through the tunnel");
     assert_eq!(
         echo_once(&mut conns.idle, "hello after").expect("echo"),
         "hello after"

@@ -77,15 +77,9 @@ fn nat_mode_migration_keeps_every_connection_and_switches_dns() {
         }
         thread::sleep(Duration::from_millis(100));
     }
-    let (streamed, exchanged) = (
-        stats.streamed.load(Ordering::Relaxed),
-        stats.exchanges.load(Ordering::Relaxed),
-    );
-    wait_until(IO_TIMEOUT, "traffic through the tunnel", || {
-        stats.streamed.load(Ordering::Relaxed) > streamed + 100_000
-            && stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
-    })
-    .expect("traffic through the tunnel");
+    stats
+        .wait_for_more_traffic(IO_TIMEOUT, "traffic through the tunnel")
+        .expect("traffic through the tunnel");
     // Site A's agent restarts mid-drain: the pinned datapath keeps tunnelling meanwhile,
     // and the new agent adopts it and serves the rest of the drain.
     l.stop_agent("a");
@@ -367,15 +361,9 @@ fn move_mode_reroutes_the_home_address_and_keeps_every_connection() {
         !pin_dir(&l.uplink_b).exists(),
         "B detached: nothing to translate"
     );
-    let (streamed, exchanged) = (
-        stats.streamed.load(Ordering::Relaxed),
-        stats.exchanges.load(Ordering::Relaxed),
-    );
-    wait_until(IO_TIMEOUT, "traffic after teardown", || {
-        stats.streamed.load(Ordering::Relaxed) > streamed + 100_000
-            && stats.exchanges.load(Ordering::Relaxed) > exchanged + 10
-    })
-    .expect("traffic after teardown");
+    stats
+        .wait_for_more_traffic(IO_TIMEOUT, "traffic after teardown")
+        .expect("traffic after teardown");
     assert_eq!(
         echo_once(&mut conns.idle, "hello after").expect("echo"),
         "hello after"
