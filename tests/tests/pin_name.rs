@@ -3,10 +3,11 @@
 //! The second attach is refused with a clear message; a pin name separates them.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
 
 use aya::programs::XdpMode;
 use movarto_common::config::Mode;
-use movarto_lab::netns::{Netns, veth};
+use movarto_lab::netns::{Netns, veth, wait_until};
 use movarto_tests::require_root;
 use movarto_user::datapath::{
     AttachOptions, Pinned, SiteConfig, attach, detach, netns_cookie, pin_dir,
@@ -170,15 +171,22 @@ fn detach_removes_the_pins_of_a_datapath_whose_namespace_is_gone() {
     );
     assert!(dir.exists());
 
-    // The site's namespace goes (its uplink with it) without a detach.
+    // The site's namespace goes (its uplink with it) without a detach. The kernel
+    // unregisters a deleted namespace's devices in a workqueue, after `ip netns del`
+    // returns, so the link's interface is gone only some time later.
     drop(ns);
     drop(peer);
-    assert!(
-        Pinned::open(&pin)
-            .expect("pins")
-            .uplink_gone()
-            .expect("link")
-    );
+    wait_until(
+        Duration::from_secs(20),
+        "the uplink to go with its namespace",
+        || {
+            Pinned::open(&pin)
+                .expect("pins")
+                .uplink_gone()
+                .expect("link")
+        },
+    )
+    .expect("uplink gone");
     let removed = detach_from_elsewhere();
     assert!(
         removed.status.success(),
