@@ -1,5 +1,9 @@
-//! The datapath's configuration: one map entry per attached site. Changing the
-//! mode is one write of this struct; no program is reloaded.
+//! The datapath's configuration. The uplink's entry (`CONFIG`, one) holds the
+//! node-wide fields: tunnel endpoint, GUE port, tunnel MTU, uplink, gateway MAC.
+//! Each service's entry (`SERVICES`, keyed by its `H`, see [`crate::service`])
+//! is a whole [`Config`]: its own mode, addresses, peer, token and VM, with the
+//! node-wide fields copied in, so a packet needs one lookup. Changing a
+//! service's mode is one write of its entry; no program is reloaded.
 
 /// What the datapath does; see the table in DESIGN.md "The datapath".
 ///
@@ -77,7 +81,7 @@ impl Mode {
     }
 }
 
-/// Key of the single entry in the `CONFIG` array.
+/// Key of the uplink's single entry in the `CONFIG` array.
 pub const CONFIG_KEY: u32 = 0;
 
 /// Default GUE UDP destination port.
@@ -117,7 +121,9 @@ pub struct Config {
     pub vm_mac: [u8; 6],
     /// The VM-facing interface's (anycast gateway) MAC.
     pub gateway_mac: [u8; 6],
-    pub _pad1: [u8; 4],
+    /// The service's row of the per-service counters (`SERVICE_COUNTERS`), chosen
+    /// by userspace when the service is added.
+    pub slot: u32,
     /// Cookie of the network namespace the datapath was attached in
     /// (`SO_NETNS_COOKIE`). Not used by the programs: it tells userspace whose
     /// pins these are, since bpffs is shared by all network namespaces.

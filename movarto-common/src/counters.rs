@@ -133,10 +133,14 @@ pub enum Counter {
     /// only more real connections than the map holds can cause one. Derived by
     /// userspace like [`Counter::FlowEvicted`].
     FlowEvictedConfirmed,
+    /// Drop: GUE from one service's peer, with a packet for a service that does not
+    /// tunnel with that peer (another tenant's, or none that tunnels here). Each
+    /// service's peer and token vouch for that service's packets only.
+    DropGueWrongService,
 }
 
 /// Number of slots in the counter array.
-pub const COUNTER_COUNT: u32 = Counter::FlowEvictedConfirmed as u32 + 1;
+pub const COUNTER_COUNT: u32 = Counter::DropGueWrongService as u32 + 1;
 
 impl Counter {
     /// Every counter, in index order.
@@ -181,6 +185,7 @@ impl Counter {
         Counter::FlowInsertedConfirmed,
         Counter::FlowDeletedConfirmed,
         Counter::FlowEvictedConfirmed,
+        Counter::DropGueWrongService,
     ];
 
     /// Stable snake_case name, used in `status` output and JSON.
@@ -226,6 +231,7 @@ impl Counter {
             Counter::FlowInsertedConfirmed => "flow_inserted_confirmed",
             Counter::FlowDeletedConfirmed => "flow_deleted_confirmed",
             Counter::FlowEvictedConfirmed => "flow_evicted_confirmed",
+            Counter::DropGueWrongService => "drop_gue_wrong_service",
         }
     }
 
@@ -249,6 +255,7 @@ impl Counter {
                 | Counter::DropResizeFailed
                 | Counter::DropNotTunnelled
                 | Counter::DropTtlExceeded
+                | Counter::DropGueWrongService
         )
     }
 }
@@ -266,7 +273,7 @@ mod tests {
             let same = Counter::ALL.iter().filter(|b| b.name() == a.name()).count();
             assert_eq!(same, 1, "duplicate name {}", a.name());
         }
-        assert_eq!(Counter::ALL.iter().filter(|c| c.is_drop()).count(), 11);
+        assert_eq!(Counter::ALL.iter().filter(|c| c.is_drop()).count(), 12);
         for c in Counter::ALL {
             assert_eq!(Counter::from_name(c.name()), Some(c));
         }

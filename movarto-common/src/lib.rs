@@ -15,4 +15,5 @@ pub mod gue;
 pub mod ids;
 pub mod monitor;
 pub mod net;
+pub mod service;
 pub mod ttl;

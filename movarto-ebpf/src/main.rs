@@ -1,4 +1,5 @@
-//! movarto's eBPF programs. Each entry point is a short dispatch on the mode;
+//! movarto's eBPF programs. Each entry point finds the packet's service and is a
+//! short dispatch on the service's mode;
 //! the work is in one file per topic (parse, flows, mss, track, counters, maps).
 #![no_std]
 #![no_main]
@@ -16,6 +17,7 @@ mod outcome;
 mod parse;
 mod receive;
 mod route;
+mod services;
 mod track;
 mod tunnel;
 
@@ -56,73 +58,60 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
             return xdp_action::XDP_DROP;
         }
     }
-    let Some(cfg) = CONFIG.get(CONFIG_KEY) else {
-        return pass(&pkt, xdp_action::XDP_PASS);
+    let Some(uplink) = CONFIG.get(CONFIG_KEY) else {
+        return pass(counters::NO_SERVICE, &pkt, xdp_action::XDP_PASS);
     };
-    let mode = cfg.mode();
-    let gue = match mode {
-        Some(m) if m.uses_tunnel() => gue_of(cfg, &pkt),
-        _ => Gue::No,
-    };
-    let outcome = match (mode, gue) {
-        // Not this node's tunnel: the kernel's, untouched.
-        (_, Gue::Foreign) => {
+    let service;
+    let outcome = if tunnel::to_endpoint(uplink, &pkt) && services::any_tunnel() {
+        if !services::is_peer(&pkt.src_addr) {
+            // Not this node's tunnel: the kernel's, untouched.
+            service = None;
             Decoded::Sent(xdp_action::XDP_PASS, Counter::PassGueForeignSource as u32)
+        } else {
+            service = services::of_tunnelled(ctx.data(), ctx.data_end());
+            match service {
+                // A peer vouches for its own services' packets only.
+                Some(cfg) if cfg.peer_tunnel_addr == pkt.src_addr => match cfg.mode() {
+                    Some(Mode::Forward) => forward_from_tunnel(&ctx, cfg, &pkt).decode(),
+                    _ => receive_from_tunnel(&ctx, cfg, &pkt).decode(),
+                },
+                Some(_) => Decoded::Drop(Counter::DropGueWrongService as u32),
+                None => Decoded::Drop(services::unknown_reason(ctx.data(), ctx.data_end())),
+            }
         }
-        (Some(Mode::Track), _) => {
-            track::from_uplink(&ctx, cfg, &pkt);
-            Decoded::Pass
+    } else {
+        service = services::of_destination(&pkt);
+        match service {
+            None => Decoded::Pass,
+            Some(cfg) => match cfg.mode() {
+                Some(Mode::Track) => {
+                    track::from_uplink(&ctx, cfg, &pkt);
+                    Decoded::Pass
+                }
+                Some(Mode::Forward) => forward_to_tunnel(&ctx, cfg, &pkt).decode(),
+                Some(Mode::Receive | Mode::Nat) => receive_to_new_addr(&ctx, cfg, &pkt).decode(),
+                _ => Decoded::Pass,
+            },
         }
-        (Some(Mode::Forward), Gue::Ours) => forward_from_tunnel(&ctx, cfg, &pkt).decode(),
-        (Some(Mode::Forward), _) => forward_to_tunnel(&ctx, cfg, &pkt).decode(),
-        (Some(Mode::Receive | Mode::Direct), Gue::Ours) => {
-            receive_from_tunnel(&ctx, cfg, &pkt).decode()
-        }
-        (Some(Mode::Receive | Mode::Nat), _) => receive_to_new_addr(&ctx, cfg, &pkt).decode(),
-        _ => Decoded::Pass,
     };
+    let slot = service.map_or(counters::NO_SERVICE, |cfg| cfg.slot);
     match outcome {
-        Decoded::Pass | Decoded::Tunnel => pass(&pkt, xdp_action::XDP_PASS),
+        Decoded::Pass | Decoded::Tunnel => pass(slot, &pkt, xdp_action::XDP_PASS),
         Decoded::Sent(action, verdict) => {
-            counters::bump_index(verdict);
+            counters::bump_verdict(slot, verdict);
             report_sent(&ctx, hook::UPLINK, verdict, &pkt);
             action
         }
         Decoded::Drop(reason) => {
-            counters::bump_index(reason);
+            counters::bump_verdict(slot, reason);
             monitor::report(&ctx, drop_at(hook::UPLINK), reason, &pkt);
             xdp_action::XDP_DROP
         }
         Decoded::PassAfter(event) => {
-            counters::bump_index(event);
+            counters::bump_verdict(slot, event);
             report_sent(&ctx, hook::UPLINK, event, &pkt);
-            pass(&pkt, xdp_action::XDP_PASS)
+            pass(slot, &pkt, xdp_action::XDP_PASS)
         }
-    }
-}
-
-/// Whether a packet is UDP to this site's GUE endpoint, and from whom.
-#[repr(u32)]
-#[derive(Clone, Copy)]
-enum Gue {
-    No,
-    /// From the peer: this node's tunnel.
-    Ours,
-    /// From anyone else: not this node's tunnel.
-    Foreign,
-}
-
-/// Classifies `pkt` as GUE from the peer, from anyone else, or not UDP to
-/// our endpoint at all. Its own BPF function: inlined, its address
-/// comparisons cost the entry point stack, which the mode handlers need.
-#[inline(never)]
-fn gue_of(cfg: &Config, pkt: &Packet) -> Gue {
-    if !tunnel::to_endpoint(cfg, pkt) {
-        Gue::No
-    } else if pkt.src_addr == cfg.peer_tunnel_addr {
-        Gue::Ours
-    } else {
-        Gue::Foreign
     }
 }
 
@@ -167,38 +156,40 @@ pub fn vm_ingress(ctx: TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
     }
-    let Some(cfg): Option<&Config> = CONFIG.get(CONFIG_KEY) else {
-        return pass(&pkt, TC_ACT_OK);
-    };
-    let outcome = match cfg.mode() {
-        Some(Mode::Track) => {
-            track::from_vm(&ctx, cfg, &pkt);
-            Decoded::Pass
-        }
-        Some(Mode::Receive) => match receive_from_vm(&ctx, cfg, &pkt).decode() {
-            Decoded::Tunnel => vm_to_tunnel(&ctx, cfg, &pkt).decode(),
-            other => other,
+    let service = services::of_source(&pkt);
+    let outcome = match service {
+        None => Decoded::Pass,
+        Some(cfg) => match cfg.mode() {
+            Some(Mode::Track) => {
+                track::from_vm(&ctx, cfg, &pkt);
+                Decoded::Pass
+            }
+            Some(Mode::Receive) => match receive_from_vm(&ctx, cfg, &pkt).decode() {
+                Decoded::Tunnel => vm_to_tunnel(&ctx, cfg, &pkt).decode(),
+                other => other,
+            },
+            Some(Mode::Nat) => nat_from_vm(&ctx, cfg, &pkt).decode(),
+            _ => Decoded::Pass,
         },
-        Some(Mode::Nat) => nat_from_vm(&ctx, cfg, &pkt).decode(),
-        _ => Decoded::Pass,
     };
+    let slot = service.map_or(counters::NO_SERVICE, |cfg| cfg.slot);
     match outcome {
         // Only the TC decision step asks for the tunnel; it is resolved above.
-        Decoded::Pass | Decoded::Tunnel => pass(&pkt, TC_ACT_OK),
+        Decoded::Pass | Decoded::Tunnel => pass(slot, &pkt, TC_ACT_OK),
         Decoded::Sent(action, verdict) => {
-            counters::bump_index(verdict);
+            counters::bump_verdict(slot, verdict);
             report_sent(&ctx, hook::VM, verdict, &pkt);
             action as i32
         }
         Decoded::Drop(reason) => {
-            counters::bump_index(reason);
+            counters::bump_verdict(slot, reason);
             monitor::report(&ctx, drop_at(hook::VM), reason, &pkt);
             TC_ACT_SHOT
         }
         Decoded::PassAfter(event) => {
-            counters::bump_index(event);
+            counters::bump_verdict(slot, event);
             report_sent(&ctx, hook::VM, event, &pkt);
-            pass(&pkt, TC_ACT_OK)
+            pass(slot, &pkt, TC_ACT_OK)
         }
     }
 }
@@ -277,35 +268,31 @@ enum Hook {
     Vm,
 }
 
-const NO_ADDR: [u8; 16] = [0; 16];
-
-/// Whether movarto would act on `pkt` at `hook` in the configured mode: the
+/// Whether movarto would act on `pkt` at `hook` in its service's mode: the
 /// packets it rewrites, tunnels, unwraps or delivers. Only those are dropped
 /// when malformed; everything else is the kernel's, whatever its shape. Track
 /// mode only records, so a malformed packet to `H` passes unrecorded there.
-/// One configuration today; per service, this is the service's mode.
 #[inline(always)]
-fn acts_on(cfg: &Config, hook: Hook, pkt: &Packet) -> bool {
-    let Some(mode) = cfg.mode() else {
-        return false;
-    };
-    let service = pkt.family == cfg.service_family;
+fn acts_on(hook: Hook, pkt: &Packet) -> bool {
     match hook {
         Hook::Uplink => {
-            let to_home = service && pkt.dst_addr == cfg.home_addr;
-            let to_new = service && cfg.new_addr != NO_ADDR && pkt.dst_addr == cfg.new_addr;
-            let gue = || tunnel::may_be_ours(cfg, pkt);
-            match mode {
-                Mode::Forward => to_home || gue(),
-                Mode::Receive => to_home || to_new || gue(),
-                Mode::Nat => to_home || to_new,
-                Mode::Direct => gue(),
-                Mode::Track | Mode::Idle => false,
+            if CONFIG
+                .get(CONFIG_KEY)
+                .is_some_and(|uplink| tunnel::may_be_ours(uplink, pkt))
+            {
+                return true;
+            }
+            let Some(cfg) = services::of_destination(pkt) else {
+                return false;
+            };
+            match cfg.mode() {
+                Some(Mode::Forward) => pkt.dst_addr == cfg.home_addr,
+                Some(Mode::Receive | Mode::Nat) => true,
+                _ => false,
             }
         }
-        Hook::Vm => {
-            matches!(mode, Mode::Receive | Mode::Nat) && service && pkt.src_addr == cfg.home_addr
-        }
+        Hook::Vm => services::of_source(pkt)
+            .is_some_and(|cfg| matches!(cfg.mode(), Some(Mode::Receive | Mode::Nat))),
     }
 }
 
@@ -315,8 +302,7 @@ fn acts_on(cfg: &Config, hook: Hook, pkt: &Packet) -> bool {
 /// no addresses (family 0) and is always passed. Returns whether to drop.
 #[inline(always)]
 fn drops_malformed(hook: Hook, pkt: &Packet, reason: ParseError) -> bool {
-    let cfg: Option<&Config> = CONFIG.get(CONFIG_KEY);
-    if cfg.is_some_and(|cfg| acts_on(cfg, hook, pkt)) {
+    if acts_on(hook, pkt) {
         counters::bump(reason.counter());
         true
     } else {
@@ -325,14 +311,16 @@ fn drops_malformed(hook: Hook, pkt: &Packet, reason: ParseError) -> bool {
     }
 }
 
-/// Counts the pass verdict of an IP packet and returns `action`.
+/// Counts the pass verdict of an IP packet (also for its service in row `slot`,
+/// unless [`counters::NO_SERVICE`]) and returns `action`.
 #[inline(always)]
-fn pass<T>(pkt: &Packet, action: T) -> T {
-    counters::bump(if pkt.family == family::IPV6 {
+fn pass<T>(slot: u32, pkt: &Packet, action: T) -> T {
+    let verdict = if pkt.family == family::IPV6 {
         Counter::PassIpv6
     } else {
         Counter::PassIpv4
-    });
+    };
+    counters::bump_verdict(slot, verdict as u32);
     action
 }
 

@@ -1,7 +1,7 @@
 //! Every map of the datapath. BTF-defined, so `bpftool map dump` is readable.
 
 use aya_ebpf::{
-    btf_maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use movarto_common::{
@@ -9,7 +9,11 @@ use movarto_common::{
     counters::COUNTER_COUNT,
     flow::{FlowKey, FlowValue},
     monitor::{MonitorControl, MonitorEvent, MonitorState},
+    service::{AddrKey, PeerUsers, SERVICES_DEFAULT_CAPACITY, ServiceCounters},
 };
+
+/// The services maps' compiled capacity; the loader sets each to the attach's.
+const SERVICES_CAPACITY: usize = SERVICES_DEFAULT_CAPACITY as usize;
 
 /// Default flow-map capacity; the loader can change it (`max_entries`) before loading.
 pub const FLOWS_DEFAULT_CAPACITY: usize = 1 << 16;
@@ -21,9 +25,26 @@ pub const PENDING_FLOWS_DEFAULT_CAPACITY: usize = FLOWS_DEFAULT_CAPACITY / 4;
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
-/// The site's configuration (one entry; all zero means mode `idle`).
+/// The uplink's node-wide configuration (one entry; see `movarto_common::config`).
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Every service of the node, keyed by its home address `H`.
+#[btf_map]
+pub static SERVICES: HashMap<AddrKey, Config, SERVICES_CAPACITY> = HashMap::new();
+
+/// Each service's new address `N`, to its `H` (the key of [`SERVICES`]).
+#[btf_map]
+pub static NAT_ADDRS: HashMap<AddrKey, AddrKey, SERVICES_CAPACITY> = HashMap::new();
+
+/// The tunnel endpoints of the services' peers, with how many services use each,
+/// and `ANY_PEER`: one more entry than services.
+#[btf_map]
+pub static PEERS: HashMap<AddrKey, PeerUsers, { SERVICES_CAPACITY + 1 }> = HashMap::new();
+
+/// Per-CPU verdict and drop counters of each service, by its `Config::slot`.
+#[btf_map]
+pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounters, SERVICES_CAPACITY> = PerCpuArray::new();
 
 /// Confirmed flows (established, or answered), keyed from the service's side; see
 /// `movarto_common::flow`. Only a flow confirmed in [`PENDING_FLOWS`] enters it, so a

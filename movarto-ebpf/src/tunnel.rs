@@ -18,6 +18,7 @@ use movarto_common::{
 use crate::{
     flows::{self, Direction},
     parse::{self, L4, Packet, bytes, bytes_mut},
+    services,
 };
 
 /// GUE proto field values.
@@ -26,10 +27,9 @@ const GUE_PROTO_IPV6: u8 = 41;
 /// Ethernet + outer IPv4 + UDP + GUE + token.
 const ENCAP_HEADERS: usize = ETH_HLEN + GUE_OVERHEAD_IPV4;
 
-/// Whether `pkt` is UDP to this site's GUE endpoint and port, from anyone. It is
-/// this site's GUE when it also comes from the peer's endpoint: only such packets
-/// are decapsulated; GUE from anyone else is not this node's tunnel and is left to
-/// the kernel.
+/// Whether `pkt` is UDP to this node's GUE endpoint and port (`cfg` is the uplink's
+/// or a service's entry), from anyone. It is this node's GUE when it also comes from
+/// a service's peer (`services::is_peer`); GUE from anyone else is left to the kernel.
 #[inline(always)]
 pub fn to_endpoint(cfg: &Config, pkt: &Packet) -> bool {
     pkt.family == family::IPV4
@@ -39,15 +39,16 @@ pub fn to_endpoint(cfg: &Config, pkt: &Packet) -> bool {
 }
 
 /// Whether a packet the parser rejected, whose UDP header may not have been
-/// read, is this site's GUE: UDP from the peer to our endpoint counts as ours
-/// unless its port is known to be another one.
+/// read, is this node's GUE: UDP from a service's peer to our endpoint (`uplink`
+/// holds it) counts as ours unless its port is known to be another one.
 #[inline(always)]
-pub fn may_be_ours(cfg: &Config, pkt: &Packet) -> bool {
+pub fn may_be_ours(uplink: &Config, pkt: &Packet) -> bool {
     pkt.family == family::IPV4
         && pkt.protocol == proto::UDP
-        && pkt.dst_addr == cfg.local_tunnel_addr
-        && pkt.src_addr == cfg.peer_tunnel_addr
-        && (!matches!(pkt.l4, L4::Udp) || pkt.dst_port == cfg.gue_port)
+        && pkt.dst_addr == uplink.local_tunnel_addr
+        && (!matches!(pkt.l4, L4::Udp) || pkt.dst_port == uplink.gue_port)
+        && services::any_tunnel()
+        && services::is_peer(&pkt.src_addr)
 }
 
 /// What the outer headers of one packet depend on, read before the packet grows.

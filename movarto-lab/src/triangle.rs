@@ -59,7 +59,8 @@ pub fn attach_in(
     let _in = ns.enter()?;
     attach(&AttachOptions {
         uplink: uplink.to_owned(),
-        vm_iface: vm_iface.to_owned(),
+        vm_iface: Some(vm_iface.to_owned()),
+        services_capacity: None,
         xdp_mode,
         site,
         pin_name: None,

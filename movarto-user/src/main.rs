@@ -29,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the datapath to an uplink (XDP) and the VM-facing interface (TC), and pin it.
+    /// Attach the datapath to an uplink (XDP) and pin it; with --home, also its first
+    /// service's VM-facing interface (TC).
     Attach(cli::attach::AttachArgs),
     /// Detach the datapath from an uplink (removes its pins).
     Detach(cli::detach::DetachArgs),
@@ -39,6 +40,12 @@ enum Command {
     Flows(cli::flows::FlowsArgs),
     /// Switch the datapath's mode (one map write; no reload).
     Mode(cli::mode::ModeArgs),
+    /// Add, change, remove or list the node's services on an attached uplink: each
+    /// VM's home address with its own mode, peer, token and VM-facing interface.
+    Service {
+        #[command(subcommand)]
+        command: cli::service::ServiceCommand,
+    },
     /// Stream the datapath's verdicts as they happen: drops with their reason, tunnel,
     /// NAT and ICMP answers, with the 5-tuple and the service.
     Monitor(cli::monitor::MonitorArgs),
@@ -88,6 +95,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::status::run(args),
         Command::Flows(args) => cli::flows::run(args),
         Command::Mode(args) => cli::mode::run(args),
+        Command::Service { command } => cli::service::run(command),
         Command::Check(args) => cli::check::run(args),
         Command::Monitor(args) => cli::monitor::run(args),
         Command::Bench { command } => cli::bench::run(command),

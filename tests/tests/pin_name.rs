@@ -34,7 +34,8 @@ fn site(uplink: &str) -> (Netns, Netns) {
 fn options(uplink: &str, pin_name: Option<&str>) -> AttachOptions {
     AttachOptions {
         uplink: uplink.to_owned(),
-        vm_iface: "vm0".to_owned(),
+        vm_iface: Some("vm0".to_owned()),
+        services_capacity: None,
         xdp_mode: XdpMode::Default,
         site: SiteConfig::new(Mode::Track, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))),
         pin_name: pin_name.map(str::to_owned),

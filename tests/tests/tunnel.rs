@@ -581,11 +581,12 @@ fn malformed_gue_is_dropped_and_counted() {
         &gue_frame(TB, TOKEN, |f| f[14 + 40 + 3] = 0xff),
         Counter::DropGueMalformed,
     );
-    // The inner source is not H: B may only send the service's packets.
+    // The inner source is not H: B may only send the service's packets, and the
+    // packet is no service's that tunnels with B.
     assert_dropped(
         &dp,
         &gue_frame(TB, TOKEN, |f| f[14 + 40 + 15] = 11),
-        Counter::DropGueMalformed,
+        Counter::DropGueWrongService,
     );
     // A GUE hlen that runs past the packet: truncated frame.
     let short = gue_frame(TB, TOKEN, |_| {});
@@ -995,7 +996,7 @@ fn receive_refuses_gue_without_the_token_and_passes_other_traffic() {
         &reference_gue(TA, TB, &key4(), 0, &inner[14..]),
     );
     assert_dropped(&dp, &forged, Counter::DropGueBadToken);
-    // Inner destination other than H.
+    // Inner destination other than H: no service's packet, whatever the peer.
     let mut stray = inner.clone();
     stray[14 + 19] = 11;
     let stray = ethernet(
@@ -1004,7 +1005,7 @@ fn receive_refuses_gue_without_the_token_and_passes_other_traffic() {
         0x0800,
         &reference_gue(TA, TB, &key4(), TOKEN, &stray[14..]),
     );
-    assert_dropped(&dp, &stray, Counter::DropGueMalformed);
+    assert_dropped(&dp, &stray, Counter::DropGueWrongService);
     // Plain traffic for H did not come through the tunnel: nothing vouches for it.
     assert_dropped(&dp, &inner, Counter::DropNotTunnelled);
     // Plain traffic for anyone else is the kernel's.

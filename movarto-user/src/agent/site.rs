@@ -119,7 +119,8 @@ impl SiteDatapath {
             attach(&AttachOptions {
                 uplink: self.uplink.clone(),
                 pin_name: Some(self.pin_name.clone()),
-                vm_iface: request.vm_iface.clone(),
+                vm_iface: Some(request.vm_iface.clone()),
+                services_capacity: None,
                 xdp_mode: XdpMode::Default,
                 site: site.clone(),
                 flows_capacity: self.flows_capacity,

@@ -25,14 +25,17 @@ pub enum XdpModeArg {
 pub struct AttachArgs {
     /// The uplink (XDP on ingress).
     pub uplink: String,
-    /// The VM-facing interface: QEMU's tap, or a veth (TC on ingress).
-    #[arg(long)]
-    pub vm_iface: String,
-    /// The home address H.
-    #[arg(long)]
-    pub home: IpAddr,
-    #[arg(long, value_enum, default_value = "track")]
-    pub mode: Mode,
+    /// The first service's VM-facing interface: QEMU's tap, or a veth (TC on
+    /// ingress). With --home; without both, the uplink is attached alone and
+    /// services are added with `movarto-user service add`.
+    #[arg(long, requires = "home")]
+    pub vm_iface: Option<String>,
+    /// The first service's home address H.
+    #[arg(long, requires = "vm_iface")]
+    pub home: Option<IpAddr>,
+    /// The first service's mode (default track).
+    #[arg(long, value_enum, requires = "home")]
+    pub mode: Option<Mode>,
     /// The new address N (site B).
     #[arg(long)]
     pub new_addr: Option<IpAddr>,
@@ -70,6 +73,10 @@ pub struct AttachArgs {
     /// so that a flood of new 5-tuples never pushes out an established connection.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub flows_capacity: Option<u32>,
+    /// How many services the uplink holds at most (default 4096). The services map,
+    /// the NAT map and the per-service counters are sized by it at attach time.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub services: Option<u32>,
     /// Load the programs with their debug logs on (aya-log), which `movarto-user
     /// monitor --debug-log` prints. Off, they cost nothing: the verifier removes them.
     #[arg(long)]
@@ -77,7 +84,13 @@ pub struct AttachArgs {
 }
 
 pub fn run(a: AttachArgs) -> Result<()> {
-    if a.mode.uses_tunnel() {
+    // Without a first service the uplink entry alone is written (mode idle).
+    let home = a.home.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let mode = match a.home {
+        Some(_) => a.mode.unwrap_or(Mode::Track),
+        None => Mode::Idle,
+    };
+    if mode.uses_tunnel() {
         for (missing, flag) in [
             (a.local_tunnel.is_none(), "--local-tunnel"),
             (a.peer_tunnel.is_none(), "--peer-tunnel"),
@@ -85,14 +98,13 @@ pub fn run(a: AttachArgs) -> Result<()> {
         ] {
             if missing {
                 bail!(
-                    "--mode {} carries the tunnel and needs {flag}; GUE is accepted only \
-                     from the peer's endpoint with the migration's token",
-                    a.mode
+                    "--mode {mode} carries the tunnel and needs {flag}; GUE is accepted only \
+                     from the peer's endpoint with the migration's token"
                 );
             }
         }
     }
-    let site = SiteConfig::new(a.mode, a.home)
+    let site = SiteConfig::new(mode, home)
         .with_new_addr(a.new_addr)
         .with_tunnel(
             a.local_tunnel.unwrap_or(Ipv4Addr::UNSPECIFIED),
@@ -103,7 +115,9 @@ pub fn run(a: AttachArgs) -> Result<()> {
         .with_tunnel_mtu(a.tunnel_mtu)
         .with_macs(a.vm_mac, a.gateway_mac)
         .checked()?;
-    require_forwarding(&a.uplink, site.mode, site.home_addr)?;
+    if a.home.is_some() {
+        require_forwarding(&a.uplink, site.mode, site.home_addr)?;
+    }
     let xdp_mode = match a.xdp_mode {
         XdpModeArg::Auto => XdpMode::Default,
         XdpModeArg::Native => XdpMode::Driver,
@@ -116,14 +130,21 @@ pub fn run(a: AttachArgs) -> Result<()> {
         site,
         pin_name: a.pin_name,
         flows_capacity: a.flows_capacity,
+        services_capacity: a.services,
         debug_log: a.debug_log,
     })?;
-    println!(
-        "attached to {} (XDP) and {} (TC ingress) in mode {}; pinned at {}",
-        a.uplink,
-        a.vm_iface,
-        a.mode,
-        dir.display()
-    );
+    match &a.vm_iface {
+        Some(vm_iface) => println!(
+            "attached to {} (XDP) and {vm_iface} (TC ingress) in mode {}; pinned at {}",
+            a.uplink,
+            mode,
+            dir.display()
+        ),
+        None => println!(
+            "attached to {} (XDP) with no service yet; pinned at {}",
+            a.uplink,
+            dir.display()
+        ),
+    }
     Ok(())
 }

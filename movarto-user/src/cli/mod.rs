@@ -16,6 +16,7 @@ pub mod logging;
 pub mod migrate;
 pub mod mode;
 pub mod monitor;
+pub mod service;
 pub mod status;
 pub mod units;
 pub mod vm;

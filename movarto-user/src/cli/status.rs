@@ -26,7 +26,7 @@ fn addr_string(bytes: [u8; 16], family: u8) -> String {
     addr::from_map(bytes, family).map_or_else(|| "?".to_owned(), |a| a.to_string())
 }
 
-fn config_json(c: &Config) -> serde_json::Value {
+pub(crate) fn config_json(c: &Config) -> serde_json::Value {
     json!({
         "mode": c.mode().map_or("unknown", Mode::name),
         "home_addr": addr_string(c.home_addr, c.service_family),
@@ -59,6 +59,12 @@ pub fn run(a: StatusArgs) -> Result<()> {
             "flows_capacity": status.flows_capacity,
             "pending_flows_capacity": status.pending_flows_capacity,
             "counters": status.counters,
+            "services_capacity": status.services_capacity,
+            "services": status.services.iter().map(|(service, counters)| {
+                let mut entry = config_json(service);
+                entry["counters"] = serde_json::to_value(counters).unwrap_or_default();
+                entry
+            }).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -97,8 +103,30 @@ pub fn run(a: StatusArgs) -> Result<()> {
         status.flows.len() - confirmed,
         status.pending_flows_capacity
     );
+    println!(
+        "  services {} of {} at most",
+        status.services.len(),
+        status.services_capacity
+    );
     println!("counters:");
-    let nonzero = status.counters.nonzero();
+    print_counters(&status.counters);
+    if status.services.len() > 1 {
+        for (service, counters) in &status.services {
+            println!(
+                "service {} ({}, new {}, peer {}):",
+                addr_string(service.home_addr, service.service_family),
+                service.mode().map_or("unknown", Mode::name),
+                addr_string(service.new_addr, service.service_family),
+                addr_string(service.peer_tunnel_addr, service.tunnel_family)
+            );
+            print_counters(counters);
+        }
+    }
+    Ok(())
+}
+
+fn print_counters(counters: &movarto_user::datapath::CounterSnapshot) {
+    let nonzero = counters.nonzero();
     if nonzero.is_empty() {
         println!("  (all zero)");
     }
@@ -106,5 +134,4 @@ pub fn run(a: StatusArgs) -> Result<()> {
         let mark = if counter.is_drop() { "  (drop)" } else { "" };
         println!("  {:<26} {value}{mark}", counter.name());
     }
-    Ok(())
 }

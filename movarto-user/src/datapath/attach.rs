@@ -29,8 +29,9 @@ use movarto_common::{
 };
 
 use super::{
-    CONFIG_MAP, COUNTERS_MAP, CounterSnapshot, Datapath, FLOWS_MAP, LoadOptions, PENDING_FLOWS_MAP,
-    SiteConfig, UPLINK_INGRESS, VM_INGRESS, flowmaps,
+    CONFIG_MAP, COUNTERS_MAP, CounterSnapshot, Datapath, FLOWS_MAP, LoadOptions, NAT_ADDRS_MAP,
+    PEERS_MAP, PENDING_FLOWS_MAP, SERVICE_COUNTERS_MAP, SERVICES_MAP, ServiceTable, SiteConfig,
+    UPLINK_INGRESS, VM_INGRESS, flowmaps,
 };
 
 /// Root of movarto's pins.
@@ -61,9 +62,16 @@ pub fn check_pin_name(name: &str) -> Result<()> {
 /// How to attach.
 pub struct AttachOptions {
     pub uplink: String,
-    pub vm_iface: String,
+    /// The first service's VM-facing interface; `None` attaches the uplink alone
+    /// (services come later, `movarto-user service add`).
+    pub vm_iface: Option<String>,
     pub xdp_mode: XdpMode,
+    /// The node-wide settings (tunnel endpoint, GUE port, tunnel MTU, gateway MAC)
+    /// and, with `vm_iface`, the first service.
     pub site: SiteConfig,
+    /// How many services the uplink holds at most;
+    /// `movarto_common::service::SERVICES_DEFAULT_CAPACITY` if `None`.
+    pub services_capacity: Option<u32>,
     /// The directory under [`PIN_ROOT`]; the uplink's name if `None`.
     pub pin_name: Option<String>,
     /// Capacity of the flow map; [`ATTACHED_FLOWS_CAPACITY`] if `None`. The pending
@@ -225,14 +233,21 @@ pub fn attach(opts: &AttachOptions) -> Result<PathBuf> {
     }
     let mut site = opts.site.clone();
     site.uplink_ifindex = ifindex(&opts.uplink)?;
-    site.vm_ifindex = ifindex(&opts.vm_iface)?;
+    if let Some(vm_iface) = &opts.vm_iface {
+        site.vm_ifindex = ifindex(vm_iface)?;
+    }
     site.netns_cookie = netns_cookie()?;
     let mut datapath = Datapath::load_with(&LoadOptions {
         flows_capacity: Some(opts.flows_capacity.unwrap_or(ATTACHED_FLOWS_CAPACITY)),
+        services_capacity: opts.services_capacity,
         debug_log: opts.debug_log,
         ..LoadOptions::default()
     })?;
-    datapath.set_config(&site)?;
+    if opts.vm_iface.is_some() {
+        datapath.set_config(&site)?;
+    } else {
+        datapath.set_uplink(&site.to_map()?)?;
+    }
 
     fs::create_dir_all(&dir).with_context(|| {
         format!(
@@ -251,19 +266,34 @@ pub fn attach(opts: &AttachOptions) -> Result<PathBuf> {
     link.pin(dir.join(UPLINK_LINK))
         .context("pinning the XDP link")?;
 
-    // clsact is only needed without TCX (kernels before 6.6); it may exist already.
-    let _ = tc::qdisc_add_clsact(&opts.vm_iface);
-    let tc_prog: &mut SchedClassifier = datapath.program_mut(VM_INGRESS)?;
-    let id = tc_prog
-        .attach(&opts.vm_iface, TcAttachType::Ingress)
-        .with_context(|| format!("attaching TC ingress to {}", opts.vm_iface))?;
-    let link = FdLink::try_from(tc_prog.take_link(id)?)
-        .context("the TC attachment is not a bpf_link (TCX needs Linux 6.6)")?;
-    link.pin(dir.join(VM_LINK)).context("pinning the TC link")?;
+    if let Some(vm_iface) = &opts.vm_iface {
+        let tc_prog: &mut SchedClassifier = datapath.program_mut(VM_INGRESS)?;
+        attach_tc(tc_prog, vm_iface, &dir.join(VM_LINK))?;
+    }
 
     datapath.pin(&dir)?;
     cleanup.disarm();
     Ok(dir)
+}
+
+/// Attaches the VM-facing program to `iface`'s ingress and pins the link at `link_pin`.
+fn attach_tc(tc_prog: &mut SchedClassifier, iface: &str, link_pin: &Path) -> Result<()> {
+    // clsact is only needed without TCX (kernels before 6.6); it may exist already.
+    let _ = tc::qdisc_add_clsact(iface);
+    let id = tc_prog
+        .attach(iface, TcAttachType::Ingress)
+        .with_context(|| format!("attaching TC ingress to {iface}"))?;
+    let link = FdLink::try_from(tc_prog.take_link(id)?)
+        .context("the TC attachment is not a bpf_link (TCX needs Linux 6.6)")?;
+    link.pin(link_pin)
+        .with_context(|| format!("pinning the TC link of {iface}"))?;
+    Ok(())
+}
+
+/// The pin of the VM-facing link of a service's interface, added by `service add`
+/// (the first service's, from `attach`, is [`VM_LINK`]).
+fn service_link(dir: &Path, vm_ifindex: u32) -> PathBuf {
+    dir.join(format!("{VM_LINK}_{vm_ifindex}"))
 }
 
 /// Detaches the datapath pinned under `pin_name` (by default the uplink's
@@ -308,6 +338,8 @@ pub struct Pinned {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     /// Flows not confirmed yet.
     pending: HashMap<MapData, FlowKey, FlowValue>,
+    /// The node's services.
+    pub services: ServiceTable<MapData>,
     /// How many flows each map holds at most.
     pub flows_capacity: u32,
     pub pending_flows_capacity: u32,
@@ -354,7 +386,7 @@ impl Pinned {
 
     /// Whose pins these are.
     pub fn owner(&self) -> Result<Owner> {
-        Ok(Owner::of(&self.config()?))
+        Ok(Owner::of(&self.uplink()?))
     }
 
     /// Whether the uplink this datapath was attached to is gone (deleted, or with its network
@@ -400,6 +432,16 @@ impl Pinned {
             flows_capacity: capacity(FLOWS_MAP)?,
             pending_flows_capacity: capacity(PENDING_FLOWS_MAP)?,
             config: Array::try_from(map(CONFIG_MAP)?).context("CONFIG")?,
+            services: ServiceTable {
+                capacity: capacity(SERVICES_MAP).with_context(|| {
+                    format!("{SERVICES_MAP} (pins made by a movarto before services: detach and attach again)")
+                })?,
+                services: HashMap::try_from(map(SERVICES_MAP)?).context("SERVICES")?,
+                nat_addrs: HashMap::try_from(map(NAT_ADDRS_MAP)?).context("NAT_ADDRS")?,
+                peers: HashMap::try_from(map(PEERS_MAP)?).context("PEERS")?,
+                counters: PerCpuArray::try_from(map(SERVICE_COUNTERS_MAP)?)
+                    .context("SERVICE_COUNTERS")?,
+            },
             counters: PerCpuArray::try_from(map(COUNTERS_MAP)?).context("COUNTERS")?,
             flows: HashMap::try_from(map(FLOWS_MAP)?).context("FLOWS")?,
             pending: HashMap::try_from(map(PENDING_FLOWS_MAP)?).with_context(|| {
@@ -412,33 +454,132 @@ impl Pinned {
         })
     }
 
-    pub fn config(&self) -> Result<Config> {
+    /// The uplink's node-wide configuration.
+    pub fn uplink(&self) -> Result<Config> {
         self.config
             .get(&CONFIG_KEY, 0)
-            .context("reading the configuration")
+            .context("reading the uplink's configuration")
     }
 
-    /// Switches the mode: one map write, no reload.
+    /// The one service's configuration, or the uplink's if it serves none; an error
+    /// if it serves several (see [`Pinned::services`]).
+    pub fn config(&self) -> Result<Config> {
+        match self.services.only()? {
+            Some(service) => Ok(service),
+            None => self.uplink(),
+        }
+    }
+
+    /// Switches the one service's mode: one map write, no reload.
     pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
-        let mut config = self.config()?;
+        let Some(mut config) = self.services.only()? else {
+            bail!(
+                "{} serves no service; add one with `movarto-user service add`",
+                self.dir.display()
+            );
+        };
         super::config::check_map_tunnel(mode, &config)?;
         config.mode = mode as u8;
-        self.config
-            .set(CONFIG_KEY, config, 0)
-            .context("writing the configuration")
+        self.services.set(config).map(drop)
     }
 
-    /// Rewrites the whole configuration (one map write); the flows stay.
-    /// The interface indexes are kept from the attached configuration.
+    /// Makes `site` the only service and rewrites the uplink's node-wide part from it;
+    /// the flows stay. The interface indexes are kept from the attached configuration.
     pub fn reconfigure(&mut self, site: &SiteConfig) -> Result<()> {
+        let uplink = self.uplink()?;
         let current = self.config()?;
         let mut site = site.clone();
-        site.uplink_ifindex = current.uplink_ifindex;
+        site.uplink_ifindex = uplink.uplink_ifindex;
         site.vm_ifindex = current.vm_ifindex;
-        site.netns_cookie = current.netns_cookie;
+        site.netns_cookie = uplink.netns_cookie;
+        let config = site.to_map()?;
         self.config
-            .set(CONFIG_KEY, site.to_map()?, 0)
-            .context("writing the configuration")
+            .set(CONFIG_KEY, super::config::uplink_part(&config), 0)
+            .context("writing the uplink's configuration")?;
+        self.services.put_only(config).map(drop)
+    }
+
+    /// Adds a service on VM-facing interface `vm_iface` (this namespace's), attaching
+    /// the VM-facing program there unless a service or `attach` did already. The
+    /// node-wide fields come from the uplink. Returns it as written.
+    pub fn add_service(&mut self, site: &SiteConfig, vm_iface: &str) -> Result<Config> {
+        let config = self.service_entry(site, vm_iface)?;
+        self.ensure_vm_link(vm_iface, config.vm_ifindex)?;
+        let added = self.services.add(config);
+        if added.is_err() {
+            self.release_unused_link(config.vm_ifindex)?;
+        }
+        added
+    }
+
+    /// Replaces the service `site.home_addr` (its counters stay); the same as
+    /// [`Pinned::add_service`] otherwise.
+    pub fn set_service(&mut self, site: &SiteConfig, vm_iface: &str) -> Result<Config> {
+        let config = self.service_entry(site, vm_iface)?;
+        let old = self.services.get(site.home_addr)?.ok_or_else(|| {
+            anyhow!(
+                "no service {}; add it with `movarto-user service add`",
+                site.home_addr
+            )
+        })?;
+        self.ensure_vm_link(vm_iface, config.vm_ifindex)?;
+        let set = self.services.set(config)?;
+        if old.vm_ifindex != set.vm_ifindex {
+            self.release_unused_link(old.vm_ifindex)?;
+        }
+        Ok(set)
+    }
+
+    /// Removes the service `home`, and its interface's VM-facing link if no other
+    /// service uses that interface. Its flows stay until they expire.
+    pub fn remove_service(&mut self, home: std::net::IpAddr) -> Result<Config> {
+        let old = self.services.remove(home)?;
+        self.release_unused_link(old.vm_ifindex)?;
+        Ok(old)
+    }
+
+    /// A service's map entry: `site`'s service fields on this uplink.
+    fn service_entry(&self, site: &SiteConfig, vm_iface: &str) -> Result<Config> {
+        let uplink = self.uplink()?;
+        let mut site = site.clone();
+        site.vm_ifindex = ifindex(vm_iface)?;
+        let service = site.to_map()?;
+        let config = super::config::service_on(&uplink, &service);
+        super::config::check_map_tunnel(site.mode, &config)?;
+        Ok(config)
+    }
+
+    /// Attaches the VM-facing program to `vm_iface` unless some link has it already.
+    fn ensure_vm_link(&self, vm_iface: &str, vm_ifindex: u32) -> Result<()> {
+        let first = self.dir.join(VM_LINK).exists()
+            && self
+                .services
+                .list()?
+                .iter()
+                .any(|s| s.vm_ifindex == vm_ifindex);
+        let link = service_link(&self.dir, vm_ifindex);
+        if first || link.exists() {
+            return Ok(());
+        }
+        let path = self.dir.join(VM_INGRESS);
+        let mut tc_prog = SchedClassifier::from_pin(&path)
+            .with_context(|| format!("opening the pinned program {}", path.display()))?;
+        attach_tc(&mut tc_prog, vm_iface, &link)
+    }
+
+    /// Detaches the VM-facing program from ifindex `vm_ifindex` if no service uses it.
+    fn release_unused_link(&self, vm_ifindex: u32) -> Result<()> {
+        let link = service_link(&self.dir, vm_ifindex);
+        if !link.exists()
+            || self
+                .services
+                .list()?
+                .iter()
+                .any(|s| s.vm_ifindex == vm_ifindex)
+        {
+            return Ok(());
+        }
+        fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))
     }
 
     /// Inserts (or overwrites) flows, e.g. the other site's snapshot at switchover:

@@ -138,9 +138,42 @@ impl SiteConfig {
             vm_ifindex: self.vm_ifindex,
             vm_mac: self.vm_mac.0,
             gateway_mac: self.gateway_mac.0,
-            _pad1: [0; 4],
+            slot: 0,
             netns_cookie: self.netns_cookie,
         })
+    }
+}
+
+/// The node-wide half of a configuration, for the uplink's entry: the tunnel
+/// endpoint, GUE port, tunnel MTU, uplink, gateway MAC and namespace; no service.
+pub fn uplink_part(config: &Config) -> Config {
+    Config {
+        mode: Mode::Idle as u8,
+        service_family: 0,
+        home_addr: [0; 16],
+        new_addr: [0; 16],
+        peer_tunnel_addr: [0; 16],
+        token: 0,
+        vm_ifindex: 0,
+        vm_mac: [0; 6],
+        slot: 0,
+        ..*config
+    }
+}
+
+/// A service's entry: `service`'s own fields, the node-wide ones of `uplink`.
+pub fn service_on(uplink: &Config, service: &Config) -> Config {
+    Config {
+        mode: service.mode,
+        service_family: service.service_family,
+        home_addr: service.home_addr,
+        new_addr: service.new_addr,
+        peer_tunnel_addr: service.peer_tunnel_addr,
+        token: service.token,
+        vm_ifindex: service.vm_ifindex,
+        vm_mac: service.vm_mac,
+        slot: service.slot,
+        ..uplink_part(uplink)
     }
 }
 

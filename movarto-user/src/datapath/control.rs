@@ -84,8 +84,13 @@ pub struct Status {
     pub owner: Owner,
     /// Whether it is attached to the uplink asked about, in this network namespace.
     pub attached_here: bool,
+    /// The one service's configuration, or the uplink's if it serves none or several.
     pub config: Config,
     pub counters: CounterSnapshot,
+    /// Every service, in slot order, with its own counters.
+    pub services: Vec<(Config, CounterSnapshot)>,
+    /// How many services the uplink holds at most.
+    pub services_capacity: u32,
     pub flows: Vec<(FlowKey, FlowValue)>,
     /// How many flows the flow map and the pending flows' map hold at most.
     pub flows_capacity: u32,
@@ -98,11 +103,23 @@ impl Status {
         let mut pinned = Pinned::open(pin_name_or(pin_name, uplink))?;
         let owner = pinned.owner()?;
         let (flows, counters) = pinned.read_now()?;
+        let services = pinned
+            .services
+            .list()?
+            .into_iter()
+            .map(|service| Ok((service, pinned.services.counters(service.slot)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let config = match services.as_slice() {
+            [(one, _)] => *one,
+            _ => pinned.uplink()?,
+        };
         Ok(Self {
             attached_here: owner.is(uplink).unwrap_or(false),
             owner,
-            config: pinned.config()?,
+            config,
             counters,
+            services_capacity: pinned.services.capacity,
+            services,
             flows,
             flows_capacity: pinned.flows_capacity,
             pending_flows_capacity: pinned.pending_flows_capacity,

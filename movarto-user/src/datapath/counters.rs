@@ -39,6 +39,17 @@ impl CounterSnapshot {
         Ok(Self { values })
     }
 
+    /// One service's counters (its row of `SERVICE_COUNTERS`), summed over the CPUs.
+    pub(super) fn of_service(per_cpu: &[movarto_common::service::ServiceCounters]) -> Self {
+        let mut values = [0u64; COUNTER_COUNT as usize];
+        for row in per_cpu {
+            for (total, count) in values.iter_mut().zip(row.counts) {
+                *total += count;
+            }
+        }
+        Self { values }
+    }
+
     /// The value of one counter.
     pub fn get(&self, counter: Counter) -> u64 {
         self.values[counter as usize]

@@ -8,6 +8,7 @@ mod counters;
 mod flowmaps;
 pub mod flows;
 pub mod monitor;
+mod services;
 
 use std::path::Path;
 
@@ -29,6 +30,7 @@ use movarto_common::{
     config::{CONFIG_KEY, Config},
     flow::{FlowKey, FlowValue},
 };
+pub use services::ServiceTable;
 
 /// The eBPF object movarto-user's build.rs compiled from movarto-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/movarto"));
@@ -43,8 +45,18 @@ pub const UPLINK_INGRESS: &str = "uplink_ingress";
 pub const VM_INGRESS: &str = "vm_ingress";
 /// Per-CPU counter array.
 pub const COUNTERS_MAP: &str = "COUNTERS";
-/// The site configuration (one entry).
+/// The uplink's node-wide configuration (one entry).
 pub const CONFIG_MAP: &str = "CONFIG";
+/// The services, by home address.
+pub const SERVICES_MAP: &str = "SERVICES";
+/// The services' new addresses, to their home addresses.
+pub const NAT_ADDRS_MAP: &str = "NAT_ADDRS";
+/// The services' peers' tunnel endpoints.
+pub const PEERS_MAP: &str = "PEERS";
+/// Each service's per-CPU counters.
+pub const SERVICE_COUNTERS_MAP: &str = "SERVICE_COUNTERS";
+/// The maps sized by [`LoadOptions::services_capacity`].
+const SERVICES_MAPS: [&str; 4] = [SERVICES_MAP, NAT_ADDRS_MAP, PEERS_MAP, SERVICE_COUNTERS_MAP];
 /// The flow map (confirmed flows).
 pub const FLOWS_MAP: &str = "FLOWS";
 /// The pending flows' map (see `movarto_common::flow`).
@@ -109,6 +121,9 @@ pub struct LoadOptions {
     pub flows_capacity: Option<u32>,
     /// Capacity of the pending flows' map; a quarter of the flow map's if `None`.
     pub pending_flows_capacity: Option<u32>,
+    /// How many services the datapath holds at most;
+    /// `movarto_common::service::SERVICES_DEFAULT_CAPACITY` if `None`.
+    pub services_capacity: Option<u32>,
     /// Load with the programs' debug logs on (aya-log, read by `monitor --debug-log`).
     /// Off, the verifier prunes every log statement: they cost nothing.
     pub debug_log: bool,
@@ -142,6 +157,17 @@ impl Datapath {
         }
         if let Some(capacity) = pending {
             loader.map_max_entries(PENDING_FLOWS_MAP, capacity);
+        }
+        match opts.services_capacity {
+            Some(0) => bail!("the services map needs a capacity of at least 1"),
+            Some(capacity) => {
+                for name in SERVICES_MAPS {
+                    // PEERS also holds `ANY_PEER`.
+                    let extra = u32::from(name == PEERS_MAP);
+                    loader.map_max_entries(name, capacity.saturating_add(extra));
+                }
+            }
+            None => {}
         }
         let log_level = if opts.debug_log {
             aya_log::Level::Debug as u8
@@ -206,9 +232,16 @@ impl Datapath {
         Ok(())
     }
 
-    /// Writes the site configuration; the programs use it from their next packet.
+    /// Makes `site` the uplink's configuration and its only service; the programs
+    /// use it from their next packet. [`Datapath::services_mut`] adds more.
     pub fn set_config(&mut self, site: &SiteConfig) -> Result<()> {
         let config = site.to_map()?;
+        self.set_uplink(&config::uplink_part(&config))?;
+        self.services_mut()?.put_only(config).map(drop)
+    }
+
+    /// Writes the uplink's node-wide configuration (the services keep theirs).
+    pub fn set_uplink(&mut self, uplink: &Config) -> Result<()> {
         let mut array: Array<&mut MapData, Config> = Array::try_from(
             self.ebpf
                 .map_mut(CONFIG_MAP)
@@ -216,12 +249,15 @@ impl Datapath {
         )
         .context("CONFIG is not an array")?;
         array
-            .set(CONFIG_KEY, config, 0)
-            .context("writing the site configuration")
+            .set(CONFIG_KEY, config::uplink_part(uplink), 0)
+            .context("writing the uplink's configuration")
     }
 
-    /// The configuration the programs currently use.
+    /// The one service's configuration, or the uplink's if it serves none.
     pub fn config(&self) -> Result<Config> {
+        if let Some(service) = self.services()?.only()? {
+            return Ok(service);
+        }
         let array: Array<&MapData, Config> = Array::try_from(
             self.ebpf
                 .map(CONFIG_MAP)
@@ -230,7 +266,48 @@ impl Datapath {
         .context("CONFIG is not an array")?;
         array
             .get(&CONFIG_KEY, 0)
-            .context("reading the site configuration")
+            .context("reading the uplink's configuration")
+    }
+
+    /// The services, to read.
+    pub fn services(&self) -> Result<ServiceTable<&MapData>> {
+        let map = |name: &str| {
+            self.ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        let capacity = match map(SERVICES_MAP)? {
+            aya::maps::Map::HashMap(data) => data.info()?.max_entries(),
+            _ => bail!("{SERVICES_MAP} is not a hash map"),
+        };
+        Ok(ServiceTable {
+            services: HashMap::try_from(map(SERVICES_MAP)?)?,
+            nat_addrs: HashMap::try_from(map(NAT_ADDRS_MAP)?)?,
+            peers: HashMap::try_from(map(PEERS_MAP)?)?,
+            counters: aya::maps::PerCpuArray::try_from(map(SERVICE_COUNTERS_MAP)?)?,
+            capacity,
+        })
+    }
+
+    /// The services, to change.
+    pub fn services_mut(&mut self) -> Result<ServiceTable<&mut MapData>> {
+        let capacity = self.services()?.capacity;
+        let mut maps: std::collections::HashMap<&str, &mut aya::maps::Map> = self
+            .ebpf
+            .maps_mut()
+            .filter(|(name, _)| SERVICES_MAPS.contains(name))
+            .collect();
+        let mut take = |name: &str| {
+            maps.remove(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+        };
+        Ok(ServiceTable {
+            services: HashMap::try_from(take(SERVICES_MAP)?)?,
+            nat_addrs: HashMap::try_from(take(NAT_ADDRS_MAP)?)?,
+            peers: HashMap::try_from(take(PEERS_MAP)?)?,
+            counters: aya::maps::PerCpuArray::try_from(take(SERVICE_COUNTERS_MAP)?)?,
+            capacity,
+        })
     }
 
     /// Every flow in the flow maps, confirmed first.

@@ -1,0 +1,304 @@
+//! A node's services in the datapath's maps: `SERVICES` by `H`, `NAT_ADDRS` by `N`,
+//! `PEERS` by tunnel endpoint and a row of `SERVICE_COUNTERS` each (see
+//! `movarto_common::service`). Every change keeps the four consistent for the
+//! programs reading them meanwhile: a service's counters, peer and NAT entries are
+//! written before the service itself, and the service is removed first.
+
+use std::{
+    borrow::{Borrow, BorrowMut},
+    net::IpAddr,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use movarto_common::{
+    config::{Config, Mode},
+    net::{addr, family},
+    service::{ANY_PEER, AddrKey, PeerUsers, ServiceCounters},
+};
+
+use super::CounterSnapshot;
+
+/// `BPF_NOEXIST`: an insert that never overwrites.
+const NO_EXIST: u64 = 1;
+const NO_ADDR: [u8; 16] = [0; 16];
+
+/// The services maps of one datapath.
+pub struct ServiceTable<M> {
+    pub(super) services: HashMap<M, AddrKey, Config>,
+    pub(super) nat_addrs: HashMap<M, AddrKey, AddrKey>,
+    pub(super) peers: HashMap<M, AddrKey, PeerUsers>,
+    pub(super) counters: PerCpuArray<M, ServiceCounters>,
+    /// How many services the maps hold at most (set at load, `--services`).
+    pub capacity: u32,
+}
+
+/// The key of a service's `H`.
+fn home_key(config: &Config) -> AddrKey {
+    AddrKey::new(config.home_addr, config.service_family)
+}
+
+/// The key of a service's `N`, if it has one.
+fn new_key(config: &Config) -> Option<AddrKey> {
+    (config.new_addr != NO_ADDR).then(|| AddrKey::new(config.new_addr, config.service_family))
+}
+
+/// The key of a service's peer, if its mode carries the tunnel: GUE from a peer of
+/// no tunnelling service is ordinary UDP to this host.
+fn peer_key(config: &Config) -> Option<AddrKey> {
+    let tunnels = config.mode().is_some_and(Mode::uses_tunnel);
+    (tunnels && config.peer_tunnel_addr != NO_ADDR)
+        .then(|| AddrKey::new(config.peer_tunnel_addr, family::IPV4))
+}
+
+/// An address of the maps, for messages.
+fn shown(key: &AddrKey) -> String {
+    addr::from_map(key.addr, key.family)
+        .map_or_else(|| format!("{:?}", key.addr), |a| a.to_string())
+}
+
+/// The key of the home address `home`.
+pub fn key_of(home: IpAddr) -> AddrKey {
+    let (bytes, fam) = addr::to_map(home);
+    AddrKey::new(bytes, fam)
+}
+
+/// A lookup's "no such key" as `None`.
+fn found<V>(result: Result<V, MapError>) -> Result<Option<V>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(err) => Err(err).context("reading the services maps"),
+    }
+}
+
+impl<M: Borrow<MapData>> ServiceTable<M> {
+    /// Every service, in slot order.
+    pub fn list(&self) -> Result<Vec<Config>> {
+        let mut services = self
+            .services
+            .iter()
+            .map(|entry| entry.map(|(_, config)| config))
+            .collect::<Result<Vec<_>, _>>()
+            .context("reading the services map")?;
+        services.sort_by_key(|config| config.slot);
+        Ok(services)
+    }
+
+    /// The service whose home address is `home`.
+    pub fn get(&self, home: IpAddr) -> Result<Option<Config>> {
+        found(self.services.get(&key_of(home), 0))
+    }
+
+    /// The one service, if there is at most one; an error naming them if there are more.
+    pub fn only(&self) -> Result<Option<Config>> {
+        let services = self.list()?;
+        match services.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(*one)),
+            many => bail!(
+                "this datapath serves {} services ({}); name the one meant (`movarto-user service set H ...`)",
+                many.len(),
+                many.iter()
+                    .map(|c| shown(&home_key(c)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+
+    /// The counters of the service in row `slot`, summed over the CPUs.
+    pub fn counters(&self, slot: u32) -> Result<CounterSnapshot> {
+        let per_cpu = self
+            .counters
+            .get(&slot, 0)
+            .with_context(|| format!("reading row {slot} of the per-service counters"))?;
+        Ok(CounterSnapshot::of_service(&per_cpu))
+    }
+
+    /// Fails if `config`'s `N` or `H` belongs to another service.
+    fn check_addresses(&self, config: &Config) -> Result<()> {
+        let home = home_key(config);
+        if let Some(owner) = found(self.nat_addrs.get(&home, 0))? {
+            bail!(
+                "{} is the new address of service {}",
+                shown(&home),
+                shown(&owner)
+            );
+        }
+        if let Some(new) = new_key(config) {
+            if new == home {
+                bail!(
+                    "the new address and the home address are both {}",
+                    shown(&home)
+                );
+            }
+            if let Some(owner) = found(self.nat_addrs.get(&new, 0))?
+                && owner != home
+            {
+                bail!(
+                    "{} is the new address of service {} already",
+                    shown(&new),
+                    shown(&owner)
+                );
+            }
+            if found(self.services.get(&new, 0))?.is_some() {
+                bail!("{} is the home address of another service", shown(&new));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<M: BorrowMut<MapData>> ServiceTable<M> {
+    /// Adds a service (its `slot` is chosen here); fails if `H` is served already, if
+    /// its `N` is another's, or if the maps are full. Returns it as written.
+    pub fn add(&mut self, mut config: Config) -> Result<Config> {
+        let home = home_key(&config);
+        if found(self.services.get(&home, 0))?.is_some() {
+            bail!(
+                "service {} exists already; change it with `movarto-user service set`",
+                shown(&home)
+            );
+        }
+        self.check_addresses(&config)?;
+        let present = self.list()?;
+        if present.len() >= self.capacity as usize {
+            bail!(
+                "the services map is full: it holds {} services (its capacity, set at attach \
+                 with --services); remove one first or attach with a larger capacity",
+                self.capacity
+            );
+        }
+        let mut used: Vec<u32> = present.iter().map(|c| c.slot).collect();
+        used.sort_unstable();
+        config.slot = (0..self.capacity)
+            .find(|slot| used.binary_search(slot).is_err())
+            .ok_or_else(|| anyhow!("no free row in the per-service counters"))?;
+        let zero = vec![ServiceCounters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
+        self.counters
+            .set(
+                config.slot,
+                PerCpuValues::try_from(zero).context("per-CPU counters")?,
+                0,
+            )
+            .context("clearing the service's counters")?;
+        if let Some(peer) = peer_key(&config) {
+            self.add_peer_user(peer)?;
+        }
+        if let Some(new) = new_key(&config) {
+            self.nat_addrs
+                .insert(new, home, 0)
+                .context("writing the NAT map")?;
+        }
+        self.services
+            .insert(home, config, NO_EXIST)
+            .with_context(|| format!("adding service {} to the services map", shown(&home)))?;
+        Ok(config)
+    }
+
+    /// Replaces a service's entry whole (its slot and counters stay); fails if there
+    /// is no such service. Returns it as written.
+    pub fn set(&mut self, mut config: Config) -> Result<Config> {
+        let home = home_key(&config);
+        let Some(old) = found(self.services.get(&home, 0))? else {
+            bail!(
+                "no service {}; add it with `movarto-user service add`",
+                shown(&home)
+            );
+        };
+        self.check_addresses(&config)?;
+        config.slot = old.slot;
+        if let Some(peer) = peer_key(&config) {
+            self.add_peer_user(peer)?;
+        }
+        if let Some(new) = new_key(&config) {
+            self.nat_addrs
+                .insert(new, home, 0)
+                .context("writing the NAT map")?;
+        }
+        self.services
+            .insert(home, config, 0)
+            .with_context(|| format!("writing service {}", shown(&home)))?;
+        if let Some(old_new) = new_key(&old)
+            && new_key(&config) != Some(old_new)
+        {
+            self.nat_addrs
+                .remove(&old_new)
+                .context("removing the old new address")?;
+        }
+        if let Some(peer) = peer_key(&old) {
+            self.remove_peer_user(peer)?;
+        }
+        Ok(config)
+    }
+
+    /// [`ServiceTable::set`] if `H` is served, else [`ServiceTable::add`].
+    pub fn put(&mut self, config: Config) -> Result<Config> {
+        if found(self.services.get(&home_key(&config), 0))?.is_some() {
+            self.set(config)
+        } else {
+            self.add(config)
+        }
+    }
+
+    /// Removes the service `home`; returns what it was.
+    pub fn remove(&mut self, home: IpAddr) -> Result<Config> {
+        let key = key_of(home);
+        let Some(old) = found(self.services.get(&key, 0))? else {
+            bail!("no service {home} on this datapath");
+        };
+        self.services
+            .remove(&key)
+            .with_context(|| format!("removing service {home}"))?;
+        if let Some(new) = new_key(&old) {
+            self.nat_addrs
+                .remove(&new)
+                .context("removing the service's new address")?;
+        }
+        if let Some(peer) = peer_key(&old) {
+            self.remove_peer_user(peer)?;
+        }
+        Ok(old)
+    }
+
+    /// Leaves `config` the only service: the single-service form of `attach --home`,
+    /// `mode` and the agent's reconfiguration.
+    pub fn put_only(&mut self, config: Config) -> Result<Config> {
+        let home = home_key(&config);
+        for other in self.list()? {
+            if home_key(&other) != home
+                && let Some(addr) = addr::from_map(other.home_addr, other.service_family)
+            {
+                self.remove(addr)?;
+            }
+        }
+        self.put(config)
+    }
+
+    /// One more service tunnels with `peer` (and with any peer: [`ANY_PEER`]).
+    fn add_peer_user(&mut self, peer: AddrKey) -> Result<()> {
+        for key in [peer, ANY_PEER] {
+            let users = found(self.peers.get(&key, 0))?.unwrap_or(0);
+            self.peers
+                .insert(key, users + 1, 0)
+                .context("writing the peers map")?;
+        }
+        Ok(())
+    }
+
+    /// One service fewer tunnels with `peer`.
+    fn remove_peer_user(&mut self, peer: AddrKey) -> Result<()> {
+        for key in [peer, ANY_PEER] {
+            match found(self.peers.get(&key, 0))? {
+                Some(users) if users > 1 => self
+                    .peers
+                    .insert(key, users - 1, 0)
+                    .context("writing the peers map")?,
+                Some(_) => self.peers.remove(&key).context("writing the peers map")?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+}
