@@ -17,6 +17,9 @@
 //! | GET | `/v1/datapath/flows` | → [`FlowSnapshot`] | yes |
 //! | POST | `/v1/datapath/flows` | [`FlowSnapshot`] → [`Loaded`] (load A's snapshot; 400 for a version this agent doesn't read) | yes |
 //! | POST | `/v1/datapath/release-vm-iface` | → `{}` | yes |
+//! | GET | `/v1/services` | → [`ServiceList`] (every service, its own counters) | yes |
+//! | PUT | `/v1/services/{home}` | [`DatapathRequest`] → [`DatapathStatus`] (add, or rewrite; the others untouched) | yes |
+//! | DELETE | `/v1/services/{home}` | → `{}` (the datapath stays; fine if absent) | yes |
 //! | POST | `/v1/garp` | [`GarpRequest`] → `{}` (gratuitous ARP on the uplink) | yes |
 //! | PUT | `/v1/taps/{name}` | [`TapRequest`] → `{}` | yes |
 //! | DELETE | `/v1/taps/{name}` | → `{}` | yes |
@@ -112,11 +115,23 @@ pub struct DatapathRequest {
     pub gateway_mac: MacAddr,
 }
 
+/// `GET /v1/services`: the node's services.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+pub struct ServiceList {
+    /// How many services the datapath holds at most (0: not attached).
+    pub capacity: u32,
+    pub services: Vec<DatapathStatus>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ModeRequest {
     /// `idle`, `track`, `forward`, `receive`, `nat` or `direct`.
     #[schema(value_type = String, example = "forward")]
     pub mode: Mode,
+    /// The service's home address; absent: the datapath's only service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "192.0.2.10")]
+    pub home: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
@@ -131,6 +146,12 @@ pub struct DatapathStatus {
     /// Every non-zero counter, by its snake_case name.
     #[schema(value_type = BTreeMap<String, u64>)]
     pub counters: CounterMap,
+    /// The service's own non-zero verdict and drop counters (absent for the uplink's
+    /// status, and from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<BTreeMap<String, u64>>)]
+    pub service_counters: Option<CounterMap>,
+    /// The service's flows (every flow in the uplink's status).
     pub flows: usize,
     /// Pre-move flows (tracked at A, or handed over to B) that are neither closing nor expired.
     pub live_premove_flows: usize,
@@ -141,8 +162,17 @@ pub struct DatapathStatus {
 }
 
 impl DatapathStatus {
+    /// A counter of the whole uplink.
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters.get(counter)
+    }
+
+    /// A verdict or drop counter of the service (the uplink's, from an older agent).
+    pub fn service_counter(&self, counter: Counter) -> u64 {
+        self.service_counters
+            .as_ref()
+            .unwrap_or(&self.counters)
+            .get(counter)
     }
 }
 

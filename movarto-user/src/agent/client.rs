@@ -225,7 +225,7 @@ impl AgentClient {
         self.call(
             Method::PUT,
             "/v1/datapath/mode",
-            Some(&ModeRequest { mode }),
+            Some(&ModeRequest { mode, home: None }),
         )
         .await
     }

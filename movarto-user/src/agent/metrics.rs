@@ -382,6 +382,7 @@ mod tests {
                 (DatapathCounter::Packets, 1234),
                 (DatapathCounter::TunnelOut, 77),
             ])),
+            service_counters: None,
             flows: 3,
             live_premove_flows: 2,
             idle_ms: Some(1500),

@@ -1,6 +1,11 @@
 //! The agent's HTTP+JSON server (axum), with bearer-token auth and optional TLS.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use axum::{
@@ -24,7 +29,7 @@ use super::{
     api::{
         ApiError, DatapathRequest, DatapathStatus, DnsDone, FlowSnapshot, GarpRequest, Health,
         IncomingHalf, Loaded, MigrationId, MigrationRecord, MigrationSpec, MigrationState,
-        ModeRequest, SiteStatus, SnapshotError, TapRequest, VmRequest, VmStatus,
+        ModeRequest, ServiceList, SiteStatus, SnapshotError, TapRequest, VmRequest, VmStatus,
     },
     migrations::{
         MigrationError, Migrations,
@@ -128,7 +133,7 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
         Ok(n) => tracing::info!(vms = n, "adopted running VMs"),
         Err(err) => tracing::warn!("adopting VMs: {err:#}"),
     }
-    match agent.datapath.status() {
+    match agent.datapath.status(None) {
         Ok(Some(status)) => tracing::info!(
             pin_dir = %status.pin_dir, mode = %status.mode, flows = status.flows,
             "adopted the pinned datapath"
@@ -250,6 +255,8 @@ fn routes() -> (Routes, Routes, Routes) {
         .routes(routes!(set_mode))
         .routes(routes!(flows, load_flows))
         .routes(routes!(release_vm_iface))
+        .routes(routes!(services))
+        .routes(routes!(put_service, delete_service))
         .routes(routes!(garp))
         .routes(routes!(ensure_tap, delete_tap))
         .routes(routes!(start_vm))
@@ -370,7 +377,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> Reply<SiteStatus> {
     Ok(Json(SiteStatus {
         site: agent.site.clone(),
         uplink: agent.datapath.uplink.clone(),
-        datapath: agent.datapath.status()?,
+        datapath: agent.datapath.status(None)?,
         vms: agent.vms.all().await,
     }))
 }
@@ -388,7 +395,7 @@ async fn status(State(agent): State<Arc<Agent>>) -> Reply<SiteStatus> {
 async fn metrics(State(agent): State<Arc<Agent>>) -> Result<Response, Failure> {
     // The status walks the flow map: off the async threads.
     let reader = agent.clone();
-    let datapath = blocking(move || reader.datapath.status()).await?;
+    let datapath = blocking(move || reader.datapath.status(None)).await?;
     let migrations = agent.migrations.all().await;
     let body = super::metrics::render(&super::metrics::Scrape {
         site: &agent.site,
@@ -409,7 +416,7 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Result<Response, Failure> {
     ),
 )]
 async fn datapath(State(agent): State<Arc<Agent>>) -> Reply<DatapathStatus> {
-    agent.datapath.status()?.map(Json).ok_or_else(|| {
+    agent.datapath.status(None)?.map(Json).ok_or_else(|| {
         Failure(
             StatusCode::NOT_FOUND,
             anyhow::anyhow!("no datapath attached"),
@@ -455,7 +462,7 @@ async fn apply_datapath(
     ),
 )]
 async fn detach_datapath(State(agent): State<Arc<Agent>>) -> Reply<serde_json::Value> {
-    blocking(move || agent.datapath.detach()).await?;
+    blocking(move || agent.datapath.detach(None)).await?;
     Ok(empty())
 }
 
@@ -474,7 +481,7 @@ async fn set_mode(
     Json(request): Json<ModeRequest>,
 ) -> Reply<DatapathStatus> {
     Ok(Json(
-        blocking(move || agent.datapath.set_mode(request.mode)).await?,
+        blocking(move || agent.datapath.set_mode(request.home, request.mode)).await?,
     ))
 }
 
@@ -488,7 +495,7 @@ async fn set_mode(
     ),
 )]
 async fn flows(State(agent): State<Arc<Agent>>) -> Reply<FlowSnapshot> {
-    Ok(Json(agent.datapath.flows()?))
+    Ok(Json(agent.datapath.flows(None)?))
 }
 
 #[utoipa::path(
@@ -523,7 +530,7 @@ async fn load_flows(
     ),
 )]
 async fn release_vm_iface(State(agent): State<Arc<Agent>>) -> Reply<serde_json::Value> {
-    agent.datapath.release_vm_iface()?;
+    agent.datapath.release_vm_iface(None)?;
     Ok(empty())
 }
 
@@ -564,6 +571,67 @@ async fn ensure_tap(
     let mac = request.gateway_mac.0;
     let (ip, prefix) = tap::parse_cidr(&request.gateway_cidr)?;
     tap::ensure_tap(&name, mac, ip, prefix).await?;
+    Ok(empty())
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/services",
+    tag = "agent",
+    responses(
+        (status = 200, description = "every service of the node's datapath, with its own counters", body = ServiceList),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn services(State(agent): State<Arc<Agent>>) -> Reply<ServiceList> {
+    Ok(Json(blocking(move || agent.datapath.services()).await?))
+}
+
+#[utoipa::path(
+    put,
+    path = "/v1/services/{home}",
+    tag = "agent",
+    params(("home" = String, Path, description = "the service's home address H")),
+    request_body = DatapathRequest,
+    responses(
+        (status = 200, description = "the service is added, or rewritten whole (its flows and counters stay); the node's other services are untouched", body = DatapathStatus),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn put_service(
+    State(agent): State<Arc<Agent>>,
+    Path(home): Path<IpAddr>,
+    Json(request): Json<DatapathRequest>,
+) -> Reply<DatapathStatus> {
+    if request.home_addr != home {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            anyhow::anyhow!(
+                "the path names service {home}, the body {}",
+                request.home_addr
+            ),
+        ));
+    }
+    Ok(Json(
+        blocking(move || agent.datapath.apply(&request)).await?,
+    ))
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/services/{home}",
+    tag = "agent",
+    params(("home" = String, Path, description = "the service's home address H")),
+    responses(
+        (status = 200, description = "the service is gone (fine if it was not there), the datapath stays attached; `{}`"),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn delete_service(
+    State(agent): State<Arc<Agent>>,
+    Path(home): Path<IpAddr>,
+) -> Reply<serde_json::Value> {
+    blocking(move || agent.datapath.remove_service(home)).await?;
     Ok(empty())
 }
 

@@ -16,7 +16,7 @@ use movarto_common::{
 };
 
 use super::{
-    api::{DatapathRequest, DatapathStatus, FlowEntry, FlowOrigin, FlowSnapshot},
+    api::{DatapathRequest, DatapathStatus, FlowEntry, FlowOrigin, FlowSnapshot, ServiceList},
     netlink,
 };
 use crate::datapath::{
@@ -70,14 +70,33 @@ impl SiteDatapath {
         Pinned::open_for(&self.uplink, &self.pin_name)
     }
 
-    /// `None` when nothing is attached.
-    pub fn status(&self) -> Result<Option<DatapathStatus>> {
+    /// The status of the service `home` (`None`: the only one, or the uplink's if it
+    /// serves none or several); `None` when nothing is attached, or it serves no `home`.
+    pub fn status(&self, home: Option<IpAddr>) -> Result<Option<DatapathStatus>> {
         if !self.attached() {
             return Ok(None);
         }
         let mut pinned = self.open()?;
         let now = monotonic_ns()?;
         let (flows, counters) = pinned.read_now()?;
+        let (config, service_counters) = match home {
+            Some(home) => match pinned.services.get(home)? {
+                Some(service) => (service, Some(pinned.services.counters(service.slot)?)),
+                None => return Ok(None),
+            },
+            None => match pinned.services.only() {
+                Ok(Some(service)) => (service, Some(pinned.services.counters(service.slot)?)),
+                Ok(None) | Err(_) => (pinned.uplink()?, None),
+            },
+        };
+        // A service's own flows only; the uplink's status counts every flow.
+        let flows: Vec<_> = flows
+            .into_iter()
+            .filter(|(k, _)| {
+                config.service_family == 0
+                    || (k.family == config.service_family && k.service_addr == config.home_addr)
+            })
+            .collect();
         let live_premove_flows = flows
             .iter()
             .filter(|(k, v)| {
@@ -90,7 +109,7 @@ impl SiteDatapath {
             .map(|(_, v)| now.saturating_sub(v.last_seen_ns) / 1_000_000)
             .min();
         let counters = counters.nonzero().into_iter().collect();
-        let config = pinned.config()?;
+        let service_counters = service_counters.map(|c| c.nonzero().into_iter().collect());
         let mode = config.mode().with_context(|| {
             format!(
                 "the pinned configuration has mode {}, which this build doesn't know",
@@ -102,6 +121,7 @@ impl SiteDatapath {
             home_addr: addr::from_map(config.home_addr, config.service_family),
             mode,
             counters,
+            service_counters,
             flows: flows.len(),
             live_premove_flows,
             idle_ms,
@@ -109,12 +129,13 @@ impl SiteDatapath {
         }))
     }
 
-    /// Attaches, or rewrites the configuration of what is attached (the flows stay).
+    /// Attaches with the request's service, or adds it to what is attached, or
+    /// rewrites it there (the flows stay); the node's other services are untouched.
     pub fn apply(&self, request: &DatapathRequest) -> Result<DatapathStatus> {
         let site = site_config(request)?;
         require_forwarding(&self.uplink, site.mode, site.home_addr)?;
         if self.attached() {
-            self.open()?.reconfigure(&site)?;
+            self.open()?.put_service(&site, &request.vm_iface)?;
         } else {
             attach(&AttachOptions {
                 uplink: self.uplink.clone(),
@@ -130,32 +151,38 @@ impl SiteDatapath {
         if site.mode.uses_tunnel() {
             self.prime_next_hop(site.peer_tunnel_addr);
         }
-        self.status()?
+        self.status(Some(site.home_addr))?
             .context("the datapath vanished after attaching")
     }
 
-    pub fn set_mode(&self, mode: Mode) -> Result<DatapathStatus> {
+    /// Switches the service `home`'s mode (`None`: the only service's).
+    pub fn set_mode(&self, home: Option<IpAddr>, mode: Mode) -> Result<DatapathStatus> {
         let mut pinned = self.open()?;
-        let config = pinned.config()?;
-        if let Some(home) = addr::from_map(config.home_addr, config.service_family) {
+        let config = pinned.service_named(home)?;
+        let home = addr::from_map(config.home_addr, config.service_family);
+        if let Some(home) = home {
             require_forwarding(&self.uplink, mode, home)?;
         }
-        pinned.set_mode(mode)?;
+        pinned.set_service_mode(home, mode)?;
         if mode.uses_tunnel()
-            && let Some(IpAddr::V4(peer)) =
-                addr::from_map(pinned.config()?.peer_tunnel_addr, family::IPV4)
+            && let Some(IpAddr::V4(peer)) = addr::from_map(config.peer_tunnel_addr, family::IPV4)
         {
             self.prime_next_hop(peer);
         }
-        self.status()?.context("the datapath vanished")
+        self.status(home)?.context("the datapath vanished")
     }
 
-    pub fn flows(&self) -> Result<FlowSnapshot> {
+    /// The flows of the service `home` (`None`: every flow).
+    pub fn flows(&self, home: Option<IpAddr>) -> Result<FlowSnapshot> {
         let now = monotonic_ns()?;
+        let service = home.map(crate::datapath::service_key);
         Ok(FlowSnapshot::new(
             self.open()?
                 .flows()?
                 .iter()
+                .filter(|(k, _)| {
+                    service.is_none_or(|s| k.family == s.family && k.service_addr == s.addr)
+                })
                 .filter_map(|(k, v)| FlowEntry::from_map(k, v, now))
                 .collect(),
         ))
@@ -184,8 +211,10 @@ impl SiteDatapath {
         Ok(flows.len())
     }
 
-    pub fn release_vm_iface(&self) -> Result<()> {
-        match self.open()?.release_vm_iface() {
+    /// Detaches the VM-facing program from the service `home`'s interface (`None`:
+    /// the only service's).
+    pub fn release_vm_iface(&self, home: Option<IpAddr>) -> Result<()> {
+        match self.open()?.release_vm_iface_of(home) {
             // Already released: a retry.
             Err(err) if !self.attached() => Err(err),
             Err(err) => {
@@ -196,14 +225,58 @@ impl SiteDatapath {
         }
     }
 
-    /// Teardown; fine when nothing is attached.
-    pub fn detach(&self) -> Result<()> {
-        if self.attached() {
-            // Only our own: another namespace's pins of the same name stay.
-            self.open()?;
-            detach(&self.pin_name)?;
+    /// Every service, with its own status; empty when nothing is attached.
+    pub fn services(&self) -> Result<ServiceList> {
+        if !self.attached() {
+            return Ok(ServiceList::default());
+        }
+        let pinned = self.open()?;
+        let homes: Vec<_> = pinned
+            .services
+            .list()?
+            .iter()
+            .filter_map(|s| addr::from_map(s.home_addr, s.service_family))
+            .collect();
+        let capacity = pinned.services.capacity;
+        drop(pinned);
+        let services = homes
+            .into_iter()
+            .map(|home| self.status(Some(home)))
+            .filter_map(Result::transpose)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ServiceList { capacity, services })
+    }
+
+    /// Removes the service `home` (fine if it is not there); the datapath stays.
+    pub fn remove_service(&self, home: IpAddr) -> Result<()> {
+        if !self.attached() {
+            return Ok(());
+        }
+        let mut pinned = self.open()?;
+        if pinned.services.get(home)?.is_some() {
+            pinned.remove_service(home)?;
         }
         Ok(())
+    }
+
+    /// Teardown of the service `home`, and of the whole datapath once it serves no
+    /// other (`None`: the whole datapath); fine when nothing is attached.
+    pub fn detach(&self, home: Option<IpAddr>) -> Result<()> {
+        if !self.attached() {
+            return Ok(());
+        }
+        // Only our own: another namespace's pins of the same name stay.
+        let mut pinned = self.open()?;
+        if let Some(home) = home {
+            if pinned.services.get(home)?.is_some() {
+                pinned.remove_service(home)?;
+            }
+            if !pinned.services.list()?.is_empty() {
+                return Ok(());
+            }
+        }
+        drop(pinned);
+        detach(&self.pin_name)
     }
 
     /// Removes expired flows (Cilium-style timeouts); returns how many.

@@ -10,6 +10,7 @@
 
 use std::{
     fs,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
@@ -268,7 +269,7 @@ pub fn attach(opts: &AttachOptions) -> Result<PathBuf> {
 
     if let Some(vm_iface) = &opts.vm_iface {
         let tc_prog: &mut SchedClassifier = datapath.program_mut(VM_INGRESS)?;
-        attach_tc(tc_prog, vm_iface, &dir.join(VM_LINK))?;
+        attach_tc(tc_prog, vm_iface, &vm_link(&dir, site.vm_ifindex))?;
     }
 
     datapath.pin(&dir)?;
@@ -290,9 +291,9 @@ fn attach_tc(tc_prog: &mut SchedClassifier, iface: &str, link_pin: &Path) -> Res
     Ok(())
 }
 
-/// The pin of the VM-facing link of a service's interface, added by `service add`
-/// (the first service's, from `attach`, is [`VM_LINK`]).
-fn service_link(dir: &Path, vm_ifindex: u32) -> PathBuf {
+/// The pin of the VM-facing link on interface `vm_ifindex`: one per interface that
+/// some service's VM is on.
+fn vm_link(dir: &Path, vm_ifindex: u32) -> PathBuf {
     dir.join(format!("{VM_LINK}_{vm_ifindex}"))
 }
 
@@ -472,15 +473,7 @@ impl Pinned {
 
     /// Switches the one service's mode: one map write, no reload.
     pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
-        let Some(mut config) = self.services.only()? else {
-            bail!(
-                "{} serves no service; add one with `movarto-user service add`",
-                self.dir.display()
-            );
-        };
-        super::config::check_map_tunnel(mode, &config)?;
-        config.mode = mode as u8;
-        self.services.set(config).map(drop)
+        self.set_service_mode(None, mode)
     }
 
     /// Makes `site` the only service and rewrites the uplink's node-wide part from it;
@@ -532,7 +525,7 @@ impl Pinned {
 
     /// Removes the service `home`, and its interface's VM-facing link if no other
     /// service uses that interface. Its flows stay until they expire.
-    pub fn remove_service(&mut self, home: std::net::IpAddr) -> Result<Config> {
+    pub fn remove_service(&mut self, home: IpAddr) -> Result<Config> {
         let old = self.services.remove(home)?;
         self.release_unused_link(old.vm_ifindex)?;
         Ok(old)
@@ -549,16 +542,10 @@ impl Pinned {
         Ok(config)
     }
 
-    /// Attaches the VM-facing program to `vm_iface` unless some link has it already.
+    /// Attaches the VM-facing program to `vm_iface` unless its link is there already.
     fn ensure_vm_link(&self, vm_iface: &str, vm_ifindex: u32) -> Result<()> {
-        let first = self.dir.join(VM_LINK).exists()
-            && self
-                .services
-                .list()?
-                .iter()
-                .any(|s| s.vm_ifindex == vm_ifindex);
-        let link = service_link(&self.dir, vm_ifindex);
-        if first || link.exists() {
+        let link = vm_link(&self.dir, vm_ifindex);
+        if link.exists() {
             return Ok(());
         }
         let path = self.dir.join(VM_INGRESS);
@@ -569,7 +556,7 @@ impl Pinned {
 
     /// Detaches the VM-facing program from ifindex `vm_ifindex` if no service uses it.
     fn release_unused_link(&self, vm_ifindex: u32) -> Result<()> {
-        let link = service_link(&self.dir, vm_ifindex);
+        let link = vm_link(&self.dir, vm_ifindex);
         if !link.exists()
             || self
                 .services
@@ -711,11 +698,76 @@ impl Pinned {
             .with_context(|| format!("writing counter {}", counter.name()))
     }
 
-    /// Detaches the VM-facing program (the VM has left this site): with
-    /// TCX a stale program that passes would end the chain for the next one.
+    /// Detaches the VM-facing program from the one service's interface (its VM has
+    /// left this site): with TCX a stale program that passes would end the chain for
+    /// the next one.
     pub fn release_vm_iface(&self) -> Result<()> {
-        let path = self.dir.join(VM_LINK);
+        self.release_vm_iface_of(None)
+    }
+
+    /// [`Pinned::release_vm_iface`] for the service `home` (`None`: the only one).
+    pub fn release_vm_iface_of(&self, home: Option<IpAddr>) -> Result<()> {
+        let service = self.service_named(home)?;
+        let path = vm_link(&self.dir, service.vm_ifindex);
         fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))
+    }
+
+    /// The service `home`, or the only one if `None`; an error if there is none.
+    pub fn service_named(&self, home: Option<IpAddr>) -> Result<Config> {
+        match home {
+            Some(home) => self
+                .services
+                .get(home)?
+                .ok_or_else(|| anyhow!("{} serves no service {home}", self.dir.display())),
+            None => self.services.only()?.ok_or_else(|| {
+                anyhow!(
+                    "{} serves no service; add one with `movarto-user service add`",
+                    self.dir.display()
+                )
+            }),
+        }
+    }
+
+    /// Switches the service `home`'s mode (`None`: the only one's): one map write.
+    pub fn set_service_mode(&mut self, home: Option<IpAddr>, mode: Mode) -> Result<()> {
+        let mut config = self.service_named(home)?;
+        super::config::check_map_tunnel(mode, &config)?;
+        config.mode = mode as u8;
+        self.services.set(config).map(drop)
+    }
+
+    /// Adds the service `site.home_addr` on `vm_iface`, or replaces it whole. While it
+    /// is the uplink's only service, `site`'s node-wide settings (tunnel endpoint, GUE
+    /// port, tunnel MTU, gateway MAC) become the uplink's; beside others it must agree
+    /// with the uplink's tunnel endpoint.
+    pub fn put_service(&mut self, site: &SiteConfig, vm_iface: &str) -> Result<Config> {
+        let wanted = site.to_map()?;
+        let alone = self
+            .services
+            .list()?
+            .iter()
+            .all(|other| other.home_addr == wanted.home_addr);
+        let uplink = self.uplink()?;
+        if alone {
+            let mut rewritten = super::config::uplink_part(&wanted);
+            rewritten.uplink_ifindex = uplink.uplink_ifindex;
+            rewritten.netns_cookie = uplink.netns_cookie;
+            self.config
+                .set(CONFIG_KEY, rewritten, 0)
+                .context("writing the uplink's configuration")?;
+        } else if wanted.local_tunnel_addr != uplink.local_tunnel_addr {
+            bail!(
+                "the uplink's tunnel endpoint is {}, the service's would be {}: the node's \
+                 services share one endpoint",
+                shown_v4(&uplink.local_tunnel_addr),
+                shown_v4(&wanted.local_tunnel_addr)
+            );
+        }
+        if self.services.get(site.home_addr)?.is_some() {
+            self.set_service(site, vm_iface)
+        } else {
+            self.add_service(site, vm_iface)
+        }
     }
 
     /// Every flow in both maps, each once (confirmed first).
@@ -725,4 +777,9 @@ impl Pinned {
         flows.add(&self.pending)?;
         Ok(flows.into_vec())
     }
+}
+
+/// An IPv4 address in the maps' 16-byte layout, for messages.
+fn shown_v4(addr: &[u8; 16]) -> Ipv4Addr {
+    Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])
 }

@@ -30,7 +30,7 @@ use movarto_common::{
     config::{CONFIG_KEY, Config},
     flow::{FlowKey, FlowValue},
 };
-pub use services::ServiceTable;
+pub use services::{ServiceTable, key_of as service_key};
 
 /// The eBPF object movarto-user's build.rs compiled from movarto-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/movarto"));

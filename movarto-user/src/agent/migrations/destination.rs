@@ -148,13 +148,14 @@ pub(super) async fn end_tunnel(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
         anyhow::bail!("the VM does not run here yet ({})", m.stage());
     }
     m.update(|r| r.tunnel_over = true)?;
-    let nat = m.snapshot().spec.new_addr.is_some();
+    let spec = m.snapshot().spec;
+    let (nat, home) = (spec.new_addr.is_some(), Some(spec.home));
     let datapath = agent.clone();
     blocking(move || {
         if nat {
-            datapath.datapath.set_mode(Mode::Nat).map(drop)
+            datapath.datapath.set_mode(home, Mode::Nat).map(drop)
         } else {
-            datapath.datapath.detach()
+            datapath.datapath.detach(home)
         }
     })
     .await?;
@@ -189,7 +190,8 @@ async fn clean_up(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     let spec = m.snapshot().spec;
     agent.vms.stop(&spec.vm).await?;
     let datapath = agent.clone();
-    blocking(move || datapath.datapath.detach()).await?;
+    let home = Some(spec.home);
+    blocking(move || datapath.datapath.detach(home)).await?;
     tap::delete_tap(&spec.vm_iface).await?;
     m.update(|r| {
         r.note("the source runs the VM again: QEMU stopped, datapath detached, tap removed");

@@ -7,7 +7,7 @@
 //! resumed it), new connections keep arriving at `H`: the drain then only ends at
 //! `max_drain`.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::{Result, bail};
 use movarto_common::{counters::Counter, flow::FlowKey};
@@ -35,12 +35,13 @@ pub(super) async fn drain_and_tear_down(agent: &Arc<Agent>, m: &Handle) -> Resul
     let mut last_packets = None;
     let mut bytes_seen: HashMap<FlowKey, u64> = HashMap::new();
     let mut baseline: Option<u64> = None;
+    let home = Some(record.spec.home);
     let cut = loop {
         let datapath = agent.clone();
         let (status, flows) = blocking(move || {
-            let status = datapath.datapath.status()?;
+            let status = datapath.datapath.status(home)?;
             let flows = match &status {
-                Some(_) => datapath.datapath.flows()?.flows,
+                Some(_) => datapath.datapath.flows(home)?.flows,
                 None => Vec::new(),
             };
             Ok((status, flows))
@@ -50,7 +51,9 @@ pub(super) async fn drain_and_tear_down(agent: &Arc<Agent>, m: &Handle) -> Resul
             // Detached already (a restart after the teardown began).
             break Vec::new();
         };
-        let packets = dp.counter(Counter::TunnelOut) + dp.counter(Counter::TunnelIn);
+        // The service's own tunnel: the node's other services' traffic is not its.
+        let packets =
+            dp.service_counter(Counter::TunnelOut) + dp.service_counter(Counter::TunnelIn);
         if last_packets != Some(packets) {
             last_packets = Some(packets);
             last_activity = Instant::now();
@@ -110,7 +113,7 @@ async fn tear_down(
     cut: Vec<FlowEntry>,
     drained: Duration,
 ) -> Result<()> {
-    let (to_b, from_b) = tunnel_counters(agent);
+    let (to_b, from_b) = tunnel_counters(agent, m.snapshot().spec.home);
     m.update(|r| {
         r.figures.flows_cut = cut;
         r.figures.drain_ms = Some(drained.as_millis() as u64);
@@ -129,7 +132,8 @@ async fn tear_down(
         Err(err) => return Err(err.into()),
     }
     let datapath = agent.clone();
-    blocking(move || datapath.datapath.detach()).await?;
+    let home = Some(record.spec.home);
+    blocking(move || datapath.datapath.detach(home)).await?;
     m.update(|r| {
         r.figures.teardown_unix_ms = Some(unix_ms());
         r.dns_owed.restore_ttl = r.spec.dns.is_some();
@@ -144,11 +148,11 @@ async fn tear_down(
 }
 
 /// A's counters for the report, read just before the teardown.
-fn tunnel_counters(agent: &Agent) -> (u64, u64) {
-    match agent.datapath.status() {
+fn tunnel_counters(agent: &Agent, home: IpAddr) -> (u64, u64) {
+    match agent.datapath.status(Some(home)) {
         Ok(Some(dp)) => (
-            dp.counter(Counter::TunnelOut),
-            dp.counter(Counter::TunnelIn),
+            dp.service_counter(Counter::TunnelOut),
+            dp.service_counter(Counter::TunnelIn),
         ),
         _ => (0, 0),
     }

@@ -84,7 +84,7 @@ pub async fn find(agent: &Arc<Agent>) -> Result<Leftovers> {
         .any(|vm| vm.run_state == RunState::Running);
     if live.is_empty()
         && !vm_runs_here
-        && let Some(dp) = agent.datapath.status()?
+        && let Some(dp) = agent.datapath.status(None)?
         && dp.mode.uses_tunnel()
     {
         out.datapath_mode = Some(dp.mode.to_string());
@@ -109,7 +109,7 @@ pub async fn remove(agent: &Arc<Agent>) -> Result<Leftovers> {
     if let Some(mode) = &found.datapath_mode {
         tracing::info!(%mode, "leftovers: detaching a datapath no migration uses");
         let datapath = agent.clone();
-        blocking(move || datapath.datapath.detach()).await?;
+        blocking(move || datapath.datapath.detach(None)).await?;
     }
     Ok(found)
 }

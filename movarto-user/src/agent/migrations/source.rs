@@ -136,17 +136,18 @@ async fn accept(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
             token
         }
     };
-    let status = agent.datapath.status()?;
+    // This VM's service only: the node's other services are other tenants'.
+    let status = agent.datapath.status(Some(record.spec.home))?;
     let detail = match &status {
         Some(dp) if dp.mode == Mode::Track => format!("source tracking {} flows", dp.flows),
         Some(dp) => bail!(
-            "the source's datapath is in mode {}, not track: another migration?",
+            "the source's service {} is in mode {}, not track: another migration?",
+            record.spec.home,
             dp.mode
         ),
         None => {
             m.update(|r| r.attached_for_us = true)?;
-            "source datapath attached now (connections opened before were not MSS-clamped)"
-                .to_owned()
+            "source service added now (connections opened before were not MSS-clamped)".to_owned()
         }
     };
     let request = record
@@ -350,7 +351,8 @@ async fn resume_at_source(agent: &Arc<Agent>, m: &Handle, why: &str) -> Result<(
 async fn release(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     let record = m.snapshot();
     let datapath = agent.clone();
-    blocking(move || datapath.datapath.release_vm_iface()).await?;
+    let home = Some(record.spec.home);
+    blocking(move || datapath.datapath.release_vm_iface(home)).await?;
     agent.vms.stop(&record.spec.vm).await?;
     tap::delete_tap(&record.spec.vm_iface).await?;
     m.update(|r| {
@@ -380,7 +382,9 @@ impl SwitchoverHook for LocalSwitchover {
                 aborted(m)?;
                 let record = m.snapshot();
                 // What reaches A from now on waits in B's tap for the VM.
-                agent.datapath.set_mode(Mode::Forward)?;
+                agent
+                    .datapath
+                    .set_mode(Some(record.spec.home), Mode::Forward)?;
                 if let Some(hook) = &record.spec.on_switch {
                     run_on_switch(&record, hook).await?;
                 }
@@ -418,7 +422,8 @@ async fn hand_over_flows(agent: Arc<Agent>, m: Arc<Handle>) {
     }
     let handed = async {
         let datapath = agent.clone();
-        let mut snapshot = blocking(move || datapath.datapath.flows()).await?;
+        let home = Some(m.snapshot().spec.home);
+        let mut snapshot = blocking(move || datapath.datapath.flows(home)).await?;
         snapshot.flows.retain(FlowEntry::is_tracked);
         let live = snapshot.flows.iter().filter(|f| f.holds_drain()).count();
         let peer = m.peer()?;
@@ -506,12 +511,13 @@ async fn roll_back(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     // A migration that never got past `accepted` never configured the datapath: what is
     // there is someone else's.
     let configured = record.entered(Stage::PreparingDestination).is_some();
+    let home = Some(record.spec.home);
     if configured && record.attached_for_us {
-        blocking(move || datapath.datapath.detach()).await?;
-        done.push("source datapath detached".to_owned());
-    } else if configured && agent.datapath.status()?.is_some() {
-        blocking(move || datapath.datapath.set_mode(Mode::Track)).await?;
-        done.push("source datapath back to track".to_owned());
+        blocking(move || datapath.datapath.detach(home)).await?;
+        done.push("source service removed".to_owned());
+    } else if configured && agent.datapath.status(home)?.is_some() {
+        blocking(move || datapath.datapath.set_mode(home, Mode::Track)).await?;
+        done.push("source service back to track".to_owned());
     }
     m.update(|r| {
         r.figures.rolled_back = Some(done.join("; "));
