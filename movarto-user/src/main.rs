@@ -64,6 +64,9 @@ enum Command {
     },
     /// Move a VM from one site to another, with its connections: the whole sequence.
     Migrate(Box<cli::migrate::MigrateArgs>),
+    /// Move many VMs off one site at once (`--vm` repeated, or `--all`), to one or more
+    /// sites, sharing one bandwidth; one VM's failure rolls back that VM only.
+    Evacuate(cli::evacuate::EvacuateArgs),
     /// The inventory file (`config check`; docs/inventory.md).
     Config {
         #[command(subcommand)]
@@ -104,6 +107,10 @@ fn main() -> ExitCode {
         Command::Agent(args) => cli::agent::run(args),
         Command::Jobs(args) => cli::jobs::run(&args, cli.config.as_deref()),
         Command::Abort(args) => cli::abort::run(&args, cli.config.as_deref()),
+        Command::Evacuate(args) => match cli::evacuate::run(&args, cli.config.as_deref()) {
+            Ok(code) => return code,
+            Err(err) => Err(err),
+        },
         Command::Generate(args) => cli::generate::run(&args, Cli::command()),
         Command::Migrate(args) => {
             match cli::migrate::run(&args, cli.config.as_deref(), cli.log_format) {

@@ -33,6 +33,7 @@
 //! | GET | `/v1/migrations/{id}` | → [`MigrationRecord`] | yes |
 //! | POST | `/v1/migrations/{id}/incoming` | [`IncomingHalf`] → [`MigrationRecord`] (the source's agent makes the destination's half) | yes |
 //! | POST | `/v1/migrations/{id}/abort` | → [`MigrationRecord`] (source: roll back, 409 past switchover; destination: clean up once the source runs the VM again) | yes |
+//! | PUT | `/v1/migrations/{id}/bandwidth` | [`BandwidthRequest`] → [`MigrationRecord`] (source: QEMU's cap from now on; 409 once over) | yes |
 //! | POST | `/v1/migrations/{id}/tunnel-over` | → [`MigrationRecord`] (destination: `nat`, or detach) | yes |
 //! | POST | `/v1/migrations/{id}/dns` | [`DnsDone`] → [`MigrationRecord`] (the orchestrator did owed DNS work) | yes |
 //! | GET | `/v1/leftovers` | → [`Leftovers`] (dry run: what ended migrations left that nothing needs) | yes |
@@ -58,8 +59,8 @@ use utoipa::ToSchema;
 
 pub use super::migrations::leftovers::Leftovers;
 pub use super::migrations::record::{
-    DnsDone, DnsOwed, DnsPlan, DrainRule, Figures, IncomingHalf, MigrationId, MigrationRecord,
-    MigrationSpec, PeerAgent, Role, Stage, StageChange, unix_ms,
+    BandwidthChange, DnsDone, DnsOwed, DnsPlan, DrainRule, Figures, IncomingHalf, MigrationId,
+    MigrationRecord, MigrationSpec, PeerAgent, Role, Stage, StageChange, unix_ms,
 };
 pub use super::snapshot::{
     FLOW_SNAPSHOT_VERSION, FlowEntry, FlowFlag, FlowOrigin, FlowSnapshot, IpFamily, SnapshotError,
@@ -113,6 +114,13 @@ pub struct DatapathRequest {
     pub vm_mac: MacAddr,
     #[schema(value_type = String, example = "02:00:00:00:00:01")]
     pub gateway_mac: MacAddr,
+}
+
+/// `PUT /v1/migrations/{id}/bandwidth`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, ToSchema)]
+pub struct BandwidthRequest {
+    /// QEMU's `max-bandwidth` (and `max-postcopy-bandwidth`) from now on, bytes per second.
+    pub bytes_per_second: u64,
 }
 
 /// `GET /v1/services`: the node's services.

@@ -337,6 +337,20 @@ impl AgentClient {
         .await
     }
 
+    /// Caps the source's migration `id` at `bytes_per_second` from now on.
+    pub async fn set_bandwidth(
+        &self,
+        id: &MigrationId,
+        bytes_per_second: u64,
+    ) -> Result<MigrationRecord, AgentError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/migrations/{id}/bandwidth"),
+            Some(&super::api::BandwidthRequest { bytes_per_second }),
+        )
+        .await
+    }
+
     pub async fn end_tunnel(&self, id: &MigrationId) -> Result<MigrationRecord, AgentError> {
         self.call(
             Method::POST,

@@ -27,9 +27,10 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     api::{
-        ApiError, DatapathRequest, DatapathStatus, DnsDone, FlowSnapshot, GarpRequest, Health,
-        IncomingHalf, Loaded, MigrationId, MigrationRecord, MigrationSpec, MigrationState,
-        ModeRequest, ServiceList, SiteStatus, SnapshotError, TapRequest, VmRequest, VmStatus,
+        ApiError, BandwidthRequest, DatapathRequest, DatapathStatus, DnsDone, FlowSnapshot,
+        GarpRequest, Health, IncomingHalf, Loaded, MigrationId, MigrationRecord, MigrationSpec,
+        MigrationState, ModeRequest, ServiceList, SiteStatus, SnapshotError, TapRequest, VmRequest,
+        VmStatus,
     },
     migrations::{
         MigrationError, Migrations,
@@ -88,6 +89,7 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
             (Some(VmError::Conflict(_)), _) | (_, Some(MigrationError::Conflict(_))) => {
                 StatusCode::CONFLICT
             }
+            (_, Some(MigrationError::BadRequest(_))) => StatusCode::BAD_REQUEST,
             _ if err.is::<SnapshotError>() => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -267,6 +269,7 @@ fn routes() -> (Routes, Routes, Routes) {
         .routes(routes!(migration_record))
         .routes(routes!(create_incoming))
         .routes(routes!(abort_migration))
+        .routes(routes!(set_bandwidth))
         .routes(routes!(end_tunnel))
         .routes(routes!(dns_done))
         .routes(routes!(find_leftovers, remove_leftovers));
@@ -835,6 +838,28 @@ async fn abort_migration(
 ) -> Reply<MigrationRecord> {
     let id = migration_id(&id)?;
     Ok(shown(agent.migrations.abort(&id).await?))
+}
+
+#[utoipa::path(
+    put,
+    path = "/v1/migrations/{id}/bandwidth",
+    tag = "migrations",
+    params(("id" = String, Path, description = "the migration's id")),
+    request_body = BandwidthRequest,
+    responses(
+        (status = 200, description = "source: QEMU's migration is capped at this from now on (409 once it is over)", body = MigrationRecord),
+        (status = "default", description = "an error, with its whole context chain", body = ApiError),
+    ),
+)]
+async fn set_bandwidth(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Json(request): Json<BandwidthRequest>,
+) -> Reply<MigrationRecord> {
+    let id = migration_id(&id)?;
+    Ok(shown(
+        Migrations::set_bandwidth(&agent, &id, request.bytes_per_second).await?,
+    ))
 }
 
 #[utoipa::path(

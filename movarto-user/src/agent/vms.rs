@@ -32,7 +32,7 @@ use crate::qemu::{
     },
     qmp::{
         Qmp,
-        commands::{AnnounceSelf, Cont, QueryStatus},
+        commands::{AnnounceSelf, Cont, MigrateSetParameters, QueryStatus},
     },
     spec::{Role, VmSpec},
     vm::Vm,
@@ -433,6 +433,23 @@ impl Vms {
             incoming: false,
         })
         .await
+    }
+
+    /// Caps the VM's outgoing migration at `bytes_per_second`, before the switchover
+    /// and after it (post-copy): QEMU applies a new `max-bandwidth` to a migration that
+    /// runs, and the next one starts with it.
+    pub async fn set_bandwidth(&self, name: &str, bytes_per_second: u64) -> Result<()> {
+        let managed = self.get(name).await?;
+        managed
+            .qmp
+            .run(&MigrateSetParameters {
+                max_bandwidth: Some(bytes_per_second),
+                max_postcopy_bandwidth: Some(bytes_per_second),
+                ..Default::default()
+            })
+            .await
+            .context("migrate-set-parameters max-bandwidth")?;
+        Ok(())
     }
 
     /// `cont`: the VM runs again here (after a completed migration whose destination lost it).

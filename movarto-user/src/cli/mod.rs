@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod detach;
 pub mod dns;
+pub mod evacuate;
 pub mod flows;
 pub mod generate;
 pub mod jobs;

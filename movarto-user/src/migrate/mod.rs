@@ -14,7 +14,9 @@
 //! | `timeline` | progress on stderr (text or JSON) and the step records |
 //! | [`progress`] | the [`Step`] enum and the [`ProgressEvent`]s |
 //! | [`report`] | the report: step table and figures |
+//! | [`evacuate`] | many VMs off one site: placement, concurrency, the shared bandwidth |
 
+pub mod evacuate;
 mod interrupt;
 pub mod plan;
 pub mod progress;

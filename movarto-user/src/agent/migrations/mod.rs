@@ -107,6 +107,8 @@ pub enum MigrationError {
     NotFound(MigrationId),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    BadRequest(String),
 }
 
 pub struct Migrations {
@@ -271,6 +273,45 @@ impl Migrations {
             .into());
         }
         handle.wake.notify_waiters();
+        Ok(handle.snapshot())
+    }
+
+    /// `PUT /v1/migrations/{id}/bandwidth`, at the source: the migration's cap from now
+    /// on (QEMU takes it at once), and for a RAM copy that has not started yet. Refused
+    /// once the migration is over.
+    pub async fn set_bandwidth(
+        agent: &Arc<Agent>,
+        id: &MigrationId,
+        bytes_per_second: u64,
+    ) -> Result<MigrationRecord> {
+        if bytes_per_second == 0 {
+            return Err(MigrationError::BadRequest(
+                "a bandwidth of 0 would stop the migration; give bytes per second".to_owned(),
+            )
+            .into());
+        }
+        let handle = agent.migrations.get(id).await?;
+        let vm = handle.update(|r| {
+            if r.role != Role::Source || r.stage.is_final() {
+                return Err(r.stage);
+            }
+            r.spec.settings.max_bandwidth = bytes_per_second;
+            r.spec.settings.max_postcopy_bandwidth = bytes_per_second;
+            r.figures.bandwidth.push(record::BandwidthChange {
+                at_unix_ms: record::unix_ms(),
+                bytes_per_second,
+            });
+            Ok(r.spec.vm.clone())
+        })?;
+        let vm = vm.map_err(|stage| {
+            MigrationError::Conflict(format!(
+                "migration {id} is {stage} here: only a running outgoing migration takes a bandwidth"
+            ))
+        })?;
+        // No QEMU of the VM here any more (released after the switchover): nothing to cap.
+        if let Err(err) = agent.vms.set_bandwidth(&vm, bytes_per_second).await {
+            tracing::debug!(%vm, "bandwidth: {err:#}");
+        }
         Ok(handle.snapshot())
     }
 

@@ -385,6 +385,16 @@ pub struct Figures {
     /// says so).
     #[serde(default)]
     pub rollback_finished: bool,
+    /// The bandwidth caps an evacuation gave the migration while it ran, in order.
+    #[serde(default)]
+    pub bandwidth: Vec<BandwidthChange>,
+}
+
+/// A new bandwidth cap (`PUT /v1/migrations/{id}/bandwidth`), and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BandwidthChange {
+    pub at_unix_ms: u64,
+    pub bytes_per_second: u64,
 }
 
 /// A migration, as an agent holds (and persists) it.

@@ -1,0 +1,414 @@
+//! `movarto-user evacuate`: many VMs off one site at once, each a migration of its own
+//! (the agents own each, as for `migrate`), at most `max_concurrent` at a time, sharing one
+//! bandwidth. One VM's failure rolls back that VM only; the others go on.
+//!
+//! **Placement.** The VMs are taken in the order given (`--all`: the inventory's order);
+//! each goes to the next of the destinations, round robin, that it has an
+//! `[services.<name>.at.<site>]` table for (a VM with no such table at all, in move address
+//! mode, takes the next one). A VM with tables for none of them is refused before anything
+//! starts.
+//!
+//! **Bandwidth.** The total is divided equally among the migrations still copying RAM
+//! (not yet past their switchover), and divided again whenever one of them gets there or
+//! ends: QEMU takes a new `max-bandwidth` during a migration (`PUT
+//! /v1/migrations/{id}/bandwidth` at the source's agent). Each VM's report lists the
+//! caps it was given and when.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+use tokio::{sync::Semaphore, time::Instant};
+
+use super::{ProgressFormat, plan::Plan, report::Report, run_plan};
+use crate::{
+    agent::{AgentClient, api::Role},
+    inventory::{Inventory, MigrateFlags},
+};
+
+/// KubeVirt's default of outbound migrations per node (`parallelOutboundMigrationsPerNode`):
+/// two migrations share the link well; more mostly lengthen each one's RAM copy, and with it
+/// the time every evacuated VM is at risk.
+pub const DEFAULT_MAX_CONCURRENT: usize = 2;
+
+/// How often the bandwidth is divided again.
+const REDIVIDE_EVERY: Duration = Duration::from_millis(500);
+
+/// What to evacuate, and how.
+#[derive(Clone, Debug)]
+pub struct EvacuateOptions {
+    /// The site the VMs leave.
+    pub from: String,
+    /// The services (or VMs) to move; empty: every service whose VM runs at `from`.
+    pub vms: Vec<String>,
+    pub destinations: Vec<String>,
+    pub max_concurrent: usize,
+    /// Bytes per second for all the migrations together; `None`: each its own cap.
+    pub bandwidth: Option<u64>,
+    /// The flags every VM's migration gets (`migrate`'s, e.g. `--urgent`, `--max-drain`).
+    pub flags: MigrateFlags,
+}
+
+/// One cap a migration was given, and when (since the evacuation started).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BandwidthPoint {
+    pub at_ms: u64,
+    pub bytes_per_second: u64,
+}
+
+/// One VM of the evacuation: where it went, how it went, and `migrate`'s report.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvacuatedVm {
+    pub service: String,
+    pub vm: String,
+    pub destination: String,
+    pub succeeded: bool,
+    pub error: Option<String>,
+    pub rolled_back: Option<String>,
+    /// Since the evacuation started.
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    /// QEMU's blackout.
+    pub downtime_ms: Option<u64>,
+    /// The flows at the switchover that drained, and the ones the teardown cut.
+    pub connections_kept: usize,
+    pub connections_cut: usize,
+    pub dns_switched: bool,
+    pub bandwidth: Vec<BandwidthPoint>,
+    pub report: Report,
+}
+
+/// The evacuation's summary and every VM's report.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvacuationReport {
+    pub from: String,
+    pub destinations: Vec<String>,
+    pub max_concurrent: usize,
+    pub bandwidth_total: Option<u64>,
+    pub succeeded: bool,
+    pub moved: usize,
+    pub failed: usize,
+    pub total_ms: u64,
+    pub worst_downtime_ms: Option<u64>,
+    pub connections_kept: usize,
+    pub connections_cut: usize,
+    pub dns_switches: usize,
+    pub vms: Vec<EvacuatedVm>,
+}
+
+/// A VM's move before it starts: its service, VM name, destination and plan.
+struct Move {
+    service: String,
+    destination: String,
+    plan: Plan,
+}
+
+/// Which VMs leave `opts.from`, each with its destination (the module's placement rule).
+pub async fn placement(
+    inventory: &Inventory,
+    opts: &EvacuateOptions,
+) -> Result<Vec<(String, String)>> {
+    if opts.destinations.is_empty() {
+        bail!("give at least one --destination");
+    }
+    for site in opts.destinations.iter().chain([&opts.from]) {
+        inventory.site(site).map_err(anyhow::Error::msg)?;
+    }
+    if opts.destinations.contains(&opts.from) {
+        bail!("--destination {} is the site the VMs leave", opts.from);
+    }
+    let names = if opts.vms.is_empty() {
+        running_at(inventory, &opts.from).await?
+    } else {
+        opts.vms.clone()
+    };
+    if names.is_empty() {
+        bail!("no VM of the inventory runs at {}", opts.from);
+    }
+    let mut next = 0;
+    let mut placed = Vec::new();
+    for name in names {
+        let at: Vec<&String> = inventory
+            .service(&name)
+            .map(|(_, s)| s.at.keys().collect())
+            .unwrap_or_default();
+        let pick = (0..opts.destinations.len())
+            .map(|i| (next + i) % opts.destinations.len())
+            .find(|&i| at.is_empty() || at.contains(&&opts.destinations[i]));
+        let Some(i) = pick else {
+            bail!(
+                "{name} has no [services.{name}.at.<site>] table for any destination ({}); \
+                 it would have no address there",
+                opts.destinations.join(", ")
+            );
+        };
+        placed.push((name, opts.destinations[i].clone()));
+        next = i + 1;
+    }
+    Ok(placed)
+}
+
+/// The inventory's services whose VM runs at `site`, by its agent.
+async fn running_at(inventory: &Inventory, site: &str) -> Result<Vec<String>> {
+    let agent = inventory.agent(site).map_err(anyhow::Error::msg)?;
+    let status = agent
+        .status()
+        .await
+        .with_context(|| format!("asking {site}'s agent which VMs run there"))?;
+    let running: Vec<&str> = status
+        .vms
+        .iter()
+        .filter(|vm| vm.run_state == crate::agent::api::RunState::Running && !vm.incoming)
+        .map(|vm| vm.name.as_str())
+        .collect();
+    Ok(inventory
+        .services
+        .iter()
+        .filter(|(name, s)| running.contains(&s.vm_name(name)))
+        .map(|(name, _)| name.clone())
+        .collect())
+}
+
+/// Runs the evacuation; every VM gets a report, whatever happens to the others.
+pub async fn evacuate(inventory: &Inventory, opts: &EvacuateOptions) -> Result<EvacuationReport> {
+    let placed = placement(inventory, opts).await?;
+    let max_concurrent = opts.max_concurrent.max(1);
+    let first_share = opts
+        .bandwidth
+        .map(|total| total / max_concurrent.min(placed.len()) as u64);
+    // Every plan is checked before the first VM moves.
+    let mut moves = Vec::new();
+    for (service, destination) in &placed {
+        let flags = MigrateFlags {
+            name: Some(service.clone()),
+            to: Some(destination.clone()),
+            from: Some(opts.from.clone()),
+            ..opts.flags.clone()
+        };
+        let options = flags
+            .resolve(Some(inventory), Some(&opts.from))
+            .with_context(|| service.clone())?;
+        let mut plan = Plan::from_options(&options).with_context(|| service.clone())?;
+        if let Some(share) = first_share {
+            plan.settings.max_bandwidth = share;
+            plan.settings.max_postcopy_bandwidth = share;
+        }
+        moves.push(Move {
+            service: service.clone(),
+            destination: destination.clone(),
+            plan,
+        });
+    }
+    let source = inventory.agent(&opts.from).map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    let ms = move || started.elapsed().as_millis() as u64;
+    let permits = Arc::new(Semaphore::new(max_concurrent));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, m) in moves.into_iter().enumerate() {
+        let permits = permits.clone();
+        tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let begun = ms();
+            eprintln!(
+                "[{:>7.1}s] {}: to {}",
+                begun as f64 / 1000.0,
+                m.service,
+                m.destination
+            );
+            let report = run_plan(&m.plan, ProgressFormat::Quiet).await;
+            let done = ms();
+            eprintln!(
+                "[{:>7.1}s] {}: {}",
+                done as f64 / 1000.0,
+                m.service,
+                match &report.error {
+                    None => "moved".to_owned(),
+                    Some(error) => format!("FAILED: {error}"),
+                }
+            );
+            (
+                index,
+                m.service,
+                m.destination,
+                m.plan.vm,
+                begun,
+                done,
+                report,
+            )
+        });
+    }
+    let vms_by_name: HashMap<String, usize> = placed
+        .iter()
+        .enumerate()
+        .map(|(i, (service, _))| {
+            let vm = inventory
+                .service(service)
+                .map_or(service.as_str(), |(name, s)| s.vm_name(name));
+            (vm.to_owned(), i)
+        })
+        .collect();
+    let mut bandwidth: Vec<Vec<BandwidthPoint>> = vec![Vec::new(); placed.len()];
+    let mut finished = BTreeMap::new();
+    let mut next_division = Instant::now();
+    while !tasks.is_empty() {
+        if let Some(total) = opts.bandwidth
+            && Instant::now() >= next_division
+        {
+            divide(&source, total, &vms_by_name, &mut bandwidth, ms()).await;
+            next_division = Instant::now() + REDIVIDE_EVERY;
+        }
+        match tokio::time::timeout(REDIVIDE_EVERY, tasks.join_next()).await {
+            Ok(Some(Ok(done))) => {
+                finished.insert(done.0, done);
+                // Its share goes to the others at once.
+                next_division = Instant::now();
+            }
+            Ok(Some(Err(panicked))) => bail!("a migration's task failed: {panicked}"),
+            Ok(None) | Err(_) => {}
+        }
+    }
+    let vms: Vec<EvacuatedVm> = finished
+        .into_values()
+        .map(|(index, service, destination, vm, begun, done, report)| {
+            let cut = report.flows_cut.len();
+            EvacuatedVm {
+                service,
+                vm,
+                destination,
+                succeeded: report.succeeded,
+                error: report.error.clone(),
+                rolled_back: report.rolled_back.clone(),
+                started_ms: begun,
+                finished_ms: done,
+                downtime_ms: report.qemu.as_ref().map(|q| q.downtime_ms),
+                connections_kept: report.flows_at_switchover.saturating_sub(cut),
+                connections_cut: cut,
+                dns_switched: report.dns_switch_ms.is_some(),
+                bandwidth: std::mem::take(&mut bandwidth[index]),
+                report,
+            }
+        })
+        .collect();
+    let moved = vms.iter().filter(|v| v.succeeded).count();
+    Ok(EvacuationReport {
+        from: opts.from.clone(),
+        destinations: opts.destinations.clone(),
+        max_concurrent,
+        bandwidth_total: opts.bandwidth,
+        succeeded: moved == vms.len(),
+        moved,
+        failed: vms.len() - moved,
+        total_ms: ms(),
+        worst_downtime_ms: vms.iter().filter_map(|v| v.downtime_ms).max(),
+        connections_kept: vms.iter().map(|v| v.connections_kept).sum(),
+        connections_cut: vms.iter().map(|v| v.connections_cut).sum(),
+        dns_switches: vms.iter().filter(|v| v.dns_switched).count(),
+        vms,
+    })
+}
+
+/// Divides `total` equally among the evacuation's migrations that still copy RAM at the
+/// source (by the source's agent), telling each whose share changed.
+async fn divide(
+    source: &AgentClient,
+    total: u64,
+    vms: &HashMap<String, usize>,
+    bandwidth: &mut [Vec<BandwidthPoint>],
+    at_ms: u64,
+) {
+    let records = match source.migrations().await {
+        Ok(records) => records,
+        Err(err) => {
+            tracing::warn!("evacuate: the source's migrations: {err}");
+            return;
+        }
+    };
+    let copying: Vec<_> = records
+        .iter()
+        .filter(|r| r.role == Role::Source && !r.stage.is_final() && !r.stage.past_switchover())
+        .filter_map(|r| vms.get(&r.spec.vm).map(|&i| (i, r.id())))
+        .collect();
+    if copying.is_empty() {
+        return;
+    }
+    let share = total / copying.len() as u64;
+    for (index, id) in copying {
+        if bandwidth[index].last().map(|p| p.bytes_per_second) == Some(share) {
+            continue;
+        }
+        match source.set_bandwidth(id, share).await {
+            Ok(_) => bandwidth[index].push(BandwidthPoint {
+                at_ms,
+                bytes_per_second: share,
+            }),
+            // It got past its copy meanwhile: the next division leaves it out.
+            Err(err) => tracing::debug!(%id, "evacuate: bandwidth: {err}"),
+        }
+    }
+}
+
+fn ms_text(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1} s", v as f64 / 1000.0)
+    } else {
+        format!("{v} ms")
+    }
+}
+
+impl EvacuationReport {
+    /// The summary and one line per VM, for humans.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "evacuation of {} to {}: {} of {} moved in {}, at most {} at a time{}\n",
+            self.from,
+            self.destinations.join(", "),
+            self.moved,
+            self.vms.len(),
+            ms_text(self.total_ms),
+            self.max_concurrent,
+            self.bandwidth_total
+                .map(|b| format!(", {} MiB/s shared", b >> 20))
+                .unwrap_or_default()
+        );
+        out.push_str(&format!(
+            "connections kept {}, cut {}; DNS switched {}; worst downtime {}\n\n",
+            self.connections_kept,
+            self.connections_cut,
+            self.dns_switches,
+            self.worst_downtime_ms.map_or("-".to_owned(), ms_text)
+        ));
+        out.push_str(&format!(
+            "{:<16} {:<6} {:>9} {:>9} {:>9} {:>5} {:>4}  {}\n",
+            "vm", "to", "started", "took", "downtime", "kept", "cut", "outcome"
+        ));
+        for v in &self.vms {
+            out.push_str(&format!(
+                "{:<16} {:<6} {:>9} {:>9} {:>9} {:>5} {:>4}  {}\n",
+                v.service,
+                v.destination,
+                ms_text(v.started_ms),
+                ms_text(v.finished_ms.saturating_sub(v.started_ms)),
+                v.downtime_ms.map_or("-".to_owned(), ms_text),
+                v.connections_kept,
+                v.connections_cut,
+                match (&v.error, &v.rolled_back) {
+                    (None, _) => "moved".to_owned(),
+                    (Some(e), Some(r)) => format!("FAILED: {e} (rolled back: {r})"),
+                    (Some(e), None) => format!("FAILED: {e}"),
+                }
+            ));
+            for p in &v.bandwidth {
+                out.push_str(&format!(
+                    "    bandwidth {} MiB/s from {}\n",
+                    p.bytes_per_second >> 20,
+                    ms_text(p.at_ms)
+                ));
+            }
+        }
+        out
+    }
+}
