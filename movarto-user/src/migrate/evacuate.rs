@@ -26,7 +26,10 @@ use tokio::{sync::Semaphore, time::Instant};
 
 use super::{ProgressFormat, plan::Plan, report::Report, run_plan};
 use crate::{
-    agent::{AgentClient, api::Role},
+    agent::{
+        AgentClient,
+        api::{MigrationId, MigrationRecord, Role},
+    },
     inventory::{Inventory, MigrateFlags},
 };
 
@@ -327,20 +330,11 @@ async fn divide(
             return;
         }
     };
-    let copying: Vec<_> = records
-        .iter()
-        .filter(|r| r.role == Role::Source && !r.stage.is_final() && !r.stage.past_switchover())
-        .filter_map(|r| vms.get(&r.spec.vm).map(|&i| (i, r.id())))
-        .collect();
-    if copying.is_empty() {
-        return;
-    }
-    let share = total / copying.len() as u64;
-    for (index, id) in copying {
+    for (index, id, share) in shares(&records, vms, total) {
         if bandwidth[index].last().map(|p| p.bytes_per_second) == Some(share) {
             continue;
         }
-        match source.set_bandwidth(id, share).await {
+        match source.set_bandwidth(&id, share).await {
             Ok(_) => bandwidth[index].push(BandwidthPoint {
                 at_ms,
                 bytes_per_second: share,
@@ -349,6 +343,25 @@ async fn divide(
             Err(err) => tracing::debug!(%id, "evacuate: bandwidth: {err}"),
         }
     }
+}
+
+/// Each of the evacuation's migrations (`vms`: VM name to its index) that copies RAM at
+/// the source, with its share of `total`: equal shares among those.
+fn shares(
+    records: &[MigrationRecord],
+    vms: &HashMap<String, usize>,
+    total: u64,
+) -> Vec<(usize, MigrationId, u64)> {
+    let copying: Vec<_> = records
+        .iter()
+        .filter(|r| r.role == Role::Source && !r.stage.is_final() && !r.stage.past_switchover())
+        .filter_map(|r| vms.get(&r.spec.vm).map(|&i| (i, r.id().clone())))
+        .collect();
+    let share = total / copying.len().max(1) as u64;
+    copying
+        .into_iter()
+        .map(|(index, id)| (index, id, share))
+        .collect()
 }
 
 fn ms_text(v: u64) -> String {
@@ -410,5 +423,61 @@ impl EvacuationReport {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::api::Stage;
+
+    fn record(vm: &str, stage: Stage) -> MigrationRecord {
+        let mut record: MigrationRecord =
+            serde_json::from_str(crate::agent::migrations::tests::RECORD).expect("record");
+        record.spec.vm = vm.to_owned();
+        record.spec.id = MigrationId::new(&format!("{vm}-1-ab")).expect("id");
+        record.stage = stage;
+        record
+    }
+
+    #[test]
+    fn the_bandwidth_is_shared_by_the_migrations_still_copying_ram() {
+        let vms = HashMap::from([("web".to_owned(), 0), ("web2".to_owned(), 1)]);
+        let total = 200 << 20;
+        let both = [
+            record("web", Stage::CopyingRam),
+            record("web2", Stage::CopyingRam),
+        ];
+        let got = shares(&both, &vms, total);
+        assert_eq!(got.len(), 2);
+        assert!(
+            got.iter().all(|(_, _, share)| *share == 100 << 20),
+            "{got:?}"
+        );
+        // web got past its switchover: web2 has it all.
+        let one = [
+            record("web", Stage::Draining),
+            record("web2", Stage::CopyingRam),
+        ];
+        assert_eq!(
+            shares(&one, &vms, total)
+                .into_iter()
+                .map(|(i, _, share)| (i, share))
+                .collect::<Vec<_>>(),
+            vec![(1, 200 << 20)]
+        );
+        // Another VM's migration, and finished ones, take no share.
+        let others = [
+            record("other", Stage::CopyingRam),
+            record("web", Stage::RolledBack),
+            record("web2", Stage::Accepted),
+        ];
+        assert_eq!(
+            shares(&others, &vms, total)
+                .into_iter()
+                .map(|(i, _, share)| (i, share))
+                .collect::<Vec<_>>(),
+            vec![(1, 200 << 20)]
+        );
     }
 }
