@@ -11,15 +11,27 @@ use std::{
 use anyhow::{Context as _, Result};
 use movarto_lab::{dns_server::SERVICE, lab::*, movarto_user};
 
+use crate::extra_vm::ExtraVm;
+
 /// Writes the lab's inventory into its scratch directory (each site's VM spec in the
 /// site's `spec_dir`) and returns its path. `defaults` is added to `[defaults]`.
 pub fn write_lab_inventory(l: &Lab, defaults: &str) -> Result<PathBuf> {
+    write_lab_inventory_with(l, defaults, &[])
+}
+
+/// [`write_lab_inventory`] with more VMs beside the lab's guest, each a service with its
+/// spec at both sites, its tap, its `N` at B and its DNS name `<name>.example.test`.
+pub fn write_lab_inventory_with(l: &Lab, defaults: &str, extra: &[ExtraVm]) -> Result<PathBuf> {
     let mut sites = String::new();
     for (site, tunnel, uplink) in [("a", TA, &l.uplink_a), ("b", TB, &l.uplink_b)] {
         let spec_dir = l.scratch.join(format!("specs-{site}"));
         fs::create_dir_all(&spec_dir).with_context(|| format!("{}", spec_dir.display()))?;
         fs::write(spec_dir.join("web.toml"), l.guest_spec(site)?)
             .with_context(|| format!("the spec in {}", spec_dir.display()))?;
+        for vm in extra {
+            fs::write(spec_dir.join(format!("{}.toml", vm.name)), vm.spec(l, site))
+                .with_context(|| format!("{}'s spec in {}", vm.name, spec_dir.display()))?;
+        }
         sites.push_str(&format!(
             r#"
 [sites.{site}]
@@ -50,9 +62,28 @@ dns_name = "{SERVICE}"
 
 [services.web.at.b]
 new_addr = "{N}"
-"#,
+{more}"#,
         server = l.bind.server_addr(),
         key = l.bind.key_file().display(),
+        more = extra
+            .iter()
+            .map(|vm| format!(
+                r#"
+[services.{name}]
+home = "{home}"
+home_site = "a"
+vm_iface = "{tap}"
+dns_name = "{name}.example.test."
+
+[services.{name}.at.b]
+new_addr = "{new}"
+"#,
+                name = vm.name,
+                home = vm.home,
+                tap = vm.tap,
+                new = vm.new_addr,
+            ))
+            .collect::<String>(),
     );
     // Relative token paths: they start at the inventory's own directory.
     let path = l.scratch.join("lab.toml");

@@ -4,6 +4,7 @@
 //! Root-only tests call [`require_root`] first. It never skips: without root
 //! the test fails and says why, in CI and on a developer's machine alike.
 
+pub mod extra_vm;
 pub mod inventory;
 pub mod migration;
 pub mod site;

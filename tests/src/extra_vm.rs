@@ -1,0 +1,187 @@
+//! A second VM for the lab (another tenant's, or a second one to evacuate): its own
+//! name, `H`, MAC and tap beside the lab's guest, booted at A through agent A, and
+//! long-lived connections to it whose every byte is checked.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use movarto_common::config::Mode;
+use movarto_guest_server::{ECHO_PORT, STREAM_PORT};
+use movarto_lab::{
+    lab::{GATEWAY_MAC, GUEST_MAC, H, Lab, TA, TB},
+    netns::{in_netns, wait_until},
+    workload,
+};
+use movarto_user::agent::api::{DatapathRequest, TapRequest, VmRequest};
+
+/// A VM beside the lab's guest.
+#[derive(Clone, Copy, Debug)]
+pub struct ExtraVm {
+    pub name: &'static str,
+    pub home: &'static str,
+    pub mac: &'static str,
+    pub tap: &'static str,
+    /// Its `N` at B.
+    pub new_addr: &'static str,
+}
+
+/// The second VM: `web2` at 192.0.2.11 on `tap1`.
+pub const WEB2: ExtraVm = ExtraVm {
+    name: "web2",
+    home: "192.0.2.11",
+    mac: "52:54:00:00:00:11",
+    tap: "tap1",
+    new_addr: "198.18.0.11",
+};
+
+impl ExtraVm {
+    /// Its spec at `site`: the lab guest's, renamed, on its own tap at its own `H`.
+    pub fn spec(&self, l: &Lab, site: &str) -> String {
+        let spec = l.guest_spec(site).expect("spec");
+        let renamed = spec
+            .replace("name = \"web\"", &format!("name = \"{}\"", self.name))
+            .replace(&format!("/web-{site}."), &format!("/{}-{site}.", self.name))
+            .replace(
+                &format!("movarto.ip={H}/"),
+                &format!("movarto.ip={}/", self.home),
+            )
+            .replace(GUEST_MAC, self.mac)
+            .replace("tap = \"tap0\"", &format!("tap = \"{}\"", self.tap));
+        assert!(renamed.contains(self.home) && !renamed.contains("\"web\""));
+        renamed
+    }
+
+    /// Boots it at A through agent A: its tap (the same anycast gateway, as a host route
+    /// beside tap0's subnet), its service in `track`, its VM; waits until it answers.
+    pub fn boot_at_a(&self, l: &Lab) {
+        let spec = self.spec(l, "a");
+        let vm = *self;
+        l.with_agents(async |a, _b| {
+            a.ensure_tap(
+                vm.tap,
+                &TapRequest {
+                    gateway_mac: GATEWAY_MAC.parse()?,
+                    gateway_cidr: "192.0.2.1/32".to_owned(),
+                },
+            )
+            .await?;
+            a.apply_datapath(&DatapathRequest {
+                vm_iface: vm.tap.to_owned(),
+                mode: Mode::Track,
+                home_addr: vm.home.parse()?,
+                new_addr: None,
+                local_tunnel_addr: TA.parse()?,
+                peer_tunnel_addr: TB.parse()?,
+                token: movarto_common::ids::SessionToken(0),
+                tunnel_mtu: 1500,
+                vm_mac: vm.mac.parse()?,
+                gateway_mac: GATEWAY_MAC.parse()?,
+            })
+            .await?;
+            a.start_vm(&VmRequest {
+                spec_toml: spec,
+                incoming: false,
+            })
+            .await?;
+            anyhow::Ok(())
+        })
+        .expect("agents")
+        .unwrap_or_else(|e| panic!("{} at A: {e:#}", vm.name));
+        l.a.ip(&["route", "add", &format!("{}/32", vm.home), "dev", vm.tap])
+            .expect("the VM's route");
+        let home: IpAddr = vm.home.parse().expect("addr");
+        wait_until(Duration::from_secs(90), "the second VM to answer", || {
+            in_netns(&l.client, || {
+                workload::http_get(home, "/id", Duration::from_secs(2))
+            })
+            .is_ok_and(|answer| answer.is_ok())
+        })
+        .unwrap_or_else(|e| panic!("{e:#}; agent A's log:\n{}", l.agent_log("a")));
+    }
+}
+
+/// Connections to one address: a checked download and an echo exchange, each in a
+/// thread until `stop`; bytes counted, the first failure kept.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
+    failure: Arc<Mutex<Option<String>>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// Opens both connections from the client to `addr` and starts them.
+    pub fn start(l: &Lab, addr: &str) -> Self {
+        let addr: IpAddr = addr.parse().expect("addr");
+        let connect = |port| {
+            in_netns(&l.client, || workload::connect(SocketAddr::new(addr, port)))
+                .expect("netns")
+                .unwrap_or_else(|e| panic!("a connection to {addr}: {e:#}"))
+        };
+        let (stream, echo) = (connect(STREAM_PORT), connect(ECHO_PORT));
+        let mut traffic = Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            bytes: Arc::new(AtomicU64::new(0)),
+            failure: Arc::new(Mutex::new(None)),
+            threads: Vec::new(),
+        };
+        for (i, socket) in [stream, echo].into_iter().enumerate() {
+            let (stop, bytes, failure) = (
+                traffic.stop.clone(),
+                traffic.bytes.clone(),
+                traffic.failure.clone(),
+            );
+            traffic.threads.push(thread::spawn(move || {
+                let progress = |n| {
+                    bytes.fetch_add(n, Ordering::Relaxed);
+                };
+                let result = if i == 0 {
+                    workload::read_stream(
+                        socket,
+                        16 * 1024,
+                        Duration::from_millis(20),
+                        &stop,
+                        progress,
+                    )
+                } else {
+                    workload::interactive(socket, Duration::from_millis(50), &stop, progress)
+                };
+                if let Err(err) = result {
+                    let mut first = failure.lock().expect("lock");
+                    first.get_or_insert(format!("{err:#}"));
+                }
+            }));
+        }
+        traffic
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("lock").clone()
+    }
+
+    /// Stops both; the first failure, if any.
+    pub fn stop(mut self) -> Option<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.failure()
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

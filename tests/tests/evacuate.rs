@@ -1,0 +1,172 @@
+//! `movarto-user evacuate`: two VMs leave site A at once, sharing one bandwidth, each
+//! with live connections; every connection is kept, each VM's DNS name switched, each
+//! drained and torn down on its own, and the report shows the bandwidth each was given.
+//! Root, namespaces, real QEMU, BIND9 and agents.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::IpAddr,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use movarto_lab::{
+    dns_server::SERVICE,
+    lab::{Connections, IO_TIMEOUT, Lab, N},
+    movarto_user,
+    netns::{in_netns, wait_until},
+    workload,
+};
+use movarto_tests::{
+    extra_vm::{Traffic, WEB2},
+    inventory::write_lab_inventory_with,
+    require_root,
+};
+use movarto_user::datapath::Pinned;
+
+/// The bandwidth the two migrations share, MiB/s.
+const TOTAL_MIB: u64 = 256;
+
+#[test]
+fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connections() {
+    require_root();
+    let l = Lab::build().expect("the lab");
+    let boot_id = l.boot_at_a().expect("web boots at A");
+    WEB2.boot_at_a(&l);
+    let web2_id = l.http_get(WEB2.home, "/id").expect("web2's id");
+    let web2_name = format!("{}.example.test.", WEB2.name);
+    l.bind
+        .nsupdate(&format!(
+            "update delete {web2_name} A\nupdate add {web2_name} 300 A {}\nsend\n",
+            WEB2.home
+        ))
+        .expect("web2's record");
+    let config = write_lab_inventory_with(&l, "", &[WEB2]).expect("the inventory");
+
+    let web = Connections::open(&l).expect("web's connections");
+    let web2 = Traffic::start(&l, WEB2.home);
+    wait_until(IO_TIMEOUT, "web2's traffic", || web2.bytes() > 100_000)
+        .expect("web2's traffic flows");
+
+    let mut evacuate = Command::new("nsenter");
+    evacuate
+        .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
+        .arg(movarto_user().expect("movarto-user"))
+        .args([
+            "evacuate",
+            "--from",
+            "a",
+            "--destination",
+            "b",
+            "--vm",
+            "web",
+            "--vm",
+            WEB2.name,
+            "--max-concurrent",
+            "2",
+            "--bandwidth",
+            &TOTAL_MIB.to_string(),
+            "--drain-grace",
+            "1s",
+            "--max-drain",
+            "30s",
+            "--json",
+            "--config",
+        ])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut orchestrator = l.bind.client.spawn(&mut evacuate).expect("evacuate");
+    let stderr = orchestrator.child_mut().stderr.take().expect("stderr");
+    let progress = thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .inspect(|line| eprintln!("evacuate: {line}"))
+            .collect::<Vec<_>>()
+    });
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(300), || {})
+        .expect("evacuate finishes");
+    let progress = progress.join().expect("progress");
+    assert!(status.success(), "evacuate failed: {report:#}");
+
+    // The summary: both moved, nothing cut, both names switched.
+    assert_eq!(report["succeeded"], true, "{report:#}");
+    assert_eq!(report["moved"], 2);
+    assert_eq!(report["failed"], 0);
+    assert_eq!(report["connections_cut"], 0);
+    assert_eq!(report["dns_switches"], 2);
+    assert_eq!(report["max_concurrent"], 2);
+    let vms = report["vms"].as_array().expect("vms");
+    assert_eq!(vms.len(), 2);
+    let total = TOTAL_MIB << 20;
+    for (vm, kept_at_least) in vms.iter().zip([3, 2]) {
+        let name = vm["service"].as_str().expect("name");
+        assert_eq!(vm["destination"], "b", "{name}");
+        assert_eq!(vm["succeeded"], true, "{name}: {vm:#}");
+        assert!(
+            vm["connections_kept"].as_u64().expect("kept") >= kept_at_least,
+            "{name}: {vm:#}"
+        );
+        assert!(vm["downtime_ms"].as_u64().is_some(), "{name}");
+        // Each got a share of the total: half while both copied, all of it alone.
+        let caps: Vec<u64> = vm["bandwidth"]
+            .as_array()
+            .expect("bandwidth")
+            .iter()
+            .map(|p| p["bytes_per_second"].as_u64().expect("cap"))
+            .collect();
+        assert!(!caps.is_empty(), "{name} was given no bandwidth");
+        assert!(
+            caps.iter().all(|c| *c == total || *c == total / 2),
+            "{name}: {caps:?}"
+        );
+        assert_eq!(vm["report"]["succeeded"], true);
+    }
+    // They ran at once: each started before the other finished.
+    let (a, b) = (&vms[0], &vms[1]);
+    let at = |v: &serde_json::Value, k: &str| v[k].as_u64().expect(k);
+    assert!(
+        at(a, "started_ms") < at(b, "finished_ms") && at(b, "started_ms") < at(a, "finished_ms"),
+        "{vms:#?}"
+    );
+    assert!(
+        progress.iter().any(|l| l.contains("web2: moved")),
+        "{progress:?}"
+    );
+
+    // Every connection kept, every byte checked; both answer at their N, as the same guests.
+    let failures = web.close();
+    assert!(failures.is_empty(), "web's connections: {failures:?}");
+    assert_eq!(web2.stop(), None, "web2's connections");
+    assert_eq!(l.http_get(N, "/id").expect("web at N"), boot_id);
+    let n2: IpAddr = WEB2.new_addr.parse().expect("addr");
+    let at_n2 = in_netns(&l.client, || workload::http_get(n2, "/id", IO_TIMEOUT))
+        .expect("netns")
+        .expect("web2 at N2");
+    assert_eq!(at_n2, web2_id);
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), vec![N.to_owned()]);
+    assert_eq!(
+        l.bind.dig(&web2_name, "A").expect("dig"),
+        vec![WEB2.new_addr.to_owned()]
+    );
+
+    // Each was torn down on its own: A serves neither any more, B both in nat.
+    let pinned_b = Pinned::open(&l.uplink_b).expect("B's pins");
+    let at_b = pinned_b.services.list().expect("B's services");
+    assert_eq!(at_b.len(), 2, "{at_b:?}");
+    assert!(
+        at_b.iter()
+            .all(|s| s.mode() == Some(movarto_common::config::Mode::Nat))
+    );
+    assert!(
+        !movarto_user::datapath::pin_dir(&l.uplink_a).exists(),
+        "A detached"
+    );
+    eprintln!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
+}
