@@ -24,7 +24,12 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use tokio::{sync::Semaphore, time::Instant};
 
-use super::{ProgressFormat, plan::Plan, report::Report, run_plan};
+use super::{
+    ProgressFormat,
+    plan::Plan,
+    report::{Report, ms},
+    run_plan,
+};
 use crate::{
     agent::{
         AgentClient,
@@ -364,14 +369,6 @@ fn shares(
         .collect()
 }
 
-fn ms_text(v: u64) -> String {
-    if v >= 10_000 {
-        format!("{:.1} s", v as f64 / 1000.0)
-    } else {
-        format!("{v} ms")
-    }
-}
-
 impl EvacuationReport {
     /// The summary and one line per VM, for humans.
     pub fn render(&self) -> String {
@@ -381,7 +378,7 @@ impl EvacuationReport {
             self.destinations.join(", "),
             self.moved,
             self.vms.len(),
-            ms_text(self.total_ms),
+            ms(self.total_ms),
             self.max_concurrent,
             self.bandwidth_total
                 .map(|b| format!(", {} MiB/s shared", b >> 20))
@@ -392,7 +389,7 @@ impl EvacuationReport {
             self.connections_kept,
             self.connections_cut,
             self.dns_switches,
-            self.worst_downtime_ms.map_or("-".to_owned(), ms_text)
+            self.worst_downtime_ms.map_or("-".to_owned(), ms)
         ));
         out.push_str(&format!(
             "{:<16} {:<6} {:>9} {:>9} {:>9} {:>5} {:>4}  {}\n",
@@ -403,9 +400,9 @@ impl EvacuationReport {
                 "{:<16} {:<6} {:>9} {:>9} {:>9} {:>5} {:>4}  {}\n",
                 v.service,
                 v.destination,
-                ms_text(v.started_ms),
-                ms_text(v.finished_ms.saturating_sub(v.started_ms)),
-                v.downtime_ms.map_or("-".to_owned(), ms_text),
+                ms(v.started_ms),
+                ms(v.finished_ms.saturating_sub(v.started_ms)),
+                v.downtime_ms.map_or("-".to_owned(), ms),
                 v.connections_kept,
                 v.connections_cut,
                 match (&v.error, &v.rolled_back) {
@@ -418,7 +415,7 @@ impl EvacuationReport {
                 out.push_str(&format!(
                     "    bandwidth {} MiB/s from {}\n",
                     p.bytes_per_second >> 20,
-                    ms_text(p.at_ms)
+                    ms(p.at_ms)
                 ));
             }
         }

@@ -62,7 +62,8 @@ pub struct Report {
     pub teardown_after_switchover_ms: Option<u64>,
 }
 
-fn ms(v: u64) -> String {
+/// A duration in ms for people: `850 ms`, `12.3 s`.
+pub(super) fn ms(v: u64) -> String {
     if v >= 10_000 {
         format!("{:.1} s", v as f64 / 1000.0)
     } else {
