@@ -24,9 +24,20 @@ pub fn wait_for_source_migration(
     stage: &str,
     reached: impl Fn(MigrationState) -> bool + Send + Sync + Copy,
 ) {
+    wait_for_source_migration_of(l, "web", orchestrator, stage, reached);
+}
+
+/// [`wait_for_source_migration`] of the VM `vm`.
+pub fn wait_for_source_migration_of(
+    l: &Lab,
+    vm: &str,
+    orchestrator: &mut ChildGuard,
+    stage: &str,
+    reached: impl Fn(MigrationState) -> bool + Send + Sync + Copy,
+) {
     let deadline = Instant::now() + Duration::from_secs(90);
     while !l
-        .with_agents(async |a, _| a.migration("web").await.is_ok_and(reached))
+        .with_agents(async |a, _| a.migration(vm).await.is_ok_and(reached))
         .expect("the agents")
     {
         assert!(Instant::now() < deadline, "{stage} did not start");

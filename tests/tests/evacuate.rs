@@ -6,6 +6,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::IpAddr,
+    path::PathBuf,
     process::{Command, Stdio},
     thread,
     time::Duration,
@@ -15,12 +16,13 @@ use movarto_lab::{
     dns_server::SERVICE,
     lab::{Connections, IO_TIMEOUT, Lab, N},
     movarto_user,
-    netns::{in_netns, wait_until},
+    netns::{ChildGuard, in_netns, wait_until},
     workload,
 };
 use movarto_tests::{
     extra_vm::{Traffic, WEB2},
     inventory::write_lab_inventory_with,
+    migration::wait_for_source_migration_of,
     require_root,
 };
 use movarto_user::datapath::Pinned;
@@ -28,9 +30,19 @@ use movarto_user::datapath::Pinned;
 /// The bandwidth the two migrations share, MiB/s.
 const TOTAL_MIB: u64 = 256;
 
-#[test]
-fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connections() {
-    require_root();
+/// The lab with two VMs at A (`web` and `web2`), each with live connections and a DNS
+/// name, and the inventory naming both.
+struct Evacuation {
+    l: Lab,
+    boot_id: String,
+    web2_id: String,
+    web2_name: String,
+    web: Connections,
+    web2: Traffic,
+    config: PathBuf,
+}
+
+fn two_vms_at_a() -> Evacuation {
     let l = Lab::build().expect("the lab");
     let boot_id = l.boot_at_a().expect("web boots at A");
     WEB2.boot_at_a(&l);
@@ -43,15 +55,30 @@ fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connection
         ))
         .expect("web2's record");
     let config = write_lab_inventory_with(&l, "", &[WEB2]).expect("the inventory");
-
     let web = Connections::open(&l).expect("web's connections");
     let web2 = Traffic::start(&l, WEB2.home);
     wait_until(IO_TIMEOUT, "web2's traffic", || web2.bytes() > 100_000)
         .expect("web2's traffic flows");
+    Evacuation {
+        l,
+        boot_id,
+        web2_id,
+        web2_name,
+        web,
+        web2,
+        config,
+    }
+}
 
+/// `evacuate` of both VMs from A to B, at most two at once, sharing `total_mib` MiB/s,
+/// started in the ops namespace; its stderr is echoed and collected by the thread.
+fn start_evacuation(
+    e: &Evacuation,
+    total_mib: u64,
+) -> (ChildGuard, thread::JoinHandle<Vec<String>>) {
     let mut evacuate = Command::new("nsenter");
     evacuate
-        .arg(format!("--net=/run/netns/{}", l.bind.client.name()))
+        .arg(format!("--net=/run/netns/{}", e.l.bind.client.name()))
         .arg(movarto_user().expect("movarto-user"))
         .args([
             "evacuate",
@@ -66,7 +93,7 @@ fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connection
             "--max-concurrent",
             "2",
             "--bandwidth",
-            &TOTAL_MIB.to_string(),
+            &total_mib.to_string(),
             "--drain-grace",
             "1s",
             "--max-drain",
@@ -74,10 +101,10 @@ fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connection
             "--json",
             "--config",
         ])
-        .arg(&config)
+        .arg(&e.config)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut orchestrator = l.bind.client.spawn(&mut evacuate).expect("evacuate");
+    let mut orchestrator = e.l.bind.client.spawn(&mut evacuate).expect("evacuate");
     let stderr = orchestrator.child_mut().stderr.take().expect("stderr");
     let progress = thread::spawn(move || {
         BufReader::new(stderr)
@@ -86,6 +113,23 @@ fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connection
             .inspect(|line| eprintln!("evacuate: {line}"))
             .collect::<Vec<_>>()
     });
+    (orchestrator, progress)
+}
+
+#[test]
+fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connections() {
+    require_root();
+    let e = two_vms_at_a();
+    let (mut orchestrator, progress) = start_evacuation(&e, TOTAL_MIB);
+    let Evacuation {
+        l,
+        boot_id,
+        web2_id,
+        web2_name,
+        web,
+        web2,
+        ..
+    } = e;
     let (status, report) = l
         .finish_migrate(&mut orchestrator, Duration::from_secs(300), || {})
         .expect("evacuate finishes");
@@ -169,4 +213,87 @@ fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connection
         "{}",
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );
+}
+
+/// One VM's destination QEMU dies during its RAM copy: that VM rolls back and keeps
+/// serving at A, with its connections; the other moves.
+#[test]
+fn a_destination_dying_during_one_vms_ram_copy_rolls_back_that_vm_only() {
+    require_root();
+    let e = two_vms_at_a();
+    // 8 MiB/s each while both copy: web2's copy takes seconds, so it can be hit mid-way.
+    let (mut orchestrator, progress) = start_evacuation(&e, 16);
+    let l = &e.l;
+    wait_for_source_migration_of(l, WEB2.name, &mut orchestrator, "web2's RAM copy", |m| {
+        m.progress.is_some_and(|p| p.transferred > 8 << 20)
+    });
+    let pid = l
+        .with_agents(async |_, b| b.vm(WEB2.name).await.ok().and_then(|vm| vm.pid))
+        .expect("the agents")
+        .expect("web2's QEMU runs at B");
+    // SAFETY: web2's destination QEMU, started by the test's own agent, by its PID.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(300), || {})
+        .expect("evacuate finishes");
+    let progress = progress.join().expect("progress");
+    assert!(!status.success(), "one VM failed: the exit code says so");
+    assert_eq!(report["succeeded"], false, "{report:#}");
+    assert_eq!(report["moved"], 1);
+    assert_eq!(report["failed"], 1);
+    let vms = report["vms"].as_array().expect("vms");
+    let vm = |name: &str| {
+        vms.iter()
+            .find(|v| v["service"] == name)
+            .unwrap_or_else(|| panic!("{name} in {vms:#?}"))
+    };
+    assert_eq!(vm("web")["succeeded"], true, "{:#}", vm("web"));
+    let failed = vm(WEB2.name);
+    assert_eq!(failed["succeeded"], false);
+    assert!(failed["error"].as_str().is_some_and(|e| !e.is_empty()));
+    let rolled_back = failed["rolled_back"].as_str().expect("rolled back");
+    assert!(
+        rolled_back.contains("VM running at the source"),
+        "{rolled_back}"
+    );
+    assert!(
+        progress.iter().any(|l| l.contains("web2: FAILED")),
+        "{progress:?}"
+    );
+
+    // web2 still runs at A, the same guest, its connections whole, its name unchanged.
+    let Evacuation {
+        l,
+        boot_id,
+        web2_id,
+        web2_name,
+        web,
+        web2,
+        ..
+    } = e;
+    assert_eq!(web2.stop(), None, "web2's connections");
+    assert_eq!(l.http_get(WEB2.home, "/id").expect("web2 at A"), web2_id);
+    assert_eq!(
+        l.bind.dig(&web2_name, "A").expect("dig"),
+        vec![WEB2.home.to_owned()]
+    );
+    // web moved with its connections.
+    let failures = web.close();
+    assert!(failures.is_empty(), "web's connections: {failures:?}");
+    assert_eq!(l.http_get(N, "/id").expect("web at N"), boot_id);
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), vec![N.to_owned()]);
+    // A serves web2 alone, in track; B serves web alone.
+    let at_a = Pinned::open(&l.uplink_a)
+        .expect("A's pins")
+        .services
+        .list()
+        .expect("A's services");
+    assert_eq!(at_a.len(), 1, "{at_a:?}");
+    assert_eq!(at_a[0].mode(), Some(movarto_common::config::Mode::Track));
+    let at_b = Pinned::open(&l.uplink_b)
+        .expect("B's pins")
+        .services
+        .list()
+        .expect("B's services");
+    assert_eq!(at_b.len(), 1, "{at_b:?}");
 }

@@ -99,7 +99,7 @@ fn jobs_lists_the_ram_copy_and_abort_rolls_it_back_but_not_after_the_switchover(
         said.contains(&format!(
             "migration {id} of web rolled back (aborted in copying-ram)"
         )) && said.contains("VM running at the source")
-            && said.contains("source datapath back to track")
+            && said.contains("source service back to track")
             && said.contains("destination VM stopped"),
         "{said}"
     );
