@@ -4,7 +4,10 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, UdpSocket},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -37,6 +40,10 @@ pub struct SiteDatapath {
     /// Attach with the programs' debug logs on.
     debug_log: bool,
     swept: AtomicU64,
+    /// Held while the datapath is attached, detached or its services change: two
+    /// migrations preparing at once must not both attach (the second would find no pins
+    /// yet, load a datapath of its own and replace the first's).
+    changing: Mutex<()>,
 }
 
 impl SiteDatapath {
@@ -53,6 +60,7 @@ impl SiteDatapath {
             established_idle_ns: established_idle.as_nanos() as u64,
             debug_log: false,
             swept: AtomicU64::new(0),
+            changing: Mutex::new(()),
         }
     }
 
@@ -60,6 +68,11 @@ impl SiteDatapath {
     pub fn with_debug_log(mut self, debug_log: bool) -> Self {
         self.debug_log = debug_log;
         self
+    }
+
+    /// The guard of [`SiteDatapath::changing`].
+    fn changing(&self) -> MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn attached(&self) -> bool {
@@ -134,6 +147,7 @@ impl SiteDatapath {
     pub fn apply(&self, request: &DatapathRequest) -> Result<DatapathStatus> {
         let site = site_config(request)?;
         require_forwarding(&self.uplink, site.mode, site.home_addr)?;
+        let changing = self.changing();
         if self.attached() {
             self.open()?.put_service(&site, &request.vm_iface)?;
         } else {
@@ -148,6 +162,7 @@ impl SiteDatapath {
                 debug_log: self.debug_log,
             })?;
         }
+        drop(changing);
         if site.mode.uses_tunnel() {
             self.prime_next_hop(site.peer_tunnel_addr);
         }
@@ -157,6 +172,7 @@ impl SiteDatapath {
 
     /// Switches the service `home`'s mode (`None`: the only service's).
     pub fn set_mode(&self, home: Option<IpAddr>, mode: Mode) -> Result<DatapathStatus> {
+        let changing = self.changing();
         let mut pinned = self.open()?;
         let config = pinned.service_named(home)?;
         let home = addr::from_map(config.home_addr, config.service_family);
@@ -164,6 +180,7 @@ impl SiteDatapath {
             require_forwarding(&self.uplink, mode, home)?;
         }
         pinned.set_service_mode(home, mode)?;
+        drop((pinned, changing));
         if mode.uses_tunnel()
             && let Some(IpAddr::V4(peer)) = addr::from_map(config.peer_tunnel_addr, family::IPV4)
         {
@@ -214,6 +231,7 @@ impl SiteDatapath {
     /// Detaches the VM-facing program from the service `home`'s interface (`None`:
     /// the only service's).
     pub fn release_vm_iface(&self, home: Option<IpAddr>) -> Result<()> {
+        let _changing = self.changing();
         match self.open()?.release_vm_iface_of(home) {
             // Already released: a retry.
             Err(err) if !self.attached() => Err(err),
@@ -249,6 +267,7 @@ impl SiteDatapath {
 
     /// Removes the service `home` (fine if it is not there); the datapath stays.
     pub fn remove_service(&self, home: IpAddr) -> Result<()> {
+        let _changing = self.changing();
         if !self.attached() {
             return Ok(());
         }
@@ -262,6 +281,7 @@ impl SiteDatapath {
     /// Teardown of the service `home`, and of the whole datapath once it serves no
     /// other (`None`: the whole datapath); fine when nothing is attached.
     pub fn detach(&self, home: Option<IpAddr>) -> Result<()> {
+        let _changing = self.changing();
         if !self.attached() {
             return Ok(());
         }
