@@ -25,10 +25,37 @@ use movarto_tests::{
     migration::wait_for_source_migration_of,
     require_root,
 };
-use movarto_user::datapath::Pinned;
+use movarto_user::{agent::api::Stage, datapath::Pinned};
 
 /// The bandwidth the two migrations share, MiB/s.
 const TOTAL_MIB: u64 = 256;
+
+/// Waits until A's migration of `vm` is in `stage`, while `evacuate` runs.
+fn wait_for_stage(l: &Lab, vm: &str, stage: Stage, orchestrator: &mut ChildGuard) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let there = l
+            .with_agents(async |a, _| {
+                a.migrations()
+                    .await
+                    .map(|all| all.iter().any(|r| r.spec.vm == vm && r.stage == stage))
+            })
+            .expect("the agents");
+        if there.unwrap_or(false) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{vm} did not reach {stage}; agent A's log:\n{}",
+            l.agent_log("a")
+        );
+        assert!(
+            orchestrator.try_wait().expect("wait").is_none(),
+            "evacuate ended before {vm} reached {stage}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
 
 /// The lab with two VMs at A (`web` and `web2`), each with live connections and a DNS
 /// name, and the inventory naming both.
@@ -130,6 +157,22 @@ fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connection
         web2,
         ..
     } = e;
+    // Both drain: the connections run through the tunnels, every byte checked, then close
+    // (until they do, they hold the drains).
+    for vm in ["web", WEB2.name] {
+        wait_for_stage(&l, vm, Stage::Draining, &mut orchestrator);
+    }
+    web.stats
+        .wait_for_more_traffic(IO_TIMEOUT, "web's traffic through the tunnel")
+        .expect("web's traffic through the tunnel");
+    let before = web2.bytes();
+    wait_until(IO_TIMEOUT, "web2's traffic through the tunnel", || {
+        web2.bytes() > before + 50_000
+    })
+    .expect("web2's traffic through the tunnel");
+    let failures = web.close();
+    assert!(failures.is_empty(), "web's connections: {failures:?}");
+    assert_eq!(web2.stop(), None, "web2's connections");
     let (status, report) = l
         .finish_migrate(&mut orchestrator, Duration::from_secs(300), || {})
         .expect("evacuate finishes");
@@ -181,10 +224,7 @@ fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connection
         "{progress:?}"
     );
 
-    // Every connection kept, every byte checked; both answer at their N, as the same guests.
-    let failures = web.close();
-    assert!(failures.is_empty(), "web's connections: {failures:?}");
-    assert_eq!(web2.stop(), None, "web2's connections");
+    // Both answer at their N, as the same guests.
     assert_eq!(l.http_get(N, "/id").expect("web at N"), boot_id);
     let n2: IpAddr = WEB2.new_addr.parse().expect("addr");
     let at_n2 = in_netns(&l.client, || workload::http_get(n2, "/id", IO_TIMEOUT))
@@ -233,6 +273,23 @@ fn a_destination_dying_during_one_vms_ram_copy_rolls_back_that_vm_only() {
         .expect("web2's QEMU runs at B");
     // SAFETY: web2's destination QEMU, started by the test's own agent, by its PID.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    // web goes on: it drains, its connections through the tunnel, then they close.
+    wait_for_stage(l, "web", Stage::Draining, &mut orchestrator);
+    e.web
+        .stats
+        .wait_for_more_traffic(IO_TIMEOUT, "web's traffic through the tunnel")
+        .expect("web's traffic through the tunnel");
+    let Evacuation {
+        l,
+        boot_id,
+        web2_id,
+        web2_name,
+        web,
+        web2,
+        ..
+    } = e;
+    let failures = web.close();
+    assert!(failures.is_empty(), "web's connections: {failures:?}");
     let (status, report) = l
         .finish_migrate(&mut orchestrator, Duration::from_secs(300), || {})
         .expect("evacuate finishes");
@@ -262,24 +319,13 @@ fn a_destination_dying_during_one_vms_ram_copy_rolls_back_that_vm_only() {
     );
 
     // web2 still runs at A, the same guest, its connections whole, its name unchanged.
-    let Evacuation {
-        l,
-        boot_id,
-        web2_id,
-        web2_name,
-        web,
-        web2,
-        ..
-    } = e;
     assert_eq!(web2.stop(), None, "web2's connections");
     assert_eq!(l.http_get(WEB2.home, "/id").expect("web2 at A"), web2_id);
     assert_eq!(
         l.bind.dig(&web2_name, "A").expect("dig"),
         vec![WEB2.home.to_owned()]
     );
-    // web moved with its connections.
-    let failures = web.close();
-    assert!(failures.is_empty(), "web's connections: {failures:?}");
+    // web moved.
     assert_eq!(l.http_get(N, "/id").expect("web at N"), boot_id);
     assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), vec![N.to_owned()]);
     // A serves web2 alone, in track; B serves web alone.
