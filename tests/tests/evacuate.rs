@@ -230,7 +230,7 @@ fn two_vms_are_evacuated_at_once_sharing_the_bandwidth_and_keep_their_connection
     let at_n2 = in_netns(&l.client, || workload::http_get(n2, "/id", IO_TIMEOUT))
         .expect("netns")
         .expect("web2 at N2");
-    assert_eq!(at_n2, web2_id);
+    assert_eq!(at_n2.trim(), web2_id.trim());
     assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), vec![N.to_owned()]);
     assert_eq!(
         l.bind.dig(&web2_name, "A").expect("dig"),
