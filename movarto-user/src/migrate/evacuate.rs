@@ -8,6 +8,10 @@
 //! mode, takes the next one). A VM with tables for none of them is refused before anything
 //! starts.
 //!
+//! **Interrupts.** Ctrl-C or SIGTERM: every running migration rolls back before its
+//! switchover, or goes on by itself after it, as `migrate`'s does; the VMs still waiting
+//! for their turn are not started.
+//!
 //! **Bandwidth.** The total is divided equally among the migrations still copying RAM
 //! (not yet past their switchover), and divided again whenever one of them gets there or
 //! ends: QEMU takes a new `max-bandwidth` during a migration (`PUT
@@ -16,7 +20,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Arc,
+    sync::{Arc, PoisonError},
     time::Duration,
 };
 
@@ -215,12 +219,35 @@ pub async fn evacuate(inventory: &Inventory, opts: &EvacuateOptions) -> Result<E
     let started = Instant::now();
     let ms = move || started.elapsed().as_millis() as u64;
     let permits = Arc::new(Semaphore::new(max_concurrent));
+    // Ctrl-C or SIGTERM: the running migrations roll back or detach as `migrate`'s do
+    // (each run listens too); the ones still waiting for their turn never start.
+    let interrupted = Arc::new(std::sync::Mutex::new(None::<&'static str>));
+    let listener = listen_for_signals(interrupted.clone());
     let mut tasks = tokio::task::JoinSet::new();
     for (index, m) in moves.into_iter().enumerate() {
-        let permits = permits.clone();
+        let (permits, interrupted) = (permits.clone(), interrupted.clone());
         tasks.spawn(async move {
             let _permit = permits.acquire_owned().await;
             let begun = ms();
+            let signal = *interrupted.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(signal) = signal {
+                let report = Report {
+                    vm: m.plan.vm.clone(),
+                    error: Some(format!(
+                        "not started: the evacuation was interrupted by {signal}"
+                    )),
+                    ..Report::default()
+                };
+                return (
+                    index,
+                    m.service,
+                    m.destination,
+                    m.plan.vm,
+                    begun,
+                    begun,
+                    report,
+                );
+            }
             eprintln!(
                 "[{:>7.1}s] {}: to {}",
                 begun as f64 / 1000.0,
@@ -279,6 +306,9 @@ pub async fn evacuate(inventory: &Inventory, opts: &EvacuateOptions) -> Result<E
             Ok(None) | Err(_) => {}
         }
     }
+    if let Some(listener) = listener {
+        listener.abort();
+    }
     let vms: Vec<EvacuatedVm> = finished
         .into_values()
         .map(|(index, service, destination, vm, begun, done, report)| {
@@ -317,6 +347,29 @@ pub async fn evacuate(inventory: &Inventory, opts: &EvacuateOptions) -> Result<E
         dns_switches: vms.iter().filter(|v| v.dns_switched).count(),
         vms,
     })
+}
+
+/// Notes the first SIGINT or SIGTERM in `interrupted`; `None` if the handlers can't be
+/// installed (the runs' own handlers still roll back what runs).
+fn listen_for_signals(
+    interrupted: Arc<std::sync::Mutex<Option<&'static str>>>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return None;
+    };
+    Some(tokio::spawn(async move {
+        let name = tokio::select! {
+            Some(()) = int.recv() => "SIGINT",
+            Some(()) = term.recv() => "SIGTERM",
+            else => return,
+        };
+        eprintln!("evacuate: {name}: the migrations not started yet will not start");
+        *interrupted.lock().unwrap_or_else(PoisonError::into_inner) = Some(name);
+    }))
 }
 
 /// Divides `total` equally among the evacuation's migrations that still copy RAM at the
