@@ -72,7 +72,7 @@ impl ExtraVm {
                 },
             )
             .await?;
-            a.apply_datapath(&DatapathRequest {
+            a.put_service(&DatapathRequest {
                 vm_iface: vm.tap.to_owned(),
                 mode: Mode::Track,
                 home_addr: vm.home.parse()?,

@@ -39,14 +39,27 @@ fn a_vm_moves_while_its_neighbour_on_the_same_uplink_serves_untouched() {
         neighbour.bytes() > 100_000
     })
     .expect("the neighbour's traffic flows");
-    {
-        let pinned = Pinned::open(&l.uplink_a).expect("A's pins");
-        assert_eq!(
-            pinned.services.list().expect("list").len(),
-            2,
-            "two services at A"
-        );
-    }
+    // Agent A's API lists both services, each with its own counters.
+    let listed = l
+        .with_agents(async |a, _b| a.services().await)
+        .expect("agents")
+        .expect("GET /v1/services");
+    assert_eq!(listed.capacity, 4096);
+    let homes: Vec<_> = listed.services.iter().map(|s| s.home_addr).collect();
+    assert_eq!(
+        homes,
+        [
+            Some(H.parse().expect("addr")),
+            Some(WEB2.home.parse().expect("addr"))
+        ]
+    );
+    assert!(
+        listed
+            .services
+            .iter()
+            .all(|s| s.mode == Mode::Track && s.service_counters.is_some()),
+        "{listed:?}"
+    );
 
     let mut migrate = l
         .migrate_command(&["--drain-grace", "1s", "--max-drain", "30s"])
@@ -104,5 +117,21 @@ fn a_vm_moves_while_its_neighbour_on_the_same_uplink_serves_untouched() {
             .get(H.parse().expect("addr"))
             .expect("get")
             .is_none()
+    );
+    drop(pinned);
+    // DELETE /v1/services/{home} removes the neighbour's service, and the datapath stays;
+    // a second DELETE is fine.
+    l.with_agents(async |a, _b| {
+        let home = WEB2.home.parse().expect("addr");
+        a.delete_service(home).await?;
+        a.delete_service(home).await?;
+        a.services().await
+    })
+    .expect("agents")
+    .map(|left| assert!(left.services.is_empty(), "{left:?}"))
+    .expect("DELETE /v1/services");
+    assert!(
+        movarto_user::datapath::pin_dir(&l.uplink_a).exists(),
+        "A stays attached"
     );
 }

@@ -215,6 +215,31 @@ impl AgentClient {
         self.call(Method::PUT, "/v1/datapath", Some(request)).await
     }
 
+    /// Every service of the datapath, each with its own counters.
+    pub async fn services(&self) -> Result<super::api::ServiceList, AgentError> {
+        self.get("/v1/services").await
+    }
+
+    /// Adds the service `request.home_addr`, or rewrites it; the others are untouched.
+    pub async fn put_service(
+        &self,
+        request: &DatapathRequest,
+    ) -> Result<DatapathStatus, AgentError> {
+        self.call(
+            Method::PUT,
+            &format!("/v1/services/{}", request.home_addr),
+            Some(request),
+        )
+        .await
+    }
+
+    /// Removes the service `home` (fine if absent); the datapath stays attached.
+    pub async fn delete_service(&self, home: std::net::IpAddr) -> Result<(), AgentError> {
+        self.call::<serde_json::Value>(Method::DELETE, &format!("/v1/services/{home}"), None::<&()>)
+            .await
+            .map(drop)
+    }
+
     pub async fn detach_datapath(&self) -> Result<(), AgentError> {
         self.call::<serde_json::Value>(Method::DELETE, "/v1/datapath", None::<&()>)
             .await
