@@ -84,6 +84,49 @@ fn every_path_runs_with_an_empty_and_a_full_flow_map() {
     }
 }
 
+/// With the services map full (4096: the measured service and 4095 others of every
+/// mode), every path still takes its own verdict.
+#[test]
+fn every_path_runs_beside_a_full_services_map() {
+    require_root();
+    let out = bench(&[
+        "--rounds",
+        "1",
+        "--repeat",
+        "2000",
+        "--calls",
+        "200",
+        "--flows-capacity",
+        "4096",
+        "--flow-map",
+        "empty",
+        "--services",
+        "4096",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    let rows = report["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), PATHS.len(), "{rows:#?}");
+    for path in PATHS {
+        let row = rows
+            .iter()
+            .find(|r| r["path"] == path)
+            .unwrap_or_else(|| panic!("no row for {path}"));
+        assert_eq!(row["services"], 4096, "{path}");
+        assert!(
+            row["verdict"].as_str().is_some_and(|v| !v.is_empty()),
+            "{path}"
+        );
+    }
+    let out = bench(&["--services", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
 #[test]
 fn a_path_it_does_not_know_is_refused_by_name() {
     require_root();

@@ -371,24 +371,27 @@ fn a_full_services_map_refuses_the_next_service_and_still_serves_every_one() {
         .expect("uplink");
     let mut table = dp.services_mut().expect("services");
     assert_eq!(table.capacity, capacity);
-    for i in 0..capacity {
+    // Many peers, each with several services: PEERS counts its users.
+    let all = (0..capacity).map(|i| {
         let (home, new) = numbered(i);
-        // Many peers, each with several services: PEERS counts its users.
-        table
-            .add(
-                service(
-                    Mode::Receive,
-                    home,
-                    Some(new),
-                    peer_of(i),
-                    u64::from(i) + 1,
-                    1,
-                )
-                .to_map()
-                .expect("map"),
-            )
-            .unwrap_or_else(|e| panic!("service {i}: {e:#}"));
-    }
+        service(
+            Mode::Receive,
+            home,
+            Some(new),
+            peer_of(i),
+            u64::from(i) + 1,
+            1,
+        )
+        .to_map()
+        .expect("map")
+    });
+    let added = table.add_all(all).expect("4096 services");
+    assert_eq!(added.len(), capacity as usize);
+    // Each its own row of counters.
+    let mut slots: Vec<u32> = added.iter().map(|c| c.slot).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    assert_eq!(slots.len(), capacity as usize);
     let (home, new) = numbered(capacity);
     let err = table
         .add(

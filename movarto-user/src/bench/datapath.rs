@@ -15,7 +15,10 @@
 //! Each path's verdict and counter are checked on every run: a figure is only
 //! reported for the path it names.
 
-use std::time::Duration;
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -27,6 +30,7 @@ use movarto_common::{
     counters::Counter,
     flow::{FlowValue, origin, state},
     ids::{MacAddr, SessionToken},
+    service::SERVICES_DEFAULT_CAPACITY,
 };
 use serde::Serialize;
 
@@ -61,6 +65,9 @@ pub struct Options {
     pub paths: Vec<PathId>,
     /// What to measure each path with besides nothing (the default).
     pub instruments: Vec<Instrument>,
+    /// How many services the uplink serves while each path is measured (the measured
+    /// one, and IPv6 others to fill the services map); empty: one.
+    pub services: Vec<u32>,
 }
 
 /// What runs beside the datapath while a path is measured.
@@ -418,7 +425,7 @@ pub struct Row {
     pub program: Program,
     pub mode: Mode,
     pub flow_map: FlowMap,
-    /// Services configured on the uplink (one until the datapath is per service).
+    /// Services on the uplink: the measured one and others (IPv6, of every mode).
     pub services: u32,
     /// What ran beside the datapath.
     pub instrument: Instrument,
@@ -582,17 +589,32 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
     if opts.instruments.contains(&Instrument::DebugLog) {
         instruments.push(Instrument::DebugLog);
     }
-    for (&fill, &instrument) in opts
+    let service_counts = if opts.services.is_empty() {
+        vec![1]
+    } else {
+        opts.services.clone()
+    };
+    if service_counts.contains(&0) {
+        bail!("--services must be at least 1: the measured service");
+    }
+    let settings: Vec<(FlowMap, u32, Instrument)> = opts
         .flow_maps
         .iter()
-        .flat_map(|fill| instruments.iter().map(move |i| (fill, i)))
-    {
-        // A fresh datapath per state of the map: nothing carries over.
+        .flat_map(|&fill| service_counts.iter().map(move |&n| (fill, n)))
+        .flat_map(|(fill, n)| instruments.iter().map(move |&i| (fill, n, i)))
+        .collect();
+    for (fill, services, instrument) in settings {
+        // A fresh datapath per setting: nothing carries over.
         let mut dp = Datapath::load_with(&LoadOptions {
             flows_capacity: Some(opts.flows_capacity.unwrap_or(ATTACHED_FLOWS_CAPACITY)),
+            services_capacity: Some(services.max(SERVICES_DEFAULT_CAPACITY)),
             debug_log: instrument == Instrument::DebugLog,
             ..LoadOptions::default()
         })?;
+        if services > 1 {
+            progress(&format!("adding {} other services", services - 1));
+            add_other_services(&mut dp, &scratch, services - 1)?;
+        }
         capacity = dp.flows_capacity()?;
         pending_capacity = dp.pending_flows_capacity()?;
         if fill == FlowMap::Full {
@@ -615,12 +637,16 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
         }
         for &path in &paths {
             progress(&format!(
-                "{} (flow map {}, instrument {})",
+                "{} (flow map {}, {services} services, instrument {})",
                 path.name(),
                 fill.name(),
                 instrument.name()
             ));
-            let setting = Setting { fill, instrument };
+            let setting = Setting {
+                fill,
+                services,
+                instrument,
+            };
             rows.extend(measure(&mut dp, &baseline, &scratch, path, setting, opts)?);
         }
     }
@@ -640,7 +666,40 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
 #[derive(Clone, Copy)]
 struct Setting {
     fill: FlowMap,
+    services: u32,
     instrument: Instrument,
+}
+
+/// `count` services beside the measured one, in 2001:db8::/32 so none is the measured
+/// one's or its client's: each mode in turn, each with its own `N`, peer and token.
+fn add_other_services(dp: &mut Datapath, scratch: &Scratch, count: u32) -> Result<()> {
+    let uplink = site(Mode::Track, scratch).to_map()?;
+    dp.set_uplink(&uplink)?;
+    let modes = [
+        Mode::Track,
+        Mode::Forward,
+        Mode::Receive,
+        Mode::Nat,
+        Mode::Direct,
+    ];
+    let others = (0..count)
+        .map(|i| {
+            let [_, _, hi, lo] = i.to_be_bytes();
+            let (hi, lo) = (u16::from(hi), u16::from(lo));
+            let home = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, hi, lo);
+            let new = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, hi, lo);
+            let peer = Ipv4Addr::new(203, 0, 113, 100 + (i % 100) as u8);
+            let mut other = SiteConfig::new(modes[i as usize % modes.len()], home.into())
+                .with_new_addr(Some(new.into()))
+                .with_tunnel(TA, peer, SessionToken(u64::from(i) + 1))
+                .with_macs(MacAddr(VM_MAC), MacAddr(GATEWAY_MAC));
+            other.uplink_ifindex = scratch.uplink_ifindex;
+            other.vm_ifindex = scratch.vm_ifindex;
+            other.to_map()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    dp.services_mut()?.add_all(others)?;
+    Ok(())
 }
 
 fn measure(
@@ -651,8 +710,20 @@ fn measure(
     setting: Setting,
     opts: &Options,
 ) -> Result<Vec<Row>> {
-    let Setting { fill, instrument } = setting;
-    dp.set_config(&site(path.mode(), scratch))?;
+    let Setting {
+        fill,
+        services,
+        instrument,
+    } = setting;
+    let measured = site(path.mode(), scratch);
+    if services > 1 {
+        // Beside the others: the uplink's half and the measured service, nothing removed.
+        let config = measured.to_map()?;
+        dp.set_uplink(&config)?;
+        dp.services_mut()?.put(config)?;
+    } else {
+        dp.set_config(&measured)?;
+    }
     if let Some(origin) = path.seeded_origin() {
         dp.insert_flows([(
             frames::measured_flow(),
@@ -748,7 +819,7 @@ fn measure(
                 program,
                 mode: path.mode(),
                 flow_map: fill,
-                services: 1,
+                services,
                 instrument: variant.instrument,
                 method,
                 verdict: verdict.clone(),

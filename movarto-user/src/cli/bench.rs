@@ -36,6 +36,10 @@ pub struct DatapathArgs {
     /// (a listener with its defaults) or `debug-log` (loaded with the debug logs on).
     #[arg(long = "with", value_enum, value_name = "INSTRUMENT")]
     pub instruments: Vec<InstrumentArg>,
+    /// Measure with this many services on the uplink (repeat it; default 1): the
+    /// measured one and others filling the services map (e.g. 4096).
+    #[arg(long = "services", value_name = "N")]
+    pub services: Vec<u32>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -100,6 +104,7 @@ fn datapath_bench(a: DatapathArgs) -> Result<()> {
                 InstrumentArg::DebugLog => Instrument::DebugLog,
             })
             .collect(),
+        services: a.services.clone(),
     };
     let report = datapath::run(&opts, |step| eprintln!("bench: {step}"))?;
     if a.json {

@@ -153,48 +153,62 @@ impl<M: Borrow<MapData>> ServiceTable<M> {
 impl<M: BorrowMut<MapData>> ServiceTable<M> {
     /// Adds a service (its `slot` is chosen here); fails if `H` is served already, if
     /// its `N` is another's, or if the maps are full. Returns it as written.
-    pub fn add(&mut self, mut config: Config) -> Result<Config> {
-        let home = home_key(&config);
-        if found(self.services.get(&home, 0))?.is_some() {
-            bail!(
-                "service {} exists already; change it with `movarto-user service set`",
-                shown(&home)
-            );
-        }
-        self.check_addresses(&config)?;
-        let present = self.list()?;
-        if present.len() >= self.capacity as usize {
-            bail!(
-                "the services map is full: it holds {} services (its capacity, set at attach \
-                 with --services); remove one first or attach with a larger capacity",
-                self.capacity
-            );
-        }
-        let mut used: Vec<u32> = present.iter().map(|c| c.slot).collect();
+    pub fn add(&mut self, config: Config) -> Result<Config> {
+        let mut written = self.add_all([config])?;
+        written.pop().ok_or_else(|| anyhow!("no service was added"))
+    }
+
+    /// [`ServiceTable::add`] for many, reading the map once (adding a node's thousands
+    /// of services one by one reads it once per service). Stops at the first refusal;
+    /// the ones before it stay added.
+    pub fn add_all(&mut self, configs: impl IntoIterator<Item = Config>) -> Result<Vec<Config>> {
+        let mut used: Vec<u32> = self.list()?.iter().map(|c| c.slot).collect();
         used.sort_unstable();
-        config.slot = (0..self.capacity)
-            .find(|slot| used.binary_search(slot).is_err())
-            .ok_or_else(|| anyhow!("no free row in the per-service counters"))?;
         let zero = vec![ServiceCounters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?];
-        self.counters
-            .set(
-                config.slot,
-                PerCpuValues::try_from(zero).context("per-CPU counters")?,
-                0,
-            )
-            .context("clearing the service's counters")?;
-        if let Some(peer) = peer_key(&config) {
-            self.add_peer_user(peer)?;
+        let mut written = Vec::new();
+        for mut config in configs {
+            let home = home_key(&config);
+            if found(self.services.get(&home, 0))?.is_some() {
+                bail!(
+                    "service {} exists already; change it with `movarto-user service set`",
+                    shown(&home)
+                );
+            }
+            self.check_addresses(&config)?;
+            if used.len() >= self.capacity as usize {
+                bail!(
+                    "the services map is full: it holds {} services (its capacity, set at \
+                     attach with --services); remove one first or attach with a larger capacity",
+                    self.capacity
+                );
+            }
+            config.slot = (0..self.capacity)
+                .find(|slot| used.binary_search(slot).is_err())
+                .ok_or_else(|| anyhow!("no free row in the per-service counters"))?;
+            self.counters
+                .set(
+                    config.slot,
+                    PerCpuValues::try_from(zero.clone()).context("per-CPU counters")?,
+                    0,
+                )
+                .context("clearing the service's counters")?;
+            if let Some(peer) = peer_key(&config) {
+                self.add_peer_user(peer)?;
+            }
+            if let Some(new) = new_key(&config) {
+                self.nat_addrs
+                    .insert(new, home, 0)
+                    .context("writing the NAT map")?;
+            }
+            self.services
+                .insert(home, config, NO_EXIST)
+                .with_context(|| format!("adding service {} to the services map", shown(&home)))?;
+            if let Err(at) = used.binary_search(&config.slot) {
+                used.insert(at, config.slot);
+            }
+            written.push(config);
         }
-        if let Some(new) = new_key(&config) {
-            self.nat_addrs
-                .insert(new, home, 0)
-                .context("writing the NAT map")?;
-        }
-        self.services
-            .insert(home, config, NO_EXIST)
-            .with_context(|| format!("adding service {} to the services map", shown(&home)))?;
-        Ok(config)
+        Ok(written)
     }
 
     /// Replaces a service's entry whole (its slot and counters stay); fails if there
