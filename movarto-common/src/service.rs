@@ -1,9 +1,9 @@
 //! The services of a node: one entry per VM's home address `H` in `SERVICES`
-//! (its [`crate::config::Config`]), its new address `N` in `NAT_ADDRS`, its
+//! (its [`crate::config::Config`]), its `H` and its new address `N` in `ADDRS`, its
 //! peer's tunnel endpoint in `PEERS`, and its row of `SERVICE_COUNTERS`.
 //!
 //! Userspace keeps the four consistent: it writes a service's counters, peer and
-//! NAT entries before the service itself and removes the service first, so the
+//! address entries before the service itself and removes the service first, so the
 //! programs never find half a service.
 
 use crate::counters::COUNTER_COUNT;

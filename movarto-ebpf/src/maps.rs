@@ -33,9 +33,10 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 pub static SERVICES: HashMap<AddrKey, Config, SERVICES_CAPACITY> = HashMap::new();
 
-/// Each service's new address `N`, to its `H` (the key of [`SERVICES`]).
+/// Every service address, `H` and `N`, to its `H` (the key of [`SERVICES`]): the
+/// uplink's one lookup by destination, which another tenant's packet misses.
 #[btf_map]
-pub static NAT_ADDRS: HashMap<AddrKey, AddrKey, SERVICES_CAPACITY> = HashMap::new();
+pub static ADDRS: HashMap<AddrKey, AddrKey, { 2 * SERVICES_CAPACITY }> = HashMap::new();
 
 /// The tunnel endpoints of the services' peers, with how many services use each,
 /// and `ANY_PEER`: one more entry than services.

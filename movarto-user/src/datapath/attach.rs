@@ -30,7 +30,7 @@ use movarto_common::{
 };
 
 use super::{
-    CONFIG_MAP, COUNTERS_MAP, CounterSnapshot, Datapath, FLOWS_MAP, LoadOptions, NAT_ADDRS_MAP,
+    ADDRS_MAP, CONFIG_MAP, COUNTERS_MAP, CounterSnapshot, Datapath, FLOWS_MAP, LoadOptions,
     PEERS_MAP, PENDING_FLOWS_MAP, SERVICE_COUNTERS_MAP, SERVICES_MAP, ServiceTable, SiteConfig,
     UPLINK_INGRESS, VM_INGRESS, flowmaps,
 };
@@ -438,7 +438,7 @@ impl Pinned {
                     format!("{SERVICES_MAP} (pins made by a movarto before services: detach and attach again)")
                 })?,
                 services: HashMap::try_from(map(SERVICES_MAP)?).context("SERVICES")?,
-                nat_addrs: HashMap::try_from(map(NAT_ADDRS_MAP)?).context("NAT_ADDRS")?,
+                addrs: HashMap::try_from(map(ADDRS_MAP)?).context("ADDRS")?,
                 peers: HashMap::try_from(map(PEERS_MAP)?).context("PEERS")?,
                 counters: PerCpuArray::try_from(map(SERVICE_COUNTERS_MAP)?)
                     .context("SERVICE_COUNTERS")?,

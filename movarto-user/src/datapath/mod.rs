@@ -49,14 +49,14 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const CONFIG_MAP: &str = "CONFIG";
 /// The services, by home address.
 pub const SERVICES_MAP: &str = "SERVICES";
-/// The services' new addresses, to their home addresses.
-pub const NAT_ADDRS_MAP: &str = "NAT_ADDRS";
+/// Every service address, `H` and `N`, to its home address.
+pub const ADDRS_MAP: &str = "ADDRS";
 /// The services' peers' tunnel endpoints.
 pub const PEERS_MAP: &str = "PEERS";
 /// Each service's per-CPU counters.
 pub const SERVICE_COUNTERS_MAP: &str = "SERVICE_COUNTERS";
 /// The maps sized by [`LoadOptions::services_capacity`].
-const SERVICES_MAPS: [&str; 4] = [SERVICES_MAP, NAT_ADDRS_MAP, PEERS_MAP, SERVICE_COUNTERS_MAP];
+const SERVICES_MAPS: [&str; 4] = [SERVICES_MAP, ADDRS_MAP, PEERS_MAP, SERVICE_COUNTERS_MAP];
 /// The flow map (confirmed flows).
 pub const FLOWS_MAP: &str = "FLOWS";
 /// The pending flows' map (see `movarto_common::flow`).
@@ -162,9 +162,13 @@ impl Datapath {
             Some(0) => bail!("the services map needs a capacity of at least 1"),
             Some(capacity) => {
                 for name in SERVICES_MAPS {
-                    // PEERS also holds `ANY_PEER`.
-                    let extra = u32::from(name == PEERS_MAP);
-                    loader.map_max_entries(name, capacity.saturating_add(extra));
+                    // PEERS also holds `ANY_PEER`; ADDRS both `H` and `N` of each.
+                    let entries = match name {
+                        PEERS_MAP => capacity.saturating_add(1),
+                        ADDRS_MAP => capacity.saturating_mul(2),
+                        _ => capacity,
+                    };
+                    loader.map_max_entries(name, entries);
                 }
             }
             None => {}
@@ -282,7 +286,7 @@ impl Datapath {
         };
         Ok(ServiceTable {
             services: HashMap::try_from(map(SERVICES_MAP)?)?,
-            nat_addrs: HashMap::try_from(map(NAT_ADDRS_MAP)?)?,
+            addrs: HashMap::try_from(map(ADDRS_MAP)?)?,
             peers: HashMap::try_from(map(PEERS_MAP)?)?,
             counters: aya::maps::PerCpuArray::try_from(map(SERVICE_COUNTERS_MAP)?)?,
             capacity,
@@ -303,7 +307,7 @@ impl Datapath {
         };
         Ok(ServiceTable {
             services: HashMap::try_from(take(SERVICES_MAP)?)?,
-            nat_addrs: HashMap::try_from(take(NAT_ADDRS_MAP)?)?,
+            addrs: HashMap::try_from(take(ADDRS_MAP)?)?,
             peers: HashMap::try_from(take(PEERS_MAP)?)?,
             counters: aya::maps::PerCpuArray::try_from(take(SERVICE_COUNTERS_MAP)?)?,
             capacity,

@@ -1,4 +1,4 @@
-//! A node's services in the datapath's maps: `SERVICES` by `H`, `NAT_ADDRS` by `N`,
+//! A node's services in the datapath's maps: `SERVICES` by `H`, `ADDRS` by `H` and `N`,
 //! `PEERS` by tunnel endpoint and a row of `SERVICE_COUNTERS` each (see
 //! `movarto_common::service`). Every change keeps the four consistent for the
 //! programs reading them meanwhile: a service's counters, peer and NAT entries are
@@ -26,7 +26,8 @@ const NO_ADDR: [u8; 16] = [0; 16];
 /// The services maps of one datapath.
 pub struct ServiceTable<M> {
     pub(super) services: HashMap<M, AddrKey, Config>,
-    pub(super) nat_addrs: HashMap<M, AddrKey, AddrKey>,
+    /// Every `H` and `N`, to its `H`.
+    pub(super) addrs: HashMap<M, AddrKey, AddrKey>,
     pub(super) peers: HashMap<M, AddrKey, PeerUsers>,
     pub(super) counters: PerCpuArray<M, ServiceCounters>,
     /// How many services the maps hold at most (set at load, `--services`).
@@ -119,7 +120,9 @@ impl<M: Borrow<MapData>> ServiceTable<M> {
     /// Fails if `config`'s `N` or `H` belongs to another service.
     fn check_addresses(&self, config: &Config) -> Result<()> {
         let home = home_key(config);
-        if let Some(owner) = found(self.nat_addrs.get(&home, 0))? {
+        if let Some(owner) = found(self.addrs.get(&home, 0))?
+            && owner != home
+        {
             bail!(
                 "{} is the new address of service {}",
                 shown(&home),
@@ -133,17 +136,16 @@ impl<M: Borrow<MapData>> ServiceTable<M> {
                     shown(&home)
                 );
             }
-            if let Some(owner) = found(self.nat_addrs.get(&new, 0))?
-                && owner != home
-            {
-                bail!(
+            match found(self.addrs.get(&new, 0))? {
+                Some(owner) if owner == new => {
+                    bail!("{} is the home address of another service", shown(&new))
+                }
+                Some(owner) if owner != home => bail!(
                     "{} is the new address of service {} already",
                     shown(&new),
                     shown(&owner)
-                );
-            }
-            if found(self.services.get(&new, 0))?.is_some() {
-                bail!("{} is the home address of another service", shown(&new));
+                ),
+                _ => {}
             }
         }
         Ok(())
@@ -196,10 +198,13 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
                 self.add_peer_user(peer)?;
             }
             if let Some(new) = new_key(&config) {
-                self.nat_addrs
+                self.addrs
                     .insert(new, home, 0)
-                    .context("writing the NAT map")?;
+                    .context("writing the addresses map")?;
             }
+            self.addrs
+                .insert(home, home, 0)
+                .context("writing the addresses map")?;
             self.services
                 .insert(home, config, NO_EXIST)
                 .with_context(|| format!("adding service {} to the services map", shown(&home)))?;
@@ -227,9 +232,9 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
             self.add_peer_user(peer)?;
         }
         if let Some(new) = new_key(&config) {
-            self.nat_addrs
+            self.addrs
                 .insert(new, home, 0)
-                .context("writing the NAT map")?;
+                .context("writing the addresses map")?;
         }
         self.services
             .insert(home, config, 0)
@@ -237,7 +242,7 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
         if let Some(old_new) = new_key(&old)
             && new_key(&config) != Some(old_new)
         {
-            self.nat_addrs
+            self.addrs
                 .remove(&old_new)
                 .context("removing the old new address")?;
         }
@@ -266,10 +271,13 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
             .remove(&key)
             .with_context(|| format!("removing service {home}"))?;
         if let Some(new) = new_key(&old) {
-            self.nat_addrs
+            self.addrs
                 .remove(&new)
                 .context("removing the service's new address")?;
         }
+        self.addrs
+            .remove(&key)
+            .context("removing the service's home address")?;
         if let Some(peer) = peer_key(&old) {
             self.remove_peer_user(peer)?;
         }
