@@ -478,8 +478,96 @@ impl EvacuationReport {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::agent::api::Stage;
+
+    const SITES: &str = r#"
+[sites.a]
+agent = "https://203.0.113.1:7878"
+token_file = "a.token"
+tunnel = "203.0.113.1"
+
+[sites.b]
+agent = "https://203.0.113.129:7878"
+token_file = "b.token"
+tunnel = "203.0.113.129"
+
+[sites.c]
+agent = "https://203.0.113.65:7878"
+token_file = "c.token"
+tunnel = "203.0.113.65"
+
+[services.web]
+home = "192.0.2.10"
+[services.web.at.b]
+new_addr = "198.18.0.10"
+[services.web.at.c]
+new_addr = "198.19.0.10"
+
+[services.shop]
+home = "192.0.2.11"
+[services.shop.at.c]
+new_addr = "198.19.0.11"
+
+[services.db]
+home = "192.0.2.12"
+address_mode = "move"
+on_switch = "true"
+"#;
+
+    fn options(vms: &[&str], destinations: &[&str]) -> EvacuateOptions {
+        EvacuateOptions {
+            from: "a".to_owned(),
+            vms: vms.iter().map(|v| (*v).to_owned()).collect(),
+            destinations: destinations.iter().map(|d| (*d).to_owned()).collect(),
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            bandwidth: None,
+            flags: MigrateFlags::default(),
+        }
+    }
+
+    fn place(vms: &[&str], destinations: &[&str]) -> Result<Vec<(String, String)>, String> {
+        let (inventory, problems) = Inventory::parse(SITES, Path::new("/nonexistent"), false);
+        assert_eq!(problems, [], "{problems:?}");
+        let inventory = inventory.expect("inventory");
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(placement(&inventory, &options(vms, destinations)))
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    #[test]
+    fn each_vm_goes_to_the_next_destination_it_has_an_address_at() {
+        let placed = place(&["web", "shop", "db"], &["b", "c"]).expect("placed");
+        let pairs: Vec<(&str, &str)> = placed
+            .iter()
+            .map(|(vm, to)| (vm.as_str(), to.as_str()))
+            .collect();
+        // web to b (the first), shop skips b (no address there) for c, db (move
+        // address mode, no table) takes the next in turn, b.
+        assert_eq!(pairs, [("web", "b"), ("shop", "c"), ("db", "b")]);
+        let placed = place(&["db", "web", "shop"], &["b", "c"]).expect("placed");
+        let to: Vec<&str> = placed.iter().map(|(_, to)| to.as_str()).collect();
+        assert_eq!(to, ["b", "c", "c"]);
+    }
+
+    #[test]
+    fn an_evacuation_that_cannot_place_every_vm_is_refused_before_it_starts() {
+        let err = place(&["web", "shop"], &["b"]).expect_err("shop has no address at b");
+        assert!(
+            err.contains("shop has no [services.shop.at.<site>] table"),
+            "{err}"
+        );
+        let err = place(&["web"], &["a"]).expect_err("to itself");
+        assert!(err.contains("is the site the VMs leave"), "{err}");
+        let err = place(&["web"], &["z"]).expect_err("no such site");
+        assert!(err.contains('z'), "{err}");
+        let err = place(&["web"], &[]).expect_err("nowhere");
+        assert!(err.contains("at least one --destination"), "{err}");
+    }
 
     fn record(vm: &str, stage: Stage) -> MigrationRecord {
         let mut record: MigrationRecord =
