@@ -62,23 +62,24 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
         return pass(counters::NO_SERVICE, &pkt, xdp_action::XDP_PASS);
     };
     let service;
-    let outcome = if tunnel::to_endpoint(uplink, &pkt) && services::any_tunnel() {
-        if !services::is_peer(&pkt.src_addr) {
-            // Not this node's tunnel: the kernel's, untouched.
-            service = None;
-            Decoded::Sent(xdp_action::XDP_PASS, Counter::PassGueForeignSource as u32)
-        } else {
-            service = services::of_tunnelled(ctx.data(), ctx.data_end());
-            match service {
-                // A peer vouches for its own services' packets only.
-                Some(cfg) if cfg.peer_tunnel_addr == pkt.src_addr => match cfg.mode() {
-                    Some(Mode::Forward) => forward_from_tunnel(&ctx, cfg, &pkt).decode(),
-                    _ => receive_from_tunnel(&ctx, cfg, &pkt).decode(),
-                },
-                Some(_) => Decoded::Drop(Counter::DropGueWrongService as u32),
-                None => Decoded::Drop(services::unknown_reason(ctx.data(), ctx.data_end())),
-            }
+    let to_endpoint = tunnel::to_endpoint(uplink, &pkt);
+    // A peer is in `PEERS` only while one of its services tunnels: the tunnel's own
+    // packets take one lookup before their service's.
+    let outcome = if to_endpoint && services::is_peer(&pkt.src_addr) {
+        service = services::of_tunnelled(ctx.data(), ctx.data_end());
+        match service {
+            // A peer vouches for its own services' packets only.
+            Some(cfg) if cfg.peer_tunnel_addr == pkt.src_addr => match cfg.mode() {
+                Some(Mode::Forward) => forward_from_tunnel(&ctx, cfg, &pkt).decode(),
+                _ => receive_from_tunnel(&ctx, cfg, &pkt).decode(),
+            },
+            Some(_) => Decoded::Drop(Counter::DropGueWrongService as u32),
+            None => Decoded::Drop(services::unknown_reason(ctx.data(), ctx.data_end())),
         }
+    } else if to_endpoint && services::any_tunnel() {
+        // Not this node's tunnel: the kernel's, untouched.
+        service = None;
+        Decoded::Sent(xdp_action::XDP_PASS, Counter::PassGueForeignSource as u32)
     } else {
         service = services::of_destination(&pkt);
         match service {

@@ -47,7 +47,6 @@ pub fn may_be_ours(uplink: &Config, pkt: &Packet) -> bool {
         && pkt.protocol == proto::UDP
         && pkt.dst_addr == uplink.local_tunnel_addr
         && (!matches!(pkt.l4, L4::Udp) || pkt.dst_port == uplink.gue_port)
-        && services::any_tunnel()
         && services::is_peer(&pkt.src_addr)
 }
 

@@ -8,7 +8,6 @@ use clap::{Args, Subcommand};
 use movarto_common::{
     config::Mode,
     ids::{MacAddr, SessionToken},
-    net::addr,
 };
 use movarto_user::datapath::{Pinned, SiteConfig, ifindex, pin_name_or, require_forwarding};
 use serde_json::json;
@@ -192,13 +191,7 @@ fn list(a: &ListArgs) -> Result<()> {
         a.uplink.uplink
     );
     for service in &services {
-        let shown = |bytes: [u8; 16], family: u8| {
-            if bytes == [0; 16] {
-                "-".to_owned()
-            } else {
-                addr::from_map(bytes, family).map_or_else(|| "?".to_owned(), |a| a.to_string())
-            }
-        };
+        let shown = super::status::addr_string;
         let counters = pinned.services.counters(service.slot)?;
         let total = |drops: bool| -> u64 {
             counters

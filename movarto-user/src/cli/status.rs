@@ -19,7 +19,7 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-fn addr_string(bytes: [u8; 16], family: u8) -> String {
+pub(crate) fn addr_string(bytes: [u8; 16], family: u8) -> String {
     if bytes == [0; 16] {
         return "-".to_owned();
     }

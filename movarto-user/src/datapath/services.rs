@@ -239,16 +239,7 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
         self.services
             .insert(home, config, 0)
             .with_context(|| format!("writing service {}", shown(&home)))?;
-        if let Some(old_new) = new_key(&old)
-            && new_key(&config) != Some(old_new)
-        {
-            self.addrs
-                .remove(&old_new)
-                .context("removing the old new address")?;
-        }
-        if let Some(peer) = peer_key(&old) {
-            self.remove_peer_user(peer)?;
-        }
+        self.forget(&old, new_key(&config))?;
         Ok(config)
     }
 
@@ -270,17 +261,10 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
         self.services
             .remove(&key)
             .with_context(|| format!("removing service {home}"))?;
-        if let Some(new) = new_key(&old) {
-            self.addrs
-                .remove(&new)
-                .context("removing the service's new address")?;
-        }
         self.addrs
             .remove(&key)
             .context("removing the service's home address")?;
-        if let Some(peer) = peer_key(&old) {
-            self.remove_peer_user(peer)?;
-        }
+        self.forget(&old, None)?;
         Ok(old)
     }
 
@@ -296,6 +280,22 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
             }
         }
         self.put(config)
+    }
+
+    /// What `old` held beside its entry: its `N` (unless the service keeps it as
+    /// `kept_new`) and its use of its peer.
+    fn forget(&mut self, old: &Config, kept_new: Option<AddrKey>) -> Result<()> {
+        if let Some(new) = new_key(old)
+            && kept_new != Some(new)
+        {
+            self.addrs
+                .remove(&new)
+                .context("removing the service's new address")?;
+        }
+        if let Some(peer) = peer_key(old) {
+            self.remove_peer_user(peer)?;
+        }
+        Ok(())
     }
 
     /// One more service tunnels with `peer` (and with any peer: [`ANY_PEER`]).
