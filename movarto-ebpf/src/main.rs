@@ -65,8 +65,13 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
     let to_endpoint = tunnel::to_endpoint(uplink, &pkt);
     // A peer is in `PEERS` only while one of its services tunnels: the tunnel's own
     // packets take one lookup before their service's.
-    let outcome = if to_endpoint && services::is_peer(&pkt.src_addr) {
-        service = services::of_tunnelled(ctx.data(), ctx.data_end());
+    let peer = if to_endpoint {
+        services::peer(&pkt.src_addr)
+    } else {
+        None
+    };
+    let outcome = if let Some(users) = peer {
+        service = services::of_tunnelled(ctx.data(), ctx.data_end(), users.only_forwarding());
         match service {
             // A peer vouches for its own services' packets only.
             Some(cfg) if cfg.peer_tunnel_addr == pkt.src_addr => match cfg.mode() {

@@ -9,7 +9,9 @@ use movarto_common::{
     counters::COUNTER_COUNT,
     flow::{FlowKey, FlowValue},
     monitor::{MonitorControl, MonitorEvent, MonitorState},
-    service::{AddrKey, PeerUsers, SERVICES_DEFAULT_CAPACITY, ServiceCounters},
+    service::{
+        ADDR_FILTER_BUCKETS, AddrKey, PeerUsers, SERVICES_DEFAULT_CAPACITY, ServiceCounters,
+    },
 };
 
 /// The services maps' compiled capacity; the loader sets each to the attach's.
@@ -37,6 +39,11 @@ pub static SERVICES: HashMap<AddrKey, Config, SERVICES_CAPACITY> = HashMap::new(
 /// uplink's one lookup by destination, which another tenant's packet misses.
 #[btf_map]
 pub static ADDRS: HashMap<AddrKey, AddrKey, { 2 * SERVICES_CAPACITY }> = HashMap::new();
+
+/// How many service addresses fold to each bucket (`movarto_common::service::filter_bucket`):
+/// a destination whose bucket is 0 is no service's, told by one array read.
+#[btf_map]
+pub static ADDR_FILTER: Array<u32, { ADDR_FILTER_BUCKETS as usize }> = Array::new();
 
 /// The tunnel endpoints of the services' peers, with how many services use each,
 /// and `ANY_PEER`: one more entry than services.

@@ -7,11 +7,11 @@ use movarto_common::{
     counters::Counter,
     gue::GUE_OVERHEAD_IPV4,
     net::{ETH_HLEN, family},
-    service::{ANY_PEER, AddrKey},
+    service::{ANY_PEER, AddrKey, PeerUsers, filter_bucket},
 };
 
 use crate::{
-    maps::{ADDRS, PEERS, SERVICES},
+    maps::{ADDR_FILTER, ADDRS, PEERS, SERVICES},
     parse::{Packet, bytes},
 };
 
@@ -30,10 +30,17 @@ fn by_home(addr: &[u8; 16], fam: u8) -> Option<&'static Config> {
     unsafe { SERVICES.get(key) }
 }
 
-/// Uplink: the service the destination belongs to, as its `H` or its `N`. Another
-/// tenant's packet costs one miss, in `ADDRS`.
+/// Uplink: the service the destination belongs to, as its `H` or its `N`. A packet
+/// for no service is told by the address filter's empty bucket, one inlined array
+/// read; one whose bucket is taken by another address costs one miss, in `ADDRS`.
 #[inline(never)]
 pub fn of_destination(pkt: &Packet) -> Option<&'static Config> {
+    if ADDR_FILTER
+        .get(filter_bucket(&pkt.dst_addr))
+        .is_none_or(|count| *count == 0)
+    {
+        return None;
+    }
     let key = AddrKey::new(pkt.dst_addr, pkt.family);
     // SAFETY: as in `by_home`.
     let home = unsafe { ADDRS.get(key) }?;
@@ -47,12 +54,20 @@ pub fn of_source(pkt: &Packet) -> Option<&'static Config> {
     by_home(&pkt.src_addr, pkt.family)
 }
 
-/// Whether `addr` is the tunnel endpoint of some service's peer: GUE from it is
-/// this node's tunnel, to be verified; GUE from anyone else is left to the kernel.
+/// The services tunnelling with `addr`, if it is some service's peer endpoint: GUE
+/// from it is this node's tunnel, to be verified; GUE from anyone else is left to
+/// the kernel.
 #[inline(never)]
-pub fn is_peer(addr: &[u8; 16]) -> bool {
+pub fn peer(addr: &[u8; 16]) -> Option<&'static PeerUsers> {
     let key = AddrKey::new(*addr, family::IPV4);
-    PEERS.get_ptr(key).is_some()
+    // SAFETY: as in `by_home`.
+    unsafe { PEERS.get(key) }
+}
+
+/// Whether `addr` is some service's peer endpoint (see [`peer`]).
+#[inline(always)]
+pub fn is_peer(addr: &[u8; 16]) -> bool {
+    peer(addr).is_some()
 }
 
 /// Whether some service tunnels (see `movarto_common::service::ANY_PEER`): only then
@@ -63,11 +78,13 @@ pub fn any_tunnel() -> bool {
 }
 
 /// GUE from a peer: the service its inner packet belongs to, by the inner
-/// destination (site B's `receive` and `direct` unwrap packets to `H`) or else the
-/// inner source (site A's `forward` unwraps the VM's replies). `None` if it is for
-/// no service that tunnels here, or its addresses can't be read; the caller drops it.
+/// destination (site B's `receive` and `direct` unwrap packets to `H`) or the inner
+/// source (site A's `forward` unwraps the VM's replies); the source first when every
+/// service of that peer here forwards (`sources_first`), so site A takes one lookup.
+/// `None` if it is for no service that tunnels here, or its addresses can't be read;
+/// the caller drops it.
 #[inline(never)]
-pub fn of_tunnelled(data: usize, data_end: usize) -> Option<&'static Config> {
+pub fn of_tunnelled(data: usize, data_end: usize, sources_first: bool) -> Option<&'static Config> {
     let proto = bytes::<1>(data, data_end, GUE_PROTO).ok()?[0];
     let (fam, src, dst) = if proto == 41 {
         let h = bytes::<40>(data, data_end, INNER_IP).ok()?;
@@ -86,10 +103,15 @@ pub fn of_tunnelled(data: usize, data_end: usize) -> Option<&'static Config> {
     };
     // The handler checks the direction against the mode (a packet to `H` at A
     // is malformed GUE); this only finds whose packet it is.
-    if let Some(cfg) = by_home(&dst, fam).filter(|cfg| tunnels(cfg)) {
+    let (first, second) = if sources_first {
+        (&src, &dst)
+    } else {
+        (&dst, &src)
+    };
+    if let Some(cfg) = by_home(first, fam).filter(|cfg| tunnels(cfg)) {
         return Some(cfg);
     }
-    by_home(&src, fam).filter(|cfg| tunnels(cfg))
+    by_home(second, fam).filter(|cfg| tunnels(cfg))
 }
 
 /// Whether the service's mode carries the tunnel.

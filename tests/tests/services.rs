@@ -463,3 +463,120 @@ fn a_full_services_map_refuses_the_next_service_and_still_serves_every_one() {
         )
         .expect("fits again");
 }
+
+/// The sum of every counter in a row, for "one verdict here, none there".
+fn verdicts(snapshot: &CounterSnapshot) -> u64 {
+    snapshot.iter().map(|(_, v)| v).sum()
+}
+
+#[test]
+fn the_address_filter_follows_every_change_of_a_services_addresses() {
+    require_root();
+    let (mut dp, services) = node();
+    // 198.19.0.11 folds to the filter bucket of X's N (198.18.0.10): both 0xc618.
+    const SHARES_XS_BUCKET: [u8; 4] = [198, 19, 0, 11];
+    let mut y = services[1];
+    let (bytes, _) = movarto_common::net::addr::to_map(IpAddr::from(SHARES_XS_BUCKET));
+    y.new_addr = bytes;
+    dp.services_mut()
+        .expect("services")
+        .set(y)
+        .expect("move y's n");
+    // Y's old N is nobody's now; its new one is served.
+    run(
+        &dp,
+        &services,
+        &ethernet(&tcp(CLIENT, NEW_Y, b"old n")),
+        XDP_PASS,
+        &[(Counter::L4Tcp, 1), (Counter::PassIpv4, 1)],
+        &[&[], &[], &[]],
+    );
+    run(
+        &dp,
+        &services,
+        &ethernet(&tcp(CLIENT, SHARES_XS_BUCKET, b"new n")),
+        XDP_REDIRECT,
+        &[
+            (Counter::L4Tcp, 1),
+            (Counter::NatIn, 1),
+            (Counter::FlowCreated, 1),
+        ],
+        &[&[], &[(Counter::NatIn, 1)], &[]],
+    );
+    // Y goes: its N is passed, and X's, in the same bucket, is still served.
+    dp.services_mut()
+        .expect("services")
+        .remove(IpAddr::from(HOME_Y))
+        .expect("remove y");
+    let left = [services[0], services[2]];
+    run(
+        &dp,
+        &left,
+        &ethernet(&tcp(CLIENT, SHARES_XS_BUCKET, b"gone")),
+        XDP_PASS,
+        &[(Counter::L4Tcp, 1), (Counter::PassIpv4, 1)],
+        &[&[], &[]],
+    );
+    run(
+        &dp,
+        &left,
+        &ethernet(&tcp(CLIENT, NEW_X, b"x stays")),
+        XDP_REDIRECT,
+        &[
+            (Counter::L4Tcp, 1),
+            (Counter::NatIn, 1),
+            (Counter::FlowCreated, 1),
+        ],
+        &[&[(Counter::NatIn, 1)], &[]],
+    );
+}
+
+#[test]
+fn a_peers_gue_finds_a_forwarding_service_by_its_inner_source_whatever_else_the_peer_serves() {
+    require_root();
+    let (mut dp, services) = node();
+    // W left this node for X's peer: in `forward`, so that peer now serves one
+    // service of each role here.
+    const HOME_W: [u8; 4] = [192, 0, 2, 40];
+    const TOKEN_W: u64 = 0x0404_0404_0404_0404;
+    let w = dp
+        .services_mut()
+        .expect("services")
+        .add(
+            service(Mode::Forward, HOME_W, None, PEER_X, TOKEN_W, 4)
+                .to_map()
+                .expect("w"),
+        )
+        .expect("add w");
+    let reply = gue(PEER_X, TOKEN_W, &tcp(HOME_W, CLIENT, b"w's reply"));
+    let unwrapped_for_w_only = |dp: &Datapath, others: &[Config]| {
+        let w_before = row(dp, &w);
+        let others_before: Vec<_> = others.iter().map(|s| row(dp, s)).collect();
+        run_frame_out(dp, Hook::Uplink, &reply).expect("test run");
+        // One verdict on W's row (the reply is routed out, or has no route under
+        // PROG_TEST_RUN), none on another's: it was found as W's.
+        assert_eq!(verdicts(&row(dp, &w)) - verdicts(&w_before), 1);
+        for (s, was) in others.iter().zip(&others_before) {
+            assert_counter_delta(was, &row(dp, s), &[]);
+        }
+        assert_eq!(row(dp, &w).get(Counter::DropGueWrongService), 0);
+    };
+    unwrapped_for_w_only(&dp, &services);
+    // Once X is gone the peer has only W, a forwarding service: the same packet is
+    // found by its source first, with the same result.
+    dp.services_mut()
+        .expect("services")
+        .remove(IpAddr::from(HOME_X))
+        .expect("remove x");
+    unwrapped_for_w_only(&dp, &services[1..]);
+    // X's packets from that peer are no service's now.
+    let before = row(&dp, &w);
+    let (ret, _) = run_frame_out(
+        &dp,
+        Hook::Uplink,
+        &gue(PEER_X, TOKEN_X, &tcp(CLIENT, HOME_X, b"x")),
+    )
+    .expect("test run");
+    assert_eq!(ret, XDP_DROP);
+    assert_counter_delta(&before, &row(&dp, &w), &[]);
+}

@@ -30,9 +30,9 @@ use movarto_common::{
 };
 
 use super::{
-    ADDRS_MAP, CONFIG_MAP, COUNTERS_MAP, CounterSnapshot, Datapath, FLOWS_MAP, LoadOptions,
-    PEERS_MAP, PENDING_FLOWS_MAP, SERVICE_COUNTERS_MAP, SERVICES_MAP, ServiceTable, SiteConfig,
-    UPLINK_INGRESS, VM_INGRESS, flowmaps,
+    ADDR_FILTER_MAP, ADDRS_MAP, CONFIG_MAP, COUNTERS_MAP, CounterSnapshot, Datapath, FLOWS_MAP,
+    LoadOptions, PEERS_MAP, PENDING_FLOWS_MAP, SERVICE_COUNTERS_MAP, SERVICES_MAP, ServiceTable,
+    SiteConfig, UPLINK_INGRESS, VM_INGRESS, flowmaps,
 };
 
 /// Root of movarto's pins.
@@ -439,6 +439,9 @@ impl Pinned {
                 })?,
                 services: HashMap::try_from(map(SERVICES_MAP)?).context("SERVICES")?,
                 addrs: HashMap::try_from(map(ADDRS_MAP)?).context("ADDRS")?,
+                filter: Array::try_from(map(ADDR_FILTER_MAP)?).with_context(|| {
+                    format!("{ADDR_FILTER_MAP} (pins made by a movarto before the address filter: detach and attach again)")
+                })?,
                 peers: HashMap::try_from(map(PEERS_MAP)?).context("PEERS")?,
                 counters: PerCpuArray::try_from(map(SERVICE_COUNTERS_MAP)?)
                     .context("SERVICE_COUNTERS")?,

@@ -51,6 +51,8 @@ pub const CONFIG_MAP: &str = "CONFIG";
 pub const SERVICES_MAP: &str = "SERVICES";
 /// Every service address, `H` and `N`, to its home address.
 pub const ADDRS_MAP: &str = "ADDRS";
+/// The counting filter of every service address (fixed size, not set by `--services`).
+pub const ADDR_FILTER_MAP: &str = "ADDR_FILTER";
 /// The services' peers' tunnel endpoints.
 pub const PEERS_MAP: &str = "PEERS";
 /// Each service's per-CPU counters.
@@ -287,6 +289,7 @@ impl Datapath {
         Ok(ServiceTable {
             services: HashMap::try_from(map(SERVICES_MAP)?)?,
             addrs: HashMap::try_from(map(ADDRS_MAP)?)?,
+            filter: aya::maps::Array::try_from(map(ADDR_FILTER_MAP)?)?,
             peers: HashMap::try_from(map(PEERS_MAP)?)?,
             counters: aya::maps::PerCpuArray::try_from(map(SERVICE_COUNTERS_MAP)?)?,
             capacity,
@@ -299,7 +302,7 @@ impl Datapath {
         let mut maps: std::collections::HashMap<&str, &mut aya::maps::Map> = self
             .ebpf
             .maps_mut()
-            .filter(|(name, _)| SERVICES_MAPS.contains(name))
+            .filter(|(name, _)| SERVICES_MAPS.contains(name) || *name == ADDR_FILTER_MAP)
             .collect();
         let mut take = |name: &str| {
             maps.remove(name)
@@ -308,6 +311,7 @@ impl Datapath {
         Ok(ServiceTable {
             services: HashMap::try_from(take(SERVICES_MAP)?)?,
             addrs: HashMap::try_from(take(ADDRS_MAP)?)?,
+            filter: aya::maps::Array::try_from(take(ADDR_FILTER_MAP)?)?,
             peers: HashMap::try_from(take(PEERS_MAP)?)?,
             counters: aya::maps::PerCpuArray::try_from(take(SERVICE_COUNTERS_MAP)?)?,
             capacity,

@@ -10,11 +10,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues};
 use movarto_common::{
     config::{Config, Mode},
     net::{addr, family},
-    service::{ANY_PEER, AddrKey, PeerUsers, ServiceCounters},
+    service::{ANY_PEER, AddrKey, PeerUsers, ServiceCounters, filter_bucket},
 };
 
 use super::CounterSnapshot;
@@ -28,6 +28,8 @@ pub struct ServiceTable<M> {
     pub(super) services: HashMap<M, AddrKey, Config>,
     /// Every `H` and `N`, to its `H`.
     pub(super) addrs: HashMap<M, AddrKey, AddrKey>,
+    /// How many of `addrs`' addresses fold to each bucket; never less than that.
+    pub(super) filter: Array<M, u32>,
     pub(super) peers: HashMap<M, AddrKey, PeerUsers>,
     pub(super) counters: PerCpuArray<M, ServiceCounters>,
     /// How many services the maps hold at most (set at load, `--services`).
@@ -44,12 +46,21 @@ fn new_key(config: &Config) -> Option<AddrKey> {
     (config.new_addr != NO_ADDR).then(|| AddrKey::new(config.new_addr, config.service_family))
 }
 
-/// The key of a service's peer, if its mode carries the tunnel: GUE from a peer of
+/// A service's use of its peer, if its mode carries the tunnel: GUE from a peer of
 /// no tunnelling service is ordinary UDP to this host.
-fn peer_key(config: &Config) -> Option<AddrKey> {
-    let tunnels = config.mode().is_some_and(Mode::uses_tunnel);
-    (tunnels && config.peer_tunnel_addr != NO_ADDR)
-        .then(|| AddrKey::new(config.peer_tunnel_addr, family::IPV4))
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PeerUse {
+    peer: AddrKey,
+    /// In `forward` mode (see [`PeerUsers`]).
+    forwarding: bool,
+}
+
+fn peer_key(config: &Config) -> Option<PeerUse> {
+    let mode = config.mode().filter(|mode| mode.uses_tunnel())?;
+    (config.peer_tunnel_addr != NO_ADDR).then(|| PeerUse {
+        peer: AddrKey::new(config.peer_tunnel_addr, family::IPV4),
+        forwarding: mode == Mode::Forward,
+    })
 }
 
 /// An address of the maps, for messages.
@@ -198,13 +209,9 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
                 self.add_peer_user(peer)?;
             }
             if let Some(new) = new_key(&config) {
-                self.addrs
-                    .insert(new, home, 0)
-                    .context("writing the addresses map")?;
+                self.put_addr(new, home)?;
             }
-            self.addrs
-                .insert(home, home, 0)
-                .context("writing the addresses map")?;
+            self.put_addr(home, home)?;
             self.services
                 .insert(home, config, NO_EXIST)
                 .with_context(|| format!("adding service {} to the services map", shown(&home)))?;
@@ -232,9 +239,7 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
             self.add_peer_user(peer)?;
         }
         if let Some(new) = new_key(&config) {
-            self.addrs
-                .insert(new, home, 0)
-                .context("writing the addresses map")?;
+            self.put_addr(new, home)?;
         }
         self.services
             .insert(home, config, 0)
@@ -261,9 +266,7 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
         self.services
             .remove(&key)
             .with_context(|| format!("removing service {home}"))?;
-        self.addrs
-            .remove(&key)
-            .context("removing the service's home address")?;
+        self.drop_addr(&key)?;
         self.forget(&old, None)?;
         Ok(old)
     }
@@ -288,9 +291,7 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
         if let Some(new) = new_key(old)
             && kept_new != Some(new)
         {
-            self.addrs
-                .remove(&new)
-                .context("removing the service's new address")?;
+            self.drop_addr(&new)?;
         }
         if let Some(peer) = peer_key(old) {
             self.remove_peer_user(peer)?;
@@ -298,27 +299,84 @@ impl<M: BorrowMut<MapData>> ServiceTable<M> {
         Ok(())
     }
 
-    /// One more service tunnels with `peer` (and with any peer: [`ANY_PEER`]).
-    fn add_peer_user(&mut self, peer: AddrKey) -> Result<()> {
-        for key in [peer, ANY_PEER] {
-            let users = found(self.peers.get(&key, 0))?.unwrap_or(0);
+    /// Points `addr` at `home` in `ADDRS`, counting a new address in the filter
+    /// first: the filter never hides an address `ADDRS` holds.
+    fn put_addr(&mut self, addr: AddrKey, home: AddrKey) -> Result<()> {
+        let new = found(self.addrs.get(&addr, 0))?.is_none();
+        if new {
+            self.count_in_filter(&addr, true)?;
+        }
+        let written = self
+            .addrs
+            .insert(addr, home, 0)
+            .context("writing the addresses map");
+        if written.is_err() && new {
+            self.count_in_filter(&addr, false)?;
+        }
+        written
+    }
+
+    /// Removes `addr` from `ADDRS`, then from the filter's count.
+    fn drop_addr(&mut self, addr: &AddrKey) -> Result<()> {
+        if found(self.addrs.get(addr, 0))?.is_none() {
+            return Ok(());
+        }
+        self.addrs
+            .remove(addr)
+            .with_context(|| format!("removing {} from the addresses map", shown(addr)))?;
+        self.count_in_filter(addr, false)
+    }
+
+    /// One address more (`up`) or fewer in `addr`'s bucket of the filter.
+    fn count_in_filter(&mut self, addr: &AddrKey, up: bool) -> Result<()> {
+        let bucket = filter_bucket(&addr.addr);
+        let count = self
+            .filter
+            .get(&bucket, 0)
+            .context("reading the address filter")?;
+        let count = if up {
+            count.saturating_add(1)
+        } else {
+            count.saturating_sub(1)
+        };
+        self.filter
+            .set(bucket, count, 0)
+            .context("writing the address filter")
+    }
+
+    /// One more service tunnels with its peer (and with any peer: [`ANY_PEER`]).
+    fn add_peer_user(&mut self, used: PeerUse) -> Result<()> {
+        for key in [used.peer, ANY_PEER] {
+            let mut users = found(self.peers.get(&key, 0))?.unwrap_or_default();
+            if used.forwarding {
+                users.forwarding += 1;
+            } else {
+                users.others += 1;
+            }
             self.peers
-                .insert(key, users + 1, 0)
+                .insert(key, users, 0)
                 .context("writing the peers map")?;
         }
         Ok(())
     }
 
-    /// One service fewer tunnels with `peer`.
-    fn remove_peer_user(&mut self, peer: AddrKey) -> Result<()> {
-        for key in [peer, ANY_PEER] {
-            match found(self.peers.get(&key, 0))? {
-                Some(users) if users > 1 => self
-                    .peers
-                    .insert(key, users - 1, 0)
-                    .context("writing the peers map")?,
-                Some(_) => self.peers.remove(&key).context("writing the peers map")?,
-                None => {}
+    /// One service fewer tunnels with its peer.
+    fn remove_peer_user(&mut self, used: PeerUse) -> Result<()> {
+        for key in [used.peer, ANY_PEER] {
+            let Some(mut users) = found(self.peers.get(&key, 0))? else {
+                continue;
+            };
+            if used.forwarding {
+                users.forwarding = users.forwarding.saturating_sub(1);
+            } else {
+                users.others = users.others.saturating_sub(1);
+            }
+            if users.total() == 0 {
+                self.peers.remove(&key).context("writing the peers map")?;
+            } else {
+                self.peers
+                    .insert(key, users, 0)
+                    .context("writing the peers map")?;
             }
         }
         Ok(())
