@@ -15,7 +15,10 @@ pub const SERVICES_DEFAULT_CAPACITY: u32 = 4096;
 /// An address as the services, NAT and peers maps key it: `H`, `N` or a tunnel
 /// endpoint in the 16-byte layout of [`crate::flow::FlowKey`], with its family, so
 /// an IPv4 address never matches an IPv6 one with the same first bytes.
-#[repr(C)]
+///
+/// Aligned to 4 so the eBPF programs write the family and padding as one word
+/// (byte-aligned, LLVM calls a byte-by-byte `memset` for the padding).
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AddrKey {
     pub addr: [u8; 16],

@@ -42,26 +42,27 @@ pub struct Packet {
 impl Packet {
     /// What the parser fills.
     pub const EMPTY: Packet = Packet {
+        family: 0,
+        protocol: 0,
         l4: L4::Other,
-        ..Packet::ip(0, 0)
+        l4_offset: 0,
+        src_addr: [0; 16],
+        dst_addr: [0; 16],
+        src_port: 0,
+        dst_port: 0,
+        tcp_flags: 0,
+        ip_len: 0,
+        fragment: false,
     };
 
-    /// An IP packet of `family` and `ip_len` bytes, the rest still to be read.
+    /// An IP packet of `family` and `ip_len` bytes, the rest still to be read. Field
+    /// by field on a [`Packet::EMPTY`]: building a new `Packet` here makes LLVM zero
+    /// the addresses with a byte-by-byte `memset` loop, on every packet.
     #[inline(always)]
-    const fn ip(family: u8, ip_len: usize) -> Packet {
-        Packet {
-            family,
-            protocol: 0,
-            l4: L4::Fragment,
-            l4_offset: 0,
-            src_addr: [0; 16],
-            dst_addr: [0; 16],
-            src_port: 0,
-            dst_port: 0,
-            tcp_flags: 0,
-            ip_len,
-            fragment: false,
-        }
+    fn start_ip(&mut self, family: u8, ip_len: usize) {
+        self.family = family;
+        self.l4 = L4::Fragment;
+        self.ip_len = ip_len;
     }
 }
 
@@ -210,6 +211,8 @@ const STATUS_ERROR: u32 = 2;
 fn parse_into(data: usize, data_end: usize, frame_len: usize, out: *mut Packet) -> u32 {
     // SAFETY: `out` points at the caller's Packet, borrowed mutably for this call.
     let pkt = unsafe { &mut *out };
+    // Whole-struct, from a constant: eight 8-byte copies.
+    *pkt = Packet::EMPTY;
     match parse_any(data, data_end, frame_len, pkt) {
         Ok(true) => STATUS_IP,
         Ok(false) => STATUS_NON_IP,
@@ -246,12 +249,10 @@ fn parse_ipv4(
     let header_len = usize::from(ip[0] & 0x0f) * 4;
     let total_len = usize::from(be16(ip[2], ip[3]));
     // The fixed header is in: record whom the packet is for before judging it.
-    *pkt = Packet {
-        protocol: ip[9],
-        l4_offset: ETH_HLEN + header_len,
-        fragment: be16(ip[6], ip[7]) & 0x3fff != 0,
-        ..Packet::ip(family::IPV4, total_len)
-    };
+    pkt.start_ip(family::IPV4, total_len);
+    pkt.protocol = ip[9];
+    pkt.l4_offset = ETH_HLEN + header_len;
+    pkt.fragment = be16(ip[6], ip[7]) & 0x3fff != 0;
     pkt.src_addr[..4].copy_from_slice(&ip[12..16]);
     pkt.dst_addr[..4].copy_from_slice(&ip[16..20]);
     if header_len < IPV4_MIN_HLEN || total_len < header_len {
@@ -281,7 +282,7 @@ fn parse_ipv6(
     }
     let ip_len = IPV6_HLEN + usize::from(be16(ip[4], ip[5]));
     // The protocol is only known once the extension headers have been walked.
-    *pkt = Packet::ip(family::IPV6, ip_len);
+    pkt.start_ip(family::IPV6, ip_len);
     pkt.src_addr.copy_from_slice(&ip[8..24]);
     pkt.dst_addr.copy_from_slice(&ip[24..40]);
     let l3_end = ETH_HLEN + ip_len;
