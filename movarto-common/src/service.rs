@@ -16,8 +16,8 @@ pub const SERVICES_DEFAULT_CAPACITY: u32 = 4096;
 /// endpoint in the 16-byte layout of [`crate::flow::FlowKey`], with its family, so
 /// an IPv4 address never matches an IPv6 one with the same first bytes.
 ///
-/// Aligned to 4 so the eBPF programs write the family and padding as one word
-/// (byte-aligned, LLVM calls a byte-by-byte `memset` for the padding).
+/// Aligned to 4 so the eBPF programs copy an address into a key a word at a time,
+/// and write the family and padding as one word (see [`AddrKey::new`]).
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AddrKey {
@@ -29,11 +29,21 @@ pub struct AddrKey {
 
 impl AddrKey {
     pub const fn new(addr: [u8; 16], family: u8) -> Self {
-        Self {
-            addr,
-            family,
-            _pad: [0; 3],
+        /// `AddrKey` with its family and padding as one word: written field by field,
+        /// the zeroed padding becomes a call to the BPF `memset`, a byte-by-byte loop,
+        /// in every lookup by address.
+        #[repr(C, align(4))]
+        struct Words {
+            addr: [u8; 16],
+            tail: u32,
         }
+        let words = Words {
+            addr,
+            tail: u32::from_ne_bytes([family, 0, 0, 0]),
+        };
+        // SAFETY: the same size (20) and alignment (4), and every byte initialised;
+        // `tail`'s bytes in memory are the family and three zeros, as in `AddrKey`.
+        unsafe { core::mem::transmute::<Words, AddrKey>(words) }
     }
 }
 

@@ -56,8 +56,9 @@ impl Packet {
     };
 
     /// An IP packet of `family` and `ip_len` bytes, the rest still to be read. Field
-    /// by field on a [`Packet::EMPTY`]: building a new `Packet` here makes LLVM zero
-    /// the addresses with a byte-by-byte `memset` loop, on every packet.
+    /// by field on the caller's [`Packet::EMPTY`] (copied from a constant, 8 bytes at
+    /// a time): building a new `Packet` here makes LLVM zero the addresses with a
+    /// byte-by-byte `memset` loop, on every packet.
     #[inline(always)]
     fn start_ip(&mut self, family: u8, ip_len: usize) {
         self.family = family;
@@ -185,7 +186,9 @@ fn be16(b0: u8, b1: u8) -> u16 {
 /// family, addresses and protocol once the fixed IP header has been read
 /// (the family stays 0 if it could not be), ports once the transport header
 /// has, so the caller can tell whether the packet is one it acts on.
-/// Filling the caller's `Packet` keeps a single copy on the stack.
+/// Filling the caller's `Packet` keeps a single copy on the stack; it must be a
+/// fresh [`Packet::EMPTY`] (every caller's is), since the parser writes only the
+/// fields it reads.
 #[inline(always)]
 pub fn parse_frame(
     data: usize,
@@ -211,8 +214,6 @@ const STATUS_ERROR: u32 = 2;
 fn parse_into(data: usize, data_end: usize, frame_len: usize, out: *mut Packet) -> u32 {
     // SAFETY: `out` points at the caller's Packet, borrowed mutably for this call.
     let pkt = unsafe { &mut *out };
-    // Whole-struct, from a constant: eight 8-byte copies.
-    *pkt = Packet::EMPTY;
     match parse_any(data, data_end, frame_len, pkt) {
         Ok(true) => STATUS_IP,
         Ok(false) => STATUS_NON_IP,

@@ -281,9 +281,8 @@ fn each_service_is_served_in_its_own_mode_and_neighbours_are_untouched() {
     run_frame_out(&dp, Hook::VmFacing, &ethernet(&tcp(HOME_Y, CLIENT, b"r"))).expect("tc run");
     assert_counter_delta(&x_before, &row(&dp, &services[0]), &[]);
     let y_after = row(&dp, &services[1]);
-    let verdicts: u64 =
-        y_after.iter().map(|(_, v)| v).sum::<u64>() - y_before.iter().map(|(_, v)| v).sum::<u64>();
-    assert_eq!(verdicts, 1, "{:?}", y_after.nonzero());
+    let on_y = verdicts(&y_after) - verdicts(&y_before);
+    assert_eq!(on_y, 1, "{:?}", y_after.nonzero());
 }
 
 #[test]
