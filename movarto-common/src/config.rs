@@ -30,17 +30,23 @@ pub enum Mode {
     /// for packets that still reach A; everything else (the VM's replies included) goes
     /// the direct way, by the kernel's routing.
     Direct = 5,
+    /// Site A again, the VM back from B while B still forwards what reaches `N` (a
+    /// move back before the drain ended): traffic to `H` is the VM's own (recorded,
+    /// passed), GUE from `TB` is delivered to the VM, and the VM's packets on flows A
+    /// did not see itself go back through the tunnel, where B undoes its NAT.
+    Return = 6,
 }
 
 impl Mode {
     /// Every mode, in value order.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Idle,
         Mode::Track,
         Mode::Forward,
         Mode::Receive,
         Mode::Nat,
         Mode::Direct,
+        Mode::Return,
     ];
 
     /// Whether the mode sends packets on through the host's routing, so the uplink
@@ -48,13 +54,16 @@ impl Mode {
     pub const fn routes_packets(self) -> bool {
         matches!(
             self,
-            Mode::Forward | Mode::Receive | Mode::Nat | Mode::Direct
+            Mode::Forward | Mode::Receive | Mode::Nat | Mode::Direct | Mode::Return
         )
     }
 
     /// Whether the mode sends GUE to the peer, whose next hop must then be resolved.
     pub const fn uses_tunnel(self) -> bool {
-        matches!(self, Mode::Forward | Mode::Receive | Mode::Direct)
+        matches!(
+            self,
+            Mode::Forward | Mode::Receive | Mode::Direct | Mode::Return
+        )
     }
 
     pub const fn from_u8(v: u8) -> Option<Mode> {
@@ -65,6 +74,7 @@ impl Mode {
             3 => Some(Mode::Receive),
             4 => Some(Mode::Nat),
             5 => Some(Mode::Direct),
+            6 => Some(Mode::Return),
             _ => None,
         }
     }
@@ -77,6 +87,7 @@ impl Mode {
             Mode::Receive => "receive",
             Mode::Nat => "nat",
             Mode::Direct => "direct",
+            Mode::Return => "return",
         }
     }
 }

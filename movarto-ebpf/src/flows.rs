@@ -73,11 +73,11 @@ pub enum Origin {
 }
 
 /// Records `pkt` in the flow map, creating the entry with `origin` if needed.
+/// Returns the entry's origin, `None` for a packet without ports.
 #[inline(always)]
-pub fn record(pkt: &Packet, dir: Direction, origin: u8) {
-    if let Some(key) = key_of(pkt, dir) {
-        record_key(&key, pkt, dir, origin, Origin::Entry);
-    }
+pub fn record(pkt: &Packet, dir: Direction, origin: u8) -> Option<u8> {
+    let key = key_of(pkt, dir)?;
+    Some(record_key(&key, pkt, dir, origin, Origin::Entry))
 }
 
 /// Records `pkt` under `key` (for when the key differs from the packet's own
@@ -85,9 +85,10 @@ pub fn record(pkt: &Packet, dir: Direction, origin: u8) {
 /// needed. An existing entry starts afresh, counted as [`Counter::FlowReused`],
 /// when the packet opens a new connection on its 5-tuple: a SYN on a closed
 /// flow (which must not inherit the closing bits, or the sweep drops it), or a
-/// packet whose `decides` origin differs from the entry's.
+/// packet whose `decides` origin differs from the entry's. Returns the entry's
+/// origin (the one it had, or `origin`).
 #[inline(always)]
-pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decides: Origin) {
+pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decides: Origin) -> u8 {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(value) = FLOWS.get_ptr_mut(key) {
@@ -100,16 +101,16 @@ pub fn record_key(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decid
             start_afresh(value, origin, now);
         }
         update(value, pkt, dir, now);
-        return;
+        return value.origin;
     }
-    record_pending(key, pkt, dir, origin, decides);
+    record_pending(key, pkt, dir, origin, decides)
 }
 
 /// Records a flow the confirmed map does not hold: in [`PENDING_FLOWS`], where every
 /// new flow starts, and moves it to [`FLOWS`] once the packet confirms it (see
 /// [`FlowValue::is_confirmed`]).
 #[inline(always)]
-fn record_pending(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decides: Origin) {
+fn record_pending(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decides: Origin) -> u8 {
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(value) = PENDING_FLOWS.get_ptr_mut(key) {
@@ -119,15 +120,16 @@ fn record_pending(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decid
             start_afresh(value, origin, now);
         }
         update(value, pkt, dir, now);
+        let kept = value.origin;
         if value.is_confirmed() {
             confirm(key, value);
         }
-        return;
+        return kept;
     }
     // The new entry is built in this CPU's scratch slot, not on the stack: the
     // callers' frames leave this function little of the 512 bytes.
     let Some(scratch) = FLOW_SCRATCH.get_ptr_mut(0) else {
-        return;
+        return origin;
     };
     // SAFETY: this CPU's slot of the scratch map. movarto's programs run in
     // softirq context (XDP) or with bottom halves off (TC), so none interrupts
@@ -150,6 +152,7 @@ fn record_pending(key: &FlowKey, pkt: &Packet, dir: Direction, origin: u8, decid
             }
         }
     }
+    origin
 }
 
 /// Whether `pkt` opens a new connection on a closed flow's 5-tuple: a SYN on a

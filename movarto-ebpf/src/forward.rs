@@ -1,6 +1,12 @@
 //! Mode `forward` at site A (from switchover): everything for `H` goes to
 //! `TB` in GUE; GUE from `TB` is unwrapped and routed out from `H`.
 //!
+//! Site B is in `forward` too when the VM moves back to A before the drain ended
+//! (mode `return` there): traffic to its `N` goes to A in GUE as well, DNATed to
+//! `H` as a NAT flow, and A's tunnelled replies on NAT flows leave as `N` again.
+//! A packet for `H` that comes through the tunnel is for a VM arriving here (A
+//! still in `forward` while the VM resumes): it is delivered to the VM.
+//!
 //! A is a router on both paths, as its kernel was when it routed `H` to the
 //! VM: the TTL (IPv4) or hop limit (IPv6) of the inner packet is decremented
 //! once, at A, and B delivers without touching it, so the VM and the
@@ -20,13 +26,15 @@ use movarto_common::{
 
 use crate::{
     counters,
-    flows::{self, Direction},
+    flows::{self, Direction, Origin},
     icmp::{self, Message},
-    link_local, mss,
+    link_local, mss, nat,
     outcome::Outcome,
     parse::{self, bytes, bytes_mut},
-    route, tunnel,
+    receive, route, tunnel,
 };
+
+const NO_ADDR: [u8; 16] = [0; 16];
 
 /// IPv4 "don't fragment" in the flags byte (offset 6 of the header).
 const IPV4_DF: u8 = 0x40;
@@ -34,7 +42,7 @@ const IPV4_DF: u8 = 0x40;
 /// Uplink ingress, anything but our GUE: traffic for `H` goes into the tunnel.
 #[inline(always)]
 pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<Outcome, Counter> {
-    if pkt.family != cfg.service_family || pkt.dst_addr != cfg.home_addr {
+    if pkt.family != cfg.service_family || !(pkt.dst_addr == cfg.home_addr || to_new(cfg, pkt)) {
         return Ok(Outcome::Pass);
     }
     // ND and link-local/multicast traffic is this link's, even for `H`.
@@ -46,8 +54,7 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
     if ttl::expires(hop_limit(ctx, pkt)?) {
         return time_exceeded(ctx, pkt);
     }
-    // Pre-move flows and stale-DNS newcomers alike.
-    flows::record(pkt, Direction::FromPeer, origin::STALE_DNS);
+    record_to_tunnel(cfg, pkt);
     // A newcomer's connection runs through the tunnel all its life: clamp its
     // SYN's MSS as tracking does, so the VM's segments fit the tunnel.
     if matches!(pkt.l4, parse::L4::Tcp) && mss::is_syn(pkt) {
@@ -77,6 +84,11 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
     if !decrement(ctx, pkt)? {
         return Err(Counter::DropTtlExceeded);
     }
+    // The VM, wherever it runs now, knows only `H`. Asked again here, not kept from
+    // the start: a flag live across the whole path doubles the verifier's walk.
+    if to_new(cfg, pkt) {
+        nat::dnat_xdp(ctx, pkt, cfg)?;
+    }
     tunnel::encapsulate(ctx, cfg, pkt, Direction::FromPeer)?;
     let hop = route::lookup(
         ctx.ctx as *mut c_void,
@@ -91,6 +103,28 @@ pub fn to_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &parse::Packet) -> Result<
         route::transmit_xdp(ctx, &hop)?,
         Counter::TunnelOut,
     ))
+}
+
+/// Whether `pkt` is for the service's `N` (site B after a move back).
+#[inline(always)]
+fn to_new(cfg: &Config, pkt: &parse::Packet) -> bool {
+    cfg.new_addr != NO_ADDR && pkt.dst_addr == cfg.new_addr
+}
+
+/// Records a packet the tunnel takes: pre-move flows and stale-DNS newcomers alike,
+/// and traffic to `N`, which is NAT by definition (as in `receive`), under `H`.
+#[inline(always)]
+fn record_to_tunnel(cfg: &Config, pkt: &parse::Packet) {
+    let Some(mut key) = flows::key_of(pkt, Direction::FromPeer) else {
+        return;
+    };
+    key.service_addr = cfg.home_addr;
+    let (flow_origin, decides) = if to_new(cfg, pkt) {
+        (origin::NAT, Origin::Packet)
+    } else {
+        (origin::STALE_DNS, Origin::Entry)
+    };
+    flows::record_key(&key, pkt, Direction::FromPeer, flow_origin, decides);
 }
 
 /// A packet for `H` whose TTL or hop limit expires at A: ICMP time-exceeded
@@ -173,7 +207,16 @@ pub fn from_tunnel(
     outer: &parse::Packet,
 ) -> Result<Outcome, Counter> {
     let mut inner = parse::Packet::EMPTY;
-    tunnel::decapsulate(ctx, cfg, outer, Direction::ToPeer, &mut inner)?;
+    if tunnel::decapsulate_either(ctx, cfg, outer, &mut inner)? == Direction::FromPeer {
+        // For `H`: the peer tunnels to the VM, which is arriving here (a move back).
+        // Not recorded: in `return` and until then, a flow A did not see itself goes
+        // back through the tunnel in any case (and a record would overflow the
+        // 512-byte stack of this call chain).
+        return Ok(Outcome::Sent(
+            receive::deliver_to_vm(ctx, cfg)?,
+            Counter::TunnelIn,
+        ));
+    }
     // A routes the reply, so it decrements. One that expires here is dropped
     // without an answer: the VM is behind the tunnel, and an ICMP to it would
     // have to be encapsulated back toward B (its TTL 1 came from the VM
@@ -181,11 +224,19 @@ pub fn from_tunnel(
     if !decrement(ctx, &inner)? {
         return Err(Counter::DropTtlExceeded);
     }
-    flows::record(&inner, Direction::ToPeer, origin::STALE_DNS);
+    // A NAT flow of this site's (B's, after a move back) leaves as `N`.
+    let nat = flows::record(&inner, Direction::ToPeer, origin::STALE_DNS) == Some(origin::NAT)
+        && cfg.new_addr != NO_ADDR;
+    let src = if nat {
+        nat::snat_xdp(ctx, &inner, cfg)?;
+        &cfg.new_addr
+    } else {
+        &inner.src_addr
+    };
     let hop = route::lookup(
         ctx.ctx as *mut c_void,
         inner.family,
-        &inner.src_addr,
+        src,
         &inner.dst_addr,
         ctx.ingress_ifindex() as u32,
         inner.ip_len as u16,

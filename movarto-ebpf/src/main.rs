@@ -16,6 +16,7 @@ mod nat;
 mod outcome;
 mod parse;
 mod receive;
+mod return_home;
 mod route;
 mod services;
 mod track;
@@ -90,7 +91,7 @@ pub fn uplink_ingress(ctx: XdpContext) -> u32 {
         match service {
             None => Decoded::Pass,
             Some(cfg) => match cfg.mode() {
-                Some(Mode::Track) => {
+                Some(Mode::Track | Mode::Return) => {
                     track::from_uplink(&ctx, cfg, &pkt);
                     Decoded::Pass
                 }
@@ -170,10 +171,18 @@ pub fn vm_ingress(ctx: TcContext) -> i32 {
                 track::from_vm(&ctx, cfg, &pkt);
                 Decoded::Pass
             }
-            Some(Mode::Receive) => match receive_from_vm(&ctx, cfg, &pkt).decode() {
-                Decoded::Tunnel => vm_to_tunnel(&ctx, cfg, &pkt).decode(),
-                other => other,
-            },
+            // One call site of the tunnel: the verifier walks a function once per call.
+            Some(mode @ (Mode::Receive | Mode::Return | Mode::Forward)) => {
+                let decided = if mode == Mode::Receive {
+                    receive_from_vm(&ctx, cfg, &pkt)
+                } else {
+                    returned_from_vm(&ctx, cfg, &pkt)
+                };
+                match decided.decode() {
+                    Decoded::Tunnel => vm_to_tunnel(&ctx, cfg, &pkt).decode(),
+                    other => other,
+                }
+            }
             Some(Mode::Nat) => nat_from_vm(&ctx, cfg, &pkt).decode(),
             _ => Decoded::Pass,
         },
@@ -217,6 +226,11 @@ fn vm_to_tunnel(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Encoded {
 #[inline(never)]
 fn receive_from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Encoded {
     receive::from_vm(ctx, cfg, pkt, false).into()
+}
+
+#[inline(never)]
+fn returned_from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Encoded {
+    return_home::from_vm(ctx, cfg, pkt).into()
 }
 
 #[inline(never)]
@@ -292,13 +306,20 @@ fn acts_on(hook: Hook, pkt: &Packet) -> bool {
                 return false;
             };
             match cfg.mode() {
-                Some(Mode::Forward) => pkt.dst_addr == cfg.home_addr,
+                Some(Mode::Forward) => {
+                    pkt.dst_addr == cfg.home_addr
+                        || (cfg.new_addr != [0; 16] && pkt.dst_addr == cfg.new_addr)
+                }
                 Some(Mode::Receive | Mode::Nat) => true,
                 _ => false,
             }
         }
-        Hook::Vm => services::of_source(pkt)
-            .is_some_and(|cfg| matches!(cfg.mode(), Some(Mode::Receive | Mode::Nat))),
+        Hook::Vm => services::of_source(pkt).is_some_and(|cfg| {
+            matches!(
+                cfg.mode(),
+                Some(Mode::Receive | Mode::Nat | Mode::Return | Mode::Forward)
+            )
+        }),
     }
 }
 

@@ -1,4 +1,5 @@
-//! NAT between the new address `N` and the home address `H` at site B.
+//! NAT between the new address `N` and the home address `H` at site B (and, after a
+//! move back to A, on the tunnel's packets there).
 //! Checksums are updated incrementally: IPv4 header, and the TCP, UDP and
 //! ICMPv6 checksums whose pseudo-header holds the rewritten address.
 
@@ -8,6 +9,7 @@ use aya_ebpf::{
 };
 use movarto_common::{
     checksum,
+    config::Config,
     counters::Counter,
     net::{ETH_HLEN, family},
 };
@@ -26,24 +28,52 @@ fn l4_checksum_offset(pkt: &Packet) -> Option<usize> {
     }
 }
 
-/// XDP: rewrites the destination address of `pkt` to `to` (DNAT).
+/// XDP: rewrites the destination of `pkt`, the service's `N`, to its `H` (DNAT).
 #[inline(always)]
-pub fn dnat_xdp(ctx: &XdpContext, pkt: &Packet, to: &[u8; 16]) -> Result<(), Counter> {
+pub fn dnat_xdp(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<(), Counter> {
+    rewrite_xdp(ctx, pkt, Side::Destination, &cfg.new_addr, &cfg.home_addr)
+}
+
+/// XDP: rewrites the source of `pkt`, the service's `H`, to its `N` (SNAT): site B's
+/// NAT on a reply that A tunnelled back after the VM returned there.
+#[inline(always)]
+pub fn snat_xdp(ctx: &XdpContext, pkt: &Packet, cfg: &Config) -> Result<(), Counter> {
+    rewrite_xdp(ctx, pkt, Side::Source, &cfg.home_addr, &cfg.new_addr)
+}
+
+/// Which address of the IP header a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// Rewrites `side` from `old` (which the caller checked it is) to `new`. The old
+/// address comes from the configuration, not a copy of the header: no 16-byte
+/// array on a stack its callers leave little of.
+#[inline(always)]
+fn rewrite_xdp(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    side: Side,
+    old: &[u8; 16],
+    new: &[u8; 16],
+) -> Result<(), Counter> {
     let (data, end) = (ctx.data(), ctx.data_end());
     if pkt.family == family::IPV4 {
         let ip = bytes_mut::<20>(data, end, ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
-        let old = [ip[16], ip[17], ip[18], ip[19]];
-        let new = [to[0], to[1], to[2], to[3]];
-        let check = checksum::replace_bytes(u16::from_be_bytes([ip[10], ip[11]]), &old, &new);
+        let at = if side == Side::Source { 12 } else { 16 };
+        let old4 = [old[0], old[1], old[2], old[3]];
+        let new4 = [new[0], new[1], new[2], new[3]];
+        let check = checksum::replace_bytes(u16::from_be_bytes([ip[10], ip[11]]), &old4, &new4);
         ip[10..12].copy_from_slice(&check.to_be_bytes());
-        ip[16..20].copy_from_slice(&new);
-        fix_l4_xdp(data, end, pkt, &old, &new)
+        ip[at..at + 4].copy_from_slice(&new4);
+        fix_l4_xdp(data, end, pkt, &old4, &new4)
     } else {
         let ip = bytes_mut::<40>(data, end, ETH_HLEN).map_err(|_| Counter::DropTruncated)?;
-        let mut old = [0u8; 16];
-        old.copy_from_slice(&ip[24..40]);
-        ip[24..40].copy_from_slice(to);
-        fix_l4_xdp(data, end, pkt, &old, to)
+        let at = if side == Side::Source { 8 } else { 24 };
+        ip[at..at + 16].copy_from_slice(new);
+        fix_l4_xdp(data, end, pkt, old, new)
     }
 }
 

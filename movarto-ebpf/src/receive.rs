@@ -46,7 +46,7 @@ pub fn to_new_addr(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outco
     if to_home {
         return Err(Counter::DropNotTunnelled);
     }
-    nat::dnat_xdp(ctx, pkt, &cfg.home_addr)?;
+    nat::dnat_xdp(ctx, pkt, cfg)?;
     if let Some(mut key) = flows::key_of(pkt, Direction::FromPeer) {
         key.service_addr = cfg.home_addr;
         flows::record_key(&key, pkt, Direction::FromPeer, origin::NAT, Origin::Packet);
@@ -67,7 +67,7 @@ pub fn from_tunnel(ctx: &XdpContext, cfg: &Config, pkt: &Packet) -> Result<Outco
 /// Addresses the frame from the anycast gateway to the VM and redirects it
 /// to the VM-facing interface.
 #[inline(always)]
-fn deliver_to_vm(ctx: &XdpContext, cfg: &Config) -> Result<u32, Counter> {
+pub fn deliver_to_vm(ctx: &XdpContext, cfg: &Config) -> Result<u32, Counter> {
     let eth = bytes_mut::<ETH_HLEN>(ctx.data(), ctx.data_end(), 0)
         .map_err(|_| Counter::DropResizeFailed)?;
     eth[..6].copy_from_slice(&cfg.vm_mac);

@@ -173,6 +173,22 @@ pub fn decapsulate(
     dir: Direction,
     inner: &mut Packet,
 ) -> Result<(), Counter> {
+    if decapsulate_either(ctx, cfg, outer, inner)? != dir {
+        return Err(Counter::DropGueMalformed);
+    }
+    Ok(())
+}
+
+/// [`decapsulate`] for a site in `forward` that may see the tunnel both ways: the
+/// VM's replies (from `H`) and, after a move back, packets for the VM that the
+/// other site still tunnels (to `H`). Returns which it was.
+#[inline(always)]
+pub fn decapsulate_either(
+    ctx: &XdpContext,
+    cfg: &Config,
+    outer: &Packet,
+    inner: &mut Packet,
+) -> Result<Direction, Counter> {
     strip_outer(ctx, cfg, outer)?;
     if parse::parse_frame(
         ctx.data(),
@@ -183,14 +199,22 @@ pub fn decapsulate(
     {
         return Err(Counter::DropGueMalformed);
     }
-    let service_addr = match dir {
-        Direction::FromPeer => &inner.dst_addr,
-        Direction::ToPeer => &inner.src_addr,
-    };
-    if inner.family != cfg.service_family || *service_addr != cfg.home_addr {
-        return Err(Counter::DropGueMalformed);
+    decapsulated_direction(cfg, inner).ok_or(Counter::DropGueMalformed)
+}
+
+/// Which way the unwrapped `inner` goes for the service, if its `H` is on one side
+/// (the tunnel carries the service's traffic only).
+#[inline(always)]
+fn decapsulated_direction(cfg: &Config, inner: &Packet) -> Option<Direction> {
+    if inner.family != cfg.service_family {
+        None
+    } else if inner.src_addr == cfg.home_addr {
+        Some(Direction::ToPeer)
+    } else if inner.dst_addr == cfg.home_addr {
+        Some(Direction::FromPeer)
+    } else {
+        None
     }
-    Ok(())
 }
 
 /// UDP header, GUE header and token: what the UDP length adds to the inner packet.

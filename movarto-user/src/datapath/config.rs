@@ -272,7 +272,7 @@ mod tests {
         let local = Ipv4Addr::new(203, 0, 113, 1);
         let peer = Ipv4Addr::new(203, 0, 113, 2);
         let home = "192.0.2.10".parse().expect("addr");
-        for mode in [Mode::Forward, Mode::Receive, Mode::Direct] {
+        for mode in [Mode::Forward, Mode::Receive, Mode::Direct, Mode::Return] {
             let with = |l, p, t| {
                 SiteConfig::new(mode, home)
                     .with_tunnel(l, p, SessionToken(t))
