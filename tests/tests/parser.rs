@@ -431,10 +431,19 @@ fn check_malformed(shape: Shape, v6: bool, reason: Option<Counter>, tc: bool) {
         uplink(
             &dp,
             matches!(mode, Mode::Forward | Mode::Receive | Mode::Nat),
-            matches!(mode, Mode::Receive | Mode::Nat),
+            // `forward` tunnels traffic to `N` too (site B after a move back).
+            matches!(mode, Mode::Forward | Mode::Receive | Mode::Nat),
             name,
         );
-        vm(&dp, matches!(mode, Mode::Receive | Mode::Nat), name);
+        // `forward` and `return` may tunnel the VM's packets (a move back).
+        vm(
+            &dp,
+            matches!(
+                mode,
+                Mode::Receive | Mode::Nat | Mode::Return | Mode::Forward
+            ),
+            name,
+        );
     }
     // Track mode records flows only of packets it accepts.
     assert!(dp.flows().expect("flows").is_empty());
