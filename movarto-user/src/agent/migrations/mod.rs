@@ -200,8 +200,22 @@ impl Migrations {
             return Ok(existing);
         }
         if let Some(other) = migrations.live_for(&spec.vm).await {
+            // A move back (or on) while the last move drains: the datapath can serve it
+            // (`return` at A, `forward` at B), but the agents do not drive it yet.
+            let draining = matches!(
+                (other.role, other.stage),
+                (Role::Destination, Stage::Running) | (Role::Source, Stage::Draining)
+            );
+            let hint = if draining {
+                "; its drain has not ended, and moving it again before then is not \
+                 driven by the agents yet: wait for the drain (or bound it with \
+                 `--max-drain`), or see \"Moving back before the drain ended\" in \
+                 docs/datapath.md for doing it with `movarto-user service set`"
+            } else {
+                ""
+            };
             return Err(MigrationError::Conflict(format!(
-                "VM {} is in migration {} already ({})",
+                "VM {} is in migration {} already ({}){hint}",
                 spec.vm,
                 other.id(),
                 other.stage
