@@ -390,3 +390,92 @@ fn site_a_in_return_serves_its_own_flows_directly_and_tunnels_the_rest_to_b() {
     );
     assert_eq!(out, syn);
 }
+
+const fn v6(w: [u16; 8]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 8 {
+        out[2 * i] = (w[i] >> 8) as u8;
+        out[2 * i + 1] = w[i] as u8;
+        i += 1;
+    }
+    out
+}
+
+const HOME6: [u8; 16] = v6([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10]);
+const NEW6: [u8; 16] = v6([0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x10]);
+/// A client of `N`, routed by the site's uplink gateway.
+const CLIENT6: [u8; 16] = v6([0x2001, 0xdb8, 1, 0, 0, 0, 0, 7]);
+
+fn udp6(src: [u8; 16], dst: [u8; 16], ports: (u16, u16), hop_limit: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv6(src, dst, hop_limit)
+        .udp(ports.0, ports.1)
+        .write(&mut out, payload)
+        .expect("build");
+    out
+}
+
+fn ethernet6(dst: [u8; 6], src: [u8; 6], ip: &[u8]) -> Vec<u8> {
+    let mut f = ethernet(dst, src, ip);
+    f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    f
+}
+
+#[test]
+fn site_b_in_forward_does_the_same_for_an_ipv6_service_over_udp() {
+    require_root();
+    let s = site(TB, TA, TA_MAC);
+    let _in = s.ns.enter().expect("enter");
+    let mut cfg = service(Mode::Forward, s.uplink_ifindex, TB, TA);
+    cfg.home_addr = IpAddr::from(HOME6);
+    cfg.new_addr = Some(IpAddr::from(NEW6));
+    let dp = load(&cfg);
+    let key6 = |service: [u8; 16]| {
+        FlowKey::new(
+            (IpAddr::from(service), 53),
+            (IpAddr::from(CLIENT6), 5353),
+            proto::UDP,
+        )
+        .expect("key")
+    };
+
+    // To N: DNATed to H (the UDP checksum follows), one hop older, into the tunnel.
+    let sent = udp6(CLIENT6, NEW6, (5353, 53), 64, b"query");
+    let out = run(
+        &dp,
+        Hook::Uplink,
+        &ethernet6(UPLINK_MAC, WAN_MAC, &sent),
+        XDP_REDIRECT,
+        &[UDP, (Counter::TunnelOut, 1), (Counter::FlowCreated, 1)],
+    );
+    let inner = udp6(CLIENT6, HOME6, (5353, 53), 63, b"query");
+    assert_eq!(
+        out,
+        ethernet(
+            TA_MAC,
+            UPLINK_MAC,
+            &reference_gue(TB, TA, &key6(NEW6), &inner)
+        )
+    );
+    assert_eq!(origin_of(&dp, &key6(HOME6)), Some(origin::NAT));
+
+    // A's reply on that flow leaves as N.
+    let reply = udp6(HOME6, CLIENT6, (53, 5353), 64, b"answer");
+    let out = run(
+        &dp,
+        Hook::Uplink,
+        &gue_from_a(&key6(HOME6), &reply),
+        XDP_REDIRECT,
+        &[UDP, (Counter::TunnelIn, 1), (Counter::FlowConfirmed, 1)],
+    );
+    assert_eq!(
+        out,
+        ethernet6(
+            GW_MAC,
+            UPLINK_MAC,
+            &udp6(NEW6, CLIENT6, (53, 5353), 63, b"answer")
+        ),
+        "SNATed to N, checksum right"
+    );
+}
