@@ -172,6 +172,6 @@ mod tests {
         for m in Mode::ALL {
             assert_eq!(Mode::from_u8(m as u8), Some(m));
         }
-        assert_eq!(Mode::from_u8(6), None);
+        assert_eq!(Mode::from_u8(Mode::ALL.len() as u8), None);
     }
 }
