@@ -32,8 +32,10 @@ pub fn from_vm(ctx: &TcContext, cfg: &Config, pkt: &Packet) -> Result<Outcome, C
         return Ok(Outcome::Pass);
     };
     let opens_connection = pkt.tcp_flags & (tcp_flag::SYN | tcp_flag::ACK) == tcp_flag::SYN;
-    let own =
-        opens_connection || flows::origin_of(&key).is_some_and(|seen| seen != origin::TUNNELLED);
+    // A's own origins only: a snapshot from B may bring its NAT and tunnelled flows.
+    let own = opens_connection
+        || flows::origin_of(&key)
+            .is_some_and(|seen| seen == origin::TRACKED || seen == origin::STALE_DNS);
     if own {
         track::from_vm(ctx, cfg, pkt);
         return Ok(Outcome::Pass);

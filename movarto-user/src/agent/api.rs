@@ -133,7 +133,7 @@ pub struct ServiceList {
 
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ModeRequest {
-    /// `idle`, `track`, `forward`, `receive`, `nat` or `direct`.
+    /// `idle`, `track`, `forward`, `receive`, `nat`, `direct` or `return`.
     #[schema(value_type = String, example = "forward")]
     pub mode: Mode,
     /// The service's home address; absent: the datapath's only service.

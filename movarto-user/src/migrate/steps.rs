@@ -19,7 +19,7 @@ use super::{
 use crate::{
     agent::{
         AgentClient,
-        api::{DnsDone, MigrationId, MigrationRecord, Stage, unix_ms},
+        api::{DnsDone, MigrationId, MigrationRecord, Role, Stage, unix_ms},
         client::retry_unreachable,
         token::random_hex,
     },
@@ -186,10 +186,12 @@ async fn start_or_find(
         .await
         .map_err(|e| fail(e.into()))?;
     let of_vm: Vec<&MigrationRecord> = known.iter().filter(|r| r.spec.vm == plan.vm).collect();
-    // The same migrate again: the one in progress (or finished, with DNS work owed).
+    // The same migrate again: the one in progress (or finished, with DNS work owed)
+    // from this source. A move that arrived here (its drain may still run) is not it.
     if let Some(current) = of_vm.iter().rev().find(|r| {
-        !r.stage.is_final()
-            || (r.stage == Stage::Done && (r.dns_owed.switch || r.dns_owed.restore_ttl))
+        r.role == Role::Source
+            && (!r.stage.is_final()
+                || (r.stage == Stage::Done && (r.dns_owed.switch || r.dns_owed.restore_ttl)))
     }) {
         say.line(&format!(
             "migration {} of {} is {} already: following it (resume it elsewhere with \
@@ -466,12 +468,15 @@ impl Follow<'_> {
         let start = std::time::Instant::now()
             .checked_sub(since)
             .unwrap_or_else(std::time::Instant::now);
+        // Moving home, the record holds the last move's `N`: the update takes what the
+        // server holds (still atomic). Otherwise it must hold `H`.
+        let expected = (!r.spec.moves_home()).then_some([r.spec.home]);
         let (server, name, home) = (dns.zone_server(), dns.name.clone(), r.spec.home);
         let update = tokio::task::spawn_blocking(move || {
             records::replace_addresses(
                 &server,
                 &name,
-                Some(&[home]),
+                expected.as_ref().map(|e| &e[..]),
                 &[new],
                 None,
                 start,
@@ -489,9 +494,13 @@ impl Follow<'_> {
         Ok((
             Some(update.answer_changed_after_ms),
             format!(
-                "{} {home} → {new}, serial {} → {}; authoritative answer changed {} ms after \
+                "{} {} → {new}, serial {} → {}; authoritative answer changed {} ms after \
                  switchover",
-                dns.name, update.before.serial, update.after.serial, update.answer_changed_after_ms
+                dns.name,
+                shown_addresses(&update.before, home),
+                update.before.serial,
+                update.after.serial,
+                update.answer_changed_after_ms
             ),
         ))
     }
@@ -563,6 +572,23 @@ fn fill_figures(report: &mut Report, r: &MigrationRecord) {
     }
     if report.dns_switch_ms.is_none() {
         report.dns_switch_ms = f.dns_switch_ms;
+    }
+}
+
+/// The addresses `before` held of `home`'s family (moving home: the last move's `N`).
+fn shown_addresses(before: &records::ServiceRecords, home: std::net::IpAddr) -> String {
+    let rrset = if home.is_ipv4() {
+        &before.a
+    } else {
+        &before.aaaa
+    };
+    match rrset.addresses.as_slice() {
+        [] => "(none)".to_owned(),
+        addrs => addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
     }
 }
 

@@ -110,6 +110,14 @@ async fn wait_for_the_vm(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     agent.vms.finish_incoming(&spec.vm).await?;
     agent.vms.announce(&spec.vm).await?;
     let mut detail = "the VM runs here; announce-self (RARP)".to_owned();
+    if spec.moves_home() {
+        // Home again: traffic to `H` is the VM's own; the source forwards what still
+        // reaches its `N`, and this site's last move (its drain) ends here.
+        let (datapath, home) = (agent.clone(), Some(spec.home));
+        blocking(move || datapath.datapath.set_mode(home, Mode::Return).map(drop)).await?;
+        super::source::supersede(agent, m).await;
+        detail.push_str("; datapath in return (home again)");
+    }
     if spec.new_addr.is_none()
         && let std::net::IpAddr::V4(home) = spec.home
     {
@@ -149,10 +157,13 @@ pub(super) async fn end_tunnel(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     }
     m.update(|r| r.tunnel_over = true)?;
     let spec = m.snapshot().spec;
-    let (nat, home) = (spec.new_addr.is_some(), Some(spec.home));
+    let (home_again, home) = (spec.moves_home(), Some(spec.home));
+    let nat = spec.new_addr.is_some() && !home_again;
     let datapath = agent.clone();
     blocking(move || {
-        if nat {
+        if home_again {
+            datapath.datapath.set_mode(home, Mode::Track).map(drop)
+        } else if nat {
             datapath.datapath.set_mode(home, Mode::Nat).map(drop)
         } else {
             datapath.datapath.detach(home)
@@ -160,7 +171,9 @@ pub(super) async fn end_tunnel(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     })
     .await?;
     m.update(|r| {
-        r.note(if nat {
+        r.note(if home_again {
+            "datapath in track (home again)"
+        } else if nat {
             "datapath in nat"
         } else {
             "datapath detached"
@@ -191,10 +204,18 @@ async fn clean_up(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     agent.vms.stop(&spec.vm).await?;
     let datapath = agent.clone();
     let home = Some(spec.home);
-    blocking(move || datapath.datapath.detach(home)).await?;
+    // On a move home, the service is the last move's, still forwarding its drain.
+    let keep = spec.moves_home();
+    if !keep {
+        blocking(move || datapath.datapath.detach(home)).await?;
+    }
     tap::delete_tap(&spec.vm_iface).await?;
     m.update(|r| {
-        r.note("the source runs the VM again: QEMU stopped, datapath detached, tap removed");
+        r.note(if keep {
+            "the source runs the VM again: QEMU stopped, tap removed, service left forwarding"
+        } else {
+            "the source runs the VM again: QEMU stopped, datapath detached, tap removed"
+        });
         r.enter(Stage::Aborted);
     })
 }

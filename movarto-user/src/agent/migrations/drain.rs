@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::{
     Handle, blocking, is_not_found,
-    record::{Stage, unix_ms},
+    record::{Role, Stage, unix_ms},
 };
 use crate::agent::{api::FlowEntry, client::retry_unreachable, server::Agent};
 
@@ -37,6 +37,16 @@ pub(super) async fn drain_and_tear_down(agent: &Arc<Agent>, m: &Handle) -> Resul
     let mut baseline: Option<u64> = None;
     let home = Some(record.spec.home);
     let cut = loop {
+        // A move home superseded this migration: its tunnel is that one's now.
+        if m.stage().is_final() {
+            return Ok(());
+        }
+        // A move home is under way here: its service is this one's, not to tear down.
+        let moving_home = agent
+            .migrations
+            .superseded_by(record.id(), &record.spec.vm)
+            .await
+            .is_some_and(|other| other.snapshot().role == Role::Destination);
         let datapath = agent.clone();
         let (status, flows) = blocking(move || {
             let status = datapath.datapath.status(home)?;
@@ -72,6 +82,10 @@ pub(super) async fn drain_and_tear_down(agent: &Arc<Agent>, m: &Handle) -> Resul
         }
         let dns_owed = m.snapshot().dns_owed.switch;
         let idle = last_activity.elapsed();
+        if moving_home {
+            m.nap(DRAIN_POLL).await;
+            continue;
+        }
         if (dp.live_premove_flows == 0 || rerouted) && idle >= rule.grace() && !dns_owed {
             let left = if rerouted {
                 format!("{} open flows go direct now", dp.live_premove_flows)
@@ -137,7 +151,9 @@ async fn tear_down(
     m.update(|r| {
         r.figures.teardown_unix_ms = Some(unix_ms());
         r.dns_owed.restore_ttl = r.spec.dns.is_some();
-        let b = if r.spec.new_addr.is_some() {
+        let b = if r.spec.moves_home() {
+            "destination tracking its own traffic again (home)"
+        } else if r.spec.new_addr.is_some() {
             "destination in nat"
         } else {
             "destination detached"

@@ -199,28 +199,34 @@ impl Migrations {
             }
             return Ok(existing);
         }
+        let mut token = token;
         if let Some(other) = migrations.live_for(&spec.vm).await {
-            // A move back (or on) while the last move drains: the datapath can serve it
-            // (`return` at A, `forward` at B), but the agents do not drive it yet.
-            let draining = matches!(
-                (other.role, other.stage),
-                (Role::Destination, Stage::Running) | (Role::Source, Stage::Draining)
-            );
-            let hint = if draining {
-                "; its drain has not ended, and moving it again before then is not \
-                 driven by the agents yet: wait for the drain (or bound it with \
-                 `--max-drain`), or see \"Moving back before the drain ended\" in \
-                 docs/datapath.md for doing it with `movarto-user service set`"
-            } else {
-                ""
-            };
-            return Err(MigrationError::Conflict(format!(
-                "VM {} is in migration {} already ({}){hint}",
-                spec.vm,
-                other.id(),
-                other.stage
-            ))
-            .into());
+            match home_coming(&spec, role, &other) {
+                // The VM moves back before its last move drained: that move's tunnel
+                // carries on under this one, so its token does too.
+                Some(true) => {
+                    if role == Role::Source {
+                        token = other.token;
+                    }
+                }
+                draining => {
+                    let hint = match draining {
+                        Some(false) => {
+                            "; its drain has not ended, and before then it can only move \
+                             back to the site it came from (`--new-addr` set to its home \
+                             address); wait for the drain, or bound it with `--max-drain`"
+                        }
+                        _ => "",
+                    };
+                    return Err(MigrationError::Conflict(format!(
+                        "VM {} is in migration {} already ({}){hint}",
+                        spec.vm,
+                        other.id(),
+                        other.stage
+                    ))
+                    .into());
+                }
+            }
         }
         let mut record = MigrationRecord::new(spec, role);
         record.token = token;
@@ -228,6 +234,20 @@ impl Migrations {
         let handle = migrations.insert(record).await;
         spawn_driver(agent.clone(), handle.clone());
         Ok(handle.snapshot())
+    }
+
+    /// The draining migration of `vm` that a move home at this agent supersedes (see
+    /// [`home_coming`]), other than `id` itself.
+    pub async fn superseded_by(&self, id: &MigrationId, vm: &str) -> Option<Arc<Handle>> {
+        self.live
+            .lock()
+            .await
+            .values()
+            .find(|h| {
+                let r = h.snapshot();
+                r.id() != id && r.spec.vm == vm && !r.stage.is_final()
+            })
+            .cloned()
     }
 
     /// `POST /v1/migrations`: this agent is the source.
@@ -354,6 +374,23 @@ impl Migrations {
         handle.wake.notify_waiters();
         Ok(handle.snapshot())
     }
+}
+
+/// Whether `spec` (this agent in `role`) moves its VM home while `other`, the VM's last
+/// move, drains here: `None` if `other` is not draining, `Some(true)` for the move back
+/// to the site `other` came from (at its destination, now the source; at its source,
+/// now the destination), `Some(false)` for any other move.
+fn home_coming(spec: &MigrationSpec, role: Role, other: &MigrationRecord) -> Option<bool> {
+    let back = match (role, other.role, other.stage) {
+        (Role::Source, Role::Destination, Stage::Running) => {
+            other.spec.source_tunnel == spec.destination_tunnel
+        }
+        (Role::Destination, Role::Source, Stage::Draining) => {
+            other.spec.destination_tunnel == spec.source_tunnel
+        }
+        _ => return None,
+    };
+    Some(back && spec.moves_home() && other.spec.home == spec.home && !other.spec.moves_home())
 }
 
 fn spawn_driver(agent: Arc<Agent>, handle: Arc<Handle>) {

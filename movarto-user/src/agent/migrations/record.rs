@@ -269,9 +269,20 @@ impl MigrationSpec {
         Duration::from_millis(self.agent_timeout_ms)
     }
 
-    /// Site B's mode while the tunnel lives.
+    /// Whether the VM moves back to its home site before its last move's drain ended
+    /// (`N` given as `H`): the destination serves `H` itself, with no NAT, and the
+    /// source forwards what still reaches its `N`. See "Moving back before the drain
+    /// ended" in docs/datapath.md.
+    pub fn moves_home(&self) -> bool {
+        self.new_addr == Some(self.home)
+    }
+
+    /// Site B's mode while the tunnel lives (before the VM runs there, on a move home:
+    /// `forward` until then, `return` after).
     pub fn destination_mode(&self) -> Mode {
-        if self.new_addr.is_some() {
+        if self.moves_home() {
+            Mode::Forward
+        } else if self.new_addr.is_some() {
             Mode::Receive
         } else {
             Mode::Direct
@@ -290,7 +301,11 @@ impl MigrationSpec {
             vm_iface: self.vm_iface.clone(),
             mode,
             home_addr: self.home,
-            new_addr: if at_source { None } else { self.new_addr },
+            new_addr: if at_source || self.moves_home() {
+                None
+            } else {
+                self.new_addr
+            },
             local_tunnel_addr: local,
             peer_tunnel_addr: peer,
             token,

@@ -138,6 +138,23 @@ async fn accept(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     };
     // This VM's service only: the node's other services are other tenants'.
     let status = agent.datapath.status(Some(record.spec.home))?;
+    if record.spec.moves_home() {
+        // The last move's service stays as it is until the switchover: it still
+        // receives that move's pre-move flows from the site the VM goes back to.
+        match &status {
+            Some(dp) if dp.mode == Mode::Receive => {}
+            other => bail!(
+                "moving {} home needs its service here in receive (its last move's drain), \
+                 not {}",
+                record.spec.home,
+                other
+                    .as_ref()
+                    .map_or("none".to_owned(), |dp| dp.mode.to_string())
+            ),
+        }
+        m.note("moving home: the service stays in receive until the switchover")?;
+        return m.enter(Stage::PreparingDestination);
+    }
     let detail = match &status {
         Some(dp) if dp.mode == Mode::Track => format!("source tracking {} flows", dp.flows),
         Some(dp) => bail!(
@@ -407,9 +424,43 @@ impl SwitchoverHook for LocalSwitchover {
                     bail!(ABORTED);
                 }
             }
-            tokio::spawn(hand_over_flows(agent.clone(), m.clone()));
+            if m.snapshot().spec.moves_home() {
+                // The last move's drain ends here: this one carries its tunnel on. The
+                // destination needs none of these flows (its own it knows; the rest it
+                // sends back here by default).
+                supersede(agent, m).await;
+            } else {
+                tokio::spawn(hand_over_flows(agent.clone(), m.clone()));
+            }
             Ok(())
         })
+    }
+}
+
+/// A move home went past the point of no return: the VM's last move, draining at this
+/// agent, ends here without touching the datapath (this one owns its service now).
+pub(super) async fn supersede(agent: &Arc<Agent>, m: &Handle) {
+    let record = m.snapshot();
+    let Some(old) = agent
+        .migrations
+        .superseded_by(record.id(), &record.spec.vm)
+        .await
+    else {
+        return;
+    };
+    let id = record.id().clone();
+    let result = old.update(|r| {
+        if !r.stage.is_final() {
+            r.tunnel_over = true;
+            r.note(format!(
+                "superseded by {id}: the VM moves home before the drain ended; its tunnel \
+                 carries on under that migration"
+            ));
+            r.enter(Stage::Done);
+        }
+    });
+    if let Err(err) = result {
+        tracing::warn!(migration = %id, "superseding the last move: {err:#}");
     }
 }
 
@@ -515,6 +566,8 @@ async fn roll_back(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     if configured && record.attached_for_us {
         blocking(move || datapath.datapath.detach(home)).await?;
         done.push("source service removed".to_owned());
+    } else if configured && record.spec.moves_home() {
+        done.push("source service left in receive (the last move's drain goes on)".to_owned());
     } else if configured && agent.datapath.status(home)?.is_some() {
         blocking(move || datapath.datapath.set_mode(home, Mode::Track)).await?;
         done.push("source service back to track".to_owned());
