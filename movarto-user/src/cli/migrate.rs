@@ -67,7 +67,8 @@ pub struct MigrateArgs {
     /// The home address H (the VM keeps it).
     #[arg(long)]
     pub home: Option<IpAddr>,
-    /// The new address N at the destination (nat address mode).
+    /// The new address N at the destination (nat address mode). `H` itself moves the VM
+    /// home: back to the site it came from while that move still drains.
     #[arg(long)]
     pub new_addr: Option<IpAddr>,
     /// `nat` (default): the destination has its own address N and DNS changes (MOVARTO's
