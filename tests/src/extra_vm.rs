@@ -28,8 +28,10 @@ pub struct ExtraVm {
     pub home: &'static str,
     pub mac: &'static str,
     pub tap: &'static str,
-    /// Its `N` at B.
+    /// Its `N` at the other site.
     pub new_addr: &'static str,
+    /// The site it runs at first (`a` or `b`).
+    pub home_site: &'static str,
 }
 
 /// The second VM: `web2` at 192.0.2.11 on `tap1`.
@@ -39,6 +41,27 @@ pub const WEB2: ExtraVm = ExtraVm {
     mac: "52:54:00:00:00:11",
     tap: "tap1",
     new_addr: "198.18.0.11",
+    home_site: "a",
+};
+
+/// A third VM at A, a neighbour that stays there.
+pub const WEB3: ExtraVm = ExtraVm {
+    name: "web3",
+    home: "192.0.2.12",
+    mac: "52:54:00:00:00:12",
+    tap: "tap2",
+    new_addr: "198.18.0.12",
+    home_site: "a",
+};
+
+/// A VM at home at B (its `H` routed there by the wan), with its `N` at A.
+pub const AT_B: ExtraVm = ExtraVm {
+    name: "far",
+    home: "192.0.2.40",
+    mac: "52:54:00:00:00:40",
+    tap: "tap3",
+    new_addr: "198.18.0.40",
+    home_site: "b",
 };
 
 impl ExtraVm {
@@ -58,43 +81,69 @@ impl ExtraVm {
         renamed
     }
 
+    /// The site it does not start at.
+    pub fn other_site(&self) -> &'static str {
+        if self.home_site == "a" { "b" } else { "a" }
+    }
+
     /// Boots it at A through agent A: its tap (the same anycast gateway, as a host route
     /// beside tap0's subnet), its service in `track`, its VM; waits until it answers.
     pub fn boot_at_a(&self, l: &Lab) {
-        let spec = self.spec(l, "a");
+        assert_eq!(self.home_site, "a", "{} is at home at B", self.name);
+        self.boot_at_home(l);
+    }
+
+    /// Boots it at its home site, as [`ExtraVm::boot_at_a`] does at A. At B, the wan
+    /// routes its `H` to B and its `N` to A (host routes beside the lab's subnets).
+    pub fn boot_at_home(&self, l: &Lab) {
+        let spec = self.spec(l, self.home_site);
         let vm = *self;
-        l.with_agents(async |a, _b| {
-            a.ensure_tap(
-                vm.tap,
-                &TapRequest {
+        let at_b = self.home_site == "b";
+        let (local, peer) = if at_b { (TB, TA) } else { (TA, TB) };
+        if at_b {
+            for (addr, via) in [(vm.home, TB), (vm.new_addr, TA)] {
+                l.wan
+                    .ip(&["route", "replace", &format!("{addr}/32"), "via", via])
+                    .expect("the wan's host route");
+            }
+        }
+        l.with_agents(async |a, b| {
+            let agent = if at_b { b } else { a };
+            agent
+                .ensure_tap(
+                    vm.tap,
+                    &TapRequest {
+                        gateway_mac: GATEWAY_MAC.parse()?,
+                        gateway_cidr: "192.0.2.1/32".to_owned(),
+                    },
+                )
+                .await?;
+            agent
+                .put_service(&DatapathRequest {
+                    vm_iface: vm.tap.to_owned(),
+                    mode: Mode::Track,
+                    home_addr: vm.home.parse()?,
+                    new_addr: None,
+                    local_tunnel_addr: local.parse()?,
+                    peer_tunnel_addr: peer.parse()?,
+                    token: movarto_common::ids::SessionToken(0),
+                    tunnel_mtu: 1500,
+                    vm_mac: vm.mac.parse()?,
                     gateway_mac: GATEWAY_MAC.parse()?,
-                    gateway_cidr: "192.0.2.1/32".to_owned(),
-                },
-            )
-            .await?;
-            a.put_service(&DatapathRequest {
-                vm_iface: vm.tap.to_owned(),
-                mode: Mode::Track,
-                home_addr: vm.home.parse()?,
-                new_addr: None,
-                local_tunnel_addr: TA.parse()?,
-                peer_tunnel_addr: TB.parse()?,
-                token: movarto_common::ids::SessionToken(0),
-                tunnel_mtu: 1500,
-                vm_mac: vm.mac.parse()?,
-                gateway_mac: GATEWAY_MAC.parse()?,
-            })
-            .await?;
-            a.start_vm(&VmRequest {
-                spec_toml: spec,
-                incoming: false,
-            })
-            .await?;
+                })
+                .await?;
+            agent
+                .start_vm(&VmRequest {
+                    spec_toml: spec,
+                    incoming: false,
+                })
+                .await?;
             anyhow::Ok(())
         })
         .expect("agents")
-        .unwrap_or_else(|e| panic!("{} at A: {e:#}", vm.name));
-        l.a.ip(&["route", "add", &format!("{}/32", vm.home), "dev", vm.tap])
+        .unwrap_or_else(|e| panic!("{} at {}: {e:#}", vm.name, vm.home_site));
+        let site = if at_b { &l.b } else { &l.a };
+        site.ip(&["route", "add", &format!("{}/32", vm.home), "dev", vm.tap])
             .expect("the VM's route");
         let home: IpAddr = vm.home.parse().expect("addr");
         wait_until(Duration::from_secs(90), "the second VM to answer", || {
@@ -103,7 +152,13 @@ impl ExtraVm {
             })
             .is_ok_and(|answer| answer.is_ok())
         })
-        .unwrap_or_else(|e| panic!("{e:#}; agent A's log:\n{}", l.agent_log("a")));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:#}; agent {}'s log:\n{}",
+                vm.home_site,
+                l.agent_log(vm.home_site)
+            )
+        });
     }
 }
 

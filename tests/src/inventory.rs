@@ -71,15 +71,17 @@ new_addr = "{N}"
                 r#"
 [services.{name}]
 home = "{home}"
-home_site = "a"
+home_site = "{home_site}"
 vm_iface = "{tap}"
 dns_name = "{name}.example.test."
 
-[services.{name}.at.b]
+[services.{name}.at.{other}]
 new_addr = "{new}"
 "#,
                 name = vm.name,
                 home = vm.home,
+                home_site = vm.home_site,
+                other = vm.other_site(),
                 tap = vm.tap,
                 new = vm.new_addr,
             ))
