@@ -432,26 +432,6 @@ checksum_offload = false
 
     /// [`Lab::migrate_command`] from site `from` (`a` or `b`) to the other one.
     pub fn migrate_command_from(&self, from: &str, extra: &[&str]) -> Result<Command> {
-        let new_addr = if extra.contains(&"move") {
-            None
-        } else {
-            Some(N)
-        };
-        self.migrate_command_with(from, new_addr, extra)
-    }
-
-    /// The move home: from B back to A while the first move drains, `--new-addr` being
-    /// `H` itself (A serves `H`, B forwards what still reaches `N`).
-    pub fn migrate_home_command(&self, extra: &[&str]) -> Result<Command> {
-        self.migrate_command_with("b", Some(H), extra)
-    }
-
-    fn migrate_command_with(
-        &self,
-        from: &str,
-        new_addr: Option<&str>,
-        extra: &[&str],
-    ) -> Result<Command> {
         let to = if from == "a" { "b" } else { "a" };
         let tunnel = |site: &str| if site == "a" { TA } else { TB };
         let spec_path = self.scratch.join(format!("web-{to}.toml"));
@@ -473,7 +453,11 @@ checksum_offload = false
             .arg("--destination-spec")
             .arg(&spec_path)
             .args(["--home", H])
-            .args(new_addr.map(|n| ["--new-addr", n]).iter().flatten())
+            .args(if extra.contains(&"move") {
+                &[][..]
+            } else {
+                &["--new-addr", N][..]
+            })
             .args(["--source-tunnel", tunnel(from)])
             .args(["--destination-tunnel", tunnel(to)])
             .args(["--gateway-mac", GATEWAY_MAC, "--gateway-cidr", GATEWAY_CIDR])

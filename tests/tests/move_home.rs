@@ -1,6 +1,6 @@
 //! Moving back before the drain ended, with real QEMU, agents and BIND9 (issue 16,
 //! item 4): the guest moves A→B, and while A still tunnels the first move's pre-move
-//! flows, `migrate` moves it back to A (`--new-addr` being `H` itself). The connections
+//! flows, `migrate web --to a` moves it back home (its address at A is `H` itself). The connections
 //! opened before the first move, one opened to `N` while the guest ran at B, and new
 //! ones to `H` all survive both moves; DNS points at `H` again; the second move's
 //! teardown leaves A tracking `H` and B without the service.
@@ -25,7 +25,10 @@ use movarto_lab::{
     netns::{ChildGuard, in_netns},
     workload::{self, echo_once},
 };
-use movarto_tests::require_root;
+use movarto_tests::{
+    inventory::{short_migrate_command, write_lab_inventory},
+    require_root,
+};
 
 /// Follows a `migrate`'s progress on stderr; `draining` is set at its drain step.
 fn follow(name: &'static str, stderr: ChildStderr) -> Arc<AtomicBool> {
@@ -107,10 +110,16 @@ fn a_guest_moved_home_before_the_drain_ended_keeps_every_connection() {
         "to N at B"
     );
 
-    // B→A before A's drain ended.
-    let mut back = l
-        .migrate_home_command(&["--drain-grace", "2s", "--max-drain", "120s"])
-        .expect("the migrate command");
+    // B→A before A's drain ended, in the short form an operator types: web's home
+    // site is A, so its address there is H.
+    let config = write_lab_inventory(&l, "").expect("the inventory");
+    let mut back = short_migrate_command(
+        &l,
+        "a",
+        &config,
+        &["--drain-grace", "2s", "--max-drain", "120s"],
+    )
+    .expect("the migrate command");
     let mut second = l.bind.client.spawn(&mut back).expect("migrate");
     let draining_home = follow(
         "migrate b→a",

@@ -203,6 +203,16 @@ impl<'a> Layers<'a> {
         self.service.and_then(|(_, s)| get(s))
     }
 
+    /// The service's `H` when the destination is its home site: the move home, which
+    /// `migrate` takes as `--new-addr H` (no NAT at home).
+    fn home_when_going_home(&self) -> Option<IpAddr> {
+        let (_, service) = self.service?;
+        let (to, _) = self.to?;
+        (service.home_site.as_deref() == Some(to))
+            .then_some(service.home)
+            .flatten()
+    }
+
     fn at<T>(&self, get: impl Fn(&super::ServiceAt) -> Option<T>) -> Option<T> {
         let (_, service) = self.service?;
         let (to, _) = self.to?;
@@ -273,6 +283,7 @@ impl MigrateFlags {
             AddressMode::Nat => Some(
                 self.new_addr
                     .or_else(|| l.at(|a| a.new_addr))
+                    .or_else(|| l.home_when_going_home())
                     .ok_or_else(|| missing("new address N", "--new-addr", l.at_key("new_addr")))?,
             ),
         };

@@ -247,6 +247,26 @@ fn the_inventory_completes_the_short_form() {
 }
 
 #[test]
+fn moving_home_takes_the_home_address_as_the_new_one() {
+    let inventory = example();
+    let flags = MigrateFlags {
+        name: Some("web".to_owned()),
+        to: Some("a".to_owned()),
+        ..Default::default()
+    };
+    let o = flags
+        .resolve(Some(&inventory), Some("b"))
+        .expect("complete");
+    assert_eq!(o.source_tunnel.to_string(), "203.0.113.129");
+    assert_eq!(o.destination_tunnel.to_string(), "203.0.113.1");
+    assert_eq!(
+        o.new_addr.map(|n| n.to_string()).as_deref(),
+        Some("192.0.2.10"),
+        "web's home site is a: back there, N is H"
+    );
+}
+
+#[test]
 fn a_flag_wins_over_the_inventory_which_wins_over_the_default() {
     let inventory = example();
     let mut flags = short_form();

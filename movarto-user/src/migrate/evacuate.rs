@@ -144,13 +144,17 @@ pub async fn placement(
     let mut next = 0;
     let mut placed = Vec::new();
     for name in names {
-        let at: Vec<&String> = inventory
+        let (at, home_site): (Vec<&String>, Option<&String>) = inventory
             .service(&name)
-            .map(|(_, s)| s.at.keys().collect())
+            .map(|(_, s)| (s.at.keys().collect(), s.home_site.as_ref()))
             .unwrap_or_default();
+        // Its home site counts as a table: moving home, its address there is `H`.
         let pick = (0..opts.destinations.len())
             .map(|i| (next + i) % opts.destinations.len())
-            .find(|&i| at.is_empty() || at.contains(&&opts.destinations[i]));
+            .find(|&i| {
+                let to = &opts.destinations[i];
+                at.is_empty() || at.contains(&to) || home_site == Some(to)
+            });
         let Some(i) = pick else {
             bail!(
                 "{name} has no [services.{name}.at.<site>] table for any destination ({}); \
@@ -567,6 +571,31 @@ on_switch = "true"
         assert!(err.contains('z'), "{err}");
         let err = place(&["web"], &[]).expect_err("nowhere");
         assert!(err.contains("at least one --destination"), "{err}");
+    }
+
+    #[test]
+    fn a_vm_may_go_back_to_its_home_site_without_a_table_there() {
+        let with_home = SITES.replace(
+            "[services.shop]\nhome = \"192.0.2.11\"",
+            "[services.shop]\nhome = \"192.0.2.11\"\nhome_site = \"a\"",
+        );
+        let run = |text: &str| {
+            let (inventory, problems) = Inventory::parse(text, Path::new("/nonexistent"), false);
+            assert_eq!(problems, [], "{problems:?}");
+            let mut opts = options(&["shop"], &["a"]);
+            opts.from = "c".to_owned();
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime")
+                .block_on(placement(&inventory.expect("inventory"), &opts))
+                .map_err(|e| format!("{e:#}"))
+        };
+        assert_eq!(
+            run(&with_home).expect("placed"),
+            [("shop".to_owned(), "a".to_owned())]
+        );
+        let err = run(SITES).expect_err("no home site, no table at a");
+        assert!(err.contains("no [services.shop.at.<site>] table"), "{err}");
     }
 
     fn record(vm: &str, stage: Stage) -> MigrationRecord {
