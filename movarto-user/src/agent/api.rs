@@ -123,6 +123,23 @@ pub struct BandwidthRequest {
     pub bytes_per_second: u64,
 }
 
+/// `GET /v1/migrations/{id}?changed_from=STAGE&wait_ms=N`: a long poll. The reply
+/// comes once the migration has left `changed_from`, or after `wait_ms` (at most
+/// [`RecordWait::LONGEST_MS`]) with the record as it is.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RecordWait {
+    /// The stage the caller last saw.
+    #[param(value_type = Option<String>, example = "copying-ram")]
+    pub changed_from: Option<Stage>,
+    /// How long to wait for it to change, in milliseconds.
+    pub wait_ms: Option<u64>,
+}
+
+impl RecordWait {
+    pub const LONGEST_MS: u64 = 30_000;
+}
+
 /// `GET /v1/services`: the node's services.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
 pub struct ServiceList {

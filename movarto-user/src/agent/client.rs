@@ -9,7 +9,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use super::api::{
     ApiError, DatapathRequest, DatapathStatus, DnsDone, FlowSnapshot, GarpRequest, Health,
     IncomingHalf, Leftovers, MigrationId, MigrationRecord, MigrationSpec, MigrationState,
-    ModeRequest, PeerAgent, SiteStatus, TapRequest, VmRequest, VmStatus,
+    ModeRequest, PeerAgent, SiteStatus, Stage, TapRequest, VmRequest, VmStatus,
 };
 use movarto_common::config::Mode;
 
@@ -338,6 +338,26 @@ impl AgentClient {
 
     pub async fn migration_record(&self, id: &MigrationId) -> Result<MigrationRecord, AgentError> {
         self.get(&format!("/v1/migrations/{id}")).await
+    }
+
+    /// The record once its stage is not `from` any more, or after `wait` as it is.
+    pub async fn migration_record_changed(
+        &self,
+        id: &MigrationId,
+        from: Stage,
+        wait: Duration,
+    ) -> Result<MigrationRecord, AgentError> {
+        let wait_ms = wait.as_millis() as u64;
+        self.call_with_timeout(
+            Method::GET,
+            &format!(
+                "/v1/migrations/{id}?changed_from={}&wait_ms={wait_ms}",
+                from.name()
+            ),
+            None::<&()>,
+            CALL_TIMEOUT + wait,
+        )
+        .await
     }
 
     /// The source's agent makes the destination's half.

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use axum::{
     Json, Router,
-    extract::{Path, Request, State},
+    extract::{Path, Query, Request, State},
     http::{
         StatusCode,
         header::{AUTHORIZATION, CONTENT_TYPE},
@@ -29,8 +29,8 @@ use super::{
     api::{
         ApiError, BandwidthRequest, DatapathRequest, DatapathStatus, DnsDone, FlowSnapshot,
         GarpRequest, Health, IncomingHalf, Loaded, MigrationId, MigrationRecord, MigrationSpec,
-        MigrationState, ModeRequest, ServiceList, SiteStatus, SnapshotError, TapRequest, VmRequest,
-        VmStatus,
+        MigrationState, ModeRequest, RecordWait, ServiceList, SiteStatus, SnapshotError,
+        TapRequest, VmRequest, VmStatus,
     },
     migrations::{
         MigrationError, Migrations,
@@ -783,18 +783,26 @@ async fn migrations(State(agent): State<Arc<Agent>>) -> Reply<Vec<MigrationRecor
     get,
     path = "/v1/migrations/{id}",
     tag = "migrations",
-    params(("id" = String, Path, description = "the migration's id")),
+    params(("id" = String, Path, description = "the migration's id"), RecordWait),
     responses(
-        (status = 200, description = "the migration", body = MigrationRecord),
+        (status = 200, description = "the migration (with `changed_from`: once it has left that stage, or when `wait_ms` ran out)", body = MigrationRecord),
         (status = "default", description = "an error, with its whole context chain", body = ApiError),
     ),
 )]
 async fn migration_record(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
+    Query(wait): Query<RecordWait>,
 ) -> Reply<MigrationRecord> {
     let id = migration_id(&id)?;
-    Ok(shown(agent.migrations.get(&id).await?.snapshot()))
+    let migration = agent.migrations.get(&id).await?;
+    if let Some(from) = wait.changed_from {
+        let limit = wait.wait_ms.unwrap_or(0).min(RecordWait::LONGEST_MS);
+        migration
+            .wait_stage_change(from, Duration::from_millis(limit))
+            .await;
+    }
+    Ok(shown(migration.snapshot()))
 }
 
 #[utoipa::path(

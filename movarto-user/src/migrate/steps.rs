@@ -27,8 +27,9 @@ use crate::{
     qemu::migrate::MigrationReport,
 };
 
-/// How often the orchestrator looks at the migration.
-const POLL: Duration = Duration::from_millis(100);
+/// How long one look at the source's record waits for its stage to change; an
+/// interrupt is noticed within it.
+const POLL: Duration = Duration::from_millis(250);
 /// How often the RAM copy's and the drain's progress are shown.
 const NOTE_EVERY: Duration = Duration::from_secs(2);
 /// How long a rollback may take once the source's agent has begun it.
@@ -289,8 +290,19 @@ impl Follow<'_> {
     /// split or a safe stop ends the wait with [`Stopped::Migration`].
     async fn past(&mut self, stage: Stage) -> Result<MigrationRecord> {
         let mut last_note = Instant::now();
+        let mut seen = None;
         loop {
-            let record = self.record().await?;
+            let record = match seen {
+                None => self.record().await?,
+                // A long poll: the switchover's news comes at once (DNS goes out then).
+                Some(from) => {
+                    retry_unreachable(self.agent_timeout, || {
+                        self.source.migration_record_changed(&self.id, from, POLL)
+                    })
+                    .await?
+                }
+            };
+            seen = Some(record.stage);
             if matches!(
                 record.stage,
                 Stage::RollingBack | Stage::RolledBack | Stage::Split | Stage::Stopped
@@ -335,7 +347,6 @@ impl Follow<'_> {
                     _ => {}
                 }
             }
-            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -371,7 +382,7 @@ impl Follow<'_> {
                 Ok((Some(()), detail))
             })
             .await?;
-        report.flip_us = timeline
+        let switched = timeline
             .step(Step::Switchover, async {
                 let r = self.past(Stage::SwitchingOver).await?;
                 let mut detail = details(&r, &[Stage::SwitchingOver]);
@@ -381,28 +392,38 @@ impl Follow<'_> {
                         us as f64 / 1000.0
                     ));
                 }
-                Ok((Some(r.figures.flip_us), detail))
-            })
-            .await?
-            .flatten();
-        let completed = timeline
-            .step(Step::Complete, async {
-                let r = self.past(Stage::Continued).await?;
-                let qemu = r.figures.qemu.clone().map(|q| MigrationReport {
-                    destination_status: r.figures.destination_status.clone().unwrap_or_default(),
-                    ..q
-                });
-                let detail = qemu.as_ref().map_or_else(String::new, |q| {
-                    format!(
-                        "downtime {} ms, total {} ms; destination {}",
-                        q.downtime_ms, q.total_time_ms, q.destination_status
-                    )
-                });
-                Ok((Some(qemu), detail))
+                Ok((Some(r), detail))
             })
             .await?;
-        report.qemu = completed.flatten();
-        report.dns_switch_ms = timeline.step(Step::DnsUpdate, self.switch_dns()).await?;
+        report.flip_us = switched.as_ref().and_then(|r| r.figures.flip_us);
+        // Steps 6 and 7 together: the DNS update goes out at the switchover, while QEMU
+        // completes, so that new clients learn `N` while the VM resumes there.
+        let dns_switch = switch_dns(
+            self.source,
+            self.dns,
+            self.id.clone(),
+            self.agent_timeout,
+            switched,
+        );
+        let complete = async {
+            let r = self.past(Stage::Continued).await?;
+            let qemu = r.figures.qemu.clone().map(|q| MigrationReport {
+                destination_status: r.figures.destination_status.clone().unwrap_or_default(),
+                ..q
+            });
+            let detail = qemu.as_ref().map_or_else(String::new, |q| {
+                format!(
+                    "downtime {} ms, total {} ms; destination {}",
+                    q.downtime_ms, q.total_time_ms, q.destination_status
+                )
+            });
+            Ok((Some(qemu), detail))
+        };
+        let (completed, dns_switched) = timeline
+            .two_steps((Step::Complete, complete), (Step::DnsUpdate, dns_switch))
+            .await;
+        report.qemu = completed?.flatten();
+        report.dns_switch_ms = dns_switched?;
         timeline
             .step(Step::Announce, async {
                 let r = self.past(Stage::Running).await?;
@@ -444,67 +465,6 @@ impl Follow<'_> {
         Ok(())
     }
 
-    /// Step 7: `H` → `N` at the authoritative server, if the move still owes it; returns
-    /// how long after the switchover its answer changed.
-    async fn switch_dns(&mut self) -> StepResult<u64> {
-        let r = self.past(Stage::Continued).await?;
-        let Some(new) = r.spec.new_addr else {
-            return Ok((
-                None,
-                "move address mode: the address moved, DNS unchanged".to_owned(),
-            ));
-        };
-        if !r.dns_owed.switch {
-            return match r.figures.dns_switch_ms {
-                Some(ms) => Ok((Some(ms), "switched by an earlier run".to_owned())),
-                None => Ok((None, "no DNS server given".to_owned())),
-            };
-        }
-        let dns = self
-            .dns
-            .context("the DNS switch is owed, but no DNS server and key were given")?;
-        let switchover_ms = r.figures.switchover_unix_ms.unwrap_or_else(unix_ms);
-        let since = Duration::from_millis(unix_ms().saturating_sub(switchover_ms));
-        let start = std::time::Instant::now()
-            .checked_sub(since)
-            .unwrap_or_else(std::time::Instant::now);
-        // Moving home, the record holds the last move's `N`: the update takes what the
-        // server holds (still atomic). Otherwise it must hold `H`.
-        let expected = (!r.spec.moves_home()).then_some([r.spec.home]);
-        let (server, name, home) = (dns.zone_server(), dns.name.clone(), r.spec.home);
-        let update = tokio::task::spawn_blocking(move || {
-            records::replace_addresses(
-                &server,
-                &name,
-                expected.as_ref().map(|e| &e[..]),
-                &[new],
-                None,
-                start,
-                DNS_VERIFY,
-            )
-        })
-        .await
-        .context("the DNS task panicked")??;
-        let done = DnsDone {
-            switched: true,
-            ttl_restored: false,
-            switch_ms: Some(update.answer_changed_after_ms),
-        };
-        retry_unreachable(self.agent_timeout, || self.source.dns_done(&self.id, &done)).await?;
-        Ok((
-            Some(update.answer_changed_after_ms),
-            format!(
-                "{} {} → {new}, serial {} → {}; authoritative answer changed {} ms after \
-                 switchover",
-                dns.name,
-                shown_addresses(&update.before, home),
-                update.before.serial,
-                update.after.serial,
-                update.answer_changed_after_ms
-            ),
-        ))
-    }
-
     /// The TTL back to what it was before the move; says so for the report.
     async fn restore_ttl(&self, r: &MigrationRecord) -> Result<String> {
         let (Some(dns), Some(plan)) = (self.dns, &r.spec.dns) else {
@@ -520,7 +480,38 @@ impl Follow<'_> {
         Ok(format!("TTL restored to {} s", plan.original_ttl))
     }
 
-    /// After a rollback: waits until it is done, then restores the TTL.
+    /// After a rollback past the switchover: `N` → `H` again at the authoritative server.
+    async fn switch_dns_back(&self, r: &MigrationRecord) -> Result<String> {
+        let (Some(dns), Some(new)) = (self.dns, r.spec.new_addr) else {
+            bail!("no DNS key was given");
+        };
+        if r.spec.moves_home() {
+            bail!(
+                "a move home does not know the address it replaced; set it with `movarto-user dns`"
+            );
+        }
+        let (server, name, home) = (dns.zone_server(), dns.name.clone(), r.spec.home);
+        let update = tokio::task::spawn_blocking(move || {
+            records::replace_addresses(
+                &server,
+                &name,
+                Some(&[new]),
+                &[home],
+                None,
+                std::time::Instant::now(),
+                DNS_VERIFY,
+            )
+        })
+        .await
+        .context("the DNS task panicked")??;
+        Ok(format!(
+            "switched back {new} → {home}, serial {} → {}",
+            update.before.serial, update.after.serial
+        ))
+    }
+
+    /// After a rollback: waits until it is done, switches DNS back if it was switched,
+    /// then restores the TTL.
     async fn after_rollback(&self, mut record: MigrationRecord) -> String {
         let deadline = Instant::now() + ROLLBACK_WAIT;
         while (record.stage == Stage::RollingBack
@@ -538,6 +529,13 @@ impl Follow<'_> {
             .rolled_back
             .clone()
             .unwrap_or_else(|| format!("NOT undone: the migration is {}", record.stage));
+        if record.figures.dns_switch_ms.is_some() && !record.dns_owed.switch {
+            // The switch went out at the switchover, and the VM stayed at the source.
+            match self.switch_dns_back(&record).await {
+                Ok(text) => summary.push_str(&format!("; DNS {text}")),
+                Err(err) => summary.push_str(&format!("; DNS NOT switched back: {err:#}")),
+            }
+        }
         if record.dns_owed.restore_ttl && self.dns.is_some() {
             match self.restore_ttl(&record).await {
                 Ok(text) => summary.push_str(&format!("; DNS {text}")),
@@ -546,6 +544,73 @@ impl Follow<'_> {
         }
         summary
     }
+}
+
+/// Step 7, from the switchover on: `H` → `N` at the authoritative server, if the move
+/// still owes it; returns how long after the switchover its answer changed.
+async fn switch_dns(
+    source: &AgentClient,
+    dns: Option<&DnsTarget>,
+    id: MigrationId,
+    agent_timeout: Duration,
+    switched: Option<MigrationRecord>,
+) -> StepResult<u64> {
+    let Some(r) = switched else {
+        bail!("the switchover step gave no record");
+    };
+    let Some(new) = r.spec.new_addr else {
+        return Ok((
+            None,
+            "move address mode: the address moved, DNS unchanged".to_owned(),
+        ));
+    };
+    if !r.dns_owed.switch {
+        return match r.figures.dns_switch_ms {
+            Some(ms) => Ok((Some(ms), "switched by an earlier run".to_owned())),
+            None => Ok((None, "no DNS server given".to_owned())),
+        };
+    }
+    let dns = dns.context("the DNS switch is owed, but no DNS server and key were given")?;
+    let switchover_ms = r.figures.switchover_unix_ms.unwrap_or_else(unix_ms);
+    let since = Duration::from_millis(unix_ms().saturating_sub(switchover_ms));
+    let start = std::time::Instant::now()
+        .checked_sub(since)
+        .unwrap_or_else(std::time::Instant::now);
+    // Moving home, the record holds the last move's `N`: the update takes what the
+    // server holds (still atomic). Otherwise it must hold `H`.
+    let expected = (!r.spec.moves_home()).then_some([r.spec.home]);
+    let (server, name, home) = (dns.zone_server(), dns.name.clone(), r.spec.home);
+    let update = tokio::task::spawn_blocking(move || {
+        records::replace_addresses(
+            &server,
+            &name,
+            expected.as_ref().map(|e| &e[..]),
+            &[new],
+            None,
+            start,
+            DNS_VERIFY,
+        )
+    })
+    .await
+    .context("the DNS task panicked")??;
+    let done = DnsDone {
+        switched: true,
+        ttl_restored: false,
+        switch_ms: Some(update.answer_changed_after_ms),
+    };
+    retry_unreachable(agent_timeout, || source.dns_done(&id, &done)).await?;
+    Ok((
+        Some(update.answer_changed_after_ms),
+        format!(
+            "{} {} → {new}, serial {} → {}; authoritative answer changed {} ms after \
+             switchover",
+            dns.name,
+            shown_addresses(&update.before, home),
+            update.before.serial,
+            update.after.serial,
+            update.answer_changed_after_ms
+        ),
+    ))
 }
 
 /// The record's notes for these stages.

@@ -137,6 +137,33 @@ impl Timeline {
         step: Step,
         body: impl Future<Output = Result<(Option<T>, String)>>,
     ) -> Result<Option<T>> {
+        let (record, value) = self.timed(step, body).await;
+        self.steps.push(record);
+        value
+    }
+
+    /// Two steps at once (each shown as it starts and ends), recorded in this order.
+    pub(super) async fn two_steps<A, B>(
+        &mut self,
+        (first, first_body): (Step, impl Future<Output = Result<(Option<A>, String)>>),
+        (second, second_body): (Step, impl Future<Output = Result<(Option<B>, String)>>),
+    ) -> (Result<Option<A>>, Result<Option<B>>) {
+        let this = &*self;
+        let ((first, a), (second, b)) = tokio::join!(
+            this.timed(first, first_body),
+            this.timed(second, second_body)
+        );
+        self.steps.push(first);
+        self.steps.push(second);
+        (a, b)
+    }
+
+    /// Runs `body`, showing its start and end.
+    async fn timed<T>(
+        &self,
+        step: Step,
+        body: impl Future<Output = Result<(Option<T>, String)>>,
+    ) -> (StepRecord, Result<Option<T>>) {
         let (number, name) = (step.number(), step.name());
         let start_ms = self.say.ms();
         self.say
@@ -173,7 +200,7 @@ impl Timeline {
                 detail: detail.clone(),
             },
         );
-        self.steps.push(StepRecord {
+        let record = StepRecord {
             step,
             number,
             name: name.to_owned(),
@@ -181,7 +208,7 @@ impl Timeline {
             end_ms,
             outcome,
             detail,
-        });
-        value
+        };
+        (record, value)
     }
 }

@@ -39,6 +39,8 @@ pub struct Handle {
     record: Mutex<MigrationRecord>,
     journal: Arc<Journal>,
     wake: Notify,
+    /// The saved record's stage, for callers that wait for it to change.
+    stage_saved: tokio::sync::watch::Sender<Stage>,
 }
 
 impl Handle {
@@ -61,7 +63,20 @@ impl Handle {
         let mut record = self.record.lock().unwrap_or_else(PoisonError::into_inner);
         let out = change(&mut record);
         self.journal.save(&record)?;
+        let stage = record.stage;
+        self.stage_saved.send_if_modified(|saved| {
+            let changed = *saved != stage;
+            *saved = stage;
+            changed
+        });
         Ok(out)
+    }
+
+    /// Waits until the saved stage is not `from` (at once if it is not), or `limit`.
+    /// The orchestrator long-polls on it so that it learns of the switchover at once.
+    pub async fn wait_stage_change(&self, from: Stage, limit: Duration) {
+        let mut saved = self.stage_saved.subscribe();
+        let _ = tokio::time::timeout(limit, saved.wait_for(|stage| *stage != from)).await;
     }
 
     /// Enters `stage`, durably.
@@ -143,6 +158,7 @@ impl Migrations {
     async fn insert(&self, record: MigrationRecord) -> Arc<Handle> {
         let id = record.id().clone();
         let handle = Arc::new(Handle {
+            stage_saved: tokio::sync::watch::Sender::new(record.stage),
             record: Mutex::new(record),
             journal: self.journal.clone(),
             wake: Notify::new(),
@@ -445,4 +461,47 @@ pub(crate) mod tests {
         "error": null,
         "history": [{"stage": "accepted", "at_unix_ms": 1}]
     }"#;
+
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wait_for_the_stage_to_change_ends_when_it_is_saved() {
+        let dir = std::env::temp_dir().join(format!("movarto-stage-wait-{}", std::process::id()));
+        let migrations = Migrations::new(&dir).expect("the journal");
+        let record: MigrationRecord = serde_json::from_str(RECORD).expect("the record");
+        let handle = migrations.insert(record).await;
+
+        // Left already: at once.
+        let waited = tokio::time::Instant::now();
+        handle
+            .wait_stage_change(Stage::Accepted, Duration::from_secs(30))
+            .await;
+        assert!(waited.elapsed() < Duration::from_secs(5));
+
+        // Still there: until the change is saved, not until the limit.
+        let waiter = {
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                handle
+                    .wait_stage_change(Stage::CopyingRam, Duration::from_secs(30))
+                    .await;
+                handle.stage()
+            })
+        };
+        tokio::task::yield_now().await;
+        handle.enter(Stage::Continued).expect("saved");
+        let seen = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken by the change")
+            .expect("the waiter");
+        assert_eq!(seen, Stage::Continued);
+
+        // Nothing changes: the limit ends the wait.
+        handle
+            .wait_stage_change(Stage::Continued, Duration::from_millis(20))
+            .await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
