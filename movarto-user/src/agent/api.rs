@@ -268,6 +268,9 @@ pub struct VmStatus {
     pub run_state_error: Option<String>,
     pub incoming: bool,
     pub migration: Option<MigrationState>,
+    /// Frames the VM's tap dropped so far because its queue was full (`tx_dropped`).
+    #[serde(default)]
+    pub tap_dropped: Option<u64>,
 }
 
 /// QEMU's run state (QMP `query-status`, QAPI `RunState`), plus what the agent sees

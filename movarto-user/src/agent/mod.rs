@@ -3,6 +3,7 @@
 //! ([`api`]) that the orchestrator (`movarto-user migrate`) calls.
 
 pub mod api;
+pub mod blackout;
 pub mod client;
 pub mod garp;
 pub mod metrics;

@@ -1,5 +1,5 @@
 //! What the agent asks the kernel over rtnetlink, in the calling thread's network
-//! namespace: an interface's MAC, and the tunnel's next hop toward the peer and whether its
+//! namespace: an interface's MAC and counters, and the tunnel's next hop toward the peer and whether its
 //! link-layer address is known (`bpf_fib_lookup` drops while it is not).
 
 use std::{
@@ -12,7 +12,7 @@ use futures_util::TryStreamExt as _;
 use rtnetlink::{
     Handle, IpVersion, RouteMessageBuilder,
     packet_route::{
-        link::LinkAttribute,
+        link::{LinkAttribute, Stats64},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteMessage},
     },
@@ -70,6 +70,38 @@ pub fn mac_of(iface: &str) -> Result<[u8; 6]> {
             })
             .with_context(|| format!("{iface} has no Ethernet address"))
     })
+}
+
+/// `iface`'s `tx_dropped` (its 64-bit link statistics).
+pub async fn tx_dropped(iface: &str) -> Result<u64> {
+    let name = iface.to_owned();
+    session(|handle| async move { stats_of(&handle, &name).await })
+        .await
+        .map(|stats| stats.tx_dropped)
+}
+
+/// `iface`'s `tx_packets`, from a thread that is not async.
+pub fn tx_packets(iface: &str) -> Result<u64> {
+    blocking(|handle| async move { stats_of(&handle, iface).await }).map(|stats| stats.tx_packets)
+}
+
+async fn stats_of(handle: &Handle, name: &str) -> Result<Stats64> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .with_context(|| format!("looking up interface {name}"))?
+        .with_context(|| format!("no interface named {name}"))?;
+    link.attributes
+        .into_iter()
+        .find_map(|attr| match attr {
+            LinkAttribute::Stats64(stats) => Some(stats),
+            _ => None,
+        })
+        .with_context(|| format!("{name} has no statistics"))
 }
 
 /// Where packets toward a destination go next.

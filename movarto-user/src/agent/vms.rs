@@ -18,9 +18,12 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::api::{
-    IncomingRequest, MigrationPhase, MigrationState, MirrorSettings, OutgoingRequest, RunState,
-    VmRequest, VmStatus,
+use super::{
+    api::{
+        IncomingRequest, MigrationPhase, MigrationState, MirrorSettings, OutgoingRequest, RunState,
+        VmRequest, VmStatus,
+    },
+    blackout,
 };
 use crate::qemu::{
     migrate::{
@@ -54,6 +57,8 @@ struct ManagedVm {
     qmp: Arc<Qmp>,
     pid: Option<u32>,
     spec_toml: String,
+    /// The spec's tap, for its counters.
+    tap: Option<String>,
     incoming: bool,
     incoming_uri: Mutex<Option<String>>,
     /// The NBD export a destination serves for the source's mirror.
@@ -67,6 +72,9 @@ impl ManagedVm {
             qmp: vm.qmp_handle(),
             pid: vm.pid(),
             vm: tokio::sync::Mutex::new(Some(vm)),
+            tap: VmSpec::parse(&record.spec_toml)
+                .ok()
+                .map(|spec| spec.nic.tap),
             spec_toml: record.spec_toml,
             incoming: record.incoming,
             incoming_uri: Mutex::new(None),
@@ -504,6 +512,10 @@ async fn status_of(name: &str, managed: &ManagedVm) -> VmStatus {
         run_state_error,
         incoming: managed.incoming,
         migration,
+        tap_dropped: match managed.tap.as_deref() {
+            Some(tap) => blackout::tap_dropped(tap).await,
+            None => None,
+        },
     }
 }
 

@@ -5,7 +5,10 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use super::progress::Step;
-use crate::{agent::api::FlowEntry, qemu::migrate::MigrationReport};
+use crate::{
+    agent::{api::FlowEntry, blackout::StrandedFrames},
+    qemu::migrate::MigrationReport,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,6 +63,16 @@ pub struct Report {
     pub drain_ms: Option<u64>,
     /// From the switchover to the teardown.
     pub teardown_after_switchover_ms: Option<u64>,
+    /// Packets for `H` lost at switchover: left in the source's tap and not carried on,
+    /// plus those the destination's tap dropped before the VM ran.
+    #[serde(default)]
+    pub lost_at_switchover: Option<u64>,
+    /// The frames QEMU left unread in the source's tap when the VM stopped there.
+    #[serde(default)]
+    pub stranded_at_source: Option<StrandedFrames>,
+    /// Frames the destination's tap dropped (its queue full) before the VM ran.
+    #[serde(default)]
+    pub dropped_at_destination_tap: Option<u64>,
 }
 
 /// A duration in ms for people: `850 ms`, `12.3 s`.
@@ -136,6 +149,18 @@ impl Report {
                 out,
                 "DNS:      authoritative answer changed {} after switchover",
                 ms(dns)
+            );
+        }
+        if let Some(lost) = self.lost_at_switchover {
+            let stranded = self.stranded_at_source.unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "lost:     {lost} packets at switchover ({} for the VM left unread in the \
+                 source's tap, {} of them carried on to the destination; {} dropped at the \
+                 destination's tap)",
+                stranded.forwarded + stranded.lost,
+                stranded.forwarded,
+                self.dropped_at_destination_tap.unwrap_or_default()
             );
         }
         let _ = writeln!(

@@ -638,6 +638,9 @@ fn fill_figures(report: &mut Report, r: &MigrationRecord) {
     if report.dns_switch_ms.is_none() {
         report.dns_switch_ms = f.dns_switch_ms;
     }
+    report.lost_at_switchover = f.lost_at_switchover();
+    report.stranded_at_source = f.stranded_at_source;
+    report.dropped_at_destination_tap = f.dropped_at_destination_tap;
 }
 
 /// The addresses `before` held of `home`'s family (moving home: the last move's `N`).

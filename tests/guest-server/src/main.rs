@@ -2,7 +2,7 @@
 //! initramfs and gives the tests (and the lab) connections of every kind to watch
 //! across a migration:
 //!
-//! - [`ECHO_PORT`]: echo, for interactive request/response;
+//! - [`ECHO_PORT`]: echo, for interactive request/response (TCP), and each datagram back (UDP);
 //! - [`STREAM_PORT`]: an endless byte-checked stream; byte `i` is `stream_byte(i)`,
 //!   so a client detects any loss, duplication or reordering at any offset;
 //! - [`UPLOAD_PORT`]: a byte-checked upload sink; the guest checks every byte against the
@@ -20,7 +20,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UdpSocket},
     thread,
     time::Duration,
 };
@@ -48,8 +48,15 @@ fn main() {
         };
         handles.push(thread::spawn(move || accept_loop(listener, serve)));
     }
+    match UdpSocket::bind(("0.0.0.0", ECHO_PORT)) {
+        Ok(socket) => handles.push(thread::spawn(move || serve_udp_echo(socket))),
+        Err(err) => {
+            eprintln!("movarto-guest-server: cannot listen on UDP port {ECHO_PORT}: {err}");
+            std::process::exit(1);
+        }
+    }
     println!(
-        "movarto-guest-server: listening on echo {ECHO_PORT}, stream {STREAM_PORT}, upload {UPLOAD_PORT}, http {HTTP_PORT}"
+        "movarto-guest-server: listening on echo {ECHO_PORT} (TCP and UDP), stream {STREAM_PORT}, upload {UPLOAD_PORT}, http {HTTP_PORT}"
     );
     for handle in handles {
         let _ = handle.join();
@@ -64,6 +71,16 @@ fn accept_loop(listener: TcpListener, serve: fn(TcpStream)) {
             }
             // Out of resources for a moment; the listener itself stays.
             Err(_) => thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Each datagram back to its sender, as it came: a client counts what the move lost.
+fn serve_udp_echo(socket: UdpSocket) {
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Ok((len, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&buf[..len], from);
         }
     }
 }

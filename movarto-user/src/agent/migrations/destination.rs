@@ -14,6 +14,7 @@ use super::{
 };
 use crate::agent::{
     api::{RunState, VmRequest},
+    blackout,
     server::Agent,
     tap,
 };
@@ -22,6 +23,9 @@ use crate::agent::{
 const VM_POLL: Duration = Duration::from_millis(100);
 /// How often it asks the source how the migration goes (a rollback, or the drain's end).
 const SOURCE_POLL: Duration = Duration::from_secs(2);
+/// Beyond QEMU's downtime, how long the tap holds the tunnel's packets for the VM: the
+/// device state's load and the VM's start here (a TCG guest's take hundreds of ms).
+const VM_START: Duration = Duration::from_secs(1);
 
 pub(super) async fn drive(agent: Arc<Agent>, m: Arc<Handle>) {
     loop {
@@ -54,6 +58,14 @@ async fn prepare(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     }
     let (ip, prefix) = tap::parse_cidr(&spec.tap.gateway_cidr)?;
     tap::ensure_tap(&spec.vm_iface, spec.tap.gateway_mac.0, ip, prefix).await?;
+    // The tunnel's packets wait in the tap until the VM runs: room for the blackout.
+    let blackout = Duration::from_millis(spec.settings.downtime_limit_ms) + VM_START;
+    let frames = blackout::queue_for_blackout(&agent.datapath.uplink, blackout);
+    if let Err(err) = blackout::set_queue_len(&spec.vm_iface, frames).await {
+        // The default queue still holds a short blackout: go on, and say so.
+        tracing::warn!("{err:#}");
+        m.note(format!("{err:#}; the tap keeps its queue"))?;
+    }
     let token = record.token.context("no session token")?;
     let request = spec.datapath_request(token, spec.destination_mode(), Role::Destination);
     let datapath = agent.clone();

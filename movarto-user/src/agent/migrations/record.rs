@@ -39,9 +39,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::{
-    agent::api::{
-        DatapathRequest, FlowEntry, IncomingRequest, MigrationSettings, MirrorSettings,
-        OutgoingRequest, TapRequest,
+    agent::{
+        api::{
+            DatapathRequest, FlowEntry, IncomingRequest, MigrationSettings, MirrorSettings,
+            OutgoingRequest, TapRequest,
+        },
+        blackout::StrandedFrames,
     },
     qemu::migrate::{MigrationReport, Progress},
 };
@@ -403,6 +406,21 @@ pub struct Figures {
     /// The bandwidth caps an evacuation gave the migration while it ran, in order.
     #[serde(default)]
     pub bandwidth: Vec<BandwidthChange>,
+    /// The source: frames QEMU left unread in its tap when the VM stopped, and what
+    /// became of them (`agent::blackout`).
+    #[serde(default)]
+    pub stranded_at_source: Option<StrandedFrames>,
+    /// The destination's tap dropped these (its queue was full) before the VM ran.
+    #[serde(default)]
+    pub dropped_at_destination_tap: Option<u64>,
+}
+
+impl Figures {
+    /// Packets for `H` lost at switchover: stranded at the source and not carried on,
+    /// plus those the destination's tap dropped. `None` until both are known.
+    pub fn lost_at_switchover(&self) -> Option<u64> {
+        Some(self.stranded_at_source?.lost + self.dropped_at_destination_tap?)
+    }
 }
 
 /// A new bandwidth cap (`PUT /v1/migrations/{id}/bandwidth`), and when.

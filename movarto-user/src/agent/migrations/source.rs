@@ -17,6 +17,7 @@ use crate::{
     agent::{
         AgentClient,
         api::{FlowEntry, RunState},
+        blackout::{self, TunnelTo},
         client::retry_unreachable,
         server::Agent,
         tap,
@@ -323,6 +324,7 @@ async fn confirm_destination_runs(agent: &Arc<Agent>, m: &Handle) -> Result<()> 
             Ok(vm) if vm.run_state == RunState::Running => {
                 m.update(|r| {
                     r.figures.destination_status = Some(vm.run_state.to_string());
+                    r.figures.dropped_at_destination_tap = vm.tap_dropped;
                     r.enter(Stage::Running);
                 })?;
                 return Ok(());
@@ -366,6 +368,9 @@ async fn resume_at_source(agent: &Arc<Agent>, m: &Handle, why: &str) -> Result<(
 
 /// The VM runs at B: A's QEMU (paused in `postmigrate`), its tap and its tap hook go.
 async fn release(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    // Anything that still reached the tap after the switchover's pass goes on to B too,
+    // and QEMU, completed, says whether it holds a packet of its own.
+    carry_stranded(agent, m, Pass::Last).await;
     let record = m.snapshot();
     let datapath = agent.clone();
     let home = Some(record.spec.home);
@@ -376,6 +381,60 @@ async fn release(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
         r.note("the source's QEMU and tap are gone");
         r.enter(Stage::Draining);
     })
+}
+
+/// When the source's tap is read empty.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Right after the flip, while QEMU sends the device state.
+    AtSwitchover,
+    /// Once QEMU has completed, before it goes: with the probe for a packet it holds.
+    Last,
+}
+
+/// The frames QEMU left unread in the source's tap go on to the destination
+/// (`agent::blackout`), counted in the record. A failure is noted, never fatal.
+async fn carry_stranded(agent: &Arc<Agent>, m: &Handle, pass: Pass) {
+    let record = m.snapshot();
+    let spec = &record.spec;
+    let pid = agent.vms.status(&spec.vm).await.ok().and_then(|vm| vm.pid);
+    let (Some(pid), Some(token)) = (pid, record.token) else {
+        let _ = m.note("no QEMU at the source to take unread frames from");
+        return;
+    };
+    let tunnel = TunnelTo {
+        local: spec.source_tunnel,
+        peer: spec.destination_tunnel,
+        token,
+        mtu: spec.tunnel_mtu,
+    };
+    let (tap, home, vm_mac) = (spec.vm_iface.clone(), spec.home, spec.vm_mac.0);
+    let probed = record.figures.stranded_at_source.is_some_and(|s| s.probed);
+    let pass = if probed { Pass::AtSwitchover } else { pass };
+    let found = blocking(move || match pass {
+        Pass::AtSwitchover => blackout::forward_stranded(pid, &tap, home, tunnel),
+        Pass::Last => blackout::probe_held(pid, &tap, vm_mac, home, tunnel),
+    });
+    match found.await {
+        Ok(found) => {
+            let saved = m.update(|r| {
+                r.figures
+                    .stranded_at_source
+                    .get_or_insert_default()
+                    .add(found)
+            });
+            if let Err(err) = saved {
+                tracing::warn!("saving the stranded frames' count: {err:#}");
+            }
+        }
+        Err(err) => {
+            tracing::warn!(migration = %record.id(), "the source's unread frames: {err:#}");
+            let _ = m.note(format!(
+                "the frames QEMU left unread in {} were not carried on: {err:#}",
+                spec.vm_iface
+            ));
+        }
+    }
 }
 
 /// Runs at `pre-switchover` (the source stopped), and does only what must happen
@@ -424,6 +483,10 @@ impl SwitchoverHook for LocalSwitchover {
                     bail!(ABORTED);
                 }
             }
+            tokio::spawn({
+                let (agent, m) = (agent.clone(), m.clone());
+                async move { carry_stranded(&agent, &m, Pass::AtSwitchover).await }
+            });
             if m.snapshot().spec.moves_home() {
                 // The last move's drain ends here: this one carries its tunnel on. The
                 // destination needs none of these flows (its own it knows; the rest it

@@ -1,0 +1,522 @@
+//! Nothing lost in the blackout (DESIGN.md, "The switchover").
+//!
+//! - **At the source.** QEMU stops reading its tap when the VM stops, so the frames
+//!   that reach the tap between the stop and the flip wait in the tap's queue. Once
+//!   QEMU has stopped for good there, they would die with it. The agent takes a copy of
+//!   QEMU's tap descriptor (`pidfd_getfd`), reads the queue empty and sends each
+//!   packet for `H` to the destination in GUE, where it waits for the VM like the rest.
+//! - **At the destination.** Everything the tunnel brings during the blackout waits in
+//!   the new tap's queue until the VM runs. The queue is sized for the blackout at the
+//!   uplink's rate; what overflows it is counted (`tx_dropped`) and reported.
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use movarto_common::{
+    config::GUE_DEFAULT_PORT,
+    gue::{GUE_FIRST_BYTE, GUE_OVERHEAD_IPV4},
+    ids::SessionToken,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The frames found in the source's tap after the flip.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StrandedFrames {
+    /// Frames QEMU had not read when the VM stopped there.
+    pub found: u64,
+    /// Packets for `H` among them, sent on to the destination.
+    pub forwarded: u64,
+    /// Packets for `H` that could not be sent (too big for the tunnel, or a send error):
+    /// lost at switchover.
+    pub lost: u64,
+    /// Other frames (ARP, neighbour discovery, other addresses): not the VM's traffic to
+    /// carry; the VM asks again at the destination.
+    pub other: u64,
+    /// The one packet QEMU itself read after the stop and holds, undeliverable (its tap
+    /// backend reads one more and keeps it queued for the stopped device): 0 or 1, found
+    /// by [`probe_held`]; counted in `lost`.
+    #[serde(default)]
+    pub held_by_qemu: u64,
+    /// The probe for QEMU's held packet was made (once: a second probe would find the
+    /// first one held).
+    #[serde(default)]
+    pub probed: bool,
+    /// Probe frames read back (the agent's own, not counted above).
+    #[serde(default, skip)]
+    pub probes: u64,
+}
+
+impl StrandedFrames {
+    pub fn add(&mut self, more: StrandedFrames) {
+        self.found += more.found;
+        self.forwarded += more.forwarded;
+        self.lost += more.lost;
+        self.other += more.other;
+        self.held_by_qemu += more.held_by_qemu;
+        self.probed |= more.probed;
+    }
+}
+
+/// Where the stranded packets go: the tunnel from this site to the destination.
+#[derive(Clone, Copy, Debug)]
+pub struct TunnelTo {
+    pub local: Ipv4Addr,
+    pub peer: Ipv4Addr,
+    pub token: SessionToken,
+    /// The largest outer packet the path between the sites carries.
+    pub mtu: u16,
+}
+
+/// Reads the frames waiting in `tap`'s queue, held by QEMU (`qemu_pid`), and sends each
+/// packet for `home` to the peer in GUE. Call it only once QEMU no longer reads the tap
+/// (the VM stopped for the switchover) and the datapath forwards: nothing else
+/// enters the queue then.
+pub fn forward_stranded(
+    qemu_pid: u32,
+    tap: &str,
+    home: IpAddr,
+    tunnel: TunnelTo,
+) -> Result<StrandedFrames> {
+    let (mut seen, queue, vnet_hdr) = open_queue(qemu_pid, tap)?;
+    drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
+    Ok(seen)
+}
+
+/// [`forward_stranded`] once QEMU has completed (`postmigrate`: its main loop runs
+/// again), and whether QEMU holds a packet of its own. A probe frame goes into the tap:
+/// a QEMU that holds nothing reads it (and holds it instead, harmlessly); a QEMU that
+/// holds a packet reads nothing more, and the probe is found in the queue.
+pub fn probe_held(
+    qemu_pid: u32,
+    tap: &str,
+    vm_mac: [u8; 6],
+    home: IpAddr,
+    tunnel: TunnelTo,
+) -> Result<StrandedFrames> {
+    let (mut seen, queue, vnet_hdr) = open_queue(qemu_pid, tap)?;
+    drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
+    let read_before = super::netlink::tx_packets(tap)?;
+    send_probe(tap, vm_mac)?;
+    let deadline = std::time::Instant::now() + PROBE_WAIT;
+    let mut taken = false;
+    while std::time::Instant::now() < deadline {
+        if super::netlink::tx_packets(tap)? > read_before {
+            taken = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let probes_before = seen.probes;
+    drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
+    let probe_left = seen.probes > probes_before;
+    seen.probed = true;
+    if !taken && probe_left {
+        seen.held_by_qemu = 1;
+        seen.lost += 1;
+    } else if !taken {
+        bail!("the probe frame into {tap} was neither read by QEMU nor left in its queue");
+    }
+    Ok(seen)
+}
+
+/// How long QEMU has to read the probe frame, its main loop being free.
+const PROBE_WAIT: Duration = Duration::from_millis(500);
+/// The probe's EtherType (IEEE 802 local experimental) and payload.
+const PROBE_ETHERTYPE: u16 = 0x88b5;
+const PROBE_PAYLOAD: &[u8] = b"movarto: is a packet held?";
+
+/// Sends the probe frame into `tap`, toward the VM (AF_PACKET).
+fn send_probe(tap: &str, vm_mac: [u8; 6]) -> Result<()> {
+    let index = crate::datapath::ifindex(tap)?;
+    // SAFETY: socket(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("an AF_PACKET socket");
+    }
+    // SAFETY: a descriptor just returned, owned by nothing else.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut frame = Vec::with_capacity(64);
+    frame.extend_from_slice(&vm_mac);
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0]);
+    frame.extend_from_slice(&PROBE_ETHERTYPE.to_be_bytes());
+    frame.extend_from_slice(PROBE_PAYLOAD);
+    frame.resize(60, 0);
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_ifindex = index as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&vm_mac);
+    // SAFETY: a socket descriptor, a frame buffer of the length given and a sockaddr_ll
+    // of the size given.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const to).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("the probe into {tap}"));
+    }
+    Ok(())
+}
+
+/// QEMU's tap queue (a copy of its descriptor) and the virtio-net header's length.
+fn open_queue(qemu_pid: u32, tap: &str) -> Result<(StrandedFrames, OwnedFd, usize)> {
+    let fd = qemu_tap_fd(qemu_pid, tap)?;
+    let queue = take_fd(qemu_pid, fd)?;
+    // QEMU reads the tap with a virtio-net header before each frame.
+    let vnet_hdr = vnet_header_len(&queue).with_context(|| format!("{tap}'s flags"))?;
+    Ok((StrandedFrames::default(), queue, vnet_hdr))
+}
+
+/// Reads `queue` empty, sending each packet for `home` on; counts into `seen`.
+fn drain_into(
+    queue: &OwnedFd,
+    vnet_hdr: usize,
+    tap: &str,
+    home: IpAddr,
+    tunnel: TunnelTo,
+    seen: &mut StrandedFrames,
+) -> Result<()> {
+    let socket = tunnel_socket(tunnel)?;
+    let mut frame = vec![0u8; 65_536];
+    let mut datagram = Vec::with_capacity(2048);
+    // The copy shares QEMU's open file, flags included: poll before each read rather
+    // than change them under QEMU, so an empty queue never blocks.
+    while queued(queue).with_context(|| format!("polling {tap}'s queue"))? {
+        let len = match nix::unistd::read(queue, &mut frame) {
+            Ok(0) => break,
+            Ok(len) => len,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+            Err(err) => return Err(err).context(format!("reading {tap}'s queue")),
+        };
+        let Some(ethernet) = frame[..len].get(vnet_hdr..) else {
+            continue;
+        };
+        if is_probe(ethernet) {
+            seen.probes += 1;
+            continue;
+        }
+        seen.found += 1;
+        let Some(inner) = packet_for(ethernet, home) else {
+            seen.other += 1;
+            continue;
+        };
+        if inner.len() + GUE_OVERHEAD_IPV4 > usize::from(tunnel.mtu) {
+            seen.lost += 1;
+            continue;
+        }
+        datagram.clear();
+        datagram.extend_from_slice(&[GUE_FIRST_BYTE, gue_proto(inner), 0, 0]);
+        datagram.extend_from_slice(&tunnel.token.0.to_be_bytes());
+        datagram.extend_from_slice(inner);
+        match socket.send(&datagram) {
+            Ok(_) => seen.forwarded += 1,
+            Err(err) => {
+                tracing::warn!("a stranded packet for {home}: {err}");
+                seen.lost += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_probe(ethernet: &[u8]) -> bool {
+    ethernet.get(12..14) == Some(&PROBE_ETHERTYPE.to_be_bytes()[..])
+        && ethernet
+            .get(14..)
+            .is_some_and(|p| p.starts_with(PROBE_PAYLOAD))
+}
+
+/// The IP packet in an Ethernet `frame` when it is addressed to `home`.
+fn packet_for(frame: &[u8], home: IpAddr) -> Option<&[u8]> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let packet = frame.get(14..)?;
+    let dst: IpAddr = match ethertype {
+        0x0800 => <[u8; 4]>::try_from(packet.get(16..20)?).ok()?.into(),
+        0x86dd => <[u8; 16]>::try_from(packet.get(24..40)?).ok()?.into(),
+        _ => return None,
+    };
+    (dst == home).then_some(packet)
+}
+
+/// GUE's proto field for an inner packet: 4 (IPv4) or 41 (IPv6).
+fn gue_proto(inner: &[u8]) -> u8 {
+    if inner.first().is_some_and(|b| b >> 4 == 6) {
+        41
+    } else {
+        4
+    }
+}
+
+/// A UDP socket from the local tunnel address to the peer's GUE port. DF set, never
+/// fragmented here: the datapath at the peer takes no fragments.
+fn tunnel_socket(tunnel: TunnelTo) -> Result<UdpSocket> {
+    let socket = UdpSocket::bind(SocketAddrV4::new(tunnel.local, 0))
+        .with_context(|| format!("binding a UDP socket to {}", tunnel.local))?;
+    let pmtu_do = libc::IP_PMTUDISC_DO;
+    // SAFETY: a valid socket descriptor, and an int option of the size given.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const pmtu_do).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error()).context("IP_MTU_DISCOVER");
+    }
+    socket
+        .connect(SocketAddrV4::new(tunnel.peer, GUE_DEFAULT_PORT))
+        .with_context(|| format!("a UDP socket to {}:{GUE_DEFAULT_PORT}", tunnel.peer))?;
+    Ok(socket)
+}
+
+/// The descriptor number under which QEMU (`pid`) holds `tap` (its `/proc` fdinfo names
+/// the interface: `iff: tap0`).
+fn qemu_tap_fd(pid: u32, tap: &str) -> Result<RawFd> {
+    let fds = Path::new("/proc").join(pid.to_string()).join("fd");
+    let entries = fs::read_dir(&fds).with_context(|| format!("listing {}", fds.display()))?;
+    for entry in entries.flatten() {
+        let is_tun = fs::read_link(entry.path()).is_ok_and(|to| to == Path::new("/dev/net/tun"));
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        if !is_tun {
+            continue;
+        }
+        let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        if info.lines().any(|line| {
+            line.strip_prefix("iff:")
+                .is_some_and(|name| name.trim() == tap)
+        }) {
+            return Ok(fd);
+        }
+    }
+    bail!("QEMU (PID {pid}) holds no descriptor of {tap}")
+}
+
+/// A copy of descriptor `fd` of process `pid`, non-blocking.
+fn take_fd(pid: u32, fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a PID and flags; it returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("pidfd_open({pid})"));
+    }
+    // SAFETY: a descriptor the call above just returned, owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    // SAFETY: pidfd_getfd takes a pidfd, the target's descriptor number and flags 0; it
+    // returns a new descriptor (close-on-exec) or -1.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context(format!("pidfd_getfd(PID {pid}, fd {fd})"));
+    }
+    // SAFETY: as above, a new descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy as RawFd) })
+}
+
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+// <linux/if_tun.h>: TUNGETIFF writes a whole `struct ifreq` although its code names an
+// unsigned int; TUNGETVNETHDRSZ writes an int.
+nix::ioctl_read_bad!(
+    tun_get_iff,
+    nix::request_code_read!(b'T', 210, size_of::<libc::c_uint>()),
+    libc::ifreq
+);
+nix::ioctl_read_bad!(
+    tun_get_vnet_hdr_sz,
+    nix::request_code_read!(b'T', 215, size_of::<libc::c_int>()),
+    libc::c_int
+);
+
+/// How many bytes of virtio-net header precede each frame read from `queue` (0 when the
+/// tap has none).
+fn vnet_header_len(queue: &OwnedFd) -> Result<usize> {
+    // SAFETY: an all-zero ifreq is valid; the kernel fills it in.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: an open tun descriptor and a whole ifreq for TUNGETIFF to write.
+    unsafe { tun_get_iff(queue.as_raw_fd(), &mut ifr) }.context("TUNGETIFF")?;
+    // SAFETY: TUNGETIFF sets the flags member of the union.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    if flags & IFF_VNET_HDR == 0 {
+        return Ok(0);
+    }
+    let mut len: libc::c_int = 0;
+    // SAFETY: an open tun descriptor and an int for TUNGETVNETHDRSZ to write.
+    unsafe { tun_get_vnet_hdr_sz(queue.as_raw_fd(), &mut len) }.context("TUNGETVNETHDRSZ")?;
+    usize::try_from(len).context("a negative vnet header size")
+}
+
+/// Whether a frame waits in the queue (a poll that does not wait).
+fn queued(queue: &OwnedFd) -> nix::Result<bool> {
+    use std::os::fd::AsFd as _;
+
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(queue.as_fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(ready) => {
+                return Ok(ready > 0
+                    && fds[0]
+                        .revents()
+                        .is_some_and(|r| r.contains(PollFlags::POLLIN)));
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Drops counted at `tap` so far (its queue was full): `tx_dropped` of its link
+/// statistics, asked over rtnetlink (`/sys` may show another namespace's devices).
+pub async fn tap_dropped(tap: &str) -> Option<u64> {
+    super::netlink::tx_dropped(tap).await.ok()
+}
+
+/// Frames a tap must hold to wait out `blackout` at `uplink`'s rate (ethtool's speed,
+/// 10 Gbit/s when the driver gives none), counted as full-size frames; at least the
+/// kernel's default of 1,000, at most 2^18 (2 MiB of the queue's pointers, allocated
+/// in one piece: 2^20 fails here with ENOMEM; at 10 Gbit/s 2^18 holds 317 ms).
+pub fn queue_for_blackout(uplink: &str, blackout: Duration) -> u32 {
+    frames_for(link_speed_mbit(uplink).unwrap_or(10_000), blackout)
+}
+
+/// `struct ethtool_cmd` (<linux/ethtool.h>), for `ETHTOOL_GSET`.
+#[repr(C)]
+#[derive(Default)]
+struct EthtoolCmd {
+    cmd: u32,
+    supported: u32,
+    advertising: u32,
+    speed: u16,
+    duplex: u8,
+    port: u8,
+    phy_address: u8,
+    transceiver: u8,
+    autoneg: u8,
+    mdio_support: u8,
+    maxtxpkt: u32,
+    maxrxpkt: u32,
+    speed_hi: u16,
+    eth_tp_mdix: u8,
+    eth_tp_mdix_ctrl: u8,
+    lp_advertising: u32,
+    reserved: [u32; 2],
+}
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GSET: u32 = 1;
+
+/// `iface`'s link speed in Mbit/s, as `ethtool IFACE` shows it; `None` when unknown.
+fn link_speed_mbit(iface: &str) -> Option<u64> {
+    // Any socket of this namespace serves for the ioctl.
+    let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+    let mut cmd = EthtoolCmd {
+        cmd: ETHTOOL_GSET,
+        ..EthtoolCmd::default()
+    };
+    // SAFETY: an all-zero ifreq is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = iface.as_bytes();
+    if name.len() >= ifr.ifr_name.len() {
+        return None;
+    }
+    for (to, from) in ifr.ifr_name.iter_mut().zip(name) {
+        *to = *from as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut cmd).cast();
+    // SAFETY: a socket descriptor, an ifreq naming the interface and pointing at an
+    // ethtool_cmd that outlives the call.
+    let done = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCETHTOOL, &mut ifr) };
+    let speed = u32::from(cmd.speed) | (u32::from(cmd.speed_hi) << 16);
+    (done == 0 && speed != 0 && speed != u32::MAX).then_some(u64::from(speed))
+}
+
+const MOST_FRAMES: u128 = 1 << 18;
+
+fn frames_for(mbit_s: u64, blackout: Duration) -> u32 {
+    const FULL_FRAME_BITS: u64 = 1514 * 8;
+    let bits = mbit_s as u128 * 1_000_000 * blackout.as_millis() / 1000;
+    let frames = bits.div_ceil(u128::from(FULL_FRAME_BITS));
+    frames.clamp(1000, MOST_FRAMES) as u32
+}
+
+/// `tap`'s queue length, in frames (`ip link set TAP txqueuelen N`); a tap re-sizes its
+/// queue to it at once.
+pub async fn set_queue_len(tap: &str, frames: u32) -> Result<()> {
+    let index = crate::datapath::ifindex(tap)?;
+    super::netlink::session(|handle| async move {
+        handle
+            .link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(index)
+                    .append_extra_attribute(
+                        rtnetlink::packet_route::link::LinkAttribute::TxQueueLen(frames),
+                    )
+                    .build(),
+            )
+            .execute()
+            .await
+            .with_context(|| format!("setting {tap}'s queue to {frames} frames"))
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(ethertype: u16, packet: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&ethertype.to_be_bytes());
+        f.extend_from_slice(packet);
+        f
+    }
+
+    #[test]
+    fn only_ip_packets_for_the_home_address_are_carried() {
+        let mut v4 = vec![0x45u8; 20];
+        v4[16..20].copy_from_slice(&[192, 0, 2, 10]);
+        let home: IpAddr = "192.0.2.10".parse().expect("ip");
+        assert_eq!(packet_for(&frame(0x0800, &v4), home), Some(&v4[..]));
+        assert_eq!(packet_for(&frame(0x0806, &v4), home), None, "ARP");
+        let other: IpAddr = "192.0.2.11".parse().expect("ip");
+        assert_eq!(packet_for(&frame(0x0800, &v4), other), None);
+        assert_eq!(packet_for(&frame(0x0800, &v4[..10]), home), None, "short");
+        let mut v6 = vec![0x60u8; 40];
+        let home6: IpAddr = "2001:db8::10".parse().expect("ip");
+        let IpAddr::V6(a) = home6 else { unreachable!() };
+        v6[24..40].copy_from_slice(&a.octets());
+        assert_eq!(packet_for(&frame(0x86dd, &v6), home6), Some(&v6[..]));
+        assert_eq!(gue_proto(&v6), 41);
+        assert_eq!(gue_proto(&v4), 4);
+    }
+
+    #[test]
+    fn the_queue_holds_the_blackout_at_the_link_rate() {
+        // 200 Mbit/s for 1.3 s: 260 Mbit of full-size frames.
+        assert_eq!(frames_for(200, Duration::from_millis(1300)), 21_467);
+        assert_eq!(frames_for(1, Duration::from_millis(100)), 1000, "the floor");
+        assert_eq!(
+            frames_for(100_000, Duration::from_secs(10)),
+            1 << 18,
+            "the ceiling"
+        );
+    }
+}
