@@ -60,6 +60,14 @@ pub struct Report {
     /// left out: its --limit-rate pauses on its own; its stall is in `connections`).
     pub worst_stall_ms: u64,
     pub qemu_downtime_ms: Option<u64>,
+    /// `worst_stall_ms` less QEMU's downtime: what the blackout cost beyond itself (a
+    /// retransmission timeout shows here; the goal is about one round trip).
+    pub stall_beyond_downtime_ms: Option<i64>,
+    /// From the source's stop to the flip done, and to `migrate-continue`, in µs.
+    pub flip_us: Option<u64>,
+    pub continue_us: Option<u64>,
+    /// Packets for `H` lost at switchover, as the migration's report counts them.
+    pub lost_at_switchover: Option<u64>,
     pub dns_switch_ms: Option<u64>,
     /// Seconds from the switchover to the teardown.
     pub teardown_s: Option<f64>,
@@ -268,7 +276,7 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<20} {:<12} {:<24} {:<6} {:>10} {:>16} {:>12} {:>12}",
+            "{:<20} {:<12} {:<24} {:<6} {:>10} {:>16} {:>12} {:>15} {:>12}",
             "connection",
             "kind",
             "to",
@@ -276,12 +284,13 @@ impl Report {
             "bytes",
             "after switchover",
             "worst stall",
+            "beyond downtime",
             "before move"
         );
         for c in &self.connections {
             let _ = writeln!(
                 out,
-                "{:<20} {:<12} {:<24} {:<6} {:>10} {:>16} {:>9} ms {:>9} ms{}",
+                "{:<20} {:<12} {:<24} {:<6} {:>10} {:>16} {:>9} ms {:>15} {:>9} ms{}",
                 c.name,
                 c.kind,
                 truncate(&c.target, 24),
@@ -289,6 +298,10 @@ impl Report {
                 human_bytes(c.bytes),
                 human_bytes(c.bytes_after_switchover),
                 c.worst_stall_ms,
+                self.qemu_downtime_ms.map_or_else(
+                    || "-".to_owned(),
+                    |d| format!("{} ms", c.worst_stall_ms as i64 - d as i64)
+                ),
                 c.worst_stall_before_move_ms,
                 c.error
                     .as_ref()
@@ -356,11 +369,19 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\nsummary: {} connections, {} lost; worst stall {} ms (stream, upload, interactive); QEMU downtime {}; DNS switch {}; teardown {} after switchover{}; destination datapath {}",
+            "\nsummary: {} connections, {} lost; worst stall {} ms (stream, upload, interactive); QEMU downtime {}; worst stall − downtime {}; stop → flip {}, → migrate-continue {}; lost at switchover {}; DNS switch {}; teardown {} after switchover{}; destination datapath {}",
             self.connections_total,
             self.connections_lost,
             self.worst_stall_ms,
             opt_ms(self.qemu_downtime_ms),
+            self.stall_beyond_downtime_ms
+                .map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
+            self.flip_us
+                .map_or_else(|| "-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
+            self.continue_us
+                .map_or_else(|| "-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),
+            self.lost_at_switchover
+                .map_or_else(|| "-".into(), |n| format!("{n} packets")),
             opt_ms(self.dns_switch_ms),
             self.teardown_s
                 .map(|s| format!("{s:.1} s"))

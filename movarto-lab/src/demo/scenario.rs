@@ -420,11 +420,17 @@ impl Scenario<'_> {
         drop(work);
         let delay_line = DelayFigures::of(&delay.counters);
         drop(delay);
+        let worst = worst_stall_ms(&connections);
+        let downtime = parsed.qemu.as_ref().map(|q| q.downtime_ms);
         Ok(Report {
             connections_total: connections.len() + newcomers.total,
             connections_lost: lost,
-            worst_stall_ms: worst_stall_ms(&connections),
-            qemu_downtime_ms: parsed.qemu.as_ref().map(|q| q.downtime_ms),
+            worst_stall_ms: worst,
+            qemu_downtime_ms: downtime,
+            stall_beyond_downtime_ms: downtime.map(|d| worst as i64 - d as i64),
+            flip_us: parsed.flip_us,
+            continue_us: parsed.continue_us,
+            lost_at_switchover: parsed.lost_at_switchover,
             dns_switch_ms: parsed.dns_switch_ms,
             teardown_s: parsed
                 .teardown_after_switchover_ms

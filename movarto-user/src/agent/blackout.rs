@@ -509,6 +509,39 @@ mod tests {
     }
 
     #[test]
+    fn the_probe_frame_is_known_and_nothing_else_is() {
+        let mut probe = frame(PROBE_ETHERTYPE, PROBE_PAYLOAD);
+        probe.resize(60, 0);
+        assert!(is_probe(&probe));
+        assert!(!is_probe(&frame(PROBE_ETHERTYPE, b"someone else's")));
+        assert!(!is_probe(&frame(0x0800, PROBE_PAYLOAD)));
+        assert!(!is_probe(&probe[..13]));
+    }
+
+    #[test]
+    fn stranded_counts_add_up() {
+        let mut total = StrandedFrames {
+            found: 3,
+            forwarded: 2,
+            other: 1,
+            ..StrandedFrames::default()
+        };
+        total.add(StrandedFrames {
+            found: 1,
+            lost: 1,
+            held_by_qemu: 1,
+            probed: true,
+            ..StrandedFrames::default()
+        });
+        assert_eq!(
+            (total.found, total.forwarded, total.lost, total.other),
+            (4, 2, 1, 1)
+        );
+        assert_eq!(total.held_by_qemu, 1);
+        assert!(total.probed);
+    }
+
+    #[test]
     fn the_queue_holds_the_blackout_at_the_link_rate() {
         // 200 Mbit/s for 1.3 s: 260 Mbit of full-size frames.
         assert_eq!(frames_for(200, Duration::from_millis(1300)), 21_467);

@@ -52,9 +52,12 @@ pub struct Report {
     pub qemu: Option<MigrationReport>,
     /// From the switchover to the authoritative answer showing `N`.
     pub dns_switch_ms: Option<u64>,
-    /// From the source's stop at `pre-switchover` to `migrate-continue`, in µs.
+    /// From the source's stop at `pre-switchover` to the flip done, in µs.
     #[serde(default)]
     pub flip_us: Option<u64>,
+    /// From the same stop to `migrate-continue` (after `continued` is saved), in µs.
+    #[serde(default)]
+    pub continue_us: Option<u64>,
     pub flows_at_switchover: usize,
     pub flows_drained: usize,
     /// Flows still live when `--max-drain` forced the teardown.
@@ -140,8 +143,12 @@ impl Report {
         if let Some(us) = self.flip_us {
             let _ = writeln!(
                 out,
-                "flip:     migrate-continue {:.1} ms after the source stopped",
-                us as f64 / 1000.0
+                "flip:     forwarding {:.1} ms after the source stopped; migrate-continue {}",
+                us as f64 / 1000.0,
+                self.continue_us.map_or_else(
+                    || "-".to_owned(),
+                    |c| format!("{:.1} ms (the record saved)", c as f64 / 1000.0)
+                )
             );
         }
         if let Some(dns) = self.dns_switch_ms {

@@ -388,7 +388,7 @@ impl Follow<'_> {
                 let mut detail = details(&r, &[Stage::SwitchingOver]);
                 if let Some(us) = r.figures.flip_us {
                     detail.push_str(&format!(
-                        "; migrate-continue {:.1} ms after the source stopped",
+                        "; flipped {:.1} ms after the source stopped",
                         us as f64 / 1000.0
                     ));
                 }
@@ -638,6 +638,7 @@ fn fill_figures(report: &mut Report, r: &MigrationRecord) {
     if report.dns_switch_ms.is_none() {
         report.dns_switch_ms = f.dns_switch_ms;
     }
+    report.continue_us = f.continue_us.or(report.continue_us);
     report.lost_at_switchover = f.lost_at_switchover();
     report.stranded_at_source = f.stranded_at_source;
     report.dropped_at_destination_tap = f.dropped_at_destination_tap;

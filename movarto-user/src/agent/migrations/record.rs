@@ -385,9 +385,14 @@ pub struct Figures {
     /// The flows reached the destination (after `continue`).
     #[serde(default)]
     pub flows_handed: bool,
-    /// From the source's stop at `pre-switchover` to `migrate-continue`, in µs.
+    /// From the source's stop at `pre-switchover` to the flip done (the mode written, an
+    /// `--on-switch` hook run), in µs.
     #[serde(default)]
     pub flip_us: Option<u64>,
+    /// From the same stop to `migrate-continue`: the flip, then `continued` saved
+    /// durably (a restarted agent must never roll back a VM that may run at B).
+    #[serde(default)]
+    pub continue_us: Option<u64>,
     pub flows_cut: Vec<FlowEntry>,
     pub packets_to_b: u64,
     pub packets_from_b: u64,

@@ -482,7 +482,17 @@ impl SwitchoverHook for LocalSwitchover {
                 if !continued {
                     bail!(ABORTED);
                 }
+                // `continued` is on disk: what is left is `migrate-continue`. Noted after
+                // it, so that no second save lengthens the blackout.
+                let continue_us = stopped.elapsed().as_micros() as u64;
+                let m = m.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = m.update(|r| r.figures.continue_us = Some(continue_us)) {
+                        tracing::warn!("saving the switchover's figure: {err:#}");
+                    }
+                });
             }
+            // Everything else after `migrate-continue`, outside the blackout.
             tokio::spawn({
                 let (agent, m) = (agent.clone(), m.clone());
                 async move { carry_stranded(&agent, &m, Pass::AtSwitchover).await }
@@ -491,7 +501,8 @@ impl SwitchoverHook for LocalSwitchover {
                 // The last move's drain ends here: this one carries its tunnel on. The
                 // destination needs none of these flows (its own it knows; the rest it
                 // sends back here by default).
-                supersede(agent, m).await;
+                let (agent, m) = (agent.clone(), m.clone());
+                tokio::spawn(async move { supersede(&agent, &m).await });
             } else {
                 tokio::spawn(hand_over_flows(agent.clone(), m.clone()));
             }
