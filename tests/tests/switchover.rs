@@ -17,7 +17,7 @@ use movarto_guest_server::ECHO_PORT;
 use movarto_lab::{
     dns_server::SERVICE,
     lab::*,
-    netns::{Netns, in_netns, wait_until},
+    netns::{ChildGuard, Netns, in_netns, wait_until},
 };
 use movarto_tests::require_root;
 
@@ -36,6 +36,21 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         self.thaw();
     }
+}
+
+/// `movarto-user migrate` A→B with `hook` run at switchover, the source stopped.
+fn migrate_with_hook(l: &Lab, hook: &str, max_drain: &str) -> ChildGuard {
+    let mut migrate = l
+        .migrate_command(&[
+            "--on-switch",
+            hook,
+            "--drain-grace",
+            "2s",
+            "--max-drain",
+            max_drain,
+        ])
+        .expect("the migrate command");
+    l.bind.client.spawn(&mut migrate).expect("migrate")
 }
 
 /// The process's state letter in `/proc/PID/stat` (`T`: stopped by a signal).
@@ -63,17 +78,7 @@ fn the_dns_update_goes_out_at_the_switchover_before_the_vm_can_run_at_b() {
         "while [ ! -s {p} ]; do sleep 0.01; done; kill -STOP \"$(cat {p})\"",
         p = pid_file.display()
     );
-    let mut migrate = l
-        .migrate_command(&[
-            "--on-switch",
-            &hook,
-            "--drain-grace",
-            "2s",
-            "--max-drain",
-            "60s",
-        ])
-        .expect("the migrate command");
-    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let mut orchestrator = migrate_with_hook(&l, &hook, "60s");
 
     // B's QEMU, once B's agent has started it to listen.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -365,17 +370,7 @@ fn a_nat_move_under_load_loses_only_the_packet_qemu_holds_and_counts_it() {
         ready = ready.display(),
         sent = sent_file.display()
     );
-    let mut migrate = l
-        .migrate_command(&[
-            "--on-switch",
-            &hook,
-            "--drain-grace",
-            "2s",
-            "--max-drain",
-            "15s",
-        ])
-        .expect("the migrate command");
-    let mut orchestrator = l.bind.client.spawn(&mut migrate).expect("migrate");
+    let mut orchestrator = migrate_with_hook(&l, &hook, "15s");
 
     // The stranded datagrams are sent from inside A's namespace in the client's name
     // (IP_TRANSPARENT), so that the VM's echoes take the client's way back: from B

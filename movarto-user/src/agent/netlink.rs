@@ -53,22 +53,12 @@ where
 /// The MAC address of `iface`.
 pub fn mac_of(iface: &str) -> Result<[u8; 6]> {
     blocking(|handle| async move {
-        let link = handle
-            .link()
-            .get()
-            .match_name(iface.to_owned())
-            .execute()
-            .try_next()
-            .await
-            .with_context(|| format!("looking up interface {iface}"))?
-            .with_context(|| format!("no interface named {iface}"))?;
-        link.attributes
-            .iter()
-            .find_map(|attr| match attr {
-                LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
-                _ => None,
-            })
-            .with_context(|| format!("{iface} has no Ethernet address"))
+        link_attribute(&handle, iface, |attr| match attr {
+            LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
+            _ => None,
+        })
+        .await?
+        .with_context(|| format!("{iface} has no Ethernet address"))
     })
 }
 
@@ -86,6 +76,20 @@ pub fn tx_packets(iface: &str) -> Result<u64> {
 }
 
 async fn stats_of(handle: &Handle, name: &str) -> Result<Stats64> {
+    link_attribute(handle, name, |attr| match attr {
+        LinkAttribute::Stats64(stats) => Some(*stats),
+        _ => None,
+    })
+    .await?
+    .with_context(|| format!("{name} has no statistics"))
+}
+
+/// The first attribute of interface `name` that `pick` takes.
+async fn link_attribute<T>(
+    handle: &Handle,
+    name: &str,
+    pick: impl Fn(&LinkAttribute) -> Option<T>,
+) -> Result<Option<T>> {
     let link = handle
         .link()
         .get()
@@ -95,13 +99,7 @@ async fn stats_of(handle: &Handle, name: &str) -> Result<Stats64> {
         .await
         .with_context(|| format!("looking up interface {name}"))?
         .with_context(|| format!("no interface named {name}"))?;
-    link.attributes
-        .into_iter()
-        .find_map(|attr| match attr {
-            LinkAttribute::Stats64(stats) => Some(stats),
-            _ => None,
-        })
-        .with_context(|| format!("{name} has no statistics"))
+    Ok(link.attributes.iter().find_map(pick))
 }
 
 /// Where packets toward a destination go next.
