@@ -667,7 +667,9 @@ const SPLIT_GUIDANCE: &str = "Nothing was rolled back: the VM's memory is split 
     either loses it. If QEMU at the destination still runs, mend the link and resume with QMP \
     `migrate-recover` at the destination and `migrate` with `resume: true` at the source; \
     if it exited, the VM's RAM is lost: quit the source's QEMU and boot the VM again from \
-    its disk. Both datapaths are left as they are (source forwards, destination receives)";
+    its disk. Both datapaths are left as they are (source forwards, destination receives), \
+    and DNS names the destination's address, as it has since the switchover (a VM booted \
+    again at the source wants `movarto-user dns` to set the home address back)";
 
 fn finish(mut report: Report, mut timeline: Timeline, say: Say, result: Result<()>) -> Report {
     match result {
