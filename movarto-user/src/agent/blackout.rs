@@ -41,9 +41,19 @@ pub struct StrandedFrames {
     pub other: u64,
     /// The one packet QEMU itself read after the stop and holds, undeliverable (its tap
     /// backend reads one more and keeps it queued for the stopped device): 0 or 1, found
-    /// by [`probe_held`]; counted in `lost`.
+    /// by [`probe_held`]; counted in `lost`. 0 when QEMU holds the decoy instead.
     #[serde(default)]
     pub held_by_qemu: u64,
+    /// The decoy frame went into the tap at the stop, before the flip ([`send_decoy`]).
+    #[serde(default)]
+    pub decoy_sent: bool,
+    /// The decoy was read back from the queue: QEMU had taken a frame before it.
+    #[serde(default)]
+    pub decoy_found: bool,
+    /// QEMU holds the decoy: the one frame it keeps after the stop is the agent's, and
+    /// none of the VM's is lost there.
+    #[serde(default)]
+    pub held_decoy: bool,
     /// The probe for QEMU's held packet was made (once: a second probe would find the
     /// first one held).
     #[serde(default)]
@@ -60,6 +70,9 @@ impl StrandedFrames {
         self.lost += more.lost;
         self.other += more.other;
         self.held_by_qemu += more.held_by_qemu;
+        self.decoy_sent |= more.decoy_sent;
+        self.decoy_found |= more.decoy_found;
+        self.held_decoy |= more.held_decoy;
         self.probed |= more.probed;
     }
 }
@@ -89,21 +102,32 @@ pub fn forward_stranded(
     Ok(seen)
 }
 
+/// The decoy goes into the source's tap at the stop, before the flip, so that it is
+/// first in the queue: QEMU's tap backend reads one frame after the stop and holds it,
+/// and when that is the decoy, none of the VM's is held. A frame that came between the
+/// stop and the decoy is read first instead (and the decoy is found in the queue).
+pub fn send_decoy(marker: &MarkerSocket) -> Result<()> {
+    marker.send_decoy()
+}
+
 /// [`forward_stranded`] once QEMU has completed (`postmigrate`: its main loop runs
 /// again), and whether QEMU holds a packet of its own. A probe frame goes into the tap:
 /// a QEMU that holds nothing reads it (and holds it instead, harmlessly); a QEMU that
-/// holds a packet reads nothing more, and the probe is found in the queue.
+/// holds a frame reads nothing more, and the probe is found in the queue. The frame it
+/// holds is the decoy when the decoy went in (`earlier.decoy_sent`) and was never found
+/// in the queue.
 pub fn probe_held(
     qemu_pid: u32,
     tap: &str,
     vm_mac: [u8; 6],
     home: IpAddr,
     tunnel: TunnelTo,
+    earlier: StrandedFrames,
 ) -> Result<StrandedFrames> {
     let (mut seen, queue, vnet_hdr) = open_queue(qemu_pid, tap)?;
     drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
     let read_before = super::netlink::tx_packets(tap)?;
-    send_probe(tap, vm_mac)?;
+    MarkerSocket::open(tap, vm_mac)?.send(PROBE_PAYLOAD)?;
     let deadline = std::time::Instant::now() + PROBE_WAIT;
     let mut taken = false;
     while std::time::Instant::now() < deadline {
@@ -117,7 +141,10 @@ pub fn probe_held(
     drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
     let probe_left = seen.probes > probes_before;
     seen.probed = true;
-    if !taken && probe_left {
+    let decoy_held = earlier.decoy_sent && !(earlier.decoy_found || seen.decoy_found);
+    if !taken && probe_left && decoy_held {
+        seen.held_decoy = true;
+    } else if !taken && probe_left {
         seen.held_by_qemu = 1;
         seen.lost += 1;
     } else if !taken {
@@ -128,48 +155,76 @@ pub fn probe_held(
 
 /// How long QEMU has to read the probe frame, its main loop being free.
 const PROBE_WAIT: Duration = Duration::from_millis(500);
-/// The probe's EtherType (IEEE 802 local experimental) and payload.
+/// The probe's and the decoy's EtherType (IEEE 802 local experimental) and payloads.
 const PROBE_ETHERTYPE: u16 = 0x88b5;
 const PROBE_PAYLOAD: &[u8] = b"movarto: is a packet held?";
+const DECOY_PAYLOAD: &[u8] = b"movarto: a decoy for the stop";
 
-/// Sends the probe frame into `tap`, toward the VM (AF_PACKET).
-fn send_probe(tap: &str, vm_mac: [u8; 6]) -> Result<()> {
-    let index = crate::datapath::ifindex(tap)?;
-    // SAFETY: socket(2) returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("an AF_PACKET socket");
+/// A socket that sends frames of the agent's own into a tap, toward the VM (AF_PACKET).
+/// Opened ahead of the blackout and closed after it: closing a packet socket waits for
+/// the kernel's RCU grace period (`synchronize_net`), milliseconds.
+pub struct MarkerSocket {
+    socket: OwnedFd,
+    to: libc::sockaddr_ll,
+    tap: String,
+    vm_mac: [u8; 6],
+}
+
+impl MarkerSocket {
+    pub fn open(tap: &str, vm_mac: [u8; 6]) -> Result<Self> {
+        let index = crate::datapath::ifindex(tap)?;
+        // SAFETY: socket(2) returns a new descriptor or -1. Protocol 0: it receives
+        // nothing.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("an AF_PACKET socket");
+        }
+        // SAFETY: a descriptor just returned, owned by nothing else.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_ifindex = index as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&vm_mac);
+        Ok(Self {
+            socket,
+            to,
+            tap: tap.to_owned(),
+            vm_mac,
+        })
     }
-    // SAFETY: a descriptor just returned, owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut frame = Vec::with_capacity(64);
-    frame.extend_from_slice(&vm_mac);
-    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0]);
-    frame.extend_from_slice(&PROBE_ETHERTYPE.to_be_bytes());
-    frame.extend_from_slice(PROBE_PAYLOAD);
-    frame.resize(60, 0);
-    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    to.sll_ifindex = index as i32;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&vm_mac);
-    // SAFETY: a socket descriptor, a frame buffer of the length given and a sockaddr_ll
-    // of the size given.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const to).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("the probe into {tap}"));
+
+    /// The decoy, at the stop: see [`send_decoy`].
+    pub fn send_decoy(&self) -> Result<()> {
+        self.send(DECOY_PAYLOAD)
     }
-    Ok(())
+
+    fn send(&self, payload: &[u8]) -> Result<()> {
+        let mut frame = Vec::with_capacity(64);
+        frame.extend_from_slice(&self.vm_mac);
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0]);
+        frame.extend_from_slice(&PROBE_ETHERTYPE.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame.resize(60, 0);
+        // SAFETY: a socket descriptor, a frame buffer of the length given and a
+        // sockaddr_ll of the size given.
+        let sent = unsafe {
+            libc::sendto(
+                self.socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const self.to).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context(format!("a frame into {}", self.tap));
+        }
+        Ok(())
+    }
 }
 
 /// QEMU's tap queue (a copy of its descriptor) and the virtio-net header's length.
@@ -205,8 +260,12 @@ fn drain_into(
         let Some(ethernet) = frame[..len].get(vnet_hdr..) else {
             continue;
         };
-        if is_probe(ethernet) {
+        if is_marker(ethernet, PROBE_PAYLOAD) {
             seen.probes += 1;
+            continue;
+        }
+        if is_marker(ethernet, DECOY_PAYLOAD) {
+            seen.decoy_found = true;
             continue;
         }
         seen.found += 1;
@@ -233,11 +292,9 @@ fn drain_into(
     Ok(())
 }
 
-fn is_probe(ethernet: &[u8]) -> bool {
+fn is_marker(ethernet: &[u8], payload: &[u8]) -> bool {
     ethernet.get(12..14) == Some(&PROBE_ETHERTYPE.to_be_bytes()[..])
-        && ethernet
-            .get(14..)
-            .is_some_and(|p| p.starts_with(PROBE_PAYLOAD))
+        && ethernet.get(14..).is_some_and(|p| p.starts_with(payload))
 }
 
 /// The IP packet in an Ethernet `frame` when it is addressed to `home`.
@@ -509,13 +566,20 @@ mod tests {
     }
 
     #[test]
-    fn the_probe_frame_is_known_and_nothing_else_is() {
+    fn the_probe_and_the_decoy_are_known_apart_and_nothing_else_is() {
         let mut probe = frame(PROBE_ETHERTYPE, PROBE_PAYLOAD);
         probe.resize(60, 0);
-        assert!(is_probe(&probe));
-        assert!(!is_probe(&frame(PROBE_ETHERTYPE, b"someone else's")));
-        assert!(!is_probe(&frame(0x0800, PROBE_PAYLOAD)));
-        assert!(!is_probe(&probe[..13]));
+        assert!(is_marker(&probe, PROBE_PAYLOAD));
+        assert!(!is_marker(&probe, DECOY_PAYLOAD));
+        let decoy = frame(PROBE_ETHERTYPE, DECOY_PAYLOAD);
+        assert!(is_marker(&decoy, DECOY_PAYLOAD));
+        assert!(!is_marker(&decoy, PROBE_PAYLOAD));
+        assert!(!is_marker(
+            &frame(PROBE_ETHERTYPE, b"someone else's"),
+            PROBE_PAYLOAD
+        ));
+        assert!(!is_marker(&frame(0x0800, PROBE_PAYLOAD), PROBE_PAYLOAD));
+        assert!(!is_marker(&probe[..13], PROBE_PAYLOAD));
     }
 
     #[test]

@@ -189,6 +189,16 @@ impl SiteDatapath {
         self.status(home)?.context("the datapath vanished")
     }
 
+    /// The switchover's flip of the service `home` to `forward`, and nothing else: it is
+    /// inside the VM's blackout. The pins' owner was checked when the migration set the
+    /// service up (the check reads every descriptor's fdinfo, milliseconds), and the
+    /// status and the next hop's priming (it was resolved for the migration's own
+    /// traffic to the peer) are left out.
+    pub fn flip_to_forward(&self, home: IpAddr) -> Result<()> {
+        let _changing = self.changing();
+        Pinned::open(&self.pin_name)?.set_service_mode(Some(home), Mode::Forward)
+    }
+
     /// The flows of the service `home` (`None`: every flow).
     pub fn flows(&self, home: Option<IpAddr>) -> Result<FlowSnapshot> {
         let now = monotonic_ns()?;

@@ -164,7 +164,8 @@ impl Report {
                 out,
                 "lost:     {lost} packets at switchover ({} for the VM left unread in the \
                  source's tap, {} of them carried on to the destination; {} dropped at the \
-                 destination's tap)",
+                 destination's tap; QEMU may also have discarded 1 it read as the VM \
+                 stopped, which it does not show)",
                 stranded.forwarded + stranded.lost,
                 stranded.forwarded,
                 self.dropped_at_destination_tap.unwrap_or_default()

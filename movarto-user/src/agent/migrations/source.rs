@@ -244,6 +244,9 @@ async fn copy_and_switch(agent: &Arc<Agent>, m: &Arc<Handle>) -> Result<()> {
     let mut hook = LocalSwitchover {
         agent: agent.clone(),
         m: m.clone(),
+        decoy: blackout::MarkerSocket::open(&record.spec.vm_iface, record.spec.vm_mac.0)
+            .inspect_err(|err| tracing::warn!("no decoy for the source's tap: {err:#}"))
+            .ok(),
     };
     let progress_handle = m.clone();
     let request = record.spec.outgoing_request();
@@ -409,11 +412,15 @@ async fn carry_stranded(agent: &Arc<Agent>, m: &Handle, pass: Pass) {
         mtu: spec.tunnel_mtu,
     };
     let (tap, home, vm_mac) = (spec.vm_iface.clone(), spec.home, spec.vm_mac.0);
-    let probed = record.figures.stranded_at_source.is_some_and(|s| s.probed);
-    let pass = if probed { Pass::AtSwitchover } else { pass };
+    let earlier = record.figures.stranded_at_source.unwrap_or_default();
+    let pass = if earlier.probed {
+        Pass::AtSwitchover
+    } else {
+        pass
+    };
     let found = blocking(move || match pass {
         Pass::AtSwitchover => blackout::forward_stranded(pid, &tap, home, tunnel),
-        Pass::Last => blackout::probe_held(pid, &tap, vm_mac, home, tunnel),
+        Pass::Last => blackout::probe_held(pid, &tap, vm_mac, home, tunnel, earlier),
     });
     match found.await {
         Ok(found) => {
@@ -445,6 +452,8 @@ async fn carry_stranded(agent: &Arc<Agent>, m: &Handle, pass: Pass) {
 struct LocalSwitchover {
     agent: Arc<Agent>,
     m: Arc<Handle>,
+    /// Opened beforehand: opening and closing it take milliseconds (`agent::blackout`).
+    decoy: Option<blackout::MarkerSocket>,
 }
 
 impl SwitchoverHook for LocalSwitchover {
@@ -457,14 +466,19 @@ impl SwitchoverHook for LocalSwitchover {
             if m.stage() != Stage::Continued {
                 aborted(m)?;
                 let record = m.snapshot();
+                // First in the tap's queue, so that the frame QEMU reads and holds after
+                // the stop is this one rather than the VM's (`agent::blackout`).
+                let decoy_sent = self.decoy.as_ref().is_some_and(|decoy| {
+                    blackout::send_decoy(decoy)
+                        .inspect_err(|err| tracing::warn!("the decoy: {err:#}"))
+                        .is_ok()
+                });
                 // What reaches A from now on waits in B's tap for the VM.
-                agent
-                    .datapath
-                    .set_mode(Some(record.spec.home), Mode::Forward)?;
+                agent.datapath.flip_to_forward(record.spec.home)?;
+                let flip_us = stopped.elapsed().as_micros() as u64;
                 if let Some(hook) = &record.spec.on_switch {
                     run_on_switch(&record, hook).await?;
                 }
-                let flip_us = stopped.elapsed().as_micros() as u64;
                 // Under the record's lock, as the abort's own check: either the abort
                 // came first (nothing continues) or `continued` did (the abort is refused).
                 let continued = m.update(|r| {
@@ -477,6 +491,10 @@ impl SwitchoverHook for LocalSwitchover {
                     r.note("source forwards");
                     r.enter(Stage::Continued);
                     r.figures.flip_us = Some(flip_us);
+                    r.figures
+                        .stranded_at_source
+                        .get_or_insert_default()
+                        .decoy_sent = decoy_sent;
                     true
                 })?;
                 if !continued {
