@@ -260,11 +260,14 @@ impl Scenario<'_> {
         let opts = self.opts;
         let drain_grace = format!("{}ms", opts.drain_grace.as_millis());
         let max_drain = format!("{}s", opts.max_drain.as_secs());
+        let downtime_limit = format!("{}ms", opts.downtime_limit.as_millis());
         let mut migrate = self.l.migrate_command(&[
             "--drain-grace",
             &drain_grace,
             "--max-drain",
             &max_drain,
+            "--downtime-limit",
+            &downtime_limit,
             "--progress",
             "json",
         ])?;
