@@ -44,7 +44,8 @@ pub struct StrandedFrames {
     /// by [`probe_held`]; counted in `lost`. 0 when QEMU holds the decoy instead.
     #[serde(default)]
     pub held_by_qemu: u64,
-    /// The decoy frame went into the tap at the stop, before the flip ([`send_decoy`]).
+    /// The decoy frame went into the tap at the stop, before the flip
+    /// ([`MarkerSocket::send_decoy`]).
     #[serde(default)]
     pub decoy_sent: bool,
     /// The decoy was read back from the queue: QEMU had taken a frame before it.
@@ -100,14 +101,6 @@ pub fn forward_stranded(
     let (mut seen, queue, vnet_hdr) = open_queue(qemu_pid, tap)?;
     drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
     Ok(seen)
-}
-
-/// The decoy goes into the source's tap at the stop, before the flip, so that it is
-/// first in the queue: QEMU's tap backend reads one frame after the stop and holds it,
-/// and when that is the decoy, none of the VM's is held. A frame that came between the
-/// stop and the decoy is read first instead (and the decoy is found in the queue).
-pub fn send_decoy(marker: &MarkerSocket) -> Result<()> {
-    marker.send_decoy()
 }
 
 /// [`forward_stranded`] once QEMU has completed (`postmigrate`: its main loop runs
@@ -195,7 +188,11 @@ impl MarkerSocket {
         })
     }
 
-    /// The decoy, at the stop: see [`send_decoy`].
+    /// The decoy goes into the source's tap at the stop, before the flip, so that it is
+    /// first in the queue: QEMU's tap backend reads one frame after the stop and holds
+    /// it, and when that is the decoy, none of the VM's is held. A frame that came
+    /// between the stop and the decoy is read first instead (and the decoy is found in
+    /// the queue).
     pub fn send_decoy(&self) -> Result<()> {
         self.send(DECOY_PAYLOAD)
     }

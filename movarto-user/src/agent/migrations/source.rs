@@ -469,7 +469,8 @@ impl SwitchoverHook for LocalSwitchover {
                 // First in the tap's queue, so that the frame QEMU reads and holds after
                 // the stop is this one rather than the VM's (`agent::blackout`).
                 let decoy_sent = self.decoy.as_ref().is_some_and(|decoy| {
-                    blackout::send_decoy(decoy)
+                    decoy
+                        .send_decoy()
                         .inspect_err(|err| tracing::warn!("the decoy: {err:#}"))
                         .is_ok()
                 });
