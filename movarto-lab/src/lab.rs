@@ -482,6 +482,18 @@ checksum_offload = false
         )
     }
 
+    /// Cuts the link between the wan router and site B for `length`, as a failed WAN
+    /// link: the router's port toward B goes down (what is sent to B's networks meanwhile
+    /// is unreachable), then comes up again with its route to B's networks.
+    pub fn cut_site_b(&self, length: Duration) -> Result<()> {
+        self.wan.ip(&["link", "set", "wb", "down"])?;
+        thread::sleep(length);
+        self.wan.ip(&["link", "set", "wb", "up"])?;
+        self.wan
+            .ip(&["route", "replace", "198.18.0.0/15", "via", TB])
+            .context("the route to B's networks, after the cut")
+    }
+
     /// `movarto-user migrate --resume ID`, as an operator runs it after the first
     /// `migrate` died: only the source's agent and the DNS key are given.
     pub fn resume_command(&self, id: &str) -> Result<Command> {

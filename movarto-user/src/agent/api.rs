@@ -374,6 +374,13 @@ pub struct MigrationSettings {
     pub auto_converge: bool,
     pub postcopy: PostcopySetting,
     pub timeout_s: u64,
+    /// How long a broken post-copy is resumed before the VM is left split.
+    #[serde(default = "default_postcopy_recover_timeout_ms")]
+    pub postcopy_recover_timeout_ms: u64,
+}
+
+fn default_postcopy_recover_timeout_ms() -> u64 {
+    crate::qemu::migrate::DEFAULT_POSTCOPY_RECOVER_TIMEOUT.as_millis() as u64
 }
 
 impl Default for MigrationSettings {
@@ -387,6 +394,7 @@ impl Default for MigrationSettings {
             auto_converge: false,
             postcopy: PostcopySetting::Off,
             timeout_s: options.timeout.as_secs(),
+            postcopy_recover_timeout_ms: options.postcopy_recover_timeout.as_millis() as u64,
         }
     }
 }
@@ -404,6 +412,7 @@ impl MigrationSettings {
             multifd_channels: self.multifd_channels,
             auto_converge: self.auto_converge,
             postcopy: self.postcopy.into(),
+            postcopy_recover_timeout: Duration::from_millis(self.postcopy_recover_timeout_ms),
             ..MigrationOptions::default()
         }
     }

@@ -27,8 +27,9 @@ use super::{
 };
 use crate::qemu::{
     migrate::{
-        FailedInPostcopy, MigrationReport, Progress, SwitchoverHook, abandon_incoming,
-        finish_incoming, follow_outgoing, migrate_outgoing, prepare_incoming, roll_back_source,
+        FailedInPostcopy, IncomingRecovery, MigrationReport, Progress, SwitchoverHook,
+        abandon_incoming, finish_incoming, follow_outgoing, migrate_outgoing, prepare_incoming,
+        roll_back_source,
     },
     mirror::{
         DiskMirror, MirrorHook, MirrorReady, abort_mirror, export_disk, start_mirror, unexport_disk,
@@ -315,6 +316,20 @@ impl Vms {
         Ok(status_of(name, &managed).await)
     }
 
+    /// Post-copy at the destination: a broken stream listens again for the source's
+    /// resume, on `uri`, the one it listened on first ([`IncomingRecovery`]). Returns
+    /// QEMU's migration status here.
+    pub async fn recover_incoming(
+        &self,
+        name: &str,
+        recovery: &mut IncomingRecovery,
+        uri: &str,
+        source_paused: bool,
+    ) -> Result<String> {
+        let managed = self.get(name).await?;
+        recovery.tend(&managed.qmp, uri, source_paused).await
+    }
+
     /// RARP/GARP from the VM's NIC, so switches and the gateway learn where it is now.
     pub async fn announce(&self, name: &str) -> Result<()> {
         let managed = self.get(name).await?;
@@ -486,7 +501,7 @@ async fn outgoing(
     follow: bool,
 ) -> Result<MigrationReport> {
     if follow {
-        follow_outgoing(qmp, options, hook, Some(progress)).await
+        follow_outgoing(qmp, uri, options, hook, Some(progress)).await
     } else {
         migrate_outgoing(qmp, uri, options, hook, Some(progress)).await
     }
@@ -534,5 +549,9 @@ impl SwitchoverHook for WatchedSwitchover<'_> {
             lock(&self.state).phase = MigrationPhase::Running;
             result
         })
+    }
+
+    fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+        self.inner.destination_gone()
     }
 }

@@ -140,6 +140,12 @@ pub struct MigrateArgs {
     /// `off`, `after-first-pass`, or `within:<ms>` [default: off].
     #[arg(long)]
     pub postcopy: Option<PostcopySetting>,
+    /// When post-copy's stream breaks (or moves nothing for 2 s), the agents resume it
+    /// on a new connection for this long; the VM at the destination waits for its
+    /// missing pages meanwhile. After it, the VM is left split for a person to recover.
+    /// 0s: no resume [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    pub postcopy_recover_timeout: Option<Duration>,
     #[arg(long)]
     pub multifd: Option<u8>,
     /// QEMU's auto-converge (`=false` undoes the inventory's).
@@ -219,6 +225,7 @@ impl MigrateArgs {
                 max_postcopy_bandwidth: self.max_postcopy_bandwidth,
                 downtime_limit: self.downtime_limit,
                 postcopy: self.postcopy,
+                postcopy_recover_timeout: self.postcopy_recover_timeout,
                 multifd: self.multifd,
                 auto_converge: self.auto_converge,
                 mirror_speed: self.mirror_speed,

@@ -59,6 +59,8 @@ pub struct Defaults {
     pub downtime_limit: Option<Duration>,
     #[serde(default, deserialize_with = "parse::from_str")]
     pub postcopy: Option<PostcopySetting>,
+    #[serde(default, deserialize_with = "parse::duration")]
+    pub postcopy_recover_timeout: Option<Duration>,
     pub multifd: Option<u8>,
     pub auto_converge: Option<bool>,
     #[serde(default, deserialize_with = "parse::mib_per_s")]
@@ -88,6 +90,7 @@ impl Defaults {
             max_postcopy_bandwidth: self.max_postcopy_bandwidth.or(o.max_postcopy_bandwidth),
             downtime_limit: self.downtime_limit.or(o.downtime_limit),
             postcopy: self.postcopy.or(o.postcopy),
+            postcopy_recover_timeout: self.postcopy_recover_timeout.or(o.postcopy_recover_timeout),
             multifd: self.multifd.or(o.multifd),
             auto_converge: self.auto_converge.or(o.auto_converge),
             mirror_speed: self.mirror_speed.or(o.mirror_speed),

@@ -469,6 +469,9 @@ impl MigrateFlags {
             max_postcopy_bandwidth: d.max_postcopy_bandwidth.unwrap_or(0),
             downtime_limit: d.downtime_limit.unwrap_or(builtin::DOWNTIME_LIMIT),
             postcopy: d.postcopy.unwrap_or(PostcopySetting::Off),
+            postcopy_recover_timeout: d
+                .postcopy_recover_timeout
+                .unwrap_or(crate::qemu::migrate::DEFAULT_POSTCOPY_RECOVER_TIMEOUT),
             multifd: d.multifd,
             auto_converge: d.auto_converge.unwrap_or(false),
             nbd_port: self

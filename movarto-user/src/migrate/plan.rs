@@ -91,6 +91,7 @@ pub struct MigrateOptions {
     pub max_postcopy_bandwidth: u64,
     pub downtime_limit: Duration,
     pub postcopy: PostcopySetting,
+    pub postcopy_recover_timeout: Duration,
     pub multifd: Option<u8>,
     pub auto_converge: bool,
     pub nbd_port: u16,
@@ -290,6 +291,7 @@ impl Plan {
             multifd_channels: o.multifd,
             auto_converge: o.auto_converge,
             postcopy,
+            postcopy_recover_timeout_ms: o.postcopy_recover_timeout.as_millis() as u64,
             ..Default::default()
         };
         Ok(Self {

@@ -139,6 +139,14 @@ impl Report {
                     .map(|at| format!(", post-copy after {}", ms(at)))
                     .unwrap_or_default()
             );
+            if q.postcopy_recoveries > 0 {
+                let _ = writeln!(
+                    out,
+                    "          post-copy's stream broke {} time(s) and resumed: paused {} in all",
+                    q.postcopy_recoveries,
+                    ms(q.postcopy_paused_ms)
+                );
+            }
         }
         if let Some(us) = self.flip_us {
             let _ = writeln!(

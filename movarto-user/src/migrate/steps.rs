@@ -664,8 +664,10 @@ fn shown_addresses(before: &records::ServiceRecords, home: std::net::IpAddr) -> 
 /// What the operator reads when post-copy broke: undoing anything would lose the VM.
 const SPLIT_GUIDANCE: &str = "Nothing was rolled back: the VM's memory is split between the \
     source (paused, holding the pages the destination lacks) and the destination, so stopping \
-    either loses it. If QEMU at the destination still runs, mend the link and resume with QMP \
-    `migrate-recover` at the destination and `migrate` with `resume: true` at the source; \
+    either loses it. The agents resumed post-copy on new connections until \
+    --postcopy-recover-timeout ran out (or the destination's QEMU exited). If QEMU at the \
+    destination still runs, mend the link and resume with QMP `migrate-recover` at the \
+    destination and `migrate` with `resume: true` at the source; \
     if it exited, the VM's RAM is lost: quit the source's QEMU and boot the VM again from \
     its disk. Both datapaths are left as they are (source forwards, destination receives), \
     and DNS names the destination's address, as it has since the switchover (a VM booted \

@@ -16,6 +16,12 @@
 //! Options: `multifd` channels, `auto-converge`, and post-copy after the first pass or when
 //! pre-copy has not converged within a bound ([`Postcopy`]).
 //!
+//! Post-copy recovers by itself: when its stream breaks (`postcopy-paused`, or a stream that
+//! has moved nothing for [`POSTCOPY_STALL`], which is paused on purpose), the source sends
+//! `migrate` with `resume` every [`RESUME_RETRY`] until the destination, which listens
+//! again with `migrate-recover` ([`IncomingRecovery`]), takes it, or until
+//! `postcopy_recover_timeout` runs out. The report says how long it was paused.
+//!
 //! On failure, timeout or a hook error the migration is cancelled, the source is made to run
 //! again if it was stopped, and the destination is told to quit: the VM stays at the source.
 
@@ -28,12 +34,23 @@ use tokio::{sync::mpsc, time::Instant};
 use super::qmp::{
     Qmp,
     commands::{
-        AnnounceSelf, Cont, MigrateCancel, MigrateContinue, MigrateIncoming,
-        MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy,
+        AnnounceSelf, Cont, Migrate, MigrateCancel, MigrateContinue, MigrateIncoming, MigratePause,
+        MigrateRecover, MigrateSetCapabilities, MigrateSetParameters, MigrateStartPostcopy,
         MigrationCapabilityStatus, MigrationInfo, QueryMigrate, QueryMigrateParameters,
         QueryStatus, Quit,
     },
 };
+
+/// How often a paused post-copy migration is resumed (`migrate` with `resume`): each try
+/// is one TCP connect, refused at once while the destination does not listen yet.
+pub const RESUME_RETRY: Duration = Duration::from_millis(500);
+/// A post-copy stream that has moved no byte for this long, with pages still to send, is
+/// broken even if TCP has not said so (a black-holed link retransmits for minutes, with
+/// back-off): it is paused on purpose and resumed on a fresh connection.
+pub const POSTCOPY_STALL: Duration = Duration::from_secs(2);
+/// A resume still connecting or handshaking after this long (its SYN lost in a link
+/// that is still cut) is paused again, so that the next try starts afresh.
+pub const RESUME_STUCK: Duration = Duration::from_secs(3);
 
 /// How a migration runs.
 #[derive(Clone, Debug)]
@@ -63,6 +80,9 @@ pub struct MigrationOptions {
     pub throttle_increment_percent: u8,
     /// When to switch to post-copy, if at all.
     pub postcopy: Postcopy,
+    /// Once post-copy's stream broke: how long to keep resuming it before giving up (the
+    /// VM is then split between the sites, for a person to recover). Zero: no retry.
+    pub postcopy_recover_timeout: Duration,
 }
 
 /// Post-copy: the VM resumes at the destination early and pulls the pages it still lacks on
@@ -94,9 +114,14 @@ impl Default for MigrationOptions {
             throttle_initial_percent: 20,
             throttle_increment_percent: 10,
             postcopy: Postcopy::Off,
+            postcopy_recover_timeout: DEFAULT_POSTCOPY_RECOVER_TIMEOUT,
         }
     }
 }
+
+/// Long enough for a routing change or a link that flaps; the VM at the destination is
+/// frozen meanwhile (it waits for pages only the source has), so not much longer.
+pub const DEFAULT_POSTCOPY_RECOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A snapshot of a running migration, for a progress display: QEMU's `query-migrate`
 /// (`MigrationInfo` and its `ram` `MigrationStats`).
@@ -166,6 +191,13 @@ pub struct MigrationReport {
     pub max_cpu_throttle_percent: u64,
     /// The destination's run state after the move.
     pub destination_status: String,
+    /// How long post-copy's stream was broken (`postcopy-paused` until `postcopy-active`
+    /// again), in all.
+    #[serde(default)]
+    pub postcopy_paused_ms: u64,
+    /// How often it broke and was resumed.
+    #[serde(default)]
+    pub postcopy_recoveries: u32,
 }
 
 /// What the migration loop saw along the way, for the report (and the rollback).
@@ -176,11 +208,34 @@ struct Observed {
     continued: bool,
     postcopy_started_ms: Option<u64>,
     max_cpu_throttle_percent: u64,
+    recovery: Recovery,
+}
+
+/// Post-copy's stream: when it last moved, and its breaks.
+#[derive(Default)]
+struct Recovery {
+    /// `ram.transferred`, and when it last grew.
+    transferred: u64,
+    moved_at: Option<Instant>,
+    /// Broken since then (paused, or resuming).
+    broken_since: Option<Instant>,
+    /// The last `migrate` with `resume`, or `migrate-pause`.
+    last_try: Option<Instant>,
+    paused_ms: u64,
+    recoveries: u32,
+    /// The last time the hook was asked whether the destination is gone.
+    asked_destination: Option<Instant>,
 }
 
 /// Runs at `pre-switchover`, while the source VM is stopped; an error cancels the migration.
 pub trait SwitchoverHook: Send {
     fn at_switchover(&mut self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
+
+    /// Asked while post-copy is broken: why resuming cannot succeed (the destination's
+    /// QEMU is gone), or `None` to keep trying.
+    fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+        Box::pin(async { None })
+    }
 }
 
 /// A hook that does nothing.
@@ -258,24 +313,40 @@ pub async fn migrate_outgoing(
     hook: &mut dyn SwitchoverHook,
     progress: Option<mpsc::Sender<Progress>>,
 ) -> Result<MigrationReport> {
-    outgoing(source, Some(uri), options, hook, progress).await
+    outgoing(source, Start::New(uri), options, hook, progress).await
 }
 
 /// The source's half of a migration QEMU already runs (the agent that started it died):
 /// follows it from wherever it is, as [`migrate_outgoing`] would have.
+/// `uri` is where the destination listens (a broken post-copy resumes there).
 pub async fn follow_outgoing(
     source: &Qmp,
+    uri: &str,
     options: &MigrationOptions,
     hook: &mut dyn SwitchoverHook,
     progress: Option<mpsc::Sender<Progress>>,
 ) -> Result<MigrationReport> {
-    outgoing(source, None, options, hook, progress).await
+    outgoing(source, Start::Follow(uri), options, hook, progress).await
 }
 
-/// `uri`: start the migration there; `None`: follow the one that runs.
+/// Start the migration, or follow the one that runs; either way to this URI.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    New(&'a str),
+    Follow(&'a str),
+}
+
+impl Start<'_> {
+    fn uri(&self) -> &str {
+        match self {
+            Start::New(uri) | Start::Follow(uri) => uri,
+        }
+    }
+}
+
 async fn outgoing(
     source: &Qmp,
-    uri: Option<&str>,
+    uri: Start<'_>,
     options: &MigrationOptions,
     hook: &mut dyn SwitchoverHook,
     progress: Option<mpsc::Sender<Progress>>,
@@ -348,7 +419,7 @@ pub async fn abandon_incoming(destination: &Qmp) {
 
 async fn run(
     source: &Qmp,
-    uri: Option<&str>,
+    start: Start<'_>,
     options: &MigrationOptions,
     hook: &mut dyn SwitchoverHook,
     progress: Option<mpsc::Sender<Progress>>,
@@ -356,17 +427,18 @@ async fn run(
 ) -> Result<MigrationReport> {
     let mut source_events = source.subscribe()?;
     let started = Instant::now();
-    match uri {
-        Some(uri) => {
+    match start {
+        Start::New(uri) => {
             configure_source(source, options).await?;
             source
-                .run(&super::qmp::commands::Migrate {
+                .run(&Migrate {
                     uri: uri.to_owned(),
+                    resume: None,
                 })
                 .await
                 .context("source: migrate")?;
         }
-        None => {
+        Start::Follow(_) => {
             let info = source
                 .run(&QueryMigrate {})
                 .await
@@ -385,7 +457,6 @@ async fn run(
         }
     }
 
-    let deadline = started + options.timeout;
     let mut ticker = tokio::time::interval(options.progress_interval);
     loop {
         // Wake on every MIGRATION event (pre-switchover must be answered at once: the
@@ -429,6 +500,17 @@ async fn run(
                 tracing::info!(passes, "switched to post-copy");
             }
         }
+        if observed.postcopy_started_ms.is_some() {
+            watch_postcopy(
+                source,
+                start.uri(),
+                options,
+                hook,
+                &info,
+                &mut observed.recovery,
+            )
+            .await?;
+        }
         match status.as_str() {
             "completed" => {
                 let info = final_numbers(source, info).await?;
@@ -450,16 +532,6 @@ async fn run(
                     .await
                     .context("source: migrate-continue")?;
             }
-            // The stream broke after the VM started running at the destination (it died,
-            // or the link did): QEMU keeps the source paused, waiting for a recovery.
-            "postcopy-paused" => {
-                bail!(
-                    "the stream to the destination broke (QEMU: postcopy-paused{})",
-                    info.error_desc
-                        .as_deref()
-                        .map_or_else(String::new, |why| format!(", {why}"))
-                );
-            }
             "failed" | "cancelled" => {
                 bail!(
                     "QEMU reports the migration {status}: {}",
@@ -468,12 +540,161 @@ async fn run(
             }
             _ => {}
         }
-        if Instant::now() > deadline {
+        // The time post-copy was broken does not count: its own timeout bounds it.
+        let paused = Duration::from_millis(observed.recovery.paused_ms);
+        if observed.recovery.broken_since.is_none() && started.elapsed() > options.timeout + paused
+        {
             bail!(
                 "the migration did not complete within {:?} (status {status})",
                 options.timeout
             );
         }
+    }
+}
+
+/// Post-copy's stream, at each look: a stall is paused on purpose; a break is resumed
+/// every [`RESUME_RETRY`] until it is whole again, or the timeout (or a destination that
+/// is gone) ends it with an error.
+async fn watch_postcopy(
+    source: &Qmp,
+    uri: &str,
+    options: &MigrationOptions,
+    hook: &mut dyn SwitchoverHook,
+    info: &MigrationInfo,
+    recovery: &mut Recovery,
+) -> Result<()> {
+    let now = Instant::now();
+    let status = info.status.as_deref().unwrap_or_default();
+    let ram = info.ram.clone().unwrap_or_default();
+    match status {
+        "postcopy-active" => {
+            if let Some(since) = recovery.broken_since.take() {
+                let paused = since.elapsed();
+                recovery.paused_ms += paused.as_millis() as u64;
+                recovery.recoveries += 1;
+                recovery.moved_at = Some(now);
+                tracing::info!(?paused, "post-copy resumed");
+            }
+            if ram.transferred != recovery.transferred || recovery.moved_at.is_none() {
+                recovery.transferred = ram.transferred;
+                recovery.moved_at = Some(now);
+            } else if ram.remaining > 0
+                && options.postcopy_recover_timeout > Duration::ZERO
+                && recovery
+                    .moved_at
+                    .is_some_and(|at| now - at >= POSTCOPY_STALL)
+            {
+                tracing::warn!(
+                    "post-copy moved nothing for {POSTCOPY_STALL:?}: pausing it, to resume \
+                     on a new connection"
+                );
+                recovery.broken_since = Some(now);
+                recovery.last_try = Some(now);
+                pause(source).await;
+            }
+        }
+        "postcopy-paused" | "postcopy-recover-setup" | "postcopy-recover" => {
+            let why = info.error_desc.as_deref().unwrap_or("no reason given");
+            let since = *recovery.broken_since.get_or_insert_with(|| {
+                tracing::warn!("post-copy's stream broke ({status}: {why}); resuming it");
+                now
+            });
+            if options.postcopy_recover_timeout.is_zero() {
+                bail!("the stream to the destination broke (QEMU: {status}, {why})");
+            }
+            if now - since > options.postcopy_recover_timeout {
+                bail!(
+                    "the stream to the destination broke (QEMU: {status}, {why}) and did \
+                     not resume within {:?}",
+                    options.postcopy_recover_timeout
+                );
+            }
+            if recovery
+                .asked_destination
+                .is_none_or(|at| now - at >= Duration::from_secs(2))
+            {
+                recovery.asked_destination = Some(now);
+                if let Some(gone) = hook.destination_gone().await {
+                    bail!(
+                        "the stream to the destination broke (QEMU: {status}, {why}), and \
+                         it cannot resume: {gone}"
+                    );
+                }
+            }
+            let waited = recovery.last_try.map_or(Duration::MAX, |at| now - at);
+            if status == "postcopy-paused" && waited >= RESUME_RETRY {
+                recovery.last_try = Some(now);
+                let resume = Migrate {
+                    uri: uri.to_owned(),
+                    resume: Some(true),
+                };
+                if let Err(err) = source.run(&resume).await {
+                    tracing::debug!("migrate resume: {err:#}");
+                }
+            } else if status != "postcopy-paused" && waited >= RESUME_STUCK {
+                recovery.last_try = Some(now);
+                tracing::info!("the resume is stuck in {status}: pausing it to try afresh");
+                pause(source).await;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `migrate-pause`, best effort: QEMU refuses it in a state that is already paused.
+async fn pause(qmp: &Qmp) {
+    if let Err(err) = qmp.run(&MigratePause {}).await {
+        tracing::debug!("migrate-pause: {err:#}");
+    }
+}
+
+/// The destination's side of a post-copy recovery, looked at every few hundred ms.
+#[derive(Default)]
+pub struct IncomingRecovery {
+    /// The last `migrate-recover`: QEMU listens from then on, so it is not repeated
+    /// unless the stream is still paused [`RESUME_STUCK`] later.
+    listened_at: Option<Instant>,
+}
+
+impl IncomingRecovery {
+    /// A stream that broke listens again on `uri` (`migrate-recover`); one the source
+    /// reports paused while this side still waits on it (`source_paused`: the break has
+    /// not reached here, as over a cut link) is paused here too, so that it can listen.
+    /// Returns the destination's migration status.
+    pub async fn tend(
+        &mut self,
+        destination: &Qmp,
+        uri: &str,
+        source_paused: bool,
+    ) -> Result<String> {
+        let info = destination
+            .run(&QueryMigrate {})
+            .await
+            .context("destination: query-migrate")?;
+        let status = info.status.unwrap_or_default();
+        match status.as_str() {
+            "postcopy-paused"
+                if self
+                    .listened_at
+                    .is_none_or(|at| at.elapsed() >= RESUME_STUCK) =>
+            {
+                self.listened_at = Some(Instant::now());
+                destination
+                    .run(&MigrateRecover {
+                        uri: uri.to_owned(),
+                    })
+                    .await
+                    .context("destination: migrate-recover")?;
+                tracing::info!(uri, "post-copy broke: listening for the source's resume");
+            }
+            "postcopy-active" if source_paused => {
+                tracing::info!("the source's post-copy stream broke: pausing this side too");
+                pause(destination).await;
+            }
+            _ => {}
+        }
+        Ok(status)
     }
 }
 
@@ -591,6 +812,8 @@ fn source_report(info: MigrationInfo, observed: &Observed) -> MigrationReport {
         multifd_bytes: ram.multifd_bytes,
         max_cpu_throttle_percent: observed.max_cpu_throttle_percent,
         destination_status: String::new(),
+        postcopy_paused_ms: observed.recovery.paused_ms,
+        postcopy_recoveries: observed.recovery.recoveries,
     };
     tracing::info!(?report, "migration completed at the source");
     report

@@ -373,6 +373,10 @@ impl SwitchoverHook for MirrorHook<'_> {
             self.inner.at_switchover().await
         })
     }
+
+    fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+        self.inner.destination_gone()
+    }
 }
 
 /// Both halves of the disk mirror up to READY: export at the destination, mirror from the

@@ -573,8 +573,24 @@ pub mod commands {
     #[derive(Serialize)]
     pub struct Migrate {
         pub uri: String,
+        /// Resume a post-copy migration that is `postcopy-paused`, on a new connection.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub resume: Option<bool>,
     }
     command!(Migrate, "migrate", Empty);
+
+    /// The destination of a `postcopy-paused` migration listens on `uri` for the
+    /// source's `migrate` with `resume`.
+    #[derive(Serialize)]
+    pub struct MigrateRecover {
+        pub uri: String,
+    }
+    command!(MigrateRecover, "migrate-recover", Empty);
+
+    /// Breaks post-copy's stream on purpose (either side): it goes to `postcopy-paused`.
+    #[derive(Serialize)]
+    pub struct MigratePause {}
+    command!(MigratePause, "migrate-pause", Empty);
 
     #[derive(Serialize)]
     pub struct MigrateIncoming {

@@ -7,22 +7,29 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use movarto_common::config::Mode;
+use tokio::time::Instant;
 
 use super::{
     Handle, RETRY_PAUSE, blocking,
-    record::{Role, Stage},
+    record::{MigrationRecord, Role, Stage},
 };
-use crate::agent::{
-    api::{RunState, VmRequest},
-    blackout,
-    server::Agent,
-    tap,
+use crate::{
+    agent::{
+        api::{PostcopySetting, RunState, VmRequest},
+        blackout,
+        server::Agent,
+        tap,
+    },
+    qemu::migrate::IncomingRecovery,
 };
 
 /// How often the destination looks at its QEMU while it waits for the VM.
 const VM_POLL: Duration = Duration::from_millis(100);
 /// How often it asks the source how the migration goes (a rollback, or the drain's end).
 const SOURCE_POLL: Duration = Duration::from_secs(2);
+/// How often the destination looks at a post-copy migration (and the source's side of it):
+/// a broken stream waits this long at most before it listens again.
+const POSTCOPY_POLL: Duration = Duration::from_millis(250);
 /// Beyond QEMU's downtime, how long the tap holds the tunnel's packets for the VM: the
 /// device state's load and the VM's start here (a TCG guest's take hundreds of ms).
 const VM_START: Duration = Duration::from_secs(1);
@@ -104,6 +111,9 @@ async fn wait_for_the_vm(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     let record = m.snapshot();
     let spec = &record.spec;
     let mut asked = tokio::time::Instant::now();
+    // Post-copy can break before the VM first runs here, as the switch's device state
+    // comes in.
+    let mut postcopy = PostcopyWatch::default();
     loop {
         let vm = agent.vms.status(&spec.vm).await;
         if let Ok(vm) = &vm
@@ -116,6 +126,9 @@ async fn wait_for_the_vm(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
             if source_rolled_back(m).await {
                 return clean_up(agent, m).await;
             }
+        }
+        if m.snapshot().spec.settings.postcopy != PostcopySetting::Off {
+            postcopy.tend(agent, m).await;
         }
         m.nap(VM_POLL).await;
     }
@@ -143,19 +156,92 @@ async fn wait_for_the_vm(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     })
 }
 
-/// Until the source says the tunnel is over (or its record says `done`).
+/// Until the source says the tunnel is over (or its record says `done`). Meanwhile, in
+/// post-copy, a broken stream is made to listen again for the source's resume.
 async fn wait_for_the_drain(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+    let mut postcopy = PostcopyWatch::default();
+    let mut asked: Option<Instant> = None;
     loop {
         if m.snapshot().tunnel_over {
             return end_tunnel(agent, m).await;
         }
-        let peer = m.peer()?;
-        if let Ok(there) = peer.migration_record(m.snapshot().id()).await
-            && there.stage == Stage::Done
-        {
-            return end_tunnel(agent, m).await;
+        if asked.is_none_or(|at| at.elapsed() >= SOURCE_POLL) {
+            asked = Some(Instant::now());
+            if source_record(m)
+                .await
+                .is_some_and(|there| there.stage == Stage::Done)
+            {
+                return end_tunnel(agent, m).await;
+            }
         }
-        m.nap(SOURCE_POLL).await;
+        postcopy.tend(agent, m).await;
+        m.nap(if postcopy.done {
+            SOURCE_POLL
+        } else {
+            POSTCOPY_POLL
+        })
+        .await;
+    }
+}
+
+/// The source's record, or `None` if its agent does not answer soon: over a cut link the
+/// answer never comes, and the destination's own work goes on.
+async fn source_record(m: &Handle) -> Option<MigrationRecord> {
+    let peer = m.peer().ok()?;
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        peer.migration_record(m.snapshot().id()),
+    )
+    .await
+    .ok()?
+    .ok()
+}
+
+/// Post-copy at the destination, from the switch to post-copy until QEMU completes: a
+/// stream that broke listens again for the source's resume; one the source reports
+/// paused while this side still waits on it (the break has not reached here) is paused
+/// here too (`IncomingRecovery`).
+#[derive(Default)]
+struct PostcopyWatch {
+    recovery: IncomingRecovery,
+    /// The source was last asked then (only while post-copy runs here).
+    asked: Option<Instant>,
+    /// QEMU's incoming migration is over: nothing more to watch.
+    done: bool,
+}
+
+impl PostcopyWatch {
+    async fn tend(&mut self, agent: &Arc<Agent>, m: &Handle) {
+        if self.done {
+            return;
+        }
+        let spec = m.snapshot().spec;
+        let (vm, uri) = (&spec.vm, &spec.migration_uri);
+        let mut status = agent
+            .vms
+            .recover_incoming(vm, &mut self.recovery, uri, false)
+            .await;
+        if status.as_deref().is_ok_and(|s| s == "postcopy-active")
+            && self.asked.is_none_or(|at| at.elapsed() >= POSTCOPY_POLL)
+        {
+            self.asked = Some(Instant::now());
+            let source_paused = source_record(m)
+                .await
+                .and_then(|there| there.progress)
+                .is_some_and(|p| p.status == "postcopy-paused");
+            if source_paused {
+                status = agent
+                    .vms
+                    .recover_incoming(vm, &mut self.recovery, uri, true)
+                    .await;
+            }
+        }
+        match status {
+            Ok(status) => {
+                self.done = matches!(status.as_str(), "completed" | "failed" | "cancelled")
+            }
+            Err(err) => tracing::warn!("post-copy at the destination: {err:#}"),
+        }
     }
 }
 

@@ -528,6 +528,24 @@ impl SwitchoverHook for LocalSwitchover {
             Ok(())
         })
     }
+
+    /// Post-copy broke: resuming is hopeless only once the destination's agent says its
+    /// QEMU has exited. Unreachable (the link may be what broke) is no answer.
+    fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
+        Box::pin(async move {
+            let record = self.m.snapshot();
+            let peer = self.m.peer().ok()?;
+            let asked = tokio::time::timeout(Duration::from_secs(1), peer.vm(&record.spec.vm));
+            match asked.await {
+                Ok(Ok(vm)) if vm.run_state == RunState::Exited => Some(format!(
+                    "the destination's QEMU has exited{}",
+                    vm.run_state_error
+                        .map_or_else(String::new, |why| format!(" ({why})"))
+                )),
+                _ => None,
+            }
+        })
+    }
 }
 
 /// A move home went past the point of no return: the VM's last move, draining at this
