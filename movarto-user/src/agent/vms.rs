@@ -316,18 +316,31 @@ impl Vms {
         Ok(status_of(name, &managed).await)
     }
 
+    /// The destination's migration status in post-copy, `None` if QEMU does not answer
+    /// soon ([`IncomingRecovery::status`]).
+    pub async fn incoming_status(
+        &self,
+        name: &str,
+        recovery: &IncomingRecovery,
+    ) -> Result<Option<String>> {
+        let managed = self.get(name).await?;
+        recovery.status(&managed.qmp).await
+    }
+
     /// Post-copy at the destination: a broken stream listens again for the source's
-    /// resume, on `uri`, the one it listened on first ([`IncomingRecovery`]). Returns
-    /// QEMU's migration status here.
+    /// resume, on `uri`, the one it listened on first ([`IncomingRecovery::tend`]).
     pub async fn recover_incoming(
         &self,
         name: &str,
         recovery: &mut IncomingRecovery,
         uri: &str,
+        status: Option<&str>,
         source_paused: bool,
-    ) -> Result<String> {
+    ) -> Result<()> {
         let managed = self.get(name).await?;
-        recovery.tend(&managed.qmp, uri, source_paused).await
+        recovery
+            .tend(&managed.qmp, uri, status, source_paused)
+            .await
     }
 
     /// RARP/GARP from the VM's NIC, so switches and the gateway learn where it is now.

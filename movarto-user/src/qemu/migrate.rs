@@ -642,59 +642,92 @@ async fn watch_postcopy(
     Ok(())
 }
 
-/// `migrate-pause`, best effort: QEMU refuses it in a state that is already paused.
+/// `migrate-pause`, best effort and out-of-band: QEMU refuses it in a state that is
+/// already paused.
 async fn pause(qmp: &Qmp) {
-    if let Err(err) = qmp.run(&MigratePause {}).await {
+    if let Err(err) = qmp.run_oob(&MigratePause {}, OOB_TIMEOUT).await {
         tracing::debug!("migrate-pause: {err:#}");
     }
 }
 
+/// How long an out-of-band command, or the destination's `query-migrate` in post-copy,
+/// may take: the first is answered by the monitor's own thread, and the second not at
+/// all while the main thread waits on a page.
+const OOB_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The destination's side of a post-copy recovery, looked at every few hundred ms.
 #[derive(Default)]
 pub struct IncomingRecovery {
-    /// The last `migrate-recover`: QEMU listens from then on, so it is not repeated
-    /// unless the stream is still paused [`RESUME_STUCK`] later.
+    /// The last `migrate-recover` QEMU took: it listens from then on, so it is not
+    /// repeated unless the stream is still paused [`RESUME_STUCK`] later.
     listened_at: Option<Instant>,
 }
 
 impl IncomingRecovery {
-    /// A stream that broke listens again on `uri` (`migrate-recover`); one the source
-    /// reports paused while this side still waits on it (`source_paused`: the break has
+    /// The destination's migration status; `None` if QEMU does not answer soon (its main
+    /// thread waits on a page the broken stream does not bring).
+    pub async fn status(&self, destination: &Qmp) -> Result<Option<String>> {
+        match destination
+            .run_with_timeout(&QueryMigrate {}, OOB_TIMEOUT)
+            .await
+        {
+            Ok(info) => Ok(Some(info.status.unwrap_or_default())),
+            Err(err)
+                if matches!(
+                    err.downcast_ref(),
+                    Some(super::qmp::QmpError::Timeout { .. })
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(err.context("destination: query-migrate")),
+        }
+    }
+
+    /// Given the destination's `status` (`None`: unknown), and whether the source says
+    /// its stream is paused: a paused stream listens again on `uri` (`migrate-recover`);
+    /// one the source reports paused while this side still waits on it (the break has
     /// not reached here, as over a cut link) is paused here too, so that it can listen.
-    /// Returns the destination's migration status.
+    /// Both out-of-band: they work while the main thread waits.
     pub async fn tend(
         &mut self,
         destination: &Qmp,
         uri: &str,
+        status: Option<&str>,
         source_paused: bool,
-    ) -> Result<String> {
-        let info = destination
-            .run(&QueryMigrate {})
-            .await
-            .context("destination: query-migrate")?;
-        let status = info.status.unwrap_or_default();
-        match status.as_str() {
-            "postcopy-paused"
-                if self
-                    .listened_at
-                    .is_none_or(|at| at.elapsed() >= RESUME_STUCK) =>
-            {
-                self.listened_at = Some(Instant::now());
-                destination
-                    .run(&MigrateRecover {
-                        uri: uri.to_owned(),
-                    })
-                    .await
-                    .context("destination: migrate-recover")?;
-                tracing::info!(uri, "post-copy broke: listening for the source's resume");
-            }
-            "postcopy-active" if source_paused => {
+    ) -> Result<()> {
+        let may_listen = self
+            .listened_at
+            .is_none_or(|at| at.elapsed() >= RESUME_STUCK);
+        let listen = match status {
+            Some("postcopy-paused") => may_listen,
+            Some("postcopy-active") if source_paused => {
                 tracing::info!("the source's post-copy stream broke: pausing this side too");
                 pause(destination).await;
+                false
             }
-            _ => {}
+            // Unknown: pause (refused if paused already), then listen (refused if not
+            // paused yet: the next look tries again).
+            None if source_paused => {
+                pause(destination).await;
+                may_listen
+            }
+            _ => false,
+        };
+        if listen {
+            let recover = MigrateRecover {
+                uri: uri.to_owned(),
+            };
+            match destination.run_oob(&recover, OOB_TIMEOUT).await {
+                Ok(_) => {
+                    self.listened_at = Some(Instant::now());
+                    tracing::info!(uri, "post-copy broke: listening for the source's resume");
+                }
+                Err(err) if status.is_none() => tracing::debug!("migrate-recover: {err:#}"),
+                Err(err) => return Err(err.context("destination: migrate-recover")),
+            }
         }
-        Ok(status)
+        Ok(())
     }
 }
 

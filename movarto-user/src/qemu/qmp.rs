@@ -3,6 +3,10 @@
 //! - [`Qmp::connect`] reads the greeting and negotiates with `qmp_capabilities`.
 //! - [`Qmp::run`] sends a typed [`QmpCommand`] and waits, with a timeout, for the reply
 //!   carrying the same `id`; QEMU's errors come back as [`QmpError::Command`] with its `desc`.
+//! - [`Qmp::run_oob`] sends one out-of-band (`exec-oob`), when QEMU offers it: QEMU runs
+//!   it in the monitor's own thread, so it is answered even while the main thread waits
+//!   (a post-copy destination's main thread can wait on a page the broken stream never
+//!   brings; `migrate-pause` and `migrate-recover` are made for that).
 //! - Events go to every [`Qmp::subscribe`]r; [`EventStream::wait_for`] waits with a timeout.
 //! - When QEMU exits or closes the socket, every pending command and every event waiter
 //!   fails at once with [`QmpError::Closed`]: nothing hangs.
@@ -87,6 +91,9 @@ pub struct Greeting {
 #[derive(Clone, Debug, Deserialize)]
 pub struct GreetingBody {
     pub version: VersionInfo,
+    /// What the server offers, e.g. `oob`.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -122,6 +129,8 @@ pub struct Qmp {
     reader: JoinHandle<()>,
     greeting: Greeting,
     command_timeout: Duration,
+    /// Out-of-band execution was negotiated.
+    oob: bool,
 }
 
 impl Drop for Qmp {
@@ -168,6 +177,7 @@ impl Qmp {
             events: Some(events),
         }));
         let reader = tokio::spawn(read_loop(lines, state.clone()));
+        let oob = greeting.qmp.capabilities.iter().any(|c| c == "oob");
         let qmp = Self {
             socket: socket.to_owned(),
             writer: tokio::sync::Mutex::new(write),
@@ -176,10 +186,13 @@ impl Qmp {
             reader,
             greeting,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            oob,
         };
-        qmp.run(&QmpCapabilities {})
-            .await
-            .context("negotiating QMP capabilities")?;
+        qmp.run(&QmpCapabilities {
+            enable: oob.then(|| vec!["oob"]),
+        })
+        .await
+        .context("negotiating QMP capabilities")?;
         tracing::debug!(socket = %socket.display(), version = ?qmp.greeting.qmp.version.qemu, "QMP connected");
         Ok(qmp)
     }
@@ -209,8 +222,30 @@ impl Qmp {
             .with_context(|| format!("decoding QEMU's reply to {}: {value}", C::NAME))
     }
 
+    /// Runs `command` out-of-band if QEMU offered it (only commands QEMU allows so), in
+    /// band otherwise.
+    pub async fn run_oob<C: QmpCommand>(&self, command: &C, limit: Duration) -> Result<C::Reply> {
+        let arguments = serde_json::to_value(command)
+            .with_context(|| format!("encoding the arguments of {}", C::NAME))?;
+        let verb = if self.oob { "exec-oob" } else { "execute" };
+        let value = self.send(verb, C::NAME, arguments, limit).await?;
+        serde_json::from_value(value.clone())
+            .with_context(|| format!("decoding QEMU's reply to {}: {value}", C::NAME))
+    }
+
     /// Runs any command by name; `arguments` is omitted when null or `{}`.
     pub async fn execute(&self, name: &str, arguments: Value, limit: Duration) -> Result<Value> {
+        self.send("execute", name, arguments, limit).await
+    }
+
+    /// `verb`: `execute`, or `exec-oob`.
+    async fn send(
+        &self,
+        verb: &str,
+        name: &str,
+        arguments: Value,
+        limit: Duration,
+    ) -> Result<Value> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -223,7 +258,7 @@ impl Qmp {
             }
             state.pending.insert(id, (name.to_owned(), tx));
         }
-        let mut message = serde_json::json!({ "execute": name, "id": id });
+        let mut message = serde_json::json!({ verb: name, "id": id });
         let has_arguments = match &arguments {
             Value::Null => false,
             Value::Object(map) => !map.is_empty(),
@@ -474,7 +509,11 @@ pub mod commands {
     }
 
     #[derive(Serialize)]
-    pub struct QmpCapabilities {}
+    pub struct QmpCapabilities {
+        /// Capabilities to turn on, e.g. `oob`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub enable: Option<Vec<&'static str>>,
+    }
     command!(QmpCapabilities, "qmp_capabilities", Empty);
 
     #[derive(Serialize)]

@@ -35,6 +35,12 @@ const POSTCOPY_POLL: Duration = Duration::from_millis(250);
 const VM_START: Duration = Duration::from_secs(1);
 
 pub(super) async fn drive(agent: Arc<Agent>, m: Arc<Handle>) {
+    if m.snapshot().spec.settings.postcopy != PostcopySetting::Off {
+        // Beside the stages: post-copy can break before the VM first runs here (as the
+        // switch's device state comes in) and after; QEMU's main thread may then wait
+        // on a page, and the stages' own QMP calls with it.
+        tokio::spawn(watch_postcopy(agent.clone(), m.clone()));
+    }
     loop {
         let stage = m.stage();
         if stage.is_final() {
@@ -111,9 +117,6 @@ async fn wait_for_the_vm(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     let record = m.snapshot();
     let spec = &record.spec;
     let mut asked = tokio::time::Instant::now();
-    // Post-copy can break before the VM first runs here, as the switch's device state
-    // comes in.
-    let mut postcopy = PostcopyWatch::default();
     loop {
         let vm = agent.vms.status(&spec.vm).await;
         if let Ok(vm) = &vm
@@ -126,9 +129,6 @@ async fn wait_for_the_vm(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
             if source_rolled_back(m).await {
                 return clean_up(agent, m).await;
             }
-        }
-        if m.snapshot().spec.settings.postcopy != PostcopySetting::Off {
-            postcopy.tend(agent, m).await;
         }
         m.nap(VM_POLL).await;
     }
@@ -156,31 +156,31 @@ async fn wait_for_the_vm(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     })
 }
 
-/// Until the source says the tunnel is over (or its record says `done`). Meanwhile, in
-/// post-copy, a broken stream is made to listen again for the source's resume.
+/// Until the source says the tunnel is over (or its record says `done`).
 async fn wait_for_the_drain(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
-    let mut postcopy = PostcopyWatch::default();
-    let mut asked: Option<Instant> = None;
     loop {
         if m.snapshot().tunnel_over {
             return end_tunnel(agent, m).await;
         }
-        if asked.is_none_or(|at| at.elapsed() >= SOURCE_POLL) {
-            asked = Some(Instant::now());
-            if source_record(m)
-                .await
-                .is_some_and(|there| there.stage == Stage::Done)
-            {
-                return end_tunnel(agent, m).await;
-            }
+        if source_record(m)
+            .await
+            .is_some_and(|there| there.stage == Stage::Done)
+        {
+            return end_tunnel(agent, m).await;
         }
-        postcopy.tend(agent, m).await;
-        m.nap(if postcopy.done {
-            SOURCE_POLL
-        } else {
-            POSTCOPY_POLL
-        })
-        .await;
+        m.nap(SOURCE_POLL).await;
+    }
+}
+
+/// [`PostcopyWatch`] every [`POSTCOPY_POLL`], from QEMU listening here until its
+/// migration is over (or this half's is).
+async fn watch_postcopy(agent: Arc<Agent>, m: Arc<Handle>) {
+    let mut watch = PostcopyWatch::default();
+    while !watch.done && !m.stage().is_final() {
+        if m.stage() != Stage::Accepted {
+            watch.tend(&agent, &m).await;
+        }
+        tokio::time::sleep(POSTCOPY_POLL).await;
     }
 }
 
@@ -217,31 +217,42 @@ impl PostcopyWatch {
         }
         let spec = m.snapshot().spec;
         let (vm, uri) = (&spec.vm, &spec.migration_uri);
-        let mut status = agent
-            .vms
-            .recover_incoming(vm, &mut self.recovery, uri, false)
-            .await;
-        if status.as_deref().is_ok_and(|s| s == "postcopy-active")
-            && self.asked.is_none_or(|at| at.elapsed() >= POSTCOPY_POLL)
-        {
+        let status = match agent.vms.incoming_status(vm, &self.recovery).await {
+            Ok(status) => status,
+            Err(err) => {
+                tracing::warn!("post-copy at the destination: {err:#}");
+                return;
+            }
+        };
+        // Active, or no answer (QEMU may wait on a page): did the stream break at the
+        // source?
+        let ask = matches!(status.as_deref(), None | Some("postcopy-active"))
+            && self.asked.is_none_or(|at| at.elapsed() >= POSTCOPY_POLL);
+        let mut source_paused = false;
+        if ask {
             self.asked = Some(Instant::now());
-            let source_paused = source_record(m)
+            source_paused = source_record(m)
                 .await
                 .and_then(|there| there.progress)
                 .is_some_and(|p| p.status == "postcopy-paused");
-            if source_paused {
-                status = agent
-                    .vms
-                    .recover_incoming(vm, &mut self.recovery, uri, true)
-                    .await;
-            }
         }
-        match status {
-            Ok(status) => {
-                self.done = matches!(status.as_str(), "completed" | "failed" | "cancelled")
-            }
-            Err(err) => tracing::warn!("post-copy at the destination: {err:#}"),
+        let tended = agent
+            .vms
+            .recover_incoming(
+                vm,
+                &mut self.recovery,
+                uri,
+                status.as_deref(),
+                source_paused,
+            )
+            .await;
+        if let Err(err) = tended {
+            tracing::warn!("post-copy at the destination: {err:#}");
         }
+        self.done = matches!(
+            status.as_deref(),
+            Some("completed" | "failed" | "cancelled")
+        );
     }
 }
 
