@@ -33,7 +33,9 @@ use movarto_user::qemu::{
     mirror::{DiskMirror, migrate_with_mirror, mirror_disk},
     qmp::{
         Qmp,
-        commands::{QueryBlockExports, QueryBlockJobs, QueryMigrate, QueryStatus},
+        commands::{
+            QueryBlockExports, QueryBlockJobs, QueryMigrate, QueryMigrateCapabilities, QueryStatus,
+        },
     },
     spec::{Role, VmSpec},
     vm::Vm,
@@ -543,6 +545,19 @@ async fn migrate_guest(
         "QEMU's numbers are in: {report:?}"
     );
     assert_eq!(run_state(source.qmp()).await, "postmigrate");
+    let capabilities = source
+        .qmp()
+        .run(&QueryMigrateCapabilities {})
+        .await
+        .expect("query-migrate-capabilities");
+    let preempt = capabilities
+        .iter()
+        .any(|c| c.capability == "postcopy-preempt" && c.state);
+    assert_eq!(
+        preempt,
+        options.postcopy != Postcopy::Off,
+        "post-copy, and only post-copy, runs with postcopy-preempt"
+    );
     let id_after = boot_id(&site_b).await.expect("the guest answers at B");
     assert_eq!(id_after, id_before, "the same guest instance, not a reboot");
     assert_eq!(

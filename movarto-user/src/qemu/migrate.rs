@@ -753,6 +753,10 @@ fn shared_capabilities(options: &MigrationOptions) -> Vec<MigrationCapabilitySta
     vec![
         capability("events", true),
         capability("postcopy-ram", options.postcopy != Postcopy::Off),
+        // Post-copy's page requests on a channel of their own, ahead of the background
+        // copy: the VM at the destination waits one round trip per missing page, not the
+        // send queue's length too. QEMU 10 re-makes the channel on a resume.
+        capability("postcopy-preempt", options.postcopy != Postcopy::Off),
         capability("multifd", options.multifd_channels.is_some()),
     ]
 }

@@ -930,6 +930,40 @@ mod tests {
         format!(r#"{{"return": {body}, "id": {}}}"#, request["id"])
     }
 
+    /// Offered `oob`, the client turns it on, and `run_oob` sends `exec-oob` (a QEMU
+    /// answers it while its main thread is busy: here, before an in-band reply).
+    #[tokio::test]
+    async fn out_of_band_is_negotiated_and_used() {
+        let dir = tempdir("oob");
+        let path = fake_qemu(&dir, |req| {
+            match (req["execute"].as_str(), req["exec-oob"].as_str()) {
+                (Some("qmp_capabilities"), _) if req["arguments"]["enable"][0] == "oob" => {
+                    vec![reply(&req, "{}")]
+                }
+                (None, Some("migrate-pause")) => vec![reply(&req, "{}")],
+                _ => vec![format!(
+                    r#"{{"error": {{"class": "GenericError", "desc": "unexpected"}}, "id": {}}}"#,
+                    req["id"]
+                )],
+            }
+        })
+        .await;
+        let qmp = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect, with oob on");
+        qmp.run_oob(&MigratePause {}, Duration::from_secs(5))
+            .await
+            .expect("migrate-pause out of band");
+        let in_band = qmp
+            .run_with_timeout(&MigratePause {}, Duration::from_secs(5))
+            .await;
+        assert!(
+            in_band.is_err_and(|err| err.to_string().contains("unexpected")),
+            "the same command in band is another message"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn typed_replies_errors_and_events() {
         let dir = tempdir("typed");
