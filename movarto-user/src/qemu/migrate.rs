@@ -48,9 +48,13 @@ pub const RESUME_RETRY: Duration = Duration::from_millis(500);
 /// broken even if TCP has not said so (a black-holed link retransmits for minutes, with
 /// back-off): it is paused on purpose and resumed on a fresh connection.
 pub const POSTCOPY_STALL: Duration = Duration::from_secs(2);
-/// A resume still connecting or handshaking after this long (its SYN lost in a link
-/// that is still cut) is paused again, so that the next try starts afresh.
+/// A resume still connecting after this long (its SYN lost in a link that is still cut,
+/// and TCP's next try seconds away) is paused again, so that the next try starts afresh.
 pub const RESUME_STUCK: Duration = Duration::from_secs(3);
+/// A resume connected but still in its handshake after this long is paused again: the
+/// handshake carries the destination's bitmap of received pages (1 bit per page: 32 MiB
+/// for a 1 TiB guest), so it gets more time than the connect.
+pub const RECOVER_STUCK: Duration = Duration::from_secs(30);
 
 /// How a migration runs.
 #[derive(Clone, Debug)]
@@ -631,7 +635,9 @@ async fn watch_postcopy(
                 if let Err(err) = source.run(&resume).await {
                     tracing::debug!("migrate resume: {err:#}");
                 }
-            } else if status != "postcopy-paused" && waited >= RESUME_STUCK {
+            } else if (status == "postcopy-recover-setup" && waited >= RESUME_STUCK)
+                || (status == "postcopy-recover" && waited >= RECOVER_STUCK)
+            {
                 recovery.last_try = Some(now);
                 tracing::info!("the resume is stuck in {status}: pausing it to try afresh");
                 pause(source).await;
