@@ -34,7 +34,8 @@ use movarto_user::qemu::{
     qmp::{
         Qmp,
         commands::{
-            QueryBlockExports, QueryBlockJobs, QueryMigrate, QueryMigrateCapabilities, QueryStatus,
+            QueryBlockExports, QueryBlockJobs, QueryMigrate, QueryMigrateCapabilities,
+            QueryMigrateParameters, QueryStatus,
         },
     },
     spec::{Role, VmSpec},
@@ -558,6 +559,18 @@ async fn migrate_guest(
         options.postcopy != Postcopy::Off,
         "post-copy, and only post-copy, runs with postcopy-preempt"
     );
+    if options.multifd_channels.is_some() {
+        let parameters = source
+            .qmp()
+            .run(&QueryMigrateParameters {})
+            .await
+            .expect("query-migrate-parameters");
+        assert_eq!(
+            parameters.zero_page_detection.as_deref(),
+            Some("multifd"),
+            "multifd's threads look for zero pages"
+        );
+    }
     let id_after = boot_id(&site_b).await.expect("the guest answers at B");
     assert_eq!(id_after, id_before, "the same guest instance, not a reboot");
     assert_eq!(

@@ -392,9 +392,14 @@ mod tests {
             "--downtime-limit=250ms",
             "--max-drain=2m",
             "--postcopy=within:1500",
+            "--postcopy-recover-timeout=2m",
             "--progress=json",
         ])
         .expect("parses");
+        assert_eq!(
+            args.postcopy_recover_timeout,
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(args.max_bandwidth, Some(8 << 20));
         assert_eq!(args.downtime_limit, Some(Duration::from_millis(250)));
         assert_eq!(args.max_drain, Some(Duration::from_secs(120)));
@@ -415,6 +420,7 @@ mod tests {
         let options = defaults.flags().resolve(None, None).expect("the long form");
         assert_eq!(options.address_mode, AddressMode::Nat);
         assert_eq!(options.downtime_limit, Duration::from_millis(300));
+        assert_eq!(options.postcopy_recover_timeout, Duration::from_secs(60));
         assert_eq!(options.agent_timeout, Duration::from_secs(30));
         assert_eq!(options.max_bandwidth, 1280 << 20);
         assert!(!options.skip_ttl_wait && !options.auto_converge);

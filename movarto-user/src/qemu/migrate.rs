@@ -792,6 +792,9 @@ async fn configure_source(source: &Qmp, options: &MigrationOptions) -> Result<()
             max_postcopy_bandwidth: Some(options.max_postcopy_bandwidth),
             downtime_limit: Some(downtime_ms),
             multifd_channels: options.multifd_channels,
+            // Zero pages found by the channels' threads, in parallel, not by the main
+            // migration thread (QEMU 10's default with multifd; set so that it holds).
+            zero_page_detection: options.multifd_channels.map(|_| "multifd"),
             cpu_throttle_initial: options
                 .auto_converge
                 .then_some(options.throttle_initial_percent),

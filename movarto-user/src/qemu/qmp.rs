@@ -575,6 +575,9 @@ pub mod commands {
         pub downtime_limit: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub multifd_channels: Option<u8>,
+        /// `none`, `legacy` (the main thread looks) or `multifd` (each channel's thread).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub zero_page_detection: Option<&'static str>,
         /// Percent of vCPU time taken when auto-converge first throttles.
         #[serde(skip_serializing_if = "Option::is_none")]
         pub cpu_throttle_initial: Option<u8>,
@@ -607,6 +610,8 @@ pub mod commands {
         pub max_postcopy_bandwidth: Option<u64>,
         pub downtime_limit: Option<u64>,
         pub multifd_channels: Option<u8>,
+        #[serde(default)]
+        pub zero_page_detection: Option<String>,
     }
 
     #[derive(Serialize)]
