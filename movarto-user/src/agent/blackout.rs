@@ -55,6 +55,11 @@ pub struct StrandedFrames {
     /// none of the VM's is lost there.
     #[serde(default)]
     pub held_decoy: bool,
+    /// The tap's queue was full when it was read after the stop: frames, the decoy among
+    /// them perhaps, were dropped unseen (a tap drops without telling the sender), so the
+    /// frame QEMU holds is not claimed to be the decoy.
+    #[serde(default)]
+    pub queue_full: bool,
     /// The probe for QEMU's held packet was made (once: a second probe would find the
     /// first one held).
     #[serde(default)]
@@ -74,6 +79,7 @@ impl StrandedFrames {
         self.decoy_sent |= more.decoy_sent;
         self.decoy_found |= more.decoy_found;
         self.held_decoy |= more.held_decoy;
+        self.queue_full |= more.queue_full;
         self.probed |= more.probed;
     }
 }
@@ -100,6 +106,8 @@ pub fn forward_stranded(
 ) -> Result<StrandedFrames> {
     let (mut seen, queue, vnet_hdr) = open_queue(qemu_pid, tap)?;
     drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
+    let queued = seen.found + u64::from(seen.decoy_found);
+    seen.queue_full = queued >= u64::from(super::netlink::tx_queue_len(tap)?);
     Ok(seen)
 }
 
@@ -134,7 +142,8 @@ pub fn probe_held(
     drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
     let probe_left = seen.probes > probes_before;
     seen.probed = true;
-    let decoy_held = earlier.decoy_sent && !(earlier.decoy_found || seen.decoy_found);
+    let decoy_held =
+        earlier.decoy_sent && !earlier.queue_full && !(earlier.decoy_found || seen.decoy_found);
     if !taken && probe_left && decoy_held {
         seen.held_decoy = true;
     } else if !taken && probe_left {

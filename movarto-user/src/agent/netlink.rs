@@ -70,6 +70,18 @@ pub async fn tx_dropped(iface: &str) -> Result<u64> {
         .map(|stats| stats.tx_dropped)
 }
 
+/// `iface`'s queue length in frames (`txqueuelen`), from a thread that is not async.
+pub fn tx_queue_len(iface: &str) -> Result<u32> {
+    blocking(|handle| async move {
+        link_attribute(&handle, iface, |attr| match attr {
+            LinkAttribute::TxQueueLen(frames) => Some(*frames),
+            _ => None,
+        })
+        .await?
+        .with_context(|| format!("{iface} has no queue length"))
+    })
+}
+
 /// `iface`'s `tx_packets`, from a thread that is not async.
 pub fn tx_packets(iface: &str) -> Result<u64> {
     blocking(|handle| async move { stats_of(&handle, iface).await }).map(|stats| stats.tx_packets)

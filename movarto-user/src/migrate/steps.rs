@@ -134,7 +134,11 @@ pub async fn resume(
                 return report;
             }
         },
-        (Some(_), None) if record.dns_owed.switch || record.dns_owed.restore_ttl => {
+        (Some(_), None)
+            if record.dns_owed.switch
+                || record.dns_owed.restore_ttl
+                || record.dns_owed.switch_back =>
+        {
             report.error = Some(format!(
                 "migration {id} owes DNS work ({}): give --dns-key-file",
                 owed_text(&record)
@@ -161,6 +165,9 @@ fn owed_text(record: &MigrationRecord) -> String {
     let mut owed = Vec::new();
     if record.dns_owed.switch {
         owed.push("the switch to N");
+    }
+    if record.dns_owed.switch_back {
+        owed.push("the switch back to H");
     }
     if record.dns_owed.restore_ttl {
         owed.push("the TTL's restoration");
@@ -475,6 +482,7 @@ impl Follow<'_> {
             switched: false,
             ttl_restored: true,
             switch_ms: None,
+            switched_back: false,
         };
         retry_unreachable(self.agent_timeout, || self.source.dns_done(&self.id, &done)).await?;
         Ok(format!("TTL restored to {} s", plan.original_ttl))
@@ -491,8 +499,15 @@ impl Follow<'_> {
             );
         }
         let (server, name, home) = (dns.zone_server(), dns.name.clone(), r.spec.home);
-        let update = tokio::task::spawn_blocking(move || {
-            records::replace_addresses(
+        let text = tokio::task::spawn_blocking(move || -> Result<String> {
+            // An orchestrator that died after the update, before it told the agent, left
+            // it done: nothing to do again.
+            let now = records::show(&server, &name)?;
+            let rrset = if home.is_ipv4() { &now.a } else { &now.aaaa };
+            if rrset.addresses == [home] {
+                return Ok(format!("names {home} already (switched back before)"));
+            }
+            let update = records::replace_addresses(
                 &server,
                 &name,
                 Some(&[new]),
@@ -500,14 +515,22 @@ impl Follow<'_> {
                 None,
                 std::time::Instant::now(),
                 DNS_VERIFY,
-            )
+            )?;
+            Ok(format!(
+                "switched back {new} → {home}, serial {} → {}",
+                update.before.serial, update.after.serial
+            ))
         })
         .await
         .context("the DNS task panicked")??;
-        Ok(format!(
-            "switched back {new} → {home}, serial {} → {}",
-            update.before.serial, update.after.serial
-        ))
+        let done = DnsDone {
+            switched: false,
+            ttl_restored: false,
+            switch_ms: None,
+            switched_back: true,
+        };
+        retry_unreachable(self.agent_timeout, || self.source.dns_done(&self.id, &done)).await?;
+        Ok(text)
     }
 
     /// After a rollback: waits until it is done, switches DNS back if it was switched,
@@ -529,7 +552,7 @@ impl Follow<'_> {
             .rolled_back
             .clone()
             .unwrap_or_else(|| format!("NOT undone: the migration is {}", record.stage));
-        if record.figures.dns_switch_ms.is_some() && !record.dns_owed.switch {
+        if record.dns_owed.switch_back {
             // The switch went out at the switchover, and the VM stayed at the source.
             match self.switch_dns_back(&record).await {
                 Ok(text) => summary.push_str(&format!("; DNS {text}")),
@@ -596,6 +619,7 @@ async fn switch_dns(
     let done = DnsDone {
         switched: true,
         ttl_restored: false,
+        switched_back: false,
         switch_ms: Some(update.answer_changed_after_ms),
     };
     retry_unreachable(agent_timeout, || source.dns_done(&id, &done)).await?;

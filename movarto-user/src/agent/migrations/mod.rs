@@ -382,9 +382,16 @@ impl Migrations {
             if done.switched {
                 r.dns_owed.switch = false;
                 r.figures.dns_switch_ms = done.switch_ms.or(r.figures.dns_switch_ms);
+                // Switched while the source rolled back: to be undone.
+                if matches!(r.stage, Stage::RollingBack | Stage::RolledBack) {
+                    r.dns_owed.switch_back = true;
+                }
             }
             if done.ttl_restored {
                 r.dns_owed.restore_ttl = false;
+            }
+            if done.switched_back {
+                r.dns_owed.switch_back = false;
             }
         })?;
         handle.wake.notify_waiters();

@@ -362,6 +362,10 @@ pub struct DnsOwed {
     pub switch: bool,
     /// The TTL back to [`DnsPlan::original_ttl`], after the teardown or the rollback.
     pub restore_ttl: bool,
+    /// `N` → `H` again: the switch went out at the switchover, then the migration rolled
+    /// back and the VM runs at the source.
+    #[serde(default)]
+    pub switch_back: bool,
 }
 
 /// What the orchestrator reports it has done (`POST /v1/migrations/{id}/dns`).
@@ -372,6 +376,9 @@ pub struct DnsDone {
     /// From the switchover to the authoritative answer changing.
     #[serde(default)]
     pub switch_ms: Option<u64>,
+    /// After a rollback past the switchover: `N` → `H` again.
+    #[serde(default)]
+    pub switched_back: bool,
 }
 
 /// What the migration measured, for the report.

@@ -686,6 +686,9 @@ async fn roll_back(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     m.update(|r| {
         r.figures.rolled_back = Some(done.join("; "));
         r.dns_owed.restore_ttl = r.spec.dns.is_some();
+        // The VM runs here: a switch not yet made is owed no more, one made is undone.
+        r.dns_owed.switch = false;
+        r.dns_owed.switch_back = r.figures.dns_switch_ms.is_some();
         r.enter(Stage::RolledBack);
     })?;
     // Best effort: the destination also asks by itself.
