@@ -160,6 +160,95 @@ fn the_dns_update_goes_out_at_the_switchover_before_the_vm_can_run_at_b() {
     assert_eq!(report["flows_cut"].as_array().map(Vec::len), Some(0));
 }
 
+/// The destination's QEMU dies after the switchover, with DNS already naming `N`: the
+/// source's QEMU fails the migration and runs the VM again, the agents roll back, and
+/// DNS comes back to `H` (owed in the record, so a later `--resume` finds it done). The
+/// hook stops B's QEMU (SIGSTOP) so that the kill falls after the DNS switch for certain.
+#[test]
+fn a_rollback_after_the_dns_switch_switches_dns_back_once() {
+    require_root();
+    let l = Lab::build().expect("the lab");
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
+    let chat = Chat::start(&l).expect("the connection");
+
+    let pid_file = l.scratch.join("destination-qemu.pid");
+    let hook = format!(
+        "while [ ! -s {p} ]; do sleep 0.01; done; kill -STOP \"$(cat {p})\"",
+        p = pid_file.display()
+    );
+    let mut orchestrator = migrate_with_hook(&l, &hook, "60s");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let b_pid = loop {
+        let pid = l
+            .with_agents(async |_a, b| b.vm("web").await.ok().and_then(|vm| vm.pid))
+            .expect("the agents");
+        if let Some(pid) = pid {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never started its QEMU\n{}",
+            l.stall_report()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    let frozen = Frozen(b_pid);
+    fs::write(&pid_file, b_pid.to_string()).expect("the PID file");
+    wait_until(
+        Duration::from_secs(120),
+        "the hook to stop B's QEMU",
+        || process_state(b_pid) == Some('T'),
+    )
+    .unwrap_or_else(|err| panic!("{err}\n{}", l.stall_report()));
+    wait_until(
+        Duration::from_secs(20),
+        "DNS to answer N while B's QEMU is stopped",
+        || l.bind.dig(SERVICE, "A").is_ok_and(|a| a == [N]),
+    )
+    .unwrap_or_else(|err| panic!("{err}\n{}", l.stall_report()));
+    // SAFETY: B's QEMU, started by the lab's agent, stopped by the hook: it never ran the
+    // VM, so A's copy is the only one.
+    assert_eq!(unsafe { libc::kill(b_pid as i32, libc::SIGKILL) }, 0);
+    drop(frozen);
+
+    let (status, report) = l
+        .finish_migrate(&mut orchestrator, Duration::from_secs(120), || {})
+        .expect("migrate finished");
+    assert!(!status.success(), "migrate must fail: {report}");
+    let rolled_back = report["rolled_back"].as_str().unwrap_or_default();
+    assert!(
+        rolled_back.contains("DNS switched back"),
+        "the rollback switched DNS back: {report}"
+    );
+    // DNS names H with its TTL, the VM runs at A with its connection, B is empty.
+    movarto_tests::migration::assert_rolled_back_to_a(&l, &report, &boot_id, chat);
+    let record = l
+        .with_agents(async |a, _| a.migrations().await.expect("A's records"))
+        .expect("the agents")
+        .into_iter()
+        .next()
+        .expect("A's record");
+    assert!(
+        !record.dns_owed.switch_back && !record.dns_owed.switch,
+        "nothing owed: {:?}",
+        record.dns_owed
+    );
+
+    // A second orchestrator, after the first: nothing is left to undo.
+    let id = record.id().as_str().to_owned();
+    let mut resume = l.resume_command(&id).expect("resume");
+    let mut follower = l.bind.client.spawn(&mut resume).expect("resume");
+    let (_, again) = l
+        .finish_migrate(&mut follower, Duration::from_secs(60), || {})
+        .expect("resume finished");
+    let again_text = again.to_string();
+    assert!(
+        !again_text.contains("NOT switched back") && !again_text.contains("NOT undone"),
+        "the resume redid nothing: {again}"
+    );
+    assert_eq!(l.bind.dig(SERVICE, "A").expect("dig"), [H]);
+}
+
 /// Datagrams to the guest's UDP echo at a steady rate, each numbered; the echoes say
 /// which arrived (a lost echo counts as lost too: the test is stricter than the report).
 struct UdpLoad {
