@@ -486,8 +486,17 @@ checksum_offload = false
     /// link: the router's port toward B goes down (what is sent to B's networks meanwhile
     /// is unreachable), then comes up again with its route to B's networks.
     pub fn cut_site_b(&self, length: Duration) -> Result<()> {
-        self.wan.ip(&["link", "set", "wb", "down"])?;
+        self.set_site_b_link(false)?;
         thread::sleep(length);
+        self.set_site_b_link(true)
+    }
+
+    /// The wan router's port toward B down (`up` false) or up again, with its route to
+    /// B's networks ([`Lab::cut_site_b`]).
+    pub fn set_site_b_link(&self, up: bool) -> Result<()> {
+        if !up {
+            return self.wan.ip(&["link", "set", "wb", "down"]);
+        }
         self.wan.ip(&["link", "set", "wb", "up"])?;
         self.wan
             .ip(&["route", "replace", "198.18.0.0/15", "via", TB])

@@ -135,6 +135,18 @@ pub async fn serve(config: AgentConfig) -> Result<()> {
         Ok(n) => tracing::info!(vms = n, "adopted running VMs"),
         Err(err) => tracing::warn!("adopting VMs: {err:#}"),
     }
+    if agent.vms.unadopted().await > 0 {
+        // A QEMU that did not answer may later: try again until none is left.
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            while agent.vms.unadopted().await > 0 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if let Err(err) = agent.vms.adopt_all().await {
+                    tracing::warn!("adopting VMs: {err:#}");
+                }
+            }
+        });
+    }
     match agent.datapath.status(None) {
         Ok(Some(status)) => tracing::info!(
             pin_dir = %status.pin_dir, mode = %status.mode, flows = status.flows,

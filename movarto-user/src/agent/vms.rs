@@ -122,7 +122,10 @@ impl Vms {
         self.state_dir.join(format!("{name}.json"))
     }
 
-    /// Takes back the VMs an earlier agent started that still run; forgets the others.
+    /// Takes back the VMs an earlier agent started that still run; forgets the ones whose
+    /// QEMU is gone. One whose QEMU runs but does not answer (a post-copy destination's
+    /// main thread can wait on a page the broken stream does not bring) is kept on
+    /// record: the agent tries again ([`Vms::unadopted`]).
     pub async fn adopt_all(&self) -> Result<usize> {
         let entries = std::fs::read_dir(&self.state_dir)
             .with_context(|| format!("reading {}", self.state_dir.display()))?;
@@ -132,10 +135,23 @@ impl Vms {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
+            let name = path
+                .file_stem()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if self.vms.lock().await.contains_key(name) {
+                continue;
+            }
             match self.adopt(&path).await {
                 Ok(name) => {
                     tracing::info!(vm = %name, "adopted a running VM");
                     adopted += 1;
+                }
+                Err(err) if recorded_qemu_runs(&path) => {
+                    tracing::warn!(
+                        "not adopting {} yet: {err:#}; its QEMU runs, so it stays on record",
+                        path.display()
+                    );
                 }
                 Err(err) => {
                     tracing::warn!("not adopting {}: {err:#}", path.display());
@@ -144,6 +160,25 @@ impl Vms {
             }
         }
         Ok(adopted)
+    }
+
+    /// VM records left unadopted by [`Vms::adopt_all`] whose QEMU still runs.
+    pub async fn unadopted(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.state_dir) else {
+            return 0;
+        };
+        let vms = self.vms.lock().await;
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .filter(|p| {
+                p.file_stem()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|name| !vms.contains_key(name))
+            })
+            .filter(|p| recorded_qemu_runs(p))
+            .count()
     }
 
     async fn adopt(&self, path: &std::path::Path) -> Result<String> {
@@ -502,6 +537,18 @@ impl Vms {
         }
         Ok(())
     }
+}
+
+/// Whether the QEMU a VM record names still runs (its PID is a live `qemu-system` process).
+fn recorded_qemu_runs(path: &std::path::Path) -> bool {
+    let Some(record) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<VmRecord>(&text).ok())
+    else {
+        return false;
+    };
+    std::fs::read(format!("/proc/{}/cmdline", record.pid))
+        .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("qemu-system"))
 }
 
 /// Starts (or, `follow`, follows) the source's half.
