@@ -53,32 +53,16 @@ fn migrate_with_hook(l: &Lab, hook: &str, max_drain: &str) -> ChildGuard {
     l.bind.client.spawn(&mut migrate).expect("migrate")
 }
 
-/// The process's state letter in `/proc/PID/stat` (`T`: stopped by a signal).
-fn process_state(pid: u32) -> Option<char> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) S ...`: the command may hold spaces and parentheses.
-    stat.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-/// DNS goes out at the switchover, beside the completion, not after it. To make the
-/// order a fact rather than a race, the move's `--on-switch` hook (run while the source
-/// is stopped, before `migrate-continue`) stops the destination's QEMU with SIGSTOP: the
-/// VM cannot run at B until the test lets it. The authoritative answer must change
-/// meanwhile. Before this issue the update went out only once B reported the VM
-/// running, so it never changed while B's QEMU was stopped.
-#[test]
-fn the_dns_update_goes_out_at_the_switchover_before_the_vm_can_run_at_b() {
-    require_root();
-    let l = Lab::build().expect("the lab");
-    let boot_id = l.boot_at_a().expect("the guest boots at A");
-    let conns = Connections::open(&l).expect("the pre-move connections");
-
+/// `migrate` A→B whose `--on-switch` hook stops B's QEMU (SIGSTOP), the source stopped
+/// too: returns once the hook did and DNS answers `N`, with the orchestrator, B's QEMU
+/// (SIGCONT on drop) and when the test saw it stopped.
+fn move_with_destination_stopped(l: &Lab) -> (ChildGuard, Frozen, Instant) {
     let pid_file = l.scratch.join("destination-qemu.pid");
     let hook = format!(
         "while [ ! -s {p} ]; do sleep 0.01; done; kill -STOP \"$(cat {p})\"",
         p = pid_file.display()
     );
-    let mut orchestrator = migrate_with_hook(&l, &hook, "60s");
+    let mut orchestrator = migrate_with_hook(l, &hook, "60s");
 
     // B's QEMU, once B's agent has started it to listen.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -117,6 +101,31 @@ fn the_dns_update_goes_out_at_the_switchover_before_the_vm_can_run_at_b() {
         || l.bind.dig(SERVICE, "A").is_ok_and(|a| a == [N]),
     )
     .unwrap_or_else(|err| panic!("{err}\n{}", l.stall_report()));
+    (orchestrator, frozen, stopped_at)
+}
+
+/// The process's state letter in `/proc/PID/stat` (`T`: stopped by a signal).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) S ...`: the command may hold spaces and parentheses.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// DNS goes out at the switchover, beside the completion, not after it. To make the
+/// order a fact rather than a race, the move's `--on-switch` hook (run while the source
+/// is stopped, before `migrate-continue`) stops the destination's QEMU with SIGSTOP: the
+/// VM cannot run at B until the test lets it. The authoritative answer must change
+/// meanwhile. Before this issue the update went out only once B reported the VM
+/// running, so it never changed while B's QEMU was stopped.
+#[test]
+fn the_dns_update_goes_out_at_the_switchover_before_the_vm_can_run_at_b() {
+    require_root();
+    let l = Lab::build().expect("the lab");
+    let boot_id = l.boot_at_a().expect("the guest boots at A");
+    let conns = Connections::open(&l).expect("the pre-move connections");
+
+    let (mut orchestrator, frozen, stopped_at) = move_with_destination_stopped(&l);
+    let b_pid = frozen.0;
     assert_eq!(
         process_state(b_pid),
         Some('T'),
@@ -171,41 +180,8 @@ fn a_rollback_after_the_dns_switch_switches_dns_back_once() {
     let boot_id = l.boot_at_a().expect("the guest boots at A");
     let chat = Chat::start(&l).expect("the connection");
 
-    let pid_file = l.scratch.join("destination-qemu.pid");
-    let hook = format!(
-        "while [ ! -s {p} ]; do sleep 0.01; done; kill -STOP \"$(cat {p})\"",
-        p = pid_file.display()
-    );
-    let mut orchestrator = migrate_with_hook(&l, &hook, "60s");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let b_pid = loop {
-        let pid = l
-            .with_agents(async |_a, b| b.vm("web").await.ok().and_then(|vm| vm.pid))
-            .expect("the agents");
-        if let Some(pid) = pid {
-            break pid;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "B never started its QEMU\n{}",
-            l.stall_report()
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
-    let frozen = Frozen(b_pid);
-    fs::write(&pid_file, b_pid.to_string()).expect("the PID file");
-    wait_until(
-        Duration::from_secs(120),
-        "the hook to stop B's QEMU",
-        || process_state(b_pid) == Some('T'),
-    )
-    .unwrap_or_else(|err| panic!("{err}\n{}", l.stall_report()));
-    wait_until(
-        Duration::from_secs(20),
-        "DNS to answer N while B's QEMU is stopped",
-        || l.bind.dig(SERVICE, "A").is_ok_and(|a| a == [N]),
-    )
-    .unwrap_or_else(|err| panic!("{err}\n{}", l.stall_report()));
+    let (mut orchestrator, frozen, _) = move_with_destination_stopped(&l);
+    let b_pid = frozen.0;
     // SAFETY: B's QEMU, started by the lab's agent, stopped by the hook: it never ran the
     // VM, so A's copy is the only one.
     assert_eq!(unsafe { libc::kill(b_pid as i32, libc::SIGKILL) }, 0);
