@@ -112,8 +112,18 @@ pub struct QemuVersion {
 
 type Reply = std::result::Result<Value, QmpError>;
 
+/// In-band commands QEMU may hold unanswered, the oldest for [`INBAND_STUCK`], before
+/// this client stops sending more. QEMU queues at most 8 (`QMP_REQ_QUEUE_LEN_MAX`) and
+/// then stops reading the socket, out-of-band commands too: staying below keeps
+/// `exec-oob` working while the main thread is stuck (on a post-copy page, say). A QEMU
+/// only busy for a moment (the blackout) is not refused anything.
+const INBAND_UNANSWERED_MAX: usize = 6;
+const INBAND_STUCK: Duration = Duration::from_secs(1);
+
 struct State {
     pending: HashMap<u64, (String, oneshot::Sender<Reply>)>,
+    /// In-band commands sent and not answered yet, their waiters gone or not.
+    inband_unanswered: HashMap<u64, Instant>,
     /// `Some(reason)` once the connection is gone.
     closed: Option<String>,
     /// Dropped on close, which ends every [`EventStream`].
@@ -173,6 +183,7 @@ impl Qmp {
         let (events, _) = broadcast::channel(1024);
         let state = Arc::new(Mutex::new(State {
             pending: HashMap::new(),
+            inband_unanswered: Default::default(),
             closed: None,
             events: Some(events),
         }));
@@ -256,6 +267,25 @@ impl Qmp {
                 }
                 .into());
             }
+            if verb == "execute" {
+                let stuck = state
+                    .inband_unanswered
+                    .values()
+                    .min()
+                    .is_some_and(|oldest| oldest.elapsed() >= INBAND_STUCK);
+                if stuck && state.inband_unanswered.len() >= INBAND_UNANSWERED_MAX {
+                    return Err(QmpError::Timeout {
+                        what: format!(
+                            "QEMU's reply to `{name}`: not sent, {} commands before it are \
+                             unanswered (its main thread is busy)",
+                            state.inband_unanswered.len()
+                        ),
+                        after: Duration::ZERO,
+                    }
+                    .into());
+                }
+                state.inband_unanswered.insert(id, Instant::now());
+            }
             state.pending.insert(id, (name.to_owned(), tx));
         }
         let mut message = serde_json::json!({ verb: name, "id": id });
@@ -275,7 +305,10 @@ impl Qmp {
             writer.write_all(line.as_bytes()).await
         };
         if let Err(err) = sent {
-            lock(&self.state).pending.remove(&id);
+            let mut state = lock(&self.state);
+            state.pending.remove(&id);
+            state.inband_unanswered.remove(&id);
+            drop(state);
             return Err(QmpError::Closed {
                 reason: format!("writing `{name}` failed: {err}"),
             }
@@ -460,7 +493,12 @@ async fn read_loop(mut lines: BufReader<OwnedReadHalf>, state: Arc<Mutex<State>>
             tracing::debug!(%message, "QMP reply without our id");
             continue;
         };
-        let Some((command, reply_to)) = lock(&state).pending.remove(&id) else {
+        let waiter = {
+            let mut state = lock(&state);
+            state.inband_unanswered.remove(&id);
+            state.pending.remove(&id)
+        };
+        let Some((command, reply_to)) = waiter else {
             // Its waiter timed out and left.
             continue;
         };
@@ -965,6 +1003,59 @@ mod tests {
         assert!(
             in_band.is_err_and(|err| err.to_string().contains("unexpected")),
             "the same command in band is another message"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A QEMU whose main thread is stuck answers no in-band command. The client stops
+    /// sending them before QEMU's queue of 8 fills (QEMU would then stop reading, the
+    /// out-of-band commands too), and `exec-oob` still gets through.
+    #[tokio::test]
+    async fn in_band_commands_stop_before_a_stuck_qemus_queue_fills() {
+        let dir = tempdir("stuck");
+        let in_band = Arc::new(AtomicU64::new(0));
+        let seen = in_band.clone();
+        let path = fake_qemu(&dir, move |req| {
+            match (req["execute"].as_str(), req["exec-oob"].as_str()) {
+                (Some("qmp_capabilities"), _) => vec![reply(&req, "{}")],
+                (Some(_), _) => {
+                    seen.fetch_add(1, Ordering::Relaxed);
+                    vec![]
+                }
+                (None, _) => vec![reply(&req, "{}")],
+            }
+        })
+        .await;
+        let qmp = Qmp::connect(&path, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        for _ in 0..INBAND_UNANSWERED_MAX {
+            let unanswered = qmp
+                .run_with_timeout(&QueryStatus {}, Duration::from_millis(50))
+                .await;
+            assert!(unanswered.is_err());
+        }
+        tokio::time::sleep(INBAND_STUCK).await;
+        let started = Instant::now();
+        let refused = qmp
+            .run_with_timeout(&QueryStatus {}, Duration::from_secs(5))
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(refused.downcast_ref(), Some(QmpError::Timeout { .. })),
+            "{refused:#}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once"
+        );
+        qmp.run_oob(&MigratePause {}, Duration::from_secs(5))
+            .await
+            .expect("out of band still answered");
+        assert_eq!(
+            in_band.load(Ordering::Relaxed),
+            INBAND_UNANSWERED_MAX as u64,
+            "the refused command was never sent"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
