@@ -64,6 +64,15 @@ fn cut_in_postcopy(l: &mut Lab, in_cut: impl FnOnce(&mut Lab)) {
     wait_for_source_migration(l, &mut orchestrator, "post-copy", |m| {
         m.progress.is_some_and(|p| p.status == "postcopy-active")
     });
+    // Cut once the source's agent knows the VM runs at B. Before that B loads the device
+    // state, a break there is fatal to B's QEMU, and the source leaves the stall to TCP.
+    wait_until(Duration::from_secs(60), "A to see the VM run at B", || {
+        l.with_agents(async |a, _| a.migrations().await.ok())
+            .expect("the agents")
+            .and_then(|records| records.into_iter().next())
+            .is_some_and(|r| r.figures.destination_status.as_deref() == Some("running"))
+    })
+    .expect("the VM runs at B in post-copy");
     let cut = Instant::now();
     l.set_site_b_link(false).expect("the cut");
     in_cut(l);
@@ -104,7 +113,14 @@ fn cut_in_postcopy(l: &mut Lab, in_cut: impl FnOnce(&mut Lab)) {
     );
     stats
         .wait_for_more_traffic(IO_TIMEOUT, "traffic after the cut")
-        .expect("traffic after the cut");
+        .unwrap_or_else(|err| {
+            panic!(
+                "{err:#}\n{}\nA:\n{}\nB:\n{}",
+                l.stall_report(),
+                l.agent_log("a"),
+                l.agent_log("b")
+            )
+        });
     let mut idle = conns.idle.try_clone().expect("the idle connection");
     assert_eq!(
         echo_once(&mut idle, "hello after").expect("echo"),

@@ -614,4 +614,8 @@ impl SwitchoverHook for WatchedSwitchover<'_> {
     fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
         self.inner.destination_gone()
     }
+
+    fn destination_runs(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        self.inner.destination_runs()
+    }
 }

@@ -48,6 +48,9 @@ pub const RESUME_RETRY: Duration = Duration::from_millis(500);
 /// broken even if TCP has not said so (a black-holed link retransmits for minutes, with
 /// back-off): it is paused on purpose and resumed on a fresh connection.
 pub const POSTCOPY_STALL: Duration = Duration::from_secs(2);
+/// How often the switchover hook is asked about the destination in post-copy (whether
+/// the VM runs there; while broken, whether its QEMU is gone).
+const DESTINATION_ASKED: Duration = Duration::from_millis(500);
 /// A resume still connecting after this long (its SYN lost in a link that is still cut,
 /// and TCP's next try seconds away) is paused again, so that the next try starts afresh.
 pub const RESUME_STUCK: Duration = Duration::from_secs(3);
@@ -227,8 +230,11 @@ struct Recovery {
     last_try: Option<Instant>,
     paused_ms: u64,
     recoveries: u32,
-    /// The last time the hook was asked whether the destination is gone.
+    /// The last time the hook was asked whether the destination is gone, or runs.
     asked_destination: Option<Instant>,
+    /// The hook said the VM runs at the destination: its device state is loaded, so a
+    /// stalled stream may be paused (a break before that is fatal to the destination).
+    destination_ran: bool,
 }
 
 /// Runs at `pre-switchover`, while the source VM is stopped; an error cancels the migration.
@@ -239,6 +245,13 @@ pub trait SwitchoverHook: Send {
     /// QEMU is gone), or `None` to keep trying.
     fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
         Box::pin(async { None })
+    }
+
+    /// Asked in post-copy until it says yes: whether the VM has run at the destination.
+    /// Until then a stalled stream is left to TCP: QEMU's destination cannot survive a
+    /// break while it loads the device state. `false`: never paused on a stall.
+    fn destination_runs(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async { false })
     }
 }
 
@@ -572,6 +585,14 @@ async fn watch_postcopy(
     let ram = info.ram.clone().unwrap_or_default();
     match status {
         "postcopy-active" => {
+            if !recovery.destination_ran
+                && recovery
+                    .asked_destination
+                    .is_none_or(|at| now - at >= DESTINATION_ASKED)
+            {
+                recovery.asked_destination = Some(now);
+                recovery.destination_ran = hook.destination_runs().await;
+            }
             if let Some(since) = recovery.broken_since.take() {
                 let paused = since.elapsed();
                 recovery.paused_ms += paused.as_millis() as u64;
@@ -583,6 +604,7 @@ async fn watch_postcopy(
                 recovery.transferred = ram.transferred;
                 recovery.moved_at = Some(now);
             } else if ram.remaining > 0
+                && recovery.destination_ran
                 && options.postcopy_recover_timeout > Duration::ZERO
                 && recovery
                     .moved_at
@@ -615,7 +637,7 @@ async fn watch_postcopy(
             }
             if recovery
                 .asked_destination
-                .is_none_or(|at| now - at >= Duration::from_secs(2))
+                .is_none_or(|at| now - at >= DESTINATION_ASKED)
             {
                 recovery.asked_destination = Some(now);
                 if let Some(gone) = hook.destination_gone().await {

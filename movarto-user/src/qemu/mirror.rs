@@ -377,6 +377,10 @@ impl SwitchoverHook for MirrorHook<'_> {
     fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
         self.inner.destination_gone()
     }
+
+    fn destination_runs(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        self.inner.destination_runs()
+    }
 }
 
 /// Both halves of the disk mirror up to READY: export at the destination, mirror from the

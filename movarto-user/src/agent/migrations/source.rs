@@ -529,6 +529,31 @@ impl SwitchoverHook for LocalSwitchover {
         })
     }
 
+    /// Post-copy: the destination's agent says the VM runs there (noted in the record,
+    /// where `destination_status` tells it from then on). Unreachable is a no.
+    fn destination_runs(&mut self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            let record = self.m.snapshot();
+            if record.figures.destination_status.as_deref() == Some("running") {
+                return true;
+            }
+            let Ok(peer) = self.m.peer() else {
+                return false;
+            };
+            let asked = tokio::time::timeout(Duration::from_secs(1), peer.vm(&record.spec.vm));
+            let runs = matches!(asked.await, Ok(Ok(vm)) if vm.run_state == RunState::Running);
+            if runs {
+                let noted = self.m.update(|r| {
+                    r.figures.destination_status = Some(RunState::Running.to_string());
+                });
+                if let Err(err) = noted {
+                    tracing::warn!("saving the destination's run state: {err:#}");
+                }
+            }
+            runs
+        })
+    }
+
     /// Post-copy broke: resuming is hopeless only once the destination's agent says its
     /// QEMU has exited. Unreachable (the link may be what broke) is no answer.
     fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
