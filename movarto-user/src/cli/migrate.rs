@@ -140,10 +140,10 @@ pub struct MigrateArgs {
     /// `off`, `after-first-pass`, or `within:<ms>` [default: off].
     #[arg(long)]
     pub postcopy: Option<PostcopySetting>,
-    /// When post-copy's stream breaks (or moves nothing for 2 s), the agents resume it
-    /// on a new connection for this long; the VM at the destination waits for its
-    /// missing pages meanwhile. After it, the VM is left split for a person to recover.
-    /// 0s: no resume [default: 60s].
+    /// When post-copy's stream breaks (or, once the VM runs at the destination, moves
+    /// nothing for 2 s), the agents resume it on a new connection for this long; the VM
+    /// at the destination waits for its missing pages meanwhile. After it, the VM is
+    /// left split for a person to recover. 0s: no resume [default: 60s].
     #[arg(long, value_parser = parse_duration)]
     pub postcopy_recover_timeout: Option<Duration>,
     #[arg(long)]
