@@ -353,13 +353,9 @@ impl Vms {
 
     /// The destination's migration status in post-copy, `None` if QEMU does not answer
     /// soon ([`IncomingRecovery::status`]).
-    pub async fn incoming_status(
-        &self,
-        name: &str,
-        recovery: &IncomingRecovery,
-    ) -> Result<Option<String>> {
+    pub async fn incoming_status(&self, name: &str) -> Result<Option<String>> {
         let managed = self.get(name).await?;
-        recovery.status(&managed.qmp).await
+        IncomingRecovery::status(&managed.qmp).await
     }
 
     /// Post-copy at the destination: a broken stream listens again for the source's

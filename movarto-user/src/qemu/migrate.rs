@@ -694,7 +694,7 @@ pub struct IncomingRecovery {
 impl IncomingRecovery {
     /// The destination's migration status; `None` if QEMU does not answer soon (its main
     /// thread waits on a page the broken stream does not bring).
-    pub async fn status(&self, destination: &Qmp) -> Result<Option<String>> {
+    pub async fn status(destination: &Qmp) -> Result<Option<String>> {
         match destination
             .run_with_timeout(&QueryMigrate {}, OOB_TIMEOUT)
             .await

@@ -7,7 +7,6 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use movarto_common::config::Mode;
-use tokio::time::Instant;
 
 use super::{
     Handle, RETRY_PAUSE, blocking,
@@ -204,8 +203,6 @@ async fn source_record(m: &Handle) -> Option<MigrationRecord> {
 #[derive(Default)]
 struct PostcopyWatch {
     recovery: IncomingRecovery,
-    /// The source was last asked then (only while post-copy runs here).
-    asked: Option<Instant>,
     /// QEMU's incoming migration is over: nothing more to watch.
     done: bool,
 }
@@ -217,7 +214,7 @@ impl PostcopyWatch {
         }
         let spec = m.snapshot().spec;
         let (vm, uri) = (&spec.vm, &spec.migration_uri);
-        let status = match agent.vms.incoming_status(vm, &self.recovery).await {
+        let status = match agent.vms.incoming_status(vm).await {
             Ok(status) => status,
             Err(err) => {
                 tracing::warn!("post-copy at the destination: {err:#}");
@@ -226,16 +223,11 @@ impl PostcopyWatch {
         };
         // Active, or no answer (QEMU may wait on a page): did the stream break at the
         // source?
-        let ask = matches!(status.as_deref(), None | Some("postcopy-active"))
-            && self.asked.is_none_or(|at| at.elapsed() >= POSTCOPY_POLL);
-        let mut source_paused = false;
-        if ask {
-            self.asked = Some(Instant::now());
-            source_paused = source_record(m)
+        let source_paused = matches!(status.as_deref(), None | Some("postcopy-active"))
+            && source_record(m)
                 .await
                 .and_then(|there| there.progress)
                 .is_some_and(|p| p.status == "postcopy-paused");
-        }
         let tended = agent
             .vms
             .recover_incoming(
