@@ -15,5 +15,6 @@ pub mod gue;
 pub mod ids;
 pub mod monitor;
 pub mod net;
+pub mod recorder;
 pub mod service;
 pub mod ttl;

@@ -14,6 +14,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::Path,
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
 
@@ -22,9 +23,12 @@ use movarto_common::{
     config::GUE_DEFAULT_PORT,
     gue::{GUE_FIRST_BYTE, GUE_OVERHEAD_IPV4},
     ids::SessionToken,
+    recorder::RecordedFrame,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+use crate::datapath::recorder::TapRecorder;
 
 /// The frames found in the source's tap after the flip.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -41,7 +45,8 @@ pub struct StrandedFrames {
     pub other: u64,
     /// The one packet QEMU itself read after the stop and holds, undeliverable (its tap
     /// backend reads one more and keeps it queued for the stopped device): 0 or 1, found
-    /// by [`probe_held`]; counted in `lost`. 0 when QEMU holds the decoy instead.
+    /// by [`probe_held`]; counted in `lost` unless `held_carried`. 0 when QEMU holds the
+    /// decoy instead.
     #[serde(default)]
     pub held_by_qemu: u64,
     /// The decoy frame went into the tap at the stop, before the flip
@@ -60,6 +65,10 @@ pub struct StrandedFrames {
     /// frame QEMU holds is not claimed to be the decoy.
     #[serde(default)]
     pub queue_full: bool,
+    /// QEMU holds one of the VM's packets, and its copy in the tap's recording
+    /// (`datapath::recorder`) went on to the destination instead: not lost.
+    #[serde(default)]
+    pub held_carried: bool,
     /// The probe for QEMU's held packet was made (once: a second probe would find the
     /// first one held).
     #[serde(default)]
@@ -80,6 +89,7 @@ impl StrandedFrames {
         self.decoy_found |= more.decoy_found;
         self.held_decoy |= more.held_decoy;
         self.queue_full |= more.queue_full;
+        self.held_carried |= more.held_carried;
         self.probed |= more.probed;
     }
 }
@@ -94,6 +104,63 @@ pub struct TunnelTo {
     pub mtu: u16,
 }
 
+/// The tap's recording during the migration, and what it shows of the frame QEMU
+/// holds: the one that entered the tap just before the first frame the agent reads from
+/// the queue after the stop (QEMU reads the queue in order, and stops after the frame
+/// it holds). It is looked up at that first read, before later frames overwrite it.
+pub struct Recording {
+    recorder: TapRecorder,
+    /// Set at the first frame read from the queue: the held frame's bytes, if recorded.
+    held: Mutex<Option<Option<Vec<u8>>>>,
+}
+
+impl Recording {
+    pub fn start(tap: &str) -> Result<Self> {
+        Ok(Self {
+            recorder: TapRecorder::start(tap)?,
+            held: Mutex::new(None),
+        })
+    }
+
+    fn note_queued(&self, ethernet: &[u8]) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.is_some() {
+            return;
+        }
+        let found = match self.recorder.frames() {
+            Ok(frames) => {
+                frame_before(frames.iter().map(RecordedFrame::frame), ethernet).map(<[u8]>::to_vec)
+            }
+            Err(err) => {
+                tracing::warn!("reading the tap's recording: {err:#}");
+                None
+            }
+        };
+        *held = Some(found);
+    }
+
+    /// The bytes of the frame QEMU holds; `None` when the recording does not show it
+    /// (nothing read from the queue yet, the frame overwritten, or cut short).
+    fn held_frame(&self) -> Option<Vec<u8>> {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .flatten()
+    }
+}
+
+/// The frame recorded just before the latest one equal to `first_queued` (frames oldest
+/// first; `None` stands for one cut short).
+fn frame_before<'a>(
+    frames: impl DoubleEndedIterator<Item = Option<&'a [u8]>>,
+    first_queued: &[u8],
+) -> Option<&'a [u8]> {
+    let mut newest_first = frames.rev();
+    newest_first.find(|frame| *frame == Some(first_queued))?;
+    newest_first.next().flatten()
+}
+
 /// Reads the frames waiting in `tap`'s queue, held by QEMU (`qemu_pid`), and sends each
 /// packet for `home` to the peer in GUE. Call it only once QEMU no longer reads the tap
 /// (the VM stopped for the switchover) and the datapath forwards: nothing else
@@ -103,9 +170,18 @@ pub fn forward_stranded(
     tap: &str,
     home: IpAddr,
     tunnel: TunnelTo,
+    recording: Option<&Recording>,
 ) -> Result<StrandedFrames> {
     let (mut seen, queue, vnet_hdr) = open_queue(qemu_pid, tap)?;
-    drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
+    let drain = Drain {
+        queue: &queue,
+        vnet_hdr,
+        tap,
+        home,
+        tunnel,
+        recording,
+    };
+    drain.read_empty(&mut seen)?;
     let queued = seen.found + u64::from(seen.decoy_found);
     seen.queue_full = queued >= u64::from(super::netlink::tx_queue_len(tap)?);
     Ok(seen)
@@ -116,7 +192,8 @@ pub fn forward_stranded(
 /// a QEMU that holds nothing reads it (and holds it instead, harmlessly); a QEMU that
 /// holds a frame reads nothing more, and the probe is found in the queue. The frame it
 /// holds is the decoy when the decoy went in (`earlier.decoy_sent`) and was never found
-/// in the queue.
+/// in the queue. A packet of the VM's that QEMU holds goes on to the destination from
+/// the tap's `recording`.
 pub fn probe_held(
     qemu_pid: u32,
     tap: &str,
@@ -124,9 +201,18 @@ pub fn probe_held(
     home: IpAddr,
     tunnel: TunnelTo,
     earlier: StrandedFrames,
+    recording: Option<&Recording>,
 ) -> Result<StrandedFrames> {
     let (mut seen, queue, vnet_hdr) = open_queue(qemu_pid, tap)?;
-    drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
+    let drain = Drain {
+        queue: &queue,
+        vnet_hdr,
+        tap,
+        home,
+        tunnel,
+        recording,
+    };
+    drain.read_empty(&mut seen)?;
     let read_before = super::netlink::tx_packets(tap)?;
     MarkerSocket::open(tap, vm_mac)?.send(PROBE_PAYLOAD)?;
     let deadline = std::time::Instant::now() + PROBE_WAIT;
@@ -139,7 +225,7 @@ pub fn probe_held(
         std::thread::sleep(Duration::from_millis(5));
     }
     let probes_before = seen.probes;
-    drain_into(&queue, vnet_hdr, tap, home, tunnel, &mut seen)?;
+    drain.read_empty(&mut seen)?;
     let probe_left = seen.probes > probes_before;
     seen.probed = true;
     let decoy_held =
@@ -148,7 +234,17 @@ pub fn probe_held(
         seen.held_decoy = true;
     } else if !taken && probe_left {
         seen.held_by_qemu = 1;
-        seen.lost += 1;
+        match recording.and_then(Recording::held_frame) {
+            Some(held) if !is_marker(&held, DECOY_PAYLOAD) => {
+                match drain.carry(&tunnel_socket(tunnel)?, &held) {
+                    Some(true) => seen.held_carried = true,
+                    Some(false) => seen.lost += 1,
+                    // Not the VM's traffic (ARP, another address): the VM asks again.
+                    None => seen.other += 1,
+                }
+            }
+            _ => seen.lost += 1,
+        }
     } else if !taken {
         bail!("the probe frame into {tap} was neither read by QEMU nor left in its queue");
     }
@@ -242,60 +338,75 @@ fn open_queue(qemu_pid: u32, tap: &str) -> Result<(StrandedFrames, OwnedFd, usiz
     Ok((StrandedFrames::default(), queue, vnet_hdr))
 }
 
-/// Reads `queue` empty, sending each packet for `home` on; counts into `seen`.
-fn drain_into(
-    queue: &OwnedFd,
+/// One reading of the tap's queue.
+struct Drain<'a> {
+    queue: &'a OwnedFd,
+    /// The virtio-net header's length before each frame.
     vnet_hdr: usize,
-    tap: &str,
+    tap: &'a str,
     home: IpAddr,
     tunnel: TunnelTo,
-    seen: &mut StrandedFrames,
-) -> Result<()> {
-    let socket = tunnel_socket(tunnel)?;
-    let mut frame = vec![0u8; 65_536];
-    let mut datagram = Vec::with_capacity(2048);
-    // The copy shares QEMU's open file, flags included: poll before each read rather
-    // than change them under QEMU, so an empty queue never blocks.
-    while queued(queue).with_context(|| format!("polling {tap}'s queue"))? {
-        let len = match nix::unistd::read(queue, &mut frame) {
-            Ok(0) => break,
-            Ok(len) => len,
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
-            Err(err) => return Err(err).context(format!("reading {tap}'s queue")),
-        };
-        let Some(ethernet) = frame[..len].get(vnet_hdr..) else {
-            continue;
-        };
-        if is_marker(ethernet, PROBE_PAYLOAD) {
-            seen.probes += 1;
-            continue;
+    recording: Option<&'a Recording>,
+}
+
+impl Drain<'_> {
+    /// Reads the queue empty, sending each packet for `home` on; counts into `seen`.
+    fn read_empty(&self, seen: &mut StrandedFrames) -> Result<()> {
+        let socket = tunnel_socket(self.tunnel)?;
+        let mut frame = vec![0u8; 65_536];
+        let tap = self.tap;
+        // The copy shares QEMU's open file, flags included: poll before each read rather
+        // than change them under QEMU, so an empty queue never blocks.
+        while queued(self.queue).with_context(|| format!("polling {tap}'s queue"))? {
+            let len = match nix::unistd::read(self.queue, &mut frame) {
+                Ok(0) => break,
+                Ok(len) => len,
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Err(err) => return Err(err).context(format!("reading {tap}'s queue")),
+            };
+            let Some(ethernet) = frame[..len].get(self.vnet_hdr..) else {
+                continue;
+            };
+            if let Some(recording) = self.recording {
+                recording.note_queued(ethernet);
+            }
+            if is_marker(ethernet, PROBE_PAYLOAD) {
+                seen.probes += 1;
+                continue;
+            }
+            if is_marker(ethernet, DECOY_PAYLOAD) {
+                seen.decoy_found = true;
+                continue;
+            }
+            seen.found += 1;
+            match self.carry(&socket, ethernet) {
+                Some(true) => seen.forwarded += 1,
+                Some(false) => seen.lost += 1,
+                None => seen.other += 1,
+            }
         }
-        if is_marker(ethernet, DECOY_PAYLOAD) {
-            seen.decoy_found = true;
-            continue;
+        Ok(())
+    }
+
+    /// Sends the packet in `ethernet` on in GUE when it is for `home`: `None` when it is
+    /// not, else whether it went.
+    fn carry(&self, socket: &UdpSocket, ethernet: &[u8]) -> Option<bool> {
+        let inner = packet_for(ethernet, self.home)?;
+        if inner.len() + GUE_OVERHEAD_IPV4 > usize::from(self.tunnel.mtu) {
+            return Some(false);
         }
-        seen.found += 1;
-        let Some(inner) = packet_for(ethernet, home) else {
-            seen.other += 1;
-            continue;
-        };
-        if inner.len() + GUE_OVERHEAD_IPV4 > usize::from(tunnel.mtu) {
-            seen.lost += 1;
-            continue;
-        }
-        datagram.clear();
+        let mut datagram = Vec::with_capacity(inner.len() + GUE_OVERHEAD_IPV4);
         datagram.extend_from_slice(&[GUE_FIRST_BYTE, gue_proto(inner), 0, 0]);
-        datagram.extend_from_slice(&tunnel.token.0.to_be_bytes());
+        datagram.extend_from_slice(&self.tunnel.token.0.to_be_bytes());
         datagram.extend_from_slice(inner);
         match socket.send(&datagram) {
-            Ok(_) => seen.forwarded += 1,
+            Ok(_) => Some(true),
             Err(err) => {
-                tracing::warn!("a stranded packet for {home}: {err}");
-                seen.lost += 1;
+                tracing::warn!("a stranded packet for {}: {err}", self.home);
+                Some(false)
             }
         }
     }
-    Ok(())
 }
 
 fn is_marker(ethernet: &[u8], payload: &[u8]) -> bool {
@@ -586,6 +697,28 @@ mod tests {
         ));
         assert!(!is_marker(&frame(0x0800, PROBE_PAYLOAD), PROBE_PAYLOAD));
         assert!(!is_marker(&probe[..13], PROBE_PAYLOAD));
+    }
+
+    #[test]
+    fn the_held_frame_is_the_one_recorded_before_the_first_queued() {
+        let (a, b, c, d): (&[u8], &[u8], &[u8], &[u8]) = (b"a", b"b", b"c", b"d");
+        let recorded = [Some(a), Some(b), Some(c), Some(d)];
+        assert_eq!(frame_before(recorded.into_iter(), c), Some(b));
+        assert_eq!(
+            frame_before(recorded.into_iter(), a),
+            None,
+            "nothing before"
+        );
+        assert_eq!(
+            frame_before(recorded.into_iter(), b"e"),
+            None,
+            "not recorded"
+        );
+        // The same bytes twice (a retransmission): the later copy is the queued one.
+        let again = [Some(a), Some(c), Some(b), Some(c)];
+        assert_eq!(frame_before(again.into_iter(), c), Some(b));
+        let cut = [Some(a), None, Some(c)];
+        assert_eq!(frame_before(cut.into_iter(), c), None, "cut short");
     }
 
     #[test]

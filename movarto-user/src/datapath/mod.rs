@@ -8,6 +8,7 @@ mod counters;
 mod flowmaps;
 pub mod flows;
 pub mod monitor;
+pub mod recorder;
 mod services;
 
 use std::path::Path;

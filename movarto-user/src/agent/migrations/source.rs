@@ -17,7 +17,7 @@ use crate::{
     agent::{
         AgentClient,
         api::{FlowEntry, RunState},
-        blackout::{self, TunnelTo},
+        blackout::{self, Recording, TunnelTo},
         client::retry_unreachable,
         server::Agent,
         tap,
@@ -36,19 +36,29 @@ const ROLLBACK_TRIES: u32 = 5;
 /// Carries the migration on from its recorded stage until a final one.
 pub(super) async fn drive(agent: Arc<Agent>, m: Arc<Handle>) {
     let mut rollback_tries = 0;
+    // The source tap's recording, from the RAM copy until A's QEMU goes.
+    let mut recording = None;
     loop {
         let stage = m.stage();
         if stage.is_final() {
             return;
+        }
+        if stage == Stage::CopyingRam && recording.is_none() {
+            recording = start_recording(&m).await;
+        } else if !matches!(
+            stage,
+            Stage::CopyingRam | Stage::SwitchingOver | Stage::Continued | Stage::Running
+        ) {
+            recording = None;
         }
         let result = match stage {
             Stage::Accepted => accept(&agent, &m).await,
             Stage::PreparingDestination => prepare_destination(&m).await,
             Stage::MirroringDisk => mirror_disk(&agent, &m).await,
             Stage::CopyingRam | Stage::SwitchingOver | Stage::Continued => {
-                copy_and_switch(&agent, &m).await
+                copy_and_switch(&agent, &m, recording.clone()).await
             }
-            Stage::Running => release(&agent, &m).await,
+            Stage::Running => release(&agent, &m, recording.clone()).await,
             Stage::Draining => drain::drain_and_tear_down(&agent, &m).await,
             Stage::RollingBack => {
                 rollback_tries += 1;
@@ -232,9 +242,29 @@ async fn mirror_disk(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
     m.enter(Stage::CopyingRam)
 }
 
+/// The recording of what goes into the source's tap (`agent::blackout`), so that a
+/// packet QEMU holds after the stop can be carried on. Without it (a failure is noted)
+/// such a packet is counted lost.
+async fn start_recording(m: &Handle) -> Option<Arc<Recording>> {
+    let tap = m.snapshot().spec.vm_iface;
+    let started = blocking(move || Recording::start(&tap)).await;
+    match started {
+        Ok(recording) => Some(Arc::new(recording)),
+        Err(err) => {
+            tracing::warn!("no recording of the source's tap: {err:#}");
+            let _ = m.note(format!("no recording of the source's tap: {err:#}"));
+            None
+        }
+    }
+}
+
 /// RAM, the switchover at `pre-switchover`, and completion. A restarted agent follows
 /// the migration QEMU still runs instead of starting another.
-async fn copy_and_switch(agent: &Arc<Agent>, m: &Arc<Handle>) -> Result<()> {
+async fn copy_and_switch(
+    agent: &Arc<Agent>,
+    m: &Arc<Handle>,
+    recording: Option<Arc<Recording>>,
+) -> Result<()> {
     aborted(m)?;
     let record = m.snapshot();
     let follow = record.migrate_sent;
@@ -247,6 +277,7 @@ async fn copy_and_switch(agent: &Arc<Agent>, m: &Arc<Handle>) -> Result<()> {
         decoy: blackout::MarkerSocket::open(&record.spec.vm_iface, record.spec.vm_mac.0)
             .inspect_err(|err| tracing::warn!("no decoy for the source's tap: {err:#}"))
             .ok(),
+        recording,
     };
     let progress_handle = m.clone();
     let request = record.spec.outgoing_request();
@@ -370,10 +401,10 @@ async fn resume_at_source(agent: &Arc<Agent>, m: &Handle, why: &str) -> Result<(
 }
 
 /// The VM runs at B: A's QEMU (paused in `postmigrate`), its tap and its tap hook go.
-async fn release(agent: &Arc<Agent>, m: &Handle) -> Result<()> {
+async fn release(agent: &Arc<Agent>, m: &Handle, recording: Option<Arc<Recording>>) -> Result<()> {
     // Anything that still reached the tap after the switchover's pass goes on to B too,
     // and QEMU, completed, says whether it holds a packet of its own.
-    carry_stranded(agent, m, Pass::Last).await;
+    carry_stranded(agent, m, Pass::Last, recording).await;
     let record = m.snapshot();
     let datapath = agent.clone();
     let home = Some(record.spec.home);
@@ -397,7 +428,12 @@ enum Pass {
 
 /// The frames QEMU left unread in the source's tap go on to the destination
 /// (`agent::blackout`), counted in the record. A failure is noted, never fatal.
-async fn carry_stranded(agent: &Arc<Agent>, m: &Handle, pass: Pass) {
+async fn carry_stranded(
+    agent: &Arc<Agent>,
+    m: &Handle,
+    pass: Pass,
+    recording: Option<Arc<Recording>>,
+) {
     let record = m.snapshot();
     let spec = &record.spec;
     let pid = agent.vms.status(&spec.vm).await.ok().and_then(|vm| vm.pid);
@@ -419,8 +455,18 @@ async fn carry_stranded(agent: &Arc<Agent>, m: &Handle, pass: Pass) {
         pass
     };
     let found = blocking(move || match pass {
-        Pass::AtSwitchover => blackout::forward_stranded(pid, &tap, home, tunnel),
-        Pass::Last => blackout::probe_held(pid, &tap, vm_mac, home, tunnel, earlier),
+        Pass::AtSwitchover => {
+            blackout::forward_stranded(pid, &tap, home, tunnel, recording.as_deref())
+        }
+        Pass::Last => blackout::probe_held(
+            pid,
+            &tap,
+            vm_mac,
+            home,
+            tunnel,
+            earlier,
+            recording.as_deref(),
+        ),
     });
     match found.await {
         Ok(found) => {
@@ -454,6 +500,7 @@ struct LocalSwitchover {
     m: Arc<Handle>,
     /// Opened beforehand: opening and closing it take milliseconds (`agent::blackout`).
     decoy: Option<blackout::MarkerSocket>,
+    recording: Option<Arc<Recording>>,
 }
 
 impl SwitchoverHook for LocalSwitchover {
@@ -513,8 +560,8 @@ impl SwitchoverHook for LocalSwitchover {
             }
             // Everything else after `migrate-continue`, outside the blackout.
             tokio::spawn({
-                let (agent, m) = (agent.clone(), m.clone());
-                async move { carry_stranded(&agent, &m, Pass::AtSwitchover).await }
+                let (agent, m, recording) = (agent.clone(), m.clone(), self.recording.clone());
+                async move { carry_stranded(&agent, &m, Pass::AtSwitchover, recording).await }
             });
             if m.snapshot().spec.moves_home() {
                 // The last move's drain ends here: this one carries its tunnel on. The
