@@ -203,6 +203,10 @@ fn the_frame_qemu_holds_goes_on_to_the_destination_from_the_recording() {
         (2, 2, 0),
         "the two queued datagrams: {first:?}"
     );
+    assert!(
+        first.held_seen && first.held_carried,
+        "the held one, from the recording, at the first read: {first:?}"
+    );
     let last = probe_held(
         qemu_pid,
         "tap0",
@@ -214,8 +218,9 @@ fn the_frame_qemu_holds_goes_on_to_the_destination_from_the_recording() {
     )
     .expect("the probe");
     assert_eq!(last.held_by_qemu, 1, "QEMU holds one: {last:?}");
-    assert!(last.held_carried, "carried from the recording: {last:?}");
-    assert_eq!(last.lost, 0, "{last:?}");
+    assert!(!last.held_decoy, "no decoy went in: {last:?}");
+    assert_eq!(last.lost, 0, "the held one is not lost: {last:?}");
+    assert_eq!(first.sent_again + last.sent_again, 0, "nothing came before it");
 
     let mut got = Vec::new();
     let mut buf = [0u8; 2048];

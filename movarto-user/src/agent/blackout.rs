@@ -14,7 +14,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::Path,
-    sync::{Mutex, PoisonError},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -23,7 +26,6 @@ use movarto_common::{
     config::GUE_DEFAULT_PORT,
     gue::{GUE_FIRST_BYTE, GUE_OVERHEAD_IPV4},
     ids::SessionToken,
-    recorder::RecordedFrame,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -69,6 +71,15 @@ pub struct StrandedFrames {
     /// (`datapath::recorder`) went on to the destination instead: not lost.
     #[serde(default)]
     pub held_carried: bool,
+    /// The recording showed the frame QEMU holds (whatever became of it: carried, or
+    /// counted in `lost` or `other`).
+    #[serde(default)]
+    pub held_seen: bool,
+    /// The VM's packet just before the one QEMU holds, sent on again: QEMU either gave
+    /// it to the VM before the stop or discarded it at the stop, and does not say which,
+    /// so the VM may get it twice (0 or 1; see [`Recording`]).
+    #[serde(default)]
+    pub sent_again: u64,
     /// The probe for QEMU's held packet was made (once: a second probe would find the
     /// first one held).
     #[serde(default)]
@@ -90,6 +101,8 @@ impl StrandedFrames {
         self.held_decoy |= more.held_decoy;
         self.queue_full |= more.queue_full;
         self.held_carried |= more.held_carried;
+        self.held_seen |= more.held_seen;
+        self.sent_again += more.sent_again;
         self.probed |= more.probed;
     }
 }
@@ -104,61 +117,112 @@ pub struct TunnelTo {
     pub mtu: u16,
 }
 
-/// The tap's recording during the migration, and what it shows of the frame QEMU
-/// holds: the one that entered the tap just before the first frame the agent reads from
-/// the queue after the stop (QEMU reads the queue in order, and stops after the frame
-/// it holds). It is looked up at that first read, before later frames overwrite it.
+/// The tap's recording during the migration, and what it shows around the stop.
+///
+/// QEMU reads the tap's queue in order. After the stop it reads one frame more and
+/// holds it, then reads no more: the held frame is the one that entered the tap just
+/// before the first frame the agent reads from the queue. The frame before the held one
+/// QEMU either gave the VM while it still ran, or read in the instant of the stop and
+/// discarded (`net_vm_change_state_handler` purges its queue; nothing tells which). Both
+/// are looked up at the agent's first read, before later frames overwrite them.
 pub struct Recording {
     recorder: TapRecorder,
-    /// Set at the first frame read from the queue: the held frame's bytes, if recorded.
-    held: Mutex<Option<Option<Vec<u8>>>>,
+    /// When the agent heard of the stop, in the recording's clock (`CLOCK_MONOTONIC`
+    /// ns); 0 until then.
+    stopped_ns: AtomicU64,
+    /// Set at the first frame read from the queue.
+    shown: Mutex<Option<Shown>>,
 }
+
+/// What the recording shows of the frames QEMU took at the stop.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Shown {
+    /// The frame QEMU holds, if recorded whole.
+    held: Option<Vec<u8>>,
+    /// The frame before it, when it entered the tap within `DISCARD_WINDOW` of the stop:
+    /// QEMU may have discarded it.
+    before_held: Option<Vec<u8>>,
+}
+
+/// How long before the stop a frame QEMU discarded at the stop may have entered the
+/// tap. QEMU reads its tap as frames come, so the one it read in the instant of the
+/// stop came at most about that long before; an older one certainly reached the VM.
+const DISCARD_WINDOW: Duration = Duration::from_millis(50);
 
 impl Recording {
     pub fn start(tap: &str) -> Result<Self> {
         Ok(Self {
             recorder: TapRecorder::start(tap)?,
-            held: Mutex::new(None),
+            stopped_ns: AtomicU64::new(0),
+            shown: Mutex::new(None),
         })
     }
 
-    fn note_queued(&self, ethernet: &[u8]) {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if held.is_some() {
-            return;
-        }
-        let found = match self.recorder.frames() {
-            Ok(frames) => {
-                frame_before(frames.iter().map(RecordedFrame::frame), ethernet).map(<[u8]>::to_vec)
-            }
-            Err(err) => {
-                tracing::warn!("reading the tap's recording: {err:#}");
-                None
-            }
-        };
-        *held = Some(found);
+    /// The VM stopped at the source (QEMU's `pre-switchover`).
+    pub fn note_stop(&self) {
+        self.stopped_ns.store(monotonic_ns(), Ordering::Relaxed);
     }
 
-    /// The bytes of the frame QEMU holds; `None` when the recording does not show it
-    /// (nothing read from the queue yet, the frame overwritten, or cut short).
-    fn held_frame(&self) -> Option<Vec<u8>> {
-        self.held
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .flatten()
+    /// What the recording shows, the first time a frame is read from the queue.
+    fn note_queued(&self, ethernet: &[u8]) -> Option<Shown> {
+        let mut shown = self.shown.lock().unwrap_or_else(PoisonError::into_inner);
+        if shown.is_some() {
+            return None;
+        }
+        let stopped = self.stopped_ns.load(Ordering::Relaxed);
+        // Unknown when the stop was (an agent restarted since): nothing is resent on a guess.
+        let since = (stopped != 0)
+            .then(|| stopped.saturating_sub(DISCARD_WINDOW.as_nanos() as u64))
+            .unwrap_or(u64::MAX);
+        *shown = Some(match self.recorder.frames() {
+            Ok(frames) => around_held(
+                frames.iter().map(|f| (f.ktime_ns, f.frame())),
+                ethernet,
+                since,
+            ),
+            Err(err) => {
+                tracing::warn!("reading the tap's recording: {err:#}");
+                Shown::default()
+            }
+        });
+        shown.clone()
     }
 }
 
-/// The frame recorded just before the latest one equal to `first_queued` (frames oldest
-/// first; `None` stands for one cut short).
-fn frame_before<'a>(
-    frames: impl DoubleEndedIterator<Item = Option<&'a [u8]>>,
+/// `CLOCK_MONOTONIC` in ns, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        (t.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(t.tv_nsec() as u64)
+    })
+}
+
+/// The frames recorded just before the latest one equal to `first_queued` (frames oldest
+/// first, with the time each entered the tap; `None` stands for one cut short): the
+/// held one, and the one before it if it entered no earlier than `since` ns.
+fn around_held<'a>(
+    frames: impl DoubleEndedIterator<Item = (u64, Option<&'a [u8]>)>,
     first_queued: &[u8],
-) -> Option<&'a [u8]> {
+    since: u64,
+) -> Shown {
     let mut newest_first = frames.rev();
-    newest_first.find(|frame| *frame == Some(first_queued))?;
-    newest_first.next().flatten()
+    if newest_first
+        .find(|(_, frame)| *frame == Some(first_queued))
+        .is_none()
+    {
+        return Shown::default();
+    }
+    let held = newest_first.next();
+    let before = newest_first.next();
+    Shown {
+        held: held.and_then(|(_, f)| f).map(<[u8]>::to_vec),
+        before_held: before
+            .filter(|(at, _)| *at >= since)
+            .and_then(|(_, f)| f)
+            .map(<[u8]>::to_vec),
+    }
 }
 
 /// Reads the frames waiting in `tap`'s queue, held by QEMU (`qemu_pid`), and sends each
@@ -230,23 +294,21 @@ pub fn probe_held(
     seen.probed = true;
     let decoy_held =
         earlier.decoy_sent && !earlier.queue_full && !(earlier.decoy_found || seen.decoy_found);
-    if !taken && probe_left && decoy_held {
-        seen.held_decoy = true;
-    } else if !taken && probe_left {
-        seen.held_by_qemu = 1;
-        match recording.and_then(Recording::held_frame) {
-            Some(held) if !is_marker(&held, DECOY_PAYLOAD) => {
-                match drain.carry(&tunnel_socket(tunnel)?, &held) {
-                    Some(true) => seen.held_carried = true,
-                    Some(false) => seen.lost += 1,
-                    // Not the VM's traffic (ARP, another address): the VM asks again.
-                    None => seen.other += 1,
-                }
-            }
-            _ => seen.lost += 1,
-        }
-    } else if !taken {
+    if !taken && !probe_left {
         bail!("the probe frame into {tap} was neither read by QEMU nor left in its queue");
+    }
+    if taken {
+        return Ok(seen);
+    }
+    // QEMU holds a frame: the decoy, or one of the VM's, which went on from the recording
+    // at the agent's first read of the queue (`Drain::read_empty`) if it showed it.
+    if decoy_held {
+        seen.held_decoy = true;
+    } else {
+        seen.held_by_qemu = 1;
+        if !(earlier.held_seen || seen.held_seen) {
+            seen.lost += 1;
+        }
     }
     Ok(seen)
 }
@@ -367,8 +429,8 @@ impl Drain<'_> {
             let Some(ethernet) = frame[..len].get(self.vnet_hdr..) else {
                 continue;
             };
-            if let Some(recording) = self.recording {
-                recording.note_queued(ethernet);
+            if let Some(shown) = self.recording.and_then(|r| r.note_queued(ethernet)) {
+                self.carry_around_held(&socket, shown, seen);
             }
             if is_marker(ethernet, PROBE_PAYLOAD) {
                 seen.probes += 1;
@@ -386,6 +448,26 @@ impl Drain<'_> {
             }
         }
         Ok(())
+    }
+
+    /// The frame QEMU holds goes on to the destination at once, unless it is the decoy;
+    /// so does the one before it, which QEMU may have discarded at the stop (sent again
+    /// rather than lost, at the risk of the VM's getting it twice).
+    fn carry_around_held(&self, socket: &UdpSocket, shown: Shown, seen: &mut StrandedFrames) {
+        if let Some(held) = shown.held.filter(|f| !is_marker(f, DECOY_PAYLOAD)) {
+            seen.held_seen = true;
+            match self.carry(socket, &held) {
+                Some(true) => seen.held_carried = true,
+                Some(false) => seen.lost += 1,
+                // Not the VM's traffic (ARP, another address): the VM asks again.
+                None => seen.other += 1,
+            }
+        }
+        if let Some(before) = shown.before_held.filter(|f| !is_marker(f, DECOY_PAYLOAD))
+            && self.carry(socket, &before) == Some(true)
+        {
+            seen.sent_again += 1;
+        }
     }
 
     /// Sends the packet in `ethernet` on in GUE when it is for `home`: `None` when it is
@@ -702,23 +784,35 @@ mod tests {
     #[test]
     fn the_held_frame_is_the_one_recorded_before_the_first_queued() {
         let (a, b, c, d): (&[u8], &[u8], &[u8], &[u8]) = (b"a", b"b", b"c", b"d");
-        let recorded = [Some(a), Some(b), Some(c), Some(d)];
-        assert_eq!(frame_before(recorded.into_iter(), c), Some(b));
+        let shown = |frames: &[(u64, Option<&'static [u8]>)], first: &[u8], since| {
+            around_held(frames.iter().copied(), first, since)
+        };
+        let v = |f: &[u8]| Some(f.to_vec());
+        let recorded = [(1, Some(a)), (2, Some(b)), (3, Some(c)), (4, Some(d))];
         assert_eq!(
-            frame_before(recorded.into_iter(), a),
-            None,
-            "nothing before"
+            shown(&recorded, d, 0),
+            Shown {
+                held: v(c),
+                before_held: v(b)
+            }
         );
-        assert_eq!(
-            frame_before(recorded.into_iter(), b"e"),
-            None,
-            "not recorded"
-        );
+        assert_eq!(shown(&recorded, d, 3).before_held, None, "b came before the window");
+        assert_eq!(shown(&recorded, b, 0).held, v(a));
+        assert_eq!(shown(&recorded, b, 0).before_held, None, "nothing before a");
+        assert_eq!(shown(&recorded, a, 0), Shown::default(), "nothing before");
+        assert_eq!(shown(&recorded, b"e", 0), Shown::default(), "not recorded");
         // The same bytes twice (a retransmission): the later copy is the queued one.
-        let again = [Some(a), Some(c), Some(b), Some(c)];
-        assert_eq!(frame_before(again.into_iter(), c), Some(b));
-        let cut = [Some(a), None, Some(c)];
-        assert_eq!(frame_before(cut.into_iter(), c), None, "cut short");
+        let again = [(1, Some(a)), (2, Some(c)), (3, Some(b)), (4, Some(c))];
+        assert_eq!(shown(&again, c, 0).held, v(b));
+        let cut = [(1, Some(a)), (2, None), (3, Some(c))];
+        assert_eq!(
+            shown(&cut, c, 0),
+            Shown {
+                held: None,
+                before_held: v(a)
+            },
+            "cut short"
+        );
     }
 
     #[test]

@@ -168,12 +168,21 @@ impl Report {
         }
         if let Some(lost) = self.lost_at_switchover {
             let stranded = self.stranded_at_source.unwrap_or_default();
+            let held = match (stranded.held_by_qemu, stranded.held_carried) {
+                (0, _) => "",
+                (_, true) => "; the one QEMU held went on from the tap's recording",
+                (_, false) => "; the one QEMU held is lost",
+            };
+            let again = if stranded.sent_again > 0 {
+                "; 1 sent again that QEMU may have discarded at the stop (the VM may get it twice)"
+            } else {
+                ""
+            };
             let _ = writeln!(
                 out,
                 "lost:     {lost} packets at switchover ({} for the VM left unread in the \
-                 source's tap, {} of them carried on to the destination; {} dropped at the \
-                 destination's tap; QEMU may also have discarded 1 it read as the VM \
-                 stopped, which it does not show)",
+                 source's tap, {} of them carried on to the destination{held}{again}; {} \
+                 dropped at the destination's tap)",
                 stranded.forwarded + stranded.lost,
                 stranded.forwarded,
                 self.dropped_at_destination_tap.unwrap_or_default()

@@ -513,6 +513,9 @@ impl SwitchoverHook for LocalSwitchover {
             if m.stage() != Stage::Continued {
                 aborted(m)?;
                 let record = m.snapshot();
+                if let Some(recording) = &self.recording {
+                    recording.note_stop();
+                }
                 // First in the tap's queue, so that the frame QEMU reads and holds after
                 // the stop is this one rather than the VM's (`agent::blackout`).
                 let decoy_sent = self.decoy.as_ref().is_some_and(|decoy| {
