@@ -220,7 +220,11 @@ fn the_frame_qemu_holds_goes_on_to_the_destination_from_the_recording() {
     assert_eq!(last.held_by_qemu, 1, "QEMU holds one: {last:?}");
     assert!(!last.held_decoy, "no decoy went in: {last:?}");
     assert_eq!(last.lost, 0, "the held one is not lost: {last:?}");
-    assert_eq!(first.sent_again + last.sent_again, 0, "nothing came before it");
+    assert_eq!(
+        first.sent_again + last.sent_again,
+        0,
+        "nothing came before it"
+    );
 
     let mut got = Vec::new();
     let mut buf = [0u8; 2048];

@@ -127,8 +127,8 @@ pub struct TunnelTo {
 /// are looked up at the agent's first read, before later frames overwrite them.
 pub struct Recording {
     recorder: TapRecorder,
-    /// When the agent heard of the stop, in the recording's clock (`CLOCK_MONOTONIC`
-    /// ns); 0 until then.
+    /// When the VM stopped, in the recording's clock (`CLOCK_MONOTONIC` ns); 0 until
+    /// known.
     stopped_ns: AtomicU64,
     /// Set at the first frame read from the queue.
     shown: Mutex<Option<Shown>>,
@@ -139,15 +139,16 @@ pub struct Recording {
 struct Shown {
     /// The frame QEMU holds, if recorded whole.
     held: Option<Vec<u8>>,
-    /// The frame before it, when it entered the tap within `DISCARD_WINDOW` of the stop:
+    /// The frame before it, when it entered the tap within [`DISCARD_WINDOW`] of the stop:
     /// QEMU may have discarded it.
     before_held: Option<Vec<u8>>,
 }
 
 /// How long before the stop a frame QEMU discarded at the stop may have entered the
 /// tap. QEMU reads its tap as frames come, so the one it read in the instant of the
-/// stop came at most about that long before; an older one certainly reached the VM.
-const DISCARD_WINDOW: Duration = Duration::from_millis(50);
+/// stop (while its vCPUs pause) came at most about that long before; an older one
+/// certainly reached the VM.
+const DISCARD_WINDOW: Duration = Duration::from_millis(20);
 
 impl Recording {
     pub fn start(tap: &str) -> Result<Self> {
@@ -158,9 +159,24 @@ impl Recording {
         })
     }
 
-    /// The VM stopped at the source (QEMU's `pre-switchover`).
+    /// The VM stopped at the source at `at`, as QEMU's `STOP` event says.
+    pub fn note_stop_at(&self, at: std::time::SystemTime) {
+        let ago = std::time::SystemTime::now()
+            .duration_since(at)
+            .unwrap_or_default();
+        let at_ns = monotonic_ns().saturating_sub(ago.as_nanos() as u64);
+        self.stopped_ns.store(at_ns, Ordering::Relaxed);
+    }
+
+    /// The VM stopped at the source (QEMU's `pre-switchover`, which comes a little after
+    /// the stop): only when the `STOP` event did not say when.
     pub fn note_stop(&self) {
-        self.stopped_ns.store(monotonic_ns(), Ordering::Relaxed);
+        let _ = self.stopped_ns.compare_exchange(
+            0,
+            monotonic_ns(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 
     /// What the recording shows, the first time a frame is read from the queue.
@@ -796,7 +812,11 @@ mod tests {
                 before_held: v(b)
             }
         );
-        assert_eq!(shown(&recorded, d, 3).before_held, None, "b came before the window");
+        assert_eq!(
+            shown(&recorded, d, 3).before_held,
+            None,
+            "b came before the window"
+        );
         assert_eq!(shown(&recorded, b, 0).held, v(a));
         assert_eq!(shown(&recorded, b, 0).before_held, None, "nothing before a");
         assert_eq!(shown(&recorded, a, 0), Shown::default(), "nothing before");

@@ -241,6 +241,10 @@ struct Recovery {
 pub trait SwitchoverHook: Send {
     fn at_switchover(&mut self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>>;
 
+    /// QEMU's `STOP` event came, stamped `at` (wall clock): the VM stopped for the
+    /// switchover. Told before [`SwitchoverHook::at_switchover`] when the event has come.
+    fn stopped_at(&mut self, _at: std::time::SystemTime) {}
+
     /// Asked while post-copy is broken: why resuming cannot succeed (the destination's
     /// QEMU is gone), or `None` to keep trying.
     fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
@@ -480,10 +484,19 @@ async fn run(
         // source is stopped), and poll between them for progress.
         tokio::select! {
             event = source_events.next(options.progress_interval) => {
-                if let Err(err) = event
-                    && !matches!(err.downcast_ref(), Some(super::qmp::QmpError::Timeout { .. }))
-                {
-                    return Err(err.context("source QEMU went away during the migration"));
+                match event {
+                    Ok(event) if event.name == "STOP" => {
+                        hook.stopped_at(event.timestamp.as_system_time());
+                    }
+                    Err(err)
+                        if !matches!(
+                            err.downcast_ref(),
+                            Some(super::qmp::QmpError::Timeout { .. })
+                        ) =>
+                    {
+                        return Err(err.context("source QEMU went away during the migration"));
+                    }
+                    _ => {}
                 }
             }
             _ = ticker.tick() => {}
@@ -537,6 +550,12 @@ async fn run(
             // query right after it may still say so, and must not run the hook again.
             "pre-switchover" if !observed.continued => {
                 observed.continued = true;
+                // The STOP event may still be unread when the ticker woke the loop.
+                while let Some(event) = source_events.try_next() {
+                    if event.name == "STOP" {
+                        hook.stopped_at(event.timestamp.as_system_time());
+                    }
+                }
                 let hook_started = Instant::now();
                 hook.at_switchover()
                     .await

@@ -374,6 +374,10 @@ impl SwitchoverHook for MirrorHook<'_> {
         })
     }
 
+    fn stopped_at(&mut self, at: std::time::SystemTime) {
+        self.inner.stopped_at(at);
+    }
+
     fn destination_gone(&mut self) -> Pin<Box<dyn Future<Output = Option<String>> + Send + '_>> {
         self.inner.destination_gone()
     }

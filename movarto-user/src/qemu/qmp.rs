@@ -82,6 +82,15 @@ pub struct Timestamp {
     pub microseconds: i64,
 }
 
+impl Timestamp {
+    /// The wall-clock time QEMU stamped the event with.
+    pub fn as_system_time(&self) -> std::time::SystemTime {
+        let since_epoch = Duration::from_secs(self.seconds.max(0) as u64)
+            + Duration::from_micros(self.microseconds.max(0) as u64);
+        std::time::UNIX_EPOCH + since_epoch
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct Greeting {
     #[serde(rename = "QMP")]
@@ -389,6 +398,19 @@ impl EventStream {
                     }
                     .into());
                 }
+            }
+        }
+    }
+
+    /// An event already received, without waiting.
+    pub fn try_next(&mut self) -> Option<Event> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "QMP event subscriber fell behind; events lost");
+                }
+                Err(_) => return None,
             }
         }
     }

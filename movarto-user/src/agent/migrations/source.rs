@@ -504,6 +504,12 @@ struct LocalSwitchover {
 }
 
 impl SwitchoverHook for LocalSwitchover {
+    fn stopped_at(&mut self, at: std::time::SystemTime) {
+        if let Some(recording) = &self.recording {
+            recording.note_stop_at(at);
+        }
+    }
+
     fn at_switchover(&mut self) -> Pin<Box<dyn Future<Output = Result<()>> + Send + '_>> {
         Box::pin(async move {
             let (agent, m) = (&self.agent, &self.m);
