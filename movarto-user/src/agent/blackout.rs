@@ -187,9 +187,11 @@ impl Recording {
         }
         let stopped = self.stopped_ns.load(Ordering::Relaxed);
         // Unknown when the stop was (an agent restarted since): nothing is resent on a guess.
-        let since = (stopped != 0)
-            .then(|| stopped.saturating_sub(DISCARD_WINDOW.as_nanos() as u64))
-            .unwrap_or(u64::MAX);
+        let since = if stopped == 0 {
+            u64::MAX
+        } else {
+            stopped.saturating_sub(DISCARD_WINDOW.as_nanos() as u64)
+        };
         *shown = Some(match self.recorder.frames() {
             Ok(frames) => around_held(
                 frames.iter().map(|f| (f.ktime_ns, f.frame())),
