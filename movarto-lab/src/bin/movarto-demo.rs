@@ -50,6 +50,9 @@ struct Cli {
     /// at 200 Mbit/s; QEMU's own default is 300].
     #[arg(long)]
     downtime_limit_ms: Option<u64>,
+    /// The migration's bandwidth cap, MiB/s [default: `movarto-user migrate`'s].
+    #[arg(long)]
+    max_bandwidth_mib_s: Option<u64>,
     /// Where the throughput picture goes (SVG).
     #[arg(long)]
     svg: Option<PathBuf>,
@@ -105,6 +108,12 @@ fn options(cli: &Cli) -> Result<Options> {
             bail!("--curl-kib-s must be at least 1");
         }
         o.curl_rate = v << 10;
+    }
+    if let Some(cap) = cli.max_bandwidth_mib_s {
+        if cap == 0 {
+            bail!("--max-bandwidth-mib-s must be at least 1");
+        }
+        o.max_bandwidth_mib_s = Some(cap);
     }
     if let Some(ms) = cli.downtime_limit_ms {
         if !(1..=60_000).contains(&ms) {

@@ -97,6 +97,8 @@ pub struct Options {
     pub max_drain: Duration,
     /// `movarto-user migrate --downtime-limit`.
     pub downtime_limit: Duration,
+    /// `movarto-user migrate --max-bandwidth`, MiB/s; `None`: its default.
+    pub max_bandwidth_mib_s: Option<u64>,
     /// Where the throughput picture goes; `None`: no picture.
     pub svg: Option<PathBuf>,
     /// Progress on stderr.
@@ -123,6 +125,7 @@ impl Default for Options {
             drain_grace: Duration::from_secs(2),
             max_drain: Duration::from_secs(120),
             downtime_limit: DEMO_DOWNTIME_LIMIT,
+            max_bandwidth_mib_s: None,
             svg: Some(repo().join("target/demo/throughput.svg")),
             verbose: true,
         }
@@ -149,6 +152,7 @@ impl Options {
             drain_grace: Duration::from_secs(1),
             max_drain: Duration::from_secs(60),
             downtime_limit: DEMO_DOWNTIME_LIMIT,
+            max_bandwidth_mib_s: None,
             svg: None,
             verbose: true,
         }

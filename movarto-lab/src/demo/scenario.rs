@@ -261,16 +261,21 @@ impl Scenario<'_> {
         let drain_grace = format!("{}ms", opts.drain_grace.as_millis());
         let max_drain = format!("{}s", opts.max_drain.as_secs());
         let downtime_limit = format!("{}ms", opts.downtime_limit.as_millis());
-        let mut migrate = self.l.migrate_command(&[
-            "--drain-grace",
-            &drain_grace,
-            "--max-drain",
-            &max_drain,
-            "--downtime-limit",
-            &downtime_limit,
-            "--progress",
-            "json",
-        ])?;
+        let mut args = vec![
+            "--drain-grace".to_owned(),
+            drain_grace,
+            "--max-drain".to_owned(),
+            max_drain,
+            "--downtime-limit".to_owned(),
+            downtime_limit,
+            "--progress".to_owned(),
+            "json".to_owned(),
+        ];
+        if let Some(cap) = opts.max_bandwidth_mib_s {
+            args.push(format!("--max-bandwidth={cap}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut migrate = self.l.migrate_command(&args)?;
         self.say("movarto-user migrate --vm web ... (from the ops namespace)");
         let stalls_before = work
             .tracked
