@@ -63,6 +63,11 @@ pub struct Report {
     /// `worst_stall_ms` less QEMU's downtime: what the blackout cost beyond itself (a
     /// retransmission timeout shows here; the goal is about one round trip).
     pub stall_beyond_downtime_ms: Option<i64>,
+    /// The VM's pause as its clients see it, from its stop at A to its run at B (the
+    /// migration report's `vm_paused_ms`).
+    pub vm_paused_ms: Option<f64>,
+    /// `worst_stall_ms` less that pause: what the move cost beyond the VM's own pause.
+    pub stall_beyond_pause_ms: Option<i64>,
     /// From the source's stop to the flip done, and to `migrate-continue`, in µs.
     pub flip_us: Option<u64>,
     pub continue_us: Option<u64>,
@@ -369,12 +374,16 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\nsummary: {} connections, {} lost; worst stall {} ms (stream, upload, interactive); QEMU downtime {}; worst stall − downtime {}; stop → flip {}, → migrate-continue {}; lost at switchover {}; DNS switch {}; teardown {} after switchover{}; destination datapath {}",
+            "\nsummary: {} connections, {} lost; worst stall {} ms (stream, upload, interactive); QEMU downtime {}; worst stall − downtime {}; VM paused {}, worst stall − pause {}; stop → flip {}, → migrate-continue {}; lost at switchover {}; DNS switch {}; teardown {} after switchover{}; destination datapath {}",
             self.connections_total,
             self.connections_lost,
             self.worst_stall_ms,
             opt_ms(self.qemu_downtime_ms),
             self.stall_beyond_downtime_ms
+                .map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
+            self.vm_paused_ms
+                .map_or_else(|| "-".into(), |ms| format!("{ms:.0} ms")),
+            self.stall_beyond_pause_ms
                 .map_or_else(|| "-".into(), |ms| format!("{ms} ms")),
             self.flip_us
                 .map_or_else(|| "-".into(), |us| format!("{:.1} ms", us as f64 / 1000.0)),

@@ -436,6 +436,8 @@ impl Scenario<'_> {
             worst_stall_ms: worst,
             qemu_downtime_ms: downtime,
             stall_beyond_downtime_ms: downtime.map(|d| worst as i64 - d as i64),
+            vm_paused_ms: parsed.vm_paused_ms,
+            stall_beyond_pause_ms: parsed.vm_paused_ms.map(|p| worst as i64 - p.round() as i64),
             flip_us: parsed.flip_us,
             continue_us: parsed.continue_us,
             lost_at_switchover: parsed.lost_at_switchover,

@@ -271,6 +271,9 @@ pub struct VmStatus {
     /// Frames the VM's tap dropped so far because its queue was full (`tx_dropped`).
     #[serde(default)]
     pub tap_dropped: Option<u64>,
+    /// When an incoming VM began to run here (QEMU's `RESUME` event), µs since the epoch.
+    #[serde(default)]
+    pub resumed_unix_us: Option<u64>,
 }
 
 /// QEMU's run state (QMP `query-status`, QAPI `RunState`), plus what the agent sees

@@ -64,6 +64,10 @@ struct ManagedVm {
     incoming_uri: Mutex<Option<String>>,
     /// The NBD export a destination serves for the source's mirror.
     exported: Mutex<Option<DiskMirror>>,
+    /// A destination's QMP events from `prepare_incoming` on, for the `RESUME` event.
+    incoming_events: Mutex<Option<crate::qemu::qmp::EventStream>>,
+    /// When the incoming VM began to run, µs since the epoch.
+    resumed_unix_us: Mutex<Option<u64>>,
     migration: Mutex<Option<Migration>>,
 }
 
@@ -79,6 +83,8 @@ impl ManagedVm {
             spec_toml: record.spec_toml,
             incoming: record.incoming,
             incoming_uri: Mutex::new(None),
+            incoming_events: Mutex::new(None),
+            resumed_unix_us: Mutex::new(None),
             exported: Mutex::new(None),
             migration: Mutex::new(None),
         }
@@ -316,6 +322,9 @@ impl Vms {
             }
         }
         let options = request.settings.options();
+        if let Ok(events) = managed.qmp.subscribe() {
+            *lock(&managed.incoming_events) = Some(events);
+        }
         prepare_incoming(&managed.qmp, &request.uri, &options).await?;
         if let Some(settings) = &request.mirror {
             let mirror = settings.disk_mirror();
@@ -344,6 +353,14 @@ impl Vms {
             ..Default::default()
         };
         finish_incoming(&managed.qmp, &options).await?;
+        if let Some(mut events) = lock(&managed.incoming_events).take() {
+            while let Some(event) = events.try_next() {
+                if event.name == "RESUME" {
+                    *lock(&managed.resumed_unix_us) =
+                        Some(unix_us(event.timestamp.as_system_time()));
+                }
+            }
+        }
         let exported = lock(&managed.exported).take();
         if let Some(mirror) = exported {
             unexport_disk(&managed.qmp, &mirror).await?;
@@ -587,7 +604,14 @@ async fn status_of(name: &str, managed: &ManagedVm) -> VmStatus {
             Some(tap) => blackout::tap_dropped(tap).await,
             None => None,
         },
+        resumed_unix_us: *lock(&managed.resumed_unix_us),
     }
+}
+
+/// `at` in µs since the epoch.
+pub(crate) fn unix_us(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Shows `awaiting-switchover` on `GET /v1/vms/{name}/migration` while the caller's hook

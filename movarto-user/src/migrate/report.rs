@@ -58,6 +58,11 @@ pub struct Report {
     /// From the same stop to `migrate-continue` (after `continued` is saved), in µs.
     #[serde(default)]
     pub continue_us: Option<u64>,
+    /// The VM's pause as its clients see it: from QEMU's `STOP` at the source to its
+    /// `RESUME` at the destination (their hosts' clocks apart). QEMU's own downtime ends
+    /// when the source has sent the last byte, before it has crossed the WAN.
+    #[serde(default)]
+    pub vm_paused_ms: Option<f64>,
     pub flows_at_switchover: usize,
     pub flows_drained: usize,
     /// Flows still live when `--max-drain` forced the teardown.
@@ -157,6 +162,13 @@ impl Report {
                     || "-".to_owned(),
                     |c| format!("{:.1} ms (the record saved)", c as f64 / 1000.0)
                 )
+            );
+        }
+        if let Some(paused) = self.vm_paused_ms {
+            let _ = writeln!(
+                out,
+                "pause:    the VM stopped at the source and ran at the destination {paused:.1} ms \
+                 later"
             );
         }
         if let Some(dns) = self.dns_switch_ms {

@@ -663,6 +663,7 @@ fn fill_figures(report: &mut Report, r: &MigrationRecord) {
         report.dns_switch_ms = f.dns_switch_ms;
     }
     report.continue_us = f.continue_us.or(report.continue_us);
+    report.vm_paused_ms = f.vm_paused_us().map(|us| us as f64 / 1000.0);
     report.lost_at_switchover = f.lost_at_switchover();
     report.stranded_at_source = f.stranded_at_source;
     report.dropped_at_destination_tap = f.dropped_at_destination_tap;

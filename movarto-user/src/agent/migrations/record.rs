@@ -400,6 +400,14 @@ pub struct Figures {
     /// durably (a restarted agent must never roll back a VM that may run at B).
     #[serde(default)]
     pub continue_us: Option<u64>,
+    /// When the VM stopped at the source (QEMU's `STOP` event there), µs since the epoch.
+    #[serde(default)]
+    pub stopped_unix_us: Option<u64>,
+    /// When it ran again at the destination (QEMU's `RESUME` event there), µs since the
+    /// epoch: with `stopped_unix_us`, the VM's pause as its clients see it, where QEMU's
+    /// downtime ends when the source has sent the last byte.
+    #[serde(default)]
+    pub resumed_unix_us: Option<u64>,
     pub flows_cut: Vec<FlowEntry>,
     pub packets_to_b: u64,
     pub packets_from_b: u64,
@@ -428,6 +436,12 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// From the stop at the source to the run at the destination, in µs (the hosts'
+    /// clocks apart).
+    pub fn vm_paused_us(&self) -> Option<u64> {
+        Some(self.resumed_unix_us?.saturating_sub(self.stopped_unix_us?))
+    }
+
     /// Packets for `H` lost at switchover: stranded at the source and not carried on,
     /// plus those the destination's tap dropped. `None` until both are known.
     pub fn lost_at_switchover(&self) -> Option<u64> {

@@ -278,6 +278,7 @@ async fn copy_and_switch(
             .inspect_err(|err| tracing::warn!("no decoy for the source's tap: {err:#}"))
             .ok(),
         recording,
+        stopped_at: None,
     };
     let progress_handle = m.clone();
     let request = record.spec.outgoing_request();
@@ -359,6 +360,7 @@ async fn confirm_destination_runs(agent: &Arc<Agent>, m: &Handle) -> Result<()> 
                 m.update(|r| {
                     r.figures.destination_status = Some(vm.run_state.to_string());
                     r.figures.dropped_at_destination_tap = vm.tap_dropped;
+                    r.figures.resumed_unix_us = vm.resumed_unix_us;
                     r.enter(Stage::Running);
                 })?;
                 return Ok(());
@@ -501,10 +503,13 @@ struct LocalSwitchover {
     /// Opened beforehand: opening and closing it take milliseconds (`agent::blackout`).
     decoy: Option<blackout::MarkerSocket>,
     recording: Option<Arc<Recording>>,
+    /// QEMU's `STOP` event's time, when it came.
+    stopped_at: Option<std::time::SystemTime>,
 }
 
 impl SwitchoverHook for LocalSwitchover {
     fn stopped_at(&mut self, at: std::time::SystemTime) {
+        self.stopped_at = Some(at);
         if let Some(recording) = &self.recording {
             recording.note_stop_at(at);
         }
@@ -536,6 +541,7 @@ impl SwitchoverHook for LocalSwitchover {
                 if let Some(hook) = &record.spec.on_switch {
                     run_on_switch(&record, hook).await?;
                 }
+                let stopped_at = self.stopped_at;
                 // Under the record's lock, as the abort's own check: either the abort
                 // came first (nothing continues) or `continued` did (the abort is refused).
                 let continued = m.update(|r| {
@@ -548,6 +554,7 @@ impl SwitchoverHook for LocalSwitchover {
                     r.note("source forwards");
                     r.enter(Stage::Continued);
                     r.figures.flip_us = Some(flip_us);
+                    r.figures.stopped_unix_us = stopped_at.map(crate::agent::vms::unix_us);
                     r.figures
                         .stranded_at_source
                         .get_or_insert_default()
