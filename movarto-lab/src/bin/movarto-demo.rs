@@ -50,7 +50,9 @@ struct Cli {
     /// at 200 Mbit/s; QEMU's own default is 300].
     #[arg(long)]
     downtime_limit_ms: Option<u64>,
-    /// The migration's bandwidth cap, MiB/s [default: `movarto-user migrate`'s].
+    /// The migration's bandwidth cap, MiB/s [default: 84% of the sites' link, 20 at
+    /// 200 Mbit/s, so that the migration leaves the link's queue empty; 1280, `movarto-user
+    /// migrate`'s own default, when the link has no rate].
     #[arg(long)]
     max_bandwidth_mib_s: Option<u64>,
     /// Where the throughput picture goes (SVG).

@@ -80,6 +80,13 @@ fn pause(d: Duration) -> Result<()> {
 /// QEMU's default of 300 ms (docs/benchmarks.md has the runs).
 pub const DEMO_DOWNTIME_LIMIT: Duration = Duration::from_millis(100);
 
+/// The share of the sites' link the demo's migration may use (its bandwidth cap): at
+/// 200 Mbit/s, 20 MiB/s. A migration that fills the link fills its queue too (the delay
+/// line's 100 ms), and QEMU's last burst, the one the VM waits for at B, then crosses
+/// that queue: the VM's pause (stop at A to run at B) was about twice as long without
+/// the cap (docs/benchmarks.md has the runs).
+pub const DEMO_LINK_SHARE: f64 = 0.84;
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub network: Profile,
@@ -97,7 +104,8 @@ pub struct Options {
     pub max_drain: Duration,
     /// `movarto-user migrate --downtime-limit`.
     pub downtime_limit: Duration,
-    /// `movarto-user migrate --max-bandwidth`, MiB/s; `None`: its default.
+    /// `movarto-user migrate --max-bandwidth`, MiB/s; `None`: [`DEMO_LINK_SHARE`] of the
+    /// sites' link, or migrate's default when the link has no rate.
     pub max_bandwidth_mib_s: Option<u64>,
     /// Where the throughput picture goes; `None`: no picture.
     pub svg: Option<PathBuf>,
@@ -133,6 +141,15 @@ impl Default for Options {
 }
 
 impl Options {
+    /// The migration's bandwidth cap, MiB/s, when it has one.
+    pub fn migration_cap_mib_s(&self) -> Option<u64> {
+        self.max_bandwidth_mib_s.or_else(|| {
+            let mbit = self.network.site_rate_mbit?;
+            // 1 MiB/s is 8.388608 Mbit/s.
+            Some(((mbit * DEMO_LINK_SHARE / 8.388_608) as u64).max(1))
+        })
+    }
+
     /// The short variant `cargo xtask test` runs.
     pub fn short() -> Self {
         Self {
@@ -168,5 +185,25 @@ pub fn run(opts: &Options) -> Result<Report> {
 fn say(opts: &Options, started: Instant, line: &str) {
     if opts.verbose {
         eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::*;
+
+    #[test]
+    fn the_migration_takes_its_share_of_the_sites_link_unless_told() {
+        let mut o = Options::default();
+        assert_eq!(o.migration_cap_mib_s(), Some(20), "84% of 200 Mbit/s");
+        o.network.site_rate_mbit = None;
+        assert_eq!(o.migration_cap_mib_s(), None, "no rate: migrate's default");
+        o.max_bandwidth_mib_s = Some(7);
+        assert_eq!(o.migration_cap_mib_s(), Some(7));
+        assert_eq!(
+            Options::short().migration_cap_mib_s(),
+            Some(50),
+            "500 Mbit/s"
+        );
     }
 }

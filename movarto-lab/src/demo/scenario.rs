@@ -271,7 +271,7 @@ impl Scenario<'_> {
             "--progress".to_owned(),
             "json".to_owned(),
         ];
-        if let Some(cap) = opts.max_bandwidth_mib_s {
+        if let Some(cap) = opts.migration_cap_mib_s() {
             args.push(format!("--max-bandwidth={cap}"));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -123,7 +123,11 @@ pub struct MigrateArgs {
     /// Disaster recovery: no TTL wait, no bandwidth cap, post-copy after the first pass.
     #[arg(long)]
     pub urgent: bool,
-    /// Migration bandwidth cap, in MiB/s (as virsh counts it) [default: 1280].
+    /// Migration bandwidth cap, in MiB/s (as virsh counts it) [default: 1280]. Over a
+    /// WAN, set it below the link's rate (the demo takes 84% of it): a migration that
+    /// fills the link fills the link's queue too, and QEMU's last burst, which the VM
+    /// waits for at the destination, and the tunnel's packets then wait behind that
+    /// queue. The report's `pause:` line shows the VM's pause as its clients see it.
     #[arg(long, value_parser = parse_bandwidth)]
     pub max_bandwidth: Option<u64>,
     /// Post-copy bandwidth cap, in MiB/s; 0 is no cap. The VM at the destination waits
