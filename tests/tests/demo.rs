@@ -46,6 +46,7 @@ fn short_demo_keeps_every_connection_and_cleans_up() {
         "connections_lost",
         "worst_stall_ms",
         "qemu_downtime_ms",
+        "vm_paused_ms",
         "dns_switch_ms",
         "teardown_s",
     ] {
