@@ -254,15 +254,8 @@ pub fn forward_stranded(
     tunnel: TunnelTo,
     recording: Option<&Recording>,
 ) -> Result<StrandedFrames> {
-    let (mut seen, queue, vnet_hdr) = open_queue(qemu_pid, tap)?;
-    let drain = Drain {
-        queue: &queue,
-        vnet_hdr,
-        tap,
-        home,
-        tunnel,
-        recording,
-    };
+    let drain = Drain::open(qemu_pid, tap, home, tunnel, recording)?;
+    let mut seen = StrandedFrames::default();
     drain.read_empty(&mut seen)?;
     let queued = seen.found + u64::from(seen.decoy_found);
     seen.queue_full = queued >= u64::from(super::netlink::tx_queue_len(tap)?);
@@ -285,15 +278,8 @@ pub fn probe_held(
     earlier: StrandedFrames,
     recording: Option<&Recording>,
 ) -> Result<StrandedFrames> {
-    let (mut seen, queue, vnet_hdr) = open_queue(qemu_pid, tap)?;
-    let drain = Drain {
-        queue: &queue,
-        vnet_hdr,
-        tap,
-        home,
-        tunnel,
-        recording,
-    };
+    let drain = Drain::open(qemu_pid, tap, home, tunnel, recording)?;
+    let mut seen = StrandedFrames::default();
     drain.read_empty(&mut seen)?;
     let read_before = super::netlink::tx_packets(tap)?;
     MarkerSocket::open(tap, vm_mac)?.send(PROBE_PAYLOAD)?;
@@ -409,24 +395,38 @@ impl MarkerSocket {
     }
 }
 
-/// QEMU's tap queue (a copy of its descriptor) and the virtio-net header's length.
-fn open_queue(qemu_pid: u32, tap: &str) -> Result<(StrandedFrames, OwnedFd, usize)> {
-    let fd = qemu_tap_fd(qemu_pid, tap)?;
-    let queue = take_fd(qemu_pid, fd)?;
-    // QEMU reads the tap with a virtio-net header before each frame.
-    let vnet_hdr = vnet_header_len(&queue).with_context(|| format!("{tap}'s flags"))?;
-    Ok((StrandedFrames::default(), queue, vnet_hdr))
-}
-
-/// One reading of the tap's queue.
+/// One reading of QEMU's tap queue (a copy of its descriptor).
 struct Drain<'a> {
-    queue: &'a OwnedFd,
+    queue: OwnedFd,
     /// The virtio-net header's length before each frame.
     vnet_hdr: usize,
     tap: &'a str,
     home: IpAddr,
     tunnel: TunnelTo,
     recording: Option<&'a Recording>,
+}
+
+impl<'a> Drain<'a> {
+    fn open(
+        qemu_pid: u32,
+        tap: &'a str,
+        home: IpAddr,
+        tunnel: TunnelTo,
+        recording: Option<&'a Recording>,
+    ) -> Result<Self> {
+        let fd = qemu_tap_fd(qemu_pid, tap)?;
+        let queue = take_fd(qemu_pid, fd)?;
+        // QEMU reads the tap with a virtio-net header before each frame.
+        let vnet_hdr = vnet_header_len(&queue).with_context(|| format!("{tap}'s flags"))?;
+        Ok(Self {
+            queue,
+            vnet_hdr,
+            tap,
+            home,
+            tunnel,
+            recording,
+        })
+    }
 }
 
 impl Drain<'_> {
@@ -437,8 +437,8 @@ impl Drain<'_> {
         let tap = self.tap;
         // The copy shares QEMU's open file, flags included: poll before each read rather
         // than change them under QEMU, so an empty queue never blocks.
-        while queued(self.queue).with_context(|| format!("polling {tap}'s queue"))? {
-            let len = match nix::unistd::read(self.queue, &mut frame) {
+        while queued(&self.queue).with_context(|| format!("polling {tap}'s queue"))? {
+            let len = match nix::unistd::read(&self.queue, &mut frame) {
                 Ok(0) => break,
                 Ok(len) => len,
                 Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,

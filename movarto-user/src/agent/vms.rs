@@ -353,14 +353,6 @@ impl Vms {
             ..Default::default()
         };
         finish_incoming(&managed.qmp, &options).await?;
-        if let Some(mut events) = lock(&managed.incoming_events).take() {
-            while let Some(event) = events.try_next() {
-                if event.name == "RESUME" {
-                    *lock(&managed.resumed_unix_us) =
-                        Some(unix_us(event.timestamp.as_system_time()));
-                }
-            }
-        }
         let exported = lock(&managed.exported).take();
         if let Some(mirror) = exported {
             unexport_disk(&managed.qmp, &mirror).await?;
@@ -604,8 +596,24 @@ async fn status_of(name: &str, managed: &ManagedVm) -> VmStatus {
             Some(tap) => blackout::tap_dropped(tap).await,
             None => None,
         },
-        resumed_unix_us: *lock(&managed.resumed_unix_us),
+        resumed_unix_us: resumed_unix_us(managed),
     }
+}
+
+/// When the incoming VM began to run, from QEMU's `RESUME` event: QEMU sends it before
+/// `query-status` can say `running`, so it has come by the time a status says so.
+fn resumed_unix_us(managed: &ManagedVm) -> Option<u64> {
+    let mut resumed = lock(&managed.resumed_unix_us);
+    if resumed.is_none() {
+        let mut events = lock(&managed.incoming_events);
+        while let Some(event) = events.as_mut().and_then(|e| e.try_next()) {
+            if event.name == "RESUME" {
+                *resumed = Some(unix_us(event.timestamp.as_system_time()));
+                *events = None;
+            }
+        }
+    }
+    *resumed
 }
 
 /// `at` in µs since the epoch.
