@@ -77,7 +77,7 @@ pub struct StrandedFrames {
     pub held_seen: bool,
     /// The VM's packet just before the one QEMU holds, sent on again: QEMU either gave
     /// it to the VM before the stop or discarded it at the stop, and does not say which,
-    /// so the VM may get it twice (0 or 1; see [`Recording`]).
+    /// so the VM may get it twice (0 or 1; see [`Recording`]). Never a pure TCP ACK.
     #[serde(default)]
     pub sent_again: u64,
     /// The probe for QEMU's held packet was made (once: a second probe would find the
@@ -481,7 +481,11 @@ impl Drain<'_> {
                 None => seen.other += 1,
             }
         }
-        if let Some(before) = shown.before_held.filter(|f| !is_marker(f, DECOY_PAYLOAD))
+        // Not a pure TCP ACK: the next ACK covers a lost one, and a stale copy arriving
+        // after newer ones could move the sender's window (RFC 9293's SND.WL1 rule).
+        if let Some(before) = shown
+            .before_held
+            .filter(|f| !is_marker(f, DECOY_PAYLOAD) && !is_pure_tcp_ack(f))
             && self.carry(socket, &before) == Some(true)
         {
             seen.sent_again += 1;
@@ -524,6 +528,47 @@ fn packet_for(frame: &[u8], home: IpAddr) -> Option<&[u8]> {
         _ => return None,
     };
     (dst == home).then_some(packet)
+}
+
+/// Whether the Ethernet `frame` holds a TCP segment without data, SYN, FIN or RST.
+fn is_pure_tcp_ack(frame: &[u8]) -> bool {
+    let Some(ethertype) = frame.get(12..14) else {
+        return false;
+    };
+    let Some(packet) = frame.get(14..) else {
+        return false;
+    };
+    let (tcp, ip_payload_len) = match ethertype {
+        [0x08, 0x00] => {
+            let ihl = usize::from(packet.first().map_or(0, |b| b & 0x0f)) * 4;
+            let total = packet
+                .get(2..4)
+                .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+            if packet.get(9) != Some(&6) || ihl < 20 || total < ihl {
+                return false;
+            }
+            (packet.get(ihl..), total - ihl)
+        }
+        // Only a TCP header right after the fixed one: extension headers are not read.
+        [0x86, 0xdd] => {
+            let payload = packet
+                .get(4..6)
+                .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+            if packet.get(6) != Some(&6) {
+                return false;
+            }
+            (packet.get(40..), payload)
+        }
+        _ => return false,
+    };
+    let Some(tcp) = tcp else {
+        return false;
+    };
+    let (Some(offset), Some(flags)) = (tcp.get(12), tcp.get(13)) else {
+        return false;
+    };
+    const FIN_SYN_RST: u8 = 0x07;
+    usize::from(offset >> 4) * 4 == ip_payload_len && flags & FIN_SYN_RST == 0
 }
 
 /// GUE's proto field for an inner packet: 4 (IPv4) or 41 (IPv6).
@@ -835,6 +880,39 @@ mod tests {
             },
             "cut short"
         );
+    }
+
+    #[test]
+    fn only_a_tcp_segment_without_data_or_syn_fin_rst_is_a_pure_ack() {
+        // IPv4 (20 bytes) and TCP (20 bytes), ACK only, no data.
+        let mut v4 = vec![0u8; 40];
+        v4[0] = 0x45;
+        v4[2..4].copy_from_slice(&40u16.to_be_bytes());
+        v4[9] = 6;
+        v4[20 + 12] = 5 << 4;
+        v4[20 + 13] = 0x10;
+        assert!(is_pure_tcp_ack(&frame(0x0800, &v4)));
+        let mut data = v4.clone();
+        data[2..4].copy_from_slice(&41u16.to_be_bytes());
+        data.push(b'x');
+        assert!(!is_pure_tcp_ack(&frame(0x0800, &data)), "one byte of data");
+        let mut fin = v4.clone();
+        fin[20 + 13] = 0x11;
+        assert!(!is_pure_tcp_ack(&frame(0x0800, &fin)), "a FIN");
+        let mut udp = v4.clone();
+        udp[9] = 17;
+        assert!(!is_pure_tcp_ack(&frame(0x0800, &udp)), "UDP");
+        assert!(!is_pure_tcp_ack(&frame(0x0800, &v4[..25])), "cut short");
+        // IPv6 (40 bytes) and TCP (20 bytes).
+        let mut v6 = vec![0u8; 60];
+        v6[0] = 0x60;
+        v6[4..6].copy_from_slice(&20u16.to_be_bytes());
+        v6[6] = 6;
+        v6[40 + 12] = 5 << 4;
+        v6[40 + 13] = 0x10;
+        assert!(is_pure_tcp_ack(&frame(0x86dd, &v6)));
+        v6[40 + 13] = 0x12;
+        assert!(!is_pure_tcp_ack(&frame(0x86dd, &v6)), "a SYN-ACK");
     }
 
     #[test]
