@@ -7,6 +7,7 @@
 pub mod extra_vm;
 pub mod inventory;
 pub mod migration;
+pub mod raw_socket;
 pub mod site;
 pub mod uplink;
 pub mod workload;

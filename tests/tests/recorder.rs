@@ -2,42 +2,16 @@
 //! into the interface is kept, byte for byte and in order, and one too long for a slot
 //! is marked cut short; the frames themselves go on untouched.
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-
 use movarto_lab::netns::{Netns, veth};
-use movarto_tests::require_root;
-use movarto_user::datapath::{ifindex, recorder::TapRecorder};
+use movarto_tests::{
+    raw_socket::{ifindex, packet_socket, send_frame as send_on},
+    require_root,
+};
+use movarto_user::datapath::recorder::TapRecorder;
 
 /// Sends `frame` out of `iface` on a packet socket (the way the agent's decoy goes).
 fn send_frame(iface: &str, frame: &[u8]) {
-    // SAFETY: socket(2) returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: a descriptor just returned, owned by nothing else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
-    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    to.sll_family = libc::AF_PACKET as u16;
-    to.sll_ifindex = ifindex(iface).expect("ifindex") as i32;
-    to.sll_halen = 6;
-    to.sll_addr[..6].copy_from_slice(&frame[..6]);
-    // SAFETY: a socket, a buffer of the length given and a sockaddr_ll of its size.
-    let sent = unsafe {
-        libc::sendto(
-            socket.as_raw_fd(),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const to).cast(),
-            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(
-        sent,
-        frame.len() as isize,
-        "{}",
-        std::io::Error::last_os_error()
-    );
+    send_on(&packet_socket(iface, 0), ifindex(iface), frame);
 }
 
 fn frame(n: u16, len: usize) -> Vec<u8> {
